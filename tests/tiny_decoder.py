@@ -1,0 +1,57 @@
+"""A tiny randomly initialised Llama decoder with a word-level tokenizer built in code.
+
+Runs a forward pass in milliseconds, so the encoder's mechanics can be tested exactly. Words
+outside the vocabulary map to distinct hashed ids rather than one [UNK], because copying
+between two identical tokens would hide a wrong copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+WORDS = (
+    "the a cat dog sat on mat ran in park bird sang tree fish swam sea sun rose over hill "
+    "moon set behind house rain fell city night quiet river flowed past mill wind blew "
+    "through field protein binds receptor cells grew faster mice treated drug reduced tumour "
+    "growth study found results show effect patients trial . , ! ? < > PST B - ( ) : ;"
+).split()
+
+
+def build_tokenizer(padding_side: str = "right", bos: bool = False) -> PreTrainedTokenizerFast:
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    vocab = {token: i for i, token in enumerate(specials + list(dict.fromkeys(WORDS)))}
+    for i in range(200):
+        vocab[f"w{i}"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+        eos_token="<eos>", padding_side=padding_side,
+    )
+    return fast
+
+
+def build_model(vocab_size: int, seed: int = 0, layers: int = 4) -> LlamaModel:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
+    return LlamaModel(config).eval()
+
+
+def tiny_encoder(padding_side: str = "right", bos: bool = False, **config):
+    from htp_embed import HTPEncoder
+
+    tokenizer = build_tokenizer(padding_side, bos)
+    model = build_model(len(tokenizer))
+    settings = {"model": "tiny", "segmenter": "sentencizer", "show_progress": False,
+                "rewire_start": 1, "rewire_stop": 3, "exit_layer": None, **config}
+    return HTPEncoder(decoder=model, tokenizer=tokenizer, **settings)
