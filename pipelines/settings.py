@@ -1,0 +1,98 @@
+"""Settings of the pipelines and commands: one typed object from defaults, a TOML file and
+environment variables (in rising priority); command-line options override all three.
+
+    # htp-index.toml
+    index_kind = "hnsw"
+    chunk_size = 400
+    [encoder]
+    method = "htp"
+    k = "adaptive:8"
+
+    HTP_INDEX_ENCODER__METHOD=vanilla HTP_INDEX_INDEX_KIND=flat htp-index ingest docs/ --index idx
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from htp_embed import EncoderConfig
+
+CONFIG_ENV = "HTP_INDEX_CONFIG"
+DEFAULT_CONFIG_FILE = "htp-index.toml"
+
+
+class Settings(BaseSettings):
+    """Everything an ingest, rebuild, query or service run needs besides its paths."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HTP_INDEX_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    index_kind: str = Field("flat", description="flat, hnsw, ivf_flat, ivf_pq or a FAISS factory string")
+    metric: Literal["ip", "l2"] = "ip"
+    use_gpu: Literal["auto", "true", "false"] = Field("auto", description="FAISS on the GPU when one is visible")
+    chunk_size: int | None = Field(
+        None, ge=32, description="tokens per node; None fits the encoder window with HTP placeholders budgeted"
+    )
+    chunk_overlap: int = Field(32, ge=0, description="tokens shared by consecutive nodes")
+    delete_missing: bool = Field(True, description="remove documents that vanished from the source")
+    lock_timeout: float = Field(600.0, ge=0, description="seconds to wait for another ingest to finish")
+    max_document_mb: float = Field(20.0, gt=0, description="larger files are reported and skipped")
+    nodes_per_batch: int = Field(64, ge=1, description="nodes per embedding task (the unit of fan-out)")
+    keep_versions: int = Field(3, ge=2, description="index versions kept on disk")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = config_file()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with the given top-level or ``encoder_*`` settings replaced (None = keep)."""
+        top = {k: v for k, v in overrides.items() if v is not None and not k.startswith("encoder_")}
+        enc = {k.removeprefix("encoder_"): v for k, v in overrides.items() if v is not None and k.startswith("encoder_")}
+        data = self.model_dump()
+        data.update(top)
+        if enc:
+            data["encoder"] = {**data["encoder"], **enc}
+        return Settings.model_validate(data)
+
+
+def config_file() -> Path | None:
+    """``$HTP_INDEX_CONFIG``, else ``./htp-index.toml`` when it exists."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{CONFIG_ENV}={named} does not name a file")
+        return path
+    local = Path(DEFAULT_CONFIG_FILE)
+    return local if local.is_file() else None
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from defaults, the config file (``config`` or the usual lookup), the environment,
+    then ``overrides``."""
+    if config is not None:
+        os.environ[CONFIG_ENV] = str(config)
+    return Settings().with_overrides(**overrides)

@@ -1,0 +1,272 @@
+"""Where documents come from: a folder, a BEIR-style JSONL file, or texts passed in.
+
+Every document gets a stable id (its path relative to the source root, or its ``_id``) and a
+content hash, so the index can be diffed against the source. A document that cannot be read
+becomes a :class:`SourceError` with a message saying what is wrong; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text"}
+HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
+PDF_SUFFIXES = {".pdf"}
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES | {".jsonl"}
+DEFAULT_MAX_BYTES = 20 * 2**20
+
+
+@dataclass(frozen=True)
+class SourceDocument:
+    """One document read from a source, ready to diff and split."""
+
+    doc_id: str
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 over the text and metadata: either changing re-embeds the document."""
+        payload = json.dumps([self.text, self.metadata], sort_keys=True, ensure_ascii=False, default=str)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class SourceError:
+    """A document that could not be read, and why."""
+
+    doc_id: str
+    error: str
+
+
+SourceItem = SourceDocument | SourceError
+
+
+class DocumentRejected(ValueError):
+    """Raised by a reader for a document it cannot turn into text."""
+
+
+def decode_text(data: bytes) -> str:
+    """Decode UTF-8 (with or without BOM) or BOM-marked UTF-16; refuse binary and other encodings.
+
+    Guessing an 8-bit encoding would silently index mojibake, so anything else is rejected with
+    a message that says how to fix it.
+    """
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise DocumentRejected(f"invalid UTF-16 text: {exc}") from exc
+    if b"\x00" in data[:8192]:
+        raise DocumentRejected("binary content (NUL bytes); not a text document")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DocumentRejected(
+            f"not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+            "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from exc
+
+
+class _TextExtractor(HTMLParser):
+    """Visible text of an HTML page (script and style dropped, block tags become newlines)."""
+
+    _SKIP = {"script", "style", "noscript", "template"}
+    _BLOCK = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "section", "article"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.title = ""
+        self._skipping = 0
+        self._in_title = False
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag in self._SKIP:
+            self._skipping += 1
+        elif tag == "title":
+            self._in_title = True
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP and self._skipping:
+            self._skipping -= 1
+        elif tag == "title":
+            self._in_title = False
+        elif tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title:
+            self.title += data
+        elif not self._skipping:
+            self.parts.append(data)
+
+
+def html_to_text(html: str) -> tuple[str, str]:
+    """(visible text, title) of an HTML document."""
+    parser = _TextExtractor()
+    parser.feed(html)
+    parser.close()
+    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
+    return "\n".join(line for line in lines if line), parser.title.strip()
+
+
+def pdf_to_text(path: Path) -> str:
+    """Text of a PDF's pages, through pypdf."""
+    try:
+        from pypdf import PdfReader
+    except ImportError as exc:  # pragma: no cover - pypdf is a dependency
+        raise DocumentRejected("PDF support needs pypdf: pip install pypdf") from exc
+    try:
+        reader = PdfReader(str(path))
+        return "\n\n".join((page.extract_text() or "") for page in reader.pages)
+    except Exception as exc:  # pypdf raises many types for broken files
+        raise DocumentRejected(f"unreadable PDF: {exc}") from exc
+
+
+def _require_text(text: str) -> str:
+    if not text.strip():
+        raise DocumentRejected("empty document (no text after reading)")
+    return text
+
+
+def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, dict[str, Any]]:
+    """Text and metadata of one file, by its suffix."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise DocumentRejected(
+            f"file is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit "
+            "(raise max_document_mb to index it)"
+        )
+    suffix = path.suffix.lower()
+    metadata: dict[str, Any] = {"file_name": path.name, "file_type": suffix.lstrip(".")}
+    if suffix in PDF_SUFFIXES:
+        return _require_text(pdf_to_text(path)), metadata
+    text = decode_text(path.read_bytes())
+    if suffix in HTML_SUFFIXES:
+        text, title = html_to_text(text)
+        if title:
+            metadata["title"] = title
+    return _require_text(text), metadata
+
+
+def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:
+    """Every supported file below ``root`` (recursively, sorted), as documents or errors.
+
+    Symbolic links to directories are not followed (no loops); links to files are read only
+    when they resolve inside ``root``. Unsupported suffixes are reported, not silently skipped,
+    unless they are hidden files.
+    """
+    root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            doc_id = path.relative_to(root).as_posix()
+            suffix = path.suffix.lower()
+            if suffix == ".jsonl":
+                yield from iter_jsonl(path, id_prefix=doc_id + "#", max_bytes=max_bytes)
+                continue
+            if suffix not in SUPPORTED_SUFFIXES:
+                yield SourceError(doc_id, f"unsupported file type {suffix or '(none)'!r}; "
+                                  f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}")
+                continue
+            try:
+                resolved = path.resolve(strict=True)
+                if not resolved.is_relative_to(root):
+                    raise DocumentRejected(f"links outside the source root (to {resolved})")
+                text, metadata = read_file(resolved, max_bytes)
+            except (DocumentRejected, OSError) as exc:
+                yield SourceError(doc_id, str(exc))
+                continue
+            yield SourceDocument(doc_id, text, {**metadata, "source_path": doc_id})
+
+
+def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:
+    """BEIR-style records ``{"_id", "title", "text", ...}``; one bad line is one error."""
+    seen: set[str] = set()
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path.name}:{number}"
+            if not raw.strip():
+                continue
+            if len(raw) > max_bytes:
+                yield SourceError(id_prefix + where, f"line is over the {max_bytes / 2**20:.0f} MiB limit")
+                continue
+            try:
+                record = json.loads(decode_text(raw))
+                if not isinstance(record, dict):
+                    raise DocumentRejected("a JSONL line must be an object")
+                doc_id = str(record.get("_id", record.get("id", ""))).strip()
+                if not doc_id:
+                    raise DocumentRejected('record has no "_id"')
+                title = str(record.get("title") or "").strip()
+                body = str(record.get("text") or "").strip()
+                text = _require_text(f"{title}\n\n{body}" if title and body else title or body)
+            except (DocumentRejected, json.JSONDecodeError) as exc:
+                yield SourceError(id_prefix + where, f"malformed record: {exc}")
+                continue
+            full_id = id_prefix + doc_id
+            if full_id in seen:
+                yield SourceError(full_id, f"duplicate _id (again at {where}); the first one is kept")
+                continue
+            seen.add(full_id)
+            metadata = {k: v for k, v in (record.get("metadata") or {}).items() if _scalar(v)} if isinstance(record.get("metadata"), dict) else {}
+            if title:
+                metadata["title"] = title
+            yield SourceDocument(full_id, text, metadata)
+
+
+def iter_texts(texts: Iterable[str] | Mapping[str, str]) -> Iterator[SourceItem]:
+    """Texts passed through the API: a mapping id -> text, or a list (ids 'text-0', …)."""
+    items = texts.items() if isinstance(texts, Mapping) else ((f"text-{i}", t) for i, t in enumerate(texts))
+    for doc_id, text in items:
+        if not isinstance(text, str) or not text.strip():
+            yield SourceError(str(doc_id), "empty document (no text)")
+        else:
+            yield SourceDocument(str(doc_id), text)
+
+
+def iter_source(source: str | Path | Iterable[str] | Mapping[str, str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:
+    """Dispatch on the kind of source: folder, .jsonl file, single file, or texts."""
+    if isinstance(source, str | Path):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            return iter_folder(path, max_bytes=max_bytes)
+        if path.is_file() and path.suffix.lower() == ".jsonl":
+            return iter_jsonl(path, max_bytes=max_bytes)
+        if path.is_file():
+            return iter_folder_single(path, max_bytes=max_bytes)
+        raise FileNotFoundError(f"source {path} does not exist (expected a folder or a .jsonl file)")
+    return iter_texts(source)
+
+
+def iter_folder_single(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:
+    """A single file as a source: its id is its file name."""
+    try:
+        text, metadata = read_file(path, max_bytes)
+        yield SourceDocument(path.name, text, {**metadata, "source_path": path.name})
+    except (DocumentRejected, OSError) as exc:
+        yield SourceError(path.name, str(exc))
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool) or value is None
+
+
+def source_label(source: Any) -> str:
+    """A short description of a source for logs and run statistics."""
+    if isinstance(source, str | Path):
+        return str(Path(source).expanduser().resolve())
+    return f"{len(source)} texts" if hasattr(source, "__len__") else "texts"

@@ -1,0 +1,123 @@
+"""Reading sources: stable ids, content hashes, and a clear error for every bad document."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pipelines.sources import (
+    SourceDocument,
+    SourceError,
+    decode_text,
+    html_to_text,
+    iter_folder,
+    iter_jsonl,
+    iter_source,
+    iter_texts,
+)
+
+
+def by_id(items):
+    return {item.doc_id: item for item in items}
+
+
+def test_folder_ids_are_relative_paths_and_hashes_follow_content(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("Alpha text.", encoding="utf-8")
+    (tmp_path / "sub" / "b.md").write_text("# Beta\n\nBeta text.", encoding="utf-8")
+    (tmp_path / ".hidden.txt").write_text("hidden", encoding="utf-8")
+    first = by_id(iter_folder(tmp_path))
+    assert sorted(first) == ["a.txt", "sub/b.md"]
+    assert first["sub/b.md"].metadata["file_type"] == "md"
+    (tmp_path / "a.txt").write_text("Alpha text, edited.", encoding="utf-8")
+    second = by_id(iter_folder(tmp_path))
+    assert second["a.txt"].content_hash != first["a.txt"].content_hash
+    assert second["sub/b.md"].content_hash == first["sub/b.md"].content_hash
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "message"),
+    [
+        ("empty.txt", b"", "empty document"),
+        ("blank.txt", b"  \n\t  \n", "empty document"),
+        ("binary.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00IHDR", "binary"),
+        ("latin1.txt", "caf\xe9 cr\xe8me".encode("latin-1"), "not valid UTF-8"),
+        ("notes.docx", b"PK\x03\x04", "unsupported file type"),
+        ("broken.pdf", b"%PDF-1.4 this is not really a pdf", "PDF"),
+    ],
+)
+def test_bad_files_become_clear_errors_and_the_rest_is_read(tmp_path, name, payload, message):
+    (tmp_path / "good.txt").write_text("A good document.", encoding="utf-8")
+    (tmp_path / name).write_bytes(payload)
+    items = by_id(iter_folder(tmp_path))
+    assert isinstance(items["good.txt"], SourceDocument)
+    assert isinstance(items[name], SourceError) and message in items[name].error
+
+
+def test_utf16_with_bom_is_decoded():
+    assert decode_text("héllo wörld".encode("utf-16")) == "héllo wörld"
+    assert decode_text("\ufeffhello".encode()) == "hello"
+
+
+def test_files_over_the_size_limit_are_reported(tmp_path):
+    (tmp_path / "big.txt").write_text("word " * 1000, encoding="utf-8")
+    item = next(iter_folder(tmp_path, max_bytes=1000))
+    assert isinstance(item, SourceError) and "limit" in item.error
+
+
+def test_symlink_loops_and_links_outside_the_root_are_safe(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "doc.txt").write_text("Inside.", encoding="utf-8")
+    (tmp_path / "secret.txt").write_text("Outside.", encoding="utf-8")
+    os.symlink(root, root / "loop")  # a directory loop: not followed
+    os.symlink(tmp_path / "secret.txt", root / "escape.txt")
+    items = by_id(iter_folder(root))
+    assert isinstance(items["doc.txt"], SourceDocument)
+    assert isinstance(items["escape.txt"], SourceError) and "outside the source root" in items["escape.txt"].error
+    assert not any(key.startswith("loop") for key in items)
+
+
+def test_html_keeps_visible_text_and_title():
+    text, title = html_to_text(
+        "<html><head><title>T</title><style>p{}</style></head>"
+        "<body><p>Hello <b>world</b></p><script>x()</script><p>Bye</p></body></html>"
+    )
+    assert title == "T" and text == "Hello world\nBye"
+
+
+def test_jsonl_records_bad_lines_and_duplicates(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    lines = [
+        json.dumps({"_id": "d1", "title": "Title one", "text": "Body one."}),
+        "{not json",
+        json.dumps({"title": "no id"}),
+        json.dumps({"_id": "d2", "title": "", "text": ""}),
+        json.dumps({"_id": "d1", "text": "duplicate"}),
+        json.dumps(["a", "list"]),
+        json.dumps({"_id": "d3", "text": "Body three.", "metadata": {"year": 2020, "nested": {"x": 1}}}),
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = list(iter_jsonl(path))
+    docs = [i for i in items if isinstance(i, SourceDocument)]
+    errors = [i for i in items if isinstance(i, SourceError)]
+    assert [d.doc_id for d in docs] == ["d1", "d3"]
+    assert docs[0].text == "Title one\n\nBody one." and docs[0].metadata["title"] == "Title one"
+    assert docs[1].metadata == {"year": 2020}
+    assert len(errors) == 5
+    assert any("duplicate _id" in e.error for e in errors)
+    assert any("corpus.jsonl:2" in e.doc_id for e in errors)
+
+
+def test_texts_through_the_api():
+    items = list(iter_texts({"x": "Some text.", "y": "  "}))
+    assert isinstance(items[0], SourceDocument) and items[0].doc_id == "x"
+    assert isinstance(items[1], SourceError)
+    assert [i.doc_id for i in iter_texts(["a", "b"])] == ["text-0", "text-1"]
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        iter_source(tmp_path / "nope")
