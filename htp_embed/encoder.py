@@ -259,9 +259,13 @@ class HTPEncoder:
             assert offsets is not None
             starts = sentence_starts(clipped, self.config.segmenter)
             layouts = []
+            # K follows the sentences that fit the window: a long text cut to 512 tokens is
+            # laid out like the text it has become, not like the whole document.
+            window = self.config.max_length - len(build.prefix) - len(build.suffix) - len(instruction)
             for ids, offs, sent_starts in zip(token_ids, offsets, starts, strict=True):
                 tokenized = TokenizedText(ids, _sentence_index(offs, sent_starts))
-                k = self.config.k.sentences_per_block(len(sent_starts))
+                visible = tokenized.sentence_of_token[: max(window, 1)]
+                k = self.config.k.sentences_per_block(visible[-1] + 1 if visible else 1)
                 layouts.append(
                     build.htp(
                         blocks_of(tokenized, k), instruction,
@@ -384,3 +388,24 @@ def _model_fingerprint(model: torch.nn.Module) -> str:
             "num_attention_heads", "num_key_value_heads", "vocab_size", "rope_theta")
     described = json.dumps({key: getattr(config, key, None) for key in keys}, sort_keys=True, default=str)
     return hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
+def config_from_identity(identity: dict[str, Any], **overrides: Any) -> EncoderConfig:
+    """The configuration that reproduces an encoder from its :meth:`HTPEncoder.identity`.
+
+    Used to reopen an index with exactly the encoder that built it; ``overrides`` may change
+    settings that do not alter vectors (device, batch size, progress).
+    """
+    settings: dict[str, Any] = {
+        "model": identity["model"],
+        "method": identity["method"],
+        "exit_layer": identity.get("exit_layer"),
+        "max_length": identity["max_length"],
+        "query_instruction": identity["query_instruction"],
+    }
+    if "rewire" in identity:
+        settings["rewire_start"], settings["rewire_stop"] = identity["rewire"]
+    for key in ("k", "segmenter", "global_tokens", "local_tokens"):
+        if key in identity:
+            settings[key] = identity[key]
+    return EncoderConfig(**{**settings, **overrides})

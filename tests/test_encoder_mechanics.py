@@ -42,8 +42,8 @@ def test_placeholders_sit_before_each_block_and_after_the_template(bos):
     assert all(layout.ids[p] >= 0 for p in layout.pool)
     # PST m and B-PST m are both fed from the end of block m
     block_ends = [psts[1] - 1, psts[2] - 1, len(layout.ids) - 1]
-    assert sorted(zip(layout.copy_dst, layout.copy_src)) == sorted(
-        list(zip(psts, block_ends)) + [(prefix + m, block_ends[m]) for m in range(3)]
+    assert sorted(zip(layout.copy_dst, layout.copy_src, strict=False)) == sorted(
+        list(zip(psts, block_ends, strict=False)) + [(prefix + m, block_ends[m]) for m in range(3)]
     )
 
 
@@ -245,3 +245,20 @@ def test_identity_names_what_decides_the_vectors():
 def test_invalid_exit_layer_is_refused():
     with pytest.raises(ValueError, match="exit_layer"):
         tiny_encoder(exit_layer=9)
+
+
+@pytest.mark.parametrize("settings", [{"k": "adaptive:6"}, {"method": "vanilla", "exit_layer": -2}, {"method": "tp"}])
+def test_identity_round_trips_to_the_same_encoder(settings):
+    from htp_embed import config_from_identity
+
+    encoder = tiny_encoder(**settings)
+    config = config_from_identity(encoder.identity(), segmenter="sentencizer")
+    rebuilt = encoder.with_method(config.method, **config.model_dump(exclude={"method", "model"}))
+    assert rebuilt.identity() == encoder.identity()
+
+
+def test_adaptive_k_counts_only_the_sentences_that_fit_the_window():
+    text = " ".join(["the cat sat on the mat ."] * 200)
+    encoder = tiny_encoder(k="adaptive:4", max_length=48)
+    fitted = " ".join(["the cat sat on the mat ."] * 5)  # about what 48 tokens hold
+    assert encoder.layouts([text])[0].n_blocks == encoder.layouts([fitted])[0].n_blocks > 1
