@@ -1,0 +1,66 @@
+"""Scheduled ingestion: a Prefect deployment with a cron or interval schedule, served from this
+process against a real Prefect server (``prefect server start``; set ``PREFECT_API_URL``).
+
+A temporary (ephemeral) server cannot hold schedules, so this refuses to start without
+``PREFECT_API_URL`` instead of silently never running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect.settings import PREFECT_API_URL
+
+from flows.ingest import ingest_flow_body
+from pipelines.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def deployment_name(index_dir: str | Path) -> str:
+    """A stable, readable name per index: 'ingest-<dir name>-<short hash of the path>'."""
+    path = Path(index_dir).resolve()
+    return f"ingest-{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def ingest_deployment_kwargs(
+    source: str | Path, index_dir: str | Path, settings: Settings, *, cron: str | None = None,
+    interval: float | None = None, name: str | None = None,
+) -> dict[str, Any]:
+    """Arguments of ``ingest_flow_body.serve`` for one scheduled index.
+
+    ``global_limit=1`` is a deployment concurrency limit on the server: two scheduled runs of
+    the same deployment never overlap (the file lock also covers ad-hoc runs).
+    """
+    return {
+        "name": name or deployment_name(index_dir),
+        "cron": cron,
+        "interval": interval,
+        "parameters": {
+            "source": str(Path(source).resolve()) if Path(source).exists() else str(source),
+            "index_dir": str(Path(index_dir).resolve()),
+            "settings": settings.model_dump(mode="json"),
+        },
+        "global_limit": 1,
+        "limit": 1,
+        "tags": ["htp-index"],
+        "description": f"Incremental ingest of {source} into {index_dir}",
+    }
+
+
+def serve_ingest_deployment(
+    source: str | Path, index_dir: str | Path, settings: Settings, *, cron: str | None = None,
+    interval: float | None = None, name: str | None = None,
+) -> None:
+    """Register the deployment and run its scheduled flow runs until interrupted."""
+    if not PREFECT_API_URL.value():
+        raise RuntimeError(
+            "schedules need a Prefect server: run `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    kwargs = ingest_deployment_kwargs(source, index_dir, settings, cron=cron, interval=interval, name=name)
+    log.info("serving deployment %s (%s)", kwargs["name"], f"cron {cron}" if cron else f"every {interval} s")
+    ingest_flow_body.serve(**kwargs)

@@ -1,0 +1,75 @@
+"""Splitting documents into nodes sized for the encoder's window.
+
+HTP is at its best on long texts, so by default a node fills the encoder's window, minus the
+slots HTP adds (one <PST> and one <B-PST> per block, at most ``max_blocks`` blocks under the
+adaptive K policy) and the template's special tokens. Node ids are deterministic
+(``<doc_id>#<n>``), so re-ingesting a document converges to the same ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from llama_index.core import Document
+from llama_index.core.node_parser import SentenceSplitter
+from llama_index.core.schema import BaseNode, MetadataMode, TextNode
+
+from htp_embed import EncoderConfig
+from pipelines.sources import SourceDocument
+
+# Room kept for special tokens and for the splitter counting tokens of pieces slightly
+# differently from the tokenizer on the whole text.
+TEMPLATE_MARGIN = 8
+
+
+def default_chunk_size(config: EncoderConfig) -> int:
+    """Tokens per node that fit the window with HTP's placeholders budgeted."""
+    if config.method == "htp":
+        blocks = config.k.max_blocks if config.k.kind == "adaptive" else 16
+        slots = blocks * (int(config.local_tokens) + int(config.global_tokens))
+    elif config.method == "echo":
+        return max(32, (config.max_length - 32) // 2)
+    else:
+        slots = 16  # tp's one slot, prompteol's template
+    return max(32, config.max_length - slots - TEMPLATE_MARGIN)
+
+
+def node_id_for(index: int, document: BaseNode) -> str:
+    return f"{document.id_}#{index}"
+
+
+def make_splitter(
+    tokenize: Callable[[str], list[int]], chunk_size: int, chunk_overlap: int
+) -> SentenceSplitter:
+    """A LlamaIndex sentence splitter counting tokens with the encoder's own tokenizer."""
+    return SentenceSplitter(
+        chunk_size=chunk_size,
+        chunk_overlap=min(chunk_overlap, chunk_size // 4),
+        tokenizer=tokenize,
+        id_func=node_id_for,
+        include_metadata=True,
+        include_prev_next_rel=True,
+    )
+
+
+def to_llama_document(doc: SourceDocument) -> Document:
+    """A LlamaIndex Document whose metadata is kept with its nodes but not put into their text.
+
+    Titles are already part of the text (see sources), so repeating metadata would only add
+    noise such as file names, and would eat into the node's token budget.
+    """
+    document = Document(id_=doc.doc_id, text=doc.text, metadata={**doc.metadata, "doc_id": doc.doc_id})
+    document.excluded_embed_metadata_keys = list(document.metadata)
+    document.excluded_llm_metadata_keys = list(document.metadata)
+    return document
+
+
+def split_documents(docs: Sequence[SourceDocument], splitter: SentenceSplitter) -> list[TextNode]:
+    """Nodes of the documents, each tagged with its document's id."""
+    nodes = splitter.get_nodes_from_documents([to_llama_document(d) for d in docs])
+    return [node for node in nodes if isinstance(node, TextNode) and embed_text(node).strip()]
+
+
+def embed_text(node: BaseNode) -> str:
+    """What the encoder sees for a node."""
+    return node.get_content(metadata_mode=MetadataMode.EMBED)

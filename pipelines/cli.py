@@ -1,0 +1,357 @@
+"""The `htp-index` command: a thin layer over pipelines/ and flows/.
+
+Exit codes: 0 success; 1 the run failed and the index is unchanged; 2 bad usage;
+3 the run finished but some documents failed (they are listed; the rest were indexed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(
+    name="htp-index",
+    help="Index documents for retrieval-augmented generation with the HTP encoder and FAISS.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+EXIT_FAILED = 1
+EXIT_PARTIAL = 3
+
+IndexOpt = Annotated[Path, typer.Option("--index", "-i", help="index directory (created by ingest)")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML settings file (default: ./htp-index.toml or $HTP_INDEX_CONFIG)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON on stdout")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="'gemma3-270m', 'smollm2-135m', a local HF model directory or a .gguf file")]
+MethodOpt = Annotated[str | None, typer.Option("--method", help="htp, vanilla, last, echo, tp or prompteol")]
+KOpt = Annotated[str | None, typer.Option("--k", help="HTP sentences per block: an integer or 'adaptive[:MAX_BLOCKS]'")]
+KindOpt = Annotated[str | None, typer.Option("--index-kind", help="flat, hnsw, ivf_flat, ivf_pq or a FAISS factory string")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
+
+
+def _setup(verbose: bool, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    for noisy in ("httpx", "transformers", "prefect", "faiss", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _settings(config: Path | None, **overrides: Any):
+    from pipelines.settings import load_settings
+
+    try:
+        return load_settings(config, **overrides)
+    except Exception as exc:
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    )
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(EXIT_FAILED)
+
+
+def _print_stats(stats: dict[str, Any], as_json: bool, title: str) -> None:
+    keys = ("added", "updated", "deleted", "unchanged", "failed", "nodes_embedded", "seconds")
+    if as_json:
+        out.print_json(json.dumps({**{k: stats[k] for k in keys}, "errors": stats["errors"]}))
+        return
+    table = Table(title=title)
+    for key in (*keys, "tokens", "version", "count"):
+        table.add_column(key, justify="right")
+    table.add_row(*(str(stats[k]) for k in (*keys, "tokens", "version", "count")))
+    out.print(table)
+    for error in stats["errors"][:20]:
+        out.print(f"[yellow]failed[/yellow] {error['doc_id']}: {error['error']}")
+    if len(stats["errors"]) > 20:
+        out.print(f"… and {len(stats['errors']) - 20} more failures (use --json for all)")
+
+
+def _run_with_progress(run, description: str, show: bool):
+    if not show:
+        # --json: stdout carries the JSON alone, whatever a library prints
+        with contextlib.redirect_stdout(sys.stderr):
+            return run(None, None)
+    with _progress() as progress:
+        task = progress.add_task(description, total=None)
+        return run(
+            lambda n: progress.advance(task, n),
+            lambda total: progress.update(task, total=total),
+        )
+
+
+@app.command()
+def ingest(
+    source: Annotated[str, typer.Argument(help="a folder (txt, md, rst, html, pdf, jsonl; recursive) or a BEIR-style .jsonl file")],
+    index: IndexOpt,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    method: MethodOpt = None,
+    k: KOpt = None,
+    device: DeviceOpt = None,
+    index_kind: KindOpt = None,
+    chunk_size: Annotated[int | None, typer.Option(help="tokens per node (default: fill the encoder window)")] = None,
+    keep_missing: Annotated[bool, typer.Option("--keep-missing", help="append-only: keep documents that vanished from the source")] = False,
+    task_runner: Annotated[str | None, typer.Option(help="run as a Prefect flow with this task runner: 'thread' or 'dask[=ADDRESS]'")] = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Add new, update changed and remove deleted documents; unchanged ones cost nothing."""
+    _setup(verbose, quiet=as_json)
+    settings = _settings(
+        config, encoder_model=model, encoder_method=method, encoder_k=k, encoder_device=device,
+        encoder_show_progress=False, index_kind=index_kind, chunk_size=chunk_size,
+        delete_missing=False if keep_missing else None,
+    )
+    try:
+        if task_runner:
+            from flows.ingest import ingest_flow
+
+            stats = ingest_flow(str(source), str(index), settings.model_dump(mode="json"), task_runner=task_runner)
+        else:
+            from pipelines.ingest import ingest as run_ingest
+
+            stats = _run_with_progress(
+                lambda advance, total: run_ingest(source, index, settings, progress=advance, on_total=total).to_json(),
+                "embedding nodes", not as_json,
+            )
+    except Exception as exc:
+        raise _fail(exc) from exc
+    _print_stats(stats, as_json, f"ingest {source} -> {index}")
+    if stats["failed"]:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+def rebuild(
+    index: IndexOpt,
+    config: ConfigOpt = None,
+    model: ModelOpt = None,
+    method: MethodOpt = None,
+    k: KOpt = None,
+    rewire_start: Annotated[int | None, typer.Option(help="first HTP-rewired layer (0-based)")] = None,
+    rewire_stop: Annotated[int | None, typer.Option(help="rewiring stops before this layer")] = None,
+    exit_layer: Annotated[int | None, typer.Option(help="layer to pool (1-based; negative counts from the end)")] = None,
+    device: DeviceOpt = None,
+    index_kind: KindOpt = None,
+    source: Annotated[str | None, typer.Option(help="re-read and re-split this source instead of re-embedding the stored nodes")] = None,
+    task_runner: Annotated[str | None, typer.Option(help="run as a Prefect flow with this task runner: 'thread' or 'dask[=ADDRESS]'")] = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Re-embed everything into a new index version (new model, method, K or index kind);
+    the old version keeps serving until the new one is complete and verified."""
+    _setup(verbose, quiet=as_json)
+    settings = _settings(config, encoder_device=device, encoder_show_progress=False)
+    overrides = {
+        "model": model, "method": method, "k": k, "rewire_start": rewire_start,
+        "rewire_stop": rewire_stop, "exit_layer": exit_layer,
+    }
+    try:
+        if task_runner:
+            from flows.rebuild import rebuild_flow
+
+            stats = rebuild_flow(
+                str(index), settings.model_dump(mode="json"), encoder_overrides=overrides,
+                index_kind=index_kind, source=source, task_runner=task_runner,
+            )
+        else:
+            from pipelines.rebuild import rebuild as run_rebuild
+
+            stats = _run_with_progress(
+                lambda advance, total: run_rebuild(
+                    index, settings, encoder_overrides=overrides, index_kind=index_kind, source=source,
+                    progress=advance, on_total=total,
+                ).to_json(),
+                "re-embedding nodes", not as_json,
+            )
+    except Exception as exc:
+        raise _fail(exc) from exc
+    _print_stats(stats, as_json, f"rebuild {index}")
+    if stats["failed"]:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _parse_filters(pairs: list[str]):
+    from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters
+
+    filters = []
+    for pair in pairs:
+        for op in ("!=", ">=", "<=", "==", "=", ">", "<"):
+            if op in pair:
+                key, value = pair.split(op, 1)
+                parsed: Any = value
+                with contextlib.suppress(json.JSONDecodeError):
+                    parsed = json.loads(value)
+                filters.append(MetadataFilter(key=key.strip(), value=parsed, operator="==" if op == "=" else op))
+                break
+        else:
+            raise typer.BadParameter(f"filter {pair!r} must look like key=value, key!=value, key>3 …")
+    return MetadataFilters(filters=filters) if filters else None
+
+
+@app.command()
+def query(
+    text: Annotated[str, typer.Argument(help="the query")],
+    index: IndexOpt,
+    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1000, help="results to return")] = 5,
+    filter_: Annotated[list[str] | None, typer.Option("--filter", "-f", help="metadata filter key=value (also != > >= < <=); repeat to AND")] = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Search an index and print ranked results with scores."""
+    _setup(verbose, quiet=True)
+    settings = _settings(config, encoder_device=device, encoder_show_progress=False)
+    filters = _parse_filters(filter_ or [])
+    try:
+        from pipelines.query import open_index
+
+        results = open_index(index, settings).search(text, top_k, filters)
+    except Exception as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        out.print_json(json.dumps({"results": results}))
+        return
+    table = Table(title=f"{text!r} in {index}")
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("document")
+    table.add_column("text")
+    for rank, hit in enumerate(results, start=1):
+        snippet = " ".join(hit["text"].split())
+        table.add_row(str(rank), f"{hit['score']:.4f}", str(hit["doc_id"]), snippet[:160] + ("…" if len(snippet) > 160 else ""))
+    out.print(table)
+
+
+@app.command()
+def serve(
+    index: IndexOpt,
+    host: Annotated[str, typer.Option(help="address to bind (loopback by default; 0.0.0.0 exposes it)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    reload_interval: Annotated[float, typer.Option(help="seconds between checks for a new index version (0: never)")] = 2.0,
+    config: ConfigOpt = None,
+    device: DeviceOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve POST /query and GET /health over HTTP (OpenAPI docs at /docs).
+    Set HTP_INDEX_API_TOKEN to require a bearer token."""
+    _setup(verbose)
+    settings = _settings(config, encoder_device=device, encoder_show_progress=False)
+    from pipelines.service import serve as run_service
+
+    try:
+        run_service(index, settings, host=host, port=port, reload_interval=reload_interval)
+    except Exception as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def info(index: IndexOpt, as_json: JsonOpt = False) -> None:
+    """Show an index's live version, size, kind and encoder."""
+    from indexes import FaissVectorStore
+
+    try:
+        manifest = FaissVectorStore.read_manifest(index)
+    except Exception as exc:
+        raise _fail(exc) from exc
+    summary = {
+        "count": manifest.count, "dim": manifest.dim, "version": manifest.version,
+        "index_kind": manifest.index_kind, "metric": manifest.metric, "encoder": manifest.encoder,
+        "created_at": manifest.created_at,
+    }
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    table = Table(title=str(index), show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    out.print(table)
+
+
+@app.command()
+def schedule(
+    source: Annotated[str, typer.Argument(help="folder or .jsonl file to ingest on each run")],
+    index: IndexOpt,
+    cron: Annotated[str | None, typer.Option(help="cron schedule, e.g. '0 3 * * *'")] = None,
+    interval: Annotated[float | None, typer.Option(help="seconds between runs (instead of --cron)")] = None,
+    name: Annotated[str | None, typer.Option(help="deployment name (default: derived from the index path)")] = None,
+    config: ConfigOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve a scheduled ingest deployment against a Prefect server (PREFECT_API_URL); runs
+    until interrupted. Start a server first: prefect server start."""
+    _setup(verbose)
+    if (cron is None) == (interval is None):
+        raise typer.BadParameter("give exactly one of --cron or --interval")
+    settings = _settings(config, encoder_show_progress=False)
+    from flows.schedule import serve_ingest_deployment
+
+    try:
+        serve_ingest_deployment(source, index, settings, cron=cron, interval=interval, name=name)
+    except Exception as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="where the demo index is written")] = Path(".htp-demo"),
+    question: Annotated[str, typer.Option(help="the sample query")] = "How do summary tokens let early words see later sentences?",
+) -> None:
+    """Ingest the bundled sample corpus with the default model into a local index and query it."""
+    _setup(False)
+    from pipelines.sample_corpus import sample_dir
+
+    index = workdir / "index"
+    console.print(f"[bold]1/2[/bold] ingesting the bundled sample corpus ({sample_dir()}) into {index}")
+    ingest(str(sample_dir()), index)
+    console.print(f"[bold]2/2[/bold] query: {question!r}")
+    query(question, index, top_k=3)
+
+
+def _register_eval() -> None:
+    try:
+        from pipelines.cli_eval import eval_command
+    except ImportError:  # pragma: no cover - the evaluation extra is optional
+        return
+    app.command(name="eval", help=eval_command.__doc__)(eval_command)
+
+
+_register_eval()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

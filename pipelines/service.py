@@ -1,0 +1,162 @@
+"""The HTTP query service for RAG apps in other processes (FastAPI).
+
+``POST /query`` embeds the query with the index's own encoder and searches the live version;
+``GET /health`` reports the version served. A watcher notices when ingest or rebuild switches
+in a new version, loads it beside the old one, and swaps a single reference, so requests in
+flight finish on the version they started with and none is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from llama_index.core.vector_stores.types import MetadataFilters
+from pydantic import BaseModel, Field
+
+from indexes import FaissVectorStore
+from pipelines.query import OpenIndex, open_index
+from pipelines.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_QUERY_CHARS = 4096
+MAX_TOP_K = 100
+MAX_BODY_BYTES = 64 * 1024
+TOKEN_ENV = "HTP_INDEX_API_TOKEN"
+
+
+class QueryRequest(BaseModel):
+    query: str = Field(..., min_length=1, max_length=MAX_QUERY_CHARS, description="the question or text to search for")
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="how many results to return")
+    filters: MetadataFilters | None = Field(
+        None, description='LlamaIndex metadata filters, e.g. {"filters": [{"key": "file_type", '
+        '"value": "md", "operator": "=="}], "condition": "and"}'
+    )
+
+
+class QueryResult(BaseModel):
+    node_id: str
+    doc_id: str | None
+    score: float | None
+    text: str
+    metadata: dict[str, Any]
+
+
+class QueryResponse(BaseModel):
+    results: list[QueryResult]
+    version: int | None = Field(None, description="the index version that answered")
+
+
+class IndexHolder:
+    """The live :class:`OpenIndex`, replaced atomically when a new version appears."""
+
+    def __init__(self, index_dir: Path, settings: Settings | None, current: OpenIndex | None = None):
+        self.index_dir = index_dir
+        self.settings = settings
+        self.current = current or open_index(index_dir, settings)
+
+    def refresh(self) -> bool:
+        """Load the newest version if it differs from the one served; True if swapped."""
+        latest = FaissVectorStore.current_version(self.index_dir)
+        if latest is None or latest == self.current.version:
+            return False
+        loaded = open_index(self.index_dir, self.settings, embedding=self.current.embedding)
+        self.current = loaded  # one reference assignment: requests see old or new, never half
+        log.info("now serving version %s of %s", loaded.version, self.index_dir)
+        return True
+
+
+def create_app(
+    index_dir: str | Path,
+    settings: Settings | None = None,
+    *,
+    reload_interval: float = 2.0,
+    api_token: str | None = None,
+    holder: IndexHolder | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``index_dir``. ``api_token`` (or ``$HTP_INDEX_API_TOKEN``)
+    requires ``Authorization: Bearer <token>`` on /query."""
+    holder = holder or IndexHolder(Path(index_dir), settings)
+    token = api_token if api_token is not None else os.environ.get(TOKEN_ENV) or None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(_watch(holder, reload_interval)) if reload_interval > 0 else None
+        yield
+        if watcher:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    app = FastAPI(
+        title="htp-index query service",
+        description="Retrieval over an htp-index FAISS index for RAG apps.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.holder = holder
+    bearer = HTTPBearer(auto_error=False)
+
+    async def authorise(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if token is None:
+            return
+        if credentials is None or not hmac.compare_digest(credentials.credentials, token):
+            raise HTTPException(status_code=401, detail="missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        index = holder.current
+        return {
+            "status": "ok",
+            "index": str(index.path),
+            "version": index.version,
+            "count": index.store.count,
+            "encoder": index.embedding.model_name,
+        }
+
+    @app.post("/query", response_model=QueryResponse, dependencies=[Depends(authorise)])
+    async def query(request: QueryRequest) -> QueryResponse:
+        index = holder.current  # pinned for the whole request
+        try:
+            results = await asyncio.to_thread(index.search, request.query, request.top_k, request.filters)
+        except ValueError as exc:  # e.g. an unsupported filter operator
+            raise HTTPException(status_code=422, detail=str(exc)) from exc
+        return QueryResponse(results=[QueryResult(**r) for r in results], version=index.version)
+
+    return app
+
+
+async def _watch(holder: IndexHolder, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(holder.refresh)
+        except Exception:  # keep serving the old version; say why
+            log.exception("could not load the new version of %s; still serving %s", holder.index_dir, holder.current.version)
+
+
+def serve(index_dir: str | Path, settings: Settings | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+          reload_interval: float = 2.0) -> None:
+    """Run the service with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(index_dir, settings, reload_interval=reload_interval)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,84 @@
+"""The htp-index command end to end (in-process through typer), with --json output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pipeline_helpers import write_docs
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def env(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HTP_INDEX_ENCODER__MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("HTP_INDEX_ENCODER__SEGMENTER", "sentencizer")
+    monkeypatch.setenv("HTP_INDEX_CHUNK_SIZE", "48")
+    return tmp_path
+
+
+def run_json(*args: str, code: int = 0) -> dict:
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == code, result.output
+    return json.loads(result.stdout)
+
+
+def test_ingest_query_info_with_json(env):
+    write_docs(env / "src")
+    stats = run_json("ingest", "src", "--index", "idx")
+    assert {k: stats[k] for k in ("added", "updated", "deleted", "unchanged", "failed")} == {
+        "added": 3, "updated": 0, "deleted": 0, "unchanged": 0, "failed": 0,
+    }
+    assert stats["nodes_embedded"] == 3 and isinstance(stats["seconds"], float) and stats["errors"] == []
+    again = run_json("ingest", "src", "--index", "idx")
+    assert again["nodes_embedded"] == 0 and again["unchanged"] == 3
+
+    results = run_json("query", "the cat sat", "--index", "idx", "-k", "2")["results"]
+    assert len(results) == 2
+    assert set(results[0]) == {"node_id", "doc_id", "score", "text", "metadata"}
+
+    filtered = run_json("query", "the cat", "--index", "idx", "--filter", "file_type=md")["results"]
+    assert [r["doc_id"] for r in filtered] == ["sea.md"]
+
+    info = run_json("info", "--index", "idx")
+    assert info["count"] == 3 and info["index_kind"] == "flat" and info["encoder"]["method"] == "htp"
+    assert set(info) >= {"count", "dim", "version", "index_kind", "encoder"}
+
+
+def test_partial_failure_exits_3_and_lists_errors(env):
+    write_docs(env / "src")
+    (env / "src" / "bad.txt").write_bytes(b"\xff\xfe\x00garbage\xff")
+    (env / "src" / "empty.md").write_text("")
+    stats = run_json("ingest", "src", "--index", "idx", code=3)
+    assert stats["added"] == 3 and stats["failed"] == 2
+    assert {e["doc_id"] for e in stats["errors"]} == {"bad.txt", "empty.md"}
+
+
+def test_rebuild_switches_method_and_index_kind(env):
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    before = run_json("info", "--index", "idx")
+    stats = run_json("rebuild", "--index", "idx", "--method", "vanilla", "--index-kind", "hnsw")
+    assert stats["nodes_embedded"] == 3 and stats["failed"] == 0
+    after = run_json("info", "--index", "idx")
+    assert after["encoder"]["method"] == "vanilla" and after["index_kind"] == "hnsw"
+    assert after["version"] > before["version"] and after["count"] == 3
+    # the rebuilt index keeps its documents' hashes: a re-ingest embeds nothing
+    assert run_json("ingest", "src", "--index", "idx")["nodes_embedded"] == 0
+
+
+def test_missing_index_is_a_clear_error(env):
+    result = runner.invoke(app, ["query", "x", "--index", "nowhere"])
+    assert result.exit_code == 1 and "no index at nowhere" in result.output
+
+
+def test_every_option_is_documented():
+    for command in ("ingest", "rebuild", "query", "serve", "schedule", "info", "demo"):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0, result.output
+        assert "Usage" in result.output

@@ -1,0 +1,150 @@
+"""Prefect flows: a real flow run (test harness), and a scheduled deployment against a real
+`prefect server start` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from pipeline_helpers import settings_for, tiny_embedding, write_docs
+
+from flows import runtime
+from flows.ingest import ingest_flow
+from flows.schedule import deployment_name, ingest_deployment_kwargs
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def embedding():
+    return tiny_embedding()
+
+
+@pytest.fixture()
+def settings(embedding, monkeypatch):
+    settings = settings_for(embedding, nodes_per_batch=1)
+    # the flow's workers find the model already loaded, as a long-lived worker would
+    monkeypatch.setitem(runtime._MODELS, settings.encoder.model_dump_json(), embedding)
+    return settings
+
+
+def test_ingest_flow_runs_tasks_and_is_incremental(harness, tmp_path, settings):
+    from prefect.client.orchestration import get_client
+
+    source = write_docs(tmp_path / "src")
+    stats = ingest_flow(str(source), str(tmp_path / "idx"), settings.model_dump(mode="json"))
+    assert stats["added"] == 3 and stats["nodes_embedded"] == 3 and stats["failed"] == 0
+    again = ingest_flow(str(source), str(tmp_path / "idx"), settings.model_dump(mode="json"))
+    assert again["nodes_embedded"] == 0 and again["unchanged"] == 3
+
+    async def task_names():
+        async with get_client() as client:
+            runs = await client.read_task_runs()
+            return [run.name for run in runs]
+
+    import asyncio
+
+    names = asyncio.run(task_names())
+    assert sum(name.startswith("embed-batch") for name in names) >= 3  # one task per batch
+    assert any(name.startswith("apply-and-persist") for name in names)
+
+
+def test_ingest_flow_publishes_a_stats_artifact(harness, tmp_path, settings):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    two_docs = {"a.txt": "the cat sat .", "b.txt": "fish swam ."}
+    ingest_flow(str(write_docs(tmp_path / "src", two_docs)), str(tmp_path / "idx"), settings.model_dump(mode="json"))
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-stats"])))
+
+    found = asyncio.run(artifacts())
+    assert any("| added | 2 |" in artifact.data for artifact in found)
+
+
+def test_deployment_has_a_concurrency_limit_and_schedule(tmp_path, settings):
+    kwargs = ingest_deployment_kwargs(tmp_path / "src", tmp_path / "idx", settings, cron="0 3 * * *")
+    assert kwargs["global_limit"] == 1 and kwargs["cron"] == "0 3 * * *"
+    assert kwargs["name"] == deployment_name(tmp_path / "idx")
+    assert kwargs["parameters"]["settings"]["encoder"]["model"] == settings.encoder.model
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_scheduled_deployment_runs_on_a_real_server(tmp_path, tiny_model_dir):
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "HTP_INDEX_ENCODER__MODEL": str(tiny_model_dir),
+        "HTP_INDEX_ENCODER__SEGMENTER": "sentencizer",
+        "HTP_INDEX_CHUNK_SIZE": "48",
+    }
+    prefect = Path(sys.executable).with_name("prefect")
+    htp_index = Path(sys.executable).with_name("htp-index")
+    server = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("prefect server did not become healthy within 120 s")
+        source = write_docs(tmp_path / "src")
+        index = tmp_path / "idx"
+        worker = subprocess.Popen([str(htp_index), "schedule", str(source), "--index", str(index), "--interval", "5"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.time() + 150
+        completed = []
+        while time.time() < deadline and not completed:
+            time.sleep(3)
+            response = httpx.post(f"http://127.0.0.1:{port}/api/flow_runs/filter",
+                                  json={"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}, timeout=10)
+            completed = [run for run in response.json() if run.get("deployment_id")]
+        assert completed, "no scheduled run completed within 150 s"
+        from indexes import FaissVectorStore
+
+        assert FaissVectorStore.read_manifest(index).count == 3
+    finally:
+        for process in (worker, server):
+            if process is not None:
+                process.terminate()
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()

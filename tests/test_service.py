@@ -1,0 +1,125 @@
+"""The HTTP query service: the API contract, limits, auth, and switching to a new version."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from pipeline_helpers import settings_for, tiny_embedding, write_docs
+
+from pipelines.ingest import ingest
+from pipelines.query import open_index
+from pipelines.service import IndexHolder, create_app
+
+
+@pytest.fixture(scope="module")
+def embedding():
+    return tiny_embedding()
+
+
+@pytest.fixture()
+def index_dir(tmp_path, embedding):
+    ingest(write_docs(tmp_path / "src"), tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    return tmp_path / "idx"
+
+
+def make_client(index_dir, embedding, **kwargs) -> TestClient:
+    settings = settings_for(embedding)
+    holder = IndexHolder(index_dir, settings, open_index(index_dir, settings, embedding=embedding))
+    return TestClient(create_app(index_dir, settings, holder=holder, **kwargs))
+
+
+def test_query_returns_ranked_results_with_the_documented_fields(index_dir, embedding):
+    with make_client(index_dir, embedding, reload_interval=0) as client:
+        response = client.post("/query", json={"query": "the cat sat on the mat", "top_k": 2})
+        assert response.status_code == 200
+        body = response.json()
+        assert len(body["results"]) == 2
+        assert set(body["results"][0]) == {"node_id", "doc_id", "score", "text", "metadata"}
+        scores = [r["score"] for r in body["results"]]
+        assert scores == sorted(scores, reverse=True)
+        expected = open_index(index_dir, settings_for(embedding), embedding=embedding).search("the cat sat on the mat", 2)
+        assert [r["node_id"] for r in body["results"]] == [r["node_id"] for r in expected]
+
+
+def test_filters_are_applied(index_dir, embedding):
+    with make_client(index_dir, embedding, reload_interval=0) as client:
+        body = client.post("/query", json={
+            "query": "the cat", "top_k": 5,
+            "filters": {"filters": [{"key": "file_type", "value": "md", "operator": "=="}]},
+        }).json()
+        assert [r["doc_id"] for r in body["results"]] == ["sea.md"]
+
+
+def test_health_reports_the_version(index_dir, embedding):
+    with make_client(index_dir, embedding, reload_interval=0) as client:
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and health["count"] == 3 and health["version"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        ({"query": "", "top_k": 3}, 422),
+        ({"query": "x" * 5000, "top_k": 3}, 422),
+        ({"query": "cat", "top_k": 0}, 422),
+        ({"query": "cat", "top_k": 1000}, 422),
+        ({"top_k": 3}, 422),
+    ],
+)
+def test_bad_requests_get_4xx(index_dir, embedding, payload, status):
+    with make_client(index_dir, embedding, reload_interval=0) as client:
+        assert client.post("/query", json=payload).status_code == status
+
+
+def test_malformed_json_and_huge_bodies_are_refused(index_dir, embedding):
+    with make_client(index_dir, embedding, reload_interval=0) as client:
+        bad = client.post("/query", content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 422
+        huge = client.post("/query", content=b"x" * 100_000, headers={"content-type": "application/json"})
+        assert huge.status_code == 413
+
+
+def test_bearer_token_is_required_when_configured(index_dir, embedding):
+    with make_client(index_dir, embedding, reload_interval=0, api_token="s3cret") as client:
+        assert client.post("/query", json={"query": "cat"}).status_code == 401
+        ok = client.post("/query", json={"query": "cat"}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert client.get("/health").status_code == 200
+
+
+def test_openapi_docs_are_served(index_dir, embedding):
+    with make_client(index_dir, embedding, reload_interval=0) as client:
+        assert client.get("/docs").status_code == 200
+        assert "/query" in client.get("/openapi.json").json()["paths"]
+
+
+def test_a_new_version_is_picked_up_without_dropping_requests(index_dir, embedding, tmp_path):
+    with make_client(index_dir, embedding, reload_interval=0.2) as client:
+        first = client.get("/health").json()["version"]
+        errors: list[int] = []
+        stop = threading.Event()
+
+        def hammer():
+            while not stop.is_set():
+                response = client.post("/query", json={"query": "protein binds receptor", "top_k": 1})
+                if response.status_code != 200:
+                    errors.append(response.status_code)
+
+        worker = threading.Thread(target=hammer)
+        worker.start()
+        try:
+            (tmp_path / "src" / "new.txt").write_text("protein binds receptor . cells grew faster .")
+            ingest(tmp_path / "src", index_dir, settings_for(embedding), embedding=embedding)
+            deadline = time.time() + 20
+            while client.get("/health").json()["version"] == first and time.time() < deadline:
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            worker.join()
+        assert client.get("/health").json()["version"] > first
+        assert errors == []
+        top = client.post("/query", json={"query": "protein binds receptor", "top_k": 4}).json()["results"]
+        assert "new.txt" in [r["doc_id"] for r in top]
