@@ -128,6 +128,9 @@ def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None):
     The model is the base decoder (``AutoModel``, no LM head): full-vocabulary logits at every
     position would cost gigabytes and are never needed for embeddings.
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor bars are noise next to our own progress
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if name in PACKAGED_MODELS:
         converted = cache / "models" / f"{name}-float32"

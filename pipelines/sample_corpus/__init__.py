@@ -13,7 +13,7 @@ from pathlib import Path
 
 def sample_dir() -> Path:
     """The directory holding the sample documents."""
-    return Path(str(files(__name__)))
+    return Path(str(files(__name__))) / "docs"
 
 
 def sample_texts() -> list[str]:
