@@ -4,7 +4,7 @@
 """
 
 from htp_embed.config import DEFAULT_MODEL, METHODS, EncoderConfig, KPolicy
-from htp_embed.encoder import EmptyTextError, EncoderStats, HTPEncoder
+from htp_embed.encoder import EmptyTextError, EncoderStats, HTPEncoder, config_from_identity
 from htp_embed.models import PACKAGED_MODELS, ModelNotAvailableError, load_model
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "HTPEncoder",
     "KPolicy",
     "ModelNotAvailableError",
+    "config_from_identity",
     "load_model",
 ]
