@@ -1,0 +1,40 @@
+"""FAISS vector stores for LlamaIndex: stable ids, deletes, filters, GPU, versioned persistence.
+
+``from indexes import FaissVectorStore`` is the entry point; see `indexes.store`.
+This package never imports ``htp_embed``, ``pipelines`` or ``flows``.
+"""
+
+from .errors import (
+    EncoderMismatchError,
+    HtpIndexError,
+    IndexCorruptedError,
+    IndexExistsError,
+    IndexNotFoundError,
+    IndexTrainingError,
+    UnsupportedFilterError,
+)
+from .gpu import GpuSelection, Placement, UseGpu
+from .persist import current_version, exists, read_manifest
+from .spec import IndexParams, IndexSpec, Manifest, Metric
+from .store import FaissVectorStore
+
+__all__ = [
+    "EncoderMismatchError",
+    "FaissVectorStore",
+    "GpuSelection",
+    "HtpIndexError",
+    "IndexCorruptedError",
+    "IndexExistsError",
+    "IndexNotFoundError",
+    "IndexParams",
+    "IndexSpec",
+    "IndexTrainingError",
+    "Manifest",
+    "Metric",
+    "Placement",
+    "UnsupportedFilterError",
+    "UseGpu",
+    "current_version",
+    "exists",
+    "read_manifest",
+]

@@ -1,0 +1,142 @@
+"""Errors raised by the index layer.
+
+Every message names the thing that is wrong and what to do about it, so that the command line
+and the HTTP server can show it as is instead of a traceback. Each class takes a plain message
+like any exception; the ``at``/``for_file``/``between``/``too_few`` builders write the standard
+messages and fill the structured attributes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class HtpIndexError(Exception):
+    """Base class of every error raised by `indexes`."""
+
+
+class IndexNotFoundError(HtpIndexError, FileNotFoundError):
+    """No index (no ``CURRENT`` pointer) exists at the given directory."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+    @classmethod
+    def at(cls, path: str | Path) -> IndexNotFoundError:
+        """The standard error for a directory without an index."""
+        return cls(
+            f"no index at {path} (no CURRENT file); create one with "
+            f"FaissVectorStore.create(...) or `htp-index ingest SOURCE --index {path}`",
+            path=path,
+        )
+
+
+class IndexExistsError(HtpIndexError, FileExistsError):
+    """``create`` was asked to bind a directory that already holds an index."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+    @classmethod
+    def at(cls, path: str | Path) -> IndexExistsError:
+        """The standard error for creating over an existing index."""
+        return cls(
+            f"an index already exists at {path}; open it with FaissVectorStore.open(...), "
+            "or pass overwrite=True to start a new, empty version there",
+            path=path,
+        )
+
+
+class IndexCorruptedError(HtpIndexError):
+    """A file of a persisted version is missing, truncated or fails its checksum."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+    @classmethod
+    def for_file(cls, path: str | Path, problem: str) -> IndexCorruptedError:
+        """The standard error naming the damaged file and the way out."""
+        return cls(
+            f"{path} is corrupted: {problem}. Open an older version with "
+            "FaissVectorStore.open(PATH, version=N) (see PATH/versions), or rebuild the index "
+            "with `htp-index rebuild --index PATH`",
+            path=path,
+        )
+
+
+class EncoderMismatchError(HtpIndexError):
+    """The caller's encoder configuration differs from the one the index was built with."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        stored: dict[str, Any] | None = None,
+        expected: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+        self.stored = stored
+        self.expected = expected
+
+    @classmethod
+    def between(
+        cls, path: str | Path, stored: dict[str, Any], expected: dict[str, Any]
+    ) -> EncoderMismatchError:
+        """The standard error naming both encoder configurations."""
+        return cls(
+            f"index at {path} was built with encoder {_compact(stored)}, but encoder "
+            f"{_compact(expected)} was requested; vectors from different encoders cannot be "
+            f"mixed. Run `htp-index rebuild --index {path}` to re-embed it with the new "
+            "encoder, or use the encoder the index was built with",
+            path=path,
+            stored=stored,
+            expected=expected,
+        )
+
+
+class IndexTrainingError(HtpIndexError):
+    """An index kind that must be trained (IVF, PQ) got too few vectors to train on."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str | None = None,
+        needed: int | None = None,
+        available: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.needed = needed
+        self.available = available
+
+    @classmethod
+    def too_few(
+        cls, kind: str, needed: int, available: int, detail: str = ""
+    ) -> IndexTrainingError:
+        """The standard error saying how many vectors are needed and what else to do."""
+        why = f" ({detail})" if detail else ""
+        return cls(
+            f"index kind {kind!r} needs at least {needed} vectors to train, but only "
+            f"{available} are available{why}. Add at least {needed} vectors in the first batch, "
+            "or create the store with params={'train_fallback': 'exact'} (the default) to "
+            "serve exact search until enough vectors exist, or use index_kind='flat'",
+            kind=kind,
+            needed=needed,
+            available=available,
+        )
+
+
+class UnsupportedFilterError(HtpIndexError, ValueError):
+    """A metadata filter uses an operator or value shape this store does not evaluate."""
+
+
+def _compact(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=str)

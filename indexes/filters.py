@@ -1,0 +1,127 @@
+"""LlamaIndex ``MetadataFilters`` compiled to a SQLite condition over the docstore's metadata.
+
+The store runs the condition to get the allowed FAISS ids, which then go *inside* the search as
+an ``IDSelector`` (see `vectors`), so filtering never depends on over-fetching.
+
+Semantics follow LlamaIndex's reference implementation (``build_metadata_filter_fn``):
+
+* a missing or null key matches only ``NE`` and ``NIN``;
+* ``EQ``/``NE``/``IN``/``NIN`` compare numbers with numbers (1 == 1.0, booleans count as 0/1)
+  and strings with strings; ``NE`` and ``NIN`` are the exact negations of ``EQ`` and ``IN``;
+* ``LT``/``LTE``/``GT``/``GTE`` compare numbers numerically and strings by code point; a type
+  mismatch (where Python would raise) simply does not match;
+* list or object metadata values never equal a scalar;
+* conditions ``AND`` and ``OR`` nest to any depth; ``NOT`` matches when no sub-filter matches.
+
+Operators outside that set (``ANY``, ``ALL``, ``CONTAINS``, ``TEXT_MATCH``, ``IS_EMPTY``…)
+raise `UnsupportedFilterError` rather than being silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from llama_index.core.vector_stores.types import (
+    FilterCondition,
+    FilterOperator,
+    MetadataFilter,
+    MetadataFilters,
+)
+
+from .errors import UnsupportedFilterError
+
+SUPPORTED_OPERATORS = frozenset(
+    {
+        FilterOperator.EQ,
+        FilterOperator.NE,
+        FilterOperator.IN,
+        FilterOperator.NIN,
+        FilterOperator.LT,
+        FilterOperator.LTE,
+        FilterOperator.GT,
+        FilterOperator.GTE,
+    }
+)
+_COMPARE = {
+    FilterOperator.LT: "<",
+    FilterOperator.LTE: "<=",
+    FilterOperator.GT: ">",
+    FilterOperator.GTE: ">=",
+}
+_NUMERIC_TYPES = "('integer','real','true','false')"
+_SCALAR_TYPES = "('integer','real','text','true','false')"
+
+
+def compile_filters(filters: MetadataFilters, column: str = "metadata") -> tuple[str, list[Any]]:
+    """SQL boolean expression (never NULL) and its parameters for `filters`."""
+    params: list[Any] = []
+    sql = _group(filters, column, params)
+    return sql, params
+
+
+def filters_key(filters: MetadataFilters | None) -> str:
+    """A stable text key for caching the id set a filter selects."""
+    return "" if filters is None else filters.model_dump_json()
+
+
+def _group(filters: MetadataFilters, column: str, params: list[Any]) -> str:
+    condition = filters.condition or FilterCondition.AND
+    parts = []
+    for item in filters.filters:
+        if isinstance(item, MetadataFilters):
+            parts.append(_group(item, column, params))
+        else:
+            parts.append(_leaf(item, column, params))
+    if not parts:
+        return "1"
+    if condition == FilterCondition.AND:
+        return "(" + " AND ".join(parts) + ")"
+    if condition == FilterCondition.OR:
+        return "(" + " OR ".join(parts) + ")"
+    if condition == FilterCondition.NOT:
+        return "(NOT (" + " OR ".join(parts) + "))"
+    raise UnsupportedFilterError(f"filter condition {condition!r} is not supported")
+
+
+def _path(key: str) -> str:
+    if '"' in key:
+        raise UnsupportedFilterError(f"metadata key {key!r} contains a double quote")
+    return f'$."{key}"'
+
+
+def _leaf(f: MetadataFilter, column: str, params: list[Any]) -> str:
+    op = f.operator
+    if op not in SUPPORTED_OPERATORS:
+        raise UnsupportedFilterError(
+            f"filter operator {op.name} ({op.value!r}) on key {f.key!r} is not supported; "
+            f"use one of {', '.join(sorted(o.name for o in SUPPORTED_OPERATORS))}"
+        )
+    if op in (FilterOperator.NE, FilterOperator.NIN):
+        positive = FilterOperator.EQ if op == FilterOperator.NE else FilterOperator.IN
+        return "(NOT " + _positive(f.key, positive, f.value, column, params) + ")"
+    return _positive(f.key, op, f.value, column, params)
+
+
+def _positive(key: str, op: FilterOperator, value: Any, column: str, params: list[Any]) -> str:
+    path = _path(key)
+    value_sql = f"json_extract({column}, ?)"
+    type_sql = f"json_type({column}, ?)"
+    if op in (FilterOperator.IN, FilterOperator.NIN):
+        if not isinstance(value, list):
+            raise UnsupportedFilterError(f"{op.name} on key {key!r} needs a list value")
+        params.extend([path, path, json.dumps(value)])
+        return (
+            f"coalesce(({type_sql} IN {_SCALAR_TYPES} AND "
+            f"{value_sql} IN (SELECT value FROM json_each(?))), 0)"
+        )
+    if isinstance(value, list):
+        raise UnsupportedFilterError(
+            f"{op.name} on key {key!r} compares with one value; use IN/NIN for a list"
+        )
+    if value is None:
+        return "0"  # a null value equals and orders against nothing (NE/NIN negate this)
+    guard = "= 'text'" if isinstance(value, str) else f"IN {_NUMERIC_TYPES}"
+    sql_op = "=" if op == FilterOperator.EQ else _COMPARE[op]
+    params.extend([path, path, value])
+    return f"coalesce(({type_sql} {guard} AND {value_sql} {sql_op} ?), 0)"

@@ -1,0 +1,192 @@
+"""Metadata filters: every operator and AND/OR/NOT nesting against a brute-force evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from indexes_fixtures import make_nodes, new_store, reference_match, unit_rows
+from llama_index.core.vector_stores.types import (
+    FilterCondition,
+    FilterOperator,
+    MetadataFilter,
+    MetadataFilters,
+    VectorStoreQuery,
+)
+
+from indexes import FaissVectorStore, UnsupportedFilterError
+
+DIM = 16
+N = 600
+LANGS = ["en", "de", "fr", "es"]
+
+
+def metadata_rows() -> list[dict]:
+    """Varied metadata: ints, floats, strings, missing keys, nulls, lists, booleans."""
+    rng = np.random.default_rng(42)
+    rows = []
+    for i in range(N):
+        row = {
+            "year": int(rng.integers(1990, 2025)),
+            "score": round(float(rng.random()), 3),
+            "lang": LANGS[i % 4],
+        }
+        if i % 7 == 0:
+            del row["lang"]  # missing key
+        if i % 11 == 0:
+            row["score"] = None  # explicit null
+        if i % 13 == 0:
+            row["year"] = str(row["year"])  # a string where others hold numbers
+        if i % 17 == 0:
+            row["tags"] = ["a", "b"]
+        if i % 5 == 0:
+            row["flag"] = bool(i % 2)
+        rows.append(row)
+    return rows
+
+
+def F(key, value, op=FilterOperator.EQ) -> MetadataFilter:  # noqa: N802 - reads like a table
+    return MetadataFilter(key=key, value=value, operator=op)
+
+
+def group(*filters, condition=FilterCondition.AND) -> MetadataFilters:
+    return MetadataFilters(filters=list(filters), condition=condition)
+
+
+Op = FilterOperator
+SOME_SCORE = metadata_rows()[1]["score"]
+CASES = {
+    "eq_str": group(F("lang", "de")),
+    "eq_int": group(F("year", 2000)),
+    "eq_float_vs_int": group(F("year", 2000.0)),
+    "eq_str_vs_number": group(F("year", "2000")),
+    "eq_bool_as_int": group(F("flag", 1)),
+    "ne_str": group(F("lang", "de", Op.NE)),
+    "ne_with_nulls": group(F("score", SOME_SCORE, Op.NE)),
+    "in_str": group(F("lang", ["en", "fr"], Op.IN)),
+    "in_int": group(F("year", [1995, 2001, 2020], Op.IN)),
+    "in_mixed_types": group(F("year", ["1990", "1991"], Op.IN)),
+    "nin_str": group(F("lang", ["en", "fr"], Op.NIN)),
+    "nin_int": group(F("year", [1995, 2001], Op.NIN)),
+    "lt": group(F("year", 2000, Op.LT)),
+    "lte": group(F("year", 2000, Op.LTE)),
+    "gt_float": group(F("score", 0.75, Op.GT)),
+    "gte_float": group(F("score", 0.75, Op.GTE)),
+    "lt_str": group(F("lang", "en", Op.LT)),
+    "gt_on_list_key": group(F("tags", "a", Op.GT)),
+    "missing_key": group(F("nope", 1)),
+    "missing_key_ne": group(F("nope", 1, Op.NE)),
+    "and": group(F("year", 2000, Op.GTE), F("lang", "en")),
+    "or": group(F("year", 1992, Op.LT), F("lang", "fr"), condition=FilterCondition.OR),
+    "not": group(F("lang", "en"), F("lang", "de"), condition=FilterCondition.NOT),
+    "nested_and_of_or": group(
+        group(F("lang", "en"), F("lang", "de"), condition=FilterCondition.OR),
+        group(F("score", 0.2, Op.GT), F("score", 0.8, Op.LT)),
+    ),
+    "nested_or_of_and": group(
+        group(F("year", 2010, Op.GT), F("lang", "es")),
+        group(F("year", 1995, Op.LTE), F("score", 0.5, Op.GTE)),
+        condition=FilterCondition.OR,
+    ),
+    "deep": group(
+        F("year", 1990, Op.GT),
+        group(
+            F("lang", ["en", "de", "fr"], Op.NIN),
+            group(F("score", 0.1, Op.LT), F("year", 2020, Op.GTE), condition=FilterCondition.OR),
+            condition=FilterCondition.OR,
+        ),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def filtered_store(tmp_path_factory) -> tuple[FaissVectorStore, np.ndarray, list[dict]]:
+    meta = metadata_rows()
+    x = unit_rows(np.random.default_rng(0), N, DIM)
+    store = new_store(tmp_path_factory.mktemp("filters"), DIM)
+    store.add(make_nodes(x, metadata=meta))
+    return store, x, meta
+
+
+def expected_ids(meta: list[dict], filters: MetadataFilters) -> set[str]:
+    return {f"n{i}" for i, row in enumerate(meta) if reference_match(row, filters)}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_filter_selects_exactly_what_brute_force_selects(filtered_store, name):
+    store, _, meta = filtered_store
+    filters = CASES[name]
+    want = expected_ids(meta, filters)
+    got = {n.node_id for n in store.get_nodes(filters=filters)}
+    assert got == want
+    res = store.query(
+        VectorStoreQuery(query_embedding=[1.0] * DIM, similarity_top_k=N, filters=filters)
+    )
+    assert set(res.ids) == want
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_flat", "ivf_pq"])
+@pytest.mark.parametrize("threshold", [0, 100_000], ids=["selector", "exact-subset"])
+def test_filtered_top_k_equals_exact_top_k_over_the_allowed_set(tmp_path, kind, threshold):
+    meta = metadata_rows()
+    x = unit_rows(np.random.default_rng(1), N, DIM)
+    store = new_store(tmp_path, DIM, index_kind=kind, params={"exact_filter_threshold": threshold})
+    store.add(make_nodes(x, metadata=meta))
+    queries = unit_rows(np.random.default_rng(2), 10, DIM)
+    for name in ["eq_str", "or", "nested_or_of_and", "lt"]:
+        allowed = sorted(int(n[1:]) for n in expected_ids(meta, CASES[name]))
+        recalls = []
+        for q in queries:
+            res = store.query(
+                VectorStoreQuery(
+                    query_embedding=q.tolist(), similarity_top_k=10, filters=CASES[name]
+                )
+            )
+            assert set(res.ids) <= {f"n{i}" for i in allowed}
+            assert len(res.ids) == min(10, len(allowed))
+            truth = np.array(allowed)[np.argsort(-(x[allowed] @ q))[:10]]
+            recalls.append(len({f"n{i}" for i in truth} & set(res.ids)) / len(truth))
+        assert np.mean(recalls) >= 0.9 if kind != "flat" else np.mean(recalls) == 1.0
+
+
+def test_filters_combine_with_node_ids_and_doc_ids(filtered_store):
+    store, _, meta = filtered_store
+    res = store.query(
+        VectorStoreQuery(
+            query_embedding=[1.0] * DIM,
+            similarity_top_k=N,
+            node_ids=[f"n{i}" for i in range(100)],
+            filters=CASES["eq_str"],
+        )
+    )
+    want = {n for n in expected_ids(meta, CASES["eq_str"]) if int(n[1:]) < 100}
+    assert set(res.ids) == want
+
+
+def test_deleted_nodes_never_match_a_filter(tmp_path):
+    meta = metadata_rows()
+    store = new_store(tmp_path, DIM, index_kind="hnsw", params={"exact_filter_threshold": 0})
+    store.add(make_nodes(unit_rows(np.random.default_rng(3), N, DIM), metadata=meta))
+    doomed = sorted(expected_ids(meta, CASES["eq_str"]))[:20]
+    store.delete_nodes(doomed)
+    res = store.query(
+        VectorStoreQuery(query_embedding=[1.0] * DIM, similarity_top_k=N, filters=CASES["eq_str"])
+    )
+    assert set(res.ids) == expected_ids(meta, CASES["eq_str"]) - set(doomed)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        group(F("tags", ["a"], Op.ANY)),
+        group(F("tags", "a", Op.CONTAINS)),
+        group(F("lang", "e", Op.TEXT_MATCH)),
+        group(F("lang", ["en"], Op.EQ)),
+        group(F("lang", "en", Op.IN)),
+        group(F('we"ird', 1)),
+    ],
+    ids=["any", "contains", "text_match", "eq_list", "in_scalar", "quote_in_key"],
+)
+def test_unsupported_filters_raise_a_clear_error(filtered_store, bad):
+    store, _, _ = filtered_store
+    with pytest.raises(UnsupportedFilterError):
+        store.query(VectorStoreQuery(query_embedding=[1.0] * DIM, similarity_top_k=3, filters=bad))

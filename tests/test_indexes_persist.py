@@ -1,0 +1,225 @@
+"""Versioned persistence: identical reloads, encoder checks, corruption, crash safety, GC."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from indexes_fixtures import ENCODER, make_nodes, new_store, unit_rows
+
+from indexes import (
+    EncoderMismatchError,
+    FaissVectorStore,
+    IndexCorruptedError,
+    IndexExistsError,
+    IndexNotFoundError,
+    current_version,
+    exists,
+    read_manifest,
+)
+from indexes import persist as persist_module
+from indexes.docstore import NodeStore
+
+DIM = 32
+
+
+def filled_store(tmp_path, kind="flat", n=800, seed=0, **kwargs) -> FaissVectorStore:
+    store = new_store(tmp_path, DIM, index_kind=kind, **kwargs)
+    store.add(make_nodes(unit_rows(np.random.default_rng(seed), n, DIM), docs=10))
+    store.persist()
+    return store
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_flat", "ivf_pq", "IVF32,SQ8"])
+def test_persist_then_reopen_gives_identical_results(tmp_path, kind):
+    store = filled_store(tmp_path, kind)
+    store.delete("doc3")  # below the compaction threshold: tombstones survive the reload
+    store.persist()
+    queries = unit_rows(np.random.default_rng(9), 20, DIM)
+    before = store.search(queries, 10)
+    reopened = FaissVectorStore.open(store.path, expected_encoder=ENCODER)
+    assert reopened.count == store.count == 720
+    assert reopened.search(queries, 10) == before
+    assert reopened.manifest == store.manifest
+
+
+def test_manifest_records_what_the_index_is(tmp_path):
+    store = filled_store(tmp_path, "hnsw")
+    manifest = read_manifest(store.path)
+    assert manifest.version == current_version(store.path) == store.version == 2
+    assert (manifest.dim, manifest.metric, manifest.index_kind) == (DIM, "ip", "hnsw")
+    assert manifest.encoder == ENCODER and manifest.count == 800 and manifest.next_id == 800
+    assert manifest.index_structure == "IndexIDMap2 > IndexHNSWFlat"
+    assert set(manifest.files) == {"index.faiss", "docstore.sqlite"}
+    vdir = store.path / "versions" / "v000002"
+    on_disk = json.loads((vdir / "manifest.json").read_text())
+    assert on_disk["files"]["index.faiss"]["sha256"] == persist_module.sha256_file(
+        vdir / "index.faiss"
+    )
+    assert manifest["count"] == 800 and manifest.get("metric") == "ip"
+    assert (store.path / "CURRENT").read_text() == "v000002\n"
+
+
+def test_create_persists_an_empty_openable_version(tmp_path):
+    store = new_store(tmp_path, DIM)
+    assert exists(store.path) and store.version == 1
+    assert FaissVectorStore.open(store.path).count == 0
+    with pytest.raises(IndexExistsError, match="already exists"):
+        new_store(tmp_path, DIM)
+    replaced = new_store(tmp_path, DIM, overwrite=True)
+    assert replaced.version == 2
+
+
+def test_open_missing_index_says_how_to_create_one(tmp_path):
+    assert not FaissVectorStore.exists(tmp_path / "nothing")
+    with pytest.raises(IndexNotFoundError, match="no index at .*create"):
+        FaissVectorStore.open(tmp_path / "nothing")
+
+
+def test_mismatched_encoder_is_refused_naming_both(tmp_path):
+    store = filled_store(tmp_path)
+    other = {**ENCODER, "model": "another-model"}
+    with pytest.raises(EncoderMismatchError) as info:
+        FaissVectorStore.open(store.path, expected_encoder=other)
+    message = str(info.value)
+    assert '"model": "hashing-test"' in message and '"model": "another-model"' in message
+    assert f"htp-index rebuild --index {store.path}" in message
+    # key order is not a difference
+    reordered = dict(reversed(list(ENCODER.items())))
+    assert FaissVectorStore.open(store.path, expected_encoder=reordered).count == 800
+
+
+def test_persist_without_changes_writes_nothing(tmp_path):
+    store = filled_store(tmp_path)
+    assert store.persist() == 2
+    assert store.persist(force=True) == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "says"),
+    [
+        ("index.faiss", "truncate", "truncated"),
+        ("index.faiss", "flip", "sha256"),
+        ("docstore.sqlite", "truncate", "truncated"),
+        ("docstore.sqlite", "flip", "sha256"),
+        ("manifest.json", "truncate", "not valid JSON"),
+        ("manifest.json", "edit", "checksum"),
+        ("index.faiss", "delete", "missing"),
+    ],
+)
+def test_corruption_is_detected_and_names_the_file(tmp_path, name, damage, says):
+    store = filled_store(tmp_path)
+    path = store.path / "versions" / "v000002" / name
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    elif damage == "edit":
+        manifest = json.loads(data)
+        manifest["count"] = 1
+        path.write_text(json.dumps(manifest))
+    else:
+        path.unlink()
+    with pytest.raises(IndexCorruptedError, match=says) as info:
+        FaissVectorStore.open(store.path)
+    assert name in str(info.value) and info.value.path == path
+
+
+def test_garbage_current_pointer_is_reported(tmp_path):
+    store = filled_store(tmp_path)
+    (store.path / "CURRENT").write_text("latest please")
+    with pytest.raises(IndexCorruptedError, match="CURRENT"):
+        FaissVectorStore.open(store.path)
+
+
+def test_older_versions_stay_openable_and_only_the_last_n_are_kept(tmp_path):
+    store = filled_store(tmp_path, keep_versions=2)
+    store.delete("doc0")
+    store.persist()
+    store.delete("doc1")
+    assert store.persist() == 4
+    versions = sorted(p.name for p in (store.path / "versions").iterdir())
+    assert versions == ["v000003", "v000004"]
+    assert FaissVectorStore.open(store.path, version=3).count == 720
+    assert FaissVectorStore.open(store.path).count == 640
+
+
+def test_failure_after_writing_the_index_file_leaves_the_old_version_live(tmp_path, monkeypatch):
+    store = filled_store(tmp_path)
+    store.delete("doc0")
+
+    def disk_full(self, path):
+        assert (path.parent / "index.faiss").stat().st_size > 0  # the index file is written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(NodeStore, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        store.persist()
+    assert current_version(store.path) == 2
+    assert sorted(p.name for p in (store.path / "versions").iterdir()) == ["v000001", "v000002"]
+    assert FaissVectorStore.open(store.path).count == 800
+    monkeypatch.undo()
+    assert store.persist() == 3  # the store itself is still usable
+    assert FaissVectorStore.open(store.path).count == 720
+
+
+def test_failure_while_switching_current_leaves_no_orphan(tmp_path, monkeypatch):
+    store = filled_store(tmp_path)
+    store.delete("doc0")
+
+    def crash(root, version):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(persist_module, "switch_current", crash)
+    with pytest.raises(OSError, match="power cut"):
+        store.persist()
+    assert (store.path / "CURRENT").read_text() == "v000002\n"
+    assert sorted(p.name for p in (store.path / "versions").iterdir()) == ["v000001", "v000002"]
+    assert FaissVectorStore.open(store.path).count == 800
+
+
+def test_open_loads_everything_so_the_version_can_be_collected(tmp_path):
+    store = filled_store(tmp_path)
+    reader = FaissVectorStore.open(store.path)
+    for _ in range(3):
+        store.delete_nodes([f"n{store.version}"])
+        store.persist(force=True)
+    assert not (store.path / "versions" / "v000002").exists()
+    assert reader.count == 800
+    assert len(reader.search(unit_rows(np.random.default_rng(1), 1, DIM), 5)[0]) == 5
+    assert len(reader.get_nodes(["n1", "n2"])) == 2
+
+
+def test_stale_temporary_directories_are_collected(tmp_path):
+    store = filled_store(tmp_path)
+    stale = store.path / "versions" / ".tmp-crashed"
+    stale.mkdir()
+    old = 10_000
+    os.utime(stale, (old, old))
+    fresh = store.path / "versions" / ".tmp-in-progress"
+    fresh.mkdir()
+    store.persist(force=True)
+    assert not stale.exists() and fresh.exists()
+
+
+def test_a_staged_replacement_leaves_the_live_version_serving_until_it_persists(tmp_path):
+    import numpy as np
+    from llama_index.core.schema import TextNode
+
+    from indexes import FaissVectorStore
+
+    live = FaissVectorStore.create(tmp_path / "idx", dim=4, encoder={"model": "a"})
+    live.add([TextNode(id_="n1", text="one", embedding=[1.0, 0.0, 0.0, 0.0])])
+    live_version = live.persist()
+    staged = FaissVectorStore.create(tmp_path / "idx", dim=8, encoder={"model": "b"}, overwrite=True, persist_now=False)
+    assert FaissVectorStore.current_version(tmp_path / "idx") == live_version
+    assert FaissVectorStore.open(tmp_path / "idx").count == 1
+    staged.add([TextNode(id_=f"m{i}", text="x", embedding=list(np.eye(8)[i])) for i in range(3)])
+    new_version = staged.persist()
+    assert new_version > live_version
+    reopened = FaissVectorStore.open(tmp_path / "idx", expected_encoder={"model": "b"})
+    assert reopened.count == 3 and reopened.dim == 8
