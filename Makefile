@@ -9,6 +9,8 @@ export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
+# FAISS threads spin while idle by default; on 2 shared cores that starves the encoder.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup demo test lint bench clean
 

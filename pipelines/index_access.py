@@ -51,13 +51,14 @@ def index_lock(index_dir: Path, timeout: float) -> Iterator[None]:
 
 
 def encoder_settings_for(index_dir: Path, settings: Settings) -> EncoderConfig:
-    """The encoder to use on an existing index: the one recorded in its manifest, unless the
-    settings name a different one explicitly (then opening the store refuses it)."""
-    if not FaissVectorStore.exists(index_dir) or settings.encoder != EncoderConfig():
+    """The encoder to use on an existing index: the one recorded in its manifest, with any
+    setting given explicitly (file, environment, option) applied on top; if that changes the
+    encoder, opening the store refuses it and says to rebuild."""
+    if not FaissVectorStore.exists(index_dir):
         return settings.encoder
     identity = FaissVectorStore.read_manifest(index_dir).encoder
-    runtime = settings.encoder.model_dump(include={"device", "dtype", "batch_size", "cache_dir", "show_progress"})
-    return config_from_identity(identity, **runtime)
+    recorded = config_from_identity(identity, **settings.runtime_encoder_settings())
+    return EncoderConfig(**{**recorded.model_dump(), **settings.explicit_encoder_settings()})
 
 
 def load_embedding(

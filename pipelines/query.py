@@ -21,9 +21,9 @@ from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import NodeWithScore
 from llama_index.core.vector_stores.types import MetadataFilters
 
+from htp_embed import config_from_identity
 from htp_embed.llama_index import HTPEmbedding
 from indexes import FaissVectorStore, IndexNotFoundError
-from pipelines.index_access import load_embedding
 from pipelines.settings import Settings, load_settings
 
 
@@ -72,15 +72,19 @@ def same_encoder(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def open_index(
     index_dir: str | Path, settings: Settings | None = None, *, embedding: HTPEmbedding | None = None
 ) -> OpenIndex:
-    """Open the live version of an index and its encoder (loaded unless ``embedding`` is given
-    and matches)."""
+    """Open the live version of an index with the encoder recorded in its manifest.
+
+    Readers always follow the index: after a rebuild with another model or method, queries are
+    embedded the new way. ``embedding`` is reused when it is that encoder (no reload); only
+    runtime settings (device, batch size) are taken from ``settings``.
+    """
     path = Path(index_dir)
     if not FaissVectorStore.exists(path):
         raise IndexNotFoundError(f"no index at {path}; create one with: htp-index ingest SOURCE --index {path}")
     settings = settings or load_settings()
-    if embedding is not None and not same_encoder(embedding.identity(), FaissVectorStore.read_manifest(path).encoder):
-        embedding = None  # the index was rebuilt with another encoder
-    embedding, settings = load_embedding(path, settings, embedding)
+    recorded = FaissVectorStore.read_manifest(path).encoder
+    if embedding is None or not same_encoder(embedding.identity(), recorded):
+        embedding = HTPEmbedding(config=config_from_identity(recorded, **settings.runtime_encoder_settings()))
     use_gpu = {"auto": "auto", "true": True, "false": False}[settings.use_gpu]
     store = FaissVectorStore.open(path, expected_encoder=embedding.identity(), use_gpu=use_gpu)
     return OpenIndex(path, store, embedding)

@@ -16,10 +16,10 @@ from typing import Any
 
 from llama_index.core.schema import TextNode
 
-from htp_embed import EncoderConfig, config_from_identity
+from htp_embed import EncoderConfig
 from htp_embed.llama_index import HTPEmbedding
 from indexes import FaissVectorStore, IndexNotFoundError
-from pipelines.index_access import index_lock
+from pipelines.index_access import encoder_settings_for, index_lock
 from pipelines.ingest import (
     Progress,
     RunStats,
@@ -39,14 +39,9 @@ class RebuildVerificationError(RuntimeError):
 
 
 def target_encoder(index_dir: Path, settings: Settings, overrides: dict[str, Any]) -> EncoderConfig:
-    """The rebuilt index's encoder: the current one (or the configured one, when settings name
-    one explicitly), with ``overrides`` (the command-line options given) applied."""
-    if settings.encoder != EncoderConfig():
-        base = settings.encoder
-    else:
-        identity = FaissVectorStore.read_manifest(index_dir).encoder
-        runtime = settings.encoder.model_dump(include={"device", "dtype", "batch_size", "cache_dir", "show_progress"})
-        base = config_from_identity(identity, **runtime)
+    """The rebuilt index's encoder: the current one with the explicitly configured settings and
+    then ``overrides`` (the command-line options given) applied."""
+    base = encoder_settings_for(index_dir, settings)
     given = {key: value for key, value in overrides.items() if value is not None}
     if "model" in given and not {"rewire_start", "rewire_stop", "exit_layer"} & set(given):
         # layer settings are per model: let the new model's defaults apply

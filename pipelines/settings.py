@@ -28,6 +28,7 @@ from pydantic_settings import (
 from htp_embed import EncoderConfig
 
 CONFIG_ENV = "HTP_INDEX_CONFIG"
+RUNTIME_ENCODER_FIELDS = ("device", "dtype", "batch_size", "cache_dir", "show_progress")
 DEFAULT_CONFIG_FILE = "htp-index.toml"
 
 
@@ -68,14 +69,30 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     def with_overrides(self, **overrides: Any) -> Settings:
-        """A copy with the given top-level or ``encoder_*`` settings replaced (None = keep)."""
+        """A copy with the given top-level or ``encoder_*`` settings replaced (None = keep).
+
+        Which settings were given explicitly (by file, environment or option) is preserved:
+        an existing index fills in the rest from its manifest.
+        """
         top = {k: v for k, v in overrides.items() if v is not None and not k.startswith("encoder_")}
         enc = {k.removeprefix("encoder_"): v for k, v in overrides.items() if v is not None and k.startswith("encoder_")}
-        data = self.model_dump()
+        data = self.model_dump(exclude_unset=True)
         data.update(top)
-        if enc:
-            data["encoder"] = {**data["encoder"], **enc}
+        if enc or "encoder" in data:
+            data["encoder"] = {**self.encoder.model_dump(exclude_unset=True), **enc}
         return Settings.model_validate(data)
+
+    def explicit_encoder_settings(self) -> dict[str, Any]:
+        """The encoder settings given explicitly that change vectors (not device, batch size…)."""
+        return {
+            name: getattr(self.encoder, name)
+            for name in self.encoder.model_fields_set
+            if name not in RUNTIME_ENCODER_FIELDS
+        }
+
+    def runtime_encoder_settings(self) -> dict[str, Any]:
+        """Encoder settings that never change vectors: where and how fast to compute them."""
+        return self.encoder.model_dump(include=set(RUNTIME_ENCODER_FIELDS))
 
 
 def config_file() -> Path | None:

@@ -123,3 +123,48 @@ def test_a_new_version_is_picked_up_without_dropping_requests(index_dir, embeddi
         assert errors == []
         top = client.post("/query", json={"query": "protein binds receptor", "top_k": 4}).json()["results"]
         assert "new.txt" in [r["doc_id"] for r in top]
+
+
+def test_queries_keep_working_through_a_rebuild_and_switch_to_the_new_encoder(tmp_path, tiny_model_dir):
+    """Rebuild to another method while a client queries: no errors, and the service moves to
+    the rebuilt version and its encoder."""
+    from htp_embed import HTPEncoder
+    from htp_embed.llama_index import HTPEmbedding
+    from pipelines.rebuild import rebuild
+
+    loaded = HTPEmbedding(HTPEncoder(model=str(tiny_model_dir), segmenter="sentencizer", show_progress=False,
+                                     rewire_start=1, rewire_stop=3, exit_layer=None))
+    settings = settings_for(loaded)
+    index_dir = tmp_path / "idx"
+    ingest(write_docs(tmp_path / "src"), index_dir, settings, embedding=loaded)
+    holder = IndexHolder(index_dir, settings, open_index(index_dir, settings, embedding=loaded))
+    with TestClient(create_app(index_dir, settings, holder=holder, reload_interval=0.2)) as client:
+        before = client.get("/health").json()
+        errors: list[int] = []
+        served: set[int] = set()
+        stop = threading.Event()
+
+        def hammer():
+            while not stop.is_set():
+                response = client.post("/query", json={"query": "the cat sat", "top_k": 3})
+                if response.status_code != 200:
+                    errors.append(response.status_code)
+                else:
+                    served.add(response.json()["version"])
+
+        worker = threading.Thread(target=hammer)
+        worker.start()
+        try:
+            stats = rebuild(index_dir, settings, encoder_overrides={"method": "vanilla"})
+            deadline = time.time() + 30
+            while client.get("/health").json()["version"] != stats.version and time.time() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            worker.join()
+        after = client.get("/health").json()
+        assert errors == []
+        assert after["version"] == stats.version > before["version"]
+        assert "/vanilla[" in after["encoder"] and "/htp[" in before["encoder"]
+        assert {before["version"], stats.version} <= served

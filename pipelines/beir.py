@@ -1,0 +1,201 @@
+"""Loading BEIR-format retrieval datasets, and subsampling them reproducibly.
+
+A BEIR dataset is a folder with ``corpus.jsonl`` (``_id``, ``title``, ``text``),
+``queries.jsonl`` (``_id``, ``text``) and ``qrels/<split>.tsv`` (a header line, then
+``query-id  corpus-id  score``). Everything here is plain Python data so that evaluation
+can hash exactly what was embedded and the tests can build a dataset in a few lines.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Qrels = dict[str, dict[str, int]]
+"""query id -> {document id -> graded relevance}, as pytrec_eval takes it."""
+
+SENTENCE_END = (".", "!", "?", '"', "'")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One corpus entry."""
+
+    title: str
+    text: str
+
+    def embedding_text(self) -> str:
+        """The text that is embedded: ``"<title>. <text>"``.
+
+        The title is kept (it carries most of the topic words of a SciFact abstract) and ends
+        with a full stop when it has no sentence-final punctuation of its own, so that HTP's
+        sentence segmenter puts the title in a block of its own instead of gluing it onto the
+        first sentence of the abstract. A missing title or text leaves the other alone.
+        """
+        title, text = self.title.strip(), self.text.strip()
+        if not title:
+            return text
+        if not text:
+            return title
+        if not title.endswith(SENTENCE_END):
+            title += "."
+        return f"{title} {text}"
+
+
+@dataclass(frozen=True)
+class BeirDataset:
+    """A corpus, its queries and the relevance judgements of one split.
+
+    ``queries`` only holds queries that have at least one judgement in ``qrels``: the others
+    cannot be scored and would only cost embedding time.
+    """
+
+    name: str
+    split: str
+    corpus: dict[str, Document]
+    queries: dict[str, str]
+    qrels: Qrels
+    notes: dict[str, object] = field(default_factory=dict)
+
+    def doc_ids(self) -> list[str]:
+        """Document ids in a fixed order (the corpus file's order): row i of the matrix."""
+        return list(self.corpus)
+
+    def doc_texts(self) -> list[str]:
+        return [self.corpus[i].embedding_text() for i in self.doc_ids()]
+
+    def query_ids(self) -> list[str]:
+        return list(self.queries)
+
+    def query_texts(self) -> list[str]:
+        return [self.queries[i] for i in self.query_ids()]
+
+    def corpus_hash(self) -> str:
+        """SHA-256 of the ordered ids and embedded texts: any change to the documents that are
+        embedded (subsample, seed, text formatting) gives another hash and so another cache key."""
+        return _hash_pairs(zip(self.doc_ids(), self.doc_texts(), strict=True))
+
+    def queries_hash(self) -> str:
+        return _hash_pairs(zip(self.query_ids(), self.query_texts(), strict=True))
+
+
+def _hash_pairs(pairs: Iterable[tuple[str, str]]) -> str:
+    digest = hashlib.sha256()
+    for key, text in pairs:
+        digest.update(key.encode())
+        digest.update(b"\x00")
+        digest.update(text.encode())
+        digest.update(b"\x01")
+    return digest.hexdigest()
+
+
+def read_jsonl(path: Path) -> Iterable[dict]:
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)
+
+
+def read_qrels(path: Path) -> Qrels:
+    """Read ``qrels/<split>.tsv``; the header line is skipped whatever it says."""
+    qrels: Qrels = {}
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = csv.reader(handle, delimiter="\t")
+        next(rows, None)
+        for row in rows:
+            if len(row) < 3:
+                continue
+            query_id, doc_id, score = row[0], row[1], int(float(row[2]))
+            qrels.setdefault(query_id, {})[doc_id] = score
+    return qrels
+
+
+def load_beir(dataset_dir: str | Path, split: str = "test") -> BeirDataset:
+    """Load a BEIR folder; queries without judgements in ``split`` are dropped.
+
+    Judgements that point at documents missing from the corpus are dropped too (with a note),
+    because no run can ever retrieve them and they would silently cap recall.
+    """
+    root = Path(dataset_dir)
+    qrels_path = root / "qrels" / f"{split}.tsv"
+    if not qrels_path.exists():
+        available = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
+        raise FileNotFoundError(f"no qrels for split {split!r} in {root} (available: {available})")
+    corpus = {
+        str(row["_id"]): Document(str(row.get("title") or ""), str(row.get("text") or ""))
+        for row in read_jsonl(root / "corpus.jsonl")
+    }
+    all_queries = {str(row["_id"]): str(row["text"]) for row in read_jsonl(root / "queries.jsonl")}
+    qrels = read_qrels(qrels_path)
+    missing = sum(1 for judged in qrels.values() for d in judged if d not in corpus)
+    qrels = {
+        q: {d: s for d, s in judged.items() if d in corpus}
+        for q, judged in qrels.items()
+        if q in all_queries
+    }
+    qrels = {q: judged for q, judged in qrels.items() if judged}
+    queries = {q: text for q, text in all_queries.items() if q in qrels}
+    notes: dict[str, object] = {"dropped_judgements_missing_docs": missing} if missing else {}
+    return BeirDataset(root.name, split, corpus, queries, qrels, notes)
+
+
+def subsample(
+    dataset: BeirDataset,
+    *,
+    max_docs: int | None = None,
+    max_queries: int | None = None,
+    seed: int = 0,
+) -> BeirDataset:
+    """A smaller dataset that keeps the evaluation honest.
+
+    ``max_queries`` keeps that many queries chosen with ``seed``. ``max_docs`` keeps *every*
+    judged document of the kept queries plus ``max_docs`` other documents chosen with
+    ``seed``: dropping a judged document would make a query unanswerable, whereas the extra
+    documents are the distractors that make retrieval hard. ``None`` keeps everything.
+    The corpus keeps the file's order, so the same arguments always give the same hash.
+    """
+    queries = dataset.queries
+    if max_queries is not None and max_queries < len(queries):
+        chosen = set(random.Random(seed).sample(sorted(queries), max_queries))
+        queries = {q: t for q, t in queries.items() if q in chosen}
+    qrels = {q: dataset.qrels[q] for q in queries}
+    corpus = dataset.corpus
+    notes = dict(dataset.notes)
+    if max_docs is not None:
+        judged = {d for docs in qrels.values() for d in docs}
+        others = sorted(d for d in corpus if d not in judged)
+        extra = set(random.Random(seed + 1).sample(others, min(max_docs, len(others))))
+        keep = judged | extra
+        corpus = {d: doc for d, doc in corpus.items() if d in keep}
+        notes.update(judged_docs=len(judged), extra_docs=len(extra))
+    notes.update(max_docs=max_docs, max_queries=max_queries, seed=seed)
+    return BeirDataset(dataset.name, dataset.split, corpus, queries, qrels, notes)
+
+
+def write_beir(
+    root: str | Path,
+    corpus: Mapping[str, Document],
+    queries: Mapping[str, str],
+    qrels: Qrels,
+    split: str = "test",
+) -> Path:
+    """Write a dataset in BEIR format (for tests and synthetic tasks such as long documents)."""
+    root = Path(root)
+    (root / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as handle:
+        for doc_id, doc in corpus.items():
+            handle.write(json.dumps({"_id": doc_id, "title": doc.title, "text": doc.text}) + "\n")
+    with open(root / "queries.jsonl", "w", encoding="utf-8") as handle:
+        for query_id, text in queries.items():
+            handle.write(json.dumps({"_id": query_id, "text": text}) + "\n")
+    with open(root / "qrels" / f"{split}.tsv", "w", encoding="utf-8") as handle:
+        handle.write("query-id\tcorpus-id\tscore\n")
+        for query_id, judged in qrels.items():
+            for doc_id, score in judged.items():
+                handle.write(f"{query_id}\t{doc_id}\t{score}\n")
+    return root

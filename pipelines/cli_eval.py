@@ -1,0 +1,119 @@
+"""``htp-index eval``: retrieval quality of one encoder setting on a BEIR-format dataset.
+
+Only the command function lives here; the application registers it
+(``app.command("eval")(eval_command)``), which keeps this module free of the CLI's wiring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from htp_embed.config import DEFAULT_MODEL, METHODS
+from pipelines.evaluation import METRICS, REFERENCE_METHODS
+
+ALL_METHODS = (*METHODS, *REFERENCE_METHODS)
+JSON_KEYS = ("dataset", "split", "method", "model", *METRICS, "queries", "docs")
+
+
+def _parse_exit(value: str | None) -> int | None | str:
+    """'default' (per-model), 'full' / 'none' (all layers + final norm), or a layer number."""
+    if value is None or value.lower() == "default":
+        return "default"
+    if value.lower() in ("full", "none"):
+        return None
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise typer.BadParameter("use a layer number (e.g. -2), 'default' or 'full'") from exc
+
+
+def _settings(
+    method: str, model: str, k: str, rewire_start: int | None, rewire_stop: int | None,
+    exit_layer: str | None, batch_size: int, max_length: int,
+) -> dict[str, Any] | str:
+    if method in REFERENCE_METHODS:
+        return method
+    return {
+        "model": model, "method": method, "k": k, "rewire_start": rewire_start,
+        "rewire_stop": rewire_stop, "exit_layer": _parse_exit(exit_layer),
+        "batch_size": batch_size, "max_length": max_length,
+    }
+
+
+def eval_command(
+    dataset_dir: Annotated[Path, typer.Argument(
+        help="BEIR-format folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv",
+        exists=True, file_okay=False)],
+    split: Annotated[str, typer.Option(help="qrels split to score (qrels/<split>.tsv)")] = "train",
+    method: Annotated[str, typer.Option(
+        help=f"retriever: {', '.join(ALL_METHODS)} (bm25 and minilm are references)")] = "htp",
+    model: Annotated[str, typer.Option(
+        help="decoder: 'gemma3-270m', 'smollm2-135m', a local HF directory or a .gguf file")] = DEFAULT_MODEL,
+    k: Annotated[str, typer.Option(
+        help="HTP sentences per block: an integer, 'adaptive' or 'adaptive:MAX_BLOCKS'")] = "adaptive",
+    rewire_start: Annotated[int | None, typer.Option(
+        help="first rewired decoder layer, 0-based (default: per-model)")] = None,
+    rewire_stop: Annotated[int | None, typer.Option(
+        help="rewiring stops before this layer (default: per-model)")] = None,
+    exit_layer: Annotated[str | None, typer.Option(
+        help="layer whose output is pooled: -2 = second-to-last, 9 = 9th layer, "
+             "'full' = all layers with the final norm, 'default' = per-model")] = "default",
+    max_docs: Annotated[int | None, typer.Option(
+        help="subsample: every judged document of the evaluated queries plus N others (fixed seed)")] = None,
+    max_queries: Annotated[int | None, typer.Option(
+        help="subsample: score N judged queries chosen with a fixed seed")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the subsample")] = 0,
+    batch_size: Annotated[int, typer.Option(help="texts per forward pass")] = 8,
+    max_length: Annotated[int, typer.Option(help="tokens per text, placeholders included")] = 512,
+    fuse_bm25: Annotated[bool, typer.Option(
+        "--fuse-bm25", help="score the reciprocal-rank fusion (k=60) of BM25 and this method")] = False,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="print one JSON object with the metrics on stdout, nothing else")] = False,
+    cache_dir: Annotated[Path | None, typer.Option(
+        help="embedding cache (default: $HTP_INDEX_CACHE/eval or the user cache dir)")] = None,
+) -> None:
+    """Score a retriever on a BEIR dataset: NDCG@10, Recall@10/100, MRR@10 over all judgements.
+
+    Document embeddings are cached, so re-running a setting costs only the search.
+    """
+    from pipelines.evaluation import evaluate
+
+    if method not in ALL_METHODS:
+        raise typer.BadParameter(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = _settings(method, model, k, rewire_start, rewire_stop, exit_layer, batch_size, max_length)
+    # Libraries that print would corrupt --json output: send their stdout to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = evaluate(
+            dataset_dir, split, settings, max_docs=max_docs, max_queries=max_queries, seed=seed,
+            cache_dir=cache_dir, fuse_bm25=fuse_bm25,
+        )
+    if json_output:
+        typer.echo(json.dumps({key: result[key] for key in JSON_KEYS}))
+        return
+    _print_table(result)
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['dataset']} ({result['split']}): {result['describe']}")
+    for column in ("queries", "docs", *METRICS):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(result["queries"]), str(result["docs"]),
+        *(f"{100 * result[m]:.2f}" for m in METRICS),
+    )
+    console = Console()
+    console.print(table)
+    cache = result["cache"]
+    console.print(f"[dim]cache: {cache['hits']} hit(s), {cache['misses']} miss(es) in {cache['dir']}; "
+                  f"{result['seconds']} s[/dim]")
