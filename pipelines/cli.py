@@ -89,10 +89,12 @@ def _print_stats(stats: dict[str, Any], as_json: bool, title: str) -> None:
     if as_json:
         out.print_json(json.dumps({**{k: stats[k] for k in keys}, "errors": stats["errors"]}))
         return
-    table = Table(title=title)
+    table = Table(title=title, show_header=False)
+    table.add_column("stat", style="bold")
+    table.add_column("value", justify="right")
     for key in (*keys, "tokens", "version", "count"):
-        table.add_column(key, justify="right")
-    table.add_row(*(str(stats[k]) for k in (*keys, "tokens", "version", "count")))
+        value = stats[key]
+        table.add_row(key.replace("_", " "), f"{value:.1f}" if isinstance(value, float) else str(value))
     out.print(table)
     for error in stats["errors"][:20]:
         out.print(f"[yellow]failed[/yellow] {error['doc_id']}: {error['error']}")

@@ -116,9 +116,11 @@ def embed_nodes(
     """Set ``node.embedding`` on every node, in the encoder's batches; returns the nodes."""
     if not nodes:
         return []
-    vectors = embedding.get_text_embedding_batch([embed_text(n) for n in nodes])
+    # Straight to the encoder: it length-sorts the whole batch (LlamaIndex's batching would
+    # sort only within each embed_batch_size slice, padding more).
+    vectors = embedding.encoder.encode_documents([embed_text(n) for n in nodes])
     for node, vector in zip(nodes, vectors, strict=True):
-        node.embedding = vector
+        node.embedding = vector.tolist()
     if progress:
         progress(len(nodes))
     return list(nodes)
