@@ -159,7 +159,7 @@ class HTPEncoder:
         return ident
 
     def describe(self) -> str:
-        """A short human-readable name, e.g. ``gemma3-270m/htp[k=adaptive:8,rewire=1-3,exit=17]``."""
+        """A short human-readable name, e.g. ``gemma3-270m/htp[k=adaptive:8,rewire=1-7,exit=13]``."""
         parts = [f"exit={self.exit_depth if self.exit_depth else 'full'}"]
         if self.config.method in ("htp", "tp"):
             parts.insert(0, f"rewire={self.rewire_layers.start}-{self.rewire_layers.stop}")

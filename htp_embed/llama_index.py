@@ -25,7 +25,7 @@ class HTPEmbedding(BaseEmbedding):
     ``HTPEmbedding(encoder=existing)`` wraps an encoder already loaded; keyword arguments are
     :class:`~htp_embed.config.EncoderConfig` fields (``method="vanilla"``, ``k=8``…).
     ``model_name`` names the model and the HTP settings, e.g.
-    ``gemma3-270m/htp[k=adaptive:8,rewire=1-3,exit=17]``.
+    ``gemma3-270m/htp[k=adaptive:8,rewire=1-7,exit=13]``.
     """
 
     _encoder: HTPEncoder = PrivateAttr()

@@ -35,12 +35,12 @@ def test_default_model_puts_the_related_pair_closest(gemma, method):
 def test_default_model_query_finds_its_document(gemma):
     query = gemma.encode_queries(["How do cells make ATP?"])
     scores = (gemma.encode_documents(TEXTS) @ query.T).ravel()
-    assert scores[2] < min(scores[0], scores[1])
+    assert int(scores.argmax()) in (0, 1)  # a mitochondria text, not the football match
 
 
 def test_default_model_layers_resolve_to_the_documented_defaults(gemma):
-    assert gemma.exit_depth == 17  # second-to-last of 18
-    assert gemma.rewire_layers == range(1, 3)
+    assert gemma.exit_depth == 13  # of 18: the best exit measured (layer_defaults.py)
+    assert gemma.rewire_layers == range(1, 7)
 
 
 def test_smollm2_loads_and_embeds():
