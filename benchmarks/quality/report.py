@@ -1,0 +1,169 @@
+"""Markdown tables and plots from the recorded results (no model is loaded).
+
+    .venv/bin/python benchmarks/quality/report.py
+
+Writes ``benchmarks/results/quality/tables.md`` and ``exit_layers_*.png`` (when matplotlib is
+installed). Differences between two settings are paired over the same queries: the mean
+per-query NDCG@10 difference with a 95% bootstrap interval (2,000 resamples of the queries).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from common import RESULTS, read_per_query, read_table
+
+PCT = 100.0
+
+
+def paired_delta(a: dict[str, float], b: dict[str, float], rounds: int = 2000) -> tuple[float, float, float]:
+    """Mean of a - b over shared queries and its 95% bootstrap interval, in NDCG points."""
+    queries = sorted(set(a) & set(b))
+    diffs = [a[q] - b[q] for q in queries]
+    if not diffs:
+        return float("nan"), float("nan"), float("nan")
+    rng = random.Random(0)
+    n = len(diffs)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(rounds))
+    return PCT * sum(diffs) / n, PCT * means[int(0.025 * rounds)], PCT * means[int(0.975 * rounds)]
+
+
+def fmt_delta(delta: tuple[float, float, float]) -> str:
+    mean, low, high = delta
+    mark = "**" if low > 0 or high < 0 else ""
+    return f"{mark}{mean:+.1f}{mark} [{low:+.1f}, {high:+.1f}]"
+
+
+def metric_cells(row: dict[str, Any]) -> list[str]:
+    return [f"{PCT * row[m]:.1f}" for m in ("ndcg@10", "recall@10", "recall@100", "mrr@10")]
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def methods_table() -> str:
+    rows = read_table("methods")
+    if not rows:
+        return ""
+    scores = read_per_query("methods")
+    by_label = {r["label"]: r for r in rows}
+    out = []
+    for r in rows:
+        reference = None
+        if r.get("model"):
+            depth = r["identity"].get("exit_layer")
+            reference = f"{r['model']}/vanilla[exit={depth if depth else 'full'}]"
+        delta = (fmt_delta(paired_delta(scores[r["label"]], scores[reference]))
+                 if reference in by_label and reference != r["label"] else "")
+        out.append([r["label"], *metric_cells(r), delta])
+    header = ["setting", "NDCG@10", "R@10", "R@100", "MRR@10", "Δ NDCG@10 vs vanilla, same exit [95% CI]"]
+    sample = rows[0]
+    return (f"### Methods ({sample['queries']} queries, {sample['docs']} documents)\n\n"
+            + table(header, out))
+
+
+def sweep_table(model: str, exits: Sequence[int]) -> str:
+    rows = [r for r in read_table("sweep") if r.get("model") == model]
+    if not rows:
+        return ""
+    scores = read_per_query("sweep")
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    by_key = {(r["variant"], r["exit_depth"]): r for r in rows}
+    out = []
+    for variant in variants:
+        cells = []
+        for depth in exits:
+            row = by_key.get((variant, depth))
+            if row is None:
+                cells.append("")
+                continue
+            text = f"{PCT * row['ndcg@10']:.1f}"
+            vanilla = by_key.get(("vanilla", depth))
+            if variant != "vanilla" and vanilla is not None:
+                mean, low, high = paired_delta(scores[row["label"]], scores[vanilla["label"]])
+                mark = "**" if low > 0 or high < 0 else ""
+                text += f" ({mark}{mean:+.1f}{mark})"
+            cells.append(text)
+        out.append([variant, *cells])
+    return (f"### {model}: NDCG@10 by exit layer (Δ vs vanilla at the same exit; bold = 95% CI excludes 0)\n\n"
+            + table(["setting", *[f"exit {d}" for d in exits]], out))
+
+
+def long_docs_table() -> str:
+    rows = read_table("long_docs")
+    if not rows:
+        return ""
+    scores = read_per_query("long_docs")
+    by_label = {r["label"]: r for r in rows}
+    sizes = list(rows[0]["ndcg@10_by_size"])
+    out = []
+    for r in rows:
+        reference = f"{r['model']}/vanilla/exit={r['exit_depth']}"
+        delta = (fmt_delta(paired_delta(scores[r["label"]], scores[reference]))
+                 if reference in by_label and reference != r["label"] else "")
+        out.append([r["label"], *metric_cells(r), *[f"{PCT * r['ndcg@10_by_size'][s]:.1f}" for s in sizes],
+                    f"{PCT * r['ndcg@10_by_last'].get('True', float('nan')):.1f}", delta])
+    header = ["setting", "NDCG@10", "R@10", "R@100", "MRR@10",
+              *[f"NDCG@10, ~{s} tokens ({rows[0]['queries_by_size'][s]} q)" for s in sizes],
+              "NDCG@10, relevant abstract last",
+              "Δ vs vanilla [95% CI]"]
+    return (f"### Long documents ({rows[0]['queries']} queries, {rows[0]['docs']} documents)\n\n"
+            + table(header, out))
+
+
+def fusion_table() -> str:
+    rows = read_table("fusion")
+    if not rows:
+        return ""
+    return "### Fusion with BM25 (RRF, k = 60)\n\n" + table(
+        ["run", "NDCG@10", "R@10", "R@100", "MRR@10"], [[r["label"], *metric_cells(r)] for r in rows]
+    )
+
+
+def plot_exits(model: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    rows = [r for r in read_table("sweep") if r.get("model") == model and r["exit_depth"] is not None]
+    if not rows:
+        return
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        points = sorted((r["exit_depth"], PCT * r["ndcg@10"]) for r in rows if r["variant"] == variant)
+        style = {"color": "black", "linewidth": 2.5} if variant == "vanilla" else {"linewidth": 1}
+        axis.plot(*zip(*points, strict=True), marker="o", markersize=3, label=variant, **style)
+    axis.set_xlabel("exit layer (output of layer d, no final norm)")
+    axis.set_ylabel("NDCG@10")
+    axis.set_title(f"{model}: SciFact subsample, HTP variants vs vanilla mean pooling")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(RESULTS / f"exit_layers_{model}.png", dpi=120)
+
+
+def main() -> None:
+    parts = [
+        methods_table(),
+        sweep_table("gemma3-270m", [18, 17, 16, 15, 13, 12, 9]),
+        sweep_table("smollm2-135m", [30, 29, 28, 26, 24, 20, 15]),
+        long_docs_table(),
+        fusion_table(),
+    ]
+    (RESULTS / "tables.md").write_text("\n\n".join(p for p in parts if p) + "\n")
+    for model in ("gemma3-270m", "smollm2-135m"):
+        plot_exits(model)
+    print((RESULTS / "tables.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
