@@ -148,3 +148,19 @@ def test_scheduled_deployment_runs_on_a_real_server(tmp_path, tiny_model_dir):
                     process.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     process.kill()
+
+
+def test_rebuild_flow_switches_the_encoder(harness, tmp_path, settings, embedding, monkeypatch):
+    from flows.rebuild import rebuild_flow
+    from htp_embed import EncoderConfig
+    from htp_embed.llama_index import HTPEmbedding
+    from indexes import FaissVectorStore
+
+    source = write_docs(tmp_path / "src")
+    ingest_flow(str(source), str(tmp_path / "idx"), settings.model_dump(mode="json"))
+    before = FaissVectorStore.current_version(tmp_path / "idx")
+    target = EncoderConfig(**{**settings.encoder.model_dump(), "method": "vanilla"})
+    monkeypatch.setitem(runtime._MODELS, target.model_dump_json(), HTPEmbedding(embedding.encoder.with_method("vanilla")))
+    stats = rebuild_flow(str(tmp_path / "idx"), settings.model_dump(mode="json"), encoder_overrides={"method": "vanilla"})
+    assert stats["nodes_embedded"] == 3 and stats["failed"] == 0 and stats["version"] > before
+    assert FaissVectorStore.read_manifest(tmp_path / "idx").encoder["method"] == "vanilla"
