@@ -1,6 +1,6 @@
 """Why does HTP move retrieval quality? Evidence from cached vectors and layouts (no forward pass).
 
-    nice -n 5 .venv/bin/python benchmarks/quality/diagnostics.py [gemma3-270m]
+    nice -n 5 .venv/bin/python benchmarks/quality/diagnostics.py [gemma3-270m] [EXIT_LAYER]
 
 For each cached HTP setting at a given exit, against vanilla at the same exit:
 * how far HTP moves each document vector (cosine to its vanilla vector), next to how close
@@ -8,7 +8,7 @@ For each cached HTP setting at a given exit, against vanilla at the same exit:
   small move can reorder neighbours);
 * the per-query NDCG@10 change split by the number of HTP blocks M of the query's relevant
   documents (does the loss grow with the number of <B-PST> slots?).
-Writes ``benchmarks/results/quality/diagnostics_<model>.json``.
+Writes ``benchmarks/results/quality/diagnostics_<model>_exit<N>.json``.
 """
 
 from __future__ import annotations
@@ -101,9 +101,9 @@ def main(model: str = "gemma3-270m", exit_layer: int = 17) -> None:
             }
         report["settings"][name] = entry
     report["vanilla_by_layer"] = anisotropy_by_layer(store, base, dataset)
-    (RESULTS / f"diagnostics_{model}.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"diagnostics_{model}_exit{exit_layer}.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    main(sys.argv[1] if len(sys.argv) > 1 else "gemma3-270m", int(sys.argv[2]) if len(sys.argv) > 2 else 17)

@@ -1,6 +1,6 @@
 """Table 5: can a training-free fix of the vectors' geometry beat the method choice?
 
-    nice -n 5 .venv/bin/python benchmarks/quality/postprocess.py [gemma3-270m]
+    nice -n 5 .venv/bin/python benchmarks/quality/postprocess.py [gemma3-270m] [replicate]
 
 Mean-pooled residual-stream states of these small decoders are dominated by one or two
 "massive activation" channels (diagnostics.py: documents have cosine 0.95-0.999 to each other),
@@ -65,8 +65,14 @@ def load(store: EmbeddingCache, encoder, kind: str, content_hash: str, rows: int
     return np.load(path) if path.exists() else None
 
 
-def main(model: str = "gemma3-270m") -> None:
-    dataset = load_sample()
+def main(model: str = "gemma3-270m", sample: str = "first") -> None:
+    """``sample``: "first" (common.SAMPLE) or "replicate" (replicate.py's disjoint sample)."""
+    if sample == "replicate":
+        from replicate import second_sample
+
+        dataset, prefix = second_sample(), "replicate:"
+    else:
+        dataset, prefix = load_sample(), ""
     store = EmbeddingCache()
     base = load_base(model)
     for name, settings in SETTINGS.items():
@@ -85,9 +91,9 @@ def main(model: str = "gemma3-270m") -> None:
                 result = {"dataset": dataset.name, "split": SPLIT, "method": method, "model": model,
                           **means, "queries": len(dataset.queries), "docs": len(dataset.corpus),
                           "seconds": 0.0, "per_query": per_query}
-                record(TABLE, f"{model}/{name}/{transform}/exit={depth or 'full'}", result,
-                       variant=name, transform=transform, exit_depth=depth)
+                record(TABLE, f"{prefix}{model}/{name}/{transform}/exit={depth or 'full'}", result,
+                       variant=name, transform=transform, exit_depth=depth, sample=sample)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    main(*sys.argv[1:3])

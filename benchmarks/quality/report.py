@@ -94,6 +94,59 @@ def sweep_table(model: str, exits: Sequence[int]) -> str:
             + table(["setting", *[f"exit {d}" for d in exits]], out))
 
 
+def pooled_table(model: str, exits: Sequence[int | None]) -> str:
+    """HTP minus vanilla at the same exit, per query, pooled over both disjoint samples."""
+    first, second = read_per_query("sweep"), read_per_query("replicate")
+    if not second:
+        return ""
+    variants = sorted({label.split("/")[1] for label in second if label.startswith(model)} - {"vanilla"})
+    out = []
+    for variant in variants:
+        cells = []
+        for depth in exits:
+            tag = depth or "full"
+            pooled_a: dict[str, float] = {}
+            pooled_b: dict[str, float] = {}
+            for name, scores in (("s1", first), ("s2", second)):
+                a, b = scores.get(f"{model}/{variant}/exit={tag}"), scores.get(f"{model}/vanilla/exit={tag}")
+                if a and b:
+                    pooled_a.update({f"{name}:{q}": v for q, v in a.items()})
+                    pooled_b.update({f"{name}:{q}": v for q, v in b.items()})
+            cells.append(fmt_delta(paired_delta(pooled_a, pooled_b)) + f" (n={len(pooled_a)})")
+        out.append([variant, *cells])
+    return (f"### {model}: HTP − vanilla NDCG@10 at the same exit, both samples pooled [95% CI]\n\n"
+            + table(["setting", *[f"exit {d or 'full'}" for d in exits]], out))
+
+
+def replicate_table(model: str, exits: Sequence[int | None]) -> str:
+    rows = [r for r in read_table("replicate") if r.get("model") == model]
+    if not rows:
+        return ""
+    by_key = {(r["variant"], r["exit_depth"]): r for r in rows}
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    out = [[v, *[f"{PCT * by_key[(v, d)]['ndcg@10']:.1f}" if (v, d) in by_key else "" for d in exits]]
+           for v in variants]
+    sample = rows[0]
+    return (f"### {model}, second disjoint sample ({sample['queries']} queries, {sample['docs']} documents): NDCG@10\n\n"
+            + table(["setting", *[f"exit {d or 'full'}" for d in exits]], out))
+
+
+def postprocess_table(model: str, exits: Sequence[int | None]) -> str:
+    rows = [r for r in read_table("postprocess") if r.get("model") == model]
+    if not rows:
+        return ""
+    by_key = {(r.get("sample", "first"), r["variant"], r["transform"], r["exit_depth"]): r for r in rows}
+    out = []
+    for sample_name, variant, transform in dict.fromkeys(
+        (r.get("sample", "first"), r["variant"], r["transform"]) for r in rows
+    ):
+        cells = [f"{PCT * by_key[(sample_name, variant, transform, d)]['ndcg@10']:.1f}"
+                 if (sample_name, variant, transform, d) in by_key else "" for d in exits]
+        out.append([sample_name, variant, transform, *cells])
+    return (f"### {model}: vector post-processing (NDCG@10)\n\n"
+            + table(["sample", "setting", "vectors", *[f"exit {d or 'full'}" for d in exits]], out))
+
+
 def long_docs_table() -> str:
     rows = read_table("long_docs")
     if not rows:
@@ -155,7 +208,11 @@ def main() -> None:
     parts = [
         methods_table(),
         sweep_table("gemma3-270m", [18, 17, 16, 15, 13, 12, 9]),
+        replicate_table("gemma3-270m", [18, 17, 16, 15, 14, 13, 12, None]),
+        pooled_table("gemma3-270m", [18, 17, 15, 14, 13, None]),
+        postprocess_table("gemma3-270m", [18, 17, 15, 14, 13, 12, 9, None]),
         sweep_table("smollm2-135m", [30, 29, 28, 26, 24, 20, 15]),
+        postprocess_table("smollm2-135m", [30, 29, 28, 26, 24, 20, None]),
         long_docs_table(),
         fusion_table(),
     ]

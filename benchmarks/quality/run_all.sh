@@ -14,15 +14,17 @@ steps=(
   "methods_smollm:methods.py smollm2-135m:vanilla,htp"
   "replicate_gemma:replicate.py gemma3-270m k1-r1-7 k1-r1-3"
   "long_docs_a:long_docs.py vanilla k=1 adaptive:8 k=4"
+  "sweep_smollm:sweep.py smollm2-135m"
+  "postprocess_smollm:postprocess.py smollm2-135m"
   "sweep_gemma_b:sweep.py gemma3-270m k1-r4-8 k1-r8-12 k4-r1-3 k1-r0-3"
   "fusion:fusion.py"
   "postprocess:postprocess.py"
-  "diagnostics:diagnostics.py"
-  "sweep_smollm:sweep.py smollm2-135m"
-  "postprocess_smollm:postprocess.py smollm2-135m"
-  "long_docs_b:long_docs.py k=12 adaptive:16 k=2 k=8"
+  "postprocess_replicate:postprocess.py gemma3-270m replicate"
+  "diagnostics:diagnostics.py gemma3-270m 13"
+  "long_docs_b:long_docs.py k=12 adaptive:16"
   "methods_echo:methods.py gemma3-270m:echo"
   "sweep_gemma_c:sweep.py gemma3-270m k1-r2-5 k1-r1-4 k2-r1-3 k1-r1-3-sentencizer k1-r12-13"
+  "long_docs_c:long_docs.py k=2 k=8 adaptive:4"
 )
 started=${1:-}
 for step in "${steps[@]}"; do
