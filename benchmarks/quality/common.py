@@ -48,6 +48,7 @@ def _write_json(path: Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=1, default=str)
+    os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; results are for everyone to read
     os.replace(tmp, path)
 
 

@@ -11,7 +11,8 @@ this scores, for vanilla and HTP at every exit layer:
   zeroed in queries and documents, then re-normalised (corpus-independent once the channel is
   known: it is a property of the model);
 * ``center``: documents minus the document mean, queries minus the query mean, re-normalised
-  (needs corpus statistics, i.e. an index-level step).
+  (needs corpus and query statistics);
+* ``center-docmean``: both minus the document mean (deployable: an index-level statistic).
 Rows go to ``benchmarks/results/quality/postprocess.json``.
 """
 
@@ -48,8 +49,15 @@ def center(queries: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return normalise(queries - queries.mean(0)), normalise(docs - docs.mean(0))
 
 
+def center_on_docs(queries: np.ndarray, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides minus the document mean: deployable, the mean is stored with the index."""
+    mean = docs.mean(0)
+    return normalise(queries - mean), normalise(docs - mean)
+
+
 TRANSFORMS: dict[str, Transform] = {
     "raw": lambda q, d: (q, d), "drop-top1": drop_top(1), "drop-top2": drop_top(2), "center": center,
+    "center-docmean": center_on_docs,
 }
 SETTINGS = {
     "vanilla": {"method": "vanilla"},

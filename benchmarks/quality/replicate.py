@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from common import SAMPLE, SCIFACT, SPLIT, cache, load_base, load_sample, score
-from multi_exit import prime_cache
-from sweep import VARIANTS
+from common import SAMPLE, SCIFACT, SPLIT, load_base, load_sample
+from sweep import run_vanilla, run_variant, variants_of
 
 from pipelines.beir import BeirDataset, load_beir, subsample
 
@@ -38,21 +37,10 @@ def main(args: list[str]) -> None:
     model = args[0] if args else "gemma3-270m"
     names = args[1:] or ["k1-r1-7", "k1-r1-3"]
     dataset = second_sample()
-    store = cache()
     base = load_base(model)
-    exits = [*range(1, len(base._layers) + 1), None]
-    prime_cache(base, dataset, store, readouts=[("mean", "vanilla")])
-    for exit_layer in exits:
-        score(TABLE, f"{model}/vanilla/exit={exit_layer or 'full'}", dataset,
-              base.with_method("vanilla", exit_layer=exit_layer), model=model, variant="vanilla",
-              exit_depth=exit_layer)
+    run_vanilla(TABLE, model, dataset, base)
     for name in names:
-        encoder = base.with_method("htp", exit_layer=None, **VARIANTS[name])
-        prime_cache(encoder, dataset, store)
-        for exit_layer in exits:
-            score(TABLE, f"{model}/htp:{name}/exit={exit_layer or 'full'}", dataset,
-                  encoder.with_method("htp", exit_layer=exit_layer), model=model,
-                  variant=f"htp:{name}", exit_depth=exit_layer)
+        run_variant(TABLE, model, dataset, base, name, variants_of(model)[name])
 
 
 if __name__ == "__main__":

@@ -83,14 +83,17 @@ def sweep_table(model: str, exits: Sequence[int]) -> str:
                 cells.append("")
                 continue
             text = f"{PCT * row['ndcg@10']:.1f}"
-            vanilla = by_key.get(("vanilla", depth))
-            if variant != "vanilla" and vanilla is not None:
+            # Variants with a sink prefix are compared with vanilla given the same prefix.
+            reference = "sink-vanilla" if "sink-" in variant else "vanilla"
+            vanilla = by_key.get((reference, depth))
+            if variant != reference and vanilla is not None:
                 mean, low, high = paired_delta(scores[row["label"]], scores[vanilla["label"]])
                 mark = "**" if low > 0 or high < 0 else ""
                 text += f" ({mark}{mean:+.1f}{mark})"
             cells.append(text)
         out.append([variant, *cells])
-    return (f"### {model}: NDCG@10 by exit layer (Δ vs vanilla at the same exit; bold = 95% CI excludes 0)\n\n"
+    return (f"### {model}: NDCG@10 by exit layer (Δ vs vanilla at the same exit, sink variants vs "
+            f"sink-vanilla; bold = 95% CI excludes 0)\n\n"
             + table(["setting", *[f"exit {d}" for d in exits]], out))
 
 

@@ -16,6 +16,7 @@ steps=(
   "long_docs_a:long_docs.py vanilla k=1 adaptive:8 k=4"
   "sweep_smollm:sweep.py smollm2-135m"
   "postprocess_smollm:postprocess.py smollm2-135m"
+  "replicate_smollm:replicate.py smollm2-135m sink-vanilla sink-k1-r1-7 k1-r1-7"
   "sweep_gemma_b:sweep.py gemma3-270m k1-r4-8 k1-r8-12 k4-r1-3 k1-r0-3"
   "fusion:fusion.py"
   "postprocess:postprocess.py"

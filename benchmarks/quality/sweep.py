@@ -16,6 +16,9 @@ from typing import Any
 from common import cache, load_base, load_sample, score
 from multi_exit import CachedVariant, prime_cache, with_sink_prefix
 
+from htp_embed import HTPEncoder
+from pipelines.beir import BeirDataset
+
 TABLE = "sweep"
 
 # In priority order: the paper's range, the shallowest range, each placeholder kind alone,
@@ -51,39 +54,51 @@ VARIANTS_SMOLLM = {
 }
 
 
-def run(model: str, names: list[str]) -> None:
-    dataset = load_sample()
-    store = cache()
-    base = load_base(model)
-    n_layers = len(base._layers)
-    exits: list[int | None] = [*range(1, n_layers + 1), None]
-    # Without a BOS token the first text token is the attention sink: also pool without it.
+def variants_of(model: str) -> dict[str, dict[str, Any]]:
+    return VARIANTS if "gemma" in model else VARIANTS_SMOLLM
+
+
+def run_variant(table: str, model: str, dataset: BeirDataset, base: HTPEncoder, name: str,
+                settings: dict[str, Any]) -> None:
+    """One full-depth pass for a variant (a cache hit when primed before), scored at every exit."""
+    settings = dict(settings)
+    method, sink = settings.pop("_method", "htp"), settings.pop("_sink", None)
+    encoder = base.with_method(method, exit_layer=None, **settings)
+    extra: dict[str, Any] = {}
+    if sink is not None:
+        encoder, extra = with_sink_prefix(encoder, sink)
+    prime_cache(encoder, dataset, cache(), identity_extra=extra)
+    for exit_layer in [*range(1, len(base._layers) + 1), None]:
+        sibling = encoder.with_method(method, exit_layer=exit_layer)
+        scored = CachedVariant(sibling, extra=extra) if extra else sibling
+        variant = name if method == "vanilla" else f"htp:{name}"
+        score(table, f"{model}/{variant}/exit={exit_layer or 'full'}", dataset, scored,
+              model=model, variant=variant, exit_depth=exit_layer, settings=settings)
+
+
+def run_vanilla(table: str, model: str, dataset: BeirDataset, base: HTPEncoder) -> None:
+    """Vanilla at every exit; without a BOS token also pooled without the first text token
+    (the attention sink)."""
     no_bos = not base._template[0]
     readouts = [("mean", "vanilla"), *([("mean-skip1", "vanilla")] if no_bos else [])]
-    prime_cache(base, dataset, store, readouts=readouts)
-    for exit_layer in exits:
+    prime_cache(base, dataset, cache(), readouts=readouts)
+    for exit_layer in [*range(1, len(base._layers) + 1), None]:
         sibling = base.with_method("vanilla", exit_layer=exit_layer)
-        score(TABLE, f"{model}/vanilla/exit={exit_layer or 'full'}", dataset, sibling,
+        score(table, f"{model}/vanilla/exit={exit_layer or 'full'}", dataset, sibling,
               model=model, variant="vanilla", exit_depth=exit_layer)
         if no_bos:
-            score(TABLE, f"{model}/vanilla-skip-first/exit={exit_layer or 'full'}", dataset,
+            score(table, f"{model}/vanilla-skip-first/exit={exit_layer or 'full'}", dataset,
                   CachedVariant(sibling, "mean-skip1"), model=model, variant="vanilla-skip-first",
                   exit_depth=exit_layer)
-    variants = VARIANTS if "gemma" in model else VARIANTS_SMOLLM
+
+
+def run(model: str, names: list[str]) -> None:
+    dataset = load_sample()
+    base = load_base(model)
+    run_vanilla(TABLE, model, dataset, base)
+    variants = variants_of(model)
     for name in names or list(variants):
-        settings = dict(variants[name])
-        method, sink = settings.pop("_method", "htp"), settings.pop("_sink", None)
-        encoder = base.with_method(method, exit_layer=None, **settings)
-        extra: dict[str, Any] = {}
-        if sink is not None:
-            encoder, extra = with_sink_prefix(encoder, sink)
-        prime_cache(encoder, dataset, store, identity_extra=extra)
-        for exit_layer in exits:
-            sibling = encoder.with_method(method, exit_layer=exit_layer)
-            scored = CachedVariant(sibling, extra=extra) if extra else sibling
-            variant = name if method == "vanilla" else f"htp:{name}"
-            score(TABLE, f"{model}/{variant}/exit={exit_layer or 'full'}", dataset, scored,
-                  model=model, variant=variant, exit_depth=exit_layer, settings=settings)
+        run_variant(TABLE, model, dataset, base, name, variants[name])
 
 
 def main(args: list[str]) -> None:
