@@ -258,6 +258,7 @@ class EmbeddingCache:
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=key, suffix=suffix + ".tmp")
             with os.fdopen(fd, "wb") as handle:
                 write(handle)
+            os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
             os.replace(tmp, self.root / f"{key}{suffix}")
 
     def embed(
