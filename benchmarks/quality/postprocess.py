@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 from common import SPLIT, load_base, load_sample, record
+from multi_exit import CachedVariant
 
 from pipelines.evaluation import EmbeddingCache, exact_search, score_run
 
@@ -65,6 +66,9 @@ SETTINGS = {
     "htp:k1-r1-7": {"method": "htp", "k": 1, "rewire_start": 1, "rewire_stop": 7},
     "htp:local-r1-3": {"method": "htp", "k": 1, "rewire_start": 1, "rewire_stop": 3, "global_tokens": False},
     "htp:adaptive:8-r1-3": {"method": "htp", "k": "adaptive:8", "rewire_start": 1, "rewire_stop": 3},
+    # SmolLM2 with a sink token in front (sweep.py): identities carry the sink marker.
+    "sink-vanilla": {"method": "vanilla", "_sink": 0},
+    "htp:sink-k1-r1-7": {"method": "htp", "k": 1, "rewire_start": 1, "rewire_stop": 7, "_sink": 0},
 }
 
 
@@ -85,9 +89,11 @@ def main(model: str = "gemma3-270m", sample: str = "first") -> None:
     base = load_base(model)
     for name, settings in SETTINGS.items():
         settings = dict(settings)
-        method = settings.pop("method")
+        method, sink = settings.pop("method"), settings.pop("_sink", None)
         for depth in [*range(1, len(base._layers) + 1), None]:
             encoder = base.with_method(method, exit_layer=depth, **settings)
+            if sink is not None:
+                encoder = CachedVariant(encoder, extra={"sink_prefix": sink})
             docs = load(store, encoder, "documents", dataset.corpus_hash(), len(dataset.corpus))
             queries = load(store, encoder, "queries", dataset.queries_hash(), len(dataset.queries))
             if docs is None or queries is None:

@@ -102,21 +102,23 @@ def pooled_table(model: str, exits: Sequence[int | None]) -> str:
     first, second = read_per_query("sweep"), read_per_query("replicate")
     if not second:
         return ""
-    variants = sorted({label.split("/")[1] for label in second if label.startswith(model)} - {"vanilla"})
+    variants = sorted({label.split("/")[1] for label in second if label.startswith(model)}
+                      - {"vanilla", "sink-vanilla", "vanilla-skip-first"})
     out = []
     for variant in variants:
+        reference = "sink-vanilla" if "sink-" in variant else "vanilla"
         cells = []
         for depth in exits:
             tag = depth or "full"
             pooled_a: dict[str, float] = {}
             pooled_b: dict[str, float] = {}
             for name, scores in (("s1", first), ("s2", second)):
-                a, b = scores.get(f"{model}/{variant}/exit={tag}"), scores.get(f"{model}/vanilla/exit={tag}")
+                a, b = scores.get(f"{model}/{variant}/exit={tag}"), scores.get(f"{model}/{reference}/exit={tag}")
                 if a and b:
                     pooled_a.update({f"{name}:{q}": v for q, v in a.items()})
                     pooled_b.update({f"{name}:{q}": v for q, v in b.items()})
             cells.append(fmt_delta(paired_delta(pooled_a, pooled_b)) + f" (n={len(pooled_a)})")
-        out.append([variant, *cells])
+        out.append([f"{variant} − {reference}", *cells])
     return (f"### {model}: HTP − vanilla NDCG@10 at the same exit, both samples pooled [95% CI]\n\n"
             + table(["setting", *[f"exit {d or 'full'}" for d in exits]], out))
 
@@ -215,6 +217,8 @@ def main() -> None:
         pooled_table("gemma3-270m", [18, 17, 15, 14, 13, None]),
         postprocess_table("gemma3-270m", [18, 17, 15, 14, 13, 12, 9, None]),
         sweep_table("smollm2-135m", [30, 29, 28, 26, 24, 20, 15]),
+        replicate_table("smollm2-135m", [30, 29, 28, 26, 24, None]),
+        pooled_table("smollm2-135m", [30, 29, 28, 26, 24, None]),
         postprocess_table("smollm2-135m", [30, 29, 28, 26, 24, 20, None]),
         long_docs_table(),
         fusion_table(),
