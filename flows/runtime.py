@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from pipelines.settings import Settings
 
 _MODELS: dict[str, HTPEmbedding] = {}
 _MODELS_LOCK = threading.Lock()
+_LOADS = 0  # models this process has loaded: a worker that loads per task is a bug
 
 
 def settings_from(data: dict[str, Any]) -> Settings:
@@ -24,11 +27,42 @@ def settings_from(data: dict[str, Any]) -> Settings:
 
 def cached_embedding(config: EncoderConfig) -> HTPEmbedding:
     """The embedding for ``config``, loaded at most once per process (a Dask worker, say)."""
+    global _LOADS
     key = config.model_dump_json()
     with _MODELS_LOCK:
         if key not in _MODELS:
+            apply_torch_threads()
             _MODELS[key] = HTPEmbedding(config=config)
+            _LOADS += 1
         return _MODELS[key]
+
+
+def apply_torch_threads() -> None:
+    """Use the torch thread count a Dask worker was started with (its share of the cores).
+
+    Set explicitly because ``OMP_NUM_THREADS`` only counts if it is there before torch starts
+    its thread pool, which a worker that imported torch early may already have done.
+    """
+    from flows.dask_runner import TORCH_THREADS_ENV
+
+    threads = os.environ.get(TORCH_THREADS_ENV)
+    if threads:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+
+
+def process_report() -> dict[str, Any]:
+    """This process's pid, models loaded, torch threads and peak RSS; run on each Dask worker
+    (``client.run(process_report)``) to check that workers load the model once and fit in memory."""
+    import torch
+
+    return {
+        "pid": os.getpid(),
+        "models_loaded": _LOADS,
+        "torch_threads": torch.get_num_threads(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+    }
 
 
 def embedding_for(index_dir: str | Path, settings: dict[str, Any]) -> tuple[HTPEmbedding, Settings]:
@@ -40,17 +74,16 @@ def embedding_for(index_dir: str | Path, settings: dict[str, Any]) -> tuple[HTPE
 
 
 def task_runner_for(name: str | None):
-    """'thread' (default: one worker, since a CPU encoder already uses every core) or
-    'dask' / 'dask=ADDRESS' (a LocalCluster, or an existing cluster's scheduler)."""
+    """'thread' (default: one worker, since a CPU encoder already uses every core), 'thread=N',
+    or 'dask' / 'dask=N' / 'dask=ADDRESS' (see :mod:`flows.dask_runner`)."""
     if name in (None, "", "thread"):
         return ThreadPoolTaskRunner(max_workers=1)
     if name.startswith("thread="):
         return ThreadPoolTaskRunner(max_workers=int(name.split("=", 1)[1]))
     if name == "dask" or name.startswith("dask="):
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError as exc:
-            raise RuntimeError('the dask task runner needs: pip install "htp-index[dist]"') from exc
-        address = name.split("=", 1)[1] if "=" in name else None
-        return DaskTaskRunner(address=address) if address else DaskTaskRunner()
-    raise ValueError(f"unknown task runner {name!r}; use 'thread', 'thread=N', 'dask' or 'dask=ADDRESS'")
+        from flows.dask_runner import dask_task_runner
+
+        return dask_task_runner(name)
+    raise ValueError(
+        f"unknown task runner {name!r}; use 'thread', 'thread=N', 'dask', 'dask=N' or 'dask=ADDRESS'"
+    )

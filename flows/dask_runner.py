@@ -1,0 +1,101 @@
+"""Dask task runners: a local cluster shaped for a CPU encoder, or an existing cluster.
+
+Spellings of ``--task-runner``:
+
+* ``dask`` -- a temporary ``LocalCluster`` with :func:`default_worker_count` workers;
+* ``dask=N`` -- the same with N workers;
+* ``dask=ADDRESS`` -- an existing scheduler (``tcp://host:8786``); its workers are used as
+  they were started.
+
+A local cluster uses worker *processes* with one Dask thread each: the encoder is a PyTorch
+model, and one model per process computing on its own cores beats several Dask threads
+fighting over one interpreter and one set of intra-op threads. The machine's cores are split
+evenly between the workers' torch threads (``HTP_TORCH_THREADS``, read by
+:func:`flows.runtime.cached_embedding`), so workers never oversubscribe the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+# A float32 copy of the default 270M-parameter model is ~1.1 GB; with activations, tokenizer
+# and Python a busy worker peaks near 2 GB (benchmarks/results/dask_scale.md). 3 GiB leaves room.
+WORKER_MEMORY_BYTES = 3 * 2**30
+TORCH_THREADS_ENV = "HTP_TORCH_THREADS"
+
+
+@dataclass(frozen=True)
+class DaskSpec:
+    """What a ``dask[=…]`` task-runner name asks for."""
+
+    address: str | None = None
+    n_workers: int | None = None
+
+
+def parse_dask_spec(name: str) -> DaskSpec:
+    """``dask`` / ``dask=N`` / ``dask=ADDRESS`` -> :class:`DaskSpec`; anything else is refused."""
+    if name == "dask":
+        return DaskSpec()
+    if not name.startswith("dask="):
+        raise ValueError(f"{name!r} is not a dask task runner; use 'dask', 'dask=N' or 'dask=ADDRESS'")
+    value = name.split("=", 1)[1].strip()
+    if value.isdigit():
+        if int(value) < 1:
+            raise ValueError(f"{name!r}: a local Dask cluster needs at least 1 worker")
+        return DaskSpec(n_workers=int(value))
+    if not value:
+        raise ValueError("'dask=' needs a worker count or a scheduler address (tcp://host:8786)")
+    return DaskSpec(address=value)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the whole machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_worker_count(cores: int | None = None, available_memory: int | None = None) -> int:
+    """One worker per core, fewer when memory cannot hold a model copy in each."""
+    cores = cores or available_cores()
+    if available_memory is None:
+        import psutil  # a dependency of distributed
+
+        available_memory = psutil.virtual_memory().available
+    return max(1, min(cores, available_memory // WORKER_MEMORY_BYTES))
+
+
+def torch_threads_per_worker(n_workers: int, cores: int | None = None) -> int:
+    """The cores split evenly between the workers, at least one thread each."""
+    return max(1, (cores or available_cores()) // n_workers)
+
+
+def local_cluster_kwargs(n_workers: int | None = None, cores: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``distributed.LocalCluster`` for ``n_workers`` encoder workers."""
+    n_workers = n_workers or default_worker_count(cores)
+    threads = str(torch_threads_per_worker(n_workers, cores))
+    return {
+        "n_workers": n_workers,
+        "processes": True,
+        "threads_per_worker": 1,
+        # No dashboard: it needs bokeh, and its fixed port 8787 clashes between concurrent runs.
+        "dashboard_address": None,
+        # Dask's nanny sets OMP_NUM_THREADS=1 in every worker; these override it with the
+        # worker's share of the cores before torch is imported there.
+        "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, TORCH_THREADS_ENV: threads},
+    }
+
+
+def dask_task_runner(name: str):
+    """A ``prefect_dask.DaskTaskRunner`` for ``dask``, ``dask=N`` or ``dask=ADDRESS``."""
+    spec = parse_dask_spec(name)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as exc:
+        raise RuntimeError('the dask task runner needs the "dist" extra: pip install "htp-index[dist]"') from exc
+    if spec.address:
+        return DaskTaskRunner(address=spec.address)
+    return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(spec.n_workers))

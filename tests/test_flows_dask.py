@@ -1,0 +1,98 @@
+"""Embedding on Dask: worker processes load the model once and build the same index as one
+process. Real LocalClusters (worker processes, the tiny decoder loaded from disk in each) under
+the Prefect test harness.
+
+prefect-dask is part of the ``dist`` extra that ``make test`` installs, so a missing package
+fails here rather than skipping.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pipeline_helpers import long_doc, write_docs
+from prefect_dask import DaskTaskRunner
+
+from flows import runtime
+from flows.dask_runner import DaskSpec, local_cluster_kwargs, parse_dask_spec
+from flows.ingest import ingest_flow
+from indexes import FaissVectorStore
+from pipelines.settings import Settings
+
+pytestmark = pytest.mark.server
+
+DOCS = {f"doc{i}.txt": long_doc(12, seed=i) for i in range(6)}
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_model_dir) -> dict:
+    """The tiny decoder by path, so every worker process can load it; two nodes per task, so
+    the corpus fans out into several tasks per worker."""
+    encoder = {"model": str(tiny_model_dir), "segmenter": "sentencizer", "show_progress": False,
+               "rewire_start": 1, "rewire_stop": 3, "exit_layer": None, "k": "adaptive:4"}
+    return Settings(encoder=encoder, chunk_size=48, chunk_overlap=0, nodes_per_batch=2).model_dump(mode="json")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A 2-worker cluster shaped like the runner's own, kept up so the test can ask its workers
+    afterwards what they loaded. It is told of 4 cores, so each worker's share (2 torch
+    threads) differs from the 1 thread Dask would impose by itself."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(**local_cluster_kwargs(2, cores=4)) as cluster, Client(cluster) as client:
+        yield cluster, client
+
+
+def vectors(index) -> dict[str, np.ndarray]:
+    return dict(FaissVectorStore.open(index).iter_embeddings())
+
+
+def test_task_runner_names_parse():
+    assert parse_dask_spec("dask") == DaskSpec()
+    assert parse_dask_spec("dask=3") == DaskSpec(n_workers=3)
+    assert parse_dask_spec("dask=tcp://10.0.0.5:8786") == DaskSpec(address="tcp://10.0.0.5:8786")
+    for bad in ("dask=", "dask=0", "daskish"):
+        with pytest.raises(ValueError):
+            parse_dask_spec(bad)
+
+
+def test_local_cluster_splits_the_cores_between_single_threaded_worker_processes():
+    kwargs = local_cluster_kwargs(2, cores=8)
+    assert kwargs["processes"] and kwargs["n_workers"] == 2 and kwargs["threads_per_worker"] == 1
+    assert kwargs["env"]["OMP_NUM_THREADS"] == "4" and kwargs["dashboard_address"] is None
+    runner = runtime.task_runner_for("dask=2")
+    assert isinstance(runner, DaskTaskRunner) and runner.cluster_kwargs["n_workers"] == 2
+    assert runtime.task_runner_for("dask=tcp://127.0.0.1:8786").address == "tcp://127.0.0.1:8786"
+
+
+def test_two_local_workers_build_the_same_index_as_one_process(harness, tmp_path, settings):
+    source = write_docs(tmp_path / "src", DOCS)
+    single = ingest_flow(str(source), str(tmp_path / "single"), settings, task_runner="thread")
+    spread = ingest_flow(str(source), str(tmp_path / "dask"), settings, task_runner="dask=2")
+    assert single["failed"] == spread["failed"] == 0
+    assert spread["nodes_embedded"] == single["nodes_embedded"] >= 6
+    want, got = vectors(tmp_path / "single"), vectors(tmp_path / "dask")
+    assert sorted(got) == sorted(want) and len(got) == single["nodes_embedded"]
+    assert max(float(np.abs(got[node] - want[node]).max()) for node in want) < 1e-5
+
+
+def test_each_worker_loads_the_model_once_with_its_share_of_the_cores(harness, tmp_path, settings, cluster):
+    _, client = cluster
+    source = write_docs(tmp_path / "src", DOCS)
+    stats = ingest_flow(str(source), str(tmp_path / "idx"), settings,
+                        task_runner=f"dask={client.scheduler.address}")
+    assert stats["failed"] == 0 and stats["nodes_embedded"] >= 12  # >= 3 tasks per worker
+    reports = client.run(runtime.process_report)
+    # both single-threaded workers get tasks from the first wave on, and neither reloads
+    assert [r["models_loaded"] for r in reports.values()] == [1, 1]
+    assert all(r["torch_threads"] == 2 for r in reports.values())
+    assert len({r["pid"] for r in reports.values()}) == 2
