@@ -13,6 +13,8 @@ Decision rules (`choose_placement`):
   silently (a CPU-only machine is a normal place to run).
 * ``use_gpu=True`` -> GPU when possible; otherwise a warning says why and the CPU is used. We
   never crash for lack of a GPU: the results are the same, only slower.
+* ``gpus=…`` or ``shard=True`` with ``"auto"`` on a machine without GPUs -> the CPU, with one
+  info line: the wish is noted (a config shared with GPU machines is normal), not an error.
 """
 
 from __future__ import annotations
@@ -83,13 +85,26 @@ def choose_placement(use_gpu: UseGpu, gpus: GpuSelection = None, shard: bool = F
         why = (
             "this FAISS build has no GPU support (install the 'gpu' extra, faiss-gpu-cu12)"
             if not hasattr(faiss, "StandardGpuResources")
-            else "FAISS sees no GPU"
+            else "no CUDA device is visible"
         )
-        if use_gpu is True:
-            logger.warning("use_gpu=True but %s; searching on the CPU instead", why)
+        _log_cpu_fallback(use_gpu, gpus, shard, why)
         return Placement(reason=why)
     devices = _select_devices(gpus, available)
     return Placement(devices=devices, shard=shard and len(devices) > 1, reason="GPU available")
+
+
+def _log_cpu_fallback(use_gpu: UseGpu, gpus: GpuSelection, shard: bool, why: str) -> None:
+    """One line when GPUs were asked for and none can be used: a warning for ``use_gpu=True``,
+    info for a GPU selection under ``"auto"``, nothing for a plain ``"auto"``."""
+    asked = [f"use_gpu={use_gpu}"]
+    if gpus is not None:
+        asked.append(f"gpus={gpus!r}")
+    if shard:
+        asked.append("shard=True")
+    if use_gpu is not True and len(asked) == 1:
+        return
+    level = logging.WARNING if use_gpu is True else logging.INFO
+    logger.log(level, "%s: FAISS sees no GPU, searching on the CPU instead (%s)", ", ".join(asked), why)
 
 
 def _select_devices(gpus: GpuSelection, available: int) -> tuple[int, ...]:

@@ -74,11 +74,11 @@ def load_embedding(
 
 def open_or_create_store(index_dir: Path, settings: Settings, embedding: HTPEmbedding) -> FaissVectorStore:
     """The index at ``index_dir`` (refusing a different encoder), or a new empty one."""
-    use_gpu = {"auto": "auto", "true": True, "false": False}[settings.use_gpu]
+    placement = settings.faiss_placement()
     if FaissVectorStore.exists(index_dir):
-        return FaissVectorStore.open(index_dir, expected_encoder=embedding.identity(), use_gpu=use_gpu)
+        return FaissVectorStore.open(index_dir, expected_encoder=embedding.identity(), **placement)
     log.info("creating a new %s index at %s", settings.index_kind, index_dir)
     return FaissVectorStore.create(
         index_dir, dim=embedding.dim, encoder=embedding.identity(), metric=settings.metric,
-        index_kind=settings.index_kind, use_gpu=use_gpu,
+        index_kind=settings.index_kind, **placement,
     )

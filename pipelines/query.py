@@ -85,6 +85,5 @@ def open_index(
     recorded = FaissVectorStore.read_manifest(path).encoder
     if embedding is None or not same_encoder(embedding.identity(), recorded):
         embedding = HTPEmbedding(config=config_from_identity(recorded, **settings.runtime_encoder_settings()))
-    use_gpu = {"auto": "auto", "true": True, "false": False}[settings.use_gpu]
-    store = FaissVectorStore.open(path, expected_encoder=embedding.identity(), use_gpu=use_gpu)
+    store = FaissVectorStore.open(path, expected_encoder=embedding.identity(), **settings.faiss_placement())
     return OpenIndex(path, store, embedding)

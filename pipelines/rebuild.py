@@ -131,7 +131,7 @@ def write_rebuild(
     failed = set(errors)
     new = FaissVectorStore.create(
         index_dir, dim=embedding.dim, encoder=embedding.identity(), metric=settings.metric,
-        index_kind=plan.index_kind, use_gpu={"auto": "auto", "true": True, "false": False}[settings.use_gpu],
+        index_kind=plan.index_kind, **settings.faiss_placement(),
         overwrite=True, persist_now=False, keep_versions=settings.keep_versions,
     )
     keep = [n for n in nodes if doc_id_of(n) not in failed]

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
     index_kind: str = Field("flat", description="flat, hnsw, ivf_flat, ivf_pq or a FAISS factory string")
     metric: Literal["ip", "l2"] = "ip"
     use_gpu: Literal["auto", "true", "false"] = Field("auto", description="FAISS on the GPU when one is visible")
+    gpus: str | None = Field(
+        None, pattern=r"^(all|\d+(,\d+)*)$",
+        description="FAISS GPUs to search on: 'all', '1' or '0,2' (None: the first); ignored without GPUs",
+    )
+    gpu_shard: bool = Field(False, description="with several GPUs, split the index between them instead of copying it to each")
     chunk_size: int | None = Field(
         None, ge=32, description="tokens per node; None fits the encoder window with HTP placeholders budgeted"
     )
@@ -89,6 +94,14 @@ class Settings(BaseSettings):
             for name in self.encoder.model_fields_set
             if name not in RUNTIME_ENCODER_FIELDS
         }
+
+    def faiss_placement(self) -> dict[str, Any]:
+        """``use_gpu``/``gpus``/``gpu_shard`` as :meth:`FaissVectorStore.open` and ``create`` take them."""
+        gpus: Any = self.gpus
+        if gpus and gpus != "all":
+            gpus = [int(g) for g in gpus.split(",")]
+        use_gpu = {"auto": "auto", "true": True, "false": False}[self.use_gpu]
+        return {"use_gpu": use_gpu, "gpus": gpus, "gpu_shard": self.gpu_shard}
 
     def runtime_encoder_settings(self) -> dict[str, Any]:
         """Encoder settings that never change vectors: where and how fast to compute them."""

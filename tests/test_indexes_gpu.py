@@ -82,6 +82,44 @@ def test_real_store_with_use_gpu_true_falls_back_to_cpu_here(tmp_path, caplog):
     assert len(store.search(unit_rows(np.random.default_rng(1), 1, DIM), 3)[0]) == 3
 
 
+def test_multi_gpu_wish_on_this_cpu_machine_is_one_line_and_cpu_results(tmp_path, caplog):
+    if gpu.gpu_count():
+        pytest.skip("this machine has a GPU")
+    x = unit_rows(np.random.default_rng(10), 200, DIM)
+    cpu_store = new_store(tmp_path / "cpu", DIM, use_gpu=False)
+    cpu_store.add(make_nodes(x))
+    with caplog.at_level(logging.INFO, logger=gpu.logger.name):
+        wished = new_store(tmp_path / "all", DIM, use_gpu="auto", gpus="all", gpu_shard=True)
+        wished.add(make_nodes(x))
+        queries = unit_rows(np.random.default_rng(11), 4, DIM)
+        assert wished.search(queries, 5) == cpu_store.search(queries, 5)
+    assert wished.device == "cpu"
+    [record] = [r for r in caplog.records if r.name == gpu.logger.name]
+    assert record.levelno == logging.INFO
+    assert "FAISS sees no GPU, searching on the CPU" in record.getMessage()
+    assert "gpus='all'" in record.getMessage() and "shard=True" in record.getMessage()
+
+
+def test_insisting_on_several_gpus_without_any_is_one_warning(pretend_gpus, caplog):
+    pretend_gpus(0)
+    with caplog.at_level(logging.INFO):
+        placement = gpu.choose_placement(True, [0, 1], shard=True)
+    assert placement.describe() == "cpu"
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "use_gpu=True, gpus=[0, 1], shard=True: FAISS sees no GPU" in caplog.text
+
+
+def test_settings_carry_the_gpu_selection_to_the_store():
+    from pipelines.settings import Settings
+
+    placement = Settings(use_gpu="true", gpus="0,2", gpu_shard=True).faiss_placement()
+    assert placement == {"use_gpu": True, "gpus": [0, 2], "gpu_shard": True}
+    assert Settings(gpus="all").faiss_placement()["gpus"] == "all"
+    assert Settings().faiss_placement() == {"use_gpu": "auto", "gpus": None, "gpu_shard": False}
+    with pytest.raises(ValueError, match="gpus"):
+        Settings(gpus="first")
+
+
 @pytest.mark.parametrize(
     ("use_gpu", "gpus", "shard", "expected"),
     [
