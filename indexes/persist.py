@@ -11,7 +11,7 @@ Layout of one index directory::
           index.faiss              # FAISS native format (CPU index)
           docstore.sqlite          # SQLite: nodes, docs, state
           manifest.json            # encoder, dim, metric, kind, counts, sha256 of both files
-        .tmp-<random>/             # a version being written (never read)
+        .tmp-<pid>@<host>~<random>/  # a version being written (never read)
 
 A version is written into a temporary directory (files fsynced), renamed into ``versions/``
 and only then made live by rewriting ``CURRENT`` (temp file + fsync + ``os.replace``). A crash
@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -205,7 +206,10 @@ class VersionWriter:
     def __enter__(self) -> VersionWriter:
         base = self.root / VERSIONS_DIR
         base.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=base))
+        # The writer's pid and host in the name let a later writer tell a crashed writer's
+        # leftovers (pid gone) from another writer's work in progress.
+        owner = f"{TMP_PREFIX}{os.getpid()}@{socket.gethostname()}~"
+        self.path = Path(tempfile.mkdtemp(prefix=owner, dir=base))
         return self
 
     def __exit__(
@@ -254,6 +258,26 @@ class VersionWriter:
         return version
 
 
+_OWNER_RE = re.compile(re.escape(TMP_PREFIX) + r"(\d+)@(.+)~")
+
+
+def _writer_is_dead(name: str) -> bool:
+    """Whether the staging directory ``name`` belongs to a process of this host that is gone."""
+    match = _OWNER_RE.match(name)
+    if match is None or match.group(2) != socket.gethostname():
+        return False
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def collect_garbage(root: Path, keep_versions: int) -> list[int]:
     """Delete versions older than the newest `keep_versions` (never the live one)."""
     live = current_version(root)
@@ -264,9 +288,10 @@ def collect_garbage(root: Path, keep_versions: int) -> list[int]:
     base = root / VERSIONS_DIR
     now = time.time()
     for tmp in base.glob(f"{TMP_PREFIX}*"):
-        # Old staging directories are leftovers of crashed writers; recent ones may be live.
+        # Staging directories of dead writers (same host, pid gone) or old ones are leftovers
+        # of crashes; recent ones of live writers are work in progress.
         try:
-            if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+            if _writer_is_dead(tmp.name) or now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
                 shutil.rmtree(tmp, ignore_errors=True)
         except FileNotFoundError:
             pass

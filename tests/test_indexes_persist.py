@@ -206,6 +206,24 @@ def test_stale_temporary_directories_are_collected(tmp_path):
     assert not stale.exists() and fresh.exists()
 
 
+def test_staging_directories_of_dead_writers_are_collected_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    store = filled_store(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    crashed = store.path / "versions" / f".tmp-{dead.stdout.strip()}@{host}~abc"
+    alive = store.path / "versions" / f".tmp-{os.getppid()}@{host}~def"
+    elsewhere = store.path / "versions" / f".tmp-{dead.stdout.strip()}@another-host~ghi"
+    for folder in (crashed, alive, elsewhere):
+        folder.mkdir()
+    store.persist(force=True)
+    assert not crashed.exists()
+    assert alive.exists() and elsewhere.exists()  # a live writer's, and one we cannot check
+
+
 def test_a_staged_replacement_leaves_the_live_version_serving_until_it_persists(tmp_path):
     import numpy as np
     from llama_index.core.schema import TextNode
