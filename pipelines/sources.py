@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -133,9 +134,32 @@ def pdf_to_text(path: Path) -> str:
         raise DocumentRejected(f"unreadable PDF: {exc}") from exc
 
 
+_KEPT_CONTROLS = frozenset("\t\n\r\f\v")
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def clean_text(text: str) -> str:
+    """``text`` without control characters (tabs and line breaks kept), or a rejection.
+
+    Controls carry no meaning for retrieval and break tokenizers' and terminals' output; a
+    text that is mostly controls is a binary file that escaped the NUL check. Zero-width
+    characters are kept (ZWJ/ZWNJ matter in emoji and Indic scripts), but a text made only of
+    invisible characters counts as empty.
+    """
+    sample = text[:8192]
+    controls = sum(1 for ch in sample if unicodedata.category(ch) == "Cc" and ch not in _KEPT_CONTROLS)
+    if controls > 0.1 * len(sample):
+        raise DocumentRejected(f"binary content ({controls} control characters in the first {len(sample)}); "
+                               "not a text document")
+    if controls or any(unicodedata.category(ch) == "Cc" and ch not in _KEPT_CONTROLS for ch in text[8192:]):
+        text = "".join(ch for ch in text if ch in _KEPT_CONTROLS or unicodedata.category(ch) != "Cc")
+    return text
+
+
 def _require_text(text: str) -> str:
-    if not text.strip():
-        raise DocumentRejected("empty document (no text after reading)")
+    text = clean_text(text)
+    if not any(unicodedata.category(ch) not in _INVISIBLE for ch in text):
+        raise DocumentRejected("empty document (no visible text after reading)")
     return text
 
 
@@ -183,7 +207,10 @@ def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[S
                                   f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}")
                 continue
             try:
-                resolved = path.resolve(strict=True)
+                try:
+                    resolved = path.resolve(strict=True)
+                except RuntimeError as exc:  # pathlib reports a symlink loop this way
+                    raise DocumentRejected(f"symbolic link loop ({exc})") from exc
                 if not resolved.is_relative_to(root):
                     raise DocumentRejected(f"links outside the source root (to {resolved})")
                 text, metadata = read_file(resolved, max_bytes)
@@ -232,10 +259,13 @@ def iter_texts(texts: Iterable[str] | Mapping[str, str]) -> Iterator[SourceItem]
     """Texts passed through the API: a mapping id -> text, or a list (ids 'text-0', …)."""
     items = texts.items() if isinstance(texts, Mapping) else ((f"text-{i}", t) for i, t in enumerate(texts))
     for doc_id, text in items:
-        if not isinstance(text, str) or not text.strip():
-            yield SourceError(str(doc_id), "empty document (no text)")
-        else:
-            yield SourceDocument(str(doc_id), text)
+        if not isinstance(text, str):
+            yield SourceError(str(doc_id), f"not a text but a {type(text).__name__}")
+            continue
+        try:
+            yield SourceDocument(str(doc_id), _require_text(text))
+        except DocumentRejected as exc:
+            yield SourceError(str(doc_id), str(exc))
 
 
 def iter_source(source: str | Path | Iterable[str] | Mapping[str, str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:

@@ -1,0 +1,115 @@
+"""Every kind of bad input in one source folder: each bad document gets a clear error of its
+own in the run's statistics and in the log, every good one is indexed, and the command exits
+with 3 ("partial": see `htp-index --help`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from pipeline_helpers import DOCS, write_docs
+from typer.testing import CliRunner
+
+from pipelines.cli import EXIT_PARTIAL, app
+from pipelines.query import open_index
+
+LONG_SENTENCE = " ".join(["cat", "dog", "sea", "sun", "moon", "rain"][i % 6] for i in range(20_000))
+
+# file name -> (bytes, the error it must get, or None when it must be indexed)
+CASES: dict[str, tuple[bytes, str | None]] = {
+    "empty.txt": (b"", "empty document"),
+    "whitespace.txt": (b"  \n\t \r\n  ", "empty document"),
+    "invisible.txt": ("\u200b\u200d\ufeff \u2060".encode(), "empty document"),
+    "binary.txt": (bytes(range(256)) * 8, "binary content"),
+    "controls.txt": (bytes(range(1, 32)) * 64, "binary content"),
+    "latin1.txt": ("caf\xe9 cr\xe8me br\xfbl\xe9e".encode("latin-1"), "not valid UTF-8"),
+    "utf16.txt": ("the moon rose over the sea .".encode("utf-16"), None),
+    "notes.docx": (b"PK\x03\x04 not a supported format", "unsupported file type"),
+    "archive": (b"no suffix at all", "unsupported file type"),
+    "long-sentence.txt": (LONG_SENTENCE.encode(), None),
+    "placeholders.txt": (b"the cat <PST> sat <B-PST> on the <bos> mat </s> <eos> <|endoftext|> .", None),
+    "zero-width.txt": ("the\u200b cat\u200d sat\x07 on\x1b the mat\u2028 .".encode(), None),
+    "corpus.jsonl": (
+        "\n".join([
+            json.dumps({"_id": "j1", "text": "the dog ran in the park ."}),
+            "{this is not json",
+            json.dumps({"title": "a record without an id"}),
+            json.dumps({"_id": "j1", "text": "a duplicate id"}),
+            json.dumps({"_id": "j2", "text": "\u200b\u200b"}),
+        ]).encode(),
+        None,
+    ),
+}
+JSONL_ERRORS = {"corpus.jsonl#corpus.jsonl:2": "malformed record", "corpus.jsonl#corpus.jsonl:3": 'no "_id"',
+                "corpus.jsonl#j1": "duplicate _id", "corpus.jsonl#corpus.jsonl:5": "empty document"}
+
+
+@pytest.fixture()
+def bad_source(tmp_path):
+    source = write_docs(tmp_path / "src")
+    for name, (payload, _) in CASES.items():
+        (source / name).write_bytes(payload)
+    with open(source / "huge.txt", "wb") as handle:  # 50 MB, over the default 20 MB limit
+        handle.write(b"the cat sat on the mat . " * (50 * 2**20 // 25))
+    (tmp_path / "outside.txt").write_text("a secret outside the source root .")
+    os.symlink(tmp_path / "outside.txt", source / "escape.txt")
+    os.symlink(source / "loop-b.txt", source / "loop-a.txt")  # a loop of file links
+    os.symlink(source / "loop-a.txt", source / "loop-b.txt")
+    os.symlink(source, source / "subdir-loop")  # a directory loop: not followed at all
+    return source
+
+
+EXPECTED_ERRORS = {
+    **{name: message for name, (_, message) in CASES.items() if message},
+    **JSONL_ERRORS,
+    "huge.txt": "over the 20 MiB limit",
+    "escape.txt": "outside the source root",
+    "loop-a.txt": "symbolic link loop",
+    "loop-b.txt": "symbolic link loop",
+}
+
+
+def test_each_bad_document_fails_alone_with_a_clear_error(bad_source, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HTP_INDEX_ENCODER__MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("HTP_INDEX_ENCODER__SEGMENTER", "sentencizer")
+    monkeypatch.setenv("HTP_INDEX_CHUNK_SIZE", "256")
+    result = CliRunner().invoke(app, ["ingest", str(bad_source), "--index", "idx", "--json"])
+    assert result.exit_code == EXIT_PARTIAL == 3, result.output
+    stats = json.loads(result.stdout)
+    errors = {e["doc_id"]: e["error"] for e in stats["errors"]}
+    assert set(errors) == set(EXPECTED_ERRORS)
+    for doc_id, message in EXPECTED_ERRORS.items():
+        assert message in errors[doc_id], (doc_id, errors[doc_id])
+        # and one warning line in the log (the command logs to stderr)
+        assert any(doc_id in line and message in line for line in result.stderr.splitlines()), doc_id
+
+    good = {*DOCS, "utf16.txt", "long-sentence.txt", "placeholders.txt", "zero-width.txt", "corpus.jsonl#j1"}
+    assert stats["added"] == len(good) and stats["failed"] == len(EXPECTED_ERRORS)
+    index = open_index(tmp_path / "idx")
+    nodes = index.store.all_nodes()
+    assert {n.ref_doc_id for n in nodes} == good
+    assert not any(name.startswith("subdir-loop") for name in {n.ref_doc_id for n in nodes})
+    # the 20,000-word sentence is split into many nodes, each embedded to a finite vector
+    assert sum(n.ref_doc_id == "long-sentence.txt" for n in nodes) > 20
+    assert all(np.isfinite(v).all() for _, v in index.store.iter_embeddings())
+    # controls are stripped, zero-width characters and literal placeholders stay text
+    text = {n.ref_doc_id: n.get_content() for n in nodes}
+    assert "\x07" not in text["zero-width.txt"] and "\x1b" not in text["zero-width.txt"]
+    assert "\u200b" in text["zero-width.txt"]
+    assert "<PST>" in text["placeholders.txt"] and "<B-PST>" in text["placeholders.txt"]
+    assert text["utf16.txt"].startswith("the moon rose")
+    # and the index answers queries
+    assert index.search("the moon over the sea", top_k=3)
+
+
+def test_the_encoder_truncates_an_unsplit_20000_word_sentence():
+    """Called directly (no chunking), the encoder keeps the window: one finite vector each."""
+    from tiny_decoder import tiny_encoder
+
+    encoder = tiny_encoder(k="adaptive:8")
+    vectors = encoder.encode_documents([LONG_SENTENCE, "the cat sat ."])
+    assert vectors.shape[0] == 2 and np.isfinite(vectors).all()
+    assert np.isfinite(encoder.encode_queries([LONG_SENTENCE])).all()
