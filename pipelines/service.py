@@ -64,14 +64,29 @@ class IndexHolder:
         self.index_dir = index_dir
         self.settings = settings
         self.current = current or open_index(index_dir, settings)
+        # A newer version that failed to load (e.g. a corrupt file): not retried until
+        # CURRENT moves on, and reported by /health.
+        self.failed_version: int | None = None
+        self.failure: str | None = None
 
     def refresh(self) -> bool:
-        """Load the newest version if it differs from the one served; True if swapped."""
+        """Load the newest version if it differs from the one served; True if swapped.
+
+        A version that cannot be loaded leaves the served one in place; the error is logged
+        once and kept in :attr:`failure`.
+        """
         latest = FaissVectorStore.current_version(self.index_dir)
-        if latest is None or latest == self.current.version:
+        if latest is None or latest == self.current.version or latest == self.failed_version:
             return False
-        loaded = open_index(self.index_dir, self.settings, embedding=self.current.embedding)
+        try:
+            loaded = open_index(self.index_dir, self.settings, embedding=self.current.embedding)
+        except Exception as exc:
+            self.failed_version, self.failure = latest, f"{type(exc).__name__}: {exc}"
+            log.error("cannot load version %s of %s (%s); still serving version %s",
+                      latest, self.index_dir, self.failure, self.current.version)
+            return False
         self.current = loaded  # one reference assignment: requests see old or new, never half
+        self.failed_version = self.failure = None
         log.info("now serving version %s of %s", loaded.version, self.index_dir)
         return True
 
@@ -124,13 +139,17 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         index = holder.current
-        return {
-            "status": "ok",
+        body: dict[str, Any] = {
+            "status": "ok" if holder.failure is None else "stale",
             "index": str(index.path),
             "version": index.version,
             "count": index.store.count,
             "encoder": index.embedding.model_name,
         }
+        if holder.failure is not None:
+            body["newer_version"] = holder.failed_version
+            body["newer_version_error"] = holder.failure
+        return body
 
     @app.post("/query", response_model=QueryResponse, dependencies=[Depends(authorise)])
     async def query(request: QueryRequest) -> QueryResponse:
@@ -149,8 +168,8 @@ async def _watch(holder: IndexHolder, interval: float) -> None:
         await asyncio.sleep(interval)
         try:
             await asyncio.to_thread(holder.refresh)
-        except Exception:  # keep serving the old version; say why
-            log.exception("could not load the new version of %s; still serving %s", holder.index_dir, holder.current.version)
+        except Exception:  # e.g. CURRENT itself unreadable: keep serving the old version; say why
+            log.exception("could not check %s for a new version; still serving %s", holder.index_dir, holder.current.version)
 
 
 def serve(index_dir: str | Path, settings: Settings | None = None, *, host: str = "127.0.0.1", port: int = 8000,

@@ -168,3 +168,21 @@ def test_queries_keep_working_through_a_rebuild_and_switch_to_the_new_encoder(tm
         assert after["version"] == stats.version > before["version"]
         assert "/vanilla[" in after["encoder"] and "/htp[" in before["encoder"]
         assert {before["version"], stats.version} <= served
+
+
+def test_a_corrupt_new_version_is_reported_and_the_old_one_keeps_serving(index_dir, embedding, tmp_path, caplog):
+    with make_client(index_dir, embedding, reload_interval=0.1) as client:
+        first = client.get("/health").json()
+        (tmp_path / "src" / "new.txt").write_text("protein binds receptor .")
+        stats = ingest(tmp_path / "src", index_dir, settings_for(embedding), embedding=embedding)
+        damaged = index_dir / "versions" / f"v{stats.version:06d}" / "index.faiss"
+        damaged.write_bytes(damaged.read_bytes()[:-10])
+        deadline = time.time() + 10
+        while client.get("/health").json()["status"] == "ok" and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # several more watcher rounds: the failure is logged once, not each round
+        health = client.get("/health").json()
+        assert health["status"] == "stale" and health["version"] == first["version"]
+        assert health["newer_version"] == stats.version and "index.faiss" in health["newer_version_error"]
+        assert client.post("/query", json={"query": "the cat", "top_k": 2}).status_code == 200
+        assert sum("cannot load version" in r.getMessage() for r in caplog.records) == 1
