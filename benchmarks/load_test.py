@@ -1,0 +1,178 @@
+"""Load test of the HTTP query service on loopback, with an ingest switching versions under it.
+
+Builds an index of the bundled sample corpus with the default model, starts
+``htp-index serve`` as its own process, and runs N concurrent clients (asyncio + httpx) sending
+``POST /query`` for D seconds. Halfway through, a separate ``htp-index ingest`` process adds a
+document, so the service must switch to a new version while under load. Reports requests,
+errors, throughput and latency percentiles, and which index versions answered.
+
+Writes benchmarks/results/load_test.{json,md}.
+
+    python benchmarks/load_test.py [--clients 20] [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+QUERIES = [
+    "how does the index stay consistent after a crash",
+    "what is hierarchical token prepending",
+    "which model is used by default",
+    "how are documents split into nodes",
+    "can I query the index from another process",
+    "what happens to deleted files",
+    "sentence embeddings from decoder-only language models",
+    "how is retrieval quality measured",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.cli", *args]
+
+
+async def client(http: httpx.AsyncClient, url: str, worker: int, stop: asyncio.Event,
+                 log: list[tuple[float, float, int, int | None]]) -> None:
+    """One client: query after query until ``stop``; records (start, latency, status, version)."""
+    i = worker
+    while not stop.is_set():
+        began = time.monotonic()
+        try:
+            response = await http.post(url, json={"query": QUERIES[i % len(QUERIES)], "top_k": 5})
+            status = response.status_code
+            version = response.json().get("version") if status == 200 else None
+        except httpx.HTTPError:
+            status, version = -1, None
+        log.append((began, time.monotonic() - began, status, version))
+        i += 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    from pipelines.sample_corpus import sample_dir
+
+    work = Path(tempfile.mkdtemp(prefix="htp-load-"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    server = None
+    try:
+        source = work / "docs"
+        shutil.copytree(sample_dir(), source)
+        index = work / "index"
+        subprocess.run(command("ingest", str(source), "--index", str(index), "--json"), env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port = free_port()
+        server = subprocess.Popen(command("serve", "--index", str(index), "--port", str(port), "--reload-interval", "0.5"),
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the service did not start: {server.stderr.read() if server.stderr else ''}")
+            time.sleep(0.5)
+        httpx.post(f"{base}/query", json={"query": "warm up", "top_k": 1}, timeout=60)
+        first_version = httpx.get(f"{base}/health").json()["version"]
+
+        # Another process ingests a new document while the clients run; the load lasts at
+        # least --seconds and until the new version has served for a few seconds.
+        (source / "late-arrival.md").write_text("# Late arrival\n\nThis document arrives while the service is under load.\n")
+
+        async def scenario() -> tuple[list, float, float]:
+            loop = asyncio.get_running_loop()
+
+            def ingest_now() -> tuple[float, float]:
+                began = time.monotonic()
+                subprocess.run(command("ingest", str(source), "--index", str(index), "--json"), env=env, check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                return began, time.monotonic()
+
+            log: list[tuple[float, float, int, int | None]] = []
+            stop = asyncio.Event()
+            limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+                clients = [asyncio.create_task(client(http, f"{base}/query", w, stop, log)) for w in range(args.clients)]
+                ingest_task = loop.run_in_executor(None, ingest_now)
+                await asyncio.sleep(args.seconds)
+                ingest_began, ingest_ended = await ingest_task
+                while not any(e[3] not in (None, first_version) for e in log[-args.clients:]):
+                    await asyncio.sleep(0.5)
+                await asyncio.sleep(3)
+                stop.set()
+                await asyncio.gather(*clients)
+            return log, ingest_began, ingest_ended
+
+        started = time.monotonic()
+        log, ingest_began, ingest_ended = asyncio.run(scenario())
+        elapsed = time.monotonic() - started
+        health = httpx.get(f"{base}/health").json()
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+
+    latencies = np.array([entry[1] for entry in log]) * 1000
+    statuses = Counter(entry[2] for entry in log)
+    during_ingest = [e for e in log if ingest_began <= e[0] <= ingest_ended]
+    result = {
+        "machine": f"{os.cpu_count()}-core CPU", "clients": args.clients, "seconds": elapsed,
+        "requests": len(log), "errors": len(log) - statuses.get(200, 0), "statuses": dict(statuses),
+        "throughput_rps": len(log) / elapsed,
+        "latency_ms": {"p50": float(np.percentile(latencies, 50)), "p90": float(np.percentile(latencies, 90)),
+                       "p99": float(np.percentile(latencies, 99)), "max": float(latencies.max())},
+        "versions_served": dict(Counter(e[3] for e in log if e[3] is not None)),
+        "first_version": first_version, "final_version": health["version"],
+        "requests_during_ingest": len(during_ingest),
+        "errors_during_ingest": sum(e[2] != 200 for e in during_ingest),
+        "ingest_seconds": ingest_ended - ingest_began, "model": health["encoder"],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "load_test.json").write_text(json.dumps(result, indent=2) + "\n")
+    lat = result["latency_ms"]
+    table = (
+        f"# Service load test ({result['machine']}, loopback)\n\n"
+        f"`htp-index serve` on the bundled sample corpus, {result['model']}; {args.clients} concurrent clients for "
+        f"{elapsed:.0f} s, top_k=5; meanwhile a separate `htp-index ingest` process (model load included: "
+        f"{result['ingest_seconds']:.1f} s) switched the index from version {first_version} to {health['version']}.\n\n"
+        "| requests | errors | errors during the ingest | throughput | p50 | p90 | p99 | max | versions that answered |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+        f"| {result['requests']} | {result['errors']} | {result['errors_during_ingest']} of {result['requests_during_ingest']} | "
+        f"{result['throughput_rps']:.1f} req/s | {lat['p50']:.0f} ms | {lat['p90']:.0f} ms | {lat['p99']:.0f} ms | "
+        f"{lat['max']:.0f} ms | {', '.join(f'v{k}: {v}' for k, v in sorted(result['versions_served'].items()))} |\n"
+    )
+    (args.out / "load_test.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

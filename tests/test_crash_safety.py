@@ -1,0 +1,99 @@
+"""kill -9 during ingest and rebuild: the index opens at a complete version and a re-run
+converges to the uninterrupted result. The full campaign (every commit step, many random
+times) is ``benchmarks/crash_campaign.py``; CI runs a handful of its points."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from crash_harness import Scenario, site_points, snapshot, time_points, write_corpus
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def ingest_scenario(tiny_model_dir, tmp_path_factory) -> Scenario:
+    return Scenario(tmp_path_factory.mktemp("crash-ingest"), str(tiny_model_dir), "ingest").prepare()
+
+
+@pytest.fixture(scope="module")
+def rebuild_scenario(tiny_model_dir, tmp_path_factory) -> Scenario:
+    return Scenario(tmp_path_factory.mktemp("crash-rebuild"), str(tiny_model_dir), "rebuild").prepare()
+
+
+def pick(scenario: Scenario, wanted: list[tuple[str, bool]]) -> list[tuple[int, bool, str]]:
+    """The first kill point at each wanted (site, after?) of the uninterrupted job."""
+    points = site_points(scenario.calls or [])
+    return [next(p for p in points if (p[2], p[1]) == w) for w in wanted]
+
+
+# The steps of a commit that matter most: data written but not sealed, published but not
+# live, the pointer switch itself, and the collection of an old version after it.
+INGEST_POINTS = [("faiss.write_index", True), ("os.rename", True), ("os.replace", False),
+                 ("os.replace", True), ("shutil.rmtree", False)]
+REBUILD_POINTS = [("os.rename", True), ("os.replace", True)]
+
+
+def test_the_uninterrupted_jobs_change_the_index(ingest_scenario, rebuild_scenario):
+    for scenario in (ingest_scenario, rebuild_scenario):
+        assert not scenario.before.same_content(scenario.after)
+    assert len(ingest_scenario.after.vectors) > len(ingest_scenario.before.vectors)
+    assert rebuild_scenario.after.method == "vanilla" and rebuild_scenario.after.index_kind == "hnsw"
+    assert "shutil.rmtree" in ingest_scenario.calls  # the old-version collection is exercised
+
+
+@pytest.mark.parametrize(("site", "after"), INGEST_POINTS)
+def test_ingest_killed_at_a_commit_step(ingest_scenario, site, after):
+    (call, after, _), = pick(ingest_scenario, [(site, after)])
+    outcome = ingest_scenario.trial(f"{site}-{after}", kill_call=call, kill_after=after)
+    assert outcome["exit"] == -signal.SIGKILL
+    assert ingest_scenario.ok(outcome), outcome
+    # before the pointer switch the old version serves; after it, the new one
+    assert outcome["state"] == ("after" if site in ("shutil.rmtree",) or (site == "os.replace" and after) else "before")
+
+
+@pytest.mark.parametrize(("site", "after"), REBUILD_POINTS)
+def test_rebuild_killed_at_a_commit_step(rebuild_scenario, site, after):
+    (call, after, _), = pick(rebuild_scenario, [(site, after)])
+    outcome = rebuild_scenario.trial(f"{site}-{after}", kill_call=call, kill_after=after)
+    assert rebuild_scenario.ok(outcome), outcome
+
+
+@pytest.mark.parametrize("kind", ["ingest", "rebuild"])
+def test_killed_at_a_random_time(ingest_scenario, rebuild_scenario, kind):
+    scenario = ingest_scenario if kind == "ingest" else rebuild_scenario
+    delay = time_points(scenario.duration, 3, seed=7)[1]  # somewhere in the middle third
+    outcome = scenario.trial(f"time-{delay:.3f}", kill_seconds=delay)
+    assert scenario.ok(outcome), outcome
+
+
+def test_the_command_killed_while_writing_a_version(tiny_model_dir, tmp_path):
+    """The real `htp-index ingest`, SIGKILLed the moment its staging directory appears."""
+    env = {**os.environ, "HTP_INDEX_ENCODER__MODEL": str(tiny_model_dir), "HTP_INDEX_ENCODER__SEGMENTER": "sentencizer",
+           "HTP_INDEX_CHUNK_SIZE": "64"}
+    command = [sys.executable, "-m", "pipelines.cli", "ingest", str(write_corpus(tmp_path / "a", 6, seed=1)),
+               "--index", str(tmp_path / "idx"), "--json"]
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    before = snapshot(tmp_path / "idx")
+    command[4] = str(write_corpus(tmp_path / "b", 40, seed=2))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    versions = tmp_path / "idx" / "versions"
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if any(p.name.startswith(".tmp-") for p in versions.iterdir()):
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    assert process.wait() == -signal.SIGKILL, "the ingest finished before it could be killed"
+    survived = snapshot(tmp_path / "idx")
+    assert survived.version == before.version and survived.same_content(before)
+    finished = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert len(snapshot(tmp_path / "idx").vectors) > len(before.vectors)
+    assert not [p for p in Path(versions).iterdir() if p.name.startswith(".tmp-")]  # the dead writer's, collected
