@@ -93,6 +93,12 @@ class EncoderConfig(BaseModel):
     exit_layer: int | None | Literal["default"] = Field(
         "default", description="hidden state to pool; 'default' = per-model default, None = full depth"
     )
+    attention_sink: Literal["auto", "off"] = Field(
+        "auto",
+        description="htp/tp on a tokenizer that adds no BOS (e.g. SmolLM2): 'auto' puts a sink token "
+        "(<|endoftext|>, else BOS/EOS) first, so the attention sink is not a placeholder that "
+        "rewiring overwrites; 'off' never does",
+    )
     global_tokens: bool = Field(True, description="HTP: use the <B-PST> slots at the front")
     local_tokens: bool = Field(True, description="HTP: use a <PST> before each block")
     max_length: int = Field(512, ge=16, description="tokens per text, placeholders and template included")

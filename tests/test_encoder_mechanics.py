@@ -23,11 +23,11 @@ def positions(ids: list[int], token: int) -> list[int]:
     return [i for i, t in enumerate(ids) if t == token]
 
 
-@pytest.mark.parametrize("bos", [False, True])
-def test_placeholders_sit_before_each_block_and_after_the_template(bos):
-    encoder = tiny_encoder(bos=bos, k=1)
+@pytest.mark.parametrize(("bos", "sink"), [(False, "off"), (False, "auto"), (True, "auto")])
+def test_placeholders_sit_before_each_block_and_after_the_template(bos, sink):
+    encoder = tiny_encoder(bos=bos, k=1, attention_sink=sink)
     layout = encoder.layouts([THREE_SENTENCES])[0]
-    prefix = 1 if bos else 0
+    prefix = 1 if bos or sink == "auto" else 0  # the template's BOS, or a sink token in its place
     assert layout.n_blocks == 3
     assert positions(layout.ids, BPST) == [prefix, prefix + 1, prefix + 2]
     psts = positions(layout.ids, PST)
@@ -45,6 +45,24 @@ def test_placeholders_sit_before_each_block_and_after_the_template(bos):
     assert sorted(zip(layout.copy_dst, layout.copy_src, strict=False)) == sorted(
         list(zip(psts, block_ends, strict=False)) + [(prefix + m, block_ends[m]) for m in range(3)]
     )
+
+
+def test_a_sink_token_goes_first_only_when_the_template_has_no_bos_and_placeholders_are_used():
+    from htp_embed import config_from_identity
+
+    vocab_bos = tiny_encoder(bos=False).tokenizer.get_vocab()["<bos>"]
+    sunk = tiny_encoder(bos=False, k=1)
+    assert sunk.sink_token == vocab_bos and sunk.layouts(["the cat sat ."])[0].ids[0] == vocab_bos
+    assert sunk.identity()["attention_sink"] == vocab_bos and sunk.describe().endswith(",sink]")
+    assert 0 not in sunk.layouts(["the cat sat ."])[0].pool  # the sink is never pooled
+    assert tiny_encoder(bos=True, k=1).sink_token is None  # a BOS already holds the sink
+    assert tiny_encoder(bos=False, k=1, attention_sink="off").sink_token is None
+    assert tiny_encoder(bos=False, method="vanilla").sink_token is None  # vanilla stays plain pooling
+    # reopening an index: the identity reproduces the encoder, with or without a sink
+    assert config_from_identity(sunk.identity()).attention_sink == "auto"
+    plain = tiny_encoder(bos=False, k=1, attention_sink="off")
+    assert config_from_identity(plain.identity()).attention_sink == "off"
+    assert "attention_sink" not in plain.identity()
 
 
 def test_k_groups_sentences_into_blocks():
@@ -120,7 +138,7 @@ def test_rewired_layer_inputs_hold_the_block_end_states():
 
 
 def test_htp_without_placeholders_or_rewiring_equals_vanilla():
-    htp = tiny_encoder(k=1, global_tokens=False, local_tokens=False, rewire_start=0, rewire_stop=0)
+    htp = tiny_encoder(k=1, global_tokens=False, local_tokens=False, rewire_start=0, rewire_stop=0, attention_sink="off")
     vanilla = htp.with_method("vanilla")
     np.testing.assert_allclose(htp.encode_documents(TEXTS), vanilla.encode_documents(TEXTS), atol=1e-6)
 

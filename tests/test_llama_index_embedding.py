@@ -44,7 +44,7 @@ def test_async_twins_agree(embedding):
 
 
 def test_model_name_identifies_model_and_settings(embedding):
-    assert embedding.model_name == "tiny/htp[k=1,rewire=1-3,exit=full]"
+    assert embedding.model_name == "tiny/htp[k=1,rewire=1-3,exit=full,sink]"  # the tiny tokenizer has no BOS
     assert embedding.embed_batch_size == 2
     assert embedding.identity()["method"] == "htp"
 

@@ -39,7 +39,9 @@ def load_sample(**overrides: Any) -> BeirDataset:
 
 def load_base(model: str, method: str = "vanilla", **settings: Any) -> HTPEncoder:
     """The model at full depth (exit_layer=None) so that one pass can fill every exit layer."""
-    settings = {"max_length": MAX_LENGTH, "batch_size": 8, "exit_layer": None, **settings}
+    # attention_sink="off": the tables' plain variants predate the option; the sink variants
+    # add the same token explicitly (multi_exit.with_sink_prefix), so cached vectors stay valid.
+    settings = {"max_length": MAX_LENGTH, "batch_size": 8, "exit_layer": None, "attention_sink": "off", **settings}
     return HTPEncoder(model=model, method=method, **settings)
 
 
