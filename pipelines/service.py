@@ -132,6 +132,9 @@ def create_app(
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
+        if length is None and request.method == "POST":
+            # A chunked body has no declared size to check before reading it.
+            return JSONResponse({"detail": "a Content-Length header is required"}, status_code=411)
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
         return await call_next(request)
