@@ -127,7 +127,7 @@ def ingest(
     index_kind: KindOpt = None,
     chunk_size: Annotated[int | None, typer.Option(help="tokens per node (default: fill the encoder window)")] = None,
     keep_missing: Annotated[bool, typer.Option("--keep-missing", help="append-only: keep documents that vanished from the source")] = False,
-    task_runner: Annotated[str | None, typer.Option(help="run as a Prefect flow with this task runner: 'thread' or 'dask[=ADDRESS]'")] = None,
+    task_runner: Annotated[str | None, typer.Option(help="run as a Prefect flow with this task runner: 'thread', 'dask' (local worker processes), 'dask=N' (N of them) or 'dask=tcp://HOST:8786' (a running cluster)")] = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -170,7 +170,7 @@ def rebuild(
     device: DeviceOpt = None,
     index_kind: KindOpt = None,
     source: Annotated[str | None, typer.Option(help="re-read and re-split this source instead of re-embedding the stored nodes")] = None,
-    task_runner: Annotated[str | None, typer.Option(help="run as a Prefect flow with this task runner: 'thread' or 'dask[=ADDRESS]'")] = None,
+    task_runner: Annotated[str | None, typer.Option(help="run as a Prefect flow with this task runner: 'thread', 'dask' (local worker processes), 'dask=N' (N of them) or 'dask=tcp://HOST:8786' (a running cluster)")] = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -266,6 +266,7 @@ def serve(
     host: Annotated[str, typer.Option(help="address to bind (loopback by default; 0.0.0.0 exposes it)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     reload_interval: Annotated[float, typer.Option(help="seconds between checks for a new index version (0: never)")] = 2.0,
+    max_batch: Annotated[int, typer.Option(min=1, help="most concurrent queries embedded in one encoder pass (1: one at a time)")] = 32,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     verbose: VerboseOpt = False,
@@ -277,7 +278,7 @@ def serve(
     from pipelines.service import serve as run_service
 
     try:
-        run_service(index, settings, host=host, port=port, reload_interval=reload_interval)
+        run_service(index, settings, host=host, port=port, reload_interval=reload_interval, max_batch=max_batch)
     except Exception as exc:
         raise _fail(exc) from exc
 

@@ -19,7 +19,7 @@ from typing import Any
 from llama_index.core import VectorStoreIndex
 from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import NodeWithScore
-from llama_index.core.vector_stores.types import MetadataFilters
+from llama_index.core.vector_stores.types import MetadataFilters, VectorStoreQuery
 
 from htp_embed import config_from_identity
 from htp_embed.llama_index import HTPEmbedding
@@ -51,6 +51,21 @@ class OpenIndex:
         """Results as plain dicts: ``node_id, doc_id, score, text, metadata``."""
         hits = self.as_retriever(similarity_top_k=top_k, filters=filters).retrieve(query)
         return [result_dict(hit) for hit in hits]
+
+    def search_many(self, requests: list[tuple[str, int, MetadataFilters | None]]) -> list[list[dict[str, Any]]]:
+        """:meth:`search` for several ``(query, top_k, filters)`` at once: the queries go through
+        the encoder as one batch, which is what makes a busy service fast (one forward pass
+        instead of one per request). Results equal :meth:`search`'s, request by request."""
+        if not requests:
+            return []
+        vectors = self.embedding.encoder.encode_queries([query for query, _, _ in requests])
+        out = []
+        for vector, (_, top_k, filters) in zip(vectors, requests, strict=True):
+            result = self.store.query(VectorStoreQuery(query_embedding=vector.tolist(), similarity_top_k=top_k,
+                                                       filters=filters))
+            out.append([result_dict(NodeWithScore(node=node, score=score))
+                        for node, score in zip(result.nodes or [], result.similarities or [], strict=True)])
+        return out
 
 
 def result_dict(hit: NodeWithScore) -> dict[str, Any]:

@@ -91,6 +91,66 @@ class IndexHolder:
         return True
 
 
+class QueryBatcher:
+    """Serves concurrent ``/query`` requests in batches: one encoder pass for all the queries
+    that arrived while the previous batch was computing. No request waits for a timer: a lone
+    request is served at once; under load, batches grow by themselves."""
+
+    def __init__(self, max_batch: int = 32):
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[OpenIndex, QueryRequest, asyncio.Future]] | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def search(self, index: OpenIndex, request: QueryRequest) -> list[dict[str, Any]]:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._serve())
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((index, request, future))
+        return await future
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    async def _serve(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            groups: dict[int, list[tuple[OpenIndex, QueryRequest, asyncio.Future]]] = {}
+            for item in batch:  # requests pinned to different versions are searched apart
+                groups.setdefault(id(item[0]), []).append(item)
+            for items in groups.values():
+                await self._answer(items)
+
+    @staticmethod
+    async def _answer(items: list[tuple[OpenIndex, QueryRequest, asyncio.Future]]) -> None:
+        index = items[0][0]
+        requests = [(r.query, r.top_k, r.filters) for _, r, _ in items]
+        try:
+            results: list[Any] = await asyncio.to_thread(index.search_many, requests)
+        except Exception:
+            # One bad request (e.g. an unsupported filter) must not fail the others.
+            results = []
+            for query, top_k, filters in requests:
+                try:
+                    results.append(await asyncio.to_thread(index.search, query, top_k, filters))
+                except Exception as exc:
+                    results.append(exc)
+        for (_, _, future), result in zip(items, results, strict=True):
+            if future.done():  # the client went away
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
 def create_app(
     index_dir: str | Path,
     settings: Settings | None = None,
@@ -98,16 +158,20 @@ def create_app(
     reload_interval: float = 2.0,
     api_token: str | None = None,
     holder: IndexHolder | None = None,
+    max_batch: int = 32,
 ) -> FastAPI:
     """The FastAPI app serving ``index_dir``. ``api_token`` (or ``$HTP_INDEX_API_TOKEN``)
     requires ``Authorization: Bearer <token>`` on /query."""
     holder = holder or IndexHolder(Path(index_dir), settings)
     token = api_token if api_token is not None else os.environ.get(TOKEN_ENV) or None
 
+    batcher = QueryBatcher(max_batch)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watcher = asyncio.create_task(_watch(holder, reload_interval)) if reload_interval > 0 else None
         yield
+        await batcher.close()
         if watcher:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -158,7 +222,7 @@ def create_app(
     async def query(request: QueryRequest) -> QueryResponse:
         index = holder.current  # pinned for the whole request
         try:
-            results = await asyncio.to_thread(index.search, request.query, request.top_k, request.filters)
+            results = await batcher.search(index, request)
         except ValueError as exc:  # e.g. an unsupported filter operator
             raise HTTPException(status_code=422, detail=str(exc)) from exc
         return QueryResponse(results=[QueryResult(**r) for r in results], version=index.version)
@@ -176,9 +240,9 @@ async def _watch(holder: IndexHolder, interval: float) -> None:
 
 
 def serve(index_dir: str | Path, settings: Settings | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          reload_interval: float = 2.0) -> None:
+          reload_interval: float = 2.0, max_batch: int = 32) -> None:
     """Run the service with uvicorn until interrupted."""
     import uvicorn
 
-    app = create_app(index_dir, settings, reload_interval=reload_interval)
+    app = create_app(index_dir, settings, reload_interval=reload_interval, max_batch=max_batch)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -192,3 +192,47 @@ def test_a_corrupt_new_version_is_reported_and_the_old_one_keeps_serving(index_d
         assert health["newer_version"] == stats.version and "index.faiss" in health["newer_version_error"]
         assert client.post("/query", json={"query": "the cat", "top_k": 2}).status_code == 200
         assert sum("cannot load version" in r.getMessage() for r in caplog.records) == 1
+
+
+def same_results(a: list[list[dict]], b: list[list[dict]]) -> bool:
+    """Same hits in the same order, scores equal within float tolerance."""
+    strip = [[{k: v for k, v in hit.items() if k != "score"} for hit in hits] for hits in a]
+    return strip == [[{k: v for k, v in hit.items() if k != "score"} for hit in hits] for hits in b] and all(
+        abs(x["score"] - y["score"]) < 1e-5 for xs, ys in zip(a, b, strict=True) for x, y in zip(xs, ys, strict=True))
+
+
+def test_concurrent_queries_are_answered_in_batches_with_the_same_results(index_dir, embedding):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters
+
+    settings = settings_for(embedding)
+    index = open_index(index_dir, settings, embedding=embedding)
+    queries = ["the cat sat", "fish in the sea", "the moon at night", "rain on the city"] * 3
+    by_md = MetadataFilters(filters=[MetadataFilter(key="file_type", value="md")])
+    single = [index.search(q, 2) for q in queries] + [index.search("the cat", 2, by_md)]
+    assert same_results(index.search_many([(q, 2, None) for q in queries] + [("the cat", 2, by_md)]), single)
+
+    sizes: list[int] = []
+    real = index.search_many
+
+    def slow_first_batch(requests):
+        sizes.append(len(requests))
+        if len(sizes) == 1:
+            time.sleep(0.5)  # the others queue up meanwhile
+        return real(requests)
+
+    index.search_many = slow_first_batch  # type: ignore[method-assign]
+    holder = IndexHolder(index_dir, settings, index)
+    bad = {"query": "cat", "filters": {"filters": [{"key": "year", "value": 1, "operator": "text_match_insensitive"}]}}
+    with TestClient(create_app(index_dir, settings, holder=holder, reload_interval=0)) as client, \
+            ThreadPoolExecutor(8) as pool:
+        first = pool.submit(client.post, "/query", json={"query": queries[0], "top_k": 2})
+        time.sleep(0.1)
+        rest = [pool.submit(client.post, "/query", json={"query": q, "top_k": 2}) for q in queries[1:]]
+        wrong = pool.submit(client.post, "/query", json=bad)
+        responses = [first.result(), *(r.result() for r in rest)]
+        assert [r.status_code for r in responses] == [200] * len(queries)
+        assert same_results([r.json()["results"] for r in responses], single[:-1])
+        assert wrong.result().status_code == 422  # the bad request fails alone
+    assert sizes[0] == 1 and max(sizes) > 1
