@@ -69,27 +69,21 @@ async def client(http: httpx.AsyncClient, url: str, worker: int, stop: asyncio.E
         i += 1
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--seconds", type=float, default=30)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-
+def measure(work: Path, max_batch: int, clients: int, seconds: float, env: dict[str, str]) -> dict:
+    """One run: a fresh index, the service with ``max_batch``, the clients, a concurrent ingest."""
     from pipelines.sample_corpus import sample_dir
 
-    work = Path(tempfile.mkdtemp(prefix="htp-load-"))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    server = None
+    source = work / f"docs-{max_batch}"
+    shutil.copytree(sample_dir(), source)
+    index = work / f"index-{max_batch}"
+    quiet = {"env": env, "check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run(command("ingest", str(source), "--index", str(index), "--json"), **quiet)
+    port = free_port()
+    server = subprocess.Popen(command("serve", "--index", str(index), "--port", str(port), "--reload-interval", "0.5",
+                                      "--max-batch", str(max_batch)),
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
     try:
-        source = work / "docs"
-        shutil.copytree(sample_dir(), source)
-        index = work / "index"
-        subprocess.run(command("ingest", str(source), "--index", str(index), "--json"), env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        port = free_port()
-        server = subprocess.Popen(command("serve", "--index", str(index), "--port", str(port), "--reload-interval", "0.5"),
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
         while True:
             try:
@@ -102,9 +96,8 @@ def main() -> None:
             time.sleep(0.5)
         httpx.post(f"{base}/query", json={"query": "warm up", "top_k": 1}, timeout=60)
         first_version = httpx.get(f"{base}/health").json()["version"]
-
         # Another process ingests a new document while the clients run; the load lasts at
-        # least --seconds and until the new version has served for a few seconds.
+        # least `seconds` and until the new version has served for a few seconds.
         (source / "late-arrival.md").write_text("# Late arrival\n\nThis document arrives while the service is under load.\n")
 
         async def scenario() -> tuple[list, float, float]:
@@ -112,23 +105,22 @@ def main() -> None:
 
             def ingest_now() -> tuple[float, float]:
                 began = time.monotonic()
-                subprocess.run(command("ingest", str(source), "--index", str(index), "--json"), env=env, check=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(command("ingest", str(source), "--index", str(index), "--json"), **quiet)
                 return began, time.monotonic()
 
             log: list[tuple[float, float, int, int | None]] = []
             stop = asyncio.Event()
-            limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+            limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
             async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-                clients = [asyncio.create_task(client(http, f"{base}/query", w, stop, log)) for w in range(args.clients)]
+                tasks = [asyncio.create_task(client(http, f"{base}/query", w, stop, log)) for w in range(clients)]
                 ingest_task = loop.run_in_executor(None, ingest_now)
-                await asyncio.sleep(args.seconds)
+                await asyncio.sleep(seconds)
                 ingest_began, ingest_ended = await ingest_task
-                while not any(e[3] not in (None, first_version) for e in log[-args.clients:]):
+                while not any(e[3] not in (None, first_version) for e in log[-clients:]):
                     await asyncio.sleep(0.5)
                 await asyncio.sleep(3)
                 stop.set()
-                await asyncio.gather(*clients)
+                await asyncio.gather(*tasks)
             return log, ingest_began, ingest_ended
 
         started = time.monotonic()
@@ -136,16 +128,14 @@ def main() -> None:
         elapsed = time.monotonic() - started
         health = httpx.get(f"{base}/health").json()
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(30)
-        shutil.rmtree(work, ignore_errors=True)
+        server.terminate()
+        server.wait(30)
 
     latencies = np.array([entry[1] for entry in log]) * 1000
     statuses = Counter(entry[2] for entry in log)
     during_ingest = [e for e in log if ingest_began <= e[0] <= ingest_ended]
-    result = {
-        "machine": f"{os.cpu_count()}-core CPU", "clients": args.clients, "seconds": elapsed,
+    return {
+        "max_batch": max_batch, "clients": clients, "seconds": elapsed,
         "requests": len(log), "errors": len(log) - statuses.get(200, 0), "statuses": dict(statuses),
         "throughput_rps": len(log) / elapsed,
         "latency_ms": {"p50": float(np.percentile(latencies, 50)), "p90": float(np.percentile(latencies, 90)),
@@ -156,19 +146,46 @@ def main() -> None:
         "errors_during_ingest": sum(e[2] != 200 for e in during_ingest),
         "ingest_seconds": ingest_ended - ingest_began, "model": health["encoder"],
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[32, 1],
+                        help="service settings to compare, one run each (32: batched, 1: one query per pass)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="htp-load-"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        runs = [measure(work, max_batch, args.clients, args.seconds, env) for max_batch in args.max_batch]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = runs[-1]
+    result = {"machine": f"{os.cpu_count()}-core CPU", "runs": runs,
+              "throughput_ratio_first_vs_last": runs[0]["throughput_rps"] / base["throughput_rps"]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load_test.json").write_text(json.dumps(result, indent=2) + "\n")
-    lat = result["latency_ms"]
+    rows = []
+    for run in runs:
+        lat = run["latency_ms"]
+        rows.append(
+            f"| {run['max_batch']} | {run['requests']} | {run['errors']} | {run['errors_during_ingest']} of "
+            f"{run['requests_during_ingest']} | {run['throughput_rps']:.1f} req/s | {lat['p50']:.0f} ms | "
+            f"{lat['p90']:.0f} ms | {lat['p99']:.0f} ms | {lat['max']:.0f} ms | "
+            f"{', '.join(f'v{k}: {v}' for k, v in sorted(run['versions_served'].items()))} |")
     table = (
         f"# Service load test ({result['machine']}, loopback)\n\n"
-        f"`htp-index serve` on the bundled sample corpus, {result['model']}; {args.clients} concurrent clients for "
-        f"{elapsed:.0f} s, top_k=5; meanwhile a separate `htp-index ingest` process (model load included: "
-        f"{result['ingest_seconds']:.1f} s) switched the index from version {first_version} to {health['version']}.\n\n"
-        "| requests | errors | errors during the ingest | throughput | p50 | p90 | p99 | max | versions that answered |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
-        f"| {result['requests']} | {result['errors']} | {result['errors_during_ingest']} of {result['requests_during_ingest']} | "
-        f"{result['throughput_rps']:.1f} req/s | {lat['p50']:.0f} ms | {lat['p90']:.0f} ms | {lat['p99']:.0f} ms | "
-        f"{lat['max']:.0f} ms | {', '.join(f'v{k}: {v}' for k, v in sorted(result['versions_served'].items()))} |\n"
+        f"`htp-index serve` on the bundled sample corpus, {runs[0]['model']}; {args.clients} concurrent clients, "
+        f"top_k=5, at least {args.seconds:.0f} s per run; during each run a separate `htp-index ingest` process "
+        "(model load included) adds a document and switches the index to a new version. One run per "
+        "`--max-batch`, back to back.\n\n"
+        "| max batch | requests | errors | errors during the ingest | throughput | p50 | p90 | p99 | max | versions that answered |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        f"Throughput, max batch {runs[0]['max_batch']} vs {base['max_batch']}: "
+        f"{result['throughput_ratio_first_vs_last']:.2f}x.\n"
     )
     (args.out / "load_test.md").write_text(table)
     print(table)
