@@ -8,13 +8,15 @@ fails here rather than skipping.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from pipeline_helpers import long_doc, write_docs
 from prefect_dask import DaskTaskRunner
 
 from flows import runtime
-from flows.dask_runner import DaskSpec, local_cluster_kwargs, parse_dask_spec
+from flows.dask_runner import DaskSpec, encoder_cluster, local_cluster_kwargs, parse_dask_spec
 from flows.ingest import ingest_flow
 from indexes import FaissVectorStore
 from pipelines.settings import Settings
@@ -44,11 +46,11 @@ def settings(tiny_model_dir) -> dict:
 @pytest.fixture(scope="module")
 def cluster():
     """A 2-worker cluster shaped like the runner's own, kept up so the test can ask its workers
-    afterwards what they loaded. It is told of 4 cores, so each worker's share (2 torch
-    threads) differs from the 1 thread Dask would impose by itself."""
-    from distributed import Client, LocalCluster
+    afterwards what they loaded. It is told of 8 cores, so each worker's share (4 torch
+    threads) differs from both torch's own default and the 1 thread Dask would impose."""
+    from distributed import Client
 
-    with LocalCluster(**local_cluster_kwargs(2, cores=4)) as cluster, Client(cluster) as client:
+    with encoder_cluster(**local_cluster_kwargs(2, cores=8)) as cluster, Client(cluster) as client:
         yield cluster, client
 
 
@@ -71,6 +73,7 @@ def test_local_cluster_splits_the_cores_between_single_threaded_worker_processes
     assert kwargs["env"]["OMP_NUM_THREADS"] == "4" and kwargs["dashboard_address"] is None
     runner = runtime.task_runner_for("dask=2")
     assert isinstance(runner, DaskTaskRunner) and runner.cluster_kwargs["n_workers"] == 2
+    assert runner.cluster_class is encoder_cluster
     assert runtime.task_runner_for("dask=tcp://127.0.0.1:8786").address == "tcp://127.0.0.1:8786"
 
 
@@ -94,5 +97,7 @@ def test_each_worker_loads_the_model_once_with_its_share_of_the_cores(harness, t
     reports = client.run(runtime.process_report)
     # both single-threaded workers get tasks from the first wave on, and neither reloads
     assert [r["models_loaded"] for r in reports.values()] == [1, 1]
-    assert all(r["torch_threads"] == 2 for r in reports.values())
+    assert all(r["torch_threads"] == 4 for r in reports.values())
     assert len({r["pid"] for r in reports.values()}) == 2
+    # Dask's eager malloc trimming (25% slower encoding) is not in the workers' environment
+    assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
