@@ -174,6 +174,38 @@ def long_docs_table() -> str:
             + table(header, out))
 
 
+FIXED_K = ("k=1", "k=2", "k=4", "k=8", "k=12")
+
+
+def k_by_length_table(exit_depth: int = 13) -> str:
+    """Experiment 3's question: per length bucket, each K's NDCG@10, the best fixed K, and how
+    far each adaptive rule is from it (target: within 0.5 everywhere)."""
+    rows = {r["variant"]: r for r in read_table("long_docs") if r["exit_depth"] == exit_depth}
+    if "vanilla" not in rows:
+        return ""
+    sizes = list(rows["vanilla"]["ndcg@10_by_size"])
+    fixed = [k for k in FIXED_K if k in rows]
+    adaptive = sorted((v for v in rows if v.startswith("adaptive")), key=lambda v: int(v.split(":")[1]))
+    out = []
+    for variant in ["vanilla", *fixed, *adaptive]:
+        out.append([variant, *[f"{PCT * rows[variant]['ndcg@10_by_size'][s]:.1f}" for s in sizes],
+                    f"{PCT * rows[variant]['ndcg@10']:.1f}"])
+    def score(variant: str, size: str) -> float:
+        return rows[variant]["ndcg@10"] if size == "all" else rows[variant]["ndcg@10_by_size"][size]
+
+    best = {s: max(fixed, key=lambda k, s=s: score(k, s)) for s in [*sizes, "all"]}
+    best_score = {s: score(best[s], s) for s in best}
+    out.append(["best fixed K", *[f"{best[s]} ({PCT * best_score[s]:.1f})" for s in [*sizes, "all"]]])
+    for variant in adaptive:
+        cells = []
+        for s in [*sizes, "all"]:
+            cells.append(f"{PCT * (score(variant, s) - best_score[s]):+.1f}")
+        out.append([f"{variant} − best fixed K", *cells])
+    header = ["setting", *[f"~{s} tokens ({rows['vanilla']['queries_by_size'][s]} q)" for s in sizes], "all"]
+    return (f"### Long documents: K (sentences per block) by length bucket, exit {exit_depth} (NDCG@10)\n\n"
+            + table(header, out))
+
+
 def fusion_table() -> str:
     rows = read_table("fusion")
     if not rows:
@@ -221,6 +253,7 @@ def main() -> None:
         pooled_table("smollm2-135m", [30, 29, 28, 26, 24, None]),
         postprocess_table("smollm2-135m", [30, 29, 28, 26, 24, 20, None]),
         long_docs_table(),
+        k_by_length_table(13),
         fusion_table(),
     ]
     (RESULTS / "tables.md").write_text("\n\n".join(p for p in parts if p) + "\n")
