@@ -19,6 +19,9 @@ class LayerDefaults:
     exit_layer: int | None
 
 
+# Also what SmolLM2-135M (llama, 30 layers) measured best with: vanilla peaks at exit 29 (= -2;
+# 52.0 NDCG@10 vs 31.4 at full depth), and HTP rewired 1-6 with a sink token in front beats
+# vanilla there by +2.8 [+0.7, +4.8] (benchmarks/results/quality/tables.md, smollm2 sections).
 PAPER_REFERENCE = LayerDefaults(1, 7, -2)
 
 LAYER_DEFAULTS: dict[str, LayerDefaults] = {
