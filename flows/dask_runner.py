@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # A float32 copy of the default 270M-parameter model is ~1.1 GB; with activations, tokenizer
-# and Python a busy worker peaks near 2 GB (benchmarks/results/dask_scale.md). 3 GiB leaves room.
+# and Python a busy worker peaked at 2.1-2.3 GB (benchmarks/results/dask_scale.md). 3 GiB leaves room.
 WORKER_MEMORY_BYTES = 3 * 2**30
 TORCH_THREADS_ENV = "HTP_TORCH_THREADS"
 
@@ -64,7 +64,11 @@ def available_cores() -> int:
 
 
 def default_worker_count(cores: int | None = None, available_memory: int | None = None) -> int:
-    """One worker per core, fewer when memory cannot hold a model copy in each."""
+    """One worker per core, fewer when memory cannot hold a model copy in each.
+
+    On a quiet 2-core machine 2x1 threads matched 1x2; with other jobs on the cores the single-
+    threaded processes were 1.5x faster, since they never wait on each other's intra-op threads.
+    """
     cores = cores or available_cores()
     if available_memory is None:
         import psutil  # a dependency of distributed
