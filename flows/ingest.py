@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.dask_runner import prefect_api_for_local_workers
 from flows.runtime import embedding_for, settings_from, task_runner_for
 from pipelines.index_access import index_lock, open_or_create_store
 from pipelines.ingest import (
@@ -107,4 +108,5 @@ def ingest_flow_body(source: str, index_dir: str, settings: dict[str, Any] | Non
 def ingest_flow(source: str, index_dir: str, settings: dict[str, Any] | None = None, *, task_runner: str | None = None) -> dict[str, Any]:
     """Run the ingest flow with the chosen task runner ('thread' by default, or 'dask[=ADDRESS]')."""
     runner = task_runner_for(task_runner)
-    return ingest_flow_body.with_options(task_runner=runner)(source, index_dir, settings)
+    with prefect_api_for_local_workers(task_runner):
+        return ingest_flow_body.with_options(task_runner=runner)(source, index_dir, settings)

@@ -12,6 +12,7 @@ from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.dask_runner import prefect_api_for_local_workers
 from flows.runtime import cached_embedding, settings_from, task_runner_for
 from pipelines.index_access import index_lock
 from pipelines.ingest import embed_batch_isolated, node_batches
@@ -67,6 +68,6 @@ def rebuild_flow_body(
 def rebuild_flow(index_dir: str, settings: dict[str, Any] | None = None, *, encoder_overrides: dict[str, Any] | None = None,
                  index_kind: str | None = None, source: str | None = None, task_runner: str | None = None) -> dict[str, Any]:
     """Run the rebuild flow with the chosen task runner."""
-    return rebuild_flow_body.with_options(task_runner=task_runner_for(task_runner))(
-        index_dir, settings, encoder_overrides, index_kind, source
-    )
+    runner = task_runner_for(task_runner)
+    with prefect_api_for_local_workers(task_runner):
+        return rebuild_flow_body.with_options(task_runner=runner)(index_dir, settings, encoder_overrides, index_kind, source)

@@ -9,6 +9,7 @@ fails here rather than skipping.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,13 @@ from pipeline_helpers import long_doc, write_docs
 from prefect_dask import DaskTaskRunner
 
 from flows import runtime
-from flows.dask_runner import DaskSpec, encoder_cluster, local_cluster_kwargs, parse_dask_spec
+from flows.dask_runner import (
+    DaskSpec,
+    encoder_cluster,
+    local_cluster_kwargs,
+    parse_dask_spec,
+    prefect_api_for_local_workers,
+)
 from flows.ingest import ingest_flow
 from indexes import FaissVectorStore
 from pipelines.settings import Settings
@@ -36,7 +43,7 @@ def harness():
 
 @pytest.fixture(scope="module")
 def settings(tiny_model_dir) -> dict:
-    """The tiny decoder by path, so every worker process can load it; two nodes per task, so
+    """The tiny decoder by path, so every worker process can load it; one document per task, so
     the corpus fans out into several tasks per worker."""
     encoder = {"model": str(tiny_model_dir), "segmenter": "sentencizer", "show_progress": False,
                "rewire_start": 1, "rewire_stop": 3, "exit_layer": None, "k": "adaptive:4"}
@@ -52,6 +59,20 @@ def cluster():
 
     with encoder_cluster(**local_cluster_kwargs(2, cores=8)) as cluster, Client(cluster) as client:
         yield cluster, client
+
+
+def embed_task_runs() -> int:
+    """Completed embedding task runs the Prefect server knows of."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def count() -> int:
+        async with get_client() as prefect:
+            runs = await prefect.read_task_runs()
+            return sum(run.name.startswith("embed-batch") and run.state_type.value == "COMPLETED" for run in runs)
+
+    return asyncio.run(count())
 
 
 def vectors(index) -> dict[str, np.ndarray]:
@@ -70,11 +91,33 @@ def test_task_runner_names_parse():
 def test_local_cluster_splits_the_cores_between_single_threaded_worker_processes():
     kwargs = local_cluster_kwargs(2, cores=8)
     assert kwargs["processes"] and kwargs["n_workers"] == 2 and kwargs["threads_per_worker"] == 1
-    assert kwargs["env"]["OMP_NUM_THREADS"] == "4" and kwargs["dashboard_address"] is None
+    assert kwargs["env"]["OMP_NUM_THREADS"] == "4" and kwargs["dashboard_address"] == "127.0.0.1:0"
     runner = runtime.task_runner_for("dask=2")
     assert isinstance(runner, DaskTaskRunner) and runner.cluster_kwargs["n_workers"] == 2
     assert runner.cluster_class is encoder_cluster
     assert runtime.task_runner_for("dask=tcp://127.0.0.1:8786").address == "tcp://127.0.0.1:8786"
+
+
+def test_local_workers_are_given_the_flows_temporary_prefect_server(monkeypatch):
+    from prefect.server.api import server as prefect_server
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class FakeServer:
+        api_url = "http://127.0.0.1:9/api"
+
+        def start(self) -> None:
+            pass
+
+    monkeypatch.setattr(prefect_server, "SubprocessASGIServer", FakeServer)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        for name in ("dask", "dask=2"):
+            with prefect_api_for_local_workers(name):
+                assert PREFECT_API_URL.value() == FakeServer.api_url
+        for name in ("thread", None, "dask=tcp://10.0.0.5:8786"):  # remote workers could not reach it
+            with prefect_api_for_local_workers(name):
+                assert not PREFECT_API_URL.value()
+    with temporary_settings(updates={PREFECT_API_URL: "http://prefect:4200/api"}), prefect_api_for_local_workers("dask"):
+        assert PREFECT_API_URL.value() == "http://prefect:4200/api"  # a real server is kept
 
 
 def test_two_local_workers_build_the_same_index_as_one_process(harness, tmp_path, settings):
@@ -91,9 +134,17 @@ def test_two_local_workers_build_the_same_index_as_one_process(harness, tmp_path
 def test_each_worker_loads_the_model_once_with_its_share_of_the_cores(harness, tmp_path, settings, cluster):
     _, client = cluster
     source = write_docs(tmp_path / "src", DOCS)
+    before = embed_task_runs()
     stats = ingest_flow(str(source), str(tmp_path / "idx"), settings,
                         task_runner=f"dask={client.scheduler.address}")
-    assert stats["failed"] == 0 and stats["nodes_embedded"] >= 12  # >= 3 tasks per worker
+    assert stats["failed"] == 0 and stats["nodes_embedded"] >= 12  # 6 tasks for 2 workers
+    # the workers reported their task runs to the flow's Prefect server (which records them
+    # from events, a moment later)
+    batches = len(DOCS)  # batches hold whole documents, and each has more than 2 nodes
+    deadline = time.monotonic() + 30
+    while embed_task_runs() - before < batches and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert embed_task_runs() - before == batches
     reports = client.run(runtime.process_report)
     # both single-threaded workers get tasks from the first wave on, and neither reloads
     assert [r["models_loaded"] for r in reports.values()] == [1, 1]
