@@ -49,6 +49,15 @@ def warm_model(settings: dict) -> None:
 
 
 def run_one(config: str, source: str, work: Path) -> dict:
+    """One timed ingest for ``config`` (thread or dask:N), its workers sharing the flow's
+    temporary Prefect server exactly as under ``--task-runner dask=N``."""
+    from flows.dask_runner import prefect_api_for_local_workers
+
+    with prefect_api_for_local_workers("dask" if config.startswith("dask") else "thread"):
+        return timed_ingest(config, source, work)
+
+
+def timed_ingest(config: str, source: str, work: Path) -> dict:
     """One timed ingest with a warm model (and warm cluster) for ``config``: thread or dask:N."""
     from prefect import flow, task
 
@@ -105,15 +114,20 @@ def run_one(config: str, source: str, work: Path) -> dict:
 
 FINDINGS = """## What it shows
 
-- One Dask worker with all the cores as torch threads matches the thread runner: distributing
-  costs nothing measurable once the cluster is up (start-up, 12-25 s here, is paid per run).
-- On a quiet 2-core machine two 1-thread workers are no faster than one 2-thread worker: torch
-  already keeps both cores busy. With other jobs competing for the cores (repeat 1), two
-  single-threaded processes held up better (1.5x one worker), most likely because intra-op threads
-  wait for each other at every operator and independent processes do not. Hence the default of one worker per core
-  (fewer if memory cannot hold a model copy in each).
-- Each worker holds its own model copy (~2.2 GB peak), and the flow process one more, so memory,
-  not cores, bounds the worker count (the default assumes 3 GiB per worker).
+- Start-up (cluster plus one model load per worker) took 11-13 s on the quiet machine, up to
+  25 s on a busy one; `--task-runner dask` pays it once per run.
+- Once up, one Dask worker with both cores as torch threads ran at 0.86-0.97x the thread runner
+  here: Dask's scheduler, nannies and heartbeats and the task reporting share the two cores the
+  encoder keeps busy. An earlier run of this benchmark (commit 69dcde6, workers still on their
+  own temporary Prefect servers) measured them equal: 0.96 vs 0.95 and 1.68 vs 1.66 nodes/s.
+- Two single-threaded workers against one two-threaded worker: 0.96-1.07x here, where the
+  machine was quiet and torch already kept both cores busy. In the earlier run, with another
+  job competing for the cores (load 3.4-4.6), two workers did 1.46 nodes/s against one
+  worker's 0.96 (1.51x), most likely because intra-op threads wait for each other at every
+  operator and independent processes do not; its quiet repeat gave 0.98x. Hence the default
+  of one worker per core, fewer when memory cannot hold a model copy in each.
+- Each worker holds its own model copy (2.0-2.3 GB peak), and the flow process one more, so
+  memory bounds the worker count as much as cores do (the default budgets 3 GiB per worker).
 - Before local workers were started without Dask's pre-spawn environment, one worker ran at 0.72x
   the thread runner on the same corpus: Dask sets `MALLOC_TRIM_THRESHOLD_=65536`, and the encoder
   alone measured 25.8 s vs 20.3 s on 24 abstracts with and without it. Set it to `null` on a real
@@ -154,9 +168,9 @@ def table(result: dict) -> str:
         f"{result['nodes_per_batch']} nodes per embedding task. Each configuration runs in its own process; "
         f"{result['repeats']} repeats, the order reversed each repeat. Throughput is the whole ingest flow "
         "(plan, split, embed, write) with the cluster already up and every model loaded.\n\n"
-        f"The machine is shared ({result['cores']} cores): another job and another engineer's work ran "
-        "beside this one, so each row gives the 1-minute load average seen during its runs, and the "
-        "ratios are taken within a row.\n\n"
+        f"The machine ({result['cores']} cores) is shared with another job and another engineer's work, "
+        "whose load comes and goes: each row gives the 1-minute load average seen during its runs "
+        "(about 2 is this benchmark alone), and ratios are taken within a row.\n\n"
         f"## Throughput (nodes/s)\n\n| repeat (load avg) | {head} | {multi.split(':')[1]} workers vs 1 | thread vs 1 worker |\n"
         + "|---|" + "---|" * (len(configs) + 2) + "\n" + "\n".join(rows) + "\n\n"
         "## Memory and start-up\n\nPeak RSS is each process's maximum resident set (ru_maxrss), the "
