@@ -87,7 +87,7 @@ def ingest_flow_body(source: str, index_dir: str, settings: dict[str, Any] | Non
     """Incrementally ingest ``source`` into the index at ``index_dir``."""
     began = time.perf_counter()
     config = settings_from(settings or {})
-    settings = config.model_dump(mode="json")
+    settings = config.to_transport()
     with index_lock(Path(index_dir), config.lock_timeout):
         plan = plan_task(source, index_dir, settings)
         batches, errors = split_task(plan, index_dir, settings)

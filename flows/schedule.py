@@ -42,7 +42,7 @@ def ingest_deployment_kwargs(
         "parameters": {
             "source": str(Path(source).resolve()) if Path(source).exists() else str(source),
             "index_dir": str(Path(index_dir).resolve()),
-            "settings": settings.model_dump(mode="json"),
+            "settings": settings.to_transport(),
         },
         "global_limit": 1,
         "limit": 1,

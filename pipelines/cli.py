@@ -142,7 +142,7 @@ def ingest(
         if task_runner:
             from flows.ingest import ingest_flow
 
-            stats = ingest_flow(str(source), str(index), settings.model_dump(mode="json"), task_runner=task_runner)
+            stats = ingest_flow(str(source), str(index), settings.to_transport(), task_runner=task_runner)
         else:
             from pipelines.ingest import ingest as run_ingest
 
@@ -187,7 +187,7 @@ def rebuild(
             from flows.rebuild import rebuild_flow
 
             stats = rebuild_flow(
-                str(index), settings.model_dump(mode="json"), encoder_overrides=overrides,
+                str(index), settings.to_transport(), encoder_overrides=overrides,
                 index_kind=index_kind, source=source, task_runner=task_runner,
             )
         else:

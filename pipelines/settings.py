@@ -87,6 +87,12 @@ class Settings(BaseSettings):
             data["encoder"] = {**self.encoder.model_dump(exclude_unset=True), **enc}
         return Settings.model_validate(data)
 
+    def to_transport(self) -> dict[str, Any]:
+        """The settings as JSON for a flow run or a deployment: only what was set explicitly,
+        so that the receiving side still tells chosen encoder settings from defaults (an
+        index keeps its own encoder unless one is chosen)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
     def explicit_encoder_settings(self) -> dict[str, Any]:
         """The encoder settings given explicitly that change vectors (not device, batch size…)."""
         return {

@@ -164,3 +164,28 @@ def test_rebuild_flow_switches_the_encoder(harness, tmp_path, settings, embeddin
     stats = rebuild_flow(str(tmp_path / "idx"), settings.model_dump(mode="json"), encoder_overrides={"method": "vanilla"})
     assert stats["nodes_embedded"] == 3 and stats["failed"] == 0 and stats["version"] > before
     assert FaissVectorStore.read_manifest(tmp_path / "idx").encoder["method"] == "vanilla"
+
+
+def test_a_flow_run_keeps_the_encoder_the_index_was_built_with(harness, tiny_model_dir, tmp_path, monkeypatch):
+    """Through the command, as a user runs it: an index built with method=vanilla takes a flow
+    ingest that does not name a method (defaults are not choices)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HTP_INDEX_ENCODER__MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("HTP_INDEX_ENCODER__SEGMENTER", "sentencizer")
+    monkeypatch.setenv("HTP_INDEX_CHUNK_SIZE", "64")
+    source = write_docs(tmp_path / "src")
+    runner = CliRunner()
+    built = runner.invoke(app, ["ingest", str(source), "--index", "idx", "--method", "vanilla", "--json"])
+    assert built.exit_code == 0, built.output
+    (source / "more.txt").write_text("the dog ran home .")
+    flowed = runner.invoke(app, ["ingest", str(source), "--index", "idx", "--task-runner", "thread", "--json"])
+    assert flowed.exit_code == 0, flowed.output
+    assert json.loads(flowed.stdout)["added"] == 1
+    info = json.loads(runner.invoke(app, ["info", "--index", "idx", "--json"]).stdout)
+    assert info["encoder"]["method"] == "vanilla" and info["count"] == 4
