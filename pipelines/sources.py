@@ -134,7 +134,8 @@ def pdf_to_text(path: Path) -> str:
         raise DocumentRejected(f"unreadable PDF: {exc}") from exc
 
 
-_KEPT_CONTROLS = frozenset("\t\n\r\f\v")
+# Unicode category Cc is exactly U+0000-001F and U+007F-009F; tabs and line breaks stay.
+_DROP_CONTROLS = {c: None for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n\r\f\v"}
 _INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
 
 
@@ -144,16 +145,14 @@ def clean_text(text: str) -> str:
     Controls carry no meaning for retrieval and break tokenizers' and terminals' output; a
     text that is mostly controls is a binary file that escaped the NUL check. Zero-width
     characters are kept (ZWJ/ZWNJ matter in emoji and Indic scripts), but a text made only of
-    invisible characters counts as empty.
+    invisible characters counts as empty. ``str.translate`` keeps this cheap on 20 MB files.
     """
     sample = text[:8192]
-    controls = sum(1 for ch in sample if unicodedata.category(ch) == "Cc" and ch not in _KEPT_CONTROLS)
+    controls = len(sample) - len(sample.translate(_DROP_CONTROLS))
     if controls > 0.1 * len(sample):
         raise DocumentRejected(f"binary content ({controls} control characters in the first {len(sample)}); "
                                "not a text document")
-    if controls or any(unicodedata.category(ch) == "Cc" and ch not in _KEPT_CONTROLS for ch in text[8192:]):
-        text = "".join(ch for ch in text if ch in _KEPT_CONTROLS or unicodedata.category(ch) != "Cc")
-    return text
+    return text.translate(_DROP_CONTROLS)
 
 
 def _require_text(text: str) -> str:
