@@ -11,8 +11,10 @@ from .errors import (
     IndexExistsError,
     IndexNotFoundError,
     IndexTrainingError,
+    SparseIndexMissingError,
     UnsupportedFilterError,
 )
+from . import fusion, sparse
 from .gpu import GpuSelection, Placement, UseGpu
 from .persist import current_version, exists, read_manifest
 from .spec import IndexParams, IndexSpec, Manifest, Metric
@@ -32,9 +34,12 @@ __all__ = [
     "Manifest",
     "Metric",
     "Placement",
+    "SparseIndexMissingError",
     "UnsupportedFilterError",
     "UseGpu",
     "current_version",
     "exists",
+    "fusion",
     "read_manifest",
+    "sparse",
 ]

@@ -12,6 +12,8 @@ Tables:
   and embedding, as LlamaIndex serialises it, to rebuild it with its relationships).
 * ``docs``: ``ref_doc_id -> hash``, so an ingestion pipeline can diff sources.
 * ``state``: small key/value facts (the id counter, schema version).
+* ``nodes_fts``: the keyword (BM25) index over node texts, kept in step by triggers
+  (see `indexes.sparse`). Databases written before it existed lack it (schema version 1).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ import numpy as np
 from llama_index.core.schema import BaseNode, MetadataMode
 from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
 
-SCHEMA_VERSION = "1"
+from . import sparse
+
+SCHEMA_VERSION = "2"
+"""2 added the keyword table; 1 had nodes, docs and state only."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -94,17 +99,45 @@ class NodeStore:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        new = not sparse.has_table(conn) and not self._has_nodes_table()
         self._conn.executescript(_SCHEMA)
+        if new:
+            sparse.create(conn, populate=False)
         self._conn.execute(
             "INSERT OR IGNORE INTO state(key, value) VALUES ('schema_version', ?)",
-            (SCHEMA_VERSION,),
+            (SCHEMA_VERSION if new else "1",),
         )
         self._conn.commit()
 
+    def _has_nodes_table(self) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'nodes'"
+        ).fetchone()
+        return row is not None
+
     @classmethod
     def in_memory(cls) -> NodeStore:
-        """An empty store in memory."""
+        """An empty store in memory (with the keyword table)."""
         return cls(sqlite3.connect(":memory:", check_same_thread=False))
+
+    # --------------------------------------------------------------- keywords
+
+    @property
+    def has_sparse(self) -> bool:
+        """Whether node texts are indexed for keyword search (not in schema-1 databases)."""
+        return sparse.has_table(self._conn)
+
+    def add_sparse(self) -> None:
+        """Create and fill the keyword table of a database written before it existed."""
+        if not self.has_sparse:
+            sparse.create(self._conn, populate=True)
+            self.set_state("schema_version", SCHEMA_VERSION)
+
+    def sparse_search(
+        self, text: str, k: int, allowed: np.ndarray | None = None
+    ) -> list[tuple[int, float]]:
+        """Top-``k`` (faiss id, BM25 score) for ``text`` among ``allowed`` ids (all if None)."""
+        return sparse.search(self._conn, text, k, allowed)
 
     @classmethod
     def load(cls, path: Path) -> NodeStore:

@@ -140,3 +140,17 @@ class UnsupportedFilterError(HtpIndexError, ValueError):
 
 def _compact(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, default=str)
+
+
+class SparseIndexMissingError(HtpIndexError):
+    """Keyword or hybrid search was asked of an index written before it had a keyword table."""
+
+    @classmethod
+    def at(cls, path: str | Path, mode: str) -> SparseIndexMissingError:
+        """The standard error, naming the command that adds the keyword side."""
+        return cls(
+            f"the index at {path} has no keyword index (it was written before htp-index had "
+            f"one), so {mode!r} search is not available; it still serves dense search. Add "
+            f"the keyword side with `htp-index rebuild --index {path} --keep-vectors` (no "
+            "re-embedding)"
+        )

@@ -50,9 +50,14 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQueryResult,
 )
 
-from . import gpu, kinds, persist
+from . import fusion, gpu, kinds, persist
 from .docstore import NodeRow, NodeStore
-from .errors import EncoderMismatchError, IndexCorruptedError, IndexExistsError
+from .errors import (
+    EncoderMismatchError,
+    IndexCorruptedError,
+    IndexExistsError,
+    SparseIndexMissingError,
+)
 from .filters import compile_filters, filters_key
 from .spec import IndexParams, IndexSpec, Manifest, Metric, canonical_encoder
 from .vectors import VectorIndex
@@ -61,6 +66,8 @@ logger = logging.getLogger(__name__)
 
 _FILTER_CACHE_SIZE = 64
 _SEARCH_KNOBS = ("nprobe", "ef_search", "k_factor")
+_SPARSE_MODES = (VectorStoreQueryMode.TEXT_SEARCH, VectorStoreQueryMode.SPARSE)
+_DENSE_MODES = (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.HYBRID)
 
 Hit = tuple[str, float]
 
@@ -522,35 +529,93 @@ class FaissVectorStore(BasePydanticVectorStore):
     # -------------------------------------------------------------- reading
 
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
-        """Top-k nodes for ``query.query_embedding``, honouring filters, node_ids and doc_ids.
+        """Top-k nodes for the query, honouring filters, node_ids and doc_ids in every mode.
 
-        ``ids`` are node ids; similarities are inner products for ``ip`` and
-        ``1 / (1 + squared L2 distance)`` for ``l2`` (higher is closer either way).
-        Search knobs ``nprobe``, ``ef_search`` and ``k_factor`` may be passed as keyword
-        arguments (``as_retriever(vector_store_kwargs={...})``).
+        Modes (LlamaIndex's ``VectorStoreQueryMode``):
+
+        * ``DEFAULT``: dense search for ``query.query_embedding``;
+        * ``TEXT_SEARCH`` / ``SPARSE``: BM25 keyword search for ``query.query_str``;
+        * ``HYBRID``: both, fused (see `indexes.fusion`): ``alpha`` weighs the dense side
+          (1 = dense only, None = the tuned default); ``sparse_top_k`` keyword candidates
+          (default 100) and ``hybrid_top_k`` results (default ``similarity_top_k``).
+
+        ``ids`` are node ids; dense similarities are inner products for ``ip`` and
+        ``1 / (1 + squared L2 distance)`` for ``l2``, keyword scores are BM25, hybrid scores the
+        fused value in [0, 1]; higher is better everywhere. Search knobs ``nprobe``,
+        ``ef_search`` and ``k_factor``, and ``fusion`` (``convex`` or ``rrf``) may be passed as
+        keyword arguments (``as_retriever(vector_store_kwargs={...})``).
         """
-        if query.mode != VectorStoreQueryMode.DEFAULT:
+        mode = VectorStoreQueryMode(query.mode)
+        knobs = {k: v for k, v in kwargs.items() if k in _SEARCH_KNOBS}
+        dense_wanted = mode in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.HYBRID)
+        if mode not in (*_SPARSE_MODES, *_DENSE_MODES):
             raise ValueError(
-                f"query mode {query.mode.value!r} is not supported: FaissVectorStore does dense "
-                "vector search ('default')"
+                f"query mode {mode.value!r} is not supported; FaissVectorStore does "
+                "'default' (dense), 'sparse'/'text_search' (BM25) and 'hybrid'"
             )
-        if query.query_embedding is None:
+        if mode != VectorStoreQueryMode.DEFAULT:
+            if query.query_str is None or not query.query_str.strip():
+                raise ValueError(f"query mode {mode.value!r} needs query_str (the query text)")
+            self._require_sparse(mode)
+        if dense_wanted and query.query_embedding is None:
+            if mode == VectorStoreQueryMode.HYBRID:
+                raise ValueError("hybrid queries need query_embedding as well as query_str")
             logger.warning("query without query_embedding: returning no results")
             return VectorStoreQueryResult(nodes=[], similarities=[], ids=[])
-        knobs = {k: v for k, v in kwargs.items() if k in _SEARCH_KNOBS}
-        hits = self._search_rows(
-            np.asarray([query.query_embedding], dtype=np.float32),
-            query.similarity_top_k,
-            filters=query.filters,
-            node_ids=query.node_ids or None,
-            doc_ids=query.doc_ids or None,
-            **knobs,
-        )[0]
+        k = query.similarity_top_k
+        if mode == VectorStoreQueryMode.HYBRID:
+            k = query.hybrid_top_k or k
+        with self._lock:
+            allowed = self._select(
+                query.filters, node_ids=query.node_ids or None, doc_ids=query.doc_ids or None
+            )
+            if mode == VectorStoreQueryMode.DEFAULT:
+                hits = self._dense_hits(
+                    np.asarray([query.query_embedding], dtype=np.float32), k, allowed, knobs
+                )[0]
+            elif mode in _SPARSE_MODES:
+                hits = self._nodes.sparse_search(query.query_str or "", k, allowed)
+            else:
+                depth = max(k, fusion.CANDIDATES)
+                dense = self._dense_hits(
+                    np.asarray([query.query_embedding], dtype=np.float32), depth, allowed, knobs
+                )[0]
+                sparse_hits = self._nodes.sparse_search(
+                    query.query_str or "", query.sparse_top_k or depth, allowed
+                )
+                method = kwargs.get("fusion", fusion.DEFAULT_FUSION)
+                hits = fusion.fuse(dense, sparse_hits, method=method, alpha=query.alpha)[:k]
+            rows = self._nodes.rows([faiss_id for faiss_id, _ in hits])
+        found = [(rows[i], score) for i, score in hits if i in rows]
         return VectorStoreQueryResult(
-            nodes=[row.to_node() for row, _ in hits],
-            similarities=[score for _, score in hits],
-            ids=[row.node_id for row, _ in hits],
+            nodes=[row.to_node() for row, _ in found],
+            similarities=[score for _, score in found],
+            ids=[row.node_id for row, _ in found],
         )
+
+    @property
+    def has_sparse(self) -> bool:
+        """Whether keyword (BM25) and hybrid search are available (not on indexes written
+        before the keyword table existed, until they are rebuilt)."""
+        with self._lock:
+            return self._nodes.has_sparse
+
+    @property
+    def query_modes(self) -> list[str]:
+        """The query modes this index serves: ``dense``, and ``sparse``/``hybrid`` with keywords."""
+        return ["dense", "sparse", "hybrid"] if self.has_sparse else ["dense"]
+
+    def add_sparse(self) -> None:
+        """Index the stored node texts for keyword search (an index written before it existed);
+        the next :meth:`persist` writes it. No vector changes."""
+        with self._lock:
+            if not self._nodes.has_sparse:
+                self._nodes.add_sparse()
+                self._touch()
+
+    def _require_sparse(self, mode: VectorStoreQueryMode) -> None:
+        if not self._nodes.has_sparse:
+            raise SparseIndexMissingError.at(self._root, mode.value)
 
     def search(
         self,
@@ -564,31 +629,21 @@ class FaissVectorStore(BasePydanticVectorStore):
         ef_search: int | None = None,
         k_factor: float | None = None,
     ) -> list[list[Hit]]:
-        """Batch search: for each query row, the top-`k` (node_id, similarity) pairs."""
-        rows = self._search_rows(
-            np.asarray(embeddings, dtype=np.float32),
-            k,
-            filters=filters,
-            node_ids=node_ids,
-            doc_ids=doc_ids,
-            nprobe=nprobe,
-            ef_search=ef_search,
-            k_factor=k_factor,
-        )
-        return [[(row.node_id, score) for row, score in hits] for hits in rows]
-
-    def _search_rows(
-        self,
-        xq: np.ndarray,
-        k: int,
-        *,
-        filters: MetadataFilters | None,
-        node_ids: Sequence[str] | None,
-        doc_ids: Sequence[str] | None,
-        **knobs: Any,
-    ) -> list[list[tuple[NodeRow, float]]]:
+        """Batch dense search: for each query row, the top-`k` (node_id, similarity) pairs."""
+        xq = np.asarray(embeddings, dtype=np.float32)
         if xq.ndim == 1:
             xq = xq[None, :]
+        knobs = {"nprobe": nprobe, "ef_search": ef_search, "k_factor": k_factor}
+        with self._lock:
+            allowed = self._select(filters, node_ids=node_ids, doc_ids=doc_ids)
+            hits = self._dense_hits(xq, k, allowed, knobs)
+            found = self._nodes.rows(sorted({i for row in hits for i, _ in row}))
+        return [[(found[i].node_id, score) for i, score in row if i in found] for row in hits]
+
+    def _dense_hits(
+        self, xq: np.ndarray, k: int, allowed: np.ndarray | None, knobs: dict[str, Any]
+    ) -> list[list[tuple[int, float]]]:
+        """(faiss id, similarity) of the top-`k` vectors for each query row (caller locks)."""
         if xq.ndim != 2 or xq.shape[1] != self._spec.dim:
             raise ValueError(
                 f"query embedding has shape {tuple(xq.shape)}; the index at {self._root} holds "
@@ -596,20 +651,11 @@ class FaissVectorStore(BasePydanticVectorStore):
             )
         if k <= 0:
             return [[] for _ in range(len(xq))]
-        with self._lock:
-            allowed = self._select(filters, node_ids=node_ids, doc_ids=doc_ids)
-            scores, ids = self._vectors.search(xq, k, allowed, **knobs)
-            found = ids[ids >= 0]
-            rows = self._nodes.rows(np.unique(found).tolist())
-        out: list[list[tuple[NodeRow, float]]] = []
-        for score_row, id_row in zip(scores, ids, strict=True):
-            hits = []
-            for score, faiss_id in zip(score_row, id_row, strict=True):
-                row = rows.get(int(faiss_id))
-                if row is not None:  # -1 (no result) has no row; a live id always has one
-                    hits.append((row, self._similarity(float(score))))
-            out.append(hits)
-        return out
+        scores, ids = self._vectors.search(xq, k, allowed, **knobs)
+        return [
+            [(int(i), self._similarity(float(s))) for s, i in zip(srow, irow, strict=True) if i >= 0]
+            for srow, irow in zip(scores, ids, strict=True)
+        ]
 
     def _similarity(self, score: float) -> float:
         return score if self._spec.metric == "ip" else 1.0 / (1.0 + max(score, 0.0))

@@ -1,0 +1,131 @@
+"""The sparse (keyword) side of an index: BM25 over node texts with SQLite FTS5.
+
+The FTS5 table lives in the docstore's SQLite database and is kept in step with the ``nodes``
+table by triggers, so every add, upsert, delete and clear updates it in the same transaction,
+and a version's ``docstore.sqlite`` carries it under the same checksum and atomic switch as the
+vectors. Nothing else has to remember to update it.
+
+Why FTS5 rather than a separate in-memory BM25 (bm25s): it is incremental and transactional,
+needs no extra file or dependency, and measured within noise of bm25s on SciFact
+(``benchmarks/results/quality/sparse.md``).
+
+FTS5's query language is a trap for user text: ``"``, ``*``, ``AND``, ``NEAR``, ``-`` and ``:``
+are syntax, and ``ver1.1`` becomes a prefix query. So user text never reaches ``MATCH`` as is:
+it is cut into word tokens, English stop words are dropped, and each token is quoted and the
+tokens OR-joined (FTS5's default is AND, which finds nothing for most natural-language queries).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+
+import numpy as np
+
+FTS_TABLE = "nodes_fts"
+TOKENIZER = "porter unicode61 remove_diacritics 2"
+"""English (Porter) stemming over Unicode word splitting; measured against plain unicode61."""
+
+MAX_QUERY_TERMS = 64
+"""Distinct terms used from one query: bounds the work of a 4,000-character query."""
+
+# Lucene's English stop words (what bm25s and Elasticsearch use): terms this common carry no
+# ranking signal, but an OR query over them would have to score almost every row.
+STOP_WORDS = frozenset(
+    "a an and are as at be but by for if in into is it no not of on or such that the their "
+    "then there these they this to was will with".split()
+)
+
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+
+SCHEMA = f"""
+CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(
+    text, content='nodes', content_rowid='faiss_id', tokenize='{TOKENIZER}'
+);
+CREATE TRIGGER IF NOT EXISTS {FTS_TABLE}_insert AFTER INSERT ON nodes BEGIN
+    INSERT INTO {FTS_TABLE}(rowid, text) VALUES (new.faiss_id, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS {FTS_TABLE}_delete AFTER DELETE ON nodes BEGIN
+    INSERT INTO {FTS_TABLE}({FTS_TABLE}, rowid, text) VALUES ('delete', old.faiss_id, old.text);
+END;
+CREATE TRIGGER IF NOT EXISTS {FTS_TABLE}_update AFTER UPDATE OF text, faiss_id ON nodes BEGIN
+    INSERT INTO {FTS_TABLE}({FTS_TABLE}, rowid, text) VALUES ('delete', old.faiss_id, old.text);
+    INSERT INTO {FTS_TABLE}(rowid, text) VALUES (new.faiss_id, new.text);
+END;
+"""
+
+
+def query_terms(text: str) -> list[str]:
+    """The distinct, lower-cased word tokens of ``text`` that are not stop words, in order."""
+    seen: dict[str, None] = {}
+    for token in _TOKEN.findall(text.lower()):
+        if token not in STOP_WORDS and token not in seen:
+            seen[token] = None
+            if len(seen) == MAX_QUERY_TERMS:
+                break
+    return list(seen)
+
+
+def match_expression(text: str) -> str | None:
+    """A safe FTS5 MATCH expression for user text: quoted terms OR-joined; None if no term."""
+    terms = query_terms(text)
+    if not terms:
+        return None
+    return " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
+
+
+def has_table(conn: sqlite3.Connection) -> bool:
+    """Whether the database has the keyword table (indexes written before it existed do not)."""
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (FTS_TABLE,)
+    ).fetchone()
+    return row is not None
+
+
+def create(conn: sqlite3.Connection, *, populate: bool) -> None:
+    """Create the table and its triggers; ``populate`` indexes the nodes already stored."""
+    with conn:
+        conn.executescript(SCHEMA)
+        if populate:
+            conn.execute(f"INSERT INTO {FTS_TABLE}({FTS_TABLE}) VALUES ('rebuild')")
+
+
+def search(
+    conn: sqlite3.Connection, text: str, k: int, allowed: np.ndarray | None = None
+) -> list[tuple[int, float]]:
+    """Top-``k`` (faiss id, BM25 score) for ``text``, higher is better, restricted to ``allowed``.
+
+    ``ORDER BY bm25 LIMIT`` stays an inner query on the FTS table alone, where FTS5 can rank
+    without touching other tables; a restriction is applied to its result, and the limit grows
+    until ``k`` allowed rows are found or the matches run out.
+    """
+    expression = match_expression(text)
+    if expression is None or k <= 0:
+        return []
+    keep = None if allowed is None else set(allowed.tolist())
+    if keep is not None and not keep:
+        return []
+    limit = k if keep is None else max(4 * k, 64)
+    while True:
+        rows = conn.execute(
+            f"SELECT rowid, bm25({FTS_TABLE}) FROM {FTS_TABLE} WHERE {FTS_TABLE} MATCH ? "
+            f"ORDER BY bm25({FTS_TABLE}) LIMIT ?",
+            (expression, limit),
+        ).fetchall()
+        hits = [(int(rowid), -float(score)) for rowid, score in rows]
+        if keep is not None:
+            hits = [hit for hit in hits if hit[0] in keep]
+        if len(hits) >= k or len(rows) < limit:
+            return hits[:k]
+        limit *= 4
+
+
+def row_count(conn: sqlite3.Connection) -> int:
+    """Rows indexed for keyword search (equals the node count when in step)."""
+    return int(conn.execute(f"SELECT count(*) FROM {FTS_TABLE}_docsize").fetchone()[0])
+
+
+def integrity_check(conn: sqlite3.Connection) -> None:
+    """Raise ``sqlite3.DatabaseError`` if the keyword table disagrees with the nodes table."""
+    conn.execute(f"INSERT INTO {FTS_TABLE}({FTS_TABLE}, rank) VALUES ('integrity-check', 1)")
+
