@@ -24,6 +24,7 @@ from pipelines.ingest import (
     RunStats,
     apply_changes,
     embed_batch_isolated,
+    ensure_correction,
     node_batches,
     plan_ingest,
     split_all,
@@ -73,6 +74,7 @@ def apply_task(plan: IngestPlan, nodes: list[TextNode], errors: dict[str, str], 
         stats.fail(error.doc_id, error.error)
     for doc_id, error in errors.items():
         stats.fail(doc_id, error)
+    ensure_correction(store, nodes, embedding, config)
     apply_changes(store, plan, nodes, set(errors), stats)
     if plan.to_embed or plan.deleted or store.version is None:
         stats.version = store.persist()

@@ -4,6 +4,8 @@
 This package never imports ``htp_embed``, ``pipelines`` or ``flows``.
 """
 
+from . import fusion, sparse
+from .correction import VectorCorrection
 from .errors import (
     EncoderMismatchError,
     HtpIndexError,
@@ -14,7 +16,6 @@ from .errors import (
     SparseIndexMissingError,
     UnsupportedFilterError,
 )
-from . import fusion, sparse
 from .gpu import GpuSelection, Placement, UseGpu
 from .persist import current_version, exists, read_manifest
 from .spec import IndexParams, IndexSpec, Manifest, Metric
@@ -37,6 +38,7 @@ __all__ = [
     "SparseIndexMissingError",
     "UnsupportedFilterError",
     "UseGpu",
+    "VectorCorrection",
     "current_version",
     "exists",
     "fusion",

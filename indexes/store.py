@@ -51,6 +51,7 @@ from llama_index.core.vector_stores.types import (
 )
 
 from . import fusion, gpu, kinds, persist
+from .correction import CORRECTION_FILE, VectorCorrection
 from .docstore import NodeRow, NodeStore
 from .errors import (
     EncoderMismatchError,
@@ -91,6 +92,7 @@ class FaissVectorStore(BasePydanticVectorStore):
     _keep_versions: int = PrivateAttr(default=3)
     _dirty: bool = PrivateAttr(default=True)
     _filter_cache: dict[str, np.ndarray] = PrivateAttr(default_factory=dict)
+    _correction: VectorCorrection | None = PrivateAttr(default=None)
 
     def __init__(
         self,
@@ -103,6 +105,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         next_id: int = 0,
         manifest: Manifest | None = None,
         keep_versions: int = 3,
+        correction: VectorCorrection | None = None,
     ) -> None:
         """Internal: use `create` or `open`."""
         super().__init__()
@@ -116,6 +119,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         self._version = manifest.version if manifest else 0
         self._keep_versions = keep_versions
         self._dirty = manifest is None
+        self._correction = correction
 
     # ------------------------------------------------------------ lifecycle
 
@@ -203,6 +207,12 @@ class FaissVectorStore(BasePydanticVectorStore):
                     vdir / persist.MANIFEST_FILE, f"it does not list {name}"
                 )
         persist.verify_files(vdir, manifest)
+        correction = None
+        if CORRECTION_FILE in manifest.files:
+            try:
+                correction = VectorCorrection.load(vdir / CORRECTION_FILE)
+            except ValueError as exc:
+                raise IndexCorruptedError.for_file(vdir / CORRECTION_FILE, f"invalid ({exc})") from exc
         index_path = vdir / persist.INDEX_FILE
         try:
             index = faiss.read_index(str(index_path))
@@ -247,6 +257,7 @@ class FaissVectorStore(BasePydanticVectorStore):
             next_id=next_id,
             manifest=manifest,
             keep_versions=keep_versions,
+            correction=correction,
         )
 
     @staticmethod
@@ -289,6 +300,8 @@ class FaissVectorStore(BasePydanticVectorStore):
                 index_path = writer.path / persist.INDEX_FILE
                 faiss.write_index(self._vectors.index, str(index_path))
                 self._nodes.save(writer.path / persist.DOCSTORE_FILE)
+                if self._correction is not None:
+                    self._correction.save(writer.path / CORRECTION_FILE)
                 writer.commit(self._build_manifest(writer.path))
             assert writer.manifest is not None
             self._manifest = writer.manifest
@@ -312,7 +325,8 @@ class FaissVectorStore(BasePydanticVectorStore):
             params=self._spec.params,
             files={
                 name: persist.file_record(folder / name)
-                for name in (persist.INDEX_FILE, persist.DOCSTORE_FILE)
+                for name in (persist.INDEX_FILE, persist.DOCSTORE_FILE, CORRECTION_FILE)
+                if name != CORRECTION_FILE or self._correction is not None
             },
             faiss_version=faiss.__version__,
         )
@@ -417,12 +431,15 @@ class FaissVectorStore(BasePydanticVectorStore):
         nodes: Sequence[BaseNode],
         *,
         embeddings: np.ndarray | None = None,
+        corrected: bool = False,
         **add_kwargs: Any,
     ) -> list[str]:
         """Add nodes with embeddings; a node whose node_id exists replaces it (upsert).
 
         `embeddings` (one row per node) may carry the vectors instead of ``node.embedding``,
-        which spares building Python lists for large batches.
+        which spares building Python lists for large batches. Vectors are the encoder's; the
+        store applies its correction, unless ``corrected`` says they already went through the
+        same correction (vectors copied from another version of this index).
         """
         if not nodes:
             return []
@@ -434,6 +451,8 @@ class FaissVectorStore(BasePydanticVectorStore):
         else:
             x = self._embedding_matrix(unique)
         with self._lock:
+            if self._correction is not None and not corrected:
+                x = self._correction.documents(x)
             ids = np.arange(self._next_id, self._next_id + len(unique), dtype=np.int64)
             rows = [NodeRow.from_node(node, int(i)) for node, i in zip(unique, ids, strict=True)]
             self._vectors.add(ids, x)  # may refuse (IndexTrainingError) before any change
@@ -594,6 +613,41 @@ class FaissVectorStore(BasePydanticVectorStore):
         )
 
     @property
+    def correction(self) -> VectorCorrection | None:
+        """The geometry correction applied to documents at add and to queries at search."""
+        return self._correction
+
+    def correction_drift(self, sample: int = 100_000) -> dict[str, Any] | None:
+        """How far the stored vectors have drifted from the correction's fit (None: none);
+        reads at most ``sample`` vectors."""
+        if self._correction is None:
+            return None
+        vectors = []
+        for _, vector in self.iter_embeddings():
+            vectors.append(vector)
+            if len(vectors) >= sample:
+                break
+        return self._correction.drift(np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim))
+
+    def correction_summary(self) -> dict[str, Any] | None:
+        """The correction's variant and what it was fitted on, for reports (None: none)."""
+        return None if self._correction is None else self._correction.summary()
+
+    def set_correction(self, correction: VectorCorrection | None) -> None:
+        """Use ``correction`` from now on; only while the store is empty, since vectors already
+        stored were corrected (or not) with the statistics they were added under."""
+        with self._lock:
+            if self._vectors.count:
+                raise ValueError(
+                    f"the index at {self._root} already holds {self._vectors.count} vectors; its "
+                    "correction is frozen until `htp-index rebuild` fits a new one"
+                )
+            if correction is not None and correction.dim != self._spec.dim:
+                raise ValueError(f"correction is {correction.dim}-d, the index {self._spec.dim}-d")
+            self._correction = correction
+            self._touch()
+
+    @property
     def has_sparse(self) -> bool:
         """Whether keyword (BM25) and hybrid search are available (not on indexes written
         before the keyword table existed, until they are rebuilt)."""
@@ -651,6 +705,8 @@ class FaissVectorStore(BasePydanticVectorStore):
             )
         if k <= 0:
             return [[] for _ in range(len(xq))]
+        if self._correction is not None:
+            xq = self._correction.queries(xq)
         scores, ids = self._vectors.search(xq, k, allowed, **knobs)
         return [
             [(int(i), self._similarity(float(s))) for s, i in zip(srow, irow, strict=True) if i >= 0]

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,6 +54,18 @@ MethodOpt = Annotated[str | None, typer.Option("--method", help="htp, vanilla, l
 KOpt = Annotated[str | None, typer.Option("--k", help="HTP sentences per block: an integer or 'adaptive[:MAX_BLOCKS]'")]
 KindOpt = Annotated[str | None, typer.Option("--index-kind", help="flat, hnsw, ivf_flat, ivf_pq or a FAISS factory string")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
+
+
+class Mode(StrEnum):
+    """Query modes, as the command line spells them."""
+
+    dense = "dense"
+    sparse = "sparse"
+    hybrid = "hybrid"
+
+
+ModeOpt = Annotated[Mode | None, typer.Option("--mode", help="dense (vectors), sparse (BM25 keywords) or hybrid (both fused); default: settings' query_mode (hybrid)")]
+AlphaOpt = Annotated[float | None, typer.Option("--alpha", min=0.0, max=1.0, help="hybrid: weight of the dense side, 1 = dense only, 0 = keywords only (default: the tuned value)")]
 
 
 def _setup(verbose: bool, quiet: bool = False) -> None:
@@ -170,6 +183,7 @@ def rebuild(
     device: DeviceOpt = None,
     index_kind: KindOpt = None,
     source: Annotated[str | None, typer.Option(help="re-read and re-split this source instead of re-embedding the stored nodes")] = None,
+    keep_vectors: Annotated[bool, typer.Option("--keep-vectors", help="re-use the stored vectors instead of re-embedding: adds the keyword index (and a vector correction) to an index written by an older htp-index, or changes --index-kind; cannot change the encoder")] = False,
     task_runner: Annotated[str | None, typer.Option(help="run as a Prefect flow with this task runner: 'thread', 'dask' (local worker processes), 'dask=N' (N of them) or 'dask=tcp://HOST:8786' (a running cluster)")] = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -182,6 +196,8 @@ def rebuild(
         "model": model, "method": method, "k": k, "rewire_start": rewire_start,
         "rewire_stop": rewire_stop, "exit_layer": exit_layer,
     }
+    if keep_vectors and task_runner:
+        raise typer.BadParameter("--keep-vectors embeds nothing, so it takes no --task-runner")
     try:
         if task_runner:
             from flows.rebuild import rebuild_flow
@@ -196,7 +212,7 @@ def rebuild(
             stats = _run_with_progress(
                 lambda advance, total: run_rebuild(
                     index, settings, encoder_overrides=overrides, index_kind=index_kind, source=source,
-                    progress=advance, on_total=total,
+                    progress=advance, on_total=total, keep_vectors=keep_vectors,
                 ).to_json(),
                 "re-embedding nodes", not as_json,
             )
@@ -231,6 +247,8 @@ def query(
     index: IndexOpt,
     top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1000, help="results to return")] = 5,
     filter_: Annotated[list[str] | None, typer.Option("--filter", "-f", help="metadata filter key=value (also != > >= < <=); repeat to AND")] = None,
+    mode: ModeOpt = None,
+    alpha: AlphaOpt = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
@@ -243,7 +261,7 @@ def query(
     try:
         from pipelines.query import open_index
 
-        results = open_index(index, settings).search(text, top_k, filters)
+        results = open_index(index, settings).search(text, top_k, filters, mode=mode.value if mode else None, alpha=alpha)
     except Exception as exc:
         raise _fail(exc) from exc
     if as_json:
@@ -285,25 +303,32 @@ def serve(
 
 @app.command()
 def info(index: IndexOpt, as_json: JsonOpt = False) -> None:
-    """Show an index's live version, size, kind and encoder."""
+    """Show an index's live version, size, kind, encoder, query modes and vector correction
+    (with how far the stored vectors have drifted from it)."""
     from indexes import FaissVectorStore
 
     try:
         manifest = FaissVectorStore.read_manifest(index)
+        store = FaissVectorStore.open(index, use_gpu=False)
     except Exception as exc:
         raise _fail(exc) from exc
     summary = {
         "count": manifest.count, "dim": manifest.dim, "version": manifest.version,
         "index_kind": manifest.index_kind, "metric": manifest.metric, "encoder": manifest.encoder,
-        "created_at": manifest.created_at,
+        "created_at": manifest.created_at, "query_modes": store.query_modes,
+        "correction": store.correction_summary(), "correction_drift": store.correction_drift(),
     }
     if as_json:
         out.print_json(json.dumps(summary))
         return
     table = Table(title=str(index), show_header=False)
     for key, value in summary.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+        table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
     out.print(table)
+    if not store.has_sparse:
+        out.print(f"[yellow]no keyword index[/yellow]: add it with `htp-index rebuild --index {index} --keep-vectors`")
+    if store.correction is None and store.count:
+        out.print(f"[yellow]no vector correction[/yellow]: fit one with `htp-index rebuild --index {index} --keep-vectors`")
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""``htp-index eval``: retrieval quality of one encoder setting on a BEIR-format dataset.
+"""``htp-index eval``: retrieval quality on a BEIR-format dataset, of one encoder setting
+(the research harness) or of the product itself (``--pipeline``).
 
 Only the command function lives here; the application registers it
 (``app.command("eval")(eval_command)``), which keeps this module free of the CLI's wiring.
@@ -74,6 +75,19 @@ def eval_command(
     max_length: Annotated[int, typer.Option(help="tokens per text, placeholders included")] = 512,
     fuse_bm25: Annotated[bool, typer.Option(
         "--fuse-bm25", help="score the reciprocal-rank fusion (k=60) of BM25 and this method")] = False,
+    pipeline: Annotated[bool, typer.Option(
+        "--pipeline", help="measure the product itself: ingest the corpus into an index with the "
+        "product's settings (htp-index.toml, HTP_INDEX_*; the encoder options above are ignored) "
+        "and query it through the retriever in --mode")] = False,
+    mode: Annotated[str, typer.Option(
+        help="with --pipeline: dense, sparse (BM25 keywords) or hybrid")] = "hybrid",
+    alpha: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="with --pipeline and hybrid: weight of the dense side (default: tuned)")] = None,
+    index_dir: Annotated[Path | None, typer.Option(
+        help="with --pipeline: build (or reuse, incrementally) the index here instead of a temporary "
+        "directory, so other modes can be scored without embedding again")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="with --pipeline: TOML settings file (default: ./htp-index.toml)")] = None,
     json_output: Annotated[bool, typer.Option(
         "--json", help="print one JSON object with the metrics on stdout, nothing else")] = False,
     cache_dir: Annotated[Path | None, typer.Option(
@@ -85,6 +99,9 @@ def eval_command(
     """
     from pipelines.evaluation import evaluate
 
+    if pipeline:
+        _run_pipeline(dataset_dir, split, mode, alpha, index_dir, config, max_docs, max_queries, seed, json_output)
+        return
     if method not in ALL_METHODS:
         raise typer.BadParameter(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,6 +114,29 @@ def eval_command(
         )
     if json_output:
         typer.echo(json.dumps({key: result[key] for key in JSON_KEYS}))
+        return
+    _print_table(result)
+
+
+def _run_pipeline(
+    dataset_dir: Path, split: str, mode: str, alpha: float | None, index_dir: Path | None,
+    config: Path | None, max_docs: int | None, max_queries: int | None, seed: int, json_output: bool,
+) -> None:
+    from pipelines.eval_pipeline import evaluate_pipeline
+    from pipelines.query import QUERY_MODES
+    from pipelines.settings import load_settings
+
+    if mode not in QUERY_MODES:
+        raise typer.BadParameter(f"unknown mode {mode!r}; choose from {', '.join(QUERY_MODES)}")
+    settings = load_settings(config)
+    with contextlib.redirect_stdout(sys.stderr):
+        result = evaluate_pipeline(
+            dataset_dir, split, mode=mode, alpha=alpha, settings=settings, index_dir=index_dir,  # type: ignore[arg-type]
+            max_docs=max_docs, max_queries=max_queries, seed=seed,
+        )
+    if json_output:
+        typer.echo(json.dumps({**{key: result[key] for key in JSON_KEYS}, "mode": mode,
+                               "alpha": result["pipeline"]["alpha"]}))
         return
     _print_table(result)
 
@@ -114,6 +154,9 @@ def _print_table(result: dict[str, Any]) -> None:
     )
     console = Console()
     console.print(table)
-    cache = result["cache"]
-    console.print(f"[dim]cache: {cache['hits']} hit(s), {cache['misses']} miss(es) in {cache['dir']}; "
-                  f"{result['seconds']} s[/dim]")
+    cache = result.get("cache")
+    if cache is not None:
+        console.print(f"[dim]cache: {cache['hits']} hit(s), {cache['misses']} miss(es) in {cache['dir']}; "
+                      f"{result['seconds']} s[/dim]")
+    else:
+        console.print(f"[dim]{result['seconds']} s[/dim]")

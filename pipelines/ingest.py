@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from llama_index.core.schema import TextNode
 
 from htp_embed.llama_index import HTPEmbedding
 from indexes import FaissVectorStore
 from pipelines.chunking import default_chunk_size, embed_text, make_splitter, split_documents
+from pipelines.correction import fit_correction
 from pipelines.index_access import index_lock, load_embedding, open_or_create_store
 from pipelines.settings import Settings, load_settings
 from pipelines.sources import SourceDocument, SourceError, SourceItem, iter_source
@@ -208,6 +210,21 @@ def apply_changes(
     stats.nodes_embedded = len(nodes)
 
 
+def ensure_correction(
+    store: FaissVectorStore, nodes: Sequence[TextNode], embedding: HTPEmbedding, settings: Settings
+) -> None:
+    """Fit the index's vector correction when its version is filled for the first time (a new
+    index, or a rebuild); afterwards it stays frozen so every vector is corrected alike."""
+    if store.count or store.correction is not None or not nodes:
+        return
+    vectors = np.asarray([node.embedding for node in nodes], dtype=np.float32)
+    correction = fit_correction(vectors, [embed_text(n) for n in nodes], embedding.encoder, kind=settings.correction)
+    if correction is not None:
+        store.set_correction(correction)
+        log.info("fitted the vector correction on %d nodes and %d pseudo-queries",
+                 correction.fitted_on, correction.pseudo_queries)
+
+
 def chunk_size_for(settings: Settings) -> int:
     return settings.chunk_size or default_chunk_size(settings.encoder)
 
@@ -256,6 +273,7 @@ def ingest(
             for doc_id, error in errors.items():
                 stats.fail(doc_id, error)
                 failed.add(doc_id)
+        ensure_correction(store, nodes, embedding, settings)
         apply_changes(store, plan, nodes, failed, stats)
         stats.tokens = embedding.encoder.stats.tokens - tokens_before
         if plan.to_embed or plan.deleted or store.version is None:

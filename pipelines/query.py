@@ -7,24 +7,59 @@
         print(hit.score, hit.node.metadata["doc_id"], hit.node.get_content()[:80])
 
 Queries are embedded with the same encoder (and query instruction) that built the index.
+Every caller (the CLI, the HTTP service, evaluation, ``as_retriever``) searches through the
+store's LlamaIndex ``query``: dense, keyword (BM25) or hybrid, in one code path.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llama_index.core import VectorStoreIndex
 from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import NodeWithScore
-from llama_index.core.vector_stores.types import MetadataFilters, VectorStoreQuery
+from llama_index.core.vector_stores.types import (
+    MetadataFilters,
+    VectorStoreQuery,
+    VectorStoreQueryMode,
+)
 
 from htp_embed import config_from_identity
 from htp_embed.llama_index import HTPEmbedding
 from indexes import FaissVectorStore, IndexNotFoundError
+from indexes.fusion import Fusion
 from pipelines.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+QueryMode = Literal["dense", "sparse", "hybrid"]
+QUERY_MODES: tuple[str, ...] = ("dense", "sparse", "hybrid")
+_STORE_MODES = {
+    "dense": VectorStoreQueryMode.DEFAULT,
+    "sparse": VectorStoreQueryMode.SPARSE,
+    "hybrid": VectorStoreQueryMode.HYBRID,
+}
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """One query: its text, how many results, filters, and how to search.
+
+    ``mode`` None and ``alpha`` None take the index's defaults (settings ``query_mode`` and
+    ``alpha``); ``alpha`` is the weight of the dense side in hybrid mode.
+    """
+
+    query: str
+    top_k: int = 5
+    filters: MetadataFilters | None = None
+    mode: QueryMode | None = None
+    alpha: float | None = None
 
 
 @dataclass
@@ -34,35 +69,86 @@ class OpenIndex:
     path: Path
     store: FaissVectorStore
     embedding: HTPEmbedding
+    default_mode: QueryMode = "hybrid"
+    default_alpha: float | None = None
+    fusion: Fusion = "convex"
+    _warned: bool = field(default=False, repr=False)
 
     @property
     def version(self) -> int | None:
         return self.store.version
+
+    @property
+    def modes(self) -> list[str]:
+        """The query modes this index serves (keyword modes need its keyword table)."""
+        return self.store.query_modes
 
     def as_index(self) -> VectorStoreIndex:
         """A LlamaIndex VectorStoreIndex over this store (for query engines, chat engines…)."""
         return VectorStoreIndex.from_vector_store(self.store, embed_model=self.embedding)
 
     def as_retriever(self, similarity_top_k: int = 5, filters: MetadataFilters | None = None, **kwargs: Any) -> BaseRetriever:
-        """A LlamaIndex retriever returning ``NodeWithScore``s with text, metadata and scores."""
+        """A LlamaIndex retriever returning ``NodeWithScore``s with text, metadata and scores.
+
+        ``vector_store_query_mode`` ("default", "sparse", "hybrid") and ``alpha`` work as for
+        any LlamaIndex vector store; without them the retriever searches in this index's
+        default mode, like :meth:`search`.
+        """
+        if "vector_store_query_mode" not in kwargs:
+            kwargs["vector_store_query_mode"] = _STORE_MODES[self.resolve_mode(None)]
+            kwargs.setdefault("alpha", self.default_alpha)
+        kwargs.setdefault("vector_store_kwargs", {"fusion": self.fusion})
         return self.as_index().as_retriever(similarity_top_k=similarity_top_k, filters=filters, **kwargs)
 
-    def search(self, query: str, top_k: int = 5, filters: MetadataFilters | None = None) -> list[dict[str, Any]]:
-        """Results as plain dicts: ``node_id, doc_id, score, text, metadata``."""
-        hits = self.as_retriever(similarity_top_k=top_k, filters=filters).retrieve(query)
-        return [result_dict(hit) for hit in hits]
+    def resolve_mode(self, mode: QueryMode | None) -> QueryMode:
+        """The mode a request runs in: the one asked for, else the default this index supports.
 
-    def search_many(self, requests: list[tuple[str, int, MetadataFilters | None]]) -> list[list[dict[str, Any]]]:
-        """:meth:`search` for several ``(query, top_k, filters)`` at once: the queries go through
-        the encoder as one batch, which is what makes a busy service fast (one forward pass
-        instead of one per request). Results equal :meth:`search`'s, request by request."""
+        An index without a keyword table falls back to dense for the *default* mode (logged
+        once); asking for sparse or hybrid on it explicitly raises `SparseIndexMissingError`.
+        """
+        if mode is not None:
+            if mode not in QUERY_MODES:
+                raise ValueError(f"unknown query mode {mode!r}; use one of {', '.join(QUERY_MODES)}")
+            return mode
+        if self.default_mode != "dense" and not self.store.has_sparse:
+            if not self._warned:
+                log.warning("%s has no keyword index, so it serves dense search; run "
+                            "`htp-index rebuild --index %s --keep-vectors` to add hybrid search",
+                            self.path, self.path)
+                self._warned = True
+            return "dense"
+        return self.default_mode
+
+    def search(self, query: str, top_k: int = 5, filters: MetadataFilters | None = None,
+               *, mode: QueryMode | None = None, alpha: float | None = None) -> list[dict[str, Any]]:
+        """Results as plain dicts: ``node_id, doc_id, score, text, metadata``."""
+        return self.search_many([SearchRequest(query, top_k, filters, mode, alpha)])[0]
+
+    def search_many(self, requests: Sequence[SearchRequest]) -> list[list[dict[str, Any]]]:
+        """Several queries at once, the one query path of the CLI, the service and evaluation.
+
+        The queries that need a vector go through the encoder as one batch (one forward pass
+        instead of one per request, what makes a busy service fast); each is then searched
+        in its mode. Results equal :meth:`search`'s, request by request.
+        """
         if not requests:
             return []
-        vectors = self.embedding.encoder.encode_queries([query for query, _, _ in requests])
+        modes = [self.resolve_mode(r.mode) for r in requests]
+        needs_vector = [i for i, mode in enumerate(modes) if mode != "sparse"]
+        vectors = self.embedding.encoder.encode_queries([requests[i].query for i in needs_vector])
+        by_request = dict(zip(needs_vector, vectors, strict=True))
         out = []
-        for vector, (_, top_k, filters) in zip(vectors, requests, strict=True):
-            result = self.store.query(VectorStoreQuery(query_embedding=vector.tolist(), similarity_top_k=top_k,
-                                                       filters=filters))
+        for i, (request, mode) in enumerate(zip(requests, modes, strict=True)):
+            vector = by_request.get(i)
+            result = self.store.query(
+                VectorStoreQuery(
+                    query_embedding=None if vector is None else vector.tolist(),
+                    query_str=request.query, similarity_top_k=request.top_k,
+                    filters=request.filters, mode=_STORE_MODES[mode],
+                    alpha=self.default_alpha if request.alpha is None else request.alpha,
+                ),
+                fusion=self.fusion,
+            )
             out.append([result_dict(NodeWithScore(node=node, score=score))
                         for node, score in zip(result.nodes or [], result.similarities or [], strict=True)])
         return out
@@ -101,4 +187,5 @@ def open_index(
     if embedding is None or not same_encoder(embedding.identity(), recorded):
         embedding = HTPEmbedding(config=config_from_identity(recorded, **settings.runtime_encoder_settings()))
     store = FaissVectorStore.open(path, expected_encoder=embedding.identity(), **settings.faiss_placement())
-    return OpenIndex(path, store, embedding)
+    return OpenIndex(path, store, embedding, default_mode=settings.query_mode,
+                     default_alpha=settings.alpha, fusion=settings.fusion)

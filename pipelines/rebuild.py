@@ -14,17 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from llama_index.core.schema import TextNode
 
-from htp_embed import EncoderConfig
+from htp_embed import EncoderConfig, config_from_identity
 from htp_embed.llama_index import HTPEmbedding
 from indexes import FaissVectorStore, IndexNotFoundError
+from pipelines.chunking import embed_text
+from pipelines.correction import fit_correction
 from pipelines.index_access import encoder_settings_for, index_lock
 from pipelines.ingest import (
     Progress,
     RunStats,
     doc_id_of,
     embed_batch_isolated,
+    ensure_correction,
     node_batches,
     split_all,
 )
@@ -135,6 +139,7 @@ def write_rebuild(
         overwrite=True, persist_now=False, keep_versions=settings.keep_versions,
     )
     keep = [n for n in nodes if doc_id_of(n) not in failed]
+    ensure_correction(new, keep, embedding, settings)
     new.add(keep)
     for doc_id, content_hash in plan.hashes.items():
         if doc_id not in failed and doc_id in plan.by_doc:
@@ -144,6 +149,36 @@ def write_rebuild(
     stats.added = len([d for d in plan.by_doc if d not in failed])
     stats.version = new.persist()
     stats.count = new.count
+    return stats
+
+
+def rebuild_keeping_vectors(index_dir: Path, settings: Settings, index_kind: str | None) -> RunStats:
+    """A new version from the stored nodes *and vectors*, without the encoder: adds what an
+    index written by an older htp-index lacks (the keyword table; a vector correction fitted
+    on its stored vectors, which are then still as the encoder made them), or changes the
+    index kind. The caller holds the writer lock."""
+    old = FaissVectorStore.open(index_dir, use_gpu=False)
+    nodes = old.all_nodes()
+    vectors = dict(old.iter_embeddings())
+    kind = index_kind or old.index_kind
+    new = FaissVectorStore.create(
+        index_dir, dim=old.dim, encoder=old.encoder, metric=old.metric, index_kind=kind,
+        **settings.faiss_placement(), overwrite=True, persist_now=False,
+        keep_versions=settings.keep_versions,
+    )
+    matrix = np.asarray([vectors[n.node_id] for n in nodes], dtype=np.float32).reshape(-1, old.dim)
+    if old.correction is not None:
+        new.set_correction(old.correction)
+    elif settings.correction != "none" and len(nodes):
+        embedding = HTPEmbedding(config=config_from_identity(old.encoder, **settings.runtime_encoder_settings()))
+        correction = fit_correction(matrix, [embed_text(n) for n in nodes], embedding.encoder, kind=settings.correction)
+        new.set_correction(correction)
+    new.add(nodes, embeddings=matrix, corrected=old.correction is not None)
+    for doc_id, content_hash in old.doc_hashes().items():
+        new.set_doc_hash(doc_id, content_hash)
+    verify(new, len(nodes), None)
+    stats = RunStats(added=len(old.doc_hashes()), count=new.count)
+    stats.version = new.persist()
     return stats
 
 
@@ -157,19 +192,29 @@ def rebuild(
     embedding: HTPEmbedding | None = None,
     progress: Progress | None = None,
     on_total: Callable[[int], None] | None = None,
+    keep_vectors: bool = False,
 ) -> RunStats:
     """Re-embed the index at ``index_dir`` with a (possibly) new encoder and index kind.
 
     By default the stored nodes are re-embedded as they are; with ``source`` the documents are
     re-read and re-split (use this when the new model's window differs). ``added`` in the
-    returned statistics counts the documents re-embedded.
+    returned statistics counts the documents re-embedded. ``keep_vectors`` re-uses the stored
+    vectors instead (see :func:`rebuild_keeping_vectors`); it cannot change the encoder.
     """
     settings = settings or load_settings()
     index_dir = Path(index_dir)
     if not FaissVectorStore.exists(index_dir):
         raise IndexNotFoundError(f"no index at {index_dir} to rebuild; create one with htp-index ingest")
     began = time.perf_counter()
+    if keep_vectors and (source is not None or any(v is not None for v in (encoder_overrides or {}).values())):
+        raise ValueError("--keep-vectors re-uses the stored vectors, so it cannot change the "
+                         "encoder or re-read a source; drop it to re-embed")
     with index_lock(index_dir, settings.lock_timeout):
+        if keep_vectors:
+            stats = rebuild_keeping_vectors(index_dir, settings, index_kind)
+            stats.seconds = time.perf_counter() - began
+            log.info("rebuilt %s as version %s from its stored vectors", index_dir, stats.version)
+            return stats
         config = target_encoder(index_dir, settings, encoder_overrides or {})
         settings = settings.model_copy(update={"encoder": config})
         embedding = embedding or HTPEmbedding(config=config)

@@ -23,8 +23,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from llama_index.core.vector_stores.types import MetadataFilters
 from pydantic import BaseModel, Field
 
-from indexes import FaissVectorStore
-from pipelines.query import OpenIndex, open_index
+from indexes import FaissVectorStore, SparseIndexMissingError
+from pipelines.query import OpenIndex, QueryMode, SearchRequest, open_index
 from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,13 @@ class QueryRequest(BaseModel):
     filters: MetadataFilters | None = Field(
         None, description='LlamaIndex metadata filters, e.g. {"filters": [{"key": "file_type", '
         '"value": "md", "operator": "=="}], "condition": "and"}'
+    )
+    mode: QueryMode | None = Field(
+        None, description="'dense', 'sparse' (BM25 keywords) or 'hybrid'; default: the index's "
+        "default (GET /health shows it and the modes the index supports)"
+    )
+    alpha: float | None = Field(
+        None, ge=0.0, le=1.0, description="hybrid only: weight of the dense side (1 = dense only)"
     )
 
 
@@ -131,15 +138,16 @@ class QueryBatcher:
     @staticmethod
     async def _answer(items: list[tuple[OpenIndex, QueryRequest, asyncio.Future]]) -> None:
         index = items[0][0]
-        requests = [(r.query, r.top_k, r.filters) for _, r, _ in items]
+        requests = [SearchRequest(r.query, r.top_k, r.filters, r.mode, r.alpha) for _, r, _ in items]
         try:
             results: list[Any] = await asyncio.to_thread(index.search_many, requests)
         except Exception:
             # One bad request (e.g. an unsupported filter) must not fail the others.
             results = []
-            for query, top_k, filters in requests:
+            for request in requests:
                 try:
-                    results.append(await asyncio.to_thread(index.search, query, top_k, filters))
+                    results.append(await asyncio.to_thread(index.search_many, [request]))
+                    results[-1] = results[-1][0]
                 except Exception as exc:
                     results.append(exc)
         for (_, _, future), result in zip(items, results, strict=True):
@@ -212,6 +220,8 @@ def create_app(
             "version": index.version,
             "count": index.store.count,
             "encoder": index.embedding.model_name,
+            "modes": index.modes,
+            "default_mode": index.resolve_mode(None),
         }
         if holder.failure is not None:
             body["newer_version"] = holder.failed_version
@@ -223,6 +233,8 @@ def create_app(
         index = holder.current  # pinned for the whole request
         try:
             results = await batcher.search(index, request)
+        except SparseIndexMissingError as exc:  # keyword search asked of an older index
+            raise HTTPException(status_code=409, detail=str(exc)) from exc
         except ValueError as exc:  # e.g. an unsupported filter operator
             raise HTTPException(status_code=422, detail=str(exc)) from exc
         return QueryResponse(results=[QueryResult(**r) for r in results], version=index.version)

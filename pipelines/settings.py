@@ -57,6 +57,21 @@ class Settings(BaseSettings):
     max_document_mb: float = Field(20.0, gt=0, description="larger files are reported and skipped")
     nodes_per_batch: int = Field(256, ge=1, description="nodes per embedding task (the unit of fan-out)")
     keep_versions: int = Field(3, ge=2, description="index versions kept on disk")
+    correction: Literal["center", "none"] = Field(
+        "center",
+        description="vector correction fitted when an index version is first filled: 'center' "
+        "(documents minus their mean, queries minus the mean of pseudo-queries from the corpus) or 'none'",
+    )
+    query_mode: Literal["dense", "sparse", "hybrid"] = Field(
+        "hybrid", description="default search: dense vectors, sparse keywords (BM25), or hybrid (both fused)"
+    )
+    alpha: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="hybrid: weight of the dense side (1 = dense only, 0 = keywords only; None = the tuned default)",
+    )
+    fusion: Literal["convex", "rrf"] = Field(
+        "convex", description="hybrid: convex combination of normalised scores, or reciprocal-rank fusion"
+    )
 
     @classmethod
     def settings_customise_sources(

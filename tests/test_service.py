@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from pipeline_helpers import settings_for, tiny_embedding, write_docs
 
 from pipelines.ingest import ingest
-from pipelines.query import open_index
+from pipelines.query import SearchRequest, open_index
 from pipelines.service import IndexHolder, create_app
 
 
@@ -211,7 +211,7 @@ def test_concurrent_queries_are_answered_in_batches_with_the_same_results(index_
     queries = ["the cat sat", "fish in the sea", "the moon at night", "rain on the city"] * 3
     by_md = MetadataFilters(filters=[MetadataFilter(key="file_type", value="md")])
     single = [index.search(q, 2) for q in queries] + [index.search("the cat", 2, by_md)]
-    assert same_results(index.search_many([(q, 2, None) for q in queries] + [("the cat", 2, by_md)]), single)
+    assert same_results(index.search_many([SearchRequest(q, 2) for q in queries] + [SearchRequest("the cat", 2, by_md)]), single)
 
     sizes: list[int] = []
     real = index.search_many
