@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,13 @@ from htp_embed.config import EncoderConfig
 from htp_embed.layer_defaults import layer_defaults
 from htp_embed.layout import PLACEHOLDERS, Layout, LayoutBuilder, TokenizedText, blocks_of
 from htp_embed.layout import sentence_index_per_token as _sentence_index
-from htp_embed.models import decoder_layers, load_model, resolve_device, resolve_dtype
+from htp_embed.models import (
+    decoder_layers,
+    load_model,
+    mean_input_embedding,
+    resolve_device,
+    resolve_dtype,
+)
 from htp_embed.pooling import at_positions, l2_normalise, masked_mean
 from htp_embed.rewiring import EarlyExit, rewired
 from htp_embed.segment import sentence_starts
@@ -85,17 +92,21 @@ class HTPEncoder:
             config = EncoderConfig(**{**config.model_dump(), **overrides})
         self.config = config
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        if decoder is not None and config.dtype == "auto":
+            # The caller chose the weights' precision when loading them; keep it.
+            self.dtype = next(decoder.parameters()).dtype
+        else:
+            self.dtype = resolve_dtype(config.dtype, self.device)
         model = decoder
         if model is None or tokenizer is None:
-            model, tokenizer = load_model(config.model, dtype=self.dtype, cache_dir=config.cache_dir)
+            model, tokenizer = _load_shared(config, self.dtype, self.device)
         model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model = model
         self.tokenizer = tokenizer
         self.stats = EncoderStats()
         self._layers = decoder_layers(model)
         self._lock = _shared_lock(model)
-        self._placeholder_vector = _placeholder_embedding(model)
+        self._placeholder_vector = mean_input_embedding(model)
         self._template = _special_token_template(tokenizer)
         self.sink_token = _sink_token(tokenizer, self._template[0], config)
         prefix = ([self.sink_token] if self.sink_token is not None else []) + self._template[0]
@@ -122,8 +133,15 @@ class HTPEncoder:
         self.exit_depth = depth if exit_layer is not None else None
 
     def with_method(self, method: str, **overrides: Any) -> HTPEncoder:
-        """A sibling encoder sharing this one's weights, for side-by-side measurement."""
+        """A sibling encoder sharing this one's weights, for side-by-side measurement.
+
+        Overriding ``dtype`` or ``device`` loads the weights again instead: converting shared
+        weights in place would change this encoder too.
+        """
         config = EncoderConfig(**{**self.config.model_dump(), "method": method, **overrides})
+        device = resolve_device(config.device)
+        if device != self.device or (config.dtype != "auto" and resolve_dtype(config.dtype, device) != self.dtype):
+            return HTPEncoder(config)
         return HTPEncoder(config, decoder=self.model, tokenizer=self.tokenizer)
 
     @property
@@ -344,6 +362,24 @@ class HTPEncoder:
 
 # --------------------------------------------------------------------- helpers
 _LOCKS_GUARD = threading.Lock()
+# Loaded decoders by (model, cache dir, dtype, device), for as long as an encoder holds one: a
+# process that opens several encoders on the same weights (an ingest then a query, a service
+# reopening a new index version) loads them once.
+_LOADED: weakref.WeakValueDictionary[tuple[str, str, str, str], torch.nn.Module] = weakref.WeakValueDictionary()
+_LOADING = threading.Lock()
+
+
+def _load_shared(config: EncoderConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)`` for ``config.model``, reusing a live copy with the same dtype and device."""
+    key = (str(config.model), str(config.cache_dir or ""), str(dtype), str(device))
+    with _LOADING:
+        model = _LOADED.get(key)
+        if model is None:
+            model, tokenizer = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir)
+            model = model.to(device=device, dtype=dtype).eval()
+            model._htp_tokenizer = tokenizer
+            _LOADED[key] = model
+        return model, model._htp_tokenizer
 
 
 def _shared_lock(model: torch.nn.Module) -> threading.Lock:
@@ -354,24 +390,6 @@ def _shared_lock(model: torch.nn.Module) -> threading.Lock:
             lock = threading.Lock()
             model._htp_forward_lock = lock
         return lock
-
-
-@torch.no_grad()
-def _placeholder_embedding(model: torch.nn.Module) -> torch.Tensor:
-    """Mean of the embedding module's output over the vocabulary (scaling included)."""
-    cached = getattr(model, "_htp_placeholder_vector", None)
-    if cached is not None:
-        return cached
-    embedding = model.get_input_embeddings()
-    vocab = embedding.weight.shape[0]
-    device = embedding.weight.device
-    total = torch.zeros(embedding.weight.shape[1], dtype=torch.float64, device=device)
-    for start in range(0, vocab, 16384):
-        ids = torch.arange(start, min(start + 16384, vocab), device=device)
-        total += embedding(ids).to(torch.float64).sum(dim=0)
-    vector = (total / vocab).to(embedding.weight.dtype)
-    model._htp_placeholder_vector = vector
-    return vector
 
 
 SINK_TOKEN_NAMES = ("<|endoftext|>",)

@@ -2,7 +2,9 @@
 
 No model hub is ever contacted. The packaged defaults ship as GGUF files inside PyPI packages;
 transformers dequantises them to float32, which takes 15-40 s, so the first load writes a
-float32 safetensors copy into a cache directory and later loads take about a second.
+float32 safetensors copy into a cache directory, and the first load in another dtype (bfloat16)
+a copy in that dtype; later loads memory-map the copy in well under a second, and only the
+weights a forward pass touches are ever read (most of the vocabulary's embedding rows are not).
 """
 
 from __future__ import annotations
@@ -79,10 +81,59 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+# /proc/cpuinfo flags of x86 instructions that multiply bfloat16 matrices natively. Without
+# them PyTorch emulates bfloat16 on the CPU, which is slower than float32.
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# Those that made bfloat16 faster than float32 when measured (benchmarks/results/
+# encoder_speed.md): AMX tiles. AVX512-BF16 alone (oneDNN capped with
+# ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) was slower than float32, so it keeps float32.
+FAST_BF16_CPU_FLAGS = ("amx_bf16",)
+
+
+def cpu_bf16_instructions() -> tuple[str, ...]:
+    """The native bfloat16 instruction sets of this CPU that PyTorch can use (may be empty)."""
+    probes = {
+        "amx_bf16": getattr(torch.cpu, "_is_amx_tile_supported", None),
+        "avx512_bf16": getattr(torch.cpu, "_is_avx512_bf16_supported", None),
+    }
+    flags = _cpuinfo_flags()
+    found = []
+    for flag in NATIVE_BF16_CPU_FLAGS:
+        probe = probes[flag]
+        try:
+            # torch's probe also knows whether the OS lets the process use AMX; the flag tells
+            # AMX-BF16 from AMX-INT8-only parts.
+            supported = bool(probe()) if probe is not None else flag in flags
+        except Exception:  # noqa: BLE001 - a probe that fails means "not known to work"
+            supported = False
+        if supported and (not flags or flag in flags):
+            found.append(flag)
+    return tuple(found)
+
+
+def _cpuinfo_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' means bfloat16 on CUDA (fast, safe range) and float32 on the CPU (exact)."""
+    """'auto' means bfloat16 on CUDA and on CPUs with AMX (where it measured ~3x float32's
+    throughput at cosine >= 0.9999 to its vectors and the same NDCG@10, see
+    benchmarks/results/encoder_speed.md), float32 elsewhere. ``'float32'`` is the exact
+    reference and always available.
+    """
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        if device.type == "cpu" and any(f in FAST_BF16_CPU_FLAGS for f in cpu_bf16_instructions()):
+            return torch.bfloat16
+        return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
@@ -102,7 +153,7 @@ def _load_gguf(path: Path):
     return model, tokenizer
 
 
-def _save_float32_copy(model, tokenizer, target: Path) -> None:
+def _save_copy(model, tokenizer, target: Path) -> None:
     """Write the dequantised model atomically, so a crash never leaves a half-written cache."""
     # GGUF-loaded models carry a quantizer that refuses to serialise; the weights are plain
     # float32 by now, so dropping it is safe.
@@ -145,8 +196,18 @@ def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None):
                         f"model {name!r} needs the package {packaged.package}: {exc}"
                     ) from exc
                 model, tokenizer = _load_gguf(gguf)
-                _save_float32_copy(model, tokenizer, converted)
+                _save_copy(model, tokenizer, converted)
+        if dtype != torch.float32:
+            # Casting a float32 copy reads all 1 GB and converts every tensor on each load
+            # (about 4 s); a copy in the target dtype is memory-mapped as it is.
+            typed = cache / "models" / f"{name}-{_dtype_name(dtype)}"
+            if not (typed / "config.json").exists():
+                log.info("first use of %s in %s: writing %s", name, _dtype_name(dtype), typed)
+                model, tokenizer = _load_hf_dir(converted, dtype)
+                _save_copy(model, tokenizer, typed)
+            converted = typed
         model, tokenizer = _load_hf_dir(converted, dtype)
+        _attach_mean_input_embedding(model, converted / MEAN_EMBEDDING_FILE)
     else:
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
@@ -162,6 +223,58 @@ def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None):
             )
     model.eval()
     return model, tokenizer
+
+
+MEAN_EMBEDDING_FILE = "htp_mean_input_embedding.npy"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@torch.no_grad()
+def mean_input_embedding(model: torch.nn.Module) -> torch.Tensor:
+    """Mean of the input embedding module's output over the vocabulary (scaling included),
+    computed once per loaded model."""
+    cached = getattr(model, "_htp_mean_input_embedding", None)
+    if cached is not None:
+        return cached
+    embedding = model.get_input_embeddings()
+    vocab = embedding.weight.shape[0]
+    device = embedding.weight.device
+    total = torch.zeros(embedding.weight.shape[1], dtype=torch.float64, device=device)
+    for start in range(0, vocab, 16384):
+        ids = torch.arange(start, min(start + 16384, vocab), device=device)
+        total += embedding(ids).to(torch.float64).sum(dim=0)
+    vector = (total / vocab).to(embedding.weight.dtype)
+    model._htp_mean_input_embedding = vector
+    return vector
+
+
+def _attach_mean_input_embedding(model: torch.nn.Module, path: Path) -> None:
+    """Read the mean input embedding stored next to cached weights, or compute and store it.
+
+    Computing it reads the whole embedding matrix (two thirds of Gemma3-270M's weights) from
+    disk, seconds on a cold start; stored, a query touches only the rows of its own tokens.
+    """
+    import numpy as np
+
+    dtype = model.get_input_embeddings().weight.dtype
+    try:
+        stored = np.load(path)
+        if stored.shape == (model.get_input_embeddings().weight.shape[1],):
+            model._htp_mean_input_embedding = torch.from_numpy(stored).to(dtype)
+            return
+    except (OSError, ValueError):
+        pass
+    vector = mean_input_embedding(model)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            np.save(handle, vector.to(torch.float32).cpu().numpy())
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache still works, it just recomputes
+        tmp.unlink(missing_ok=True)
 
 
 def _ensure(path: Path) -> Path:
