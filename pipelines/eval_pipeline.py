@@ -24,6 +24,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from htp_embed.llama_index import HTPEmbedding
 from pipelines.beir import BeirDataset
 from pipelines.evaluation import Run, prepare_dataset, score_run
 from pipelines.query import QueryMode, SearchRequest, open_index
@@ -60,16 +61,18 @@ def pipeline_run(
     alpha: float | None = None,
     top_k: int = TOP_K,
     progress: Callable[[int], None] | None = None,
+    embedding: HTPEmbedding | None = None,
 ) -> tuple[Run, dict[str, Any]]:
-    """Ingest ``dataset``'s corpus into ``index_dir`` (incrementally) and run every query."""
+    """Ingest ``dataset``'s corpus into ``index_dir`` (incrementally) and run every query.
+    ``embedding`` is the already loaded encoder to use (loaded from settings if None)."""
     index_dir.mkdir(parents=True, exist_ok=True)
     from pipelines.ingest import ingest
 
     corpus = write_corpus(dataset, index_dir.parent / f"{index_dir.name}.corpus.jsonl")
-    stats = ingest(corpus, index_dir, settings, progress=progress)
+    stats = ingest(corpus, index_dir, settings, progress=progress, embedding=embedding)
     if stats.failed:
         raise RuntimeError(f"{stats.failed} documents failed to ingest: {stats.errors[:3]}")
-    index = open_index(index_dir, settings)
+    index = open_index(index_dir, settings, embedding=embedding)
     query_ids, texts = dataset.query_ids(), dataset.query_texts()
     run: Run = {}
     began = time.perf_counter()
@@ -104,6 +107,7 @@ def evaluate_pipeline(
     max_queries: int | None = None,
     seed: int = 0,
     per_query: bool = False,
+    embedding: HTPEmbedding | None = None,
 ) -> dict[str, Any]:
     """Score the product's retrieval on a BEIR dataset; same metrics and keys as `evaluate`."""
     began = time.perf_counter()
@@ -111,9 +115,10 @@ def evaluate_pipeline(
     settings = settings or load_settings()
     if index_dir is None:
         with tempfile.TemporaryDirectory(prefix="htp-eval-") as tmp:
-            run, info = pipeline_run(dataset, Path(tmp) / "index", settings, mode=mode, alpha=alpha)
+            run, info = pipeline_run(dataset, Path(tmp) / "index", settings, mode=mode, alpha=alpha,
+                                     embedding=embedding)
     else:
-        run, info = pipeline_run(dataset, Path(index_dir), settings, mode=mode, alpha=alpha)
+        run, info = pipeline_run(dataset, Path(index_dir), settings, mode=mode, alpha=alpha, embedding=embedding)
     means, queries = score_run(dataset.qrels, run)
     result: dict[str, Any] = {
         "dataset": dataset.name, "split": split, "method": f"pipeline:{mode}",

@@ -32,6 +32,7 @@ from pipelines.ingest import (
     node_batches,
     split_all,
 )
+from pipelines.query import same_encoder
 from pipelines.settings import Settings, load_settings
 from pipelines.sources import SourceDocument, iter_source
 
@@ -152,11 +153,14 @@ def write_rebuild(
     return stats
 
 
-def rebuild_keeping_vectors(index_dir: Path, settings: Settings, index_kind: str | None) -> RunStats:
+def rebuild_keeping_vectors(
+    index_dir: Path, settings: Settings, index_kind: str | None, embedding: HTPEmbedding | None = None
+) -> RunStats:
     """A new version from the stored nodes *and vectors*, without the encoder: adds what an
     index written by an older htp-index lacks (the keyword table; a vector correction fitted
     on its stored vectors, which are then still as the encoder made them), or changes the
-    index kind. The caller holds the writer lock."""
+    index kind. The encoder (``embedding``, loaded if not given) only embeds the pseudo-queries
+    of a new correction. The caller holds the writer lock."""
     old = FaissVectorStore.open(index_dir, use_gpu=False)
     nodes = old.all_nodes()
     vectors = dict(old.iter_embeddings())
@@ -170,7 +174,8 @@ def rebuild_keeping_vectors(index_dir: Path, settings: Settings, index_kind: str
     if old.correction is not None:
         new.set_correction(old.correction)
     elif settings.correction != "none" and len(nodes):
-        embedding = HTPEmbedding(config=config_from_identity(old.encoder, **settings.runtime_encoder_settings()))
+        if embedding is None or not same_encoder(embedding.identity(), old.encoder):
+            embedding = HTPEmbedding(config=config_from_identity(old.encoder, **settings.runtime_encoder_settings()))
         correction = fit_correction(matrix, [embed_text(n) for n in nodes], embedding.encoder, kind=settings.correction)
         new.set_correction(correction)
     new.add(nodes, embeddings=matrix, corrected=old.correction is not None)
@@ -211,7 +216,7 @@ def rebuild(
                          "encoder or re-read a source; drop it to re-embed")
     with index_lock(index_dir, settings.lock_timeout):
         if keep_vectors:
-            stats = rebuild_keeping_vectors(index_dir, settings, index_kind)
+            stats = rebuild_keeping_vectors(index_dir, settings, index_kind, embedding)
             stats.seconds = time.perf_counter() - began
             log.info("rebuilt %s as version %s from its stored vectors", index_dir, stats.version)
             return stats

@@ -1,0 +1,168 @@
+"""Hybrid search and the vector correction through the real pipelines (tiny decoder, real FAISS,
+SQLite FTS5): one query path, the correction applied alike at ingest and query, frozen until
+rebuild, older indexes upgraded without re-embedding, and eval --pipeline equal to the retriever."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from pipeline_helpers import DOCS, long_doc, settings_for, tiny_embedding, write_docs
+from typer.testing import CliRunner
+
+from indexes import FaissVectorStore, SparseIndexMissingError, sparse
+from pipelines.beir import Document, write_beir
+from pipelines.chunking import embed_text
+from pipelines.cli import app
+from pipelines.eval_pipeline import evaluate_pipeline, ranked_documents
+from pipelines.ingest import ingest
+from pipelines.query import SearchRequest, open_index
+from pipelines.rebuild import rebuild
+from pipelines.service import IndexHolder, create_app
+
+MANY = {**DOCS, **{f"extra{i}.txt": long_doc(2, seed=3 * i) for i in range(9)}}
+
+
+@pytest.fixture(scope="module")
+def embedding():
+    return tiny_embedding()
+
+
+def test_the_correction_is_fitted_at_first_ingest_and_applied_alike_to_documents_and_queries(tmp_path, embedding):
+    settings = settings_for(embedding)
+    ingest(write_docs(tmp_path / "src", MANY), tmp_path / "idx", settings, embedding=embedding)
+    index = open_index(tmp_path / "idx", settings, embedding=embedding)
+    correction = index.store.correction
+    assert correction is not None and correction.fitted_on == index.store.count >= 8
+    assert correction.pseudo_queries > 0
+    nodes = index.store.all_nodes()
+    raw_docs = embedding.encoder.encode_documents([embed_text(n) for n in nodes])
+    stored = dict(index.store.iter_embeddings())
+    expected_docs = correction.documents(raw_docs)
+    assert np.allclose(np.stack([stored[n.node_id] for n in nodes]), expected_docs, atol=1e-4)
+    query = "the moon over the sea"
+    expected_query = correction.queries(embedding.encoder.encode_queries([query]))[0]
+    scores = expected_docs @ expected_query
+    want = [nodes[i].node_id for i in np.argsort(-scores)[:4]]
+    hits = index.search(query, 4, mode="dense")
+    assert [h["node_id"] for h in hits] == want
+    assert np.allclose([h["score"] for h in hits], np.sort(scores)[::-1][:4], atol=1e-4)
+
+
+def test_the_correction_is_frozen_across_ingests_and_refitted_by_rebuild(tmp_path, embedding):
+    settings = settings_for(embedding)
+    source = write_docs(tmp_path / "src", MANY)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    first = FaissVectorStore.open(tmp_path / "idx").correction
+    write_docs(source, {"more.txt": long_doc(3, seed=40), "other.md": long_doc(2, seed=50)})
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert FaissVectorStore.open(tmp_path / "idx").correction == first
+    rebuild(tmp_path / "idx", settings, embedding=embedding)
+    refitted = FaissVectorStore.open(tmp_path / "idx").correction
+    assert refitted is not None and refitted.fitted_on == first.fitted_on + 2
+
+
+def test_too_few_documents_or_correction_none_fit_nothing(tmp_path, embedding):
+    ingest(write_docs(tmp_path / "a", DOCS), tmp_path / "small", settings_for(embedding), embedding=embedding)
+    assert FaissVectorStore.open(tmp_path / "small").correction is None
+    none = settings_for(embedding, correction="none")
+    ingest(write_docs(tmp_path / "b", MANY), tmp_path / "plain", none, embedding=embedding)
+    assert FaissVectorStore.open(tmp_path / "plain").correction is None
+
+
+def test_an_older_index_serves_dense_then_rebuild_keep_vectors_adds_keywords_and_correction(tmp_path, embedding, monkeypatch):
+    settings = settings_for(embedding)
+    monkeypatch.setattr(sparse, "create", lambda conn, populate: None)  # an index from before
+    ingest(write_docs(tmp_path / "src", MANY), tmp_path / "idx", settings_for(embedding, correction="none"),
+           embedding=embedding)
+    monkeypatch.undo()
+    old = open_index(tmp_path / "idx", settings, embedding=embedding)
+    assert old.modes == ["dense"] and old.resolve_mode(None) == "dense"
+    assert old.search("the cat", 2)  # the default mode falls back to dense
+    with pytest.raises(SparseIndexMissingError, match="keep-vectors"):
+        old.search("the cat", 2, mode="hybrid")
+    raw = dict(old.store.iter_embeddings())
+    texts_before = embedding.encoder.stats.texts
+    stats = rebuild(tmp_path / "idx", settings, keep_vectors=True, embedding=embedding)
+    new = open_index(tmp_path / "idx", settings, embedding=embedding)
+    assert new.modes == ["dense", "sparse", "hybrid"] and new.store.correction is not None
+    # nothing re-embedded but the correction's pseudo-queries
+    assert stats.nodes_embedded == 0
+    assert embedding.encoder.stats.texts - texts_before == new.store.correction.pseudo_queries
+    assert new.store.count == len(raw)
+    upgraded = dict(new.store.iter_embeddings())
+    ids = sorted(raw)
+    expected = new.store.correction.documents(np.stack([raw[i] for i in ids]))
+    assert np.allclose(np.stack([upgraded[i] for i in ids]), expected, atol=1e-5)  # the same vectors, corrected
+    assert new.search("moon night", 1, mode="sparse")[0]["doc_id"] == "night.txt"
+    with pytest.raises(ValueError, match="keep-vectors"):
+        rebuild(tmp_path / "idx", settings, keep_vectors=True, encoder_overrides={"method": "vanilla"})
+
+
+def test_eval_pipeline_scores_exactly_what_the_retriever_returns(tmp_path, embedding):
+    corpus = {f"d{i}": Document(f"title {i}", long_doc(2, seed=5 * i)) for i in range(12)}
+    queries = {"q1": "the cat sat on the mat", "q2": "fish in the sea", "q3": "rain on the city"}
+    qrels = {"q1": {"d1": 1}, "q2": {"d4": 1, "d5": 1}, "q3": {"d9": 1}}
+    data = write_beir(tmp_path / "beir", corpus, queries, qrels, split="train")
+    settings = settings_for(embedding)
+    result = evaluate_pipeline(data, "train", mode="hybrid", settings=settings, index_dir=tmp_path / "idx",
+                               per_query=True, embedding=embedding)
+    assert result["queries"] == 3 and result["docs"] == 12 and 0.0 <= result["ndcg@10"] <= 1.0
+    assert result["pipeline"]["ingest"]["added"] == 12 and result["pipeline"]["correction"] is not None
+    index = open_index(tmp_path / "idx", settings, embedding=embedding)
+    retriever = index.as_retriever(similarity_top_k=100)  # the index's default mode: hybrid
+    for text in queries.values():
+        hits = [{"doc_id": h.node.ref_doc_id, "score": h.score} for h in retriever.retrieve(text)]
+        expected = ranked_documents(hits, 100)
+        found = ranked_documents(index.search(text, 100), 100)
+        assert list(found) == list(expected)
+    again = evaluate_pipeline(data, "train", mode="sparse", settings=settings, index_dir=tmp_path / "idx",
+                              embedding=embedding)
+    assert again["pipeline"]["ingest"]["nodes_embedded"] == 0  # the kept index is reused
+
+
+def test_cli_query_modes_and_info(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HTP_INDEX_ENCODER__MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("HTP_INDEX_ENCODER__SEGMENTER", "sentencizer")
+    monkeypatch.setenv("HTP_INDEX_CHUNK_SIZE", "48")
+    runner = CliRunner()
+    write_docs(tmp_path / "src", MANY)
+    assert runner.invoke(app, ["ingest", "src", "--index", "idx", "--json"]).exit_code == 0
+    for mode in ("dense", "sparse", "hybrid"):
+        result = runner.invoke(app, ["query", "moon night", "--index", "idx", "--mode", mode, "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["results"][0]["doc_id"] == "night.txt" or mode == "dense"
+    bad = runner.invoke(app, ["query", "x", "--index", "idx", "--mode", "fuzzy"])
+    assert bad.exit_code == 2
+    info = json.loads(runner.invoke(app, ["info", "--index", "idx", "--json"]).stdout)
+    assert info["query_modes"] == ["dense", "sparse", "hybrid"]
+    assert info["correction"]["fitted_on"] == info["count"]
+    assert abs(info["correction_drift"]["drift"]) < 1e-3
+
+
+def test_service_modes_hostile_text_and_health(tmp_path, embedding):
+    settings = settings_for(embedding)
+    ingest(write_docs(tmp_path / "src", MANY), tmp_path / "idx", settings, embedding=embedding)
+    holder = IndexHolder(tmp_path / "idx", settings, open_index(tmp_path / "idx", settings, embedding=embedding))
+    with TestClient(create_app(tmp_path / "idx", settings, holder=holder, reload_interval=0)) as client:
+        health = client.get("/health").json()
+        assert health["modes"] == ["dense", "sparse", "hybrid"] and health["default_mode"] == "hybrid"
+        for mode in ("dense", "sparse", "hybrid"):
+            response = client.post("/query", json={"query": "moon at night", "top_k": 3, "mode": mode, "alpha": 0.4})
+            assert response.status_code == 200 and response.json()["results"]
+        for text in ['"NEAR(a b)" AND *', "ver1.1 -x", "🐝", "w " * 2000, "the of and"]:
+            response = client.post("/query", json={"query": text, "mode": "sparse"})
+            assert response.status_code == 200, response.text
+        assert client.post("/query", json={"query": "x", "mode": "fuzzy"}).status_code == 422
+        assert client.post("/query", json={"query": "x", "alpha": 2}).status_code == 422
+
+
+def test_one_request_path_batches_mixed_modes(tmp_path, embedding):
+    settings = settings_for(embedding)
+    ingest(write_docs(tmp_path / "src", MANY), tmp_path / "idx", settings, embedding=embedding)
+    index = open_index(tmp_path / "idx", settings, embedding=embedding)
+    requests = [SearchRequest("moon night", 3, mode=m) for m in ("dense", "sparse", "hybrid")]
+    assert index.search_many(requests) == [index.search("moon night", 3, mode=r.mode) for r in requests]
