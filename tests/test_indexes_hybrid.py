@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 from indexes_fixtures import ENCODER, HashingEmbedding
-from llama_index.core import StorageContext, VectorStoreIndex
+from llama_index.core import VectorStoreIndex
 from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
 from llama_index.core.vector_stores.types import (
     MetadataFilter,
