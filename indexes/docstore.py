@@ -31,6 +31,7 @@ from llama_index.core.schema import BaseNode, MetadataMode
 from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
 
 from . import sparse
+from .errors import IndexCorruptedError
 
 SCHEMA_VERSION = "2"
 """2 added the keyword table; 1 had nodes, docs and state only."""
@@ -132,6 +133,16 @@ class NodeStore:
         if not self.has_sparse:
             sparse.create(self._conn, populate=True)
             self.set_state("schema_version", SCHEMA_VERSION)
+
+    def check_sparse(self, where: Path) -> int | None:
+        """Keyword rows after FTS5's integrity check (None without the table)."""
+        if not self.has_sparse:
+            return None
+        try:
+            sparse.integrity_check(self._conn)
+        except sqlite3.DatabaseError as exc:
+            raise IndexCorruptedError.for_file(where, f"its keyword index is out of step ({exc})") from exc
+        return sparse.row_count(self._conn)
 
     def sparse_search(
         self, text: str, k: int, allowed: np.ndarray | None = None

@@ -667,6 +667,12 @@ class FaissVectorStore(BasePydanticVectorStore):
                 self._nodes.add_sparse()
                 self._touch()
 
+    def keyword_rows(self) -> int | None:
+        """Rows of the keyword index after FTS5's integrity check against the nodes (None
+        without a keyword table); raises `IndexCorruptedError` if they are out of step."""
+        with self._lock:
+            return self._nodes.check_sparse(self._root)
+
     def _require_sparse(self, mode: VectorStoreQueryMode) -> None:
         if not self._nodes.has_sparse:
             raise SparseIndexMissingError.at(self._root, mode.value)

@@ -149,11 +149,14 @@ class Snapshot:
     index_kind: str
     vectors: dict[str, np.ndarray]
     doc_hashes: dict[str, str]
+    keyword_rows: int | None
 
     def same_content(self, other: Snapshot, atol: float = 1e-5) -> bool:
-        """Same encoder, kind, documents, node ids and vectors (the version number may differ)."""
+        """Same encoder, kind, documents, node ids and vectors (the version number may differ),
+        and a keyword index in step with the nodes."""
         return (
-            self.method == other.method
+            self.keyword_rows == len(self.vectors)
+            and self.method == other.method
             and self.index_kind == other.index_kind
             and self.doc_hashes == other.doc_hashes
             and self.vectors.keys() == other.vectors.keys()
@@ -172,6 +175,7 @@ def snapshot(index: str | Path) -> Snapshot:
         index_kind=store.index_kind,
         vectors={node_id: vector.copy() for node_id, vector in store.iter_embeddings()},
         doc_hashes=store.doc_hashes(),
+        keyword_rows=store.keyword_rows(),
     )
 
 

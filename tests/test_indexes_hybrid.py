@@ -78,8 +78,7 @@ def test_keyword_table_follows_upsert_delete_clear_and_persist(tmp_path):
     assert reopened.has_sparse and reopened.query_modes == ["dense", "sparse", "hybrid"]
     assert doc_ids(ask(reopened, "ant bridges")) == ["bees"]
     assert doc_ids(ask(reopened, "placeholder summaries")) == ["htp"]
-    sparse.integrity_check(reopened._nodes._conn)
-    assert sparse.row_count(reopened._nodes._conn) == reopened.count == 3
+    assert reopened.keyword_rows() == reopened.count == 3
     reopened.clear()
     assert doc_ids(ask(reopened, "placeholder summaries")) == []
 
