@@ -17,8 +17,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.dask_runner import prefect_api_for_local_workers
-from flows.runtime import embedding_for, settings_from, task_runner_for
-from pipelines.index_access import index_lock, open_or_create_store
+from flows.runtime import cached_embedding, embedding_for, settings_from, task_runner_for
+from htp_embed import EncoderConfig
+from indexes import EncoderMismatchError
+from indexes.spec import canonical_encoder
+from pipelines.index_access import encoder_settings_for, index_lock, open_or_create_store
 from pipelines.ingest import (
     IngestPlan,
     RunStats,
@@ -57,18 +60,26 @@ def split_task(plan: IngestPlan, index_dir: str, settings: dict[str, Any]) -> tu
 
 
 @task(name="embed-batch", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def embed_batch_task(batch: list[TextNode], index_dir: str, settings: dict[str, Any]) -> tuple[list[TextNode], dict[str, str]]:
-    """Embed one batch of nodes (the unit a task runner fans out); the model is loaded once
-    per worker process."""
-    embedding, _ = embedding_for(index_dir, settings)
-    return embed_batch_isolated(batch, embedding)
+def embed_batch_task(batch: list[TextNode], encoder: dict[str, Any]) -> tuple[list[TextNode], dict[str, str], dict[str, Any]]:
+    """Embed one batch of nodes (the unit a task runner fans out) with exactly the encoder the
+    flow resolved from the index; the model is loaded once per worker process. A worker never
+    looks at the index (on a remote machine it is not there); it returns its encoder's identity
+    so the apply step can check the vectors are the index's kind."""
+    embedding = cached_embedding(EncoderConfig.model_validate(encoder))
+    embedded, errors = embed_batch_isolated(batch, embedding)
+    return embedded, errors, embedding.identity()
 
 
 @task(name="apply-and-persist", retries=1, cache_policy=NO_CACHE)
-def apply_task(plan: IngestPlan, nodes: list[TextNode], errors: dict[str, str], index_dir: str, settings: dict[str, Any]) -> RunStats:
-    """Write the changes into the store and persist a new version atomically."""
+def apply_task(plan: IngestPlan, nodes: list[TextNode], errors: dict[str, str], identities: list[dict[str, Any]],
+               index_dir: str, settings: dict[str, Any]) -> RunStats:
+    """Check the vectors came from the index's encoder, write the changes into the store and
+    persist a new version atomically."""
     embedding, config = embedding_for(index_dir, settings)
     store = open_or_create_store(Path(index_dir), config, embedding)
+    for identity in identities:
+        if canonical_encoder(identity) != canonical_encoder(store.encoder):
+            raise EncoderMismatchError.between(Path(index_dir), store.encoder, identity)
     stats = RunStats()
     for error in plan.errors:
         stats.fail(error.doc_id, error.error)
@@ -91,14 +102,18 @@ def ingest_flow_body(source: str, index_dir: str, settings: dict[str, Any] | Non
     config = settings_from(settings or {})
     settings = config.to_transport()
     with index_lock(Path(index_dir), config.lock_timeout):
+        # Resolved once, here where the index is, and shipped whole to every worker.
+        encoder = encoder_settings_for(Path(index_dir), config).model_dump(mode="json")
         plan = plan_task(source, index_dir, settings)
         batches, errors = split_task(plan, index_dir, settings)
-        futures = embed_batch_task.map(batches, index_dir=unmapped(index_dir), settings=unmapped(settings))
+        futures = embed_batch_task.map(batches, encoder=unmapped(encoder))
         nodes: list[TextNode] = []
-        for embedded, batch_errors in futures.result():
+        identities: list[dict[str, Any]] = []
+        for embedded, batch_errors, identity in futures.result():
             nodes += embedded
             errors.update(batch_errors)
-        stats = apply_task(plan, nodes, errors, index_dir, settings)
+            identities.append(identity)
+        stats = apply_task(plan, nodes, errors, identities, index_dir, settings)
     stats.seconds = time.perf_counter() - began
     create_markdown_artifact(
         markdown=stats.to_markdown(f"Ingest {source} -> {index_dir}"),
