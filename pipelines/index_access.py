@@ -29,6 +29,10 @@ class IndexBusyError(RuntimeError):
     """Another ingest or rebuild holds the index's lock."""
 
 
+class IndexKindMismatchError(ValueError):
+    """An option asks an existing index for a kind it was not built as (only rebuild changes it)."""
+
+
 @contextmanager
 def index_lock(index_dir: Path, timeout: float) -> Iterator[None]:
     """Exclusive writer lock on an index directory (waits up to ``timeout`` seconds).
@@ -76,9 +80,18 @@ def open_or_create_store(index_dir: Path, settings: Settings, embedding: HTPEmbe
     """The index at ``index_dir`` (refusing a different encoder), or a new empty one."""
     placement = settings.faiss_placement()
     if FaissVectorStore.exists(index_dir):
-        return FaissVectorStore.open(index_dir, expected_encoder=embedding.identity(), **placement)
+        store = FaissVectorStore.open(
+            index_dir, expected_encoder=embedding.identity(), keep_versions=settings.keep_versions, **placement
+        )
+        if "index_kind" in settings.model_fields_set and settings.index_kind != store.index_kind:
+            raise IndexKindMismatchError(
+                f"the index at {index_dir} is a {store.index_kind!r} index; to make it "
+                f"{settings.index_kind!r}, run `htp-index rebuild --index {index_dir} --index-kind "
+                f"{settings.index_kind} --keep-vectors` (no re-embedding)"
+            )
+        return store
     log.info("creating a new %s index at %s", settings.index_kind, index_dir)
     return FaissVectorStore.create(
         index_dir, dim=embedding.dim, encoder=embedding.identity(), metric=settings.metric,
-        index_kind=settings.index_kind, **placement,
+        index_kind=settings.index_kind, keep_versions=settings.keep_versions, **placement,
     )

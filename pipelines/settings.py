@@ -14,6 +14,7 @@ environment variables (in rising priority); command-line options override all th
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from htp_embed import EncoderConfig
 CONFIG_ENV = "HTP_INDEX_CONFIG"
 RUNTIME_ENCODER_FIELDS = ("device", "dtype", "batch_size", "cache_dir", "show_progress")
 DEFAULT_CONFIG_FILE = "htp-index.toml"
+_CHOSEN_CONFIG: ContextVar[Path | None] = ContextVar("htp_index_config", default=None)
 
 
 class Settings(BaseSettings):
@@ -42,7 +44,7 @@ class Settings(BaseSettings):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     index_kind: str = Field("flat", description="flat, hnsw, ivf_flat, ivf_pq or a FAISS factory string")
     metric: Literal["ip", "l2"] = "ip"
-    use_gpu: Literal["auto", "true", "false"] = Field("auto", description="FAISS on the GPU when one is visible")
+    use_gpu: Literal["auto"] | bool = Field("auto", description="FAISS on the GPU: 'auto' when one is visible, true or false")
     gpus: str | None = Field(
         None, pattern=r"^(all|\d+(,\d+)*)$",
         description="FAISS GPUs to search on: 'all', '1' or '0,2' (None: the first); ignored without GPUs",
@@ -82,7 +84,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_file = config_file()
+        toml_file = _CHOSEN_CONFIG.get() or config_file()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
@@ -121,8 +123,7 @@ class Settings(BaseSettings):
         gpus: Any = self.gpus
         if gpus and gpus != "all":
             gpus = [int(g) for g in gpus.split(",")]
-        use_gpu = {"auto": "auto", "true": True, "false": False}[self.use_gpu]
-        return {"use_gpu": use_gpu, "gpus": gpus, "gpu_shard": self.gpu_shard}
+        return {"use_gpu": self.use_gpu, "gpus": gpus, "gpu_shard": self.gpu_shard}
 
     def runtime_encoder_settings(self) -> dict[str, Any]:
         """Encoder settings that never change vectors: where and how fast to compute them."""
@@ -144,6 +145,13 @@ def config_file() -> Path | None:
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     """Settings from defaults, the config file (``config`` or the usual lookup), the environment,
     then ``overrides``."""
-    if config is not None:
-        os.environ[CONFIG_ENV] = str(config)
-    return Settings().with_overrides(**overrides)
+    if config is None:
+        return Settings().with_overrides(**overrides)
+    if not Path(config).expanduser().is_file():
+        raise FileNotFoundError(f"--config {config} does not name a file")
+    # Only for this call: one --config must not leak into later settings of the process.
+    token = _CHOSEN_CONFIG.set(Path(config).expanduser())
+    try:
+        return Settings().with_overrides(**overrides)
+    finally:
+        _CHOSEN_CONFIG.reset(token)
