@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # max_length * CHARS_PER_TOKEN_BOUND characters loses nothing the window could hold, and keeps
 # tokenising and segmenting a 50 MB document cheap.
 CHARS_PER_TOKEN_BOUND = 32
+# On the CPU, a batch ends before a text that would be padded by more than this share of the
+# batch's width (see HTPEncoder._batch_length).
+CPU_PADDING_TOLERANCE = 0.1
 
 
 class EmptyTextError(ValueError):
@@ -228,7 +231,7 @@ class HTPEncoder:
         position = 0
         with bar:
             while position < len(order):
-                chunk = order[position : position + batch_size]
+                chunk = order[position : position + self._batch_length(layouts, order, position, batch_size)]
                 try:
                     vectors = self._embed_layouts([layouts[i] for i in chunk])
                 except torch.OutOfMemoryError:
@@ -246,6 +249,23 @@ class HTPEncoder:
         self.stats.tokens += sum(len(layout.pool) for layout in layouts)
         self.stats.truncated += truncated
         return out
+
+    def _batch_length(self, layouts: list[Layout], order: list[int], position: int, batch_size: int) -> int:
+        """How many texts from ``order[position:]`` (longest first) go into the next batch.
+
+        On the CPU every padded position costs as much as a real one, and bigger batches buy
+        little, so a batch also ends where the next text would be padded by more than
+        ``CPU_PADDING_TOLERANCE`` of the batch width (SciFact, batch 8: 13% of positions were
+        padding, and batches of 4 ran 1.13x faster than 8).
+        """
+        end = min(position + batch_size, len(order))
+        if self.device.type != "cpu":
+            return end - position
+        width = len(layouts[order[position]])
+        count = 1
+        while position + count < end and len(layouts[order[position + count]]) >= width * (1 - CPU_PADDING_TOLERANCE):
+            count += 1
+        return count
 
     # ----------------------------------------------------------------- layouts
     def _tokenize_plain(self, text: str) -> list[int]:

@@ -237,6 +237,9 @@ def test_empty_list_gives_empty_matrix():
 
 
 def test_out_of_memory_halves_the_batch_and_retries(monkeypatch):
+    import htp_embed.encoder
+
+    monkeypatch.setattr(htp_embed.encoder, "CPU_PADDING_TOLERANCE", 1.0)  # batches by count only
     encoder = tiny_encoder(batch_size=4)
     real = encoder._embed_layouts
     sizes: list[int] = []
@@ -280,3 +283,20 @@ def test_adaptive_k_counts_only_the_sentences_that_fit_the_window():
     encoder = tiny_encoder(k="adaptive:4", max_length=48)
     fitted = " ".join(["the cat sat on the mat ."] * 5)  # about what 48 tokens hold
     assert encoder.layouts([text])[0].n_blocks == encoder.layouts([fitted])[0].n_blocks > 1
+
+
+def test_cpu_batches_end_before_a_text_that_would_be_mostly_padding():
+    encoder = tiny_encoder(batch_size=8)
+    texts = ["w1 " * 40, "w2 " * 39, "w3 " * 10, "w4 " * 9]
+    sizes: list[int] = []
+    real = encoder._embed_layouts
+
+    def spy(layouts):
+        sizes.append(len(layouts))
+        return real(layouts)
+
+    encoder._embed_layouts = spy
+    vectors = encoder.encode_documents(texts)
+    assert sizes == [2, 2]  # the two long texts together, the two short ones together
+    for i, text in enumerate(texts):
+        np.testing.assert_allclose(vectors[i], encoder.encode_documents([text])[0], atol=1e-5)
