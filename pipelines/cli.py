@@ -361,6 +361,9 @@ def demo(
     question: Annotated[str, typer.Option(help="the sample query")] = "How do summary tokens let early words see later sentences?",
 ) -> None:
     """Ingest the bundled sample corpus with the default model into a local index and query it."""
+    import time
+
+    began = time.perf_counter()
     _setup(False)
     from pipelines.sample_corpus import sample_dir
 
@@ -369,6 +372,14 @@ def demo(
     ingest(str(sample_dir()), index)
     console.print(f"[bold]2/2[/bold] query: {question!r}")
     query(question, index, top_k=3)
+    command = time.perf_counter() - began
+    try:  # the process's age includes starting Python and importing, which users wait for too
+        import psutil
+
+        total = time.time() - psutil.Process().create_time()
+        console.print(f"demo total wall time: {total:.1f} s ({command:.1f} s after start-up and imports)")
+    except ImportError:  # pragma: no cover - psutil comes with prefect
+        console.print(f"demo wall time after start-up and imports: {command:.1f} s")
 
 
 def _register_eval() -> None:
