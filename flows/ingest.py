@@ -21,6 +21,7 @@ from flows.runtime import cached_embedding, embedding_for, settings_from, task_r
 from htp_embed import EncoderConfig
 from indexes import EncoderMismatchError
 from indexes.spec import canonical_encoder
+from pipelines.chunking import embed_text
 from pipelines.index_access import encoder_settings_for, index_lock, open_or_create_store
 from pipelines.ingest import (
     IngestPlan,
@@ -29,6 +30,7 @@ from pipelines.ingest import (
     embed_batch_isolated,
     ensure_correction,
     node_batches,
+    node_vectors,
     plan_ingest,
     split_all,
 )
@@ -85,7 +87,7 @@ def apply_task(plan: IngestPlan, nodes: list[TextNode], errors: dict[str, str], 
         stats.fail(error.doc_id, error.error)
     for doc_id, error in errors.items():
         stats.fail(doc_id, error)
-    ensure_correction(store, nodes, embedding, config)
+    ensure_correction(store, node_vectors(nodes), [embed_text(n) for n in nodes], embedding, config)
     apply_changes(store, plan, nodes, set(errors), stats)
     if plan.to_embed or plan.deleted or store.version is None:
         stats.version = store.persist()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 CORRECTION_FILE = "correction.json"
 
@@ -51,6 +51,20 @@ class VectorCorrection(BaseModel):
         "baseline against which drift is measured"
     )
 
+    _query_mean: np.ndarray = PrivateAttr()
+    _doc_mean: np.ndarray = PrivateAttr()
+
+    def model_post_init(self, context: Any) -> None:
+        """Keep the means as arrays: queries are corrected on the search path."""
+        self._query_mean = np.asarray(self.query_mean, dtype=np.float32)
+        self._doc_mean = np.asarray(self.doc_mean, dtype=np.float32)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal statistics (the cached arrays are derived from them)."""
+        return isinstance(other, VectorCorrection) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]
+
     @property
     def dim(self) -> int:
         return len(self.query_mean)
@@ -71,11 +85,11 @@ class VectorCorrection(BaseModel):
 
     def queries(self, x: np.ndarray) -> np.ndarray:
         """Corrected, L2-normalised query vectors."""
-        return _normalised(np.asarray(x, dtype=np.float32) - np.asarray(self.query_mean, np.float32))
+        return _normalised(np.asarray(x, dtype=np.float32) - self._query_mean)
 
     def documents(self, x: np.ndarray) -> np.ndarray:
         """Corrected, L2-normalised document vectors."""
-        return _normalised(np.asarray(x, dtype=np.float32) - np.asarray(self.doc_mean, np.float32))
+        return _normalised(np.asarray(x, dtype=np.float32) - self._doc_mean)
 
     def summary(self) -> dict[str, Any]:
         """What ``htp-index info`` shows: the variant and what it was fitted on (no vectors)."""

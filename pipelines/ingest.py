@@ -211,18 +211,23 @@ def apply_changes(
 
 
 def ensure_correction(
-    store: FaissVectorStore, nodes: Sequence[TextNode], embedding: HTPEmbedding, settings: Settings
+    store: FaissVectorStore, vectors: np.ndarray, texts: Sequence[str], embedding: HTPEmbedding, settings: Settings
 ) -> None:
-    """Fit the index's vector correction when its version is filled for the first time (a new
-    index, or a rebuild); afterwards it stays frozen so every vector is corrected alike."""
-    if store.count or store.correction is not None or not nodes:
+    """Fit the index's vector correction from the encoder's ``vectors`` of ``texts`` when its
+    version is filled for the first time (a new index, or a rebuild); afterwards it stays
+    frozen so every vector is corrected alike."""
+    if store.count or store.correction is not None or not len(vectors):
         return
-    vectors = np.asarray([node.embedding for node in nodes], dtype=np.float32)
-    correction = fit_correction(vectors, [embed_text(n) for n in nodes], embedding.encoder, kind=settings.correction)
+    correction = fit_correction(vectors, texts, embedding.encoder, kind=settings.correction)
     if correction is not None:
         store.set_correction(correction)
         log.info("fitted the vector correction on %d nodes and %d pseudo-queries",
                  correction.fitted_on, correction.pseudo_queries)
+
+
+def node_vectors(nodes: Sequence[TextNode]) -> np.ndarray:
+    """The nodes' embeddings as one float32 matrix."""
+    return np.asarray([node.embedding for node in nodes], dtype=np.float32)
 
 
 def chunk_size_for(settings: Settings) -> int:
@@ -273,7 +278,7 @@ def ingest(
             for doc_id, error in errors.items():
                 stats.fail(doc_id, error)
                 failed.add(doc_id)
-        ensure_correction(store, nodes, embedding, settings)
+        ensure_correction(store, node_vectors(nodes), [embed_text(n) for n in nodes], embedding, settings)
         apply_changes(store, plan, nodes, failed, stats)
         stats.tokens = embedding.encoder.stats.tokens - tokens_before
         if plan.to_embed or plan.deleted or store.version is None:

@@ -21,7 +21,6 @@ from htp_embed import EncoderConfig, config_from_identity
 from htp_embed.llama_index import HTPEmbedding
 from indexes import FaissVectorStore, IndexNotFoundError
 from pipelines.chunking import embed_text
-from pipelines.correction import fit_correction
 from pipelines.index_access import encoder_settings_for, index_lock
 from pipelines.ingest import (
     Progress,
@@ -30,6 +29,7 @@ from pipelines.ingest import (
     embed_batch_isolated,
     ensure_correction,
     node_batches,
+    node_vectors,
     split_all,
 )
 from pipelines.query import same_encoder
@@ -140,7 +140,7 @@ def write_rebuild(
         overwrite=True, persist_now=False, keep_versions=settings.keep_versions,
     )
     keep = [n for n in nodes if doc_id_of(n) not in failed]
-    ensure_correction(new, keep, embedding, settings)
+    ensure_correction(new, node_vectors(keep), [embed_text(n) for n in keep], embedding, settings)
     new.add(keep)
     for doc_id, content_hash in plan.hashes.items():
         if doc_id not in failed and doc_id in plan.by_doc:
@@ -173,11 +173,10 @@ def rebuild_keeping_vectors(
     matrix = np.asarray([vectors[n.node_id] for n in nodes], dtype=np.float32).reshape(-1, old.dim)
     if old.correction is not None:
         new.set_correction(old.correction)
-    elif settings.correction != "none" and len(nodes):
+    elif settings.correction != "none" and len(nodes):  # the encoder is needed only to fit one
         if embedding is None or not same_encoder(embedding.identity(), old.encoder):
             embedding = HTPEmbedding(config=config_from_identity(old.encoder, **settings.runtime_encoder_settings()))
-        correction = fit_correction(matrix, [embed_text(n) for n in nodes], embedding.encoder, kind=settings.correction)
-        new.set_correction(correction)
+        ensure_correction(new, matrix, [embed_text(n) for n in nodes], embedding, settings)
     new.add(nodes, embeddings=matrix, corrected=old.correction is not None)
     for doc_id, content_hash in old.doc_hashes().items():
         new.set_doc_hash(doc_id, content_hash)
