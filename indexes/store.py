@@ -566,7 +566,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         """
         mode = VectorStoreQueryMode(query.mode)
         knobs = {k: v for k, v in kwargs.items() if k in _SEARCH_KNOBS}
-        dense_wanted = mode in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.HYBRID)
+        dense_wanted = mode in _DENSE_MODES
         if mode not in (*_SPARSE_MODES, *_DENSE_MODES):
             raise ValueError(
                 f"query mode {mode.value!r} is not supported; FaissVectorStore does "
