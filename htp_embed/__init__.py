@@ -1,6 +1,8 @@
 """htp_embed: text embeddings from decoder-only LLMs with Hierarchical Token Prepending.
 
 ``HTPEncoder`` is the encoder; ``htp_embed.llama_index.HTPEmbedding`` adapts it to LlamaIndex.
+An index records ``HTPEncoder.identity()``; ``config_from_identity`` reopens that encoder and
+``indexes.same_encoder`` compares two such records.
 """
 
 import os
@@ -13,7 +15,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from htp_embed.config import DEFAULT_MODEL, METHODS, EncoderConfig, KPolicy
-from htp_embed.encoder import EmptyTextError, EncoderStats, HTPEncoder, config_from_identity
+from htp_embed.encoder import EmptyTextError, Encoded, EncoderStats, HTPEncoder
+from htp_embed.identity import EncoderIdentity, config_from_identity
 from htp_embed.models import PACKAGED_MODELS, ModelNotAvailableError, load_model
 
 __all__ = [
@@ -21,7 +24,9 @@ __all__ = [
     "METHODS",
     "PACKAGED_MODELS",
     "EmptyTextError",
+    "Encoded",
     "EncoderConfig",
+    "EncoderIdentity",
     "EncoderStats",
     "HTPEncoder",
     "KPolicy",

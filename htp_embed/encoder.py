@@ -2,7 +2,8 @@
 
 The chain reads like a sentence-transformers pipeline: segment -> lay out tokens and
 placeholders -> forward with rewiring hooks and early exit -> pool -> normalise. Every method
-(htp and its baselines) goes through the same code; only the layout differs.
+(htp and its baselines) goes through the same code; what differs is asked of the method's
+strategy object (``htp_embed.methods``), never of its name.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from htp_embed.config import EncoderConfig
+from htp_embed.identity import EncoderIdentity, config_from_identity
 from htp_embed.layer_defaults import layer_defaults
-from htp_embed.layout import PLACEHOLDERS, Layout, LayoutBuilder, TokenizedText, blocks_of
+from htp_embed.layout import PLACEHOLDERS, Layout, LayoutBuilder
 from htp_embed.layout import sentence_index_per_token as _sentence_index
+from htp_embed.methods import EncodingMethod, method_for
 from htp_embed.models import (
     decoder_layers,
     load_model,
@@ -34,6 +37,8 @@ from htp_embed.models import (
 from htp_embed.pooling import at_positions, l2_normalise, masked_mean
 from htp_embed.rewiring import EarlyExit, rewired
 from htp_embed.segment import sentence_starts
+
+__all__ = ["EmptyTextError", "Encoded", "EncoderStats", "HTPEncoder", "config_from_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +57,30 @@ class EmptyTextError(ValueError):
 
 @dataclass
 class EncoderStats:
-    """Running counters, read by pipelines for their run statistics."""
+    """Running totals over an encoder's life, for monitoring and benchmarks.
+
+    Threads sharing an encoder (the HTTP service) all add to them, so a difference of two
+    readings is not one caller's work: pipelines take their numbers from
+    :meth:`HTPEncoder.encode_with_stats` instead.
+    """
 
     texts: int = 0
     tokens: int = 0
     truncated: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Encoded:
+    """The vectors of one :meth:`HTPEncoder.encode_with_stats` call and what it cost.
+
+    ``tokens`` counts the text tokens embedded (pooled positions, after truncation);
+    ``truncated`` the texts cut to fit ``max_length``.
+    """
+
+    vectors: np.ndarray  # float32 [texts, dim], L2-normalised
+    texts: int
+    tokens: int
+    truncated: int
 
 
 @dataclass
@@ -94,6 +118,7 @@ class HTPEncoder:
         if overrides:
             config = EncoderConfig(**{**config.model_dump(), **overrides})
         self.config = config
+        self.method: EncodingMethod = method_for(config.method)
         self.device = resolve_device(config.device)
         if decoder is not None and config.dtype == "auto":
             # The caller chose the weights' precision when loading them; keep it.
@@ -107,13 +132,14 @@ class HTPEncoder:
         self.model = model
         self.tokenizer = tokenizer
         self.stats = EncoderStats()
+        self._stats_lock = threading.Lock()
         self._layers = decoder_layers(model)
         self._lock = _shared_lock(model)
         self._placeholder_vector = mean_input_embedding(model)
         self._template = _special_token_template(tokenizer)
-        self.sink_token = _sink_token(tokenizer, self._template[0], config)
+        self.sink_token = _sink_token(tokenizer, self._template[0], config.attention_sink, self.method)
         prefix = ([self.sink_token] if self.sink_token is not None else []) + self._template[0]
-        self._builder = LayoutBuilder(prefix, self._template[1], config.max_length, self._tokenize_plain)
+        self._builder = LayoutBuilder(prefix, self._template[1], config.max_length, self.tokenize)
         self._resolve_layers()
 
     # ----------------------------------------------------------------- configuration
@@ -149,48 +175,81 @@ class HTPEncoder:
 
     @property
     def dim(self) -> int:
+        """Width of the vectors."""
         return int(self.model.config.hidden_size)
 
     @property
     def model_name(self) -> str:
+        """The configured model name."""
         return str(self.config.model)
 
-    def identity(self) -> dict[str, Any]:
-        """Everything that decides the vectors; an index built with one identity refuses others."""
-        ident: dict[str, Any] = {
-            "model": self.config.model,
-            "model_fingerprint": _model_fingerprint(self.model),
-            "method": self.config.method,
-            "dim": self.dim,
-            "exit_layer": self.exit_depth,
-            "max_length": self.config.max_length,
-            "query_instruction": self.config.query_instruction,
+    @property
+    def placeholder_budget(self) -> int:
+        """Window positions a document (no query instruction) may lose to anything but its text.
+
+        Template special tokens, the sink token, and the method's own slots: HTP's two per
+        block (``k.max_blocks`` blocks under adaptive K; fixed K is budgeted for 16), TP's one,
+        PromptEOL's prompt, and for echo its prompts plus the second copy of the text.
+        """
+        return self.config.max_length - self.text_budget
+
+    @property
+    def text_budget(self) -> int:
+        """Tokens of document text that fit one window untruncated: what a chunk may hold."""
+        builder = self._builder
+        window = self.config.max_length - len(builder.prefix) - len(builder.suffix)
+        return max(self.method.text_room(window, builder, self.config), 0)
+
+    def encoder_identity(self) -> EncoderIdentity:
+        """Everything that decides the vectors, typed; see :meth:`identity` for the record."""
+        config = self.config
+        # Every optional field a method may record; the method picks the ones that concern it.
+        optional: dict[str, Any] = {
+            "rewire": (self.rewire_layers.start, self.rewire_layers.stop),
+            "attention_sink": self.sink_token,
+            "k": str(config.k),
+            "segmenter": config.segmenter,
+            "global_tokens": config.global_tokens,
+            "local_tokens": config.local_tokens,
         }
-        if self.config.method in ("htp", "tp"):
-            ident.update(
-                rewire=[self.rewire_layers.start, self.rewire_layers.stop],
-            )
-            if self.sink_token is not None:
-                ident["attention_sink"] = self.sink_token
-        if self.config.method == "htp":
-            ident.update(
-                k=str(self.config.k),
-                segmenter=self.config.segmenter,
-                global_tokens=self.config.global_tokens,
-                local_tokens=self.config.local_tokens,
-            )
-        return ident
+        return EncoderIdentity(
+            model=config.model,
+            model_fingerprint=_model_fingerprint(self.model),
+            method=config.method,
+            dim=self.dim,
+            exit_layer=self.exit_depth,
+            max_length=config.max_length,
+            query_instruction=config.query_instruction,
+            **{key: optional[key] for key in self.method.identity_fields},
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that decides the vectors; an index built with one identity refuses others.
+
+        The dict index manifests store; :func:`config_from_identity` turns it back into this
+        encoder's configuration, and :func:`indexes.same_encoder` compares two.
+        """
+        return self.encoder_identity().record()
 
     def describe(self) -> str:
         """A short human-readable name, e.g. ``gemma3-270m/htp[k=adaptive:8,rewire=1-7,exit=13]``."""
-        parts = [f"exit={self.exit_depth if self.exit_depth else 'full'}"]
-        if self.config.method in ("htp", "tp"):
-            parts.insert(0, f"rewire={self.rewire_layers.start}-{self.rewire_layers.stop}")
-        if self.config.method == "htp":
-            parts.insert(0, f"k={self.config.k}")
+        parts = [
+            *self.method.describe_parts(self.config, self.rewire_layers),
+            f"exit={self.exit_depth if self.exit_depth else 'full'}",
+        ]
         if self.sink_token is not None:
             parts.append("sink")
         return f"{self.config.model}/{self.config.method}[{','.join(parts)}]"
+
+    # ----------------------------------------------------------------- tokens
+    def tokenize(self, text: str) -> list[int]:
+        """The text's token ids as the layouts use them: no special tokens added, and special
+        tokens typed in the text (a literal "<bos>") tokenised as text."""
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens :meth:`tokenize` makes of ``text`` (for sizing chunks)."""
+        return len(self.tokenize(text))
 
     # ----------------------------------------------------------------- public encoding
     def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
@@ -203,11 +262,18 @@ class HTPEncoder:
 
     def encode(self, texts: Sequence[str], *, is_query: bool = False) -> np.ndarray:
         """Embed ``texts``; the caller's order is kept although batches are length-sorted."""
+        return self.encode_with_stats(texts, is_query=is_query).vectors
+
+    def encode_with_stats(self, texts: Sequence[str], *, is_query: bool = False) -> Encoded:
+        """Embed ``texts`` like :meth:`encode`, with this call's token and truncation counts.
+
+        Safe for threads sharing the encoder: the counts are this call's alone.
+        """
         if isinstance(texts, str):
             raise TypeError("encode expects a list of texts, not a single string")
         texts = list(texts)
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return Encoded(np.zeros((0, self.dim), dtype=np.float32), 0, 0, 0)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text {i} is {type(text).__name__}, not str")
@@ -245,10 +311,12 @@ class HTPEncoder:
                 out[chunk] = vectors
                 position += len(chunk)
                 bar.update(len(chunk))
-        self.stats.texts += len(texts)
-        self.stats.tokens += sum(len(layout.pool) for layout in layouts)
-        self.stats.truncated += truncated
-        return out
+        encoded = Encoded(out, len(texts), sum(len(layout.pool) for layout in layouts), truncated)
+        with self._stats_lock:
+            self.stats.texts += encoded.texts
+            self.stats.tokens += encoded.tokens
+            self.stats.truncated += encoded.truncated
+        return encoded
 
     def _batch_length(self, layouts: list[Layout], order: list[int], position: int, batch_size: int) -> int:
         """How many texts from ``order[position:]`` (longest first) go into the next batch.
@@ -268,13 +336,10 @@ class HTPEncoder:
         return count
 
     # ----------------------------------------------------------------- layouts
-    def _tokenize_plain(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-
     def _tokenize_texts(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]] | None, list[str]]:
         limit = self.config.max_length * CHARS_PER_TOKEN_BOUND
         clipped = [t if len(t) <= limit else t[:limit] for t in texts]
-        need_offsets = self.config.method == "htp"
+        need_offsets = self.method.needs_sentences
         encoded = self.tokenizer(
             clipped, add_special_tokens=False, split_special_tokens=True,
             return_offsets_mapping=need_offsets,
@@ -286,35 +351,15 @@ class HTPEncoder:
         """The token layout of each text under this encoder's method (no model call)."""
         texts = list(texts)
         token_ids, offsets, clipped = self._tokenize_texts(texts)
-        instruction = self._tokenize_plain(self.config.query_instruction) if is_query and self.config.query_instruction else []
-        method = self.config.method
-        build = self._builder
-        if method in ("vanilla", "last"):
-            layouts = [build.plain(ids, instruction) for ids in token_ids]
-        elif method == "echo":
-            layouts = [build.echo(ids, instruction) for ids in token_ids]
-        elif method == "prompteol":
-            layouts = [build.prompteol(ids, instruction) for ids in token_ids]
-        elif method == "tp":
-            layouts = [build.token_prepending(ids, instruction) for ids in token_ids]
-        else:
-            assert offsets is not None
+        instruction = self.tokenize(self.config.query_instruction) if is_query and self.config.query_instruction else []
+        sentences: list[list[int] | None] = [None] * len(texts)
+        if offsets is not None:
             starts = sentence_starts(clipped, self.config.segmenter)
-            layouts = []
-            # K follows the sentences that fit the window: a long text cut to 512 tokens is
-            # laid out like the text it has become, not like the whole document.
-            window = self.config.max_length - len(build.prefix) - len(build.suffix) - len(instruction)
-            for ids, offs, sent_starts in zip(token_ids, offsets, starts, strict=True):
-                tokenized = TokenizedText(ids, _sentence_index(offs, sent_starts))
-                visible = tokenized.sentence_of_token[: max(window, 1)]
-                k = self.config.k.sentences_per_block(visible[-1] + 1 if visible else 1)
-                layouts.append(
-                    build.htp(
-                        blocks_of(tokenized, k), instruction,
-                        local_tokens=self.config.local_tokens,
-                        global_tokens=self.config.global_tokens,
-                    )
-                )
+            sentences = [_sentence_index(offs, s) for offs, s in zip(offsets, starts, strict=True)]
+        layouts = [
+            self.method.layout(self._builder, ids, instruction, self.config, sentence_of_token)
+            for ids, sentence_of_token in zip(token_ids, sentences, strict=True)
+        ]
         for layout, text, clip in zip(layouts, texts, clipped, strict=True):
             layout.truncated = layout.truncated or len(clip) < len(text)
         return layouts
@@ -373,7 +418,7 @@ class HTPEncoder:
                     hidden = output.last_hidden_state
                 except EarlyExit as stop:
                     hidden = stop.hidden
-            if self.config.method in ("last", "prompteol"):
+            if self.method.readout == "last":
                 vectors = at_positions(hidden, batch.readout)
             else:
                 vectors = masked_mean(hidden, batch.pool)
@@ -415,7 +460,7 @@ def _shared_lock(model: torch.nn.Module) -> threading.Lock:
 SINK_TOKEN_NAMES = ("<|endoftext|>",)
 
 
-def _sink_token(tokenizer: Any, prefix: list[int], config: EncoderConfig) -> int | None:
+def _sink_token(tokenizer: Any, prefix: list[int], attention_sink: str, method: EncodingMethod) -> int | None:
     """The token put first when the model's template has no BOS and the method has placeholders.
 
     Decoders park surplus attention on the first position (the attention sink). Without a BOS
@@ -424,7 +469,7 @@ def _sink_token(tokenizer: Any, prefix: list[int], config: EncoderConfig) -> int
     <|endoftext|> in front HTP gains +2.8 [+1.1, +4.6] over vanilla given the same prefix
     (benchmarks/results/quality/tables.md, "smollm2-135m ... pooled").
     """
-    if config.attention_sink == "off" or prefix or config.method not in ("htp", "tp"):
+    if attention_sink == "off" or prefix or not method.rewires:
         return None
     vocab = tokenizer.get_vocab()
     for name in SINK_TOKEN_NAMES:
@@ -454,26 +499,3 @@ def _model_fingerprint(model: torch.nn.Module) -> str:
             "num_attention_heads", "num_key_value_heads", "vocab_size", "rope_theta")
     described = json.dumps({key: getattr(config, key, None) for key in keys}, sort_keys=True, default=str)
     return hashlib.sha256(described.encode()).hexdigest()[:16]
-
-
-def config_from_identity(identity: dict[str, Any], **overrides: Any) -> EncoderConfig:
-    """The configuration that reproduces an encoder from its :meth:`HTPEncoder.identity`.
-
-    Used to reopen an index with exactly the encoder that built it; ``overrides`` may change
-    settings that do not alter vectors (device, batch size, progress).
-    """
-    settings: dict[str, Any] = {
-        "model": identity["model"],
-        "method": identity["method"],
-        "exit_layer": identity.get("exit_layer"),
-        "max_length": identity["max_length"],
-        "query_instruction": identity["query_instruction"],
-    }
-    if "rewire" in identity:
-        settings["rewire_start"], settings["rewire_stop"] = identity["rewire"]
-    # Recorded only when a sink token was used; indexes from before the option had none.
-    settings["attention_sink"] = "auto" if "attention_sink" in identity else "off"
-    for key in ("k", "segmenter", "global_tokens", "local_tokens"):
-        if key in identity:
-            settings[key] = identity[key]
-    return EncoderConfig(**{**settings, **overrides})

@@ -9,7 +9,7 @@ reserved ids beyond its vocabulary, so a literal "<PST>" typed in a text stays t
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 PST = -1  # local summary slot, before each block
@@ -75,11 +75,11 @@ def blocks_of(text: TokenizedText, k: int) -> list[list[int]]:
 class LayoutBuilder:
     """Builds :class:`Layout`s for one tokenizer's template (prefix/suffix special tokens)."""
 
-    def __init__(self, prefix: list[int], suffix: list[int], max_length: int, tokenize):
+    def __init__(self, prefix: list[int], suffix: list[int], max_length: int, tokenize: Callable[[str], list[int]]):
         self.prefix = prefix
         self.suffix = suffix
         self.max_length = max_length
-        self._tokenize = tokenize  # str -> list[int], no special tokens, specials kept as text
+        self.tokenize = tokenize  # str -> list[int], no special tokens, specials kept as text
 
     def _fixed(self, *parts: list[int]) -> int:
         return len(self.prefix) + len(self.suffix) + sum(len(p) for p in parts)
@@ -104,7 +104,7 @@ class LayoutBuilder:
 
     def echo(self, text: list[int], instruction: list[int]) -> Layout:
         """Echo: the text twice; pool over the second copy, which has seen the whole text."""
-        first, second = self._tokenize(ECHO_FIRST), self._tokenize(ECHO_SECOND)
+        first, second = self.tokenize(ECHO_FIRST), self.tokenize(ECHO_SECOND)
         budget = self._budget(instruction, first, second) // 2
         if budget < 1:
             raise ValueError(f"max_length={self.max_length} is too small for echo embeddings")
@@ -116,7 +116,7 @@ class LayoutBuilder:
 
     def prompteol(self, text: list[int], instruction: list[int]) -> Layout:
         """PromptEOL: 'This sentence: "…" means in one word: "' and read the last token."""
-        opening, closing = self._tokenize(PROMPTEOL_OPEN), self._tokenize(PROMPTEOL_CLOSE)
+        opening, closing = self.tokenize(PROMPTEOL_OPEN), self.tokenize(PROMPTEOL_CLOSE)
         budget = self._budget(opening, instruction, closing)
         kept = text[:budget]
         head = self.prefix + opening + instruction

@@ -18,7 +18,7 @@ from .errors import (
 )
 from .gpu import GpuSelection, Placement, UseGpu
 from .persist import current_version, exists, read_manifest
-from .spec import IndexParams, IndexSpec, Manifest, Metric
+from .spec import IndexParams, IndexSpec, Manifest, Metric, same_encoder
 from .store import FaissVectorStore
 
 __all__ = [
@@ -43,5 +43,6 @@ __all__ = [
     "exists",
     "fusion",
     "read_manifest",
+    "same_encoder",
     "sparse",
 ]

@@ -133,3 +133,9 @@ class Manifest(BaseModel):
 def canonical_encoder(encoder: dict[str, Any]) -> str:
     """Canonical JSON of an encoder description, so that key order never causes a mismatch."""
     return json.dumps(encoder, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def same_encoder(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two encoder descriptions are the same encoder: the one comparison every layer
+    uses (the store on open, ingest on the vectors it receives, readers reusing a model)."""
+    return canonical_encoder(a) == canonical_encoder(b)

@@ -60,7 +60,7 @@ from .errors import (
     SparseIndexMissingError,
 )
 from .filters import compile_filters, filters_key
-from .spec import IndexParams, IndexSpec, Manifest, Metric, canonical_encoder
+from .spec import IndexParams, IndexSpec, Manifest, Metric, canonical_encoder, same_encoder
 from .vectors import VectorIndex
 
 logger = logging.getLogger(__name__)
@@ -196,9 +196,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         """
         root = Path(path)
         manifest = persist.read_manifest(root, version)
-        if expected_encoder is not None and canonical_encoder(expected_encoder) != (
-            canonical_encoder(manifest.encoder)
-        ):
+        if expected_encoder is not None and not same_encoder(expected_encoder, manifest.encoder):
             raise EncoderMismatchError.between(root, manifest.encoder, expected_encoder)
         vdir = persist.version_dir(root, manifest.version)
         for name in (persist.INDEX_FILE, persist.DOCSTORE_FILE):

@@ -110,6 +110,54 @@ def test_no_sequence_exceeds_max_length(method):
     assert encoder.stats.truncated == 1 and np.isfinite(vectors).all()
 
 
+def document(n_tokens: int, sentences: int) -> str:
+    """A text of exactly ``n_tokens`` tiny-tokenizer tokens in ``sentences`` sentences."""
+    words = [f"w{i % 200}" for i in range(n_tokens)]
+    for s in range(1, sentences + 1):
+        words[s * n_tokens // sentences - 1] = "."
+    return " ".join(words)
+
+
+@pytest.mark.parametrize("bos", [False, True])
+@pytest.mark.parametrize(
+    ("method", "settings", "sentences"),
+    [
+        ("htp", {}, 8),  # adaptive K: at most max_blocks=8 blocks
+        ("htp", {"k": 1}, 16),  # fixed K is budgeted for 16 blocks
+        ("htp", {"local_tokens": False}, 8),
+        ("tp", {}, 3),
+        ("vanilla", {}, 3),
+        ("last", {}, 3),
+        ("echo", {}, 3),
+        ("prompteol", {}, 3),
+    ],
+)
+def test_a_document_of_text_budget_tokens_fits_one_window(method, settings, sentences, bos):
+    encoder = tiny_encoder(bos=bos, method=method, max_length=96, **settings)
+    budget = encoder.text_budget
+    assert budget + encoder.placeholder_budget == 96 and budget > 32
+    fitting, overlong = document(budget, sentences), document(budget + 3, sentences)
+    assert encoder.count_tokens(fitting) == budget
+    assert not encoder.layouts([fitting])[0].truncated
+    assert encoder.layouts([overlong])[0].truncated
+
+
+def test_placeholder_budget_counts_template_sink_and_slots():
+    assert tiny_encoder(bos=True, method="vanilla").placeholder_budget == 1  # <bos>
+    assert tiny_encoder(bos=False, method="vanilla").placeholder_budget == 0
+    assert tiny_encoder(bos=False, method="tp").placeholder_budget == 2  # sink + <PST>
+    assert tiny_encoder(bos=True, k="adaptive:8").placeholder_budget == 1 + 16
+
+
+def test_encode_with_stats_reports_this_calls_work():
+    encoder = tiny_encoder(bos=True, k=1, max_length=24, method="vanilla")
+    long_text = " ".join(f"w{i}" for i in range(40))
+    encoded = encoder.encode_with_stats(["the cat sat", long_text])
+    assert (encoded.texts, encoded.tokens, encoded.truncated) == (2, 3 + 23, 1)
+    np.testing.assert_array_equal(encoded.vectors, encoder.encode_documents(["the cat sat", long_text]))
+    assert (encoder.stats.texts, encoder.stats.tokens, encoder.stats.truncated) == (4, 52, 2)  # running totals
+
+
 def test_rewired_layer_inputs_hold_the_block_end_states():
     encoder = tiny_encoder(k=1, rewire_start=1, rewire_stop=3)
     layout = encoder.layouts([THREE_SENTENCES])[0]
@@ -184,7 +232,7 @@ def test_pooling_excludes_placeholders_and_template_tokens():
         vector = encoder._embed_layouts([layout])[0]
     finally:
         handle.remove()
-    text_positions = [i for i, t in enumerate(layout.ids) if t >= 0][1 + len(encoder._tokenize_plain(encoder.config.query_instruction)):]
+    text_positions = [i for i, t in enumerate(layout.ids) if t >= 0][1 + len(encoder.tokenize(encoder.config.query_instruction)):]
     assert text_positions == layout.pool
     expected = hidden_at["h"][0, layout.pool].mean(0)
     np.testing.assert_allclose(vector, (expected / expected.norm()).numpy(), atol=1e-5)
