@@ -43,9 +43,9 @@ def settings_json() -> dict:
 
 def warm_model(settings: dict) -> None:
     """Load the default model into this process's cache and run it once (torch warm-up)."""
-    from flows.runtime import cached_embedding, settings_from
+    from flows.runtime import cached_encoder, settings_from
 
-    cached_embedding(settings_from(settings).encoder).get_text_embedding_batch(["A warm-up sentence."])
+    cached_encoder(settings_from(settings).encoder).encode_documents(["A warm-up sentence."])
 
 
 def run_one(config: str, source: str, work: Path) -> dict:

@@ -74,7 +74,7 @@ def main() -> None:
 
     index = open_index(args.index_dir, load_settings(encoder_show_progress=False))
     texts = load_beir(SCIFACT, "train").query_texts()[: args.queries]
-    vectors = index.embedding.encoder.encode_queries(texts)
+    vectors = index.encoder.encode_queries(texts)
     index.search(texts[0], 10)  # warm up every path once
     end_to_end: dict[str, list[float]] = {m: [] for m in MODES}
     store_only: dict[str, list[float]] = {m: [] for m in MODES}
@@ -100,7 +100,7 @@ def main() -> None:
     result = {
         "index": str(args.index_dir), "count": index.store.count, "index_kind": index.store.index_kind,
         "queries": len(texts), "encoder": index.embedding.model_name,
-        "dtype": str(index.embedding.encoder.dtype), "machine": f"{platform.processor() or platform.machine()}, "
+        "dtype": str(index.encoder.dtype), "machine": f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, no GPU", **keyword_table_bytes(args.index_dir), **rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ def free_port() -> int:
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", *args]
+    return [sys.executable, "-m", "htp_cli", *args]
 
 
 async def client(http: httpx.AsyncClient, url: str, worker: int, stop: asyncio.Event,

@@ -11,7 +11,7 @@ A local cluster uses worker *processes* with one Dask thread each: the encoder i
 model, and one model per process computing on its own cores beats several Dask threads
 fighting over one interpreter and one set of intra-op threads. The machine's cores are split
 evenly between the workers' torch threads (``HTP_TORCH_THREADS``, read by
-:func:`flows.runtime.cached_embedding`), so workers never oversubscribe the CPU.
+:func:`flows.runtime.cached_encoder`), so workers never oversubscribe the CPU.
 
 Dask's nanny starts every worker with ``MALLOC_TRIM_THRESHOLD_=65536`` (and one OpenMP thread),
 which returns freed memory to the OS so eagerly that each forward pass pays page faults for its

@@ -1,40 +1,70 @@
-"""What every flow shares: settings passed as JSON, one model per worker, task runners."""
+"""What every flow shares: settings in transit, one model per worker process, task runners,
+and :class:`PrefectSteps`, which runs an :class:`~pipelines.engine.IndexSession`'s steps as
+Prefect tasks."""
 
 from __future__ import annotations
 
 import os
 import resource
 import threading
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from llama_index.core.schema import TextNode
+from prefect import task, unmapped
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from htp_embed import EncoderConfig
-from htp_embed.llama_index import HTPEmbedding
-from pipelines.index_access import encoder_settings_for
+from htp_embed import EncoderConfig, HTPEncoder
+from pipelines.engine import EmbeddedBatch, IndexSession, embed_batch
 from pipelines.settings import Settings
 
-_MODELS: dict[str, HTPEmbedding] = {}
-_MODELS_LOCK = threading.Lock()
+T = TypeVar("T")
+_ENCODERS: dict[str, HTPEncoder] = {}
+_ENCODERS_LOCK = threading.Lock()
 _LOADS = 0  # models this process has loaded: a worker that loads per task is a bug
 
+# Retries per step: reading a source and embedding may hit passing trouble (a network share,
+# a worker lost); applying is retried once, which is safe since nothing is live until persist.
+STEP_RETRIES = {"plan": 2, "split": 1, "apply-and-persist": 1, "plan-rebuild": 1, "write-verify-switch": 1}
 
-def settings_from(data: dict[str, Any]) -> Settings:
-    """Settings travel between tasks (and machines) as JSON-ready dicts."""
+
+def settings_from(data: dict[str, Any] | None) -> Settings:
+    """Settings arrive as :meth:`Settings.to_transport` JSON (a deployment's parameters are
+    JSON); no data means this process's own settings."""
     return Settings.model_validate(data) if data else Settings()
 
 
-def cached_embedding(config: EncoderConfig) -> HTPEmbedding:
-    """The embedding for ``config``, loaded at most once per process (a Dask worker, say)."""
+def cached_encoder(config: EncoderConfig) -> HTPEncoder:
+    """The encoder for ``config``, loaded at most once per process (a Dask worker, say)."""
     global _LOADS
     key = config.model_dump_json()
-    with _MODELS_LOCK:
-        if key not in _MODELS:
+    with _ENCODERS_LOCK:
+        if key not in _ENCODERS:
             apply_torch_threads()
-            _MODELS[key] = HTPEmbedding(config=config)
+            _ENCODERS[key] = HTPEncoder(config)
             _LOADS += 1
-        return _MODELS[key]
+        return _ENCODERS[key]
+
+
+@task(name="embed-batch", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def embed_batch_task(batch: list[TextNode], encoder: EncoderConfig) -> EmbeddedBatch:
+    """Embed one batch of nodes (the unit a task runner fans out) with exactly the encoder the
+    session resolved from the index. A worker never looks at the index (on a remote machine
+    it is not there); the batch it returns names its encoder, which the apply step checks."""
+    return embed_batch(batch, cached_encoder(encoder))
+
+
+class PrefectSteps:
+    """Runs each step of a session as a Prefect task (retried, visible in the UI) in the flow's
+    process, and fans the embedding batches out through the flow's task runner."""
+
+    def run(self, name: str, step: Callable[..., T], *args: Any) -> T:
+        return task(step, name=name, retries=STEP_RETRIES.get(name, 0), retry_delay_seconds=5,
+                    cache_policy=NO_CACHE)(*args)
+
+    def embed(self, batches: list[list[TextNode]], session: IndexSession) -> list[EmbeddedBatch]:
+        return embed_batch_task.map(batches, encoder=unmapped(session.settings.encoder)).result()
 
 
 def apply_torch_threads() -> None:
@@ -63,14 +93,6 @@ def process_report() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
     }
-
-
-def embedding_for(index_dir: str | Path, settings: dict[str, Any]) -> tuple[HTPEmbedding, Settings]:
-    """The index's encoder (see :func:`encoder_settings_for`), cached per process, and the
-    settings with that encoder filled in."""
-    config = settings_from(settings)
-    encoder = encoder_settings_for(Path(index_dir), config)
-    return cached_embedding(encoder), config.model_copy(update={"encoder": encoder})
 
 
 def task_runner_for(name: str | None):

@@ -1,8 +1,8 @@
 """Splitting documents into nodes sized for the encoder's window.
 
-HTP is at its best on long texts, so by default a node fills the encoder's window, minus the
-slots HTP adds (one <PST> and one <B-PST> per block, at most ``max_blocks`` blocks under the
-adaptive K policy) and the template's special tokens. Node ids are deterministic
+HTP is at its best on long texts, so by default a node fills the encoder's window, minus what
+the encoder adds around a text (HTP: one <PST> and one <B-PST> per block, at most
+``max_blocks`` blocks under the adaptive K policy; the template's special tokens). Node ids are deterministic
 (``<doc_id>#<n>``), so re-ingesting a document converges to the same ids.
 """
 
@@ -14,24 +14,19 @@ from llama_index.core import Document
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.schema import BaseNode, MetadataMode, TextNode
 
-from htp_embed import EncoderConfig
+from htp_embed import HTPEncoder
 from pipelines.sources import SourceDocument
 
-# Room kept for special tokens and for the splitter counting tokens of pieces slightly
-# differently from the tokenizer on the whole text.
-TEMPLATE_MARGIN = 8
+# Room kept for the splitter counting tokens of pieces slightly differently from the tokenizer
+# on the whole text (the template's special tokens are in the encoder's budget). 7 keeps the
+# default encoder's nodes at the 488 tokens they had before the budget was the encoder's.
+TEMPLATE_MARGIN = 7
 
 
-def default_chunk_size(config: EncoderConfig) -> int:
-    """Tokens per node that fit the window with HTP's placeholders budgeted."""
-    if config.method == "htp":
-        blocks = config.k.max_blocks if config.k.kind == "adaptive" else 16
-        slots = blocks * (int(config.local_tokens) + int(config.global_tokens))
-    elif config.method == "echo":
-        return max(32, (config.max_length - 32) // 2)
-    else:
-        slots = 16  # tp's one slot, prompteol's template
-    return max(32, config.max_length - slots - TEMPLATE_MARGIN)
+def default_chunk_size(encoder: HTPEncoder) -> int:
+    """Tokens per node that fit the encoder's window with its method's placeholders and
+    template budgeted (the encoder knows them: :attr:`HTPEncoder.text_budget`)."""
+    return max(32, encoder.text_budget - TEMPLATE_MARGIN)
 
 
 def node_id_for(index: int, document: BaseNode) -> str:

@@ -13,10 +13,10 @@ store's LlamaIndex ``query``: dense, keyword (BM25) or hybrid, in one code path.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,9 +29,9 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQueryMode,
 )
 
-from htp_embed import config_from_identity
+from htp_embed import HTPEncoder, config_from_identity
 from htp_embed.llama_index import HTPEmbedding
-from indexes import FaissVectorStore, IndexNotFoundError
+from indexes import EncoderMismatchError, FaissVectorStore, IndexNotFoundError, same_encoder
 from indexes.fusion import Fusion
 from pipelines.settings import Settings, load_settings
 
@@ -68,7 +68,7 @@ class OpenIndex:
 
     path: Path
     store: FaissVectorStore
-    embedding: HTPEmbedding
+    encoder: HTPEncoder
     default_mode: QueryMode = "hybrid"
     default_alpha: float | None = None
     fusion: Fusion = "convex"
@@ -77,6 +77,11 @@ class OpenIndex:
     @property
     def version(self) -> int | None:
         return self.store.version
+
+    @cached_property
+    def embedding(self) -> HTPEmbedding:
+        """The encoder as a LlamaIndex embedding model (for ``as_index``/``as_retriever``)."""
+        return HTPEmbedding(encoder=self.encoder)
 
     @property
     def modes(self) -> list[str]:
@@ -135,7 +140,7 @@ class OpenIndex:
             return []
         modes = [self.resolve_mode(r.mode) for r in requests]
         needs_vector = [i for i, mode in enumerate(modes) if mode != "sparse"]
-        vectors = self.embedding.encoder.encode_queries([requests[i].query for i in needs_vector])
+        vectors = self.encoder.encode_queries([requests[i].query for i in needs_vector])
         by_request = dict(zip(needs_vector, vectors, strict=True))
         out = []
         for i, (request, mode) in enumerate(zip(requests, modes, strict=True)):
@@ -165,11 +170,6 @@ def result_dict(hit: NodeWithScore) -> dict[str, Any]:
     }
 
 
-def same_encoder(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Encoder identities compared as JSON (lists and tuples alike)."""
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-
-
 def open_index(
     index_dir: str | Path, settings: Settings | None = None, *, embedding: HTPEmbedding | None = None
 ) -> OpenIndex:
@@ -183,9 +183,15 @@ def open_index(
     if not FaissVectorStore.exists(path):
         raise IndexNotFoundError(f"no index at {path}; create one with: htp-index ingest SOURCE --index {path}")
     settings = settings or load_settings()
-    recorded = FaissVectorStore.read_manifest(path).encoder
-    if embedding is None or not same_encoder(embedding.identity(), recorded):
-        embedding = HTPEmbedding(config=config_from_identity(recorded, **settings.runtime_encoder_settings()))
-    store = FaissVectorStore.open(path, expected_encoder=embedding.identity(), **settings.faiss_placement())
-    return OpenIndex(path, store, embedding, default_mode=settings.query_mode,
+    # The store first, and its encoder from it: reading the manifest separately could pair a
+    # version with the encoder of the one a concurrent rebuild just replaced.
+    store = FaissVectorStore.open(path, **settings.faiss_placement())
+    recorded = store.encoder
+    if embedding is not None and same_encoder(embedding.identity(), recorded):
+        encoder = embedding.encoder
+    else:
+        encoder = HTPEncoder(config_from_identity(recorded, **settings.runtime_encoder_settings()))
+        if not same_encoder(encoder.identity(), recorded):
+            raise EncoderMismatchError.between(path, recorded, encoder.identity())
+    return OpenIndex(path, store, encoder, default_mode=settings.query_mode,
                      default_alpha=settings.alpha, fusion=settings.fusion)

@@ -17,6 +17,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import DocumentRejected
+
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 PDF_SUFFIXES = {".pdf"}
@@ -48,10 +50,6 @@ class SourceError:
 
 
 SourceItem = SourceDocument | SourceError
-
-
-class DocumentRejected(ValueError):
-    """Raised by a reader for a document it cannot turn into text."""
 
 
 def decode_text(data: bytes) -> str:

@@ -12,7 +12,7 @@ import pytest
 from pipeline_helpers import DOCS, write_docs
 from typer.testing import CliRunner
 
-from pipelines.cli import EXIT_PARTIAL, app
+from htp_cli.main import EXIT_PARTIAL, app
 from pipelines.query import open_index
 
 LONG_SENTENCE = " ".join(["cat", "dog", "sea", "sun", "moon", "rain"][i % 6] for i in range(20_000))

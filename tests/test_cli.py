@@ -8,7 +8,7 @@ import pytest
 from pipeline_helpers import write_docs
 from typer.testing import CliRunner
 
-from pipelines.cli import app
+from htp_cli.main import app
 
 runner = CliRunner()
 

@@ -77,7 +77,7 @@ def test_the_command_killed_while_writing_a_version(tiny_model_dir, tmp_path):
     """The real `htp-index ingest`, SIGKILLed the moment its staging directory appears."""
     env = {**os.environ, "HTP_INDEX_ENCODER__MODEL": str(tiny_model_dir), "HTP_INDEX_ENCODER__SEGMENTER": "sentencizer",
            "HTP_INDEX_CHUNK_SIZE": "64"}
-    command = [sys.executable, "-m", "pipelines.cli", "ingest", str(write_corpus(tmp_path / "a", 6, seed=1)),
+    command = [sys.executable, "-m", "htp_cli", "ingest", str(write_corpus(tmp_path / "a", 6, seed=1)),
                "--index", str(tmp_path / "idx"), "--json"]
     subprocess.run(command, env=env, check=True, capture_output=True)
     before = snapshot(tmp_path / "idx")

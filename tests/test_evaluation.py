@@ -13,8 +13,8 @@ from conftest import SHARED_DATA
 from tiny_decoder import tiny_encoder
 from typer.testing import CliRunner
 
+from htp_cli.eval_command import JSON_KEYS, eval_command
 from pipelines.beir import Document, load_beir, subsample, write_beir
-from pipelines.cli_eval import JSON_KEYS, eval_command
 from pipelines.evaluation import (
     EmbeddingCache,
     evaluate,

@@ -38,7 +38,7 @@ def embedding():
 def settings(embedding, monkeypatch):
     settings = settings_for(embedding, nodes_per_batch=1)
     # the flow's workers find the model already loaded, as a long-lived worker would
-    monkeypatch.setitem(runtime._MODELS, settings.encoder.model_dump_json(), embedding)
+    monkeypatch.setitem(runtime._ENCODERS, settings.encoder.model_dump_json(), embedding.encoder)
     return settings
 
 
@@ -153,14 +153,13 @@ def test_scheduled_deployment_runs_on_a_real_server(tmp_path, tiny_model_dir):
 def test_rebuild_flow_switches_the_encoder(harness, tmp_path, settings, embedding, monkeypatch):
     from flows.rebuild import rebuild_flow
     from htp_embed import EncoderConfig
-    from htp_embed.llama_index import HTPEmbedding
     from indexes import FaissVectorStore
 
     source = write_docs(tmp_path / "src")
     ingest_flow(str(source), str(tmp_path / "idx"), settings.model_dump(mode="json"))
     before = FaissVectorStore.current_version(tmp_path / "idx")
     target = EncoderConfig(**{**settings.encoder.model_dump(), "method": "vanilla"})
-    monkeypatch.setitem(runtime._MODELS, target.model_dump_json(), HTPEmbedding(embedding.encoder.with_method("vanilla")))
+    monkeypatch.setitem(runtime._ENCODERS, target.model_dump_json(), embedding.encoder.with_method("vanilla"))
     stats = rebuild_flow(str(tmp_path / "idx"), settings.model_dump(mode="json"), encoder_overrides={"method": "vanilla"})
     assert stats["nodes_embedded"] == 3 and stats["failed"] == 0 and stats["version"] > before
     assert FaissVectorStore.read_manifest(tmp_path / "idx").encoder["method"] == "vanilla"
@@ -173,7 +172,7 @@ def test_a_flow_run_keeps_the_encoder_the_index_was_built_with(harness, tiny_mod
 
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from htp_cli.main import app
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HTP_INDEX_ENCODER__MODEL", str(tiny_model_dir))

@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 from pipeline_helpers import DOCS, long_doc, settings_for, tiny_embedding, write_docs
 from typer.testing import CliRunner
 
+from htp_cli.main import app
 from indexes import FaissVectorStore, SparseIndexMissingError, sparse
 from pipelines.beir import Document, write_beir
 from pipelines.chunking import embed_text
-from pipelines.cli import app
 from pipelines.eval_pipeline import evaluate_pipeline, ranked_documents
 from pipelines.ingest import ingest
 from pipelines.query import SearchRequest, open_index

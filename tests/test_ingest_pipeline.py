@@ -6,8 +6,9 @@ import pytest
 from pipeline_helpers import DOCS, long_doc, settings_for, tiny_embedding, write_docs
 
 from indexes import FaissVectorStore
-from pipelines.ingest import ingest, plan_ingest
+from pipelines.ingest import ingest
 from pipelines.query import open_index
+from pipelines.runs import plan_ingest
 from pipelines.sources import SourceDocument, SourceError
 
 
@@ -100,14 +101,14 @@ def test_bad_documents_are_reported_and_the_rest_is_indexed(tmp_path, embedding)
 
 def test_a_document_that_breaks_the_encoder_fails_alone(tmp_path, embedding, monkeypatch):
     source = write_docs(tmp_path / "src")
-    real = embedding.encoder.encode_documents
+    real = embedding.encoder.encode_with_stats
 
-    def fragile(texts):
+    def fragile(texts, **kwargs):
         if any("moon" in t for t in texts):
             raise RuntimeError("simulated encoder failure")
-        return real(texts)
+        return real(texts, **kwargs)
 
-    monkeypatch.setattr(embedding.encoder, "encode_documents", fragile)
+    monkeypatch.setattr(embedding.encoder, "encode_with_stats", fragile)
     stats = ingest(source, tmp_path / "idx", settings_for(embedding), embedding=embedding)
     assert stats.added == 2 and stats.failed == 1
     assert stats.errors[0]["doc_id"] == "night.txt" and "simulated" in stats.errors[0]["error"]

@@ -8,7 +8,7 @@ import os
 import pytest
 from pipeline_helpers import settings_for, tiny_embedding, write_docs
 
-from pipelines.index_access import IndexKindMismatchError
+from pipelines.errors import IndexKindMismatchError
 from pipelines.ingest import ingest
 from pipelines.settings import CONFIG_ENV, Settings, load_settings
 

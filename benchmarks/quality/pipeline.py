@@ -87,7 +87,7 @@ def main() -> None:
     raw = open_index(raw_dir, settings, embedding=center.embedding)
     # Both indexes have the same encoder, so the queries are encoded once; every run below is
     # then the store's own query (what OpenIndex.search_many does after encoding).
-    vectors = center.embedding.encoder.encode_queries(dataset.query_texts())
+    vectors = center.encoder.encode_queries(dataset.query_texts())
 
     def store_run(index, mode: str, **options) -> dict:
         store_mode = {"dense": VectorStoreQueryMode.DEFAULT, "sparse": VectorStoreQueryMode.SPARSE,

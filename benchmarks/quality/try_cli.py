@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import typer  # noqa: E402
 
-from pipelines.cli_eval import eval_command  # noqa: E402
+from htp_cli.eval_command import eval_command  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 app.command("eval")(eval_command)

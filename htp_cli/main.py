@@ -384,7 +384,7 @@ def demo(
 
 def _register_eval() -> None:
     try:
-        from pipelines.cli_eval import eval_command
+        from htp_cli.eval_command import eval_command
     except ImportError:  # pragma: no cover - the evaluation extra is optional
         return
     app.command(name="eval", help=eval_command.__doc__)(eval_command)

@@ -1,0 +1,5 @@
+"""``python -m htp_cli`` runs the ``htp-index`` command."""
+
+from htp_cli.main import app
+
+app()

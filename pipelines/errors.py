@@ -1,0 +1,22 @@
+"""Errors raised by the pipelines: one family with the index layer's (:class:`HtpIndexError`),
+so the command line and the HTTP service show any of them as a message, not a traceback."""
+
+from __future__ import annotations
+
+from indexes import HtpIndexError
+
+
+class IndexBusyError(HtpIndexError, RuntimeError):
+    """Another ingest or rebuild holds the index's writer lock."""
+
+
+class IndexKindMismatchError(HtpIndexError, ValueError):
+    """An option asks an existing index for a kind it was not built as (only rebuild changes it)."""
+
+
+class RebuildVerificationError(HtpIndexError, RuntimeError):
+    """The new version did not pass its checks; the old version stays live."""
+
+
+class DocumentRejected(HtpIndexError, ValueError):
+    """Raised by a reader for a document it cannot turn into text (reported, never indexed)."""

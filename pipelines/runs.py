@@ -1,0 +1,141 @@
+"""What an ingest or rebuild plans, and what it did: plain data that crosses task boundaries.
+
+These types carry no store, model or path to look anything up from, so a Prefect task (or a
+Dask worker) can receive and return them as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llama_index.core.schema import TextNode
+
+from htp_embed import EncoderConfig
+from pipelines.sources import SourceDocument, SourceError, SourceItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunStats:
+    """What a run did; printed by the CLI, published as a Prefect artifact."""
+
+    added: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    nodes_embedded: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    version: int | None = None
+    count: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    def fail(self, doc_id: str, error: str) -> None:
+        self.failed += 1
+        self.errors.append({"doc_id": doc_id, "error": error})
+        log.warning("document %s failed: %s", doc_id, error)
+
+    def fail_all(self, errors: dict[str, str]) -> None:
+        for doc_id, error in errors.items():
+            self.fail(doc_id, error)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "added": self.added, "updated": self.updated, "deleted": self.deleted,
+            "unchanged": self.unchanged, "failed": self.failed,
+            "nodes_embedded": self.nodes_embedded, "tokens": self.tokens,
+            "seconds": round(self.seconds, 3), "version": self.version, "count": self.count,
+            "errors": self.errors,
+        }
+
+    def to_markdown(self, title: str = "Ingest run") -> str:
+        rows = "\n".join(
+            f"| {key} | {value} |" for key, value in self.to_json().items() if key != "errors"
+        )
+        errors = "\n".join(f"- `{e['doc_id']}`: {e['error']}" for e in self.errors[:50])
+        more = f"\n- … and {len(self.errors) - 50} more" if len(self.errors) > 50 else ""
+        return f"# {title}\n\n| stat | value |\n|---|---|\n{rows}\n" + (
+            f"\n## Failed documents\n{errors}{more}\n" if self.errors else ""
+        )
+
+
+@dataclass
+class IngestPlan:
+    """The diff of a source against an index."""
+
+    new: list[SourceDocument] = field(default_factory=list)
+    changed: list[SourceDocument] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    errors: list[SourceError] = field(default_factory=list)
+
+    @property
+    def to_embed(self) -> list[SourceDocument]:
+        return self.new + self.changed
+
+    @property
+    def changes_anything(self) -> bool:
+        return bool(self.to_embed or self.deleted)
+
+
+def plan_ingest(items: Iterable[SourceItem], known: dict[str, str], *, delete_missing: bool = True) -> IngestPlan:
+    """Classify each source document as new, changed or unchanged against ``known`` hashes, and
+    known documents missing from the source as deleted.
+
+    A document that fails to read keeps its indexed version: a broken file must not erase what
+    was good yesterday.
+    """
+    plan = IngestPlan()
+    seen: set[str] = set()
+    for item in items:
+        seen.add(item.doc_id)
+        if isinstance(item, SourceError):
+            plan.errors.append(item)
+        elif item.doc_id not in known:
+            plan.new.append(item)
+        elif known[item.doc_id] != item.content_hash:
+            plan.changed.append(item)
+        else:
+            plan.unchanged.append(item.doc_id)
+    if delete_missing:
+        plan.deleted = sorted(set(known) - seen)
+    return plan
+
+
+@dataclass
+class SplitNodes:
+    """The nodes of each document, and the documents that could not be split (id -> why)."""
+
+    by_doc: dict[str, list[TextNode]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_nodes(self) -> int:
+        return sum(len(nodes) for nodes in self.by_doc.values())
+
+    def batches(self, nodes_per_batch: int) -> list[list[TextNode]]:
+        """Whole documents grouped into batches of about ``nodes_per_batch`` nodes: the unit of
+        fan-out, and of isolation when a batch fails."""
+        batches: list[list[TextNode]] = [[]]
+        for nodes in self.by_doc.values():
+            if batches[-1] and len(batches[-1]) + len(nodes) > nodes_per_batch:
+                batches.append([])
+            batches[-1].extend(nodes)
+        return [batch for batch in batches if batch]
+
+
+@dataclass
+class RebuildPlan:
+    """What a rebuild re-embeds (the stored nodes, or a re-read source), with which encoder
+    and into which index kind; ``hashes`` are the documents' content hashes to record."""
+
+    encoder: EncoderConfig
+    index_kind: str
+    nodes: SplitNodes
+    hashes: dict[str, str]
+    errors: dict[str, str] = field(default_factory=dict)
