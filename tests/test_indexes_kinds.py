@@ -9,8 +9,6 @@ from indexes_fixtures import (
     MIN_RECALL,
     exact_top_k,
     make_nodes,
-    minilm_titles,  # noqa: F401 - session fixture
-    mixture,  # noqa: F401 - session fixture
     new_store,
     recall_at_k,
     unit_rows,
@@ -33,18 +31,18 @@ def recall_of(tmp_path, kind: str, base: np.ndarray, queries: np.ndarray) -> flo
 
 
 @pytest.mark.parametrize("kind", ANN_KINDS)
-def test_recall_at_10_on_minilm_scifact_titles(tmp_path, kind, minilm_titles):  # noqa: F811
+def test_recall_at_10_on_minilm_scifact_titles(tmp_path, kind, minilm_titles):
     base, queries = minilm_titles
     assert recall_of(tmp_path, kind, base, queries) >= MIN_RECALL
 
 
 @pytest.mark.parametrize("kind", [*ANN_KINDS, "IVF64,SQ8"])
-def test_recall_at_10_on_a_gaussian_mixture(tmp_path, kind, mixture):  # noqa: F811
+def test_recall_at_10_on_a_gaussian_mixture(tmp_path, kind, mixture):
     base, queries = mixture
     assert recall_of(tmp_path, kind, base, queries) >= MIN_RECALL
 
 
-def test_flat_is_exact(tmp_path, mixture):  # noqa: F811
+def test_flat_is_exact(tmp_path, mixture):
     base, queries = mixture
     assert recall_of(tmp_path, "flat", base[:2000], queries) == 1.0
 
