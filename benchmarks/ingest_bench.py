@@ -1,5 +1,9 @@
 """Ingest benchmark: first ingest vs re-ingest of the same corpus, and end-to-end ingest
-throughput vs the bare encoder on the very same node texts (pipeline overhead).
+throughput vs the bare encoder doing the very same encoder work (pipeline overhead).
+
+The first ingest of a new index embeds the node texts *and* fits the vector correction, which
+embeds pseudo-queries sampled from those texts; the bare-encoder baseline does both, and the
+table shows the correction's share on its own.
 
 Both comparisons run side by side in one process, alternating, so machine noise hits both.
 Writes benchmarks/results/ingest_bench.{json,md}.
@@ -49,6 +53,7 @@ def main() -> None:
     from htp_embed.llama_index import HTPEmbedding
     from indexes import FaissVectorStore
     from pipelines.chunking import embed_text
+    from pipelines.correction import pseudo_queries
     from pipelines.ingest import ingest
     from pipelines.settings import Settings
 
@@ -66,15 +71,22 @@ def main() -> None:
             second = ingest(source, index, settings, embedding=embedding)
             store = FaissVectorStore.open(index)
             texts = [embed_text(node) for node in store.all_nodes()]
+            fitted = store.correction is not None
             began = time.perf_counter()
             embedding.encoder.encode_documents(texts)
+            bare_documents = time.perf_counter() - began
+            if fitted:
+                embedding.encoder.encode_queries(pseudo_queries(texts))
             bare = time.perf_counter() - began
             rows.append({
                 "first_ingest_s": first.seconds, "re_ingest_s": second.seconds, "bare_encoder_s": bare,
+                "bare_documents_s": bare_documents, "bare_pseudo_queries_s": bare - bare_documents,
+                "pseudo_queries": store.correction.pseudo_queries if fitted else 0,
                 "nodes": first.nodes_embedded, "tokens": first.tokens, "re_ingest_nodes_embedded": second.nodes_embedded,
             })
             print(json.dumps(rows[-1]), flush=True)
-        best = {key: min(r[key] for r in rows) for key in ("first_ingest_s", "re_ingest_s", "bare_encoder_s")}
+        best = {key: min(r[key] for r in rows)
+                for key in ("first_ingest_s", "re_ingest_s", "bare_encoder_s", "bare_documents_s", "bare_pseudo_queries_s")}
         result = {
             "corpus": label, "documents": args.docs if "SciFact" in label else None,
             "model": embedding.model_name, "device": str(embedding.encoder.device),
@@ -93,8 +105,10 @@ def main() -> None:
             f"| first ingest | {best['first_ingest_s']:.1f} s | |\n"
             f"| re-ingest (unchanged) | {best['re_ingest_s']:.2f} s, {rows[0]['re_ingest_nodes_embedded']} nodes embedded | |\n"
             f"| first / re-ingest | {result['first_vs_reingest_ratio']:.0f}x | >= 100x |\n"
-            f"| bare encoder, same node texts | {best['bare_encoder_s']:.1f} s | |\n"
-            f"| ingest overhead vs bare encoder | {100 * result['ingest_overhead_vs_bare_encoder']:+.1f}% | <= 10% |\n"
+            f"| bare encoder, same work | {best['bare_encoder_s']:.1f} s | |\n"
+            f"| of which node texts | {best['bare_documents_s']:.1f} s | |\n"
+            f"| of which {rows[0]['pseudo_queries']} pseudo-queries (correction fit) | {best['bare_pseudo_queries_s']:.1f} s | |\n"
+            f"| ingest overhead vs bare encoder | {100 * result['ingest_overhead_vs_bare_encoder']:+.1f}% | <= 5% |\n"
             f"| ingest throughput | {result['ingest_tokens_per_s']:.0f} text tokens/s | |\n"
         )
         (args.out / "ingest_bench.md").write_text(table)
