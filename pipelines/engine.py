@@ -361,13 +361,12 @@ class IndexSession:
         """The nodes to re-embed: the stored ones as they are, or the re-read, re-split source."""
         live = self.live_store
         if source is None:
-            return RebuildPlan(self.settings.encoder, index_kind or live.index_kind,
-                               SplitNodes(stored_documents(live)), live.doc_hashes())
+            return RebuildPlan(index_kind or live.index_kind, SplitNodes(stored_documents(live)), live.doc_hashes())
         items = list(iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20)))
         readable = [item for item in items if isinstance(item, SourceDocument)]
         split = self.split(readable)
         return RebuildPlan(
-            self.settings.encoder, index_kind or live.index_kind, split,
+            index_kind or live.index_kind, split,
             {doc.doc_id: doc.content_hash for doc in readable if doc.doc_id not in split.errors},
             {item.doc_id: item.error for item in items if isinstance(item, SourceError)},
         )
@@ -407,8 +406,11 @@ class IndexSession:
         if old.correction is not None:
             new.set_correction(old.correction)
         elif self.settings.correction != "none" and nodes:
-            if not same_encoder(self.encoder.identity(), old.encoder):  # a caller's other model
-                self._encoder = HTPEncoder(config_from_identity(old.encoder, **self.settings.runtime_encoder_settings()))
+            # The pseudo-queries must come from the encoder that made the stored vectors: reuse
+            # a given encoder only if it is that one, else load exactly that one (once).
+            if self._encoder is None or not same_encoder(self._encoder.identity(), old.encoder):
+                self._encoder = self._load_encoder(
+                    config_from_identity(old.encoder, **self.settings.runtime_encoder_settings()))
             self._fit_correction_on(new, matrix, [embed_text(node) for node in nodes])
         new.add(nodes, embeddings=matrix, corrected=old.correction is not None)
         for doc_id, content_hash in old.doc_hashes().items():

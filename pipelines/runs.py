@@ -13,7 +13,6 @@ from typing import Any
 
 from llama_index.core.schema import TextNode
 
-from htp_embed import EncoderConfig
 from pipelines.sources import SourceDocument, SourceError, SourceItem
 
 log = logging.getLogger(__name__)
@@ -131,10 +130,9 @@ class SplitNodes:
 
 @dataclass
 class RebuildPlan:
-    """What a rebuild re-embeds (the stored nodes, or a re-read source), with which encoder
-    and into which index kind; ``hashes`` are the documents' content hashes to record."""
+    """What a rebuild re-embeds (the stored nodes, or a re-read source) and into which index
+    kind (the encoder is the session's); ``hashes`` are the documents' content hashes to record."""
 
-    encoder: EncoderConfig
     index_kind: str
     nodes: SplitNodes
     hashes: dict[str, str]
