@@ -1,14 +1,18 @@
-"""FAISS vector stores for LlamaIndex: stable ids, deletes, filters, GPU, versioned persistence.
+"""FAISS vector stores for LlamaIndex: stable ids, deletes, filters, GPU, keyword and hybrid
+search, and versions made of immutable segments.
 
-``from indexes import FaissVectorStore`` is the entry point; see `indexes.store`.
+``from indexes import FaissVectorStore`` is the entry point; see `indexes.store`. A commit is
+read in one module, `indexes.persist`; a segment in `indexes.segments`; merges in
+`indexes.merge_policy`; keyword search in `indexes.keywords`.
 This package never imports ``htp_embed``, ``pipelines`` or ``flows``.
 """
 
-from . import fusion, sparse
+from . import fusion, keywords, sparse
 from .correction import VectorCorrection
 from .errors import (
     EncoderMismatchError,
     HtpIndexError,
+    IndexConflictError,
     IndexCorruptedError,
     IndexExistsError,
     IndexNotFoundError,
@@ -17,7 +21,8 @@ from .errors import (
     UnsupportedFilterError,
 )
 from .gpu import GpuSelection, Placement, UseGpu
-from .persist import current_version, exists, read_manifest
+from .merge_policy import MergePolicy
+from .persist import current_version, exists, read_manifest, verify
 from .spec import IndexParams, IndexSpec, Manifest, Metric, same_encoder
 from .store import FaissVectorStore
 
@@ -26,12 +31,14 @@ __all__ = [
     "FaissVectorStore",
     "GpuSelection",
     "HtpIndexError",
+    "IndexConflictError",
     "IndexCorruptedError",
     "IndexExistsError",
     "IndexNotFoundError",
     "IndexParams",
     "IndexSpec",
     "IndexTrainingError",
+    "MergePolicy",
     "Manifest",
     "Metric",
     "Placement",
@@ -42,7 +49,9 @@ __all__ = [
     "current_version",
     "exists",
     "fusion",
+    "keywords",
     "read_manifest",
     "same_encoder",
     "sparse",
+    "verify",
 ]

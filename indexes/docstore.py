@@ -1,27 +1,30 @@
-"""Node text, metadata and ids beside the vectors, in SQLite.
+"""Node text, metadata and ids, in SQLite: a segment's rows on disk, or the rows not yet written.
 
-The working copy lives in memory (queries never touch the disk); a version's
-``docstore.sqlite`` is written with the sqlite3 backup API and read back the same way, so the
-file is an ordinary SQLite database anyone can inspect.
+Three uses of one table layout:
+
+* a segment's ``nodes.sqlite`` (see `indexes.segments`), written once and then opened
+  read-only and ``immutable``: SQLite reads only the pages a lookup touches, so opening an
+  index reads no text, and a query reads the rows of the hits it returns;
+* the in-memory rows a writer has added but not yet written as a segment;
+* ``docstore.sqlite`` of the format-1 layout (one full copy per version), read once to migrate.
 
 Tables:
 
-* ``nodes``: one row per live node: ``faiss_id`` (our stable int64 id, the row key),
+* ``nodes``: one row per node: ``faiss_id`` (our stable int64 id, the row key),
   ``node_id`` (LlamaIndex's string id), ``ref_doc_id``, ``text``, ``metadata`` (the user
   metadata as JSON, what filters read), ``node_type`` and ``node_json`` (the node without text
   and embedding, as LlamaIndex serialises it, to rebuild it with its relationships).
-* ``docs``: ``ref_doc_id -> hash``, so an ingestion pipeline can diff sources.
-* ``state``: small key/value facts (the id counter, schema version).
-* ``nodes_fts``: the keyword (BM25) index over node texts, kept in step by triggers
-  (see `indexes.sparse`). Databases written before it existed lack it (schema version 1).
+* ``docs`` and ``state``: only in format-1 files (document hashes now live in the index's
+  document log, `indexes.doclog`, and the id counter in the manifest).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +32,6 @@ from typing import Any
 import numpy as np
 from llama_index.core.schema import BaseNode, MetadataMode
 from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
-
-from . import sparse
-from .errors import IndexCorruptedError
-
-SCHEMA_VERSION = "2"
-"""2 added the keyword table; 1 had nodes, docs and state only."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -96,63 +93,80 @@ class NodeRow:
 
 
 class NodeStore:
-    """SQLite table of nodes and documents; not thread-safe on its own (the store locks)."""
+    """SQLite table of nodes; not thread-safe on its own (the store locks)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, writable: bool = True) -> None:
         self._conn = conn
-        new = not sparse.has_table(conn) and not self._has_nodes_table()
-        self._conn.executescript(_SCHEMA)
-        if new:
-            sparse.create(conn, populate=False)
-        self._conn.execute(
-            "INSERT OR IGNORE INTO state(key, value) VALUES ('schema_version', ?)",
-            (SCHEMA_VERSION if new else "1",),
-        )
-        self._conn.commit()
+        self._writable = writable
+        if writable:
+            self._conn.executescript(_SCHEMA)
+            self._conn.commit()
 
-    def _has_nodes_table(self) -> bool:
+    @classmethod
+    def in_memory(cls) -> NodeStore:
+        """An empty store in memory."""
+        return cls(sqlite3.connect(":memory:", check_same_thread=False))
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> NodeStore:
+        """A segment's rows, read in place: ``immutable`` tells SQLite the file never changes,
+        so it takes no locks and reads only the pages a lookup needs. The file stays readable
+        through this handle even after a later version's clean-up unlinks it."""
+        uri = f"{Path(path).resolve().as_uri()}?mode=ro&immutable=1"
+        return cls(sqlite3.connect(uri, uri=True, check_same_thread=False), writable=False)
+
+    @staticmethod
+    def write_file(path: Path, rows: Iterable[NodeRow]) -> None:
+        """Write ``rows`` (in the order given) as a new database file and fsync it."""
+        conn = sqlite3.connect(str(path))
+        try:
+            conn.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
+            conn.executescript(_SCHEMA)
+            conn.executemany(
+                "INSERT INTO nodes(faiss_id, node_id, ref_doc_id, text, metadata, node_type, "
+                "node_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (r.faiss_id, r.node_id, r.ref_doc_id, r.text, r.metadata, r.node_type, r.node_json)
+                    for r in rows
+                ),
+            )
+            conn.commit()
+        finally:
+            conn.close()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def iter_rows(self, batch: int = 4096, lock: Any = None) -> Iterator[NodeRow]:
+        """Every row in faiss id order, read in batches (each under ``lock`` when given)."""
+        after = -1
+        while True:
+            with lock if lock is not None else contextlib.nullcontext():
+                page = [
+                    NodeRow(*row)
+                    for row in self._conn.execute(
+                        "SELECT faiss_id, node_id, ref_doc_id, text, metadata, node_type, "
+                        "node_json FROM nodes WHERE faiss_id > ? ORDER BY faiss_id LIMIT ?",
+                        (after, batch),
+                    ).fetchall()
+                ]
+            if not page:
+                return
+            yield from page
+            after = page[-1].faiss_id
+
+    def has_table(self, name: str) -> bool:
+        """Whether the database has table ``name``."""
         row = self._conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'nodes'"
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
         ).fetchone()
         return row is not None
 
     @classmethod
-    def in_memory(cls) -> NodeStore:
-        """An empty store in memory (with the keyword table)."""
-        return cls(sqlite3.connect(":memory:", check_same_thread=False))
-
-    # --------------------------------------------------------------- keywords
-
-    @property
-    def has_sparse(self) -> bool:
-        """Whether node texts are indexed for keyword search (not in schema-1 databases)."""
-        return sparse.has_table(self._conn)
-
-    def add_sparse(self) -> None:
-        """Create and fill the keyword table of a database written before it existed."""
-        if not self.has_sparse:
-            sparse.create(self._conn, populate=True)
-            self.set_state("schema_version", SCHEMA_VERSION)
-
-    def check_sparse(self, where: Path) -> int | None:
-        """Keyword rows after FTS5's integrity check (None without the table)."""
-        if not self.has_sparse:
-            return None
-        try:
-            sparse.integrity_check(self._conn)
-        except sqlite3.DatabaseError as exc:
-            raise IndexCorruptedError.for_file(where, f"its keyword index is out of step ({exc})") from exc
-        return sparse.row_count(self._conn)
-
-    def sparse_search(
-        self, text: str, k: int, allowed: np.ndarray | None = None
-    ) -> list[tuple[int, float]]:
-        """Top-``k`` (faiss id, BM25 score) for ``text`` among ``allowed`` ids (all if None)."""
-        return sparse.search(self._conn, text, k, allowed)
-
-    @classmethod
     def load(cls, path: Path) -> NodeStore:
-        """Copy the database at `path` into memory (the file is not kept open)."""
+        """Copy the database at `path` into memory (a format-1 docstore, read to migrate it)."""
         source = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
         try:
             memory = sqlite3.connect(":memory:", check_same_thread=False)
@@ -160,20 +174,6 @@ class NodeStore:
         finally:
             source.close()
         return cls(memory)
-
-    def save(self, path: Path) -> None:
-        """Write a consistent copy to `path` (a new file) and fsync it."""
-        target = sqlite3.connect(str(path))
-        try:
-            self._conn.commit()
-            self._conn.backup(target)
-        finally:
-            target.close()
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     # ---------------------------------------------------------------- nodes
 

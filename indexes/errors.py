@@ -69,6 +69,24 @@ class IndexCorruptedError(HtpIndexError):
         )
 
 
+class IndexConflictError(HtpIndexError):
+    """Another writer committed a version since this store read the one it changed."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+    @classmethod
+    def overtaken(cls, path: str | Path, base: int | None, live: int | None) -> IndexConflictError:
+        """The standard error: name both versions and what to do."""
+        return cls(
+            f"the index at {path} moved to version {live} while this store held changes made "
+            f"against version {base}; nothing was written. Reopen the index and apply the "
+            "changes again (one writer at a time: the `htp-index` commands take a lock for this)",
+            path=path,
+        )
+
+
 class EncoderMismatchError(HtpIndexError):
     """The caller's encoder configuration differs from the one the index was built with."""
 

@@ -1,26 +1,35 @@
-"""Versioned index directories: write a new version beside the live one, then switch a pointer.
+"""The commit point of an index: versions, the CURRENT pointer, and what they may delete.
 
 Layout of one index directory::
 
     DIR/
       CURRENT                      # "v000007\\n": the live version
-      .lock                        # filelock serialising writers' commits
+      .lock                        # filelock serialising commits
       versions/
-        v000006/ ...               # older versions kept for rollback (keep_versions)
-        v000007/
-          index.faiss              # FAISS native format (CPU index)
-          docstore.sqlite          # SQLite: nodes, docs, state
-          manifest.json            # encoder, dim, metric, kind, counts, sha256 of both files
+        v000006/manifest.json      # older versions kept for rollback (keep_versions)
+        v000007/manifest.json      # names the version's segments, tombstones and docs log
+        v000007/correction.json    # the version's vector correction (small, copied)
         .tmp-<pid>@<host>~<random>/  # a version being written (never read)
+      segments/seg-…/              # immutable segments shared by the versions naming them
+      docs/v…-base|delta-….json    # the document-hash log (`indexes.doclog`)
 
-A version is written into a temporary directory (files fsynced), renamed into ``versions/``
-and only then made live by rewriting ``CURRENT`` (temp file + fsync + ``os.replace``). A crash
-at any moment leaves ``CURRENT`` naming a complete version; the live version is never touched.
-Only FAISS's own format, JSON and SQLite are written: nothing is pickled.
+A commit (`commit`), under the lock: publishes the new segments (rename from their staging
+folders), writes the changed tombstone files and a docs delta, stages the manifest in a
+temporary directory, renames it into ``versions/``, and only then makes it live by rewriting
+``CURRENT`` (temp file + fsync + ``os.replace``, the one ``os.replace`` of a commit). A crash at
+any moment leaves ``CURRENT`` naming a complete version; nothing a live version names is ever
+rewritten. After the switch, `collect_garbage` removes versions beyond ``keep_versions`` and
+every segment, tombstone and docs file no kept version names, so space follows the kept
+versions and a crash's leftovers go at the next commit.
+
+Version directories of the format-1 layout (``index.faiss`` + ``docstore.sqlite``, a full copy
+each) are read by `indexes.store` to migrate them and collected like any other version.
+Only FAISS's own format, JSON, numpy's ``.npy`` and SQLite are written: nothing is pickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,14 +39,23 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 
 from filelock import FileLock
 from pydantic import ValidationError
 
-from .errors import HtpIndexError, IndexCorruptedError, IndexNotFoundError
-from .spec import FORMAT_VERSION, FileRecord, Manifest
+from .doclog import DOCS_DIR
+from .errors import HtpIndexError, IndexConflictError, IndexCorruptedError, IndexNotFoundError
+from .segments import (
+    DELETES_PREFIX,
+    SEGMENTS_DIR,
+    TMP_PREFIX,
+    fsync_path,
+    segments_dir,
+    staging_prefix,
+)
+from .spec import FORMAT_VERSION, FileRecord, Manifest, NamedFile
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +65,7 @@ LOCK_FILE = ".lock"
 INDEX_FILE = "index.faiss"
 DOCSTORE_FILE = "docstore.sqlite"
 MANIFEST_FILE = "manifest.json"
-TMP_PREFIX = ".tmp-"
+CORRECTION_NAME = "correction.json"
 STALE_TMP_SECONDS = 3600
 _VERSION_RE = re.compile(r"^v(\d{6,})$")
 
@@ -140,35 +158,60 @@ def sha256_file(path: Path) -> str:
 
 
 def file_record(path: Path) -> FileRecord:
-    """Size and checksum of a written file."""
+    """Size and checksum of a written file (computed once, when it is written)."""
     return FileRecord(sha256=sha256_file(path), bytes=path.stat().st_size)
 
 
+def _check_hash(path: Path, record: FileRecord | NamedFile) -> None:
+    if not path.is_file():
+        raise IndexCorruptedError.for_file(path, "the file is missing")
+    size = path.stat().st_size
+    if size != record.bytes:
+        raise IndexCorruptedError.for_file(
+            path, f"it has {size} bytes but the manifest recorded {record.bytes} (truncated?)"
+        )
+    actual = sha256_file(path)
+    if actual != record.sha256:
+        raise IndexCorruptedError.for_file(
+            path, f"sha256 {actual[:12]}… differs from the manifest's {record.sha256[:12]}…"
+        )
+
+
 def verify_files(vdir: Path, manifest: Manifest) -> None:
-    """Check every file the manifest lists; raise IndexCorruptedError naming the first bad one."""
+    """Check every file a format-1 version lists; raise IndexCorruptedError naming the first bad one."""
     for name, record in sorted(manifest.files.items()):
-        path = vdir / name
-        if not path.is_file():
-            raise IndexCorruptedError.for_file(path, "the file is missing")
-        size = path.stat().st_size
-        if size != record.bytes:
-            raise IndexCorruptedError.for_file(
-                path, f"it has {size} bytes but the manifest recorded {record.bytes} (truncated?)"
-            )
-        actual = sha256_file(path)
-        if actual != record.sha256:
-            raise IndexCorruptedError.for_file(
-                path, f"sha256 {actual[:12]}… differs from the manifest's {record.sha256[:12]}…"
-            )
+        _check_hash(vdir / name, record)
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (directories make renames durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def verify(root: str | Path, version: int | None = None) -> dict[str, int]:
+    """Read and hash every file a version names (``htp-index verify``); returns what was checked.
+
+    Opening checks only sizes; this is the full check of the bytes against the checksums the
+    manifest recorded when each file was written. Raises `IndexCorruptedError` naming the file.
+    """
+    root = Path(root)
+    manifest = read_manifest(root, version)
+    vdir = version_dir(root, manifest.version)
+    checked = {"files": 0, "bytes": 0}
+
+    def check(path: Path, record: FileRecord | NamedFile) -> None:
+        _check_hash(path, record)
+        checked["files"] += 1
+        checked["bytes"] += record.bytes
+
+    for name, record in sorted(manifest.files.items()):
+        check(vdir / name, record)
+    for segment in manifest.segments:
+        folder = segments_dir(root) / segment.name
+        for name, record in sorted(segment.files.items()):
+            check(folder / name, record)
+        if segment.deletes is not None:
+            check(root / segment.deletes.path, segment.deletes)
+    for entry in manifest.docs:
+        check(root / entry.path, entry)
+    if manifest.correction is not None:
+        check(vdir / CORRECTION_NAME, manifest.correction)
+    return checked
 
 
 def _write_text_durably(path: Path, text: str) -> None:
@@ -186,76 +229,74 @@ def switch_current(root: Path, version: int) -> None:
     fsync_path(root)
 
 
-class VersionWriter:
-    """Context manager that stages a new version and commits it atomically.
+def commit(
+    root: Path,
+    *,
+    publish: Sequence[tuple[Path, str]],
+    build: Callable[[int], Manifest],
+    correction_text: str | None,
+    keep_versions: int,
+    expected_live: int | None,
+) -> Manifest:
+    """Make a new version live; returns its sealed manifest.
 
-    Write the data files into `path`, then call `commit` with the manifest. Leaving the block
-    without committing (an exception) deletes the staging directory; CURRENT is untouched.
+    ``publish`` lists (staging folder, segment name) of the segments this version adds;
+    ``build(version)`` writes the version's small shared files (tombstones, docs delta) and
+    returns its manifest; ``expected_live`` is the version the caller's changes were made
+    against: if another writer committed since, `IndexConflictError` is raised before anything
+    is written, so no acknowledged change is ever overwritten (None: replace whatever is live).
     """
-
-    def __init__(self, root: str | Path, keep_versions: int = 3) -> None:
-        if keep_versions < 1:
-            raise ValueError("keep_versions must be at least 1")
-        self.root = Path(root)
-        self.keep_versions = keep_versions
-        self.path: Path = Path()
-        self.version: int | None = None
-        self._published: tuple[Path, int] | None = None
-        self.manifest: Manifest | None = None
-
-    def __enter__(self) -> VersionWriter:
-        base = self.root / VERSIONS_DIR
-        base.mkdir(parents=True, exist_ok=True)
-        # The writer's pid and host in the name let a later writer tell a crashed writer's
-        # leftovers (pid gone) from another writer's work in progress.
-        owner = f"{TMP_PREFIX}{os.getpid()}@{socket.gethostname()}~"
-        self.path = Path(tempfile.mkdtemp(prefix=owner, dir=base))
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.version is None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            if self._published is not None:
-                # Renamed into place but never made live: an orphan nobody will ever open.
-                published, number = self._published
-                try:
-                    live = current_version(self.root)
-                except HtpIndexError:
-                    live = None
-                if live != number:
-                    shutil.rmtree(published, ignore_errors=True)
-
-    def commit(self, manifest: Manifest) -> int:
-        """Number, seal and publish the staged version; returns its number."""
-        names = set(manifest.files)
-        for name in names:
-            fsync_path(self.path / name)
-        with FileLock(str(self.root / LOCK_FILE)):
-            live = current_version(self.root) or 0
-            version = max([live, *list_versions(self.root)]) + 1
+    if keep_versions < 1:
+        raise ValueError("keep_versions must be at least 1")
+    root = Path(root)
+    (root / VERSIONS_DIR).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / LOCK_FILE)):
+        live = current_version(root)
+        if expected_live is not None and live != expected_live:
+            raise IndexConflictError.overtaken(root, expected_live, live)
+        version = max([live or 0, *list_versions(root)]) + 1
+        published: list[tuple[Path, Path]] = []
+        staged: Path | None = None
+        switched = False
+        try:
+            for staging, name in publish:
+                final = segments_dir(root) / name
+                os.rename(staging, final)
+                published.append((staging, final))
+            if published:
+                fsync_path(segments_dir(root))
+            manifest = build(version)
+            staged = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=root / VERSIONS_DIR))
+            if correction_text is not None:
+                _write_text_durably(staged / CORRECTION_NAME, correction_text)
+                manifest = manifest.model_copy(
+                    update={"correction": file_record(staged / CORRECTION_NAME)}
+                )
             sealed = manifest.model_copy(update={"version": version}).sealed()
             _write_text_durably(
-                self.path / MANIFEST_FILE, json.dumps(sealed.model_dump(mode="json"), indent=2)
+                staged / MANIFEST_FILE, json.dumps(sealed.model_dump(mode="json"), indent=2)
             )
-            fsync_path(self.path)
-            final = version_dir(self.root, version)
-            os.rename(self.path, final)
-            self._published = (final, version)
-            fsync_path(final.parent)
-            switch_current(self.root, version)
-            self.version = version
-            self.manifest = sealed
-            self.path = final
-            try:
-                collect_garbage(self.root, self.keep_versions)
-            except OSError:  # the new version is live; old ones go at the next commit
-                logger.warning("could not remove old versions of %s", self.root, exc_info=True)
-        return version
+            fsync_path(staged)
+            final_vdir = version_dir(root, version)
+            os.rename(staged, final_vdir)
+            staged = final_vdir
+            fsync_path(final_vdir.parent)
+            switch_current(root, version)
+            switched = True
+        finally:
+            if not switched:
+                # Put everything back as it was: the segments in their staging folders (the
+                # caller may retry), no version directory that CURRENT does not name.
+                if staged is not None:
+                    shutil.rmtree(staged, ignore_errors=True)
+                for staging, final in reversed(published):
+                    with contextlib.suppress(OSError):
+                        os.rename(final, staging)
+        try:
+            collect_garbage(root, keep_versions)
+        except OSError:  # the new version is live; leftovers go at the next commit
+            logger.warning("could not remove old files of %s", root, exc_info=True)
+    return sealed
 
 
 _OWNER_RE = re.compile(re.escape(TMP_PREFIX) + r"(\d+)@(.+)~")
@@ -278,23 +319,72 @@ def _writer_is_dead(name: str) -> bool:
     return False
 
 
+def _leftover(path: Path, now: float) -> bool:
+    """Whether a staging folder is a crashed writer's (pid gone) or too old to be in progress."""
+    try:
+        return _writer_is_dead(path.name) or now - path.stat().st_mtime > STALE_TMP_SECONDS
+    except FileNotFoundError:
+        return False
+
+
 def collect_garbage(root: Path, keep_versions: int) -> list[int]:
-    """Delete versions older than the newest `keep_versions` (never the live one)."""
+    """Delete versions older than the newest ``keep_versions`` (never the live one), then every
+    segment, tombstone file and docs file that no remaining version names. Call under the lock."""
+    root = Path(root)
     live = current_version(root)
     versions = list_versions(root)
-    doomed = [v for v in versions[:-keep_versions] if v != live] if keep_versions else []
+    kept = set(versions[-keep_versions:]) | ({live} if live is not None else set())
+    doomed = [v for v in versions if v not in kept]
     for version in doomed:
         shutil.rmtree(version_dir(root, version), ignore_errors=True)
-    base = root / VERSIONS_DIR
     now = time.time()
-    for tmp in base.glob(f"{TMP_PREFIX}*"):
-        # Staging directories of dead writers (same host, pid gone) or old ones are leftovers
-        # of crashes; recent ones of live writers are work in progress.
-        try:
-            if _writer_is_dead(tmp.name) or now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except FileNotFoundError:
-            pass
+    for tmp in (root / VERSIONS_DIR).glob(f"{TMP_PREFIX}*"):
+        if _leftover(tmp, now):
+            shutil.rmtree(tmp, ignore_errors=True)
+    named = _named_files(root, sorted(kept))
+    if named is not None:
+        _collect_shared(root, *named, now=now)
     if doomed:
         logger.info("removed old versions %s of %s", doomed, root)
     return doomed
+
+
+def _named_files(root: Path, versions: list[int]) -> tuple[set[str], set[str]] | None:
+    """(segment names, shared file paths) the given versions name; None if one is unreadable,
+    in which case nothing shared may be deleted."""
+    segments: set[str] = set()
+    files: set[str] = set()
+    for version in versions:
+        try:
+            manifest = read_manifest(root, version)
+        except HtpIndexError:
+            logger.warning("version %s of %s is unreadable: keeping every segment", version, root)
+            return None
+        for segment in manifest.segments:
+            segments.add(segment.name)
+            if segment.deletes is not None:
+                files.add(segment.deletes.path)
+        files.update(entry.path for entry in manifest.docs)
+    return segments, files
+
+
+def _collect_shared(root: Path, segments: set[str], files: set[str], *, now: float) -> None:
+    base = segments_dir(root)
+    if base.is_dir():
+        for folder in base.iterdir():
+            if folder.name.startswith(TMP_PREFIX):
+                if _leftover(folder, now):
+                    shutil.rmtree(folder, ignore_errors=True)
+            elif folder.name not in segments:
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                for path in folder.glob(f"{DELETES_PREFIX}*"):
+                    if f"{SEGMENTS_DIR}/{folder.name}/{path.name}" not in files:
+                        path.unlink(missing_ok=True)
+                for path in folder.glob(f".{DELETES_PREFIX}*"):
+                    path.unlink(missing_ok=True)
+    docs = root / DOCS_DIR
+    if docs.is_dir():
+        for path in docs.iterdir():
+            if f"{DOCS_DIR}/{path.name}" not in files:
+                path.unlink(missing_ok=True)

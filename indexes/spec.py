@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 Metric = Literal["ip", "l2"]
 TrainFallback = Literal["exact", "raise"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: a version names immutable segments (see `indexes.segments`); 1: one full copy per version."""
 
 
 class IndexParams(BaseModel):
@@ -77,8 +78,43 @@ class FileRecord(BaseModel):
     bytes: int
 
 
+class NamedFile(BaseModel):
+    """A file shared between versions, by its path relative to the index directory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    sha256: str
+    bytes: int
+
+
+class SegmentRecord(BaseModel):
+    """One immutable segment a version names, and which of its rows that version deleted."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="folder under segments/")
+    rows: int = Field(ge=0, description="rows stored, deleted ones included")
+    min_id: int
+    max_id: int
+    structure: str = Field(description="FAISS classes of the segment's vectors")
+    trained: bool = True
+    files: dict[str, FileRecord] = Field(description="the segment's files, checksummed at write")
+    deletes: NamedFile | None = Field(None, description="sorted int64 ids deleted (tombstones)")
+    deleted: int = Field(0, ge=0, description="rows of this segment the version deleted")
+
+    @property
+    def live(self) -> int:
+        """Rows of the segment this version serves."""
+        return self.rows - self.deleted
+
+
 class Manifest(BaseModel):
-    """The JSON record of one persisted version (``manifest.json``)."""
+    """The JSON record of one persisted version (``manifest.json``): the commit point.
+
+    Format 2 names the version's ``segments`` (shared with other versions, never copied),
+    its document-hash log ``docs`` and its ``correction``; format 1 listed whole-copy ``files``.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -96,13 +132,21 @@ class Manifest(BaseModel):
     next_id: int
     tombstones: int = 0
     params: IndexParams
-    files: dict[str, FileRecord]
+    files: dict[str, FileRecord] = Field(default_factory=dict, description="format 1 only")
+    segments: list[SegmentRecord] = Field(default_factory=list)
+    docs: list[NamedFile] = Field(
+        default_factory=list, description="document-hash log: a base, then deltas, replayed in order"
+    )
+    correction: FileRecord | None = Field(None, description="correction.json beside the manifest")
     faiss_version: str
     checksum: str = ""
 
     def body_checksum(self) -> str:
         """sha256 of the manifest without its own checksum field (detects edits and bit rot)."""
-        body = self.model_dump(mode="json", exclude={"checksum"})
+        exclude = {"checksum"}
+        if self.format_version < 2:  # fields format 1 did not have are not part of its checksum
+            exclude |= {"segments", "docs", "correction"}
+        body = self.model_dump(mode="json", exclude=exclude)
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -1,5 +1,5 @@
 """`FaissVectorStore`: a LlamaIndex vector store on FAISS that deletes, upserts, filters,
-persists versioned directories and searches on GPU when there is one.
+searches dense, keyword and hybrid, and persists versions made of immutable segments.
 
 LlamaIndex's own FAISS stores cannot delete or upsert, reuse ids, ignore GPUs and refuse
 metadata filters. Here:
@@ -7,31 +7,41 @@ metadata filters. Here:
 * every node gets a stable int64 FAISS id from a persisted counter, never reused;
 * adding a node whose node_id exists replaces it (upsert); `delete` removes a document's
   nodes, `delete_nodes` removes nodes by id or filter, and removed vectors are never returned;
-* `query` honours ``MetadataFilters`` inside the FAISS search (an ``IDSelector``);
-* text, metadata and relationships live in a SQLite docstore beside the vectors
-  (``stores_text = True``: `VectorStoreIndex` needs no separate docstore);
-* `persist` writes a new version directory and switches ``CURRENT`` atomically.
+* `query` honours ``MetadataFilters`` in every mode (inside the FAISS search, an ``IDSelector``);
+* text, metadata and relationships are stored with the vectors (``stores_text = True``:
+  `VectorStoreIndex` needs no separate docstore);
+* `persist` commits a new version and switches ``CURRENT`` atomically.
+
+Storage (see `indexes.segments`, `indexes.persist`, `indexes.merge_policy`): a version is a
+manifest naming immutable segments and per-segment tombstones. Added rows wait in memory
+(`indexes.live.PendingRows`) until a flush writes them as a new segment (every
+``flush_rows`` rows, and at persist); deletes tombstone rows of sealed segments; a commit
+writes only the new segments, the changed tombstone files and a manifest, so its cost follows
+the change, not the index. Opening maps the segments instead of loading them; queries fan out
+over the segments and merge their top-k. Merges (`compact`, and after a persist when the
+policy asks) rewrite neighbouring segments into one and drop deleted rows.
 
 Use `FaissVectorStore.create` for a new index and `FaissVectorStore.open` for an existing one::
 
     store = FaissVectorStore.create("idx", dim=384, encoder={"model": "minilm"}, index_kind="hnsw")
     index = VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(
         vector_store=store), embed_model=embed_model)
-    store.persist()                                   # -> 2: idx/versions/v000002 is live
+    store.persist()                                   # -> 2: version 2 is live
     store = FaissVectorStore.open("idx", expected_encoder={"model": "minilm"})
     retriever = VectorStoreIndex.from_vector_store(store, embed_model=embed_model).as_retriever(
         similarity_top_k=5, filters=MetadataFilters(filters=[MetadataFilter(key="year",
         value=2020, operator=FilterOperator.GTE)]))
 
-One process should write a given directory at a time; any number may read it. All methods are
-thread-safe (one re-entrant lock: queries from an HTTP server may run while another thread adds).
+Any number of processes may read an index. Writers commit one at a time; a store whose
+changes were made against a version that another writer has since replaced gets
+`IndexConflictError` from `persist`, and nothing is written. All methods are thread-safe (one
+re-entrant lock: queries from an HTTP server may run while another thread adds).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -50,18 +60,28 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQueryResult,
 )
 
-from . import fusion, gpu, kinds, persist
-from .correction import CORRECTION_FILE, VectorCorrection
-from .docstore import NodeRow, NodeStore
+from . import doclog, fusion, gpu, keywords, kinds, legacy, persist, segments
+from .correction import VectorCorrection
+from .docstore import NodeRow
 from .errors import (
     EncoderMismatchError,
+    HtpIndexError,
     IndexCorruptedError,
     IndexExistsError,
-    SparseIndexMissingError,
+    IndexTrainingError,
 )
 from .filters import compile_filters, filters_key
-from .spec import IndexParams, IndexSpec, Manifest, Metric, canonical_encoder, same_encoder
-from .vectors import VectorIndex
+from .live import LiveSegment, PendingRows
+from .merge_policy import MergePolicy, SegmentSize
+from .spec import (
+    IndexParams,
+    IndexSpec,
+    Manifest,
+    Metric,
+    NamedFile,
+    canonical_encoder,
+    same_encoder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +89,14 @@ _FILTER_CACHE_SIZE = 64
 _SEARCH_KNOBS = ("nprobe", "ef_search", "k_factor")
 _SPARSE_MODES = (VectorStoreQueryMode.TEXT_SEARCH, VectorStoreQueryMode.SPARSE)
 _DENSE_MODES = (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.HYBRID)
+FLUSH_ROWS = 50_000
+"""Rows held in memory before they are written as a segment: bounds a large ingest's memory."""
 
 Hit = tuple[str, float]
 
 
 class FaissVectorStore(BasePydanticVectorStore):
-    """FAISS vectors + SQLite docstore in a versioned directory; see the module docstring."""
+    """Segments of FAISS vectors, node rows and keyword postings; see the module docstring."""
 
     stores_text: bool = True
     is_embedding_query: bool = True
@@ -84,15 +106,25 @@ class FaissVectorStore(BasePydanticVectorStore):
     _root: Path = PrivateAttr()
     _spec: IndexSpec = PrivateAttr()
     _encoder: dict[str, Any] = PrivateAttr()
-    _vectors: VectorIndex = PrivateAttr()
-    _nodes: NodeStore = PrivateAttr()
+    _placement: gpu.Placement = PrivateAttr()
+    _segments: list[LiveSegment] = PrivateAttr(default_factory=list)
+    _pending: PendingRows = PrivateAttr()
+    _docs_files: list[NamedFile] = PrivateAttr(default_factory=list)
+    _docs: dict[str, str] | None = PrivateAttr(default=None)
+    _docs_set: dict[str, str] = PrivateAttr(default_factory=dict)
+    _docs_deleted: set[str] = PrivateAttr(default_factory=set)
+    _docs_reset: bool = PrivateAttr(default=False)
     _manifest: Manifest | None = PrivateAttr(default=None)
     _version: int = PrivateAttr(default=0)
+    _base: int | None = PrivateAttr(default=None)
+    _replace_live: bool = PrivateAttr(default=False)
     _next_id: int = PrivateAttr(default=0)
     _keep_versions: int = PrivateAttr(default=3)
     _dirty: bool = PrivateAttr(default=True)
     _filter_cache: dict[str, np.ndarray] = PrivateAttr(default_factory=dict)
     _correction: VectorCorrection | None = PrivateAttr(default=None)
+    _policy: MergePolicy = PrivateAttr(default_factory=MergePolicy)
+    _flush_rows: int = PrivateAttr(default=FLUSH_ROWS)
 
     def __init__(
         self,
@@ -100,26 +132,32 @@ class FaissVectorStore(BasePydanticVectorStore):
         root: Path,
         spec: IndexSpec,
         encoder: dict[str, Any],
-        vectors: VectorIndex,
-        nodes: NodeStore,
-        next_id: int = 0,
+        placement: gpu.Placement,
         manifest: Manifest | None = None,
+        base: int | None = None,
         keep_versions: int = 3,
         correction: VectorCorrection | None = None,
+        merge_policy: MergePolicy | None = None,
+        flush_rows: int = FLUSH_ROWS,
     ) -> None:
         """Internal: use `create` or `open`."""
         super().__init__()
         self._root = root
         self._spec = spec
         self._encoder = dict(encoder)
-        self._vectors = vectors
-        self._nodes = nodes
-        self._next_id = next_id
+        self._placement = placement
+        self._pending = PendingRows(spec, placement)
         self._manifest = manifest
         self._version = manifest.version if manifest else 0
+        self._base = base
+        self._next_id = manifest.next_id if manifest else 0
         self._keep_versions = keep_versions
         self._dirty = manifest is None
         self._correction = correction
+        self._policy = merge_policy or MergePolicy()
+        if flush_rows < 1:
+            raise ValueError("flush_rows must be at least 1")
+        self._flush_rows = flush_rows
 
     # ------------------------------------------------------------ lifecycle
 
@@ -144,6 +182,8 @@ class FaissVectorStore(BasePydanticVectorStore):
         keep_versions: int = 3,
         overwrite: bool = False,
         persist_now: bool = True,
+        merge_policy: MergePolicy | None = None,
+        flush_rows: int = FLUSH_ROWS,
     ) -> FaissVectorStore:
         """A new, empty store bound to `path`, persisted at once as version 1.
 
@@ -163,15 +203,17 @@ class FaissVectorStore(BasePydanticVectorStore):
             params = IndexParams.model_validate(params or {})
         spec = IndexSpec(dim=dim, metric=metric, index_kind=index_kind, params=params)
         kinds.validate_spec(spec)
-        placement = gpu.choose_placement(use_gpu, gpus, gpu_shard)
         store = cls(
             root=root,
             spec=spec,
             encoder=encoder,
-            vectors=VectorIndex.empty(spec, placement),
-            nodes=NodeStore.in_memory(),
+            placement=gpu.choose_placement(use_gpu, gpus, gpu_shard),
             keep_versions=keep_versions,
+            merge_policy=merge_policy,
+            flush_rows=flush_rows,
         )
+        store._replace_live = True
+        store._docs_reset = True
         if persist_now:
             store.persist(force=True)
         return store
@@ -187,76 +229,72 @@ class FaissVectorStore(BasePydanticVectorStore):
         gpus: gpu.GpuSelection = None,
         gpu_shard: bool = False,
         keep_versions: int = 3,
+        merge_policy: MergePolicy | None = None,
+        flush_rows: int = FLUSH_ROWS,
     ) -> FaissVectorStore:
-        """Load the live version (or `version`) fully into memory.
+        """Open the live version (or `version`) without loading it.
 
-        Checksums are verified first; nothing on disk is kept open, so the version directory
-        may be garbage-collected afterwards. Raises `EncoderMismatchError` when
-        `expected_encoder` differs from the encoder recorded in the manifest.
+        Checks the manifest's own checksum and every named file's size (``verify`` hashes
+        every byte); maps vectors, ids and postings; reads node rows only for what a call
+        returns. Segments already open in this process are shared, not opened twice. Raises
+        `EncoderMismatchError` when `expected_encoder` differs from the manifest's encoder.
+        An index of the format-1 layout is loaded whole and rewritten as segments by the next
+        persist (`migrate`).
         """
         root = Path(path)
+        live = persist.current_version(root)
         manifest = persist.read_manifest(root, version)
         if expected_encoder is not None and not same_encoder(expected_encoder, manifest.encoder):
             raise EncoderMismatchError.between(root, manifest.encoder, expected_encoder)
-        vdir = persist.version_dir(root, manifest.version)
-        for name in (persist.INDEX_FILE, persist.DOCSTORE_FILE):
-            if name not in manifest.files:
-                raise IndexCorruptedError.for_file(
-                    vdir / persist.MANIFEST_FILE, f"it does not list {name}"
-                )
-        persist.verify_files(vdir, manifest)
-        correction = None
-        if CORRECTION_FILE in manifest.files:
-            try:
-                correction = VectorCorrection.load(vdir / CORRECTION_FILE)
-            except ValueError as exc:
-                raise IndexCorruptedError.for_file(vdir / CORRECTION_FILE, f"invalid ({exc})") from exc
-        index_path = vdir / persist.INDEX_FILE
-        try:
-            index = faiss.read_index(str(index_path))
-        except RuntimeError as exc:
-            raise IndexCorruptedError.for_file(
-                index_path, f"FAISS cannot read it ({_last_line(exc)})"
-            ) from exc
-        try:
-            nodes = NodeStore.load(vdir / persist.DOCSTORE_FILE)
-            live_ids = nodes.select_faiss_ids()
-        except sqlite3.DatabaseError as exc:
-            raise IndexCorruptedError.for_file(
-                vdir / persist.DOCSTORE_FILE, f"SQLite: {exc}"
-            ) from exc
         placement = gpu.choose_placement(use_gpu, gpus, gpu_shard)
-        try:
-            vectors = VectorIndex.restore(
-                manifest.spec,
-                index,
-                trained=manifest.trained,
-                trained_on=manifest.trained_on,
-                live_ids=live_ids,
-                placement=placement,
-            )
-        except ValueError as exc:
-            raise IndexCorruptedError.for_file(
-                index_path, f"it disagrees with the docstore: {exc}"
-            ) from exc
-        stored_max = int(kinds.stored_ids(index).max(initial=-1))
-        next_id = max(
-            manifest.next_id,
-            int(nodes.get_state("next_id") or 0),
-            stored_max + 1,
-            nodes.max_faiss_id() + 1,
-        )
-        return cls(
+        vdir = persist.version_dir(root, manifest.version)
+        store = cls(
             root=root,
             spec=manifest.spec,
             encoder=manifest.encoder,
-            vectors=vectors,
-            nodes=nodes,
-            next_id=next_id,
+            placement=placement,
             manifest=manifest,
+            base=live,
             keep_versions=keep_versions,
-            correction=correction,
+            correction=_read_correction(vdir, manifest),
+            merge_policy=merge_policy,
+            flush_rows=flush_rows,
         )
+        if manifest.format_version < 2:
+            store._load_format1(vdir, manifest)
+            return store
+        for record in manifest.segments:
+            reader = segments.open_segment(root, record, manifest.spec)
+            deleted = None
+            if record.deletes is not None:
+                segments.check_sizes(root, {record.deletes.path: record.deletes})
+                deleted = segments.read_deletes(root / record.deletes.path, record.deleted)
+            store._segments.append(
+                LiveSegment.of(
+                    reader, manifest.spec, placement, deleted=deleted, deletes_file=record.deletes
+                )
+            )
+        for entry in manifest.docs:
+            segments.check_sizes(root, {entry.path: entry})
+        store._docs_files = list(manifest.docs)
+        return store
+
+    def _load_format1(self, vdir: Path, manifest: Manifest) -> None:
+        loaded = legacy.load_version(vdir, manifest)
+        logger.warning(
+            "the index at %s is in the format of htp-index before segments (a full copy per "
+            "version); it is served as is and rewritten into segments at the next write "
+            "(`htp-index migrate --index %s` does it now)",
+            self._root,
+            self._root,
+        )
+        if len(loaded.ids):
+            self._pending.add(loaded.ids, loaded.vectors, loaded.rows)
+        self._next_id = max(self._next_id, loaded.next_id)
+        self._docs = dict(loaded.docs)
+        self._docs_reset = True
+        self._replace_live = True
+        self._dirty = True
 
     @staticmethod
     def exists(path: str | Path) -> bool:
@@ -273,82 +311,148 @@ class FaissVectorStore(BasePydanticVectorStore):
         """The live version number at `path`, None when there is no index."""
         return persist.current_version(path)
 
+    @staticmethod
+    def verify(path: str | Path, version: int | None = None) -> dict[str, int]:
+        """Read and hash every file of the live version (or `version`); see `persist.verify`."""
+        return persist.verify(path, version)
+
     def persist(
         self, persist_path: str | None = None, fs: Any = None, *, force: bool = False
     ) -> int:
-        """Write a new version and make it live; returns its number.
+        """Commit a new version and make it live; returns its number.
 
         Nothing is written when nothing changed since the last persist (unless `force`).
-        Due maintenance runs first: dropping tombstones, re-training IVF after growth.
-        `persist_path`/`fs` exist for LlamaIndex's ``StorageContext.persist``; the store
-        always writes to the directory it is bound to.
+        Pending rows are written as a segment, the merge policy's merges run, and the commit
+        writes only what is new (see `indexes.persist.commit`).
+
+        `persist_path` is what LlamaIndex's ``StorageContext.persist(persist_dir)`` passes. The
+        index itself always lives in its own directory (versions and segments cannot be
+        copied into a JSON file), so at `persist_path` the store writes a small pointer naming
+        the index directory and version; `from_persist_path` opens the index from it.
         """
-        if persist_path is not None:
-            logger.debug("persist_path %s ignored: writing to %s", persist_path, self._root)
+        with self._lock:
+            version = self._commit(force=force)
+            if persist_path is not None:
+                self._write_pointer(Path(persist_path), version)
+            return version
+
+    @classmethod
+    def from_persist_path(cls, persist_path: str | Path, **open_kwargs: Any) -> FaissVectorStore:
+        """Open the index a pointer written by ``persist(persist_path)`` names."""
+        path = Path(persist_path)
+        try:
+            pointer = json.loads(path.read_text(encoding="utf-8"))
+            root = pointer["htp_index"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise HtpIndexError(
+                f"{path} is not a pointer to an htp-index index ({exc}); open the index "
+                "directory itself with FaissVectorStore.open(PATH)"
+            ) from exc
+        return cls.open(root, **open_kwargs)
+
+    def _write_pointer(self, path: Path, version: int) -> None:
+        if path.resolve() == self._root.resolve() or self._root.resolve() in path.resolve().parents:
+            return  # inside the index itself: nothing to point at
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = {"htp_index": str(self._root.resolve()), "version": version}
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(body), encoding="utf-8")
+        tmp.rename(path)
+
+    def _commit(self, *, force: bool) -> int:
         with self._lock:
             if not (self._dirty or force):
                 return self._version
-            self._warn_if_overtaken()
-            reason = self._vectors.maintenance_reason()
-            if reason is not None:
-                logger.info("rebuilding %s before persisting (%s)", self._root, reason)
-                self._vectors.rebuild(retrain=reason == "retrain")
-            self._nodes.set_state("next_id", str(self._next_id))
-            with persist.VersionWriter(self._root, self._keep_versions) as writer:
-                index_path = writer.path / persist.INDEX_FILE
-                faiss.write_index(self._vectors.index, str(index_path))
-                self._nodes.save(writer.path / persist.DOCSTORE_FILE)
-                if self._correction is not None:
-                    self._correction.save(writer.path / CORRECTION_FILE)
-                writer.commit(self._build_manifest(writer.path))
-            assert writer.manifest is not None
-            self._manifest = writer.manifest
-            self._version = writer.manifest.version
+            self._flush()
+            self._merge(self._policy.select(self._sizes()))
+            publish = [(s.staging, s.name) for s in self._segments if s.staging is not None]
+            manifest = persist.commit(
+                self._root,
+                publish=publish,
+                build=self._build_manifest,
+                correction_text=(
+                    None if self._correction is None else self._correction.model_dump_json()
+                ),
+                keep_versions=self._keep_versions,
+                expected_live=None if self._replace_live else self._base,
+            )
+            for segment in self._segments:
+                if segment.staging is not None:
+                    segments.register_published(
+                        segment.reader, segments.segments_dir(self._root) / segment.name
+                    )
+                    segment.staging = None
+                segment.changed = False
+            self._docs_files = list(manifest.docs)
+            if self._docs is not None:
+                self._docs = self._merged_docs()
+            self._docs_set, self._docs_deleted, self._docs_reset = {}, set(), False
+            self._manifest = manifest
+            self._version = self._base = manifest.version
+            self._replace_live = False
             self._dirty = False
             return self._version
 
-    def _build_manifest(self, folder: Path) -> Manifest:
+    def migrate(self) -> int:
+        """Write an index of the format-1 layout as segments now (otherwise at the next write)."""
+        with self._lock:
+            return self.persist(force=True)
+
+    def _build_manifest(self, version: int) -> Manifest:
+        records = []
+        for segment in self._segments:
+            if segment.changed:
+                path = segments.write_deletes(self._root, segment.name, version, segment.deleted)
+                record = persist.file_record(path)
+                segment.deletes_file = NamedFile(
+                    path=path.relative_to(self._root).as_posix(),
+                    sha256=record.sha256,
+                    bytes=record.bytes,
+                )
+            records.append(segment.record())
+        structures = sorted({r.structure for r in records}) or [segments.describe_kind(self._spec)]
         return Manifest(
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             encoder=self._encoder,
             dim=self._spec.dim,
             metric=self._spec.metric,
             index_kind=self._spec.index_kind,
-            index_structure=self._vectors.structure,
-            trained=self._vectors.trained,
-            trained_on=self._vectors.trained_on,
-            count=self._vectors.count,
+            index_structure=" | ".join(structures),
+            trained=all(r.trained for r in records),
+            trained_on=0,
+            count=sum(r.live for r in records),
             next_id=self._next_id,
-            tombstones=self._vectors.tombstones,
+            tombstones=sum(r.deleted for r in records),
             params=self._spec.params,
-            files={
-                name: persist.file_record(folder / name)
-                for name in (persist.INDEX_FILE, persist.DOCSTORE_FILE, CORRECTION_FILE)
-                if name != CORRECTION_FILE or self._correction is not None
-            },
+            segments=records,
+            docs=self._docs_log(version),
             faiss_version=faiss.__version__,
         )
 
-    def _warn_if_overtaken(self) -> None:
-        try:
-            live = persist.current_version(self._root)
-        except IndexCorruptedError:
-            live = None  # our commit rewrites CURRENT anyway
-        if self._version and live is not None and live != self._version:
-            logger.warning(
-                "%s: version %s went live since this store loaded version %s; persisting "
-                "replaces it (one writer per index directory)",
-                self._root,
-                live,
-                self._version,
+    def _docs_log(self, version: int) -> list[NamedFile]:
+        """The docs log the new version names: unchanged, plus a delta, or a new base."""
+        if not (self._docs_set or self._docs_deleted or self._docs_reset):
+            return list(self._docs_files)
+        if self._docs_reset or len(self._docs_files) >= doclog.MAX_DELTAS:
+            base = doclog.write_entry(
+                self._root, version, base=True, set_=self._merged_docs(), delete=[]
             )
+            return [base]
+        delta = doclog.write_entry(
+            self._root,
+            version,
+            base=False,
+            set_=dict(self._docs_set),
+            delete=sorted(self._docs_deleted),
+        )
+        return [*self._docs_files, delta]
 
     # ------------------------------------------------------------ properties
 
     @property
     def client(self) -> Any:
-        """The CPU FAISS index (the master copy)."""
-        return self._vectors.index
+        """The FAISS index of the rows not yet written as a segment (each segment has its own)."""
+        return self._pending.vectors.index
 
     @property
     def path(self) -> Path:
@@ -364,7 +468,7 @@ class FaissVectorStore(BasePydanticVectorStore):
     def count(self) -> int:
         """Live vectors."""
         with self._lock:
-            return self._vectors.count
+            return self._pending.count + sum(s.live for s in self._segments)
 
     @property
     def dim(self) -> int:
@@ -398,8 +502,14 @@ class FaissVectorStore(BasePydanticVectorStore):
 
     @property
     def device(self) -> str:
-        """Where unfiltered searches run: ``cpu``, ``gpu:0``…"""
-        return self._vectors.placement.describe()
+        """Where unfiltered searches run: ``cpu``, ``gpu:0``…, or ``gpu:0+cpu`` when some
+        segments are of a kind the GPU cannot search."""
+        with self._lock:
+            views = [s.view for s in self._segments if s.view is not None]
+            if self._pending.count or not views:
+                views.append(self._pending.vectors)
+            places = {v.placement.describe() for v in views}
+        return "+".join(sorted(places, key=lambda p: p == "cpu"))
 
     @property
     def dirty(self) -> bool:
@@ -411,12 +521,30 @@ class FaissVectorStore(BasePydanticVectorStore):
         """The FAISS id the next added node will get."""
         return self._next_id
 
+    @property
+    def segment_count(self) -> int:
+        """Sealed segments (written or committed) this store searches, besides pending rows."""
+        return len(self._segments)
+
+    def segment_summary(self) -> list[dict[str, Any]]:
+        """One line per segment: name, rows, deleted rows, structure (for ``info``)."""
+        with self._lock:
+            return [
+                {
+                    "name": s.name,
+                    "rows": s.reader.record.rows,
+                    "deleted": len(s.deleted),
+                    "structure": s.reader.record.structure,
+                }
+                for s in self._segments
+            ]
+
     def __repr__(self) -> str:
         with self._lock:
             return (
                 f"FaissVectorStore(path='{self._root}', version={self._version}, "
-                f"count={self._vectors.count}, dim={self._spec.dim}, metric='{self._spec.metric}', "
-                f"kind='{self._spec.index_kind}', structure='{self._vectors.structure}', "
+                f"count={self.count}, segments={len(self._segments)}, dim={self._spec.dim}, "
+                f"metric='{self._spec.metric}', kind='{self._spec.index_kind}', "
                 f"device='{self.device}', dirty={self._dirty})"
             )
 
@@ -449,25 +577,44 @@ class FaissVectorStore(BasePydanticVectorStore):
         else:
             x = self._embedding_matrix(unique)
         with self._lock:
+            self._check_trainable(len(unique))
             if self._correction is not None and not corrected:
                 x = self._correction.documents(x)
             ids = np.arange(self._next_id, self._next_id + len(unique), dtype=np.int64)
             rows = [NodeRow.from_node(node, int(i)) for node, i in zip(unique, ids, strict=True)]
-            self._vectors.add(ids, x)  # may refuse (IndexTrainingError) before any change
+            replaced = self._faiss_ids_of([n.node_id for n in unique])
+            self._remove(replaced)
+            self._pending.add(ids, x, rows)
             self._next_id += len(unique)
-            replaced = self._nodes.replace(rows)
-            self._vectors.remove(np.asarray(replaced, dtype=np.int64))
             self._touch()
+            if self._pending.count >= self._flush_rows:
+                self._flush()
         return [node.node_id for node in nodes]
+
+    def _check_trainable(self, adding: int) -> None:
+        """``train_fallback='raise'``: refuse an add that leaves a kind needing training with
+        fewer vectors than it trains on, before anything changes."""
+        spec = self._spec
+        if spec.params.train_fallback != "raise" or not kinds.needs_training(spec):
+            return
+        total = self.count + adding
+        floor = kinds.min_train_vectors(spec)
+        if total < floor:
+            raise IndexTrainingError.too_few(spec.index_kind, floor, total)
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         """Delete every node of source document `ref_doc_id`, and its recorded hash."""
         with self._lock:
-            ids = self._nodes.faiss_ids_for_ref_doc(ref_doc_id)
-            if ids:
-                self._vectors.remove(np.asarray(ids, dtype=np.int64))
-                self._nodes.delete_faiss_ids(ids)
-            self._nodes.delete_doc(ref_doc_id)
+            ids = [self._pending.nodes.faiss_ids_for_ref_doc(ref_doc_id)]
+            for segment in self._segments:
+                with segment.reader.rows_lock:
+                    found = segment.reader.rows.faiss_ids_for_ref_doc(ref_doc_id)
+                ids.append(found)
+            self._remove(np.asarray([i for part in ids for i in part], dtype=np.int64))
+            self._docs_set.pop(ref_doc_id, None)
+            self._docs_deleted.add(ref_doc_id)
+            if self._docs is not None:
+                self._docs.pop(ref_doc_id, None)
             self._touch()
 
     def delete_nodes(
@@ -482,31 +629,117 @@ class FaissVectorStore(BasePydanticVectorStore):
         with self._lock:
             ids = self._select(filters, node_ids=node_ids)
             if ids is not None and len(ids):
-                self._vectors.remove(ids)
-                self._nodes.delete_faiss_ids(ids.tolist())
+                self._remove(ids)
                 self._touch()
 
     def clear(self) -> None:
         """Delete every node and document hash (ids already given out stay used)."""
         with self._lock:
-            self._vectors.reset()
-            self._nodes.clear()
+            self._pending.reset()
+            self._segments = []
+            self._docs = {}
+            self._docs_set, self._docs_deleted, self._docs_reset = {}, set(), True
             self._touch()
+
+    def _remove(self, faiss_ids: np.ndarray) -> None:
+        """Delete ids wherever they are: dropped from pending rows, tombstoned in segments."""
+        faiss_ids = np.asarray(faiss_ids, dtype=np.int64)
+        if len(faiss_ids) == 0:
+            return
+        self._pending.remove(faiss_ids)
+        for segment in self._segments:
+            segment.delete(faiss_ids)
+        emptied = [s for s in self._segments if s.live == 0]
+        for segment in emptied:
+            _discard_staging(segment)
+        self._segments = [s for s in self._segments if s.live > 0]
 
     def train(self) -> None:
-        """Train (or re-train) an IVF/PQ kind on the vectors held; IndexTrainingError if too few."""
+        """Write pending rows and merge every segment, so a kind that needs training (IVF, PQ)
+        is trained on as many vectors as the merge limit allows; IndexTrainingError if too few."""
         with self._lock:
-            self._vectors.train()
-            self._touch()
+            if kinds.needs_training(self._spec) and self.count < kinds.min_train_vectors(self._spec):
+                raise IndexTrainingError.too_few(
+                    self._spec.index_kind, kinds.min_train_vectors(self._spec), self.count
+                )
+            self.compact(everything=True)
 
     def optimize(self, *, force: bool = False) -> str | None:
-        """Run due maintenance now (or a full rebuild with `force`); returns what was done."""
+        """Run due merges now (every segment with `force`); returns what was done, if anything."""
         with self._lock:
-            reason = "rebuild" if force else self._vectors.maintenance_reason()
-            if reason is not None:
-                self._vectors.rebuild(retrain=reason in ("retrain", "rebuild"))
+            merged = self.compact(everything=force)
+            return f"merged {merged} group(s) of segments" if merged else None
+
+    def compact(self, *, everything: bool = False) -> int:
+        """Write pending rows as a segment and run the merge policy's merges (all neighbours up
+        to the size limit, dropping every deleted row, with ``everything``); returns the number
+        of merges. The next :meth:`persist` commits the result."""
+        with self._lock:
+            self._flush()
+            sizes = self._sizes()
+            plan = self._policy.select_all(sizes) if everything else self._policy.select(sizes)
+            self._merge(plan)
+            if plan:
                 self._touch()
-            return reason
+            return len(plan)
+
+    def _sizes(self) -> list[SegmentSize]:
+        return [SegmentSize(rows=s.reader.record.rows, deleted=len(s.deleted)) for s in self._segments]
+
+    def _flush(self) -> None:
+        """Write pending rows as a new (staged) segment."""
+        if self._pending.count == 0:
+            return
+        ids, x, rows = self._pending.take()
+        written = segments.write_segment(self._root, self._spec, ids, x, rows)
+        self._segments.append(
+            LiveSegment.of(written.reader, self._spec, self._placement, staging=written.staging)
+        )
+        self._pending.reset()
+        self._dirty = True
+
+    def _merge(self, plan: list[list[int]]) -> None:
+        """Replace each group of neighbouring segments by one segment of their live rows."""
+        if not plan:
+            return
+        merged: dict[int, LiveSegment] = {}
+        dropped: set[int] = set()
+        for group in plan:
+            parts = [self._segments[i] for i in group]
+            ids = np.concatenate([p.live_ids() for p in parts])
+            dropped.update(group)
+            if len(ids) == 0:
+                continue
+            x = np.concatenate([p.reader.reconstruct(p.live_ids()) for p in parts])
+            keyword_parts = [(p.reader.keywords, p.reader.positions(p.live_ids())) for p in parts]
+            written = segments.write_segment(
+                self._root,
+                self._spec,
+                ids,
+                x,
+                _live_rows(parts),
+                keyword_parts=keyword_parts,
+            )
+            merged[group[0]] = LiveSegment.of(
+                written.reader, self._spec, self._placement, staging=written.staging
+            )
+            logger.info(
+                "merged %d segment(s) of %s into %s (%d rows)",
+                len(group),
+                self._root,
+                written.record.name,
+                len(ids),
+            )
+        kept: list[LiveSegment] = []
+        for i, segment in enumerate(self._segments):
+            if i in merged:
+                kept.append(merged[i])
+            elif i not in dropped:
+                kept.append(segment)
+            if i in dropped:
+                _discard_staging(segment)
+        self._segments = kept
+        self._dirty = True
 
     def _touch(self) -> None:
         self._dirty = True
@@ -570,10 +803,10 @@ class FaissVectorStore(BasePydanticVectorStore):
                 f"query mode {mode.value!r} is not supported; FaissVectorStore does "
                 "'default' (dense), 'sparse'/'text_search' (BM25) and 'hybrid'"
             )
-        if mode != VectorStoreQueryMode.DEFAULT:
-            if query.query_str is None or not query.query_str.strip():
-                raise ValueError(f"query mode {mode.value!r} needs query_str (the query text)")
-            self._require_sparse(mode)
+        if mode != VectorStoreQueryMode.DEFAULT and (
+            query.query_str is None or not query.query_str.strip()
+        ):
+            raise ValueError(f"query mode {mode.value!r} needs query_str (the query text)")
         if dense_wanted and query.query_embedding is None:
             if mode == VectorStoreQueryMode.HYBRID:
                 raise ValueError("hybrid queries need query_embedding as well as query_str")
@@ -591,18 +824,18 @@ class FaissVectorStore(BasePydanticVectorStore):
                     np.asarray([query.query_embedding], dtype=np.float32), k, allowed, knobs
                 )[0]
             elif mode in _SPARSE_MODES:
-                hits = self._nodes.sparse_search(query.query_str or "", k, allowed)
+                hits = self._keyword_hits(query.query_str or "", k, allowed)
             else:
                 depth = max(k, fusion.CANDIDATES)
                 dense = self._dense_hits(
                     np.asarray([query.query_embedding], dtype=np.float32), depth, allowed, knobs
                 )[0]
-                sparse_hits = self._nodes.sparse_search(
+                sparse_hits = self._keyword_hits(
                     query.query_str or "", query.sparse_top_k or depth, allowed
                 )
                 method = kwargs.get("fusion", fusion.DEFAULT_FUSION)
                 hits = fusion.fuse(dense, sparse_hits, method=method, alpha=query.alpha)[:k]
-            rows = self._nodes.rows([faiss_id for faiss_id, _ in hits])
+            rows = self._rows([faiss_id for faiss_id, _ in hits])
         found = [(rows[i], score) for i, score in hits if i in rows]
         return VectorStoreQueryResult(
             nodes=[row.to_node() for row, _ in found],
@@ -635,9 +868,9 @@ class FaissVectorStore(BasePydanticVectorStore):
         """Use ``correction`` from now on; only while the store is empty, since vectors already
         stored were corrected (or not) with the statistics they were added under."""
         with self._lock:
-            if self._vectors.count:
+            if self.count:
                 raise ValueError(
-                    f"the index at {self._root} already holds {self._vectors.count} vectors; its "
+                    f"the index at {self._root} already holds {self.count} vectors; its "
                     "correction is frozen until `htp-index rebuild` fits a new one"
                 )
             if correction is not None and correction.dim != self._spec.dim:
@@ -647,33 +880,28 @@ class FaissVectorStore(BasePydanticVectorStore):
 
     @property
     def has_sparse(self) -> bool:
-        """Whether keyword (BM25) and hybrid search are available (not on indexes written
-        before the keyword table existed, until they are rebuilt)."""
-        with self._lock:
-            return self._nodes.has_sparse
+        """Whether keyword (BM25) and hybrid search are available: always, since every segment
+        carries its postings (indexes of the first layout get them when they are opened)."""
+        return True
 
     @property
     def query_modes(self) -> list[str]:
-        """The query modes this index serves: ``dense``, and ``sparse``/``hybrid`` with keywords."""
-        return ["dense", "sparse", "hybrid"] if self.has_sparse else ["dense"]
+        """The query modes this index serves."""
+        return ["dense", "sparse", "hybrid"]
 
-    def add_sparse(self) -> None:
-        """Index the stored node texts for keyword search (an index written before it existed);
-        the next :meth:`persist` writes it. No vector changes."""
+    def keyword_rows(self) -> int:
+        """Live rows of the keyword side; equals `count` when both sides are in step."""
         with self._lock:
-            if not self._nodes.has_sparse:
-                self._nodes.add_sparse()
-                self._touch()
-
-    def keyword_rows(self) -> int | None:
-        """Rows of the keyword index after FTS5's integrity check against the nodes (None
-        without a keyword table); raises `IndexCorruptedError` if they are out of step."""
-        with self._lock:
-            return self._nodes.check_sparse(self._root)
-
-    def _require_sparse(self, mode: VectorStoreQueryMode) -> None:
-        if not self._nodes.has_sparse:
-            raise SparseIndexMissingError.at(self._root, mode.value)
+            total = self._pending.keywords()[0].rows
+            for segment in self._segments:
+                if segment.reader.keywords.rows != segment.reader.record.rows:
+                    raise IndexCorruptedError.for_file(
+                        segment.reader.folder,
+                        f"its keyword postings hold {segment.reader.keywords.rows} rows, "
+                        f"its vectors {segment.reader.record.rows}",
+                    )
+                total += segment.live
+            return total
 
     def search(
         self,
@@ -695,13 +923,14 @@ class FaissVectorStore(BasePydanticVectorStore):
         with self._lock:
             allowed = self._select(filters, node_ids=node_ids, doc_ids=doc_ids)
             hits = self._dense_hits(xq, k, allowed, knobs)
-            found = self._nodes.rows(sorted({i for row in hits for i, _ in row}))
+            found = self._rows(sorted({i for row in hits for i, _ in row}))
         return [[(found[i].node_id, score) for i, score in row if i in found] for row in hits]
 
     def _dense_hits(
         self, xq: np.ndarray, k: int, allowed: np.ndarray | None, knobs: dict[str, Any]
     ) -> list[list[tuple[int, float]]]:
-        """(faiss id, similarity) of the top-`k` vectors for each query row (caller locks)."""
+        """(faiss id, similarity) of the top-`k` vectors for each query row (caller locks):
+        each segment and the pending rows are searched, and their top-k merged."""
         if xq.ndim != 2 or xq.shape[1] != self._spec.dim:
             raise ValueError(
                 f"query embedding has shape {tuple(xq.shape)}; the index at {self._root} holds "
@@ -711,10 +940,34 @@ class FaissVectorStore(BasePydanticVectorStore):
             return [[] for _ in range(len(xq))]
         if self._correction is not None:
             xq = self._correction.queries(xq)
-        scores, ids = self._vectors.search(xq, k, allowed, **knobs)
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        heap = faiss.ResultHeap(len(xq), k, keep_max=self._spec.metric == "ip")
+        if self._pending.count:
+            heap.add_result(*self._pending.search(xq, k, allowed, knobs))
+        for segment in self._segments:
+            subset = None if allowed is None else segment.live_ids(allowed)
+            if subset is not None and len(subset) == 0:
+                continue
+            assert segment.view is not None
+            scores, ids = segment.view.search(xq, k, subset, **knobs)
+            heap.add_result(scores, ids)
+        heap.finalize()
         return [
             [(int(i), self._similarity(float(s))) for s, i in zip(srow, irow, strict=True) if i >= 0]
-            for srow, irow in zip(scores, ids, strict=True)
+            for srow, irow in zip(heap.D, heap.I, strict=True)
+        ]
+
+    def _keyword_hits(self, text: str, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
+        """(faiss id, BM25) of the top-`k` rows for ``text`` over every segment and pending row,
+        with statistics over all of them (caller locks)."""
+        pending_kw, pending_ids = self._pending.keywords()
+        parts = [pending_kw] + [s.reader.keywords for s in self._segments]
+        pending_mask = None if allowed is None else np.isin(pending_ids, allowed)
+        masks = [pending_mask] + [s.keyword_mask(allowed) for s in self._segments]
+        id_maps = [pending_ids] + [s.reader.ids for s in self._segments]
+        return [
+            (int(id_maps[part][row]), score)
+            for part, row, score in keywords.search(parts, masks, text, k)
         ]
 
     def _similarity(self, score: float) -> float:
@@ -727,7 +980,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         node_ids: Sequence[str] | None = None,
         doc_ids: Sequence[str] | None = None,
     ) -> np.ndarray | None:
-        """Allowed faiss ids, or None when nothing restricts the search."""
+        """Allowed faiss ids (ascending), or None when nothing restricts the search."""
         if filters is not None and not filters.filters:
             filters = None
         if filters is None and node_ids is None and doc_ids is None:
@@ -736,12 +989,47 @@ class FaissVectorStore(BasePydanticVectorStore):
         if key is not None and key in self._filter_cache:
             return self._filter_cache[key]
         where, params = compile_filters(filters) if filters is not None else ("1", [])
-        ids = self._nodes.select_faiss_ids(where, params, node_ids=node_ids, ref_doc_ids=doc_ids)
+        parts = [
+            self._pending.nodes.select_faiss_ids(
+                where, params, node_ids=node_ids, ref_doc_ids=doc_ids
+            )
+        ]
+        for segment in self._segments:
+            with segment.reader.rows_lock:
+                found = segment.reader.rows.select_faiss_ids(
+                    where, params, node_ids=node_ids, ref_doc_ids=doc_ids
+                )
+            parts.append(segment.live_ids(found) if len(segment.deleted) else found)
+        ids = np.sort(np.concatenate(parts))
         if key is not None:
             if len(self._filter_cache) >= _FILTER_CACHE_SIZE:
                 self._filter_cache.clear()
             self._filter_cache[key] = ids
         return ids
+
+    def _rows(self, faiss_ids: Sequence[int]) -> dict[int, NodeRow]:
+        """Rows of the live ids among ``faiss_ids``, read from where each one lives."""
+        if len(faiss_ids) == 0:
+            return {}
+        wanted = np.asarray(list(faiss_ids), dtype=np.int64)
+        found = self._pending.nodes.rows(wanted.tolist())
+        for segment in self._segments:
+            found.update(segment.rows(wanted))
+        return found
+
+    def _faiss_ids_of(self, node_ids: Sequence[str]) -> np.ndarray:
+        return np.fromiter(self._faiss_ids_by_node(node_ids).values(), dtype=np.int64)
+
+    def _faiss_ids_by_node(self, node_ids: Sequence[str]) -> dict[str, int]:
+        found = self._pending.nodes.faiss_ids_for_nodes(node_ids)
+        for segment in self._segments:
+            with segment.reader.rows_lock:
+                held = segment.reader.rows.faiss_ids_for_nodes(node_ids)
+            if held and len(segment.deleted):
+                live = set(segment.live_ids(np.fromiter(held.values(), np.int64)).tolist())
+                held = {n: i for n, i in held.items() if i in live}
+            found.update(held)
+        return found
 
     def get_nodes(
         self,
@@ -751,46 +1039,76 @@ class FaissVectorStore(BasePydanticVectorStore):
         """Nodes by id (in the order given), by filter, or all of them."""
         with self._lock:
             if filters is None and node_ids is not None:
-                rows = self._nodes.rows_by_node_id(node_ids)
+                by_node = self._faiss_ids_by_node(node_ids)
+                rows = self._rows(list(by_node.values()))
+                ordered = [rows[by_node[n]] for n in node_ids if n in by_node and by_node[n] in rows]
             else:
                 ids = self._select(filters, node_ids=node_ids)
-                ids = self._nodes.select_faiss_ids() if ids is None else ids
-                by_id = self._nodes.rows(ids.tolist())
-                rows = [by_id[int(i)] for i in ids if int(i) in by_id]
-        return [row.to_node() for row in rows]
+                ids = self._all_ids() if ids is None else ids
+                rows = self._rows(ids.tolist())
+                ordered = [rows[int(i)] for i in ids if int(i) in rows]
+        return [row.to_node() for row in ordered]
+
+    def _all_ids(self) -> np.ndarray:
+        parts = [self._pending.vectors.live_ids()] + [s.live_ids() for s in self._segments]
+        return np.sort(np.concatenate(parts))
 
     def all_nodes(self) -> list[BaseNode]:
         """Every node (text, metadata, relationships; no embedding), in id order."""
         return self.get_nodes()
 
     def iter_embeddings(self, batch_size: int = 1024) -> Iterator[tuple[str, np.ndarray]]:
-        """Every (node_id, vector) pair, in id order, for rebuilds and diagnostics.
+        """Every (node_id, vector) pair, segment by segment in id order, for rebuilds and
+        diagnostics; vectors are read from the segments, a batch at a time.
 
         Vectors are reconstructed from the index: exact for the named kinds, approximate for
         factory strings that keep only compressed codes.
         """
-        after = -1
-        while True:
-            with self._lock:
-                page = self._nodes.page_ids(after, batch_size)
-                if not page:
-                    return
-                vectors = self._vectors.reconstruct(np.array([p[0] for p in page], np.int64))
-            yield from ((node_id, vec) for (_, node_id), vec in zip(page, vectors, strict=True))
-            after = page[-1][0]
+        with self._lock:
+            sources: list[Any] = [*self._segments, self._pending]
+        for source in sources:
+            if isinstance(source, LiveSegment):
+                ids = source.live_ids()
+                reconstruct = source.reader.reconstruct
+            else:
+                with self._lock:
+                    ids = np.sort(source.vectors.live_ids())
+                reconstruct = source.vectors.reconstruct
+            for start in range(0, len(ids), batch_size):
+                block = ids[start : start + batch_size]
+                with self._lock:
+                    rows = self._rows(block.tolist())
+                    vectors = reconstruct(block)
+                for faiss_id, vector in zip(block, vectors, strict=True):
+                    row = rows.get(int(faiss_id))
+                    if row is not None:
+                        yield row.node_id, vector
 
     # ---------------------------------------------------- document bookkeeping
 
     def set_doc_hash(self, ref_doc_id: str, doc_hash: str) -> None:
         """Record the content hash of a source document (for ingestion diffs)."""
         with self._lock:
-            self._nodes.set_doc_hash(ref_doc_id, doc_hash)
+            self._docs_set[ref_doc_id] = doc_hash
+            self._docs_deleted.discard(ref_doc_id)
+            if self._docs is not None:
+                self._docs[ref_doc_id] = doc_hash
             self._dirty = True
 
     def doc_hashes(self) -> dict[str, str]:
-        """ref_doc_id -> hash of every recorded source document."""
+        """ref_doc_id -> hash of every recorded source document (read from the docs log on
+        first use: queries never need it)."""
         with self._lock:
-            return self._nodes.doc_hashes()
+            return dict(self._merged_docs())
+
+    def _merged_docs(self) -> dict[str, str]:
+        if self._docs is None:
+            base = {} if self._docs_reset else doclog.replay(self._root, self._docs_files)
+            for doc_id in self._docs_deleted:
+                base.pop(doc_id, None)
+            base.update(self._docs_set)
+            self._docs = base
+        return self._docs
 
     def get_doc_hash(self, ref_doc_id: str) -> str | None:
         """The recorded hash of one source document."""
@@ -799,14 +1117,55 @@ class FaissVectorStore(BasePydanticVectorStore):
     def faiss_ids(self, node_ids: Sequence[str]) -> dict[str, int]:
         """node_id -> stable FAISS id, for the given nodes that exist."""
         with self._lock:
-            return self._nodes.faiss_ids_for_nodes(node_ids)
+            return self._faiss_ids_by_node(node_ids)
 
     def ref_doc_node_ids(self, ref_doc_id: str) -> list[str]:
-        """Node ids of one source document."""
+        """Node ids of one source document, in id order."""
         with self._lock:
-            return self._nodes.node_ids_for_ref_doc(ref_doc_id)
+            found: list[tuple[int, str]] = []
+            for segment in self._segments:
+                with segment.reader.rows_lock:
+                    ids = segment.reader.rows.faiss_ids_for_ref_doc(ref_doc_id)
+                live = set(segment.live_ids(np.asarray(ids, np.int64)).tolist()) if ids else set()
+                rows = self._rows(sorted(live))
+                found.extend((i, rows[i].node_id) for i in live if i in rows)
+            pending = self._pending.nodes.faiss_ids_for_ref_doc(ref_doc_id)
+            rows = self._pending.nodes.rows(pending)
+            found.extend((i, rows[i].node_id) for i in pending if i in rows)
+            return [node_id for _, node_id in sorted(found)]
 
 
-def _last_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
+def _live_rows(parts: Sequence[LiveSegment]) -> Iterator[NodeRow]:
+    """The rows of ``parts`` that are not deleted, in id order, streamed from their files."""
+    for part in parts:
+        dead = set(part.deleted.tolist())
+        for row in part.reader.rows.iter_rows(lock=part.reader.rows_lock):
+            if row.faiss_id not in dead:
+                yield row
+
+
+def _discard_staging(segment: LiveSegment) -> None:
+    """Remove a segment this store wrote but will not commit (merged away or emptied).
+
+    Its open files stay readable through the reader until it is dropped; a committed segment
+    is left alone: it goes when no kept version names it."""
+    if segment.staging is None:
+        return
+    for path in segment.staging.iterdir():
+        path.unlink(missing_ok=True)
+    segment.staging.rmdir()
+    segment.staging = None
+
+
+def _read_correction(vdir: Path, manifest: Manifest) -> VectorCorrection | None:
+    """The version's correction (format 2: listed in the manifest; format 1: in ``files``)."""
+    listed = manifest.correction is not None or persist.CORRECTION_NAME in manifest.files
+    if not listed:
+        return None
+    path = vdir / persist.CORRECTION_NAME
+    try:
+        return VectorCorrection.load(path)
+    except FileNotFoundError as exc:
+        raise IndexCorruptedError.for_file(path, "the file is missing") from exc
+    except ValueError as exc:
+        raise IndexCorruptedError.for_file(path, f"invalid ({exc})") from exc

@@ -211,3 +211,80 @@ def embed_scifact_titles(cache_dir: str) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     np.save(cached, x)
     return x
+
+
+def write_format1_index(
+    root: Path,
+    nodes: list[TextNode],
+    *,
+    encoder: dict[str, Any] | None = None,
+    keyword_table: bool = True,
+    docs: dict[str, str] | None = None,
+) -> None:
+    """Write ``nodes`` (with embeddings) as version 1 of the layout htp-index wrote before
+    segments: one ``index.faiss`` and one ``docstore.sqlite`` per version, checksummed in a
+    format-1 manifest. ``keyword_table=False`` writes what releases before the FTS5 table did."""
+    import sqlite3
+    from datetime import UTC, datetime
+
+    import faiss
+
+    from indexes import persist
+    from indexes.docstore import NodeRow
+    from indexes.spec import FileRecord, IndexParams, Manifest
+
+    encoder = encoder or ENCODER
+    dim = len(nodes[0].embedding)
+    vdir = persist.version_dir(root, 1)
+    vdir.mkdir(parents=True)
+    x = np.asarray([n.embedding for n in nodes], dtype=np.float32)
+    ids = np.arange(len(nodes), dtype=np.int64)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    index.add_with_ids(x, ids)
+    faiss.write_index(index, str(vdir / "index.faiss"))
+    conn = sqlite3.connect(vdir / "docstore.sqlite")
+    conn.executescript(
+        "CREATE TABLE nodes (faiss_id INTEGER PRIMARY KEY, node_id TEXT NOT NULL UNIQUE, "
+        "ref_doc_id TEXT, text TEXT NOT NULL, metadata TEXT NOT NULL, node_type TEXT NOT NULL, "
+        "node_json TEXT NOT NULL); CREATE TABLE docs (ref_doc_id TEXT PRIMARY KEY, hash TEXT "
+        "NOT NULL); CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+    )
+    if keyword_table:
+        conn.executescript(
+            "CREATE VIRTUAL TABLE nodes_fts USING fts5(text, content='nodes', "
+            "content_rowid='faiss_id', tokenize='porter unicode61 remove_diacritics 2');"
+        )
+    rows = [NodeRow.from_node(n, int(i)) for n, i in zip(nodes, ids, strict=True)]
+    conn.executemany(
+        "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(r.faiss_id, r.node_id, r.ref_doc_id, r.text, r.metadata, r.node_type, r.node_json) for r in rows],
+    )
+    if keyword_table:
+        conn.execute("INSERT INTO nodes_fts(nodes_fts) VALUES ('rebuild')")
+    conn.executemany("INSERT INTO docs VALUES (?, ?)", sorted((docs or {}).items()))
+    conn.execute("INSERT INTO state VALUES ('next_id', ?)", (str(len(nodes)),))
+    conn.commit()
+    conn.close()
+    files = {
+        name: FileRecord(sha256=persist.sha256_file(vdir / name), bytes=(vdir / name).stat().st_size)
+        for name in ("index.faiss", "docstore.sqlite")
+    }
+    manifest = Manifest(
+        format_version=1,
+        version=1,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        encoder=encoder,
+        dim=dim,
+        metric="ip",
+        index_kind="flat",
+        index_structure="IndexIDMap2 > IndexFlatIP",
+        trained=True,
+        count=len(nodes),
+        next_id=len(nodes),
+        params=IndexParams(),
+        files=files,
+        faiss_version=faiss.__version__,
+    ).sealed()
+    body = manifest.model_dump(mode="json", exclude={"segments", "docs", "correction"})
+    (vdir / "manifest.json").write_text(json.dumps(body, indent=2))
+    (root / "CURRENT").write_text("v000001\n")

@@ -13,7 +13,7 @@ from pipeline_helpers import DOCS, long_doc, settings_for, tiny_embedding, write
 from typer.testing import CliRunner
 
 from htp_cli.main import app
-from indexes import FaissVectorStore, SparseIndexMissingError, sparse
+from indexes import FaissVectorStore
 from pipelines.beir import Document, write_beir
 from pipelines.chunking import embed_text
 from pipelines.eval_pipeline import evaluate_pipeline, ranked_documents
@@ -72,17 +72,13 @@ def test_too_few_documents_or_correction_none_fit_nothing(tmp_path, embedding):
     assert FaissVectorStore.open(tmp_path / "plain").correction is None
 
 
-def test_an_older_index_serves_dense_then_rebuild_keep_vectors_adds_keywords_and_correction(tmp_path, embedding, monkeypatch):
+def test_an_index_without_correction_gets_one_from_rebuild_keep_vectors(tmp_path, embedding):
     settings = settings_for(embedding)
-    monkeypatch.setattr(sparse, "create", lambda conn, populate: None)  # an index from before
     ingest(write_docs(tmp_path / "src", MANY), tmp_path / "idx", settings_for(embedding, correction="none"),
-           embedding=embedding)
-    monkeypatch.undo()
+           embedding=embedding)  # as indexes written before the correction existed
     old = open_index(tmp_path / "idx", settings, embedding=embedding)
-    assert old.modes == ["dense"] and old.resolve_mode(None) == "dense"
-    assert old.search("the cat", 2)  # the default mode falls back to dense
-    with pytest.raises(SparseIndexMissingError, match="keep-vectors"):
-        old.search("the cat", 2, mode="hybrid")
+    assert old.modes == ["dense", "sparse", "hybrid"] and old.store.correction is None
+    assert old.search("the cat", 2, mode="hybrid")
     raw = dict(old.store.iter_embeddings())
     texts_before = embedding.encoder.stats.texts
     stats = rebuild(tmp_path / "idx", settings, keep_vectors=True, embedding=embedding)

@@ -207,6 +207,7 @@ def test_a_kind_that_cannot_go_to_gpu_stays_on_cpu_with_a_warning(
     monkeypatch.setattr(gpu, "clone_to_gpu", refuse)
     store = new_store(tmp_path, DIM, index_kind="hnsw", use_gpu=True)
     store.add(make_nodes(unit_rows(np.random.default_rng(6), 50, DIM)))
+    store.persist()  # an hnsw segment (rows not yet written are searched flat)
     with caplog.at_level(logging.WARNING):
         assert len(store.search(unit_rows(np.random.default_rng(7), 1, DIM), 3)[0]) == 3
     assert "cannot be searched on gpu:0" in caplog.text
@@ -219,5 +220,6 @@ def test_persist_writes_the_cpu_master_even_with_a_replica(tmp_path, pretend_gpu
     store.add(make_nodes(unit_rows(np.random.default_rng(8), 40, DIM)))
     store.search(unit_rows(np.random.default_rng(9), 1, DIM), 3)
     store.persist()
-    index = faiss.read_index(str(store.path / "versions" / "v000002" / "index.faiss"))
+    segment = store.manifest.segments[0].name
+    index = faiss.read_index(str(store.path / "segments" / segment / "vectors.faiss"))
     assert index.ntotal == 40

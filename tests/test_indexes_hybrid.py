@@ -3,10 +3,8 @@ through every write, safe against hostile query text, filtered in every mode."""
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
-from indexes_fixtures import ENCODER, HashingEmbedding
+from indexes_fixtures import ENCODER, HashingEmbedding, write_format1_index
 from llama_index.core import VectorStoreIndex
 from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
 from llama_index.core.vector_stores.types import (
@@ -16,7 +14,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQueryMode,
 )
 
-from indexes import FaissVectorStore, SparseIndexMissingError, fusion, sparse
+from indexes import FaissVectorStore, fusion, keywords
 from indexes import persist as persist_module
 
 EMBED = HashingEmbedding()
@@ -154,31 +152,35 @@ def test_unknown_mode_and_missing_text_are_clear_errors(tmp_path):
         ask(store, "bees", mode="hybrid", alpha=1.5)
 
 
-def test_an_index_written_before_the_keyword_table_serves_dense_and_says_how_to_add_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(sparse, "create", lambda conn, populate: None)  # what older releases wrote
-    old = make_store(tmp_path)
-    old.persist()
-    monkeypatch.undo()
-    reopened = FaissVectorStore.open(old.path)
-    assert not reopened.has_sparse and reopened.query_modes == ["dense"]
-    dense = reopened.query(VectorStoreQuery(query_embedding=EMBED.get_query_embedding("bees"), similarity_top_k=1))
-    assert len(dense.ids) == 1
-    with pytest.raises(SparseIndexMissingError, match="rebuild"):
-        ask(reopened, "bees")
-    reopened.add_sparse()
-    version = reopened.persist()
-    upgraded = FaissVectorStore.open(old.path)
-    assert upgraded.version == version and upgraded.has_sparse
-    assert doc_ids(ask(upgraded, "waggle dance")) == ["bees"]
+@pytest.mark.parametrize("keyword_table", [True, False])
+def test_an_index_of_the_first_layout_serves_every_mode_and_migrates_at_the_next_write(
+    tmp_path, keyword_table, caplog
+):
+    nodes = [node(doc, text, topic=doc) for doc, text in TEXTS.items()]
+    write_format1_index(tmp_path / "idx", nodes, keyword_table=keyword_table, docs={"bees": "h1"})
+    with caplog.at_level("WARNING"):
+        old = FaissVectorStore.open(tmp_path / "idx", expected_encoder=ENCODER)
+    assert "before segments" in caplog.text and "htp-index migrate" in caplog.text
+    assert old.count == len(TEXTS) and old.query_modes == ["dense", "sparse", "hybrid"]
+    assert doc_ids(ask(old, "waggle dance")) == ["bees"]
+    assert old.doc_hashes() == {"bees": "h1"}
+    assert old.migrate() == 2
+    migrated = FaissVectorStore.open(tmp_path / "idx", expected_encoder=ENCODER)
+    assert migrated.manifest.format_version == 2 and len(migrated.manifest.segments) == 1
+    assert doc_ids(ask(migrated, "waggle dance")) == ["bees"]
+    assert doc_ids(ask(migrated, "stone arches", mode="hybrid")) [0] == "aqueduct"
+    assert migrated.doc_hashes() == {"bees": "h1"} and migrated.next_id == len(TEXTS)
+    assert FaissVectorStore.open(tmp_path / "idx", version=1).count == len(TEXTS)  # kept
 
 
-def test_keyword_table_is_inside_the_checksummed_docstore(tmp_path):
+def test_keyword_postings_are_files_of_the_segment_checksummed_in_the_manifest(tmp_path):
     store = make_store(tmp_path)
     store.persist()
-    path = persist_module.version_dir(store.path, store.version) / persist_module.DOCSTORE_FILE
-    conn = sqlite3.connect(path)
-    assert sparse.has_table(conn)
-    conn.close()
+    (segment,) = store.manifest.segments
+    assert set(keywords.KEYWORD_FILES) <= set(segment.files)
+    for name in keywords.KEYWORD_FILES:
+        path = store.path / "segments" / segment.name / name
+        assert persist_module.sha256_file(path) == segment.files[name].sha256
 
 
 def test_convex_fusion_floor_keeps_a_flat_list_from_taking_full_weight():

@@ -80,47 +80,53 @@ def test_untrained_kind_serves_exact_search_then_trains_at_the_floor(tmp_path):
     x = unit_rows(rng, 1000, 16)
     store = new_store(tmp_path, 16, index_kind="ivf_flat")
     store.add(make_nodes(x[:300]))
-    assert "IndexIVF" not in repr(store)  # still the exact staging index
     q = unit_rows(rng, 5, 16)
     exact = exact_top_k(x[:300], q, 5)
     got = store.search(q, 5)
     assert [[h[0] for h in hits] for hits in got] == [[f"n{i}" for i in row] for row in exact]
     store.persist()
     reopened = FaissVectorStore.open(store.path)
-    assert reopened.manifest.trained is False
+    assert reopened.manifest.trained is False  # a segment too small to train stays exact
+    assert "IndexIVF" not in reopened.manifest.index_structure
     reopened.add(make_nodes(x[300:], prefix="m"))
-    assert "IndexIVFFlat" in repr(reopened)
+    reopened.persist()
+    assert reopened.compact(everything=True) == 1  # one segment of 1000: trains the kind
     reopened.persist()
     manifest = FaissVectorStore.read_manifest(reopened.path)
-    assert manifest.trained and manifest.trained_on == 1000 and manifest.count == 1000
+    assert manifest.trained and manifest.count == 1000 and len(manifest.segments) == 1
+    assert "IndexIVFFlat" in manifest.index_structure
 
 
-def test_ivf_retrains_when_the_count_has_grown(tmp_path):
+def test_ivf_segments_choose_nlist_from_their_own_size(tmp_path):
     rng = np.random.default_rng(2)
     store = new_store(tmp_path, 16, index_kind="ivf_flat")
     store.add(make_nodes(unit_rows(rng, 700, 16)))
-    assert faiss.extract_index_ivf(store.client).nlist == 16
+    store.persist()
+    small = faiss.extract_index_ivf(store._segments[0].reader.index)
+    assert small.nlist == 16
     store.add(make_nodes(unit_rows(rng, 2200, 16), prefix="m"))
-    assert store.optimize() == "retrain"
-    assert faiss.extract_index_ivf(store.client).nlist == 64
-    assert store.count == 2900
+    assert store.optimize(force=True) == "merged 1 group(s) of segments"
+    assert faiss.extract_index_ivf(store._segments[0].reader.index).nlist == 64
+    assert store.count == 2900 and store.segment_count == 1
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf_pq"])
-def test_deletes_without_removal_are_never_returned_and_compacted_on_persist(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_pq"])
+def test_deletes_are_never_returned_and_merged_away_past_the_threshold(tmp_path, kind):
     rng = np.random.default_rng(3)
     x = unit_rows(rng, 1000, 16)
     store = new_store(tmp_path, 16, index_kind=kind)
     store.add(make_nodes(x, docs=10))
+    store.persist()
     for doc in ["doc0", "doc1", "doc2"]:
         store.delete(doc)
     deleted = {f"n{i}" for i in range(1000) if i % 10 < 3}
     for vec in x[:50]:  # query right on top of deleted vectors
         res = store.query(VectorStoreQuery(query_embedding=vec.tolist(), similarity_top_k=20))
         assert not deleted & set(res.ids) and len(res.ids) == 20
-    assert store.client.ntotal == 1000  # tombstones still inside
-    store.persist()  # 30% dead > 20%: rebuilt without them
-    assert store.manifest.tombstones == 0 and store.client.ntotal == 700
+    assert store.segment_summary()[0]["deleted"] == 300  # tombstones, the segment unchanged
+    store.persist()  # 30% deleted > 20%: the segment is rewritten without them
+    assert store.manifest.tombstones == 0
+    assert [s.rows for s in store.manifest.segments] == [700]
     assert FaissVectorStore.open(store.path).count == 700
 
 
@@ -128,11 +134,12 @@ def test_few_tombstones_survive_a_reload_and_stay_hidden(tmp_path):
     x = unit_rows(np.random.default_rng(4), 500, 16)
     store = new_store(tmp_path, 16, index_kind="hnsw")
     store.add(make_nodes(x, docs=10))
+    store.persist()
     store.delete("doc0")
     store.persist()
     assert store.manifest.tombstones == 50
     reopened = FaissVectorStore.open(store.path)
-    assert reopened.count == 450 and reopened.client.ntotal == 500
+    assert reopened.count == 450 and reopened.manifest.segments[0].rows == 500
     hits = reopened.search(x[:20], 10)
     assert all(int(node_id[1:]) % 10 != 0 for row in hits for node_id, _ in row)
 

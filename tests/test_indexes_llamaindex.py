@@ -106,12 +106,15 @@ def test_retriever_passes_search_knobs_through(tmp_path):
     assert retriever.retrieve("rockets and astronauts")[0].node.ref_doc_id == "space"
 
 
-def test_storage_context_persist_writes_a_new_version_that_reopens(tmp_path):
+def test_storage_context_persist_writes_a_new_version_and_a_pointer_that_reopens(tmp_path):
     index, store = build(tmp_path)
     before = store.version
     index.storage_context.persist(persist_dir=str(tmp_path / "llama-storage"))
     assert store.version == before + 1
-    reopened = FaissVectorStore.open(tmp_path / "index", expected_encoder=ENCODER)
+    pointer = tmp_path / "llama-storage" / "default__vector_store.json"
+    assert pointer.is_file()  # written where LlamaIndex asked, naming the index directory
+    reopened = FaissVectorStore.from_persist_path(pointer, expected_encoder=ENCODER)
+    assert reopened.path == (tmp_path / "index").resolve() and reopened.version == store.version
     again = VectorStoreIndex.from_vector_store(reopened, embed_model=HashingEmbedding())
     assert retrieved_docs(again, "knead dough", k=1) == ["bread"]
     assert retrieved_docs(again, "chess openings", k=3) == retrieved_docs(index, "chess openings")

@@ -52,12 +52,14 @@ def test_manifest_records_what_the_index_is(tmp_path):
     assert (manifest.dim, manifest.metric, manifest.index_kind) == (DIM, "ip", "hnsw")
     assert manifest.encoder == ENCODER and manifest.count == 800 and manifest.next_id == 800
     assert manifest.index_structure == "IndexIDMap2 > IndexHNSWFlat"
-    assert set(manifest.files) == {"index.faiss", "docstore.sqlite"}
-    vdir = store.path / "versions" / "v000002"
-    on_disk = json.loads((vdir / "manifest.json").read_text())
-    assert on_disk["files"]["index.faiss"]["sha256"] == persist_module.sha256_file(
-        vdir / "index.faiss"
-    )
+    assert manifest.format_version == 2 and manifest.files == {}
+    (segment,) = manifest.segments
+    assert (segment.rows, segment.deleted, segment.min_id, segment.max_id) == (800, 0, 0, 799)
+    assert {"vectors.faiss", "nodes.sqlite", "ids.npy"} <= set(segment.files)
+    folder = store.path / "segments" / segment.name
+    on_disk = json.loads((store.path / "versions" / "v000002" / "manifest.json").read_text())
+    recorded = on_disk["segments"][0]["files"]["vectors.faiss"]["sha256"]
+    assert recorded == persist_module.sha256_file(folder / "vectors.faiss")
     assert manifest["count"] == 800 and manifest.get("metric") == "ip"
     assert (store.path / "CURRENT").read_text() == "v000002\n"
 
@@ -97,21 +99,7 @@ def test_persist_without_changes_writes_nothing(tmp_path):
     assert store.persist(force=True) == 3
 
 
-@pytest.mark.parametrize(
-    ("name", "damage", "says"),
-    [
-        ("index.faiss", "truncate", "truncated"),
-        ("index.faiss", "flip", "sha256"),
-        ("docstore.sqlite", "truncate", "truncated"),
-        ("docstore.sqlite", "flip", "sha256"),
-        ("manifest.json", "truncate", "not valid JSON"),
-        ("manifest.json", "edit", "checksum"),
-        ("index.faiss", "delete", "missing"),
-    ],
-)
-def test_corruption_is_detected_and_names_the_file(tmp_path, name, damage, says):
-    store = filled_store(tmp_path)
-    path = store.path / "versions" / "v000002" / name
+def damage_file(path, damage):
     data = path.read_bytes()
     if damage == "truncate":
         path.write_bytes(data[: len(data) // 2])
@@ -124,9 +112,48 @@ def test_corruption_is_detected_and_names_the_file(tmp_path, name, damage, says)
         path.write_text(json.dumps(manifest))
     else:
         path.unlink()
+
+
+def segment_file(store, name):
+    return store.path / "segments" / store.manifest.segments[0].name / name
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "says"),
+    [
+        ("vectors.faiss", "truncate", "truncated"),
+        ("nodes.sqlite", "truncate", "truncated"),
+        ("ids.npy", "delete", "missing"),
+        ("vectors.faiss", "delete", "missing"),
+        ("manifest.json", "truncate", "not valid JSON"),
+        ("manifest.json", "edit", "checksum"),
+    ],
+)
+def test_open_detects_missing_and_truncated_files_naming_them(tmp_path, name, damage, says):
+    store = filled_store(tmp_path)
+    if name == "manifest.json":
+        path = store.path / "versions" / "v000002" / name
+    else:
+        path = segment_file(store, name)
+    damage_file(path, damage)
     with pytest.raises(IndexCorruptedError, match=says) as info:
         FaissVectorStore.open(store.path)
     assert name in str(info.value) and info.value.path == path
+
+
+@pytest.mark.parametrize("name", ["vectors.faiss", "nodes.sqlite", "ids.npy"])
+def test_verify_reads_every_byte_and_finds_a_flipped_bit(tmp_path, name):
+    store = filled_store(tmp_path)
+    store.delete("doc0")
+    store.persist()
+    checked = FaissVectorStore.verify(store.path)
+    assert checked["files"] >= 5 and checked["bytes"] > DIM * 4 * 800
+    path = segment_file(store, name)
+    damage_file(path, "flip")
+    FaissVectorStore.open(store.path)  # open checks sizes only: it does not read every byte
+    with pytest.raises(IndexCorruptedError, match="sha256") as info:
+        FaissVectorStore.verify(store.path)
+    assert info.value.path == path
 
 
 def test_garbage_current_pointer_is_reported(tmp_path):
@@ -148,22 +175,42 @@ def test_older_versions_stay_openable_and_only_the_last_n_are_kept(tmp_path):
     assert FaissVectorStore.open(store.path).count == 640
 
 
-def test_failure_after_writing_the_index_file_leaves_the_old_version_live(tmp_path, monkeypatch):
+def test_disk_full_while_writing_a_segment_leaves_the_old_version_live(tmp_path, monkeypatch):
+    store = filled_store(tmp_path)
+    store.add(make_nodes(unit_rows(np.random.default_rng(5), 10, DIM), prefix="new"))
+
+    def disk_full(path, rows):
+        assert (path.parent / "vectors.faiss").stat().st_size > 0  # the vectors are written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(NodeStore, "write_file", staticmethod(disk_full))
+    with pytest.raises(OSError, match="No space"):
+        store.persist()
+    assert current_version(store.path) == 2
+    assert [p.name for p in (store.path / "segments").iterdir()] == [store.manifest.segments[0].name]
+    assert FaissVectorStore.open(store.path).count == 800
+    monkeypatch.undo()
+    assert store.persist() == 3  # the store itself is still usable and lost nothing
+    assert FaissVectorStore.open(store.path).count == 810
+
+
+def test_disk_full_while_writing_tombstones_leaves_the_old_version_live(tmp_path, monkeypatch):
+    from indexes import segments
+
     store = filled_store(tmp_path)
     store.delete("doc0")
 
-    def disk_full(self, path):
-        assert (path.parent / "index.faiss").stat().st_size > 0  # the index file is written
+    def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(NodeStore, "save", disk_full)
+    monkeypatch.setattr(segments, "write_deletes", disk_full)
     with pytest.raises(OSError, match="No space"):
         store.persist()
     assert current_version(store.path) == 2
     assert sorted(p.name for p in (store.path / "versions").iterdir()) == ["v000001", "v000002"]
     assert FaissVectorStore.open(store.path).count == 800
     monkeypatch.undo()
-    assert store.persist() == 3  # the store itself is still usable
+    assert store.persist() == 3
     assert FaissVectorStore.open(store.path).count == 720
 
 
@@ -182,7 +229,7 @@ def test_failure_while_switching_current_leaves_no_orphan(tmp_path, monkeypatch)
     assert FaissVectorStore.open(store.path).count == 800
 
 
-def test_open_loads_everything_so_the_version_can_be_collected(tmp_path):
+def test_an_open_reader_keeps_serving_after_its_version_is_collected(tmp_path):
     store = filled_store(tmp_path)
     reader = FaissVectorStore.open(store.path)
     for _ in range(3):

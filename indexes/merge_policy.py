@@ -1,0 +1,86 @@
+"""Which segments to merge: a log-structured policy in the spirit of Lucene's merge policies.
+
+Every commit adds a small segment, so without merges an index that takes ten documents a
+minute would soon hold thousands of tiny segments, and every query would visit each. The
+policy groups segments into *levels* by live rows (level L holds ``floor * factor**L`` rows
+or fewer) and merges a run of ``segments_per_level`` neighbouring segments of one level into
+one segment of the next. Each row is therefore rewritten about once per level (log of the
+index size, amortised), and no level holds more than ``segments_per_level - 1`` segments in a
+row. Only neighbours merge (as Lucene's ``LogMergePolicy`` and tantivy's do), which keeps the
+rows of every segment in ascending id order. A segment whose deleted rows exceed
+``max_deleted_fraction`` is rewritten alone to reclaim them (Lucene's ``deletesPctAllowed``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SegmentSize:
+    """What the policy needs to know of a segment."""
+
+    rows: int
+    deleted: int
+
+    @property
+    def live(self) -> int:
+        """Rows a merge would keep."""
+        return self.rows - self.deleted
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    """Levels, fan-in and limits; the defaults keep a 1M-row index at a few dozen segments."""
+
+    segments_per_level: int = 10
+    floor_rows: int = 2_000
+    factor: int = 10
+    max_merged_rows: int = 2_000_000
+    max_deleted_fraction: float = 0.2
+
+    def level(self, segment: SegmentSize) -> int:
+        """The level of a segment by its live rows."""
+        rows = max(segment.live, self.floor_rows)
+        return math.ceil(math.log(rows / self.floor_rows, self.factor) - 1e-9)
+
+    def select(self, segments: Sequence[SegmentSize]) -> list[list[int]]:
+        """Runs of neighbouring segment positions to merge, each into one segment (disjoint)."""
+        merges: list[list[int]] = []
+        taken: set[int] = set()
+        position = 0
+        while position < len(segments):
+            level = self.level(segments[position])
+            end = position
+            while end < len(segments) and self.level(segments[end]) == level:
+                end += 1
+            run = list(range(position, end))
+            while len(run) >= self.segments_per_level:
+                batch = run[: self.segments_per_level]
+                if sum(segments[i].live for i in batch) <= self.max_merged_rows:
+                    merges.append(batch)
+                    taken.update(batch)
+                run = run[self.segments_per_level :]
+            position = end
+        for i, segment in enumerate(segments):
+            if i not in taken and segment.deleted > self.max_deleted_fraction * segment.rows:
+                merges.append([i])
+        return sorted(merges)
+
+    def select_all(self, segments: Sequence[SegmentSize]) -> list[list[int]]:
+        """Merge everything (``htp-index compact``): neighbours up to ``max_merged_rows`` each,
+        so every deleted row is dropped and the segment count is as small as the limit allows."""
+        merges: list[list[int]] = []
+        batch: list[int] = []
+        rows = 0
+        for i, segment in enumerate(segments):
+            if batch and rows + segment.live > self.max_merged_rows:
+                merges.append(batch)
+                batch, rows = [], 0
+            batch.append(i)
+            rows += segment.live
+        if batch:
+            merges.append(batch)
+        return [m for m in merges if len(m) > 1 or segments[m[0]].deleted]

@@ -1,0 +1,59 @@
+"""Index maintenance a person runs: merge segments, migrate an old layout, verify every byte.
+
+Writers (`compact`, `migrate`) take the same writer lock as ingest and rebuild, so they never
+race one; `verify` only reads. None of them loads the encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from indexes import FaissVectorStore, IndexNotFoundError, verify
+
+from .lock import index_lock
+
+
+@dataclass(frozen=True)
+class CompactStats:
+    """What `compact_index` did."""
+
+    merges: int
+    segments_before: int
+    segments_after: int
+    deleted_rows_dropped: int
+    version: int
+
+
+def _open(index_dir: Path) -> FaissVectorStore:
+    if not FaissVectorStore.exists(index_dir):
+        raise IndexNotFoundError.at(index_dir)
+    return FaissVectorStore.open(index_dir, use_gpu=False)
+
+
+def compact_index(index_dir: Path, *, everything: bool = True, lock_timeout: float = 600.0) -> CompactStats:
+    """Merge the index's segments and drop deleted rows (all of them with ``everything``,
+    otherwise only the merges the policy has due), committing one new version."""
+    with index_lock(index_dir, lock_timeout):
+        store = _open(index_dir)
+        before = store.segment_count
+        deleted = store.manifest.tombstones if store.manifest else 0
+        merges = store.compact(everything=everything)
+        version = store.persist() if merges else store.version
+        after_deleted = store.manifest.tombstones if store.manifest else 0
+        return CompactStats(merges, before, store.segment_count, deleted - after_deleted, version)
+
+
+def migrate_index(index_dir: Path, *, lock_timeout: float = 600.0) -> int | None:
+    """Rewrite an index of the format-1 layout as segments; returns the new version, or None
+    when the index already has segments."""
+    with index_lock(index_dir, lock_timeout):
+        manifest = FaissVectorStore.read_manifest(index_dir)
+        if manifest.format_version >= 2:
+            return None
+        return _open(index_dir).migrate()
+
+
+def verify_index(index_dir: Path, version: int | None = None) -> dict[str, int]:
+    """Hash every file the live version (or ``version``) names against its manifest."""
+    return verify(index_dir, version)

@@ -1,0 +1,218 @@
+"""Segments: the properties that make every cost follow the change instead of the index size,
+checked structurally (files written, inodes, reads) rather than by timing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from indexes_fixtures import ENCODER, make_nodes, new_store, unit_rows
+from llama_index.core.vector_stores.types import VectorStoreQuery, VectorStoreQueryMode
+
+from indexes import FaissVectorStore, IndexConflictError, MergePolicy
+from indexes.docstore import NodeStore
+from indexes.merge_policy import SegmentSize
+
+DIM = 16
+
+
+def texts_nodes(rng: np.random.Generator, n: int, prefix: str = "n", docs: int | None = None):
+    words = [f"w{i}" for i in range(60)] + ["apple", "river", "stone", "violin", "nickel"]
+    nodes = make_nodes(unit_rows(rng, n, DIM), prefix=prefix, docs=docs)
+    for i, node in enumerate(nodes):
+        size = int(rng.integers(4, 16))
+        node.text = " ".join(rng.choice(words, size=size)) + f" token{prefix}{i}"
+    return nodes
+
+
+def files_under(root: Path) -> dict[str, tuple[int, int]]:
+    """relative path -> (inode, size) of every file of an index directory."""
+    found = {}
+    for path in root.rglob("*"):
+        if path.is_file():
+            stat = path.stat()
+            found[path.relative_to(root).as_posix()] = (stat.st_ino, stat.st_size)
+    return found
+
+
+def test_a_commit_of_ten_nodes_writes_a_ten_row_segment_and_touches_nothing_else(tmp_path):
+    rng = np.random.default_rng(0)
+    store = new_store(tmp_path, DIM)
+    store.add(texts_nodes(rng, 3000, docs=30))
+    store.persist()
+    before = files_under(store.path)
+    store.add(texts_nodes(rng, 10, prefix="new"))
+    store.persist()
+    after = files_under(store.path)
+    for name, (inode, size) in before.items():
+        if name in after and name != "CURRENT":  # the pointer is the one file a commit rewrites  # nothing of the old version was rewritten, only added beside it
+            assert after[name] == (inode, size), name
+    new_files = sorted(set(after) - set(before))
+    new_segment = store.manifest.segments[-1]
+    assert new_segment.rows == 10
+    assert all(
+        name.startswith(f"segments/{new_segment.name}/") or name.startswith("versions/v000003/")
+        for name in new_files
+    ), new_files
+    written = sum(after[name][1] for name in new_files)
+    old_segment = sum(size for name, (_, size) in before.items() if name.startswith("segments/"))
+    assert written < old_segment / 20  # O(change): ten rows, not three thousand
+
+
+def test_unchanged_segments_are_the_same_files_in_every_version(tmp_path):
+    rng = np.random.default_rng(1)
+    store = new_store(tmp_path, DIM)
+    store.add(texts_nodes(rng, 500))
+    store.persist()
+    first = store.manifest.segments[0]
+    vectors = store.path / "segments" / first.name / "vectors.faiss"
+    inode = vectors.stat().st_ino
+    store.add(texts_nodes(rng, 5, prefix="b"))
+    store.delete_nodes(["n3"])
+    store.persist()
+    assert store.manifest.segments[0].name == first.name and store.manifest.segments[0].deleted == 1
+    assert vectors.stat().st_ino == inode
+    old = FaissVectorStore.open(store.path, version=2)
+    new = FaissVectorStore.open(store.path)
+    assert old.count == 500 and new.count == 504
+    assert old._segments[0].reader is new._segments[0].reader  # one open copy per process
+
+
+def test_opening_reads_no_node_rows(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    store = new_store(tmp_path, DIM)
+    store.add(texts_nodes(rng, 800, docs=8))
+    store.persist()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("open read node rows")
+
+    for name in ("rows", "iter_rows", "select_faiss_ids", "faiss_ids_for_nodes", "doc_hashes"):
+        monkeypatch.setattr(NodeStore, name, refuse)
+    reopened = FaissVectorStore.open(store.path)
+    assert reopened.count == 800
+    monkeypatch.undo()
+    assert len(reopened.search(unit_rows(rng, 1, DIM), 3)[0]) == 3
+
+
+def test_three_kept_versions_of_small_commits_take_little_more_disk_than_one(tmp_path):
+    rng = np.random.default_rng(3)
+    store = new_store(tmp_path, DIM, keep_versions=3)
+    store.add(texts_nodes(rng, 4000, docs=40))
+    store.persist()
+    one = sum(size for _, size in files_under(store.path).values())
+    for round_ in range(4):
+        store.add(texts_nodes(rng, 10, prefix=f"r{round_}_"))
+        store.delete("doc1" if round_ == 0 else f"doc{round_ + 5}")
+        store.persist()
+    kept = sorted(p.name for p in (store.path / "versions").iterdir())
+    assert len(kept) == 3
+    three = sum(size for _, size in files_under(store.path).values())
+    assert three <= 1.2 * one
+
+
+def test_space_is_freed_when_no_kept_version_names_a_segment(tmp_path):
+    rng = np.random.default_rng(4)
+    store = new_store(tmp_path, DIM, keep_versions=2)
+    for round_ in range(3):
+        store.add(texts_nodes(rng, 50, prefix=f"r{round_}_"))
+        store.persist()
+    assert store.segment_count == 3
+    assert store.compact(everything=True) == 1
+    store.persist()
+    (merged,) = store.manifest.segments
+    assert (store.path / "segments").is_dir() and len(list((store.path / "segments").iterdir())) == 4
+    store.add(texts_nodes(rng, 1, prefix="last"))
+    store.persist()  # the version naming the three small segments is no longer kept
+    names = {p.name for p in (store.path / "segments").iterdir()}
+    assert merged.name in names and len(names) == 2
+
+
+def test_a_second_writer_gets_a_conflict_and_the_first_writers_node_is_kept(tmp_path):
+    rng = np.random.default_rng(5)
+    store = new_store(tmp_path, DIM)
+    store.add(texts_nodes(rng, 20))
+    store.persist()
+    first = FaissVectorStore.open(store.path)
+    second = FaissVectorStore.open(store.path)
+    first.add(texts_nodes(rng, 1, prefix="first"))
+    second.add(texts_nodes(rng, 1, prefix="second"))
+    first.persist()
+    with pytest.raises(IndexConflictError, match="moved to version 3"):
+        second.persist()
+    reopened = FaissVectorStore.open(store.path)
+    assert reopened.count == 21 and reopened.get_nodes(["first0"])
+
+
+def test_many_small_commits_stay_a_bounded_number_of_segments(tmp_path):
+    rng = np.random.default_rng(6)
+    policy = MergePolicy(segments_per_level=4, floor_rows=10)
+    store = FaissVectorStore.create(tmp_path / "idx", dim=DIM, encoder=ENCODER, merge_policy=policy)
+    for round_ in range(40):
+        store.add(texts_nodes(rng, 5, prefix=f"r{round_}_"))
+        store.persist()
+        assert store.segment_count < 3 * policy.segments_per_level
+    assert store.count == 200
+    assert FaissVectorStore.open(store.path).count == 200
+
+
+def test_keyword_scores_do_not_depend_on_how_rows_fall_into_segments(tmp_path):
+    rng = np.random.default_rng(7)
+    nodes = texts_nodes(rng, 300)
+    one = new_store(tmp_path / "one", DIM)
+    one.add(nodes)
+    one.persist()
+    many = FaissVectorStore.create(
+        tmp_path / "many", dim=DIM, encoder=ENCODER, merge_policy=MergePolicy(segments_per_level=100)
+    )
+    for start in range(0, 300, 30):
+        many.add(nodes[start : start + 30])
+        many.persist()
+    assert one.segment_count == 1 and many.segment_count > 1
+    for text in ["apple river", "violin nickel laser", "tokenn17 stone w3"]:
+        query = VectorStoreQuery(query_str=text, similarity_top_k=10, mode=VectorStoreQueryMode.SPARSE)
+        a, b = one.query(query), many.query(query)
+        assert np.allclose(a.similarities, b.similarities, rtol=1e-6) and a.similarities[0] > 1
+        same = dict(zip(a.ids, a.similarities, strict=True))
+        for node_id, score in zip(b.ids, b.similarities, strict=True):
+            assert node_id not in same or same[node_id] == pytest.approx(score, rel=1e-6)
+
+
+def test_merge_policy_merges_neighbours_of_one_level_and_rewrites_deleted_heavy_ones():
+    policy = MergePolicy(segments_per_level=3, floor_rows=10, factor=10)
+    tiny = SegmentSize(rows=5, deleted=0)
+    big = SegmentSize(rows=1000, deleted=0)
+    assert policy.select([big, tiny, tiny, tiny]) == [[1, 2, 3]]
+    assert policy.select([tiny, tiny, big, tiny]) == []  # not neighbours
+    assert policy.select([SegmentSize(rows=1000, deleted=300), tiny]) == [[0]]
+    assert policy.select_all([big, tiny, SegmentSize(rows=5, deleted=5)]) == [[0, 1, 2]]
+
+
+def test_a_crash_between_publishing_segments_and_the_switch_leaves_no_orphan_after_the_next_commit(
+    tmp_path, monkeypatch
+):
+    from indexes import persist
+
+    rng = np.random.default_rng(8)
+    store = new_store(tmp_path, DIM)
+    store.add(texts_nodes(rng, 30))
+    store.persist()
+    store.add(texts_nodes(rng, 5, prefix="x"))
+
+    def power_cut(root, version):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(persist, "switch_current", power_cut)
+    with pytest.raises(OSError, match="power cut"):
+        store.persist()
+    monkeypatch.undo()
+    assert FaissVectorStore.open(store.path).count == 30
+    assert store.persist() == 3  # the writer retries with what it held: nothing was lost
+    assert FaissVectorStore.open(store.path).count == 35
+    named = {s.name for s in store.manifest.segments}
+    on_disk = {p.name for p in (store.path / "segments").iterdir()}
+    assert on_disk == named
+    assert not [p for p in store.path.rglob("*.tmp")]
+    assert sorted(os.listdir(store.path / "versions")) == ["v000001", "v000002", "v000003"]
