@@ -302,22 +302,31 @@ def serve(
 
 
 @app.command()
-def info(index: IndexOpt, as_json: JsonOpt = False) -> None:
-    """Show an index's live version, size, kind, encoder, query modes and vector correction
-    (with how far the stored vectors have drifted from it)."""
+def info(
+    index: IndexOpt,
+    as_json: JsonOpt = False,
+    drift: Annotated[bool, typer.Option("--drift", help="also read up to 100,000 stored vectors to measure how far they drifted from the vector correction")] = False,
+) -> None:
+    """Show an index's live version, size, kind, encoder, segments and vector correction, read
+    from its manifest alone (nothing else is loaded; --drift reads stored vectors too)."""
     from indexes import FaissVectorStore
 
     try:
         manifest = FaissVectorStore.read_manifest(index)
-        store = FaissVectorStore.open(index, use_gpu=False)
+        store = FaissVectorStore.open(index, use_gpu=False) if drift else None
+        correction = _manifest_correction(index, manifest)
     except Exception as exc:
         raise _fail(exc) from exc
-    summary = {
+    summary: dict[str, Any] = {
         "count": manifest.count, "dim": manifest.dim, "version": manifest.version,
         "index_kind": manifest.index_kind, "metric": manifest.metric, "encoder": manifest.encoder,
-        "created_at": manifest.created_at, "query_modes": store.query_modes,
-        "correction": store.correction_summary(), "correction_drift": store.correction_drift(),
+        "created_at": manifest.created_at, "format": manifest.format_version,
+        "segments": len(manifest.segments), "deleted_rows": manifest.tombstones,
+        "query_modes": ["dense", "sparse", "hybrid"], "correction": correction,
+        "dtype_auto": _dtype_auto(manifest.dim),
     }
+    if store is not None:
+        summary["correction_drift"] = store.correction_drift()
     if as_json:
         out.print_json(json.dumps(summary))
         return
@@ -325,10 +334,93 @@ def info(index: IndexOpt, as_json: JsonOpt = False) -> None:
     for key, value in summary.items():
         table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
     out.print(table)
-    if not store.has_sparse:
-        out.print(f"[yellow]no keyword index[/yellow]: add it with `htp-index rebuild --index {index} --keep-vectors`")
-    if store.correction is None and store.count:
+    if manifest.format_version < 2:
+        out.print(f"[yellow]old layout[/yellow] (a full copy per version): `htp-index migrate --index {index}` rewrites it as segments")
+    if correction is None and manifest.count:
         out.print(f"[yellow]no vector correction[/yellow]: fit one with `htp-index rebuild --index {index} --keep-vectors`")
+
+
+def _dtype_auto(dim: int) -> dict[str, Any]:
+    """What dtype 'auto' runs queries in on this CPU, and why: the decision measured and cached
+    at the encoder's first load here (read from the cache only; nothing is measured)."""
+    from htp_embed.precision import cached_decisions_here, cpu_model
+
+    found = cached_decisions_here(dim)
+    if not found:
+        return {"cpu": cpu_model(), "decision": "not measured yet on this CPU: the first query or "
+                "ingest measures it (well under a second) and caches it"}
+    return {"cpu": cpu_model(), "decisions": found}
+
+
+def _manifest_correction(index: Path, manifest: Any) -> dict[str, Any] | None:
+    """The correction summary from the version's small correction.json (no vectors read)."""
+    from indexes import persist
+    from indexes.correction import VectorCorrection
+
+    path = persist.version_dir(index, manifest.version) / persist.CORRECTION_NAME
+    if manifest.correction is None and persist.CORRECTION_NAME not in manifest.files:
+        return None
+    return VectorCorrection.load(path).summary()
+
+
+@app.command()
+def verify(
+    index: IndexOpt,
+    version: Annotated[int | None, typer.Option(help="check this version instead of the live one")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read every file of the live version (segments, tombstones, document log, correction)
+    and check it against the sha256 its manifest recorded when it was written. Opening an
+    index checks only sizes; run this after a disk or copy problem. Exit 1 names a bad file."""
+    from pipelines.maintenance import verify_index
+
+    try:
+        checked = verify_index(index, version)
+    except Exception as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        out.print_json(json.dumps({"ok": True, **checked}))
+    else:
+        out.print(f"ok: {checked['files']} files, {checked['bytes']:,} bytes match their checksums")
+
+
+@app.command()
+def compact(
+    index: IndexOpt,
+    due_only: Annotated[bool, typer.Option("--due-only", help="run only the merges the merge policy has due (what ingest does) instead of merging everything")] = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Merge the index's segments and drop deleted rows, as one new version (the old one
+    serves until the switch). Ingest already merges small segments when the policy asks."""
+    _setup(verbose)
+    from pipelines.maintenance import compact_index
+
+    try:
+        stats = compact_index(index, everything=not due_only)
+    except Exception as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        out.print_json(json.dumps(stats.__dict__))
+    else:
+        out.print(
+            f"{stats.merges} merge(s): {stats.segments_before} -> {stats.segments_after} segments, "
+            f"{stats.deleted_rows_dropped} deleted rows dropped; live version {stats.version}"
+        )
+
+
+@app.command()
+def migrate(index: IndexOpt, verbose: VerboseOpt = False) -> None:
+    """Rewrite an index of the old layout (a full copy per version) as segments now; the next
+    write would do it anyway. Older versions stay readable until they are collected."""
+    _setup(verbose)
+    from pipelines.maintenance import migrate_index
+
+    try:
+        version = migrate_index(index)
+    except Exception as exc:
+        raise _fail(exc) from exc
+    out.print("already in the segment layout" if version is None else f"migrated: version {version} is live")
 
 
 @app.command()

@@ -133,7 +133,7 @@ def test_cli_query_modes_and_info(tiny_model_dir, tmp_path, monkeypatch):
         assert json.loads(result.stdout)["results"][0]["doc_id"] == "night.txt" or mode == "dense"
     bad = runner.invoke(app, ["query", "x", "--index", "idx", "--mode", "fuzzy"])
     assert bad.exit_code == 2
-    info = json.loads(runner.invoke(app, ["info", "--index", "idx", "--json"]).stdout)
+    info = json.loads(runner.invoke(app, ["info", "--index", "idx", "--json", "--drift"]).stdout)
     assert info["query_modes"] == ["dense", "sparse", "hybrid"]
     assert info["correction"]["fitted_on"] == info["count"]
     assert abs(info["correction_drift"]["drift"]) < 1e-3

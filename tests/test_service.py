@@ -181,7 +181,10 @@ def test_a_corrupt_new_version_is_reported_and_the_old_one_keeps_serving(index_d
         first = client.get("/health").json()
         (tmp_path / "src" / "new.txt").write_text("protein binds receptor .")
         stats = ingest(tmp_path / "src", index_dir, settings_for(embedding), embedding=embedding)
-        damaged = index_dir / "versions" / f"v{stats.version:06d}" / "index.faiss"
+        from indexes import read_manifest
+
+        newest = read_manifest(index_dir).segments[-1]  # the segment this ingest wrote
+        damaged = index_dir / "segments" / newest.name / "vectors.faiss"
         damaged.write_bytes(damaged.read_bytes()[:-10])
         deadline = time.time() + 10
         while client.get("/health").json()["status"] == "ok" and time.time() < deadline:
@@ -189,7 +192,7 @@ def test_a_corrupt_new_version_is_reported_and_the_old_one_keeps_serving(index_d
         time.sleep(0.5)  # several more watcher rounds: the failure is logged once, not each round
         health = client.get("/health").json()
         assert health["status"] == "stale" and health["version"] == first["version"]
-        assert health["newer_version"] == stats.version and "index.faiss" in health["newer_version_error"]
+        assert health["newer_version"] == stats.version and "vectors.faiss" in health["newer_version_error"]
         assert client.post("/query", json={"query": "the cat", "top_k": 2}).status_code == 200
         assert sum("cannot load version" in r.getMessage() for r in caplog.records) == 1
 

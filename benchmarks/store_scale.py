@@ -1,0 +1,264 @@
+"""Store costs against index size: open, +10 nodes, query latency, recall, disk, memory.
+
+For each N (default 10k and 100k; ``--sizes 10000 100000 1000000``) an index of N nodes is
+built through the public store API, as ingest builds one: batches of ``--batch`` nodes, one
+persist each (so the merge policy runs as it does in production), 640-d clustered float32
+vectors and real texts (sentences of SciFact abstracts when ../shared/data is there, else
+synthetic words). Then, in a fresh process (nothing cached), it measures:
+
+* open time; resident memory after open and peak;
+* adding 10 nodes and persisting (a commit of ten nodes);
+* p50/p95 of dense, keyword and hybrid queries (top 10; SciFact queries, or synthetic);
+* dense recall@10 against exact search (faiss.knn over every vector);
+* disk use with three versions kept (after three small commits) against one.
+
+Results go to benchmarks/results/store_scale.{json,md}. Targets (issue 19, at 1M on 2 cores):
+open <= 3 s, +10 nodes <= 1 s, keyword p50 <= 20 ms, hybrid p50 <= 30 ms, recall >= 0.95,
+3 versions <= 1.2x one, peak RSS <= 1.5x vectors + 0.5 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
+RESULTS = ROOT / "benchmarks" / "results"
+DIM = 640
+ENCODER = {"model": "synthetic", "dim": DIM}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (figures mean little without it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def sentences() -> list[str]:
+    """Real sentences to make texts of (SciFact when present)."""
+    corpus = SCIFACT / "corpus.jsonl"
+    if corpus.is_file():
+        out = []
+        for line in corpus.read_text(encoding="utf-8").splitlines():
+            text = json.loads(line)["text"]
+            out.extend(s.strip() for s in text.split(". ") if len(s.split()) > 4)
+        return out
+    rng = np.random.default_rng(0)
+    words = [f"term{i}" for i in range(20_000)]
+    return [" ".join(rng.choice(words, size=int(rng.integers(8, 30)))) for _ in range(50_000)]
+
+
+def queries(n: int) -> list[str]:
+    """Query texts (SciFact queries when present)."""
+    path = SCIFACT / "queries.jsonl"
+    if path.is_file():
+        return [json.loads(line)["text"] for line in path.read_text().splitlines()][:n]
+    pool = sentences()
+    return [pool[i * 7 % len(pool)] for i in range(n)]
+
+
+def clustered(rng: np.random.Generator, n: int, centres: np.ndarray) -> np.ndarray:
+    """Unit vectors around random centres: clustered like real embeddings."""
+    labels = rng.integers(0, len(centres), size=n)
+    x = centres[labels] + 0.35 * rng.standard_normal((n, DIM)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def build(path: Path, n: int, batch: int) -> None:
+    """An index of ``n`` nodes, ``batch`` nodes per persist."""
+    from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
+
+    from indexes import FaissVectorStore
+
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((256, DIM)).astype(np.float32)
+    pool = sentences()
+    store = FaissVectorStore.create(path, dim=DIM, encoder=ENCODER, use_gpu=False)
+    began = time.perf_counter()
+    for start in range(0, n, batch):
+        count = min(batch, n - start)
+        x = clustered(rng, count, centres)
+        picks = rng.integers(0, len(pool), size=(count, 8))
+        nodes = [
+            TextNode(
+                id_=f"n{start + i}",
+                text=" ".join(pool[j] for j in picks[i]),
+                metadata={"doc_id": f"d{(start + i) // 4}"},
+                relationships={NodeRelationship.SOURCE: RelatedNodeInfo(node_id=f"d{(start + i) // 4}")},
+            )
+            for i in range(count)
+        ]
+        store.add(nodes, embeddings=x)
+        store.persist()
+        print(f"  built {start + count:,}/{n:,} ({time.perf_counter() - began:.0f} s, "
+              f"{store.segment_count} segments)", flush=True)
+    np.save(path / "centres.npy", centres)
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of every file under ``path``."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def rss_mib() -> float:
+    """Resident memory now."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure(path: Path, n_queries: int) -> dict:
+    """Run in a fresh process: everything the table reports for one index."""
+    import faiss
+    from llama_index.core.schema import TextNode
+    from llama_index.core.vector_stores.types import VectorStoreQuery, VectorStoreQueryMode
+
+    from indexes import FaissVectorStore
+
+    rng = np.random.default_rng(2)
+    centres = np.load(path / "centres.npy")
+    one_version = disk_bytes(path)
+    rss_before = rss_mib()
+    began = time.perf_counter()
+    store = FaissVectorStore.open(path, use_gpu=False)
+    open_s = time.perf_counter() - began
+    rss_open = rss_mib()
+    texts = queries(n_queries)
+    xq = clustered(rng, len(texts), centres)
+    lat: dict[str, list[float]] = {"dense": [], "sparse": [], "hybrid": []}
+    modes = {"dense": VectorStoreQueryMode.DEFAULT, "sparse": VectorStoreQueryMode.SPARSE,
+             "hybrid": VectorStoreQueryMode.HYBRID}
+    dense_ids = []
+    for text, vec in zip(texts, xq, strict=True):
+        for name, mode in modes.items():  # interleaved, so noise hits every mode alike
+            query = VectorStoreQuery(query_embedding=vec.tolist(), query_str=text,
+                                     similarity_top_k=10, mode=mode)
+            t = time.perf_counter()
+            result = store.query(query)
+            lat[name].append((time.perf_counter() - t) * 1000)
+            if name == "dense":
+                dense_ids.append(result.ids)
+    # exact ground truth over every stored vector, streamed
+    heap = faiss.ResultHeap(len(xq), 10, keep_max=True)
+    names: list[str] = []
+    for node_id, vector in _batches(store):
+        base = len(names)
+        names.extend(node_id)
+        d, i = faiss.knn(xq, vector, 10, metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(d, np.where(i >= 0, i + base, -1))
+    heap.finalize()
+    truth = [[names[j] for j in row if j >= 0] for row in heap.I]
+    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(dense_ids, truth, strict=True)]))
+    persist_s = []
+    for round_ in range(3):
+        x = clustered(rng, 10, centres)
+        nodes = [TextNode(id_=f"extra{round_}_{i}", text=texts[i % len(texts)]) for i in range(10)]
+        t = time.perf_counter()
+        store.add(nodes, embeddings=x)
+        store.persist()
+        persist_s.append(time.perf_counter() - t)
+    three_versions = disk_bytes(path)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def pct(values: list[float], q: float) -> float:
+        return float(np.percentile(values, q))
+    return {
+        "open_s": open_s,
+        "add10_persist_s": float(np.median(persist_s)),
+        **{f"{m}_p50_ms": pct(v, 50) for m, v in lat.items()},
+        **{f"{m}_p95_ms": pct(v, 95) for m, v in lat.items()},
+        "recall_at_10": recall,
+        "disk_one_version_bytes": one_version,
+        "disk_three_versions_ratio": three_versions / one_version,
+        "rss_after_open_mib": rss_open - rss_before,
+        "peak_rss_mib": peak,
+        "vectors_mib": store.count * DIM * 4 / 2**20,
+        "segments": store.segment_count,
+        "count": store.count,
+    }
+
+
+def _batches(store, size: int = 65_536):
+    ids, vecs = [], []
+    for node_id, vector in store.iter_embeddings(batch_size=4096):
+        ids.append(node_id)
+        vecs.append(vector)
+        if len(ids) == size:
+            yield ids, np.asarray(vecs, dtype=np.float32)
+            ids, vecs = [], []
+    if ids:
+        yield ids, np.asarray(vecs, dtype=np.float32)
+
+
+def table(rows: list[dict]) -> str:
+    """The Markdown table of the results."""
+    head = ("| nodes | segments | open | +10 nodes | dense p50/p95 | keyword p50/p95 | hybrid p50/p95 "
+            "| recall@10 | disk 3 versions | RSS after open | peak RSS (vectors) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = [
+        f"| {r['count']:,} | {r['segments']} | {r['open_s']:.2f} s | {r['add10_persist_s']:.2f} s "
+        f"| {r['dense_p50_ms']:.1f} / {r['dense_p95_ms']:.1f} ms "
+        f"| {r['sparse_p50_ms']:.1f} / {r['sparse_p95_ms']:.1f} ms "
+        f"| {r['hybrid_p50_ms']:.1f} / {r['hybrid_p95_ms']:.1f} ms | {r['recall_at_10']:.3f} "
+        f"| {r['disk_three_versions_ratio']:.2f}x | {r['rss_after_open_mib']:.0f} MiB "
+        f"| {r['peak_rss_mib']:.0f} MiB ({r['vectors_mib']:.0f}) |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--batch", type=int, default=20_000, help="nodes per persist while building")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--workdir", type=Path, default=None, help="where indexes are built (temporary)")
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure is not None:
+        print(json.dumps(measure(args.measure, args.queries)))
+        return
+    work = Path(tempfile.mkdtemp(prefix="store-scale-", dir=args.workdir))
+    rows = []
+    try:
+        for n in args.sizes:
+            path = work / f"n{n}"
+            print(f"building {n:,} nodes in {path}", flush=True)
+            build(path, n, args.batch)
+            child = subprocess.run(
+                [sys.executable, __file__, "--measure", str(path), "--queries", str(args.queries)],
+                check=True, capture_output=True, text=True,
+            )
+            row = json.loads(child.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row, indent=1), flush=True)
+            shutil.rmtree(path, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"cpu": cpu_model(), "cores": os.cpu_count(), "dim": DIM, "batch": args.batch}
+    (RESULTS / "store_scale.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2))
+    md = (f"# Store costs against index size\n\n{meta['cpu']}, {meta['cores']} cores; {DIM}-d "
+          f"clustered vectors, real texts, built {args.batch:,} nodes per persist; measured in a "
+          f"fresh process (`python benchmarks/store_scale.py --sizes ...`).\n\n" + table(rows))
+    (RESULTS / "store_scale.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
