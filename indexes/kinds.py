@@ -39,7 +39,8 @@ import numpy as np
 
 from .spec import IndexParams, IndexSpec, Metric
 
-NAMED_KINDS = ("flat", "hnsw", "ivf_flat", "ivf_pq")
+NAMED_KINDS = ("auto", "flat", "hnsw", "ivf_flat", "ivf_pq")
+"""``auto``: flat segments, IVF once a segment is large (see `indexes.ann`)."""
 POINTS_PER_CENTROID = 39
 MIN_NLIST = 16
 MIN_PQ_NBITS = 4
@@ -146,7 +147,7 @@ def factory_string(spec: IndexSpec, n_train: int) -> str:
     """The FAISS factory string built for `spec` when trained on `n_train` vectors."""
     p: IndexParams = spec.params
     kind = spec.index_kind.lower()
-    if kind == "flat":
+    if kind in ("flat", "auto"):  # auto's large segments are built by indexes.ann
         return "IDMap2,Flat"
     if kind == "hnsw":
         return f"IDMap2,HNSW{p.hnsw_m}"

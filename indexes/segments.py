@@ -38,7 +38,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from . import gpu, keywords, kinds
+from . import ann, gpu, keywords, kinds
 from .docstore import NodeRow, NodeStore
 from .errors import IndexCorruptedError
 from .spec import FileRecord, IndexSpec, SegmentRecord
@@ -92,11 +92,14 @@ def write_segment(
     *,
     texts: Sequence[str] | None = None,
     keyword_parts: Sequence[tuple[keywords.KeywordSegment, np.ndarray]] | None = None,
+    shared_centroids: np.ndarray | None = None,
 ) -> WrittenSegment:
     """Write one segment of ``rows`` (ascending ``ids``, one vector each) into a staging folder.
 
     Keyword postings come from ``texts`` (analysed here) or, for a merge, from the postings
     of the merged segments (``keyword_parts``: segment and kept local rows, in id order).
+    A large segment of kind ``auto`` becomes IVF, reusing ``shared_centroids`` (the index's
+    quantizer) when given (see `indexes.ann`).
     Every file is fsynced and checksummed now: nobody hashes it again until ``verify``.
     """
     ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -108,7 +111,9 @@ def write_segment(
     base.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=base))
     try:
-        record = _write_files(staging, spec, ids, vectors, rows, texts, keyword_parts)
+        record = _write_files(
+            staging, spec, ids, vectors, rows, texts, keyword_parts, shared_centroids
+        )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a failed write leaves nothing behind
         raise
@@ -124,12 +129,19 @@ def _write_files(
     rows: Iterable[NodeRow],
     texts: Sequence[str] | None,
     keyword_parts: Sequence[tuple[keywords.KeywordSegment, np.ndarray]] | None,
+    shared_centroids: np.ndarray | None,
 ) -> SegmentRecord:
     name = f"seg-{int(ids[0]):012d}-{secrets.token_hex(4)}"
-    # Small segments stay exact until a merge makes them big enough to train the kind on.
-    index = VectorIndex.empty(segment_spec(spec))
-    index.add(ids, np.ascontiguousarray(vectors, dtype=np.float32))
-    faiss.write_index(index.index, str(staging / VECTORS_FILE))
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if ann.wants_ivf(spec, len(ids)):
+        ivf, _ = ann.build_ivf(spec, ids, x, shared_centroids)
+        structure, trained, faiss_index = kinds.describe(ivf), True, ivf
+    else:
+        # Small segments stay exact until a merge makes them big enough to train the kind on.
+        index = VectorIndex.empty(segment_spec(spec))
+        index.add(ids, x)
+        structure, trained, faiss_index = index.structure, index.trained, index.index
+    faiss.write_index(faiss_index, str(staging / VECTORS_FILE))
     with open(staging / IDS_FILE, "wb") as fh:
         np.save(fh, ids)
     written: list[str] = []
@@ -159,8 +171,8 @@ def _write_files(
         rows=len(ids),
         min_id=int(ids[0]),
         max_id=int(ids[-1]),
-        structure=index.structure,
-        trained=index.trained,
+        structure=structure,
+        trained=trained,
         files={n: file_record(staging / n) for n in names},
     )
     return record

@@ -45,6 +45,13 @@ class IndexParams(BaseModel):
     retrain_growth: float = Field(
         4.0, gt=1.0, description="re-train IVF when the count grew by this factor since training"
     )
+    auto_ivf_rows: int = Field(
+        16_384, ge=1, description="kind 'auto': segments with this many rows are written as IVF"
+    )
+    auto_target_recall: float = Field(
+        0.97, gt=0.0, le=1.0, description="kind 'auto': recall@10 an IVF segment's nprobe is "
+        "calibrated to reach against exact search"
+    )
     exact_filter_threshold: int = Field(
         2048, ge=0, description="filters allowing at most this many vectors search exactly"
     )
@@ -57,7 +64,7 @@ class IndexSpec(BaseModel):
 
     dim: int = Field(ge=1)
     metric: Metric = "ip"
-    index_kind: str = "flat"
+    index_kind: str = "auto"
     params: IndexParams = IndexParams()
 
     @field_validator("index_kind")

@@ -60,7 +60,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQueryResult,
 )
 
-from . import doclog, fusion, gpu, keywords, kinds, legacy, persist, segments
+from . import ann, doclog, fusion, gpu, keywords, kinds, legacy, persist, segments
 from .correction import VectorCorrection
 from .docstore import NodeRow
 from .errors import (
@@ -174,7 +174,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         dim: int,
         encoder: dict[str, Any],
         metric: Metric = "ip",
-        index_kind: str = "flat",
+        index_kind: str = "auto",
         params: IndexParams | dict[str, Any] | None = None,
         use_gpu: gpu.UseGpu = "auto",
         gpus: gpu.GpuSelection = None,
@@ -691,12 +691,24 @@ class FaissVectorStore(BasePydanticVectorStore):
         if self._pending.count == 0:
             return
         ids, x, rows = self._pending.take()
-        written = segments.write_segment(self._root, self._spec, ids, x, rows)
+        written = segments.write_segment(
+            self._root, self._spec, ids, x, rows, shared_centroids=self._shared_centroids()
+        )
         self._segments.append(
             LiveSegment.of(written.reader, self._spec, self._placement, staging=written.staging)
         )
         self._pending.reset()
         self._dirty = True
+
+    def _shared_centroids(self) -> np.ndarray | None:
+        """The index's IVF quantizer: the centroids of its largest IVF segment (kind auto)."""
+        best = None
+        for segment in self._segments:
+            if faiss.try_extract_index_ivf(segment.reader.index) is not None and (
+                best is None or segment.reader.record.rows > best.reader.record.rows
+            ):
+                best = segment
+        return None if best is None else ann.centroids_of(best.reader.index)
 
     def _merge(self, plan: list[list[int]]) -> None:
         """Replace each group of neighbouring segments by one segment of their live rows."""
@@ -719,6 +731,7 @@ class FaissVectorStore(BasePydanticVectorStore):
                 x,
                 _live_rows(parts),
                 keyword_parts=keyword_parts,
+                shared_centroids=self._shared_centroids(),
             )
             merged[group[0]] = LiveSegment.of(
                 written.reader, self._spec, self._placement, staging=written.staging
@@ -941,20 +954,19 @@ class FaissVectorStore(BasePydanticVectorStore):
         if self._correction is not None:
             xq = self._correction.queries(xq)
         xq = np.ascontiguousarray(xq, dtype=np.float32)
-        heap = faiss.ResultHeap(len(xq), k, keep_max=self._spec.metric == "ip")
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
         if self._pending.count:
-            heap.add_result(*self._pending.search(xq, k, allowed, knobs))
+            parts.append(self._pending.search(xq, k, allowed, knobs))
         for segment in self._segments:
             subset = None if allowed is None else segment.live_ids(allowed)
             if subset is not None and len(subset) == 0:
                 continue
             assert segment.view is not None
-            scores, ids = segment.view.search(xq, k, subset, **knobs)
-            heap.add_result(scores, ids)
-        heap.finalize()
+            parts.append(segment.view.search(xq, k, subset, **knobs))
+        scores, ids = merge_top_k(parts, k, len(xq), larger_is_better=self._spec.metric == "ip")
         return [
             [(int(i), self._similarity(float(s))) for s, i in zip(srow, irow, strict=True) if i >= 0]
-            for srow, irow in zip(heap.D, heap.I, strict=True)
+            for srow, irow in zip(scores, ids, strict=True)
         ]
 
     def _keyword_hits(self, text: str, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
@@ -1133,6 +1145,25 @@ class FaissVectorStore(BasePydanticVectorStore):
             rows = self._pending.nodes.rows(pending)
             found.extend((i, rows[i].node_id) for i in pending if i in rows)
             return [node_id for _, node_id in sorted(found)]
+
+
+def merge_top_k(
+    parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int, nq: int, *, larger_is_better: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` of several (scores, ids) results per query row; missing results are -1.
+
+    In numpy rather than ``faiss.ResultHeap``: its heap operations open an OpenMP parallel
+    region per call, which cost 15 ms per single-query search on a busy 2-core machine."""
+    if not parts:
+        return np.zeros((nq, k), np.float32), np.full((nq, k), -1, np.int64)
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    worst = -np.inf if larger_is_better else np.inf
+    keyed = np.where(ids >= 0, scores, worst)
+    order = np.argsort(-keyed if larger_is_better else keyed, axis=1, kind="stable")[:, :k]
+    top_scores = np.take_along_axis(scores, order, axis=1)
+    top_ids = np.take_along_axis(ids, order, axis=1)
+    return top_scores, top_ids
 
 
 def _live_rows(parts: Sequence[LiveSegment]) -> Iterator[NodeRow]:

@@ -42,7 +42,11 @@ class Settings(BaseSettings):
     )
 
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    index_kind: str = Field("flat", description="flat, hnsw, ivf_flat, ivf_pq or a FAISS factory string")
+    index_kind: str = Field(
+        "auto",
+        description="auto (exact segments, IVF with a calibrated nprobe once a segment is large), "
+        "flat, hnsw, ivf_flat, ivf_pq or a FAISS factory string",
+    )
     metric: Literal["ip", "l2"] = "ip"
     use_gpu: Literal["auto"] | bool = Field("auto", description="FAISS on the GPU: 'auto' when one is visible, true or false")
     gpus: str | None = Field(

@@ -216,3 +216,58 @@ def test_a_crash_between_publishing_segments_and_the_switch_leaves_no_orphan_aft
     assert on_disk == named
     assert not [p for p in store.path.rglob("*.tmp")]
     assert sorted(os.listdir(store.path / "versions")) == ["v000001", "v000002", "v000003"]
+
+
+def test_auto_kind_makes_large_segments_ivf_with_shared_centroids_and_measured_recall(tmp_path, mixture):
+    import faiss
+
+    from indexes import ann
+
+    base, queries = mixture
+    store = FaissVectorStore.create(
+        tmp_path / "idx", dim=base.shape[1], encoder=ENCODER, params={"auto_ivf_rows": 2000},
+        merge_policy=MergePolicy(segments_per_level=100),
+    )
+    assert store.index_kind == "auto"
+    for start in range(0, 2500, 500):
+        store.add(make_nodes(base[start : start + 500], prefix=f"a{start}_"))
+        store.persist()
+    assert all("Flat" in s["structure"] and "IVF" not in s["structure"] for s in store.segment_summary())
+    store.compact(everything=True)  # one segment of 2,500 rows: large enough for IVF
+    store.add(make_nodes(base[2500:], prefix="b"))
+    store.compact(everything=False)
+    store.persist()
+    structures = [s["structure"] for s in store.segment_summary()]
+    assert structures[0] == "IndexIVFFlat"
+    first = ann.centroids_of(store._segments[0].reader.index)
+    # a second large segment copies the index's quantizer instead of training its own
+    second_rows = make_nodes(base[2500:4600], prefix="c")
+    store.delete_nodes([n.node_id for n in make_nodes(base[2500:], prefix="b")])
+    store.add(second_rows)
+    store.persist()
+    store.compact(everything=False)
+    big = [s for s in store._segments if s.reader.record.rows >= 2000]
+    ivf = [s for s in big if faiss.try_extract_index_ivf(s.reader.index) is not None]
+    assert len(ivf) == len(big) >= 1
+    for segment in ivf:
+        assert np.array_equal(ann.centroids_of(segment.reader.index), first)
+    # recall@10 of the whole index against exact search over what it holds
+    held = {node.node_id: node for node in store.all_nodes()}
+    vectors = dict(store.iter_embeddings())
+    names = sorted(vectors)
+    matrix = np.stack([vectors[n] for n in names])
+    _, exact = faiss.knn(queries, matrix, 10, metric=faiss.METRIC_INNER_PRODUCT)
+    got = store.search(queries, 10)
+    recall = np.mean([len({names[j] for j in row} & {h[0] for h in hits}) / 10 for row, hits in zip(exact, got, strict=True)])
+    assert recall >= 0.95 and len(held) == store.count
+
+
+def test_a_pinned_flat_kind_stays_exact_however_large_its_segments(tmp_path, mixture):
+    base, _ = mixture
+    store = FaissVectorStore.create(
+        tmp_path / "idx", dim=base.shape[1], encoder=ENCODER, index_kind="flat",
+        params={"auto_ivf_rows": 100},
+    )
+    store.add(make_nodes(base[:1000]))
+    store.persist()
+    assert store.segment_summary()[0]["structure"] == "IndexIDMap2 > IndexFlat"
