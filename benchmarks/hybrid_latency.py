@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import sqlite3
 import statistics
 import sys
 import time
@@ -37,21 +36,15 @@ MODES = ("dense", "sparse", "hybrid")
 
 
 def keyword_table_bytes(index_dir: Path) -> dict[str, int]:
-    """Bytes of the docstore and of its keyword (FTS5) tables, from SQLite's dbstat."""
-    from indexes import persist
+    """Bytes of the live version's segments and of their keyword postings."""
+    from indexes import keywords, read_manifest
 
-    version = persist.current_version(index_dir)
-    path = persist.version_dir(index_dir, version) / persist.DOCSTORE_FILE
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        total = path.stat().st_size
-        try:
-            fts = conn.execute("SELECT sum(pgsize) FROM dbstat WHERE name LIKE 'nodes_fts%'").fetchone()[0]
-        except sqlite3.OperationalError:  # SQLite built without dbstat
-            fts = None
-    finally:
-        conn.close()
-    return {"docstore_bytes": total, "keyword_table_bytes": fts}
+    manifest = read_manifest(index_dir)
+    total = sum(r.bytes for s in manifest.segments for r in s.files.values())
+    postings = sum(
+        s.files[name].bytes for s in manifest.segments for name in keywords.KEYWORD_FILES
+    )
+    return {"segments_bytes": total, "keyword_postings_bytes": postings}
 
 
 def summarise(samples: list[float]) -> dict[str, float]:
@@ -114,9 +107,8 @@ def main() -> None:
     for name, part in rows.items():
         cells = [f"{part[m]['median_ms']} / {part[m]['p90_ms']}" for m in MODES]
         lines.append(f"| {name.replace('_', ' ')} | {' | '.join(cells)} | {part['hybrid_over_dense']} |")
-    kw = result["keyword_table_bytes"]
-    lines += ["", f"docstore.sqlite: {result['docstore_bytes'] / 2**20:.1f} MiB, of which the keyword "
-              f"table {kw / 2**20:.1f} MiB." if kw else f"docstore.sqlite: {result['docstore_bytes'] / 2**20:.1f} MiB."]
+    lines += ["", f"segments: {result['segments_bytes'] / 2**20:.1f} MiB, of which keyword postings "
+              f"{result['keyword_postings_bytes'] / 2**20:.1f} MiB."]
     (RESULTS / "hybrid_latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
