@@ -299,6 +299,14 @@ def commit(
     return sealed
 
 
+def collect_garbage_now(root: str | Path, keep_versions: int) -> list[int]:
+    """`collect_garbage` under the commit lock, for a maintenance run that commits nothing
+    (a crash's leftovers must not wait for the next write)."""
+    root = Path(root)
+    with FileLock(str(root / LOCK_FILE)):
+        return collect_garbage(root, keep_versions)
+
+
 _OWNER_RE = re.compile(re.escape(TMP_PREFIX) + r"(\d+)@(.+)~")
 
 

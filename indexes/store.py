@@ -138,7 +138,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         keep_versions: int = 3,
         correction: VectorCorrection | None = None,
         merge_policy: MergePolicy | None = None,
-        flush_rows: int = FLUSH_ROWS,
+        flush_rows: int | None = None,
     ) -> None:
         """Internal: use `create` or `open`."""
         super().__init__()
@@ -155,6 +155,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         self._dirty = manifest is None
         self._correction = correction
         self._policy = merge_policy or MergePolicy()
+        flush_rows = FLUSH_ROWS if flush_rows is None else flush_rows
         if flush_rows < 1:
             raise ValueError("flush_rows must be at least 1")
         self._flush_rows = flush_rows
@@ -183,7 +184,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         overwrite: bool = False,
         persist_now: bool = True,
         merge_policy: MergePolicy | None = None,
-        flush_rows: int = FLUSH_ROWS,
+        flush_rows: int | None = None,
     ) -> FaissVectorStore:
         """A new, empty store bound to `path`, persisted at once as version 1.
 
@@ -230,7 +231,7 @@ class FaissVectorStore(BasePydanticVectorStore):
         gpu_shard: bool = False,
         keep_versions: int = 3,
         merge_policy: MergePolicy | None = None,
-        flush_rows: int = FLUSH_ROWS,
+        flush_rows: int | None = None,
     ) -> FaissVectorStore:
         """Open the live version (or `version`) without loading it.
 
@@ -392,6 +393,16 @@ class FaissVectorStore(BasePydanticVectorStore):
             self._replace_live = False
             self._dirty = False
             return self._version
+
+    def upgrade_encoder(self, encoder: dict[str, Any]) -> None:
+        """Record ``encoder`` as this index's encoder from the next commit on, for a record the
+        caller has established describes the same vectors in more detail (an older, coarser
+        model fingerprint). Writes nothing by itself: the next write carries it."""
+        json.dumps(encoder)
+        with self._lock:
+            if not same_encoder(encoder, self._encoder):
+                logger.info("%s: the encoder record is upgraded at the next write", self._root)
+                self._encoder = dict(encoder)
 
     def migrate(self) -> int:
         """Write an index of the format-1 layout as segments now (otherwise at the next write)."""
@@ -1076,6 +1087,16 @@ class FaissVectorStore(BasePydanticVectorStore):
         Vectors are reconstructed from the index: exact for the named kinds, approximate for
         factory strings that keep only compressed codes.
         """
+        for row, vector in self._iter_rows_with_vectors(batch_size):
+            yield row.node_id, vector
+
+    def iter_nodes_with_embeddings(self, batch_size: int = 1024) -> Iterator[tuple[BaseNode, np.ndarray]]:
+        """Every (node, vector) pair in the order of `iter_embeddings`, read a batch at a time
+        (a rebuild from stored vectors never holds the index whole)."""
+        for row, vector in self._iter_rows_with_vectors(batch_size):
+            yield row.to_node(), vector
+
+    def _iter_rows_with_vectors(self, batch_size: int) -> Iterator[tuple[NodeRow, np.ndarray]]:
         with self._lock:
             sources: list[Any] = [*self._segments, self._pending]
         for source in sources:
@@ -1094,7 +1115,7 @@ class FaissVectorStore(BasePydanticVectorStore):
                 for faiss_id, vector in zip(block, vectors, strict=True):
                     row = rows.get(int(faiss_id))
                     if row is not None:
-                        yield row.node_id, vector
+                        yield row, vector
 
     # ---------------------------------------------------- document bookkeeping
 

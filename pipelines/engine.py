@@ -19,8 +19,9 @@ crash at any point leaves the last good version serving.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -32,11 +33,13 @@ from llama_index.core.schema import TextNode
 from llama_index.core.vector_stores.types import VectorStoreQuery
 
 from htp_embed import EncoderConfig, HTPEncoder, config_from_identity
+from htp_embed.fingerprint import accepts
 from indexes import EncoderMismatchError, FaissVectorStore, IndexNotFoundError, same_encoder
 from indexes.spec import Manifest
 from pipelines.chunking import default_chunk_size, embed_text, make_splitter, split_documents
 from pipelines.correction import fit_correction
 from pipelines.errors import IndexKindMismatchError, RebuildVerificationError
+from pipelines.identity_check import expected_identity, index_accepts
 from pipelines.lock import index_lock
 from pipelines.runs import IngestPlan, RebuildPlan, RunStats, SplitNodes, plan_ingest
 from pipelines.settings import Settings, load_settings
@@ -46,6 +49,12 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
 T = TypeVar("T")
+
+# A version filled for the first time fits its vector correction on the first batches' nodes,
+# at most this many: enough for the means (the pseudo-queries are capped at 1,024 anyway), and
+# the vectors of a larger corpus never have to be held all at once.
+CORRECTION_SAMPLE_NODES = 20_000
+NodesOf = Callable[["EmbeddedBatch"], list[TextNode]]
 
 # Layer settings are per model: a rebuild onto another model takes that model's defaults
 # unless layers are given too.
@@ -107,7 +116,7 @@ def combine(
 ) -> EmbeddedBatch:
     """One batch of all ``batches``, refusing any made by an encoder other than ``identity``."""
     for batch in batches:
-        if not same_encoder(batch.identity, identity):
+        if not accepts(identity, batch.identity):
             raise EncoderMismatchError(
                 f"an embedding batch came from encoder {batch.identity}, but the index's encoder "
                 f"is {identity}; nothing was written"
@@ -135,8 +144,9 @@ class StepRunner(Protocol):
         """Run one step (``plan``, ``split``, ``apply-and-persist``…) and return its result."""
         ...
 
-    def embed(self, batches: list[list[TextNode]], session: IndexSession) -> list[EmbeddedBatch]:
-        """Embed every batch with exactly ``session.settings.encoder``."""
+    def embed(self, batches: list[list[TextNode]], session: IndexSession) -> Iterable[EmbeddedBatch]:
+        """Embed every batch with exactly ``session.settings.encoder``, in order; a runner may
+        yield each batch as it is done, so the writer holds one batch of vectors at a time."""
         ...
 
 
@@ -150,10 +160,10 @@ class InProcess:
     def run(self, name: str, step: Callable[..., T], *args: Any) -> T:
         return step(*args)
 
-    def embed(self, batches: list[list[TextNode]], session: IndexSession) -> list[EmbeddedBatch]:
+    def embed(self, batches: list[list[TextNode]], session: IndexSession) -> Iterator[EmbeddedBatch]:
         if self.on_total:
             self.on_total(sum(len(batch) for batch in batches))
-        return [embed_batch(batch, session.encoder, self.progress) for batch in batches]
+        return (embed_batch(batch, session.encoder, self.progress) for batch in batches)
 
 
 # --------------------------------------------------------------------------- the session
@@ -235,10 +245,15 @@ class IndexSession:
 
     def _open_store(self) -> FaissVectorStore:
         settings = self.settings
+        assert self.manifest is not None
         store = FaissVectorStore.open(
-            self.index_dir, expected_encoder=self.encoder.identity(), keep_versions=settings.keep_versions,
+            self.index_dir, expected_encoder=self._expected_encoder(self.manifest.encoder),
+            keep_versions=settings.keep_versions,
             **settings.faiss_placement(),
         )
+        current = self.encoder.identity()
+        if not same_encoder(store.encoder, current):  # an older record it upgrades (checked above)
+            store.upgrade_encoder(current)
         if "index_kind" in settings.model_fields_set and settings.index_kind != store.index_kind:
             raise IndexKindMismatchError(
                 f"the index at {self.index_dir} is a {store.index_kind!r} index; to make it "
@@ -246,6 +261,13 @@ class IndexSession:
                 f"{settings.index_kind} --keep-vectors` (no re-embedding)"
             )
         return store
+
+    def _expected_encoder(self, recorded: dict[str, Any]) -> dict[str, Any]:
+        """The identity the store must record: this session's encoder's, or the older record it
+        upgrades (an architecture-only fingerprint; logged once)."""
+        identity = self.encoder.identity()
+        index_accepts(self.index_dir, recorded, identity)
+        return expected_identity(recorded, identity)
 
     def _create_store(self, index_kind: str, *, dim: int | None = None, encoder: dict[str, Any] | None = None) -> FaissVectorStore:
         """An empty store at the index directory; nothing is written (and a live version keeps
@@ -300,46 +322,97 @@ class IndexSession:
                 result.errors[doc.doc_id] = f"could not split: {type(exc).__name__}: {exc}"
         return result
 
-    def apply(self, plan: IngestPlan, split: SplitNodes, embedded: Sequence[EmbeddedBatch]) -> RunStats:
+    def apply(self, plan: IngestPlan, split: SplitNodes, embedded: Iterable[EmbeddedBatch]) -> RunStats:
         """Check the vectors came from the index's encoder, replace changed documents' nodes,
         add new ones, remove deleted ones, record hashes, and persist a new version."""
         store = self.store
-        vectors = combine(embedded, store.encoder, store.dim)
-        stats = RunStats(tokens=vectors.tokens)
+        stats = RunStats()
         stats.fail_all({error.doc_id: error.error for error in plan.errors})
         stats.fail_all(split.errors)
-        stats.fail_all(vectors.errors)
-        failed = set(split.errors) | set(vectors.errors)
-        kept = {doc_id: nodes for doc_id, nodes in split.by_doc.items() if doc_id not in failed}
-        self._fit_correction(store, [node for nodes in kept.values() for node in nodes], vectors)
-        changed = {doc.doc_id for doc in plan.changed}
-        for doc in plan.to_embed:
-            if doc.doc_id in failed:
-                continue
-            if doc.doc_id in changed:
-                store.delete(doc.doc_id)
-            nodes = kept.get(doc.doc_id, [])
-            store.add(nodes, embeddings=vectors.rows_of(nodes))
-            store.set_doc_hash(doc.doc_id, doc.content_hash)
+        written = self.fill(
+            store, nodes_by_id(split.by_doc), embedded, stats,
+            hashes={doc.doc_id: doc.content_hash for doc in plan.to_embed},
+            replace={doc.doc_id for doc in plan.changed},
+        )
         for doc_id in plan.deleted:
             store.delete(doc_id)
-        stats.added = sum(1 for doc in plan.new if doc.doc_id not in failed)
-        stats.updated = sum(1 for doc in plan.changed if doc.doc_id not in failed)
+        stats.added = sum(1 for doc in plan.new if doc.doc_id in written)
+        stats.updated = sum(1 for doc in plan.changed if doc.doc_id in written)
         stats.deleted = len(plan.deleted)
         stats.unchanged = len(plan.unchanged)
-        stats.nodes_embedded = sum(len(nodes) for nodes in kept.values())
         first = store.manifest is None
         stats.version = store.persist(force=first) if plan.changes_anything or first else store.version
         stats.count = store.count
         return stats
 
-    def _fit_correction(self, store: FaissVectorStore, nodes: Sequence[TextNode], vectors: EmbeddedBatch) -> None:
-        """Fit the vector correction from the encoder's vectors of ``nodes`` when a version is
-        filled for the first time (a new index, or a rebuild); afterwards it stays frozen so
-        every vector is corrected alike."""
-        if store.count or store.correction is not None or not nodes:
-            return
-        self._fit_correction_on(store, vectors.rows_of(nodes), [embed_text(node) for node in nodes])
+    def fill(
+        self,
+        store: FaissVectorStore,
+        nodes_of: NodesOf,
+        embedded: Iterable[EmbeddedBatch],
+        stats: RunStats,
+        *,
+        hashes: Mapping[str, str],
+        replace: Collection[str] = (),
+        corrected: bool = False,
+    ) -> set[str]:
+        """Write documents into ``store`` batch by batch as their vectors arrive: the one path
+        by which ingest, rebuild and rebuild --keep-vectors fill a version.
+
+        Each batch holds whole documents; a document whose embedding failed is reported and
+        keeps its previous nodes; one in ``replace`` loses its old nodes just before its new
+        ones go in. A store that is being filled for the first time fits its vector correction
+        first, on up to `CORRECTION_SAMPLE_NODES` nodes of the first batches. Vectors pass
+        through one batch at a time (the store writes a segment every ``flush_rows`` rows), so
+        memory does not grow with the corpus. Returns the documents written."""
+        written: set[str] = set()
+        pending = self._correction_sample(store, nodes_of, embedded, corrected)
+        for batch in pending:
+            if not accepts(store.encoder, batch.identity):
+                raise EncoderMismatchError(
+                    f"an embedding batch came from encoder {batch.identity}, but the index's "
+                    f"encoder is {store.encoder}; nothing was written"
+                )
+            stats.tokens += batch.tokens
+            stats.fail_all(batch.errors)
+            docs: dict[str, list[TextNode]] = {}
+            for node in nodes_of(batch):
+                docs.setdefault(doc_id_of(node), []).append(node)
+            for doc_id, nodes in docs.items():
+                if doc_id in batch.errors:
+                    continue
+                if doc_id in replace:
+                    store.delete(doc_id)
+                store.add(nodes, embeddings=batch.rows_of(nodes), corrected=corrected)
+                if doc_id in hashes:
+                    store.set_doc_hash(doc_id, hashes[doc_id])
+                written.add(doc_id)
+                stats.nodes_embedded += len(nodes)
+        return written
+
+    def _correction_sample(
+        self,
+        store: FaissVectorStore,
+        nodes_of: NodesOf,
+        embedded: Iterable[EmbeddedBatch],
+        corrected: bool,
+    ) -> Iterable[EmbeddedBatch]:
+        """``embedded`` again, after fitting the correction of a store filled for the first time
+        on the first batches (up to `CORRECTION_SAMPLE_NODES` nodes, held meanwhile)."""
+        if store.count or store.correction is not None or corrected or self.settings.correction == "none":
+            return embedded
+        stream = iter(embedded)
+        held: list[EmbeddedBatch] = []
+        for batch in stream:
+            held.append(batch)
+            if sum(len(b.node_ids) for b in held) >= CORRECTION_SAMPLE_NODES:
+                break
+        good = [(batch, [n for n in nodes_of(batch) if doc_id_of(n) not in batch.errors]) for batch in held]
+        nodes = [node for _, batch_nodes in good for node in batch_nodes]
+        if nodes:
+            matrix = np.concatenate([batch.rows_of(batch_nodes) for batch, batch_nodes in good])
+            self._fit_correction_on(store, matrix, [embed_text(node) for node in nodes])
+        return itertools.chain(held, stream)
 
     def _fit_correction_on(self, store: FaissVectorStore, matrix: np.ndarray, texts: Sequence[str]) -> None:
         correction = fit_correction(matrix, texts, self.encoder, kind=self.settings.correction)
@@ -371,66 +444,103 @@ class IndexSession:
             {item.doc_id: item.error for item in items if isinstance(item, SourceError)},
         )
 
-    def write_rebuild(self, plan: RebuildPlan, embedded: Sequence[EmbeddedBatch]) -> RunStats:
-        """Build the new version beside the live one, verify it, and switch to it atomically."""
+    def write_rebuild(self, plan: RebuildPlan, embedded: Iterable[EmbeddedBatch]) -> RunStats:
+        """Build the new version beside the live one as batches arrive, verify it, and switch
+        to it atomically."""
         new = self._create_store(plan.index_kind)
-        vectors = combine(embedded, new.encoder, new.dim)
-        stats = RunStats(tokens=vectors.tokens)
+        stats = RunStats()
         stats.fail_all(plan.errors)
         stats.fail_all(plan.nodes.errors)
-        stats.fail_all(vectors.errors)
-        kept = {doc_id: nodes for doc_id, nodes in plan.nodes.by_doc.items() if doc_id not in vectors.errors}
-        nodes = [node for doc_nodes in kept.values() for node in doc_nodes]
-        self._fit_correction(new, nodes, vectors)
-        new.add(nodes, embeddings=vectors.rows_of(nodes))
-        for doc_id in kept:
-            if doc_id in plan.hashes:
-                new.set_doc_hash(doc_id, plan.hashes[doc_id])
-        verify(new, len(nodes), self.encoder.encode_queries(["probe"])[0] if nodes else None)
-        stats.nodes_embedded = len(nodes)
-        stats.added = len(kept)
+        written = self.fill(new, nodes_by_id(plan.nodes.by_doc), embedded, stats, hashes=plan.hashes)
+        expected = sum(len(plan.nodes.by_doc[doc_id]) for doc_id in written)
+        verify(new, expected, self.encoder.encode_queries(["probe"])[0] if expected else None)
+        stats.added = len(written)
         stats.version = new.persist(force=True)
         stats.count = new.count
         return stats
 
     def rebuild_keeping_vectors(self, index_kind: str | None = None) -> RunStats:
         """A new version from the stored nodes *and vectors*: adds what an index written by an
-        older htp-index lacks (the keyword table; a vector correction fitted on its stored
-        vectors, which are then still as the encoder made them), or changes the index kind.
-        The encoder is loaded only to embed the pseudo-queries of a new correction."""
+        older htp-index lacks (a vector correction fitted on its stored vectors, which are then
+        still as the encoder made them), or changes the index kind. Nodes and vectors stream
+        from the old version a batch at a time. The encoder is loaded only to embed the
+        pseudo-queries of a new correction."""
         old = self.live_store
-        nodes = old.all_nodes()
-        stored = dict(old.iter_embeddings())
         new = self._create_store(index_kind or old.index_kind, dim=old.dim, encoder=old.encoder)
-        matrix = np.asarray([stored[node.node_id] for node in nodes], dtype=np.float32).reshape(-1, old.dim)
-        if old.correction is not None:
+        corrected = old.correction is not None
+        if corrected:
             new.set_correction(old.correction)
-        elif self.settings.correction != "none" and nodes:
+        elif self.settings.correction != "none" and old.count and (
+            self._encoder is None or not accepts(old.encoder, self._encoder.identity())
+        ):
             # The pseudo-queries must come from the encoder that made the stored vectors: reuse
             # a given encoder only if it is that one, else load exactly that one (once).
-            if self._encoder is None or not same_encoder(self._encoder.identity(), old.encoder):
-                self._encoder = self._load_encoder(
+            self._encoder = self._load_encoder(
                     config_from_identity(old.encoder, **self.settings.runtime_encoder_settings()))
-            self._fit_correction_on(new, matrix, [embed_text(node) for node in nodes])
-        new.add(nodes, embeddings=matrix, corrected=old.correction is not None)
-        for doc_id, content_hash in old.doc_hashes().items():
-            new.set_doc_hash(doc_id, content_hash)
-        verify(new, len(nodes), None)
-        stats = RunStats(added=len(old.doc_hashes()), count=new.count)
+        stored = StoredBatches(old)
+        stats = RunStats()
+        written = self.fill(new, stored.nodes_of, stored, stats, hashes=old.doc_hashes(),
+                            corrected=corrected)
+        stats.nodes_embedded = 0  # nothing was embedded: the vectors are the stored ones
+        verify(new, old.count, None)
+        stats.added = len(written)
         stats.version = new.persist(force=True)
+        stats.count = new.count
         return stats
+
+
+class StoredBatches:
+    """The stored nodes and vectors of a version as batches of whole documents, read a batch
+    at a time (for rebuild --keep-vectors: nothing is embedded, nothing held whole)."""
+
+    def __init__(self, store: FaissVectorStore, nodes_per_batch: int = 4096) -> None:
+        self.store = store
+        self.nodes_per_batch = nodes_per_batch
+        self._nodes: dict[str, TextNode] = {}
+
+    def nodes_of(self, batch: EmbeddedBatch) -> list[TextNode]:
+        """The nodes of the batch just yielded."""
+        return [self._nodes[node_id] for node_id in batch.node_ids]
+
+    def __iter__(self) -> Iterator[EmbeddedBatch]:
+        nodes: list[TextNode] = []
+        vectors: list[np.ndarray] = []
+        for node, vector in self.store.iter_nodes_with_embeddings():
+            fresh = _fresh_node(node)
+            if len(nodes) >= self.nodes_per_batch and doc_id_of(fresh) != doc_id_of(nodes[-1]):
+                yield self._batch(nodes, vectors)
+                nodes, vectors = [], []
+            nodes.append(fresh)
+            vectors.append(vector)
+        if nodes:
+            yield self._batch(nodes, vectors)
+
+    def _batch(self, nodes: list[TextNode], vectors: list[np.ndarray]) -> EmbeddedBatch:
+        self._nodes = {node.node_id: node for node in nodes}
+        return EmbeddedBatch([n.node_id for n in nodes], np.stack(vectors), self.store.encoder)
+
+
+def nodes_by_id(by_doc: Mapping[str, Sequence[TextNode]]) -> NodesOf:
+    """Look a batch's nodes up in a plan's documents (by node id, in the batch's order)."""
+    index = {node.node_id: node for nodes in by_doc.values() for node in nodes}
+    return lambda batch: [index[node_id] for node_id in batch.node_ids if node_id in index]
+
+
+def _fresh_node(node: TextNode) -> TextNode:
+    """A plain TextNode with the stored node's text, metadata and relationships."""
+    return TextNode(
+        id_=node.node_id, text=node.get_content(), metadata=dict(node.metadata),
+        relationships=dict(node.relationships),
+        excluded_embed_metadata_keys=list(node.excluded_embed_metadata_keys),
+        excluded_llm_metadata_keys=list(node.excluded_llm_metadata_keys),
+    )
 
 
 def stored_documents(store: FaissVectorStore) -> dict[str, list[TextNode]]:
     """The nodes of every document in ``store``: text, metadata and relationships, no vectors."""
     by_doc: dict[str, list[TextNode]] = {}
     for node in store.all_nodes():
-        fresh = TextNode(
-            id_=node.node_id, text=node.get_content(), metadata=dict(node.metadata),
-            relationships=dict(node.relationships),
-            excluded_embed_metadata_keys=list(node.excluded_embed_metadata_keys),
-            excluded_llm_metadata_keys=list(node.excluded_llm_metadata_keys),
-        )
+        fresh = _fresh_node(node)
         by_doc.setdefault(node.ref_doc_id or str(node.metadata.get("doc_id")), []).append(fresh)
     return by_doc
 

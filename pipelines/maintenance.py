@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexes import FaissVectorStore, IndexNotFoundError, verify
+from indexes import FaissVectorStore, IndexNotFoundError, persist, verify
 
 from .lock import index_lock
 
@@ -25,21 +25,25 @@ class CompactStats:
     version: int
 
 
-def _open(index_dir: Path) -> FaissVectorStore:
+def _open(index_dir: Path, keep_versions: int = 3) -> FaissVectorStore:
     if not FaissVectorStore.exists(index_dir):
         raise IndexNotFoundError.at(index_dir)
-    return FaissVectorStore.open(index_dir, use_gpu=False)
+    return FaissVectorStore.open(index_dir, use_gpu=False, keep_versions=keep_versions)
 
 
-def compact_index(index_dir: Path, *, everything: bool = True, lock_timeout: float = 600.0) -> CompactStats:
+def compact_index(
+    index_dir: Path, *, everything: bool = True, lock_timeout: float = 600.0, keep_versions: int = 3
+) -> CompactStats:
     """Merge the index's segments and drop deleted rows (all of them with ``everything``,
     otherwise only the merges the policy has due), committing one new version."""
     with index_lock(index_dir, lock_timeout):
-        store = _open(index_dir)
+        store = _open(index_dir, keep_versions)
         before = store.segment_count
         deleted = store.manifest.tombstones if store.manifest else 0
         merges = store.compact(everything=everything)
         version = store.persist() if merges else store.version
+        if not merges:  # nothing to commit: still remove what a crashed writer left behind
+            persist.collect_garbage_now(index_dir, keep_versions)
         after_deleted = store.manifest.tombstones if store.manifest else 0
         return CompactStats(merges, before, store.segment_count, deleted - after_deleted, version)
 

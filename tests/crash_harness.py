@@ -10,9 +10,12 @@ Two kinds of kill point:
 * **site** points: the child counts its calls to the functions that write an index version
   (``tempfile.mkdtemp``, ``faiss.write_index``, ``os.fsync``, ``os.rename``, ``os.replace``,
   ``shutil.rmtree``) and sends itself SIGKILL just before or just after call *n*. Enumerating
-  every *n* covers every step of a commit deterministically.
+  every *n* covers every step of a commit deterministically. The child first writes the call
+  it dies at into a marker file, so a test can check the kill landed where it meant.
 * **time** points: the parent sends SIGKILL after a random delay in [0, the job's uninterrupted
-  duration], which lands anywhere (reading, splitting, embedding, writing).
+  duration], which lands anywhere (reading, splitting, embedding, writing). A job that
+  finishes before its kill tried no crash: the trial says so (``landed``) and checks nothing,
+  and :func:`killed_at_a_random_time` draws again.
 
 After each kill the index must open at a complete version: the one before the job or the one
 the job would have produced. A re-run must then converge to the uninterrupted result: the same
@@ -57,13 +60,14 @@ def context() -> Any:
 class Job:
     """One ingest or rebuild run, described with plain values so it crosses process lines."""
 
-    kind: str  # "ingest" or "rebuild"
+    kind: str  # "ingest", "rebuild" or "compact"
     index: str
     model: str
     source: str | None = None
     kill_call: int | None = None  # SIGKILL at this call of a KILL_SITES function ...
     kill_after: bool = False  # ... just after it returns instead of just before
     calls_file: str | None = None  # write the KILL_SITES calls made, in order, here (JSON)
+    kill_marker: str | None = None  # the armed kill point writes "call site before|after" here
 
 
 def _install_kill_points(job: Job) -> list[str]:
@@ -79,10 +83,10 @@ def _install_kill_points(job: Job) -> list[str]:
             calls.append(site)
             hit = len(calls) == job.kill_call
             if hit and not job.kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+                _kill_self(job, len(calls), site, "before")
             result = real(*args, **kwargs)
             if hit:
-                os.kill(os.getpid(), signal.SIGKILL)
+                _kill_self(job, len(calls), site, "after")
             return result
 
         setattr(module, name, counted)
@@ -91,6 +95,15 @@ def _install_kill_points(job: Job) -> list[str]:
         module_name, name = site.split(".")
         wrap({"tempfile": tempfile, "faiss": faiss, "os": os, "shutil": shutil}[module_name], name)
     return calls
+
+
+def _kill_self(job: Job, call: int, site: str, when: str) -> None:
+    """SIGKILL this process, first saying where (so the parent can check the kill landed at the
+    point it meant: a shifted call count would otherwise kill somewhere else without a word)."""
+    if job.kill_marker:
+        with open(job.kill_marker, "w", encoding="utf-8") as marker:  # open() is no kill site
+            marker.write(f"{call} {site} {when}")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def job_settings(model: str) -> Any:
@@ -115,6 +128,10 @@ def run_job(job: Job) -> None:
         ingest(job.source, job.index, settings)
     elif job.kind == "rebuild":
         rebuild(job.index, settings, encoder_overrides={"method": "vanilla"}, index_kind="hnsw")
+    elif job.kind == "compact":
+        from pipelines.maintenance import compact_index
+
+        compact_index(Path(job.index), lock_timeout=30)
     else:
         raise ValueError(job.kind)
     if job.calls_file:
@@ -180,7 +197,8 @@ def snapshot(index: str | Path) -> Snapshot:
 
 
 def leftovers(index: str | Path) -> list[str]:
-    """Staging directories or versions not named by CURRENT that a crash left behind."""
+    """What a crash left behind: staging folders, versions not named by CURRENT, and segments,
+    tombstone and docs files no version on disk names."""
     from indexes import persist
 
     root = Path(index)
@@ -190,7 +208,24 @@ def leftovers(index: str | Path) -> list[str]:
         if entry.name.startswith(persist.TMP_PREFIX):
             names.append(entry.name)
     newer = [v for v in persist.list_versions(root) if live is not None and v > live]
-    return names + [persist.version_name(v) for v in newer]
+    names += [persist.version_name(v) for v in newer]
+    named_segments: set[str] = set()
+    named_files: set[str] = set()
+    for version in persist.list_versions(root):
+        manifest = persist.read_manifest(root, version)
+        named_segments.update(s.name for s in manifest.segments)
+        named_files.update(s.deletes.path for s in manifest.segments if s.deletes is not None)
+        named_files.update(d.path for d in manifest.docs)
+    segments = root / "segments"
+    for folder in sorted(segments.iterdir()) if segments.is_dir() else []:
+        if folder.name not in named_segments:
+            names.append(f"segments/{folder.name}")
+        else:
+            names += [f"segments/{folder.name}/{p.name}" for p in folder.glob("*del-*")
+                      if f"segments/{folder.name}/{p.name}" not in named_files]
+    docs = root / "docs"
+    names += [f"docs/{p.name}" for p in (docs.iterdir() if docs.is_dir() else []) if f"docs/{p.name}" not in named_files]
+    return names
 
 
 # ------------------------------------------------------------------ a scenario
@@ -247,6 +282,9 @@ class Scenario:
                 shutil.copy(self.first_source / f"doc{i:03d}.txt", staged)
             code, _ = run(Job("ingest", str(self.base), self.model, str(staged)))
             assert code == 0, f"building the first versions failed (exit {code})"
+        if self.kind == "compact":  # an index with deleted rows and several segments
+            code, _ = run(Job("ingest", str(self.base), self.model, str(self.second_source)))
+            assert code == 0, f"building the compaction's index failed (exit {code})"
         self.before = snapshot(self.base)
         reference = self.root / "reference"
         shutil.copytree(self.base, reference)
@@ -275,15 +313,26 @@ class Scenario:
         assert self.before is not None and self.after is not None
         index = self.root / f"trial-{name}"
         shutil.copytree(self.base, index)
-        code, _ = run(self.job(index, kill_call=kill_call, kill_after=kill_after), kill_after_seconds=kill_seconds)
+        marker = self.root / f"killed-{name}"
+        marker.unlink(missing_ok=True)
+        job = self.job(index, kill_call=kill_call, kill_after=kill_after, kill_marker=str(marker))
+        code, seconds = run(job, kill_after_seconds=kill_seconds)
         outcome: dict[str, Any] = {"name": name, "exit": code, "kill_call": kill_call, "kill_after": kill_after,
-                                   "kill_seconds": kill_seconds}
+                                   "kill_seconds": kill_seconds, "seconds": seconds,
+                                   "killed_at": marker.read_text() if marker.exists() else None}
+        if kill_seconds is not None and code == 0:
+            # The job finished before the kill: no crash was tried, nothing to check.
+            outcome["landed"] = False
+            shutil.rmtree(index, ignore_errors=True)
+            return outcome
+        outcome["landed"] = code == -signal.SIGKILL
         try:
             state = snapshot(index)
         except Exception as exc:  # what the campaign exists to catch
             outcome.update(opens=False, error=f"{type(exc).__name__}: {exc}")
             return outcome
         outcome["opens"] = True
+        outcome["live_version"] = state.version
         outcome["state"] = ("before" if state.same_content(self.before) and state.version == self.before.version
                             else "after" if state.same_content(self.after) else "other")
         outcome["leftovers"] = leftovers(index)
@@ -305,6 +354,28 @@ class Scenario:
 def site_points(calls: list[str]) -> list[tuple[int, bool, str]]:
     """Every (call number, after?, site) kill point of a job that made ``calls``."""
     return [(n, after, site) for n, site in enumerate(calls, start=1) for after in (False, True)]
+
+
+def site_label(call: int, site: str, after: bool) -> str:
+    """What a child killed at a site point writes in its kill marker."""
+    return f"{call} {site} {'after' if after else 'before'}"
+
+
+def killed_at_a_random_time(scenario: Scenario, seed: int, attempts: int = 4) -> dict[str, Any]:
+    """A trial killed at a random time in the middle third of the job that actually landed.
+
+    A job that finishes before its kill tried no crash; the delay is then re-drawn from the
+    middle third of the duration that run took (bounded: ``attempts`` draws in all)."""
+    duration = scenario.duration
+    for attempt in range(attempts):
+        delay = time_points(duration, 3, seed=seed + attempt)[1]
+        outcome = scenario.trial(f"time-{delay:.3f}", kill_seconds=delay)
+        if outcome["landed"] or outcome["exit"] != 0:
+            outcome["attempts"] = attempt + 1
+            return outcome
+        duration = min(duration, outcome["seconds"])
+    raise AssertionError(f"the {scenario.kind} finished before each of {attempts} random kills "
+                         f"(last duration {duration:.2f} s); no crash was tried")
 
 
 def time_points(duration: float, count: int, seed: int) -> list[float]:

@@ -46,7 +46,7 @@ def test_ingest_query_info_with_json(env):
     assert [r["doc_id"] for r in filtered] == ["sea.md"]
 
     info = run_json("info", "--index", "idx")
-    assert info["count"] == 3 and info["index_kind"] == "flat" and info["encoder"]["method"] == "htp"
+    assert info["count"] == 3 and info["index_kind"] == "auto" and info["encoder"]["method"] == "htp"
     assert set(info) >= {"count", "dim", "version", "index_kind", "encoder"}
 
 

@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from crash_harness import Scenario, site_points, snapshot, time_points, write_corpus
+from crash_harness import (
+    Scenario,
+    killed_at_a_random_time,
+    site_label,
+    site_points,
+    snapshot,
+    write_corpus,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -27,10 +34,22 @@ def rebuild_scenario(tiny_model_dir, tmp_path_factory) -> Scenario:
     return Scenario(tmp_path_factory.mktemp("crash-rebuild"), str(tiny_model_dir), "rebuild").prepare()
 
 
+@pytest.fixture(scope="module")
+def compact_scenario(tiny_model_dir, tmp_path_factory) -> Scenario:
+    return Scenario(tmp_path_factory.mktemp("crash-compact"), str(tiny_model_dir), "compact").prepare()
+
+
 def pick(scenario: Scenario, wanted: list[tuple[str, bool]]) -> list[tuple[int, bool, str]]:
     """The first kill point at each wanted (site, after?) of the uninterrupted job."""
     points = site_points(scenario.calls or [])
     return [next(p for p in points if (p[2], p[1]) == w) for w in wanted]
+
+
+def assert_killed_at(outcome: dict, call: int, site: str, after: bool) -> None:
+    """The job died by SIGKILL, at the point meant: not a job that finished, failed, or counted
+    its calls differently from the uninterrupted run and so died somewhere else."""
+    assert outcome["exit"] == -signal.SIGKILL, f"not killed (exit {outcome['exit']}): {outcome}"
+    assert outcome["killed_at"] == site_label(call, site, after), outcome
 
 
 # The steps of a commit that matter most: data written but not sealed, published but not
@@ -52,7 +71,7 @@ def test_the_uninterrupted_jobs_change_the_index(ingest_scenario, rebuild_scenar
 def test_ingest_killed_at_a_commit_step(ingest_scenario, site, after):
     (call, after, _), = pick(ingest_scenario, [(site, after)])
     outcome = ingest_scenario.trial(f"{site}-{after}", kill_call=call, kill_after=after)
-    assert outcome["exit"] == -signal.SIGKILL
+    assert_killed_at(outcome, call, site, after)
     assert ingest_scenario.ok(outcome), outcome
     # before the pointer switch the old version serves; after it, the new one
     assert outcome["state"] == ("after" if site in ("shutil.rmtree",) or (site == "os.replace" and after) else "before")
@@ -62,14 +81,36 @@ def test_ingest_killed_at_a_commit_step(ingest_scenario, site, after):
 def test_rebuild_killed_at_a_commit_step(rebuild_scenario, site, after):
     (call, after, _), = pick(rebuild_scenario, [(site, after)])
     outcome = rebuild_scenario.trial(f"{site}-{after}", kill_call=call, kill_after=after)
+    assert_killed_at(outcome, call, site, after)
     assert rebuild_scenario.ok(outcome), outcome
+    # before the pointer switch the old version serves; after it, the new one
+    assert outcome["state"] == ("after" if site == "os.replace" and after else "before")
+
+
+# Compaction writes one merged segment, publishes it, switches, then collects the merged-away
+# segments and the oldest version: data written but unnamed, named but not live, live.
+COMPACT_POINTS = [("faiss.write_index", True), ("os.rename", True), ("os.replace", True),
+                  ("shutil.rmtree", True)]
+
+
+@pytest.mark.parametrize(("site", "after"), COMPACT_POINTS)
+def test_compaction_killed_at_a_commit_step(compact_scenario, site, after):
+    assert compact_scenario.before.version != compact_scenario.after.version  # it does commit
+    (call, after, _), = pick(compact_scenario, [(site, after)])
+    outcome = compact_scenario.trial(f"{site}-{after}", kill_call=call, kill_after=after)
+    assert_killed_at(outcome, call, site, after)
+    assert compact_scenario.ok(outcome), outcome  # same content, no orphan after the re-run
+    live = "after" if site == "shutil.rmtree" or (site == "os.replace" and after) else "before"
+    assert outcome["live_version"] == (compact_scenario.after.version if live == "after"
+                                       else compact_scenario.before.version)
 
 
 @pytest.mark.parametrize("kind", ["ingest", "rebuild"])
 def test_killed_at_a_random_time(ingest_scenario, rebuild_scenario, kind):
     scenario = ingest_scenario if kind == "ingest" else rebuild_scenario
-    delay = time_points(scenario.duration, 3, seed=7)[1]  # somewhere in the middle third
-    outcome = scenario.trial(f"time-{delay:.3f}", kill_seconds=delay)
+    outcome = killed_at_a_random_time(scenario, seed=7)  # somewhere in the middle third
+    assert outcome["exit"] == -signal.SIGKILL and outcome["landed"], outcome
+    assert outcome["killed_at"] is None, outcome  # the parent's kill, not an armed site
     assert scenario.ok(outcome), outcome
 
 

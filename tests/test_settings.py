@@ -21,7 +21,7 @@ def test_a_config_file_applies_to_its_call_only(tmp_path, monkeypatch):
     chosen = load_settings(config)
     assert (chosen.index_kind, chosen.chunk_size) == ("hnsw", 99)
     assert CONFIG_ENV not in os.environ
-    assert load_settings().index_kind == "flat"  # the next call does not inherit it
+    assert load_settings().index_kind == "auto"  # the next call does not inherit it
     with pytest.raises(FileNotFoundError, match="--config"):
         load_settings(tmp_path / "missing.toml")
 
@@ -39,4 +39,4 @@ def test_an_index_kind_the_index_was_not_built_as_is_refused_naming_rebuild(tmp_
     ingest(source, tmp_path / "idx", settings_for(embedding), embedding=embedding)
     with pytest.raises(IndexKindMismatchError, match="rebuild --index .* --index-kind hnsw"):
         ingest(source, tmp_path / "idx", settings_for(embedding, index_kind="hnsw"), embedding=embedding)
-    ingest(source, tmp_path / "idx", settings_for(embedding, index_kind="flat"), embedding=embedding)
+    ingest(source, tmp_path / "idx", settings_for(embedding, index_kind="auto"), embedding=embedding)
