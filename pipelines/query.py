@@ -31,8 +31,9 @@ from llama_index.core.vector_stores.types import (
 
 from htp_embed import HTPEncoder, config_from_identity
 from htp_embed.llama_index import HTPEmbedding
-from indexes import EncoderMismatchError, FaissVectorStore, IndexNotFoundError, same_encoder
+from indexes import EncoderMismatchError, FaissVectorStore, IndexNotFoundError
 from indexes.fusion import Fusion
+from pipelines.identity_check import index_accepts
 from pipelines.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,32 @@ _STORE_MODES = {
     "sparse": VectorStoreQueryMode.SPARSE,
     "hybrid": VectorStoreQueryMode.HYBRID,
 }
+
+
+class InvalidQueryError(ValueError):
+    """A query text that is not text: it holds a lone UTF-16 surrogate (e.g. from a JSON
+    ``"\\ud800"`` escape), which neither a tokenizer nor the keyword index can read."""
+
+
+def check_query_text(text: str) -> str:
+    """``text`` unchanged if it is valid Unicode text; else an :class:`InvalidQueryError` saying
+    where, instead of the tokenizer's bare ``TypeError``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidQueryError(
+            f"the query holds a lone surrogate ({ascii(text[exc.start])}) at character {exc.start}, "
+            "which is not a character; send the query as valid UTF-8 text"
+        ) from None
+    return text
+
+
+class QueryEmbedding(HTPEmbedding):
+    """The index's encoder as LlamaIndex sees it, checking query texts first (retrievers call
+    it directly, without :meth:`OpenIndex.search_many`)."""
+
+    def _get_query_embedding(self, query: str) -> list[float]:
+        return super()._get_query_embedding(check_query_text(query))
 
 
 @dataclass(frozen=True)
@@ -81,7 +108,7 @@ class OpenIndex:
     @cached_property
     def embedding(self) -> HTPEmbedding:
         """The encoder as a LlamaIndex embedding model (for ``as_index``/``as_retriever``)."""
-        return HTPEmbedding(encoder=self.encoder)
+        return QueryEmbedding(encoder=self.encoder)
 
     @property
     def modes(self) -> list[str]:
@@ -138,6 +165,8 @@ class OpenIndex:
         """
         if not requests:
             return []
+        for request in requests:
+            check_query_text(request.query)
         modes = [self.resolve_mode(r.mode) for r in requests]
         needs_vector = [i for i, mode in enumerate(modes) if mode != "sparse"]
         vectors = self.encoder.encode_queries([requests[i].query for i in needs_vector])
@@ -187,11 +216,13 @@ def open_index(
     # version with the encoder of the one a concurrent rebuild just replaced.
     store = FaissVectorStore.open(path, **settings.faiss_placement())
     recorded = store.encoder
-    if embedding is not None and same_encoder(embedding.identity(), recorded):
+    if embedding is not None and index_accepts(path, recorded, embedding.identity()):
         encoder = embedding.encoder
     else:
+        # Loaded from the record, the encoder can still differ: other weights saved under the
+        # model's name (a fine-tune in the same directory) have another fingerprint.
         encoder = HTPEncoder(config_from_identity(recorded, **settings.runtime_encoder_settings()))
-        if not same_encoder(encoder.identity(), recorded):
+        if not index_accepts(path, recorded, encoder.identity()):
             raise EncoderMismatchError.between(path, recorded, encoder.identity())
     return OpenIndex(path, store, encoder, default_mode=settings.query_mode,
                      default_alpha=settings.alpha, fusion=settings.fusion)

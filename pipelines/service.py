@@ -4,6 +4,13 @@
 ``GET /health`` reports the version served. A watcher notices when ingest or rebuild switches
 in a new version, loads it beside the old one, and swaps a single reference, so requests in
 flight finish on the version they started with and none is dropped.
+
+Faults a real machine meets: a new version that fails to load (a file still being copied, a
+disk hiccup) is retried with back-off and reported as ``stale`` meanwhile; files of the served
+version deleted under the service leave it serving what it holds open (an unlinked file lives
+on while open), with ``/health`` answering 503 ``unhealthy`` and naming the file; a file
+truncated or overwritten in place changes what the mapped segment reads, so queries are refused
+with a 503 naming it (never a wrong answer) until a good version is switched in.
 """
 
 from __future__ import annotations
@@ -12,18 +19,24 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import os
-from collections.abc import AsyncIterator
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from llama_index.core.vector_stores.types import MetadataFilters
 from pydantic import BaseModel, Field
 
-from indexes import FaissVectorStore, SparseIndexMissingError
+from indexes import FaissVectorStore, HtpIndexError, SparseIndexMissingError, persist
+from indexes.spec import Manifest
 from pipelines.query import OpenIndex, QueryMode, SearchRequest, open_index
 from pipelines.settings import Settings
 
@@ -33,6 +46,12 @@ MAX_QUERY_CHARS = 4096
 MAX_TOP_K = 100
 MAX_BODY_BYTES = 64 * 1024
 TOKEN_ENV = "HTP_INDEX_API_TOKEN"
+# A version that failed to load is retried after RETRY_BASE_S, then twice as long each time,
+# at most RETRY_MAX_S apart: a temporary fault heals by itself, a lasting one costs little.
+RETRY_BASE_S = 2.0
+RETRY_MAX_S = 60.0
+# Queries re-check the served files' sizes at most this often (a stat per file).
+DAMAGE_CHECK_S = 0.25
 
 
 class QueryRequest(BaseModel):
@@ -65,37 +84,120 @@ class QueryResponse(BaseModel):
 
 
 class IndexHolder:
-    """The live :class:`OpenIndex`, replaced atomically when a new version appears."""
+    """The live :class:`OpenIndex`, replaced atomically when a new version appears.
 
-    def __init__(self, index_dir: Path, settings: Settings | None, current: OpenIndex | None = None):
+    ``clock`` (seconds, monotonic) is injectable so that tests can step through the back-off.
+    """
+
+    def __init__(self, index_dir: Path, settings: Settings | None, current: OpenIndex | None = None,
+                 *, clock: Callable[[], float] = time.monotonic,
+                 retry_base: float = RETRY_BASE_S, retry_max: float = RETRY_MAX_S):
         self.index_dir = index_dir
         self.settings = settings
         self.current = current or open_index(index_dir, settings)
-        # A newer version that failed to load (e.g. a corrupt file): not retried until
-        # CURRENT moves on, and reported by /health.
+        self.clock = clock
+        self.retry_base, self.retry_max = retry_base, retry_max
+        # A newer version that failed to load (e.g. a file still being copied, or corrupt):
+        # retried with back-off, and reported by /health meanwhile.
         self.failed_version: int | None = None
         self.failure: str | None = None
+        self.attempts = 0
+        self.next_retry = 0.0
+        # Why the files of the served version are no longer what it loaded (None: intact), and
+        # whether that changes what it reads (a resized file, mapped in place).
+        self.damage: str | None = None
+        self.unsafe = False
+        self.checked_at = -math.inf
 
     def refresh(self) -> bool:
         """Load the newest version if it differs from the one served; True if swapped.
 
-        A version that cannot be loaded leaves the served one in place; the error is logged
-        once and kept in :attr:`failure`.
+        A version that cannot be loaded leaves the served one in place; the error is kept in
+        :attr:`failure` and the load retried after a back-off that doubles with each failure.
+        The served version's files are checked too (see :meth:`check_served`).
         """
+        self.check_served()
         latest = FaissVectorStore.current_version(self.index_dir)
-        if latest is None or latest == self.current.version or latest == self.failed_version:
+        if latest is None or latest == self.current.version:
+            return False
+        if latest == self.failed_version and self.clock() < self.next_retry:
             return False
         try:
             loaded = open_index(self.index_dir, self.settings, embedding=self.current.embedding)
         except Exception as exc:
-            self.failed_version, self.failure = latest, f"{type(exc).__name__}: {exc}"
-            log.error("cannot load version %s of %s (%s); still serving version %s",
-                      latest, self.index_dir, self.failure, self.current.version)
+            self._failed(latest, f"{type(exc).__name__}: {exc}")
             return False
         self.current = loaded  # one reference assignment: requests see old or new, never half
-        self.failed_version = self.failure = None
+        self.failed_version = self.failure = self.damage = None
+        self.unsafe = False
+        self.attempts = 0
         log.info("now serving version %s of %s", loaded.version, self.index_dir)
         return True
+
+    def _failed(self, version: int, failure: str) -> None:
+        """Record a failed load of ``version`` and when to try it again."""
+        self.attempts = self.attempts + 1 if version == self.failed_version else 1
+        self.failed_version, self.failure = version, failure
+        delay = min(self.retry_base * 2 ** (self.attempts - 1), self.retry_max)
+        self.next_retry = self.clock() + delay
+        log.error("cannot load version %s of %s (attempt %d: %s); still serving version %s, "
+                  "retrying in %.0f s", version, self.index_dir, self.attempts, failure,
+                  self.current.version, delay)
+
+    def check_served(self) -> str | None:
+        """Check that the files of the served version are still there at their recorded sizes.
+
+        The service holds the version it loaded, so it keeps answering; but it could not load
+        that version again, so it reports itself unhealthy (a stat per file, no checksums).
+        """
+        manifest = self.current.store.manifest
+        if manifest is None:
+            return None
+        damage = damaged_file(self.index_dir, manifest)
+        self.checked_at = self.clock()
+        self.unsafe = damage is not None and "was deleted" not in damage
+        if damage is not None and damage != self.damage:
+            log.error("%s; still serving version %s from memory. Restore the file, or run "
+                      "`htp-index rebuild --index %s`", damage, self.current.version, self.index_dir)
+        self.damage = damage
+        return damage
+
+
+def version_files(index_dir: Path, manifest: Manifest) -> dict[Path, int | None]:
+    """Every file a version's manifest names, with its recorded size (None: not recorded).
+
+    Format 1 lists whole-copy files beside the manifest; format 2 names shared segments (under
+    ``segments/``), tombstone and document-log files (paths relative to the index) and a
+    correction beside the manifest.
+    """
+    vdir = persist.version_dir(index_dir, manifest.version)
+    files: dict[Path, int | None] = {vdir / persist.MANIFEST_FILE: None}
+    files.update({vdir / name: record.bytes for name, record in manifest.files.items()})
+    for segment in getattr(manifest, "segments", []):
+        folder = index_dir / "segments" / segment.name
+        files.update({folder / name: record.bytes for name, record in segment.files.items()})
+        if segment.deletes is not None:
+            files[index_dir / segment.deletes.path] = segment.deletes.bytes
+    files.update({index_dir / named.path: named.bytes for named in getattr(manifest, "docs", [])})
+    correction = getattr(manifest, "correction", None)
+    if correction is not None:
+        files[vdir / "correction.json"] = correction.bytes
+    return files
+
+
+def damaged_file(index_dir: Path, manifest: Manifest) -> str | None:
+    """The first file of a version that is missing or not at its recorded size, said plainly."""
+    for path, size in sorted(version_files(index_dir, manifest).items()):
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            return f"{path} of version {manifest.version} was deleted"
+        except OSError as exc:
+            return f"{path} of version {manifest.version} cannot be read ({exc})"
+        if size is not None and actual != size:
+            return (f"{path} of version {manifest.version} has {actual} bytes, not the "
+                    f"{size} its manifest recorded (truncated or overwritten)")
+    return None
 
 
 class QueryBatcher:
@@ -201,6 +303,12 @@ def create_app(
             raise HTTPException(status_code=401, detail="missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input, and a lone surrogate in it (valid JSON
+        # "\ud800", not UTF-8), a body that is not UTF-8, or a NaN made rendering the 422 fail.
+        return JSONResponse({"detail": jsonable_encoder(_printable(exc.errors()))}, status_code=422)
+
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
@@ -211,11 +319,13 @@ def create_app(
             return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
         return await call_next(request)
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
+    @app.get("/health", responses={503: {"description": "the served version's files are damaged"}})
+    async def health() -> JSONResponse:
         index = holder.current
+        await asyncio.to_thread(holder.check_served)
+        status = "unhealthy" if holder.damage else "stale" if holder.failure else "ok"
         body: dict[str, Any] = {
-            "status": "ok" if holder.failure is None else "stale",
+            "status": status,
             "index": str(index.path),
             "version": index.version,
             "count": index.store.count,
@@ -226,20 +336,52 @@ def create_app(
         if holder.failure is not None:
             body["newer_version"] = holder.failed_version
             body["newer_version_error"] = holder.failure
-        return body
+            body["retry_in_s"] = round(max(holder.next_retry - holder.clock(), 0.0), 1)
+        if holder.damage is not None:
+            body["reason"] = holder.damage
+        return JSONResponse(body, status_code=503 if holder.damage else 200)
 
     @app.post("/query", response_model=QueryResponse, dependencies=[Depends(authorise)])
     async def query(request: QueryRequest) -> QueryResponse:
         index = holder.current  # pinned for the whole request
+        if holder.clock() - holder.checked_at > DAMAGE_CHECK_S:
+            await asyncio.to_thread(holder.check_served)
+        if holder.unsafe and holder.current is index:
+            raise HTTPException(status_code=503, detail=(
+                f"the index at {index.path} cannot answer: {holder.damage}; restore the file or "
+                "run `htp-index rebuild`"))
         try:
             results = await batcher.search(index, request)
         except SparseIndexMissingError as exc:  # keyword search asked of an older index
             raise HTTPException(status_code=409, detail=str(exc)) from exc
         except ValueError as exc:  # e.g. an unsupported filter operator
             raise HTTPException(status_code=422, detail=str(exc)) from exc
+        except (HtpIndexError, OSError, sqlite3.DatabaseError) as exc:
+            # Files of the served version damaged under the service (a segment read in place).
+            damage = await asyncio.to_thread(holder.check_served)
+            log.error("query failed on version %s: %s: %s", index.version, type(exc).__name__, exc)
+            raise HTTPException(status_code=503, detail=(
+                f"the index at {index.path} cannot answer: {damage or f'{type(exc).__name__}: {exc}'}; "
+                "restore its files or run `htp-index rebuild`")) from exc
         return QueryResponse(results=[QueryResult(**r) for r in results], version=index.version)
 
     return app
+
+
+def _printable(value: Any) -> Any:
+    """``value`` as JSON can carry it: lone surrogates and undecodable bytes replaced by U+FFFD,
+    NaN and infinities (which Python's JSON parser accepts in a body) spelled as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list | tuple):
+        return [_printable(item) for item in value]
+    if isinstance(value, dict):
+        return {_printable(key): _printable(item) for key, item in value.items()}
+    return value
 
 
 async def _watch(holder: IndexHolder, interval: float) -> None:

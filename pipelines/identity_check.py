@@ -1,0 +1,50 @@
+"""Whether an index accepts an encoder: the one rule the query and ingest paths share.
+
+An index records its encoder's identity, whose model fingerprint covers the weights
+(`htp_embed.fingerprint`). Indexes written before that recorded an architecture-only
+fingerprint; they keep opening with any weights of that architecture (they cannot tell weights
+apart), say so once, and carry the weights fingerprint from their next write on
+(`FaissVectorStore.upgrade_encoder`, called by the ingest engine).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from htp_embed.fingerprint import FINGERPRINT_KEY, accepts, upgradable
+
+log = logging.getLogger(__name__)
+
+_ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def index_accepts(index_dir: str | Path, recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether the index at ``index_dir``, recording encoder ``recorded``, accepts vectors or
+    queries of encoder ``current``; an accepted architecture-only record is logged once."""
+    if not accepts(recorded, current):
+        return False
+    if upgradable(recorded, current):
+        _announce_upgrade(index_dir, recorded[FINGERPRINT_KEY], current[FINGERPRINT_KEY])
+    return True
+
+
+def expected_identity(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The identity to check a store against: ``recorded`` itself when it is an older record
+    that ``current`` upgrades (the store compares exactly), else ``current``."""
+    return recorded if upgradable(recorded, current) else current
+
+
+def _announce_upgrade(index_dir: str | Path, old: str, new: str) -> None:
+    key = (str(Path(index_dir).resolve()), old)
+    if key in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(key)
+    log.warning(
+        "the index at %s records the architecture-only model fingerprint %s (written before "
+        "fingerprints covered the weights), so it cannot tell weights apart; accepting the "
+        "loaded weights %s of that architecture. The record is upgraded to the weights "
+        "fingerprint at the next ingest or rebuild",
+        index_dir, old, new,
+    )

@@ -1,0 +1,124 @@
+"""The encoder identity names the weights: other weights saved under the same model directory
+are refused by the query and ingest paths; dtype and device do not change the fingerprint;
+indexes recorded with the older architecture-only fingerprint keep opening."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from pipeline_helpers import write_docs
+from tiny_decoder import build_model
+from transformers import AutoModel
+
+import htp_embed.encoder
+from htp_embed import EncoderConfig
+from htp_embed import fingerprint as fp
+from indexes import EncoderMismatchError, FaissVectorStore
+from pipelines.ingest import ingest
+from pipelines.query import open_index
+from pipelines.settings import Settings
+
+
+@pytest.fixture
+def model_dir(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the tiny model directory (the tests overwrite its weights), with the
+    fingerprint cache in a fresh directory."""
+    monkeypatch.setenv("HTP_INDEX_CACHE", str(tmp_path / "cache"))
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+def settings_for(model: Path) -> Settings:
+    encoder = EncoderConfig(model=str(model), segmenter="sentencizer", show_progress=False)
+    return Settings(encoder=encoder, chunk_size=48, chunk_overlap=0)
+
+
+def save_other_weights(model: Path) -> None:
+    """A 'fine-tune' saved over the checkpoint: same architecture and vocabulary, new values.
+
+    Encoders of one process share a loaded model while one holds it (htp_embed.encoder), so
+    the encoders of the old weights are collected first, as in a new process.
+    """
+    vocab = AutoModel.from_pretrained(str(model)).config.vocab_size
+    build_model(vocab, seed=1).save_pretrained(model)
+    gc.collect()
+
+
+def test_bf16_and_float32_loads_share_a_fingerprint_and_other_weights_do_not(model_dir, tmp_path):
+    fp32 = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32)
+    bf16 = AutoModel.from_pretrained(str(model_dir), dtype=torch.bfloat16)
+    assert fp.weights_digest(fp32) == fp.weights_digest(bf16)  # hashed, no cache involved
+    first = fp.model_fingerprint(fp32)
+    assert first.startswith("arch:") and fp.architecture_part(first) == fp.architecture_fingerprint(fp32.config)
+    save_other_weights(model_dir)
+    other = fp.model_fingerprint(AutoModel.from_pretrained(str(model_dir)))
+    assert fp.architecture_part(other) == fp.architecture_part(first) and other != first
+
+
+def test_the_digest_is_cached_per_checkpoint_and_invalidated_by_a_new_save(model_dir, monkeypatch):
+    hashed = []
+    real = fp.weights_digest
+    monkeypatch.setattr(fp, "weights_digest", lambda model: hashed.append(1) or real(model))
+    first = fp.model_fingerprint(AutoModel.from_pretrained(str(model_dir)))
+    again = fp.model_fingerprint(AutoModel.from_pretrained(str(model_dir), dtype=torch.bfloat16))
+    assert first == again and len(hashed) == 1  # the second load read the cache
+    save_other_weights(model_dir)
+    assert fp.model_fingerprint(AutoModel.from_pretrained(str(model_dir))) != first
+    assert len(hashed) == 2
+
+
+def test_an_index_refuses_queries_and_ingests_from_other_weights_in_the_same_directory(model_dir, tmp_path):
+    settings = settings_for(model_dir)
+    ingest(write_docs(tmp_path / "src"), tmp_path / "idx", settings)
+    built = FaissVectorStore.read_manifest(tmp_path / "idx").encoder["model_fingerprint"]
+    assert open_index(tmp_path / "idx", settings).search("the cat", top_k=2)
+
+    save_other_weights(model_dir)
+    with pytest.raises(EncoderMismatchError) as query_error:
+        open_index(tmp_path / "idx", settings).search("the cat", top_k=2)
+    new = query_error.value.expected["model_fingerprint"]
+    assert new != built
+    assert built in str(query_error.value) and new in str(query_error.value)
+    assert "rebuild" in str(query_error.value)
+
+    write_docs(tmp_path / "src", {"more.txt": "the bird sang in the tree ."})
+    with pytest.raises(EncoderMismatchError) as ingest_error:
+        ingest(tmp_path / "src", tmp_path / "idx", settings)
+    assert built in str(ingest_error.value) and new in str(ingest_error.value)
+    assert FaissVectorStore.read_manifest(tmp_path / "idx").encoder["model_fingerprint"] == built
+
+
+def test_an_index_with_an_architecture_only_fingerprint_keeps_opening(model_dir, tmp_path, monkeypatch, caplog):
+    def architecture_only(model: torch.nn.Module) -> str:  # what htp-index wrote before
+        return fp.architecture_fingerprint(model.config)
+
+    settings = settings_for(model_dir)
+    with monkeypatch.context() as patch:
+        patch.setattr(htp_embed.encoder, "_model_fingerprint", architecture_only)
+        ingest(write_docs(tmp_path / "src"), tmp_path / "idx", settings)
+    recorded = FaissVectorStore.read_manifest(tmp_path / "idx").encoder["model_fingerprint"]
+    assert fp.is_architecture_only(recorded)
+
+    with caplog.at_level(logging.WARNING, logger="pipelines.identity_check"):
+        assert open_index(tmp_path / "idx", settings).search("the cat", top_k=2)
+        assert open_index(tmp_path / "idx", settings).search("the sea", top_k=2)
+        write_docs(tmp_path / "src", {"more.txt": "the bird sang in the tree ."})
+        stats = ingest(tmp_path / "src", tmp_path / "idx", settings)
+    assert stats.added == 1
+    said = [r.getMessage() for r in caplog.records if "architecture-only" in r.getMessage()]
+    assert len(said) == 1 and recorded in said[0] and "upgraded" in said[0]
+    upgraded = FaissVectorStore.read_manifest(tmp_path / "idx").encoder["model_fingerprint"]
+    assert upgraded.startswith(f"arch:{recorded}/weights:")  # the write carried the new record
+    assert open_index(tmp_path / "idx", settings).search("the bird", top_k=1)
+
+
+def test_an_architecture_only_record_is_accepted_only_for_its_architecture():
+    current = {"model": "m", "model_fingerprint": "arch:0123456789abcdef/weights:" + "0" * 32, "dim": 8}
+    assert fp.upgradable({**current, "model_fingerprint": "0123456789abcdef"}, current)
+    assert not fp.upgradable({**current, "model_fingerprint": "fedcba9876543210"}, current)
+    assert not fp.upgradable({**current, "model_fingerprint": "0123456789abcdef", "dim": 9}, current)
+    assert not fp.accepts({**current, "model_fingerprint": "arch:0123456789abcdef/weights:" + "1" * 32}, current)
