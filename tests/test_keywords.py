@@ -1,0 +1,264 @@
+"""The segment keyword engine (`indexes.keywords`): FTS5-equal scores, exact pruned top-k."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_paths import SCIFACT
+
+from indexes import keywords, sparse
+
+WORDS = (
+    "cell cells protein proteins gene genes expression cancer tumour tumor patients patient "
+    "treatment therapy mice mouse receptor receptors signalling signaling pathway pathways "
+    "insulin glucose diabetes obesity risk mortality infection virus viral immune response "
+    "increased decreased reduced activity binding kinase mutation mutations dna rna café naïve "
+    "running runs ran runner stem stemming analysis analyses clinical trial trials"
+).split()
+STOP = sorted(sparse.STOP_WORDS)
+
+
+def synthetic_texts(n: int, seed: int = 0) -> list[str]:
+    """Texts with a skewed vocabulary, stop words, diacritics and a few empty rows."""
+    rng = random.Random(seed)
+    texts = []
+    for i in range(n):
+        if i % 97 == 13:
+            texts.append("")
+            continue
+        length = rng.randint(3, 60)
+        words = [
+            rng.choice(STOP)
+            if rng.random() < 0.3
+            else WORDS[min(int(rng.expovariate(0.08)), len(WORDS) - 1)]
+            for _ in range(length)
+        ]
+        texts.append(" ".join(words).capitalize() + ".")
+    return texts
+
+
+def synthetic_queries(n: int, seed: int = 1) -> list[str]:
+    """Random OR queries of 1-12 words, stop words and duplicates included."""
+    rng = random.Random(seed)
+    return [
+        " ".join(rng.choice(WORDS + STOP[:5]) for _ in range(rng.randint(1, 12))) for _ in range(n)
+    ]
+
+
+def scifact_texts(limit: int) -> tuple[list[str], list[str]]:
+    """SciFact texts and claims (skips when the shared data is absent)."""
+    corpus = SCIFACT / "corpus.jsonl"
+    if not corpus.exists():
+        pytest.skip(f"SciFact not found at {corpus} (shared data not present)")
+    texts = []
+    with open(corpus, encoding="utf-8") as handle:
+        for line in handle:
+            doc = json.loads(line)
+            texts.append(f"{doc['title']} {doc['text']}")
+            if len(texts) == limit:
+                break
+    with open(SCIFACT / "queries.jsonl", encoding="utf-8") as handle:
+        queries = [json.loads(line)["text"] for line in handle][:200]
+    return texts, queries
+
+
+def fts5(texts: list[str]) -> sqlite3.Connection:
+    """Today's keyword table (as `indexes.sparse` builds it) over texts, rowid = row."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute(
+        f"CREATE VIRTUAL TABLE {sparse.FTS_TABLE} USING fts5(text, tokenize='{sparse.TOKENIZER}')"
+    )
+    conn.executemany(f"INSERT INTO {sparse.FTS_TABLE}(rowid, text) VALUES (?, ?)", enumerate(texts))
+    return conn
+
+
+def split(texts: list[str], parts: int) -> list[keywords.KeywordSegment]:
+    """The same rows cut into consecutive segments."""
+    bounds = np.linspace(0, len(texts), parts + 1).astype(int)
+    return [
+        keywords.KeywordSegment.from_texts(texts[a:b])
+        for a, b in zip(bounds, bounds[1:], strict=False)
+    ]
+
+
+def global_hits(segments, hits) -> dict[int, float]:
+    """(segment, row, score) -> {global row: score}."""
+    bases = np.concatenate([[0], np.cumsum([s.rows for s in segments])])
+    return {int(bases[s]) + r: score for s, r, score in hits}
+
+
+def assert_same_scores(expected: dict[int, float], got: dict[int, float]) -> None:
+    """Equal score multisets; rows equal except among ties at the cut."""
+    a, b = sorted(expected.values()), sorted(got.values())
+    assert np.allclose(a, b, rtol=1e-5, atol=0), (expected, got)
+    for row in set(expected) & set(got):
+        assert got[row] == pytest.approx(expected[row], rel=1e-5)
+    cut = min(a) if a else 0.0
+    for row in set(expected) ^ set(got):
+        assert (expected.get(row) or got[row]) == pytest.approx(cut, rel=1e-5)
+
+
+def check_against_fts5(texts: list[str], queries: list[str], k: int) -> int:
+    """Scores of the new engine equal FTS5's bm25(); returns the queries compared."""
+    conn = fts5(texts)
+    segment = keywords.KeywordSegment.from_texts(texts)
+    compared = 0
+    for query in queries:
+        if any("_" in term for term in keywords.query_terms(query)):
+            continue  # FTS5 makes a phrase of foo_bar; documented difference
+        expected = dict(sparse.search(conn, query, k))
+        got = global_hits([segment], keywords.search([segment], [None], query, k))
+        assert_same_scores(expected, got)
+        compared += 1
+    return compared
+
+
+def test_scores_equal_fts5_on_synthetic_texts() -> None:
+    texts = synthetic_texts(400)
+    assert check_against_fts5(texts, synthetic_queries(60), k=20) == 60
+
+
+def test_scores_equal_fts5_on_scifact() -> None:
+    texts, queries = scifact_texts(400)
+    assert check_against_fts5(texts, queries, k=10) > 150
+
+
+def test_segment_split_does_not_change_scores() -> None:
+    texts = synthetic_texts(500, seed=3)
+    one, five = split(texts, 1), split(texts, 5)
+    for query in synthetic_queries(40, seed=4):
+        a = global_hits(one, keywords.search(one, [None], query, 15))
+        b = global_hits(five, keywords.search(five, [None] * 5, query, 15))
+        assert_same_scores(a, b)
+
+
+def test_pruned_top_k_equals_brute_force() -> None:
+    texts = synthetic_texts(3000, seed=5)
+    segments = split(texts, 3)
+    rng = np.random.default_rng(6)
+    live = [rng.random(s.rows) > 0.2 for s in segments]
+    for query in synthetic_queries(80, seed=7):
+        for k in (1, 10, 100):
+            pruned = keywords.search(segments, live, query, k)
+            brute = keywords.search_exhaustive(segments, live, query, k)
+            assert_same_scores(global_hits(segments, brute), global_hits(segments, pruned))
+
+
+def test_live_masks_exclude_rows_without_changing_scores() -> None:
+    texts = synthetic_texts(600, seed=8)
+    segments = split(texts, 3)
+    query = "protein cancer expression kinase"
+    full = keywords.search(segments, [None] * 3, query, 50)
+    banned = {(s, r) for s, r, _ in full[::2]}
+    live = [np.ones(s.rows, bool) for s in segments]
+    for s, r in banned:
+        live[s][r] = False
+    masked = keywords.search(segments, live, query, 50)
+    assert not banned & {(s, r) for s, r, _ in masked}
+    scores = {(s, r): score for s, r, score in full}
+    for s, r, score in masked:
+        if (s, r) in scores:
+            assert score == scores[(s, r)]
+    # A filter that leaves fewer than k rows returns just those rows.
+    only = [np.zeros(s.rows, bool) for s in segments]
+    s0, r0, _ = full[1]
+    only[s0][r0] = True
+    assert [(s, r) for s, r, _ in keywords.search(segments, only, query, 10)] == [(s0, r0)]
+    nothing = [np.zeros(s.rows, bool) for s in segments]
+    assert keywords.search(segments, nothing, query, 10) == []
+
+
+def test_merge_equals_fresh_write(tmp_path: Path) -> None:
+    texts = synthetic_texts(900, seed=9)
+    folders = []
+    for i, (a, b) in enumerate([(0, 300), (300, 700), (700, 900)]):
+        folder = tmp_path / f"s{i}"
+        folder.mkdir()
+        keywords.write_keyword_index(folder, texts[a:b])
+        folders.append((folder, a))
+    segments = [keywords.KeywordSegment.open(f) for f, _ in folders]
+    rng = np.random.default_rng(10)
+    kept = [np.sort(rng.choice(s.rows, size=s.rows // 2, replace=False)) for s in segments]
+    kept[2] = np.zeros(0, np.int64)  # a part losing every row
+    merged_dir, fresh_dir = tmp_path / "merged", tmp_path / "fresh"
+    merged_dir.mkdir()
+    fresh_dir.mkdir()
+    keywords.merge_keyword_indexes(merged_dir, list(zip(segments, kept, strict=True)))
+    kept_texts = [
+        texts[base + int(r)] for (_, base), rows in zip(folders, kept, strict=True) for r in rows
+    ]
+    keywords.write_keyword_index(fresh_dir, kept_texts)
+    for name in keywords.KEYWORD_FILES:
+        assert (merged_dir / name).read_bytes() == (fresh_dir / name).read_bytes(), name
+    merged = keywords.KeywordSegment.open(merged_dir)
+    fresh = keywords.KeywordSegment.open(fresh_dir)
+    for query in synthetic_queries(20, seed=11):
+        assert keywords.search([merged], [None], query, 10) == keywords.search(
+            [fresh], [None], query, 10
+        )
+
+
+HOSTILE = [
+    '"unbalanced quote',
+    "prote* AND cancer OR NOT",
+    "NEAR(cell gene, 2)",
+    "-cancer +gene text:cell ^ {col}:x",
+    "nul\x00byte\x00protein",
+    "emoji 🧬🔬 cell 👩‍🔬",
+    "lone surrogate \ud800 cell",
+    "x" * 5000,
+    "protein " * 1000,
+    "the and of a to in",
+    "",
+    "   \t\n ",
+    "foo_bar ver1.1 café naïve",
+]
+
+
+def test_hostile_queries_do_not_raise() -> None:
+    segments = split(synthetic_texts(300, seed=12), 2)
+    for query in HOSTILE:
+        keywords.search(segments, [None, None], query, 10)
+    assert keywords.search(segments, [None, None], "the and of a to in", 10) == []
+    assert keywords.search(segments, [None, None], "protein", 0) == []
+    assert keywords.search(segments, [None, None], "protein", 10)
+
+
+def test_edge_texts_write_and_open(tmp_path: Path) -> None:
+    for i, texts in enumerate(
+        [[], [""], ["", "", ""], ["protein " * 20_000, "🧬 \x00 cell", "naïve CAFÉ \ud800"]]
+    ):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        keywords.write_keyword_index(folder, texts)
+        assert sorted(p.name for p in folder.iterdir()) == sorted(keywords.KEYWORD_FILES)
+        segment = keywords.KeywordSegment.open(folder)
+        assert segment.rows == len(texts)
+        hits = keywords.search([segment], [None], "protein cafe naive cell", 5)
+        if i == 3:
+            assert {r for _, r, _ in hits} == {0, 1, 2}
+            assert segment.total_tokens == 20_000 + 2 + 2
+        else:
+            assert hits == []
+
+
+def test_open_maps_postings_instead_of_reading_them(tmp_path: Path) -> None:
+    keywords.write_keyword_index(tmp_path, synthetic_texts(2000, seed=13))
+    segment = keywords.KeywordSegment.open(tmp_path)
+    for array in (segment.docs, segment.tfs, segment.doclen, segment.post_offsets):
+        base = array
+        while base.base is not None and not isinstance(base, np.memmap):
+            base = base.base
+        assert isinstance(base, np.memmap), "postings were read, not mapped"
+        assert not array.flags.writeable
+
+
+def test_query_tokens_count_once_per_term() -> None:
+    # "running" and "runs" both stem to "run": FTS5 sums the two phrases, so must we.
+    assert keywords.analyse_query("running runs the Running")["run"] == 2
+    assert keywords.query_terms("The cells AND cells") == sparse.query_terms("The cells AND cells")
