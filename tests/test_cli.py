@@ -93,3 +93,36 @@ def test_every_option_is_documented():
         assert result.exit_code == 0 and "Usage" in result.output, result.output
     assert set(group.commands) >= {"ingest", "rebuild", "query", "serve", "schedule", "info", "demo", "eval"}
     assert undocumented == []
+
+
+def test_verify_compact_and_migrate(env):
+    from indexes import read_manifest
+    from indexes_fixtures import make_nodes, unit_rows, write_format1_index
+
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    (env / "src" / "more.txt").write_text("the bird sang in the tree .")
+    run_json("ingest", "src", "--index", "idx")
+    assert len(read_manifest(env / "idx").segments) == 2
+    checked = run_json("verify", "--index", "idx")
+    assert checked["ok"] and checked["files"] > 10
+    compacted = run_json("compact", "--index", "idx")
+    assert (compacted["merges"], compacted["segments_before"], compacted["segments_after"]) == (1, 2, 1)
+    results = run_json("query", "the bird", "--index", "idx", "-k", "1")["results"]
+    assert results[0]["doc_id"] == "more.txt"
+    segment = read_manifest(env / "idx").segments[0]
+    path = env / "idx" / "segments" / segment.name / "vectors.faiss"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    bad = runner.invoke(app, ["verify", "--index", "idx"])
+    assert bad.exit_code == 1 and "vectors.faiss" in bad.output and "sha256" in bad.output
+
+    import numpy as np
+
+    write_format1_index(env / "old", make_nodes(unit_rows(np.random.default_rng(0), 5, 8)))
+    info = run_json("info", "--index", "old")
+    assert info["format"] == 1 and info["count"] == 5
+    migrated = runner.invoke(app, ["migrate", "--index", "old"])
+    assert migrated.exit_code == 0 and "version 2" in migrated.output
+    assert run_json("info", "--index", "old")["format"] == 2
