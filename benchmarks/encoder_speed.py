@@ -15,13 +15,16 @@
    subsample that `htp-index eval` uses (150 queries, 100 docs + their relevant ones, seed 0).
 6. Optionally (--startup) `htp-index demo` into a fresh folder and `htp-index query` on its
    index, wall time from process start, warm model cache.
+7. Short texts (8-30 tokens: SciFact claims, embedded as queries, what queries and
+   pseudo-queries are): float32 vs the default path and htp vs vanilla on the default path,
+   interleaved chunk by chunk, plus the latency of one query at a time.
 
 Throughput is reported as text tokens per second: the tokens of the user's text, not the
 placeholders or template, so extra work shows up as a lower figure. Writes
 benchmarks/results/encoder_speed.{json,md}.
 
     python benchmarks/encoder_speed.py [--n 256] [--chunk 32] [--device auto] [--no-amx] \
-        [--int8] [--quality] [--startup]
+        [--int8] [--quality] [--startup] [--short-n 256]
 """
 
 from __future__ import annotations
@@ -59,6 +62,85 @@ def load_texts(n: int) -> tuple[list[str], str]:
 
     texts = sample_texts()
     return (texts * (n // len(texts) + 1))[:n], "bundled sample corpus (repeated)"
+
+
+SHORT_TOKENS = (8, 30)
+
+
+def load_short_texts(n: int, count_tokens) -> tuple[list[str], str]:
+    """Up to n texts of 8-30 tokens: SciFact claims (real queries) when the shared data is
+    there, else sentences of the bundled corpus."""
+    queries = SCIFACT.with_name("queries.jsonl")
+    if queries.exists():
+        with queries.open() as handle:
+            candidates = [json.loads(line)["text"] for line in handle]
+        source = "SciFact claims"
+    else:
+        import re
+
+        from pipelines.sample_corpus import sample_texts
+
+        candidates = [s for t in sample_texts() for s in re.split(r"(?<=[.!?])\s+", t)]
+        source = "bundled corpus sentences"
+    low, high = SHORT_TOKENS
+    texts = [t for t in candidates if low <= count_tokens(t) <= high][:n]
+    return texts, f"{source} of {low}-{high} tokens ({len(texts)})"
+
+
+def interleaved_queries(encoders: dict, texts: list[str], chunk: int) -> tuple[dict, dict]:
+    """Texts and seconds per encoder embedding ``texts`` as queries, chunks interleaved with a
+    rotating first mover."""
+    names = list(encoders)
+    for encoder in encoders.values():  # warm-up
+        encoder.encode_queries(texts[:chunk])
+    seconds = dict.fromkeys(names, 0.0)
+    for c, start in enumerate(range(0, len(texts), chunk)):
+        part = texts[start : start + chunk]
+        for name in names[c % len(names) :] + names[: c % len(names)]:
+            began = time.perf_counter()
+            encoders[name].encode_queries(part)
+            seconds[name] += time.perf_counter() - began
+    return dict.fromkeys(names, len(texts)), seconds
+
+
+def single_query_latency(encoders: dict, texts: list[str], repeats: int = 3) -> dict:
+    """Median and p90 milliseconds of one query per call, encoders alternating call by call."""
+    import statistics
+
+    times: dict[str, list[float]] = {name: [] for name in encoders}
+    for _ in range(repeats):
+        for text in texts:
+            for name, encoder in encoders.items():
+                began = time.perf_counter()
+                encoder.encode_queries([text])
+                times[name].append(1000 * (time.perf_counter() - began))
+    return {name: {"median_ms": statistics.median(ts), "p90_ms": sorted(ts)[int(0.9 * (len(ts) - 1))]}
+            for name, ts in times.items()}
+
+
+def short_text_run(base, n: int, chunk: int) -> dict:
+    """Short texts: float32 vs default (htp), and htp vs vanilla on the default path."""
+    from htp_embed import HTPEncoder
+
+    texts, source = load_short_texts(n, base.count_tokens)
+    encoders = {
+        "float32 htp": HTPEncoder(base.config.model_copy(update={"dtype": "float32"})),
+        "default htp": base,
+        "default vanilla": base.with_method("vanilla"),
+    }
+    counts, seconds = interleaved_queries(encoders, texts, chunk)
+    texts_per_s = {name: counts[name] / seconds[name] for name in encoders}
+    latency = single_query_latency({k: encoders[k] for k in ("float32 htp", "default htp")}, texts[:16])
+    tokens = sum(base.count_tokens(t) for t in texts)
+    print(f"short texts: {texts_per_s}", flush=True)
+    return {
+        "source": source, "texts": len(texts), "text_tokens": tokens, "chunk": chunk,
+        "texts_per_s": texts_per_s,
+        "tokens_per_s": {name: tps * tokens / len(texts) for name, tps in texts_per_s.items()},
+        "default/float32": texts_per_s["default htp"] / texts_per_s["float32 htp"],
+        "htp/vanilla": texts_per_s["default htp"] / texts_per_s["default vanilla"],
+        "single_query_latency": latency,
+    }
 
 
 def rss_mb() -> float:
@@ -313,7 +395,8 @@ def cpu_description() -> dict:
     return {"cpu": name, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "bf16_instructions": list(cpu_bf16_instructions()),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none available in this run",
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+            "load_average": os.getloadavg()}
 
 
 def child(args: list[str], env: dict | None = None) -> dict:
@@ -334,6 +417,7 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="also measure int8 dynamic quantisation")
     parser.add_argument("--quality", action="store_true", help="NDCG@10 float32 vs default (minutes)")
     parser.add_argument("--startup", type=int, default=0, metavar="REPEATS", help="time demo and query REPEATS times")
+    parser.add_argument("--short-n", type=int, default=256, help="short texts (8-30 tokens); 0 skips them")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--no-amx-child", action="store_true", help=argparse.SUPPRESS)
@@ -363,6 +447,9 @@ def main() -> None:
     encoders = {m: base if m == "htp" else base.with_method(m) for m in METHODS}
     tokens, seconds, _ = interleaved(encoders, texts[: args.n], args.chunk, "methods")
     throughput = {m: tokens[m] / seconds[m] for m in METHODS}
+    result["dtype_decision"] = base.dtype_decision.summary()
+    if args.short_n:
+        result["short_texts"] = short_text_run(base, args.short_n, args.chunk)
 
     dtype = str(base.dtype).removeprefix("torch.")
     flops = useful_flops(base, texts[: args.precision_n])
@@ -406,6 +493,8 @@ def main() -> None:
         "ratios": {
             "default/float32 throughput": precision["speedup_vs_float32"]["default"],
             "htp/vanilla throughput": throughput["htp"] / throughput["vanilla"],
+            **({"short texts default/float32": result["short_texts"]["default/float32"],
+                "short texts htp/vanilla": result["short_texts"]["htp/vanilla"]} if "short_texts" in result else {}),
             "echo/vanilla throughput": throughput["echo"] / throughput["vanilla"],
             "htp/vanilla peak memory": memory["htp"]["peak_mb"] / memory["vanilla"]["peak_mb"],
             "echo/vanilla peak memory": memory["echo"]["peak_mb"] / memory["vanilla"]["peak_mb"],
@@ -473,6 +562,22 @@ def markdown(result: dict, args) -> str:
         f"{rows_m}\n\nTargets: default >= 2.0x float32 at cosine >= 0.99 and NDCG@10 within 0.5; "
         "htp throughput >= 0.95x vanilla; htp peak memory <= 1.10x vanilla.\n"
     )
+    if "short_texts" in result:
+        st = result["short_texts"]
+        lat = st["single_query_latency"]
+        rows = "\n".join(f"| {name} | {st['texts_per_s'][name]:.1f} | {st['tokens_per_s'][name]:.0f} |"
+                         for name in st["texts_per_s"])
+        text += (
+            f"\n## Short texts ({st['source']}, embedded as queries, chunks of {st['chunk']})\n\n"
+            "| encoder | texts/s | text tokens/s |\n|---|---|---|\n"
+            f"{rows}\n\ndefault/float32 {st['default/float32']:.2f}x; htp/vanilla {st['htp/vanilla']:.3f} "
+            "(target >= 0.95). One query per call: "
+            + "; ".join(f"{name} median {v['median_ms']:.1f} ms, p90 {v['p90_ms']:.1f} ms" for name, v in lat.items())
+            + ".\n"
+        )
+    if "dtype_decision" in result:
+        d = result["dtype_decision"]
+        text += f"\ndtype auto on this machine: {d['dtype']} ({d['source']}: {d['reason']}).\n"
     if "startup" in result:
         s = result["startup"]
         text += (f"\n## Start-up (warm model cache)\n\n`htp-index demo` into a fresh folder: median "

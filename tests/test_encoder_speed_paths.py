@@ -1,46 +1,118 @@
-"""How the encoder picks its CPU fast path, and that the exact float32 path stays selectable.
+"""How the encoder picks its CPU fast path (measured, cached), and that the exact float32
+path stays selectable.
 
 Speed itself is measured in benchmarks/encoder_speed.py, never asserted here.
 """
 
 from __future__ import annotations
 
+import json
+import time
+
 import numpy as np
 import pytest
 import torch
 from tiny_decoder import tiny_encoder
 
-from htp_embed import HTPEncoder, models
-from htp_embed.models import cpu_bf16_instructions, resolve_dtype
+from htp_embed import HTPEncoder, models, precision
+from htp_embed.models import cpu_bf16_instructions, resolve_dtype, resolve_dtype_decision
 
 CPU = torch.device("cpu")
 
 
-def test_auto_is_float32_on_a_cpu_without_native_bfloat16(monkeypatch):
-    monkeypatch.setattr(models, "cpu_bf16_instructions", lambda: ())
-    assert resolve_dtype("auto", CPU) == torch.float32
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh cache directory for dtype decisions, and no "already logged" memory."""
+    monkeypatch.setenv("HTP_INDEX_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "_logged", set())
+    return tmp_path
 
 
-def test_auto_is_bfloat16_on_a_cpu_with_amx(monkeypatch):
-    monkeypatch.setattr(models, "cpu_bf16_instructions", lambda: ("amx_bf16", "avx512_bf16"))
-    assert resolve_dtype("auto", CPU) == torch.bfloat16
+def measured(monkeypatch, speedups: dict[str, float]) -> list[tuple[int, int]]:
+    """Make the probe report ``speedups``; returns the shapes it was asked to probe."""
+    calls: list[tuple[int, int]] = []
+
+    def probe(shape=precision.DEFAULT_SHAPE, *args, **kwargs):
+        calls.append(tuple(shape))
+        return dict(speedups)
+
+    monkeypatch.setattr(precision, "probe_bf16_speedup", probe)
+    return calls
 
 
-def test_auto_stays_float32_with_avx512_bf16_alone_where_bfloat16_measured_slower(monkeypatch):
-    monkeypatch.setattr(models, "cpu_bf16_instructions", lambda: ("avx512_bf16",))
-    assert resolve_dtype("auto", CPU) == torch.float32
+def test_auto_is_float32_where_bfloat16_measures_slower(cache, monkeypatch):
+    # what AVX512-BF16 alone measured on an Intel CPU (0.74x): flags said "native", speed said no
+    measured(monkeypatch, {"24": 0.74, "256": 0.8})
+    assert resolve_dtype("auto", CPU, model="gemma3-270m") == torch.float32
 
 
-def test_auto_is_bfloat16_on_cuda(monkeypatch):
-    monkeypatch.setattr(models, "cpu_bf16_instructions", lambda: ())
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+def test_auto_is_bfloat16_where_it_measures_clearly_faster(cache, monkeypatch):
+    # what the Zen 4 CPU of issue 21 measured (no AMX, so the old flag rule chose float32)
+    calls = measured(monkeypatch, {"24": 1.75, "256": 2.17})
+    decision = resolve_dtype_decision("auto", CPU, model="gemma3-270m")
+    assert decision.dtype == "bfloat16" and decision.source == "measured"
+    assert calls == [(640, 2048)]  # shaped like the model's layers
+    assert "1.75x at 24 tokens" in decision.reason
 
 
-@pytest.mark.parametrize("instructions", [(), ("avx512_bf16",)])
-def test_an_explicit_dtype_is_kept_whatever_the_cpu(monkeypatch, instructions):
-    monkeypatch.setattr(models, "cpu_bf16_instructions", lambda: instructions)
+def test_auto_needs_a_clear_margin_at_every_probed_length(cache, monkeypatch):
+    measured(monkeypatch, {"24": precision.BF16_MIN_SPEEDUP - 0.05, "256": 2.0})
+    assert resolve_dtype("auto", CPU, model="gemma3-270m") == torch.float32
+
+
+def test_the_decision_is_cached_per_cpu_model_and_torch_version(cache, monkeypatch):
+    calls = measured(monkeypatch, {"24": 2.0, "256": 2.0})
+    first = resolve_dtype_decision("auto", CPU, model="gemma3-270m")
+    again = resolve_dtype_decision("auto", CPU, model="gemma3-270m")
+    assert len(calls) == 1 and first.source == "measured" and again.source == "cached"
+    assert again.dtype == first.dtype == "bfloat16" and again.reason == first.reason
+    stored = json.loads((cache / precision.DECISIONS_FILE).read_text())
+    (key,) = stored
+    assert precision.cpu_model() in key and f"torch {torch.__version__}" in key
+    # another model's layer shape is another measurement
+    resolve_dtype_decision("auto", CPU, model="smollm2-135m")
+    assert calls == [(640, 2048), (576, 1536)]
+
+
+def test_a_corrupt_decision_file_is_measured_again(cache, monkeypatch):
+    (cache / precision.DECISIONS_FILE).write_text("{not json")
+    calls = measured(monkeypatch, {"24": 0.9, "256": 0.9})
+    assert resolve_dtype("auto", CPU, model="gemma3-270m") == torch.float32 and len(calls) == 1
+
+
+def test_the_decision_is_logged_once_per_process(cache, monkeypatch, caplog):
+    measured(monkeypatch, {"24": 2.0, "256": 2.0})
+    with caplog.at_level("INFO", logger="htp_embed.precision"):
+        for _ in range(3):
+            resolve_dtype("auto", CPU, model="gemma3-270m")
+    assert sum("dtype auto" in record.getMessage() for record in caplog.records) == 1
+
+
+def test_auto_is_bfloat16_on_cuda(cache, monkeypatch):
+    calls = measured(monkeypatch, {"24": 0.5, "256": 0.5})
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16 and not calls
+
+
+@pytest.mark.parametrize("speedup", [0.5, 3.0])
+def test_an_explicit_dtype_is_kept_whatever_the_cpu_measures(cache, monkeypatch, speedup):
+    calls = measured(monkeypatch, {"24": speedup, "256": speedup})
     assert resolve_dtype("float32", CPU) == torch.float32
     assert resolve_dtype("bfloat16", CPU) == torch.bfloat16
+    assert not calls  # nothing is measured when nothing is to be decided
+
+
+def test_a_model_too_small_for_bfloat16_to_pay_stays_float32_unmeasured(cache, monkeypatch, tiny_model_dir):
+    calls = measured(monkeypatch, {"24": 3.0, "256": 3.0})
+    assert models.model_shape(str(tiny_model_dir)) == (64, 128)
+    decision = resolve_dtype_decision("auto", CPU, model=str(tiny_model_dir))
+    assert decision.dtype == "float32" and decision.source == "not measured" and not calls
+
+
+def test_the_real_probe_is_short_and_reports_every_length():
+    began = time.perf_counter()
+    speedups = precision.probe_bf16_speedup((256, 512), lengths=(8, 64), repeats=3)
+    assert set(speedups) == {"8", "64"} and all(value > 0 for value in speedups.values())
+    assert time.perf_counter() - began < 5  # generous: the cores may be shared
 
 
 def test_bfloat16_support_falls_back_to_cpuinfo_flags_without_torch_probes(monkeypatch):
@@ -71,8 +143,9 @@ def test_amx_without_its_bfloat16_flag_is_not_counted(monkeypatch):
     assert cpu_bf16_instructions() == ()
 
 
-def test_float32_stays_selectable_when_loading_by_path(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(models, "cpu_bf16_instructions", lambda: ("amx_bf16",))
+def test_float32_stays_selectable_when_loading_by_path(tiny_model_dir, monkeypatch, cache):
+    measured(monkeypatch, {"24": 2.0, "256": 2.0})
+    monkeypatch.setattr(precision, "MIN_PROBED_HIDDEN", 1)  # let the tiny model be measured
     exact = HTPEncoder(model=str(tiny_model_dir), dtype="float32", segmenter="sentencizer", show_progress=False)
     fast = HTPEncoder(model=str(tiny_model_dir), dtype="auto", segmenter="sentencizer", show_progress=False)
     assert exact.dtype == torch.float32 and next(exact.model.parameters()).dtype == torch.float32
@@ -103,3 +176,43 @@ def test_encoders_on_the_same_weights_share_one_loaded_model(tiny_model_dir):
     first = HTPEncoder(model=str(tiny_model_dir), dtype="float32", segmenter="sentencizer", show_progress=False)
     second = HTPEncoder(model=str(tiny_model_dir), dtype="float32", method="vanilla", show_progress=False)
     assert second.model is first.model and second.tokenizer is first.tokenizer
+
+
+def test_info_reads_the_cached_decision_without_torch_or_measuring(cache, monkeypatch):
+    measured(monkeypatch, {"24": 2.0, "256": 2.0})
+    resolve_dtype_decision("auto", CPU, model="gemma3-270m")
+    (found,) = precision.cached_decisions_here(640)
+    assert found["dtype"] == "bfloat16" and "2.00x" in found["reason"]
+    assert precision.cached_decisions_here(576) == []  # another model width: not measured yet
+
+
+def test_short_texts_are_batched_by_tokens_and_keep_their_vectors():
+    encoder = tiny_encoder(batch_size=2)
+    texts = [f"the cat sat on the mat number w{i} . the dog ran" for i in range(8)]
+    one_by_one = np.concatenate([encoder.encode_queries([text]) for text in texts])
+    real = encoder._embed_layouts
+    sizes: list[int] = []
+
+    def counted(layouts):
+        sizes.append(len(layouts))
+        return real(layouts)
+
+    encoder._embed_layouts = counted
+    batched = encoder.encode_queries(texts)
+    assert sizes == [8]  # 8 short texts fit 2 x SHORT_BATCH_WIDTH positions: one pass
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+
+
+def test_long_texts_keep_the_batch_size():
+    encoder = tiny_encoder(batch_size=2, max_length=512)
+    texts = [" ".join(["the cat sat on the mat ."] * 30)] * 4  # ~210 positions each
+    real = encoder._embed_layouts
+    sizes: list[int] = []
+
+    def counted(layouts):
+        sizes.append(len(layouts))
+        return real(layouts)
+
+    encoder._embed_layouts = counted
+    encoder.encode_documents(texts)
+    assert sizes == [2, 2]

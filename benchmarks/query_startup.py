@@ -1,0 +1,122 @@
+"""Cold `htp-index query`: wall and CPU time from process start to answer, and what it imports.
+
+Each run is a fresh interpreter on a warm model cache (the realistic second use of the tool).
+With ``--compare DIR`` the same runs alternate with another checkout of the project (e.g. the
+commit before a change, exported with `git archive`), so both see the same machine load:
+compare the ratio, not the seconds, when the cores are shared. ``-X importtime`` of one more
+run of each gives the biggest imports. Writes benchmarks/results/query_startup.{json,md}.
+
+    python benchmarks/query_startup.py --index DIR [--runs 3] [--compare OLD_CHECKOUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+QUERY = "How do summary tokens let early words see later sentences?"
+# The packages a query must not need (issue 21), and the heavy ones it does.
+WATCHED = ("torch", "transformers", "spacy", "llama_index", "faiss", "prefect", "dask", "fastapi")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cold_query(tree: Path, index: Path, importtime: bool = False) -> dict:
+    """One `python -m htp_cli query` in a fresh process run from ``tree``."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    flags = ["-X", "importtime"] if importtime else []
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, *flags, "-m", "htp_cli", "query", QUERY, "--index", str(index),
+                           "-k", "3", "--json"], capture_output=True, text=True, env=env, cwd=tree)
+    wall = time.perf_counter() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"query from {tree} failed: {done.stderr[-2000:]}")
+    run = {"wall_s": wall, "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
+    if importtime:
+        run["imports"] = biggest_imports(done.stderr)
+    return run
+
+
+def biggest_imports(stderr: str) -> dict:
+    """Cumulative import seconds of each watched package, wherever it was first imported
+    (absent: not imported at all)."""
+    found: dict[str, float] = {}
+    for line in stderr.splitlines():
+        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \| *(\S+)", line)
+        if match and match.group(2) in WATCHED:
+            found[match.group(2)] = max(found.get(match.group(2), 0.0), int(match.group(1)) / 1e6)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index", type=Path, required=True, help="a small index (htp-index demo makes one)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--compare", type=Path, help="another checkout to alternate with (the 'before')")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    trees = {"this checkout": ROOT}
+    if args.compare:
+        trees = {"before (--compare)": args.compare.resolve(), **trees}
+    load_before = os.getloadavg()
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for _ in range(args.runs):
+        for name, tree in trees.items():
+            runs[name].append(cold_query(tree, args.index.resolve()))
+            print(f"{name}: {runs[name][-1]}", flush=True)
+    imports = {name: cold_query(tree, args.index.resolve(), importtime=True)["imports"] for name, tree in trees.items()}
+    summary = {
+        name: {"median_wall_s": statistics.median(r["wall_s"] for r in rs),
+               "median_cpu_s": statistics.median(r["cpu_s"] for r in rs), "runs": rs,
+               "imports_s": imports[name]}
+        for name, rs in runs.items()
+    }
+    result = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+              "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "index": str(args.index), "query": QUERY, "trees": {k: str(v) for k, v in trees.items()},
+              "results": summary}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "query_startup.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "query_startup.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    rows = "\n".join(
+        f"| {name} | {s['median_wall_s']:.2f} | {s['median_cpu_s']:.2f} | "
+        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(s["imports_s"].items(), key=lambda kv: -kv[1]))
+        + " |"
+        for name, s in result["results"].items()
+    )
+    return (
+        f"# Cold `htp-index query` ({result['cpu']}, {result['cores']} cores, Python {result['python']})\n\n"
+        f"Query {result['query']!r} on {result['index']}, warm model cache, a fresh process per run, the "
+        f"checkouts alternating run by run; load average {result['load_average_before'][0]:.1f} before, "
+        f"{result['load_average_after'][0]:.1f} after (the cores are shared: compare within a row set).\n\n"
+        "| checkout | median wall s | median CPU s (user+sys) | cumulative import s (-X importtime, one run) |\n"
+        "|---|---|---|---|\n"
+        f"{rows}\n\nTarget (issue 21): <= 4 s wall on a small index.\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

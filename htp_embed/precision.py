@@ -1,0 +1,301 @@
+"""Which precision ``dtype="auto"`` runs in on a CPU: measured once per machine, then cached.
+
+A list of CPU flags cannot answer this. bfloat16 needs native instructions to pay, but having
+them is not enough: on an Intel CPU with AVX512-BF16 and oneDNN capped below AMX, bfloat16 ran
+the encoder at 0.74x float32, while an AMD EPYC (Zen 4) with the same AVX512-BF16 and no AMX ran
+it 1.8-2.2x faster (issue 21). So on first use on a CPU the encoder times a short probe shaped
+like the model's decoder layers (projections of its hidden and MLP sizes, attention, norms,
+activation, residual adds) in both precisions, interleaved, at a query-like and a
+document-like length, and takes bfloat16 only when it is clearly faster at both
+(``BF16_MIN_SPEEDUP``): "never slower than float32" matters more than the last few percent.
+
+The decision is cached per CPU model, torch version and layer shape in
+``<cache dir>/dtype_decisions.json`` (delete the file to measure again) and logged once per
+process. ``dtype="float32"`` or ``"bfloat16"`` overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a probe runs, so reading a cached decision is cheap
+    import torch
+
+log = logging.getLogger(__name__)
+
+#: bfloat16 must run the probe at least this much faster than float32, at every probed length.
+#: The margin absorbs probe noise on busy cores and the part of a real forward pass the probe
+#: does not model (the full model measured 1.8-2.2x where its matmuls alone gain ~2.7x).
+BF16_MIN_SPEEDUP = 1.15
+#: Tokens per probed sequence: a query or pseudo-query, and a document chunk.
+PROBE_LENGTHS = (24, 256)
+#: Timed repetitions per precision and length, after one warm-up each (well under 1 s in all
+#: on 2 Zen 4 cores for Gemma3-270M's shapes).
+PROBE_REPEATS = 7
+DECISIONS_FILE = "dtype_decisions.json"
+#: Layer shape probed when the model's own is unknown: Gemma3-270M, the default model.
+DEFAULT_SHAPE = (640, 2048)
+#: Below this hidden size per-operator overhead, not arithmetic, sets the speed, and a probe
+#: would measure noise: such models (test decoders) stay float32 without measuring, so they
+#: behave the same on every machine.
+MIN_PROBED_HIDDEN = 256
+
+_logged: set[str] = set()
+_guard = threading.Lock()
+
+
+@dataclass(frozen=True)
+class DtypeDecision:
+    """What ``dtype="auto"`` resolved to on this machine, and why."""
+
+    dtype: str  # "float32" or "bfloat16"
+    reason: str  # one line, for logs, `htp-index info` and benchmarks
+    speedups: dict[str, float] | None = None  # bf16/fp32 probe speed per probed length
+    cpu: str = ""
+    torch: str = ""
+    shape: tuple[int, int] | None = None  # (hidden, intermediate) probed
+    measured_at: float | None = None  # time.time() of the probe
+    source: str = "measured"  # measured, cached, cuda, explicit, not measured
+    bf16_instructions: tuple[str, ...] = ()  # native bf16 instruction sets found, for reports
+
+    def summary(self) -> dict[str, object]:
+        """A JSON-ready record (what `htp-index info` prints)."""
+        data = asdict(self)
+        data["shape"] = list(self.shape) if self.shape else None
+        data["bf16_instructions"] = list(self.bf16_instructions)
+        return data
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith(("model name", "Model name")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def decision_key(cpu: str, torch_version: str, shape: tuple[int, int], threads: int) -> str:
+    """The cache key: what makes a measurement valid elsewhere. Thread count is in it because
+    a probe on 2 threads says little about 32."""
+    return f"{cpu} | torch {torch_version} | {threads} threads | layers {shape[0]}x{shape[1]}"
+
+
+def _decisions_path(cache_dir: Path) -> Path:
+    return Path(cache_dir) / DECISIONS_FILE
+
+
+def read_decisions(cache_dir: Path) -> dict[str, dict]:
+    """All cached decisions (an unreadable or corrupt file counts as empty: it is re-measured)."""
+    try:
+        data = json.loads(_decisions_path(cache_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_decision(cache_dir: Path, key: str, decision: DtypeDecision) -> None:
+    """Add one decision to the cache file atomically; a read-only cache just re-measures."""
+    path = _decisions_path(cache_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        decisions = read_decisions(cache_dir)
+        decisions[key] = decision.summary()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(decisions, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("cannot cache the dtype decision in %s: %s", path, exc)
+
+
+def _probe_layer(hidden: int, intermediate: int, dtype: torch.dtype, generator: torch.Generator):
+    """A decoder layer's arithmetic at the model's sizes, random weights: RMS norms computed in
+    float32 and cast back (as Gemma and Llama do), q/k/v/o projections, causal attention,
+    a gated tanh-GELU MLP and two residual adds. Returns ``run(x)``."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812 - the usual name
+
+    heads = max(hidden // 64, 1)
+    head_dim = hidden // heads
+
+    def weight(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=generator) / cols**0.5).to(dtype)
+
+    qkv, out = weight(3 * hidden, hidden), weight(hidden, hidden)
+    gate_up, down = weight(2 * intermediate, hidden), weight(hidden, intermediate)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        return (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = F.linear(norm(x), qkv).view(batch, length, 3, heads, head_dim).unbind(2)
+        attended = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        x = x + F.linear(attended.transpose(1, 2).reshape(batch, length, hidden), out)
+        gate, up = F.linear(norm(x), gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.gelu(gate, approximate="tanh") * up, down)
+
+    return run
+
+
+def probe_bf16_speedup(
+    shape: tuple[int, int] = DEFAULT_SHAPE,
+    lengths: tuple[int, ...] = PROBE_LENGTHS,
+    repeats: int = PROBE_REPEATS,
+) -> dict[str, float]:
+    """float32 time / bfloat16 time of one probe layer per sequence length (> 1: bf16 faster).
+
+    The two precisions alternate run by run, so a neighbour's load falls on both alike, and
+    each ratio is of medians.
+    """
+    import torch
+
+    hidden, intermediate = shape
+    generator = torch.Generator().manual_seed(0)
+    layers = {dt: _probe_layer(hidden, intermediate, dt, generator) for dt in (torch.float32, torch.bfloat16)}
+    speedups: dict[str, float] = {}
+    with torch.inference_mode():
+        for length in lengths:
+            x32 = torch.randn(1, length, hidden, generator=generator)
+            inputs = {torch.float32: x32, torch.bfloat16: x32.to(torch.bfloat16)}
+            times: dict[torch.dtype, list[float]] = {dt: [] for dt in layers}
+            for dt, layer in layers.items():  # warm-up: oneDNN primitives, allocations
+                layer(inputs[dt])
+            for _ in range(repeats):
+                for dt, layer in layers.items():
+                    began = time.perf_counter()
+                    layer(inputs[dt])
+                    times[dt].append(time.perf_counter() - began)
+            speedups[str(length)] = statistics.median(times[torch.float32]) / statistics.median(
+                times[torch.bfloat16]
+            )
+    return speedups
+
+
+def decide(speedups: dict[str, float], threshold: float = BF16_MIN_SPEEDUP) -> tuple[str, str]:
+    """``(dtype, reason)`` from probe speedups: bfloat16 only if it is clearly faster at every
+    probed length."""
+    shown = ", ".join(f"{speedup:.2f}x at {length} tokens" for length, speedup in speedups.items())
+    worst = min(speedups.values())
+    if worst >= threshold:
+        return "bfloat16", f"bfloat16 measured {shown} float32's speed (needs >= {threshold:.2f}x)"
+    return "float32", f"bfloat16 measured only {shown} float32's speed (needs >= {threshold:.2f}x)"
+
+
+def cpu_dtype_decision(shape: tuple[int, int] | None = None, cache_dir: Path | None = None) -> DtypeDecision:
+    """The measured (or cached) precision for ``dtype="auto"`` on this CPU; logged once."""
+    import torch
+
+    from htp_embed.models import cpu_bf16_instructions, default_cache_dir
+
+    shape = shape or DEFAULT_SHAPE
+    instructions = cpu_bf16_instructions()
+    cpu, threads = cpu_model(), torch.get_num_threads()
+    if shape[0] < MIN_PROBED_HIDDEN:
+        return DtypeDecision(
+            "float32", f"hidden size {shape[0]} < {MIN_PROBED_HIDDEN}: too small for bfloat16 to pay",
+            cpu=cpu, torch=torch.__version__, shape=shape, source="not measured",
+            bf16_instructions=instructions,
+        )
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = decision_key(cpu, torch.__version__, shape, threads)
+    # Two encoders (threads or processes, e.g. Dask workers) opening at once measure once and
+    # agree.
+    with _guard, _file_lock(_decisions_path(cache).with_suffix(".lock")):
+        stored = read_decisions(cache).get(key)
+        if _valid(stored):
+            decision = DtypeDecision(
+                dtype=stored["dtype"], reason=stored["reason"], speedups=stored.get("speedups"),
+                cpu=cpu, torch=torch.__version__, shape=shape,
+                measured_at=stored.get("measured_at"), source="cached", bf16_instructions=instructions,
+            )
+        else:
+            began = time.perf_counter()
+            speedups = probe_bf16_speedup(shape)
+            dtype, reason = decide(speedups)
+            decision = DtypeDecision(
+                dtype=dtype, reason=f"{reason}; probe took {time.perf_counter() - began:.2f} s",
+                speedups=speedups, cpu=cpu, torch=torch.__version__, shape=shape,
+                measured_at=time.time(), source="measured", bf16_instructions=instructions,
+            )
+            _write_decision(cache, key, decision)
+        if key not in _logged:
+            _logged.add(key)
+            where = _decisions_path(cache)
+            log.info("dtype auto on %s (%d threads): %s (%s; %s, delete it to measure again)",
+                     cpu, threads, decision.dtype, decision.reason, where)
+    return decision
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` across processes where the OS has flock (else none)."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")  # noqa: SIM115 - closed below
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def cache_root() -> Path:
+    """``$HTP_INDEX_CACHE`` or the user cache directory (as ``models.default_cache_dir``,
+    without importing torch)."""
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("HTP_INDEX_CACHE") or user_cache_dir("htp-index"))
+
+
+def cached_decisions_here(hidden_size: int | None = None, cache_dir: Path | None = None) -> list[dict]:
+    """The cached decisions for this CPU model and installed torch (optionally one model width),
+    read without importing torch or measuring anything: what `htp-index info` shows."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        return []
+    cpu = cpu_model()
+    found = []
+    for key, record in read_decisions(Path(cache_dir) if cache_dir else cache_root()).items():
+        if not (_valid(record) and record.get("cpu") == cpu):
+            continue
+        # the distribution's version lacks torch's local tag ("2.13.0" for "2.13.0+cpu")
+        if str(record.get("torch", "")).split("+")[0] != torch_version.split("+")[0]:
+            continue
+        shape = record.get("shape") or [None]
+        if hidden_size is None or shape[0] == hidden_size:
+            found.append({"key": key, "dtype": record["dtype"], "reason": record["reason"]})
+    return found
+
+
+def _valid(stored: object) -> bool:
+    return (
+        isinstance(stored, dict)
+        and stored.get("dtype") in ("float32", "bfloat16")
+        and isinstance(stored.get("reason"), str)
+    )
