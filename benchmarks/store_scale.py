@@ -204,6 +204,24 @@ def measure(path: Path, n_queries: int) -> dict:
     }
 
 
+def compact(path: Path) -> dict:
+    """Run in a fresh process: ``htp-index compact``'s work, its time and peak memory."""
+    from pipelines.maintenance import compact_index
+
+    began = time.perf_counter()
+    stats = compact_index(path)
+    return {"compact_s": time.perf_counter() - began, "compact_peak_rss_mib": peak_rss_mib(),
+            "compact_segments_before": stats.segments_before}
+
+
+def _child(path: Path, *args: str) -> dict:
+    child = subprocess.run(
+        [sys.executable, __file__, *args[:1], str(path), *args[1:]],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def _batches(store, size: int = 65_536):
     ids, vecs = [], []
     for node_id, vector in store.iter_embeddings(batch_size=4096):
@@ -218,11 +236,11 @@ def _batches(store, size: int = 65_536):
 
 def table(rows: list[dict]) -> str:
     """The Markdown table of the results."""
-    head = ("| nodes | segments | open | +10 nodes | dense p50/p95 | keyword p50/p95 | hybrid p50/p95 "
+    head = ("| nodes | state | segments | open | +10 nodes | dense p50/p95 | keyword p50/p95 | hybrid p50/p95 "
             "| recall@10 | disk 3 versions | RSS after open | peak RSS (vectors) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = [
-        f"| {r['count']:,} | {r['segments']} | {r['open_s']:.2f} s | {r['add10_persist_s']:.2f} s "
+        f"| {r['count']:,} | {r['state']} | {r['segments']} | {r['open_s']:.2f} s | {r['add10_persist_s']:.2f} s "
         f"| {r['dense_p50_ms']:.1f} / {r['dense_p95_ms']:.1f} ms "
         f"| {r['sparse_p50_ms']:.1f} / {r['sparse_p95_ms']:.1f} ms "
         f"| {r['hybrid_p50_ms']:.1f} / {r['hybrid_p95_ms']:.1f} ms | {r['recall_at_10']:.3f} "
@@ -230,7 +248,12 @@ def table(rows: list[dict]) -> str:
         f"| {r['peak_rss_mib']:.0f} MiB ({r['vectors_mib']:.0f}) |"
         for r in rows
     ]
-    return head + "\n".join(lines) + "\n"
+    notes = [
+        f"- {r['size']:,}: `htp-index compact` of {r['compact_segments_before']} segments took "
+        f"{r['compact_s']:.0f} s at a peak of {r['compact_peak_rss_mib']:.0f} MiB."
+        for r in rows if "compact_s" in r
+    ]
+    return head + "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def main() -> None:
@@ -242,9 +265,13 @@ def main() -> None:
     parser.add_argument("--keep-other-sizes", action="store_true",
                         help="keep rows of sizes not run this time from the existing results file")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--compact-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args.queries)))
+        return
+    if args.compact_only is not None:
+        print(json.dumps(compact(args.compact_only)))
         return
     work = Path(tempfile.mkdtemp(prefix="store-scale-", dir=args.workdir))
     rows = []
@@ -253,13 +280,16 @@ def main() -> None:
             path = work / f"n{n}"
             print(f"building {n:,} nodes in {path}", flush=True)
             build(path, n, args.batch)
-            child = subprocess.run(
-                [sys.executable, __file__, "--measure", str(path), "--queries", str(args.queries)],
-                check=True, capture_output=True, text=True,
-            )
-            row = {"size": n, **json.loads(child.stdout.strip().splitlines()[-1])}
+            row = {"size": n, "state": "as ingested",
+                   **_child(path, "--measure", "--queries", str(args.queries))}
             rows.append(row)
             print(json.dumps(row, indent=1), flush=True)
+            if row["segments"] > 1:
+                compacted = _child(path, "--compact-only")
+                measured = _child(path, "--measure", "--queries", str(args.queries))
+                row = {"size": n, "state": "after compact", **compacted, **measured}
+                rows.append(row)
+                print(json.dumps(row, indent=1), flush=True)
             shutil.rmtree(path, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -389,7 +389,7 @@ def verify(
 @app.command()
 def compact(
     index: IndexOpt,
-    due_only: Annotated[bool, typer.Option("--due-only", help="run only the merges the merge policy has due (what ingest does) instead of merging everything")] = False,
+    due_only: Annotated[bool, typer.Option("--due-only", help="run only the merges the merge policy has due (what ingest does, plus those too big to run inside a commit) instead of merging everything")] = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:

@@ -39,6 +39,7 @@ class MergePolicy:
     floor_rows: int = 2_000
     factor: int = 10
     max_merged_rows: int = 2_000_000
+    max_inline_rows: int = 250_000
     max_deleted_fraction: float = 0.2
 
     def level(self, segment: SegmentSize) -> int:
@@ -47,7 +48,22 @@ class MergePolicy:
         return math.ceil(math.log(rows / self.floor_rows, self.factor) - 1e-9)
 
     def select(self, segments: Sequence[SegmentSize]) -> list[list[int]]:
-        """Runs of neighbouring segment positions to merge, each into one segment (disjoint)."""
+        """Runs of neighbouring segment positions to merge, each into one segment (disjoint):
+        those a commit runs inline, each writing at most ``max_inline_rows`` rows, so adding
+        ten rows never turns into rewriting a million (`deferred` lists the bigger ones, which
+        ``htp-index compact`` runs)."""
+        return [m for m in self.due(segments) if self._rows(segments, m) <= self.max_inline_rows]
+
+    def deferred(self, segments: Sequence[SegmentSize]) -> list[list[int]]:
+        """Merges the policy wants that are too big to run inside a commit."""
+        return [m for m in self.due(segments) if self._rows(segments, m) > self.max_inline_rows]
+
+    @staticmethod
+    def _rows(segments: Sequence[SegmentSize], merge: list[int]) -> int:
+        return sum(segments[i].live for i in merge)
+
+    def due(self, segments: Sequence[SegmentSize]) -> list[list[int]]:
+        """Every merge the level rule and the deleted-rows rule ask for (disjoint)."""
         merges: list[list[int]] = []
         taken: set[int] = set()
         position = 0

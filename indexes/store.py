@@ -366,6 +366,14 @@ class FaissVectorStore(BasePydanticVectorStore):
                 return self._version
             self._flush()
             self._merge(self._policy.select(self._sizes()))
+            waiting = self._policy.deferred(self._sizes())
+            if waiting:
+                logger.warning(
+                    "%s: %d merge(s) of more than %d rows are due; they do not run inside a "
+                    "commit: run `htp-index compact --index %s` (queries visit %d segments)",
+                    self._root, len(waiting), self._policy.max_inline_rows, self._root,
+                    len(self._segments),
+                )
             publish = [(s.staging, s.name) for s in self._segments if s.staging is not None]
             manifest = persist.commit(
                 self._root,
@@ -682,13 +690,14 @@ class FaissVectorStore(BasePydanticVectorStore):
             return f"merged {merged} group(s) of segments" if merged else None
 
     def compact(self, *, everything: bool = False) -> int:
-        """Write pending rows as a segment and run the merge policy's merges (all neighbours up
-        to the size limit, dropping every deleted row, with ``everything``); returns the number
-        of merges. The next :meth:`persist` commits the result."""
+        """Write pending rows as a segment and run every merge the policy has due, including
+        those too big to run inside a commit (all neighbours up to the size limit, dropping
+        every deleted row, with ``everything``); returns the number of merges. The next
+        :meth:`persist` commits the result."""
         with self._lock:
             self._flush()
             sizes = self._sizes()
-            plan = self._policy.select_all(sizes) if everything else self._policy.select(sizes)
+            plan = self._policy.select_all(sizes) if everything else self._policy.due(sizes)
             self._merge(plan)
             if plan:
                 self._touch()
@@ -733,7 +742,12 @@ class FaissVectorStore(BasePydanticVectorStore):
             dropped.update(group)
             if len(ids) == 0:
                 continue
-            x = np.concatenate([p.reader.reconstruct(p.live_ids()) for p in parts])
+            x = np.empty((len(ids), self._spec.dim), dtype=np.float32)  # one copy, filled in place
+            at = 0
+            for part in parts:
+                part_ids = part.live_ids()
+                x[at : at + len(part_ids)] = part.reader.reconstruct(part_ids)
+                at += len(part_ids)
             keyword_parts = [(p.reader.keywords, p.reader.positions(p.live_ids())) for p in parts]
             written = segments.write_segment(
                 self._root,

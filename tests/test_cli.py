@@ -96,8 +96,9 @@ def test_every_option_is_documented():
 
 
 def test_verify_compact_and_migrate(env):
-    from indexes import read_manifest
     from indexes_fixtures import make_nodes, unit_rows, write_format1_index
+
+    from indexes import read_manifest
 
     write_docs(env / "src")
     run_json("ingest", "src", "--index", "idx")

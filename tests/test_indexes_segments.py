@@ -188,6 +188,11 @@ def test_merge_policy_merges_neighbours_of_one_level_and_rewrites_deleted_heavy_
     assert policy.select([tiny, tiny, big, tiny]) == []  # not neighbours
     assert policy.select([SegmentSize(rows=1000, deleted=300), tiny]) == [[0]]
     assert policy.select_all([big, tiny, SegmentSize(rows=5, deleted=5)]) == [[0, 1, 2]]
+    inline = MergePolicy(segments_per_level=3, floor_rows=10, factor=10, max_inline_rows=2000)
+    level_two = SegmentSize(rows=900, deleted=0)
+    assert inline.due([level_two] * 3) == [[0, 1, 2]]
+    assert inline.select([level_two] * 3) == []  # 2,700 rows: too big to rewrite inside a commit
+    assert inline.deferred([level_two] * 3) == [[0, 1, 2]]
 
 
 def test_a_crash_between_publishing_segments_and_the_switch_leaves_no_orphan_after_the_next_commit(
