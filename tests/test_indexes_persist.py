@@ -288,3 +288,24 @@ def test_a_staged_replacement_leaves_the_live_version_serving_until_it_persists(
     assert new_version > live_version
     reopened = FaissVectorStore.open(tmp_path / "idx", expected_encoder={"model": "b"})
     assert reopened.count == 3 and reopened.dim == 8
+
+
+def test_a_read_only_index_directory_fails_the_write_and_keeps_serving(tmp_path, monkeypatch):
+    """As root (CI) chmod does not stop writes, so the read-only filesystem's error is injected
+    where a commit first creates a file; the message names the fault, nothing is half-written."""
+    import tempfile
+
+    store = filled_store(tmp_path)
+    store.add(make_nodes(unit_rows(np.random.default_rng(6), 5, DIM), prefix="ro"))
+    before = sorted(p.name for p in store.path.rglob("*"))
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    with pytest.raises(OSError, match="Read-only file system"):
+        store.persist()
+    monkeypatch.undo()
+    assert sorted(p.name for p in store.path.rglob("*")) == before
+    assert FaissVectorStore.open(store.path).count == 800
+    assert store.persist() == 3 and FaissVectorStore.open(store.path).count == 805
