@@ -70,8 +70,10 @@ def clustered(rng: np.random.Generator, n: int, centres: np.ndarray) -> np.ndarr
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def build(path: Path, n: int, batch: int) -> None:
-    """An index of ``n`` nodes, ``batch`` nodes per persist."""
+def build(path: Path, n: int, batch: int, encoder: dict | None = None) -> None:
+    """An index of ``n`` nodes, ``batch`` nodes per persist, recorded as made by ``encoder``
+    (a synthetic identity by default; the service benchmark records a real one so that the
+    service loads that model to embed its queries)."""
     from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
 
     from indexes import FaissVectorStore
@@ -79,7 +81,7 @@ def build(path: Path, n: int, batch: int) -> None:
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((256, DIM)).astype(np.float32)
     pool = sentences()
-    store = FaissVectorStore.create(path, dim=DIM, encoder=ENCODER, use_gpu=False)
+    store = FaissVectorStore.create(path, dim=DIM, encoder=encoder or ENCODER, use_gpu=False)
     began = time.perf_counter()
     for start in range(0, n, batch):
         count = min(batch, n - start)

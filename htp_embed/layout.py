@@ -42,6 +42,15 @@ class Layout:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def after(self, start: int) -> Layout:
+        """This layout without its first ``start`` positions (a prefix computed elsewhere),
+        every position renumbered from the cut."""
+        return Layout(
+            ids=self.ids[start:], pool=[p - start for p in self.pool], readout=self.readout - start,
+            copy_src=[p - start for p in self.copy_src], copy_dst=[p - start for p in self.copy_dst],
+            n_blocks=self.n_blocks, truncated=self.truncated,
+        )
+
 
 @dataclass(frozen=True)
 class TokenizedText:

@@ -222,6 +222,7 @@ def test_early_exit_equals_that_layers_hidden_state_and_skips_later_layers(exit_
 
 def test_pooling_excludes_placeholders_and_template_tokens():
     encoder = tiny_encoder(bos=True, k=1, exit_layer=-1)
+    encoder._prefix_cache = None  # the hook reads full-length states (the cache: test_encoder_prefix_cache)
     layout = encoder.layouts([THREE_SENTENCES], is_query=True)[0]
     hidden_at: dict[str, torch.Tensor] = {}
     last = encoder._layers[-1]

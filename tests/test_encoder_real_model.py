@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from htp_embed import HTPEncoder
 
@@ -49,3 +50,46 @@ def test_smollm2_loads_and_embeds():
     assert vectors.shape == (3, 576)
     similarity = vectors @ vectors.T
     assert similarity[0, 1] > similarity[0, 2]
+
+
+@pytest.mark.parametrize("name", ["gemma3-270m", "smollm2-135m"])
+def test_packaged_tokenizer_matches_auto_tokenizer(name):
+    """The fast loader of a packaged model's tokenizer (read from tokenizer.json as it is)
+    tokenizes exactly as transformers' AutoTokenizer does, special tokens and padding included."""
+    from transformers import AutoTokenizer
+
+    from htp_embed.models import _load_packaged_tokenizer, default_cache_dir, load_model
+
+    _, fast = load_model(name, dtype=torch.float32)  # also writes the converted copy if missing
+    path = default_cache_dir() / "models" / f"{name}-float32"
+    auto = AutoTokenizer.from_pretrained(str(path))
+    direct = _load_packaged_tokenizer(path)
+    assert type(fast) is type(direct)
+    texts = [*TEXTS, "x", "  spaces \n\n tabs\t", "émoji 🤖 中文 ∂x/∂t", "<bos> and <eos> <pad> as text",
+             "<start_of_turn>user", "\u00a0nbsp\u200bzero-width"]
+    for options in (
+        {"add_special_tokens": False, "split_special_tokens": True, "return_offsets_mapping": True},
+        {"add_special_tokens": True},
+        {"add_special_tokens": False},
+    ):
+        expected, got = auto(texts, **options), direct(texts, **options)
+        assert got["input_ids"] == expected["input_ids"], options
+        if "offset_mapping" in expected:
+            assert got["offset_mapping"] == expected["offset_mapping"]
+    for attribute in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "padding_side",
+                      "all_special_ids"):
+        assert getattr(direct, attribute) == getattr(auto, attribute), attribute
+    assert direct.get_vocab() == auto.get_vocab()
+
+
+
+def test_default_model_reuses_the_query_prefix_with_the_plain_vectors():
+    encoder = HTPEncoder(show_progress=False, dtype="float32")
+    queries = ["How do cells make ATP?", "who won the football match in the rain", "mitochondria"]
+    cache, encoder._prefix_cache = encoder._prefix_cache, None
+    plain = encoder.encode_queries(queries)
+    encoder._prefix_cache = cache
+    encoder.encode_queries(queries)  # the first batch checks the reuse
+    assert encoder._prefix_cache is not None and encoder._prefix_cache.verified
+    reused = np.concatenate([encoder.encode_queries([q]) for q in queries])
+    assert float(np.min(np.sum(plain * reused, axis=1))) > 0.99999

@@ -1,0 +1,160 @@
+"""One query at a time through the HTTP service: what a RAG app waits for when the service is idle.
+
+    python benchmarks/service_latency.py [--queries 150] [--nodes 100000]
+
+Two indexes, each served by its own ``htp-index serve`` process (default settings, batching
+on), one client sending one ``POST /query`` after the other (top 5), the three modes rotating
+query by query so that noise on the machine hits them alike:
+
+* ``demo``: the bundled sample corpus ingested with the default settings (the demo's index);
+* ``N nodes``: an index of N nodes built through the store API (``store_scale.build``: real
+  SciFact sentences as texts, clustered synthetic vectors) recorded as made by the default
+  encoder, so the service loads the real model and embeds every query; only the vectors are
+  synthetic, which is what a latency figure needs.
+
+Beside the service figures, the same queries are embedded in this process with the same encoder
+(``encode_queries`` of one text): the part of a dense or hybrid query that is the model's, and
+the floor below which the service cannot go. Writes ``benchmarks/results/service_latency.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from load_test import command, free_port
+from machine import cpu_model
+from store_scale import build, queries
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MODES = ("dense", "sparse", "hybrid")
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q))
+
+
+def serve_and_measure(index: Path, texts: list[str], env: dict[str, str]) -> dict:
+    """Start the service on ``index``, warm it up, then time each text in each mode."""
+    port = free_port()
+    server = subprocess.Popen(command("serve", "--index", str(index), "--port", str(port)), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the service did not start: {server.stderr.read() if server.stderr else ''}")
+            time.sleep(0.5)
+        latencies: dict[str, list[float]] = {mode: [] for mode in MODES}
+        with httpx.Client(base_url=base, timeout=60) as http:
+            for text in texts[:5]:  # warm-up: first calls allocate and fault weights in
+                for mode in MODES:
+                    http.post("/query", json={"query": text, "top_k": 5, "mode": mode}).raise_for_status()
+            for i, text in enumerate(texts):
+                for mode in MODES[i % 3:] + MODES[: i % 3]:
+                    began = time.perf_counter()
+                    response = http.post("/query", json={"query": text, "top_k": 5, "mode": mode})
+                    latencies[mode].append((time.perf_counter() - began) * 1000)
+                    response.raise_for_status()
+            health = http.get("/health").json()
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {"encoder": health["encoder"],
+            **{mode: {"p50": pct(v, 50), "p95": pct(v, 95), "n": len(v)} for mode, v in latencies.items()}}
+
+
+def encode_floor(index: Path, texts: list[str]) -> dict:
+    """p50/p95 of embedding one query text in-process with the index's encoder."""
+    from pipelines.query import open_index
+
+    encoder = open_index(index).encoder
+    for text in texts[:5]:
+        encoder.encode_queries([text])
+    times = []
+    for text in texts:
+        began = time.perf_counter()
+        encoder.encode_queries([text])
+        times.append((time.perf_counter() - began) * 1000)
+    return {"p50": pct(times, 50), "p95": pct(times, 95), "dtype": str(encoder.dtype).removeprefix("torch.")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", type=int, default=150, help="query texts per mode and index")
+    parser.add_argument("--nodes", type=int, default=100_000, help="size of the larger index (0: demo only)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    from htp_embed import HTPEncoder
+    from pipelines.sample_corpus import sample_dir
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_WAIT_POLICY": "PASSIVE"}
+    texts = queries(args.queries)
+    work = Path(tempfile.mkdtemp(prefix="htp-latency-"))
+    rows = []
+    try:
+        demo = work / "demo"
+        subprocess.run(command("ingest", str(sample_dir()), "--index", str(demo), "--json"), env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        indexes = [("demo (bundled sample)", demo)]
+        if args.nodes:
+            large = work / "large"
+            build(large, args.nodes, 20_000, encoder=HTPEncoder(show_progress=False).identity())
+            indexes.append((f"{args.nodes:,} nodes", large))
+        for label, index in indexes:
+            from indexes import read_manifest
+
+            nodes = read_manifest(index).count
+            measured = serve_and_measure(index, texts, env)
+            floor = encode_floor(index, texts)
+            rows.append({"index": label, "nodes": nodes, **measured, "encode_only": floor})
+            print(f"{label}: " + ", ".join(f"{m} p50 {measured[m]['p50']:.1f} ms" for m in MODES)
+                  + f"; encode only p50 {floor['p50']:.1f} ms", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0],
+              "queries": len(texts), "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "service_latency.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# One query at a time through `htp-index serve` ({result['cpu']}, {result['cores']} cores)", "",
+        f"{len(texts)} SciFact queries per mode, modes rotating, one client, top 5, loopback HTTP; "
+        f"encoder {rows[0]['encoder']} in {rows[0]['encode_only']['dtype']}. "
+        "`encode only`: the same texts embedded in-process, one at a time.", "",
+        "| index | nodes | dense p50 / p95 | sparse p50 / p95 | hybrid p50 / p95 | encode only p50 / p95 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [f"{row[m]['p50']:.1f} / {row[m]['p95']:.1f} ms" for m in MODES]
+        enc = row["encode_only"]
+        lines.append(f"| {row['index']} | {row['nodes']:,} | " + " | ".join(cells)
+                     + f" | {enc['p50']:.1f} / {enc['p95']:.1f} ms |")
+    lines.append("")
+    lines.append(f"Median of the hybrid/encode-only ratio: "
+                 f"{statistics.median(r['hybrid']['p50'] / r['encode_only']['p50'] for r in rows):.2f}x.")
+    (args.out / "service_latency.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
