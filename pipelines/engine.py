@@ -477,7 +477,7 @@ class IndexSession:
             # a given encoder only if it is that one, else load exactly that one (once).
             self._encoder = self._load_encoder(
                     config_from_identity(old.encoder, **self.settings.runtime_encoder_settings()))
-        stored = StoredBatches(old)
+        stored = StoredBatches(old, self.settings.nodes_per_batch)
         stats = RunStats()
         written = self.fill(new, stored.nodes_of, stored, stats, hashes=old.doc_hashes(),
                             corrected=corrected)
@@ -489,6 +489,14 @@ class IndexSession:
         return stats
 
 
+@dataclass(frozen=True)
+class StoredBatch(EmbeddedBatch):
+    """An `EmbeddedBatch` read back from a version, carrying its nodes: the correction's sample
+    holds several batches before any is written, so each must keep its own nodes."""
+
+    nodes: list[TextNode] = field(default_factory=list)
+
+
 class StoredBatches:
     """The stored nodes and vectors of a version as batches of whole documents, read a batch
     at a time (for rebuild --keep-vectors: nothing is embedded, nothing held whole)."""
@@ -496,13 +504,15 @@ class StoredBatches:
     def __init__(self, store: FaissVectorStore, nodes_per_batch: int = 4096) -> None:
         self.store = store
         self.nodes_per_batch = nodes_per_batch
-        self._nodes: dict[str, TextNode] = {}
 
-    def nodes_of(self, batch: EmbeddedBatch) -> list[TextNode]:
-        """The nodes of the batch just yielded."""
-        return [self._nodes[node_id] for node_id in batch.node_ids]
+    @staticmethod
+    def nodes_of(batch: EmbeddedBatch) -> list[TextNode]:
+        """The nodes of a batch this reader yielded."""
+        if not isinstance(batch, StoredBatch):
+            raise TypeError(f"not a batch of stored nodes: {type(batch).__name__}")
+        return batch.nodes
 
-    def __iter__(self) -> Iterator[EmbeddedBatch]:
+    def __iter__(self) -> Iterator[StoredBatch]:
         nodes: list[TextNode] = []
         vectors: list[np.ndarray] = []
         for node, vector in self.store.iter_nodes_with_embeddings():
@@ -515,9 +525,8 @@ class StoredBatches:
         if nodes:
             yield self._batch(nodes, vectors)
 
-    def _batch(self, nodes: list[TextNode], vectors: list[np.ndarray]) -> EmbeddedBatch:
-        self._nodes = {node.node_id: node for node in nodes}
-        return EmbeddedBatch([n.node_id for n in nodes], np.stack(vectors), self.store.encoder)
+    def _batch(self, nodes: list[TextNode], vectors: list[np.ndarray]) -> StoredBatch:
+        return StoredBatch([n.node_id for n in nodes], np.stack(vectors), self.store.encoder, nodes=nodes)
 
 
 def nodes_by_id(by_doc: Mapping[str, Sequence[TextNode]]) -> NodesOf:

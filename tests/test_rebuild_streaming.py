@@ -68,3 +68,20 @@ def test_a_first_ingest_fits_the_correction_then_streams(tmp_path, embedding, he
     store = FaissVectorStore.open(tmp_path / "idx")
     assert store.correction is not None and store.correction.fitted_on == store.count == stats.count
     assert held_rows["max_pending"] < FLUSH + max(held_rows["adds"])
+
+
+def test_keep_vectors_fits_a_missing_correction_on_stored_vectors_spanning_many_batches(tmp_path, embedding):
+    """The correction's sample holds several stored batches before any is written; each must
+    still know its nodes (a 5k-document index once failed here with a KeyError)."""
+    settings = settings_for(embedding, nodes_per_batch=4)
+    ingest(write_docs(tmp_path / "src", MANY), tmp_path / "idx", settings_for(embedding, nodes_per_batch=4,
+           correction="none"), embedding=embedding)
+    raw = snapshot(tmp_path / "idx")
+    assert len(raw) > 3 * 4  # several stored batches go into the sample
+    stats = rebuild(tmp_path / "idx", settings, keep_vectors=True, embedding=embedding)
+    store = FaissVectorStore.open(tmp_path / "idx")
+    assert store.correction is not None and store.correction.fitted_on == len(raw) == stats.count
+    upgraded = dict(store.iter_embeddings())
+    ids = sorted(raw)
+    expected = store.correction.documents(np.stack([raw[i] for i in ids]))
+    assert np.allclose(np.stack([upgraded[i] for i in ids]), expected, atol=1e-5)
