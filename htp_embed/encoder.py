@@ -8,6 +8,7 @@ strategy object (``htp_embed.methods``), never of its name.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import weakref
@@ -497,22 +498,28 @@ class HTPEncoder:
 
 # --------------------------------------------------------------------- helpers
 _LOCKS_GUARD = threading.Lock()
-# Loaded decoders by (model, cache dir, dtype, device), for as long as an encoder holds one: a
+# Loaded decoders by (model, cache dir, dtype, device, files' stats), for as long as an encoder holds one: a
 # process that opens several encoders on the same weights (an ingest then a query, a service
 # reopening a new index version) loads them once.
-_LOADED: weakref.WeakValueDictionary[tuple[str, str, str, str], torch.nn.Module] = weakref.WeakValueDictionary()
+_LOADED: weakref.WeakValueDictionary[tuple[str, str, str, str, str], torch.nn.Module] = weakref.WeakValueDictionary()
 _LOADING = threading.Lock()
 
 
 def _load_shared(config: EncoderConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)`` for ``config.model``, reusing a live copy with the same dtype and device."""
-    key = (str(config.model), str(config.cache_dir or ""), str(dtype), str(device))
+    from htp_embed.fingerprint import checkpoint_key, remember_checkpoint
+
+    # The files' stats are part of the key: weights saved again over a local model's
+    # directory (a fine-tune) are loaded again, not served from the copy in memory.
+    checkpoint = checkpoint_key(str(config.model))
+    key = (str(config.model), str(config.cache_dir or ""), str(dtype), str(device), json.dumps(checkpoint))
     with _LOADING:
         model = _LOADED.get(key)
         if model is None:
             model, tokenizer = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir)
             model = model.to(device=device, dtype=dtype).eval()
             model._htp_tokenizer = tokenizer
+            remember_checkpoint(model, checkpoint)
             _LOADED[key] = model
         return model, model._htp_tokenizer
 

@@ -55,6 +55,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgp
 # Elements rounded and hashed at a time: bounds the extra memory to ~32 MB per step.
 CHUNK_ELEMENTS = 1 << 24
 _MEMO_ATTRIBUTE = "_htp_model_fingerprint"
+_CHECKPOINT_ATTRIBUTE = "_htp_checkpoint_key"
 FINGERPRINT_KEY = "model_fingerprint"
 
 
@@ -138,8 +139,11 @@ def _canonical(identity: Mapping[str, Any]) -> str:
 
 
 def _cached_weights_digest(model: torch.nn.Module, cache_dir: Path | None) -> str:
-    """The weights digest from the cache when the checkpoint files are unchanged, else hashed."""
-    key, files = _checkpoint_key(model)
+    """The weights digest from the cache when the checkpoint files are unchanged, else hashed.
+
+    The files are those stated when the model was loaded (`remember_checkpoint`), so weights
+    saved over the directory later are never taken for the ones this model holds."""
+    key, files = getattr(model, _CHECKPOINT_ATTRIBUTE, None) or checkpoint_key(_source_of(model))
     if key is None:
         return weights_digest(model)
     cache_path = _cache_dir(cache_dir) / CACHE_FILE
@@ -152,10 +156,15 @@ def _cached_weights_digest(model: torch.nn.Module, cache_dir: Path | None) -> st
     return weights
 
 
-def _checkpoint_key(model: torch.nn.Module) -> tuple[str | None, list[list[Any]]]:
-    """The cache key of the directory a model was loaded from and its weight files' stats
-    (name, size, mtime, inode); no key for a model built in code or a directory without weights."""
-    source = str(getattr(model, "name_or_path", "") or "")
+def remember_checkpoint(model: torch.nn.Module, key: tuple[str | None, list[list[Any]]]) -> None:
+    """Record on a model the `checkpoint_key` its files had when it was loaded."""
+    setattr(model, _CHECKPOINT_ATTRIBUTE, key)
+
+
+def checkpoint_key(source: str) -> tuple[str | None, list[list[Any]]]:
+    """The cache key of a checkpoint directory and its weight files' stats (name, size, mtime,
+    inode): weights saved again under the same path change it. No key for a model built in
+    code, a packaged model's name, or a directory without weights."""
     folder = Path(source).expanduser() if source else None
     if folder is None or not folder.is_dir():
         return None, []
@@ -168,6 +177,10 @@ def _checkpoint_key(model: torch.nn.Module) -> tuple[str | None, list[list[Any]]
     if not files:
         return None, []
     return f"{SCHEME}|{folder}", files
+
+
+def _source_of(model: torch.nn.Module) -> str:
+    return str(getattr(model, "name_or_path", "") or "")
 
 
 def _cache_dir(cache_dir: Path | None) -> Path:

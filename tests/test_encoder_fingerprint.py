@@ -122,3 +122,21 @@ def test_an_architecture_only_record_is_accepted_only_for_its_architecture():
     assert not fp.upgradable({**current, "model_fingerprint": "fedcba9876543210"}, current)
     assert not fp.upgradable({**current, "model_fingerprint": "0123456789abcdef", "dim": 9}, current)
     assert not fp.accepts({**current, "model_fingerprint": "arch:0123456789abcdef/weights:" + "1" * 32}, current)
+
+
+def test_a_process_holding_the_old_weights_loads_the_new_ones_saved_over_them(model_dir):
+    """A live encoder keeps its model in memory; weights saved again under the same path are
+    loaded again by the next encoder, not served from that copy (the service reopening an
+    index rebuilt with a fine-tune of the same directory)."""
+    from htp_embed import HTPEncoder
+
+    config = settings_for(model_dir).encoder
+    old = HTPEncoder(config)
+    assert HTPEncoder(config).model is old.model  # unchanged files: the loaded copy is shared
+    before = old.encode_documents(["the cat sat on the mat ."])
+    vocab = old.model.config.vocab_size
+    build_model(vocab, seed=1).save_pretrained(model_dir)  # `old` stays alive meanwhile
+    new = HTPEncoder(config)
+    assert new.model is not old.model
+    assert new.identity()["model_fingerprint"] != old.identity()["model_fingerprint"]
+    assert float((new.encode_documents(["the cat sat on the mat ."]) @ before.T).item()) < 0.9999
