@@ -14,16 +14,15 @@ fusion, and alpha 0.2-0.5) are scored on halves A (choices) and B (untouched). W
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
 import time
 from pathlib import Path
 
-from common import RESULTS, SCIFACT, SPLIT, _write_json
+from common import RESULTS, SCIFACT, SPLIT, _write_json, dev_halves, score_by_half
 from llama_index.core.vector_stores.types import VectorStoreQuery, VectorStoreQueryMode
 
 from pipelines.eval_pipeline import ranked_documents
-from pipelines.evaluation import prepare_dataset, score_run
+from pipelines.evaluation import prepare_dataset
 from pipelines.query import open_index
 from pipelines.rebuild import rebuild
 from pipelines.settings import load_settings
@@ -32,13 +31,12 @@ ALPHAS = (0.2, 0.3, 0.4, 0.5)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="holds raw/ from pipeline.py")
     args = parser.parse_args()
     dataset = prepare_dataset(SCIFACT, SPLIT)
     qids, texts = dataset.query_ids(), dataset.query_texts()
-    half_a = set(random.Random(7).sample(sorted(qids), len(qids) // 2))  # as pipeline.py
-    halves = {"all": set(qids), "A": half_a, "B": set(qids) - half_a}
+    halves = dev_halves(qids)
     fits: dict[str, float] = {}
     for kind in ("center", "adapter"):
         target = args.work / f"kv-{kind}"
@@ -61,11 +59,7 @@ def main() -> None:
                     mode=VectorStoreQueryMode.DEFAULT if mode == "dense" else VectorStoreQueryMode.HYBRID))
                 run[qid] = ranked_documents([{"doc_id": n.ref_doc_id, "score": s} for n, s in
                                              zip(result.nodes, result.similarities, strict=True)], 100)
-            row = {"correction": name, "mode": mode, "alpha": alpha}
-            for half, keep in halves.items():
-                means, _ = score_run({q: v for q, v in dataset.qrels.items() if q in keep},
-                                     {q: v for q, v in run.items() if q in keep})
-                row[half] = {m: round(100 * v, 2) for m, v in means.items()}
+            row = {"correction": name, "mode": mode, "alpha": alpha, **score_by_half(dataset.qrels, run, halves)}
             rows.append(row)
             print(name, mode, alpha, row["all"]["ndcg@10"], row["A"]["ndcg@10"], row["B"]["ndcg@10"], flush=True)
     summary = adapter.store.correction_summary()

@@ -45,6 +45,26 @@ def load_base(model: str, method: str = "vanilla", **settings: Any) -> HTPEncode
     return HTPEncoder(model=model, method=method, **settings)
 
 
+def dev_halves(qids: list[str]) -> dict[str, set[str]]:
+    """All queries and the two fixed halves of the development split: settings are chosen on
+    A, and B shows whether the choice holds on queries that did not choose it."""
+    import random
+
+    half_a = set(random.Random(7).sample(sorted(qids), len(qids) // 2))
+    return {"all": set(qids), "A": half_a, "B": set(qids) - half_a}
+
+
+def score_by_half(qrels: dict, run: dict, halves: dict[str, set[str]]) -> dict[str, dict[str, float]]:
+    """Each half's mean metrics (x100, 2 decimals) for a run."""
+    from pipelines.evaluation import score_run
+
+    scores = {}
+    for half, keep in halves.items():
+        means, _ = score_run({q: v for q, v in qrels.items() if q in keep}, {q: v for q, v in run.items() if q in keep})
+        scores[half] = {m: round(100 * v, 2) for m, v in means.items()}
+    return scores
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")

@@ -20,12 +20,12 @@ import random
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, SCIFACT, SPLIT, _write_json
+from common import RESULTS, SCIFACT, SPLIT, _write_json, dev_halves, score_by_half
 from llama_index.core.vector_stores.types import VectorStoreQuery, VectorStoreQueryMode
 
 from indexes import fusion
 from pipelines.eval_pipeline import ranked_documents
-from pipelines.evaluation import prepare_dataset, score_run
+from pipelines.evaluation import prepare_dataset
 from pipelines.query import open_index
 from pipelines.settings import load_settings
 
@@ -51,8 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     dataset = prepare_dataset(SCIFACT, SPLIT)
     qids, texts = dataset.query_ids(), dataset.query_texts()
-    half_a = set(random.Random(7).sample(sorted(qids), len(qids) // 2))
-    halves = {"all": set(qids), "A": half_a, "B": set(qids) - half_a}
+    halves = dev_halves(qids)
     index = open_index(args.work / "kv-center", load_settings())
     vectors = index.encoder.encode_queries(texts)
     keys: dict[str, int] = {}
@@ -88,11 +87,9 @@ def main() -> None:
                         sparse = [h for h in sparse if doc_of[h[0]] in keep_docs]
                     fused = fuse(dense, sparse, alpha)
                     run[qid] = ranked_documents([{"doc_id": doc_of[k], "score": s} for k, s in fused], 100)
-                row = {"corpus": corpus, "fusion": name, "alpha": alpha}
-                for half, keep in halves.items():
-                    means, _ = score_run({q: v for q, v in dataset.qrels.items() if q in keep},
-                                         {q: v for q, v in run.items() if q in keep})
-                    row[half] = round(100 * means["ndcg@10"], 2)
+                scores = score_by_half(dataset.qrels, run, halves)
+                row = {"corpus": corpus, "fusion": name, "alpha": alpha,
+                       **{half: means["ndcg@10"] for half, means in scores.items()}}
                 rows.append(row)
                 print(corpus, name, alpha, row["all"], row["A"], row["B"], flush=True)
     _write_json(RESULTS / "fusion_norm.json", {"dataset": dataset.name, "split": SPLIT, "rows": rows})
