@@ -157,8 +157,11 @@ def _cached_weights_digest(model: torch.nn.Module, cache_dir: Path | None) -> st
 
 
 def remember_checkpoint(model: torch.nn.Module, key: tuple[str | None, list[list[Any]]]) -> None:
-    """Record on a model the `checkpoint_key` its files had when it was loaded."""
-    setattr(model, _CHECKPOINT_ATTRIBUTE, key)
+    """Record on a model the `checkpoint_key` its files had when it was loaded. A model not
+    named by a directory (a packaged name) records nothing and is keyed by the directory it
+    was read from (``name_or_path``), so its digest still comes from the cache."""
+    if key[0] is not None:
+        setattr(model, _CHECKPOINT_ATTRIBUTE, key)
 
 
 def checkpoint_key(source: str) -> tuple[str | None, list[list[Any]]]:

@@ -5,6 +5,7 @@ indexes recorded with the older architecture-only fingerprint keep opening."""
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -140,3 +141,14 @@ def test_a_process_holding_the_old_weights_loads_the_new_ones_saved_over_them(mo
     assert new.model is not old.model
     assert new.identity()["model_fingerprint"] != old.identity()["model_fingerprint"]
     assert float((new.encode_documents(["the cat sat on the mat ."]) @ before.T).item()) < 0.9999
+
+
+def test_a_model_named_by_package_keeps_its_digest_cached_by_the_directory_it_was_read_from(model_dir, tmp_path):
+    """Packaged models are named, not given as a directory: recording no key for them must
+    leave the fingerprint cached per the directory they were read from (no rehash per process)."""
+    model = AutoModel.from_pretrained(str(model_dir))
+    fp.remember_checkpoint(model, fp.checkpoint_key("gemma3-270m"))  # a name: no key
+    fingerprint = fp.model_fingerprint(model)
+    cache = json.loads((tmp_path / "cache" / fp.CACHE_FILE).read_text())
+    assert any(key.endswith(str(model_dir.resolve())) and entry["weights"] in fingerprint
+               for key, entry in cache.items())
