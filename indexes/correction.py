@@ -120,7 +120,7 @@ class VectorCorrection(BaseModel):
         fields = {**self.model_dump(), "kind": "adapter", "adapter": base64.b64encode(matrix.tobytes()).decode("ascii"),
                   "adapter_pairs": pairs, "adapter_epochs": epochs,
                   "adapter_heldout_mrr": (round(heldout_mrr[0], 4), round(heldout_mrr[1], 4))}
-        adapted = VectorCorrection(**fields).documents(np.asarray(doc_vectors, dtype=np.float32))
+        adapted = _normalised(self.centred_documents(doc_vectors) @ matrix.T)
         return VectorCorrection(**{**fields, "residual_mean_norm": float(np.linalg.norm(adapted.mean(0)))})
 
     def centred_queries(self, x: np.ndarray) -> np.ndarray:
