@@ -83,6 +83,10 @@ def eval_command(
         help="with --pipeline: dense, sparse (BM25 keywords) or hybrid")] = "hybrid",
     alpha: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="with --pipeline and hybrid: weight of the dense side (default: tuned)")] = None,
+    rerank: Annotated[bool | None, typer.Option(
+        "--rerank/--no-rerank", help="with --pipeline: rerank each query's best hits (settings' "
+        "rerank_depth) by the decoder's query likelihood; the rest of the list follows them "
+        "(default: settings' rerank)")] = None,
     index_dir: Annotated[Path | None, typer.Option(
         help="with --pipeline: build (or reuse, incrementally) the index here instead of a temporary "
         "directory, so other modes can be scored without embedding again")] = None,
@@ -100,7 +104,8 @@ def eval_command(
     from pipelines.evaluation import evaluate
 
     if pipeline:
-        _run_pipeline(dataset_dir, split, mode, alpha, index_dir, config, max_docs, max_queries, seed, json_output)
+        _run_pipeline(dataset_dir, split, mode, alpha, rerank, index_dir, config, max_docs, max_queries, seed,
+                      json_output)
         return
     if method not in ALL_METHODS:
         raise typer.BadParameter(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
@@ -119,7 +124,7 @@ def eval_command(
 
 
 def _run_pipeline(
-    dataset_dir: Path, split: str, mode: str, alpha: float | None, index_dir: Path | None,
+    dataset_dir: Path, split: str, mode: str, alpha: float | None, rerank: bool | None, index_dir: Path | None,
     config: Path | None, max_docs: int | None, max_queries: int | None, seed: int, json_output: bool,
 ) -> None:
     from pipelines.eval_pipeline import evaluate_pipeline
@@ -132,11 +137,11 @@ def _run_pipeline(
     with contextlib.redirect_stdout(sys.stderr):
         result = evaluate_pipeline(
             dataset_dir, split, mode=mode, alpha=alpha, settings=settings, index_dir=index_dir,  # type: ignore[arg-type]
-            max_docs=max_docs, max_queries=max_queries, seed=seed,
+            max_docs=max_docs, max_queries=max_queries, seed=seed, rerank=rerank,
         )
     if json_output:
         typer.echo(json.dumps({**{key: result[key] for key in JSON_KEYS}, "mode": mode,
-                               "alpha": result["pipeline"]["alpha"]}))
+                               "alpha": result["pipeline"]["alpha"], "rerank": result["pipeline"]["rerank"]}))
         return
     _print_table(result)
 

@@ -152,9 +152,9 @@ class HTPEncoder:
         self.stats = EncoderStats()
         self._stats_lock = threading.Lock()
         self._layers = decoder_layers(model)
-        self._lock = _shared_lock(model)
+        self._lock = shared_lock(model)
         self._placeholder_vector = mean_input_embedding(model)
-        self._template = _special_token_template(tokenizer)
+        self._template = special_token_template(tokenizer)
         self.sink_token = _sink_token(tokenizer, self._template[0], config.attention_sink, self.method)
         prefix = ([self.sink_token] if self.sink_token is not None else []) + self._template[0]
         self._builder = LayoutBuilder(prefix, self._template[1], config.max_length, self.tokenize)
@@ -524,7 +524,7 @@ def _load_shared(config: EncoderConfig, dtype: torch.dtype, device: torch.device
         return model, model._htp_tokenizer
 
 
-def _shared_lock(model: torch.nn.Module) -> threading.Lock:
+def shared_lock(model: torch.nn.Module) -> threading.Lock:
     """One lock per model: hooks are installed on the shared modules for each forward pass."""
     with _LOCKS_GUARD:
         lock = getattr(model, "_htp_forward_lock", None)
@@ -558,7 +558,7 @@ def _sink_token(tokenizer: Any, prefix: list[int], attention_sink: str, method: 
     return None
 
 
-def _special_token_template(tokenizer: Any) -> tuple[list[int], list[int]]:
+def special_token_template(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer wraps around a text: e.g. ([<bos>], []) for Gemma."""
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
     wrapped = tokenizer("x", add_special_tokens=True)["input_ids"]

@@ -1,4 +1,5 @@
-"""LlamaIndex adapter: ``Settings.embed_model = HTPEmbedding()``.
+"""LlamaIndex adapters: ``Settings.embed_model = HTPEmbedding()``, and
+``QueryLikelihoodRerank(encoder)`` as a node postprocessor.
 
 Documents go through :meth:`HTPEncoder.encode_documents`, queries through
 :meth:`HTPEncoder.encode_queries` (with the query instruction), so an index built with this
@@ -12,10 +13,13 @@ import asyncio
 from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from pydantic import PrivateAttr
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+from pydantic import Field, PrivateAttr
 
 from htp_embed.config import EncoderConfig
 from htp_embed.encoder import HTPEncoder
+from htp_embed.rerank import DEFAULT_WEIGHT, QueryLikelihoodScorer, blend_scores
 
 
 class HTPEmbedding(BaseEmbedding):
@@ -81,3 +85,47 @@ class HTPEmbedding(BaseEmbedding):
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return await asyncio.to_thread(self._get_text_embeddings, texts)
+
+
+class QueryLikelihoodRerank(BaseNodePostprocessor):
+    """A LlamaIndex node postprocessor that reorders retrieved nodes by the decoder's likelihood
+    of the query given each node (see :mod:`htp_embed.rerank`), blended with their retrieval
+    scores; it keeps the best ``top_n``.
+
+        retriever = index.as_retriever(similarity_top_k=10)
+        engine = RetrieverQueryEngine(retriever, node_postprocessors=[QueryLikelihoodRerank(encoder, top_n=5)])
+
+    It uses the encoder's own weights (nothing more is loaded). Every node passed in costs a
+    forward pass of up to ``max_passage_tokens`` tokens through all of the decoder's layers.
+    """
+
+    top_n: int = Field(5, ge=1, description="nodes kept after reranking")
+    weight: float = Field(DEFAULT_WEIGHT, ge=0.0, le=1.0,
+                          description="share of the query likelihood in the blended score (1: likelihood only)")
+    _scorer: QueryLikelihoodScorer = PrivateAttr()
+
+    def __init__(self, encoder: HTPEncoder, *, top_n: int = 5, weight: float = DEFAULT_WEIGHT,
+                 max_passage_tokens: int = 256):
+        super().__init__(top_n=top_n, weight=weight)
+        self._scorer = QueryLikelihoodScorer(encoder.model, encoder.tokenizer, max_passage_tokens=max_passage_tokens)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "QueryLikelihoodRerank"
+
+    def _postprocess_nodes(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None) -> list[NodeWithScore]:
+        if query_bundle is None:
+            raise ValueError("QueryLikelihoodRerank needs the query: pass query_bundle or query_str")
+        return self.rerank(query_bundle.query_str, nodes, self.top_n)
+
+    def rerank(self, query: str, nodes: list[NodeWithScore], top_n: int) -> list[NodeWithScore]:
+        """The best ``top_n`` of ``nodes`` for ``query``, scored by the blend (thread-safe: the
+        query path calls this with each request's own ``top_n``)."""
+        if not nodes:
+            return []
+        texts = [hit.node.get_content(metadata_mode=MetadataMode.NONE) for hit in nodes]
+        scored = self._scorer.score(query, texts)
+        blended = blend_scores([hit.score for hit in nodes], [s.log_likelihood for s in scored], self.weight)
+        reranked = [NodeWithScore(node=hit.node, score=score) for hit, score in zip(nodes, blended, strict=True)]
+        reranked.sort(key=lambda hit: -(hit.score or 0.0))
+        return reranked[:top_n]

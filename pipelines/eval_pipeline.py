@@ -52,6 +52,16 @@ def ranked_documents(hits: list[dict[str, Any]], top_k: int) -> dict[str, float]
     return dict(sorted(best.items(), key=lambda item: -item[1])[:top_k])
 
 
+def reranked_on_top(reranked: list[dict[str, Any]], hits: list[dict[str, Any]], top_k: int) -> dict[str, float]:
+    """Document id -> score for a reranked query: the reranked hits' documents first, in the
+    reranker's order, then the rest of the plain list in its own order (what a user who
+    reranks the best few of a longer list sees; scores become rank-based so they sort)."""
+    order = list(ranked_documents(reranked, len(reranked)))
+    seen = set(order)
+    order += [doc for doc in ranked_documents(hits, top_k) if doc not in seen]
+    return {doc: float(len(order) - rank) for rank, doc in enumerate(order[:top_k])}
+
+
 def pipeline_run(
     dataset: BeirDataset,
     index_dir: Path,
@@ -62,9 +72,12 @@ def pipeline_run(
     top_k: int = TOP_K,
     progress: Callable[[int], None] | None = None,
     embedding: HTPEmbedding | None = None,
+    rerank: bool = False,
 ) -> tuple[Run, dict[str, Any]]:
     """Ingest ``dataset``'s corpus into ``index_dir`` (incrementally) and run every query.
-    ``embedding`` is the already loaded encoder to use (loaded from settings if None)."""
+    ``embedding`` is the already loaded encoder to use (loaded from settings if None).
+    ``rerank`` reranks each query's best ``settings.rerank_depth`` hits (see
+    :func:`reranked_on_top`)."""
     index_dir.mkdir(parents=True, exist_ok=True)
     from pipelines.ingest import ingest
 
@@ -76,13 +89,20 @@ def pipeline_run(
     query_ids, texts = dataset.query_ids(), dataset.query_texts()
     run: Run = {}
     began = time.perf_counter()
-    with tqdm(total=len(texts), desc=f"queries ({mode})", unit="query", leave=False) as bar:
+    label = f"{mode}, reranked" if rerank else mode
+    with tqdm(total=len(texts), desc=f"queries ({label})", unit="query", leave=False) as bar:
         for start in range(0, len(texts), QUERY_BATCH):
-            requests = [SearchRequest(text, top_k, mode=mode, alpha=alpha)
-                        for text in texts[start : start + QUERY_BATCH]]
-            for query_id, hits in zip(query_ids[start:], index.search_many(requests), strict=False):
-                run[query_id] = ranked_documents(hits, top_k)
-            bar.update(len(requests))
+            batch = texts[start : start + QUERY_BATCH]
+            plain = index.search_many([SearchRequest(text, top_k, mode=mode, alpha=alpha, rerank=False) for text in batch])
+            for offset, (query_id, hits) in enumerate(zip(query_ids[start:], plain, strict=False)):
+                if rerank:
+                    request = SearchRequest(batch[offset], index.rerank_depth, mode=mode, alpha=alpha, rerank=True)
+                    run[query_id] = reranked_on_top(index.search_many([request])[0], hits, top_k)
+                    bar.update(1)
+                else:
+                    run[query_id] = ranked_documents(hits, top_k)
+            if not rerank:
+                bar.update(len(batch))
     info = {
         "ingest": {k: v for k, v in stats.to_json().items() if k != "errors"},
         "query_seconds": round(time.perf_counter() - began, 2),
@@ -91,6 +111,7 @@ def pipeline_run(
         "correction": index.store.correction_summary(),
         "mode": mode,
         "alpha": alpha if alpha is not None else index.default_alpha,
+        "rerank": {"depth": index.rerank_depth, "passage_tokens": index.rerank_passage_tokens} if rerank else None,
     }
     return run, info
 
@@ -108,23 +129,26 @@ def evaluate_pipeline(
     seed: int = 0,
     per_query: bool = False,
     embedding: HTPEmbedding | None = None,
+    rerank: bool | None = None,
 ) -> dict[str, Any]:
     """Score the product's retrieval on a BEIR dataset; same metrics and keys as `evaluate`."""
     began = time.perf_counter()
     dataset = prepare_dataset(dataset_dir, split, max_docs=max_docs, max_queries=max_queries, seed=seed)
     settings = settings or load_settings()
+    rerank = settings.rerank if rerank is None else rerank
     if index_dir is None:
         with tempfile.TemporaryDirectory(prefix="htp-eval-") as tmp:
             run, info = pipeline_run(dataset, Path(tmp) / "index", settings, mode=mode, alpha=alpha,
-                                     embedding=embedding)
+                                     embedding=embedding, rerank=rerank)
     else:
-        run, info = pipeline_run(dataset, Path(index_dir), settings, mode=mode, alpha=alpha, embedding=embedding)
+        run, info = pipeline_run(dataset, Path(index_dir), settings, mode=mode, alpha=alpha,
+                                 embedding=embedding, rerank=rerank)
     means, queries = score_run(dataset.qrels, run)
     result: dict[str, Any] = {
-        "dataset": dataset.name, "split": split, "method": f"pipeline:{mode}",
+        "dataset": dataset.name, "split": split, "method": f"pipeline:{mode}{'+rerank' if rerank else ''}",
         "model": settings.encoder.model, **means,
         "queries": len(dataset.queries), "docs": len(dataset.corpus),
-        "describe": f"htp-index pipeline, {mode} ({info['encoder']})",
+        "describe": f"htp-index pipeline, {mode}{' reranked' if rerank else ''} ({info['encoder']})",
         "sample": dict(dataset.notes), "pipeline": info,
         "seconds": round(time.perf_counter() - began, 2),
     }

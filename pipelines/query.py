@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core import VectorStoreIndex
 from llama_index.core.retrievers import BaseRetriever
@@ -35,6 +35,9 @@ from indexes import EncoderMismatchError, FaissVectorStore, IndexNotFoundError
 from indexes.fusion import Fusion
 from pipelines.identity_check import index_accepts
 from pipelines.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from htp_embed.llama_index import QueryLikelihoodRerank
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +81,10 @@ class QueryEmbedding(HTPEmbedding):
 class SearchRequest:
     """One query: its text, how many results, filters, and how to search.
 
-    ``mode`` None and ``alpha`` None take the index's defaults (settings ``query_mode`` and
-    ``alpha``); ``alpha`` is the weight of the dense side in hybrid mode.
+    ``mode``, ``alpha`` and ``rerank`` None take the index's defaults (settings ``query_mode``,
+    ``alpha`` and ``rerank``); ``alpha`` is the weight of the dense side in hybrid mode;
+    ``rerank`` reorders the best hits by the decoder's query likelihood
+    (:class:`htp_embed.llama_index.QueryLikelihoodRerank`).
     """
 
     query: str
@@ -87,6 +92,7 @@ class SearchRequest:
     filters: MetadataFilters | None = None
     mode: QueryMode | None = None
     alpha: float | None = None
+    rerank: bool | None = None
 
 
 @dataclass
@@ -99,6 +105,9 @@ class OpenIndex:
     default_mode: QueryMode = "hybrid"
     default_alpha: float | None = None
     fusion: Fusion = "convex"
+    default_rerank: bool = False
+    rerank_depth: int = 10
+    rerank_passage_tokens: int = 256
     _warned: bool = field(default=False, repr=False)
 
     @property
@@ -109,6 +118,13 @@ class OpenIndex:
     def embedding(self) -> HTPEmbedding:
         """The encoder as a LlamaIndex embedding model (for ``as_index``/``as_retriever``)."""
         return QueryEmbedding(encoder=self.encoder)
+
+    @cached_property
+    def reranker(self) -> QueryLikelihoodRerank:
+        """The query-likelihood reranker on this index's decoder (built on first use)."""
+        from htp_embed.llama_index import QueryLikelihoodRerank
+
+        return QueryLikelihoodRerank(self.encoder, max_passage_tokens=self.rerank_passage_tokens)
 
     @property
     def modes(self) -> list[str]:
@@ -152,16 +168,19 @@ class OpenIndex:
         return self.default_mode
 
     def search(self, query: str, top_k: int = 5, filters: MetadataFilters | None = None,
-               *, mode: QueryMode | None = None, alpha: float | None = None) -> list[dict[str, Any]]:
+               *, mode: QueryMode | None = None, alpha: float | None = None,
+               rerank: bool | None = None) -> list[dict[str, Any]]:
         """Results as plain dicts: ``node_id, doc_id, score, text, metadata``."""
-        return self.search_many([SearchRequest(query, top_k, filters, mode, alpha)])[0]
+        return self.search_many([SearchRequest(query, top_k, filters, mode, alpha, rerank)])[0]
 
     def search_many(self, requests: Sequence[SearchRequest]) -> list[list[dict[str, Any]]]:
         """Several queries at once, the one query path of the CLI, the service and evaluation.
 
         The queries that need a vector go through the encoder as one batch (one forward pass
         instead of one per request, what makes a busy service fast); each is then searched
-        in its mode. Results equal :meth:`search`'s, request by request.
+        in its mode. Results equal :meth:`search`'s, request by request. A reranked request
+        retrieves ``max(top_k, rerank_depth)`` hits and returns the reranker's best ``top_k``,
+        scored by the blend (:func:`htp_embed.rerank.blend_scores`).
         """
         if not requests:
             return []
@@ -174,17 +193,22 @@ class OpenIndex:
         out = []
         for i, (request, mode) in enumerate(zip(requests, modes, strict=True)):
             vector = by_request.get(i)
+            rerank = self.default_rerank if request.rerank is None else request.rerank
             result = self.store.query(
                 VectorStoreQuery(
                     query_embedding=None if vector is None else vector.tolist(),
-                    query_str=request.query, similarity_top_k=request.top_k,
+                    query_str=request.query,
+                    similarity_top_k=max(request.top_k, self.rerank_depth) if rerank else request.top_k,
                     filters=request.filters, mode=_STORE_MODES[mode],
                     alpha=self.default_alpha if request.alpha is None else request.alpha,
                 ),
                 fusion=self.fusion,
             )
-            out.append([result_dict(NodeWithScore(node=node, score=score))
-                        for node, score in zip(result.nodes or [], result.similarities or [], strict=True)])
+            hits = [NodeWithScore(node=node, score=score)
+                    for node, score in zip(result.nodes or [], result.similarities or [], strict=True)]
+            if rerank:
+                hits = self.reranker.rerank(request.query, hits, request.top_k)
+            out.append([result_dict(hit) for hit in hits])
         return out
 
 
@@ -225,4 +249,5 @@ def open_index(
         if not index_accepts(path, recorded, encoder.identity()):
             raise EncoderMismatchError.between(path, recorded, encoder.identity())
     return OpenIndex(path, store, encoder, default_mode=settings.query_mode,
-                     default_alpha=settings.alpha, fusion=settings.fusion)
+                     default_alpha=settings.alpha, fusion=settings.fusion, default_rerank=settings.rerank,
+                     rerank_depth=settings.rerank_depth, rerank_passage_tokens=settings.rerank_passage_tokens)

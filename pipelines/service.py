@@ -35,6 +35,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from llama_index.core.vector_stores.types import MetadataFilters
 from pydantic import BaseModel, Field
 
+from htp_embed.rerank import RerankUnavailableError
 from indexes import FaissVectorStore, HtpIndexError, SparseIndexMissingError, persist
 from indexes.spec import Manifest
 from pipelines.query import OpenIndex, QueryMode, SearchRequest, open_index
@@ -67,6 +68,10 @@ class QueryRequest(BaseModel):
     )
     alpha: float | None = Field(
         None, ge=0.0, le=1.0, description="hybrid only: weight of the dense side (1 = dense only)"
+    )
+    rerank: bool | None = Field(
+        None, description="rerank the best hits by the decoder's likelihood of the query given each "
+        "(seconds per query on a CPU); default: the index's setting (GET /health shows it)"
     )
 
 
@@ -240,7 +245,7 @@ class QueryBatcher:
     @staticmethod
     async def _answer(items: list[tuple[OpenIndex, QueryRequest, asyncio.Future]]) -> None:
         index = items[0][0]
-        requests = [SearchRequest(r.query, r.top_k, r.filters, r.mode, r.alpha) for _, r, _ in items]
+        requests = [SearchRequest(r.query, r.top_k, r.filters, r.mode, r.alpha, r.rerank) for _, r, _ in items]
         try:
             results: list[Any] = await asyncio.to_thread(index.search_many, requests)
         except Exception:
@@ -332,6 +337,7 @@ def create_app(
             "encoder": index.embedding.model_name,
             "modes": index.modes,
             "default_mode": index.resolve_mode(None),
+            "rerank": index.default_rerank,
         }
         if holder.failure is not None:
             body["newer_version"] = holder.failed_version
@@ -352,7 +358,7 @@ def create_app(
                 "run `htp-index rebuild`"))
         try:
             results = await batcher.search(index, request)
-        except SparseIndexMissingError as exc:  # keyword search asked of an older index
+        except (SparseIndexMissingError, RerankUnavailableError) as exc:  # what this index cannot do
             raise HTTPException(status_code=409, detail=str(exc)) from exc
         except ValueError as exc:  # e.g. an unsupported filter operator
             raise HTTPException(status_code=422, detail=str(exc)) from exc

@@ -80,6 +80,18 @@ class Settings(BaseSettings):
     fusion: Literal["convex", "rrf"] = Field(
         "convex", description="hybrid: convex combination of normalised scores, or reciprocal-rank fusion"
     )
+    rerank: bool = Field(
+        False,
+        description="rerank every query's hits by the decoder's likelihood of the query given each "
+        "hit (off by default: +0.5 to +0.8 NDCG@10 on SciFact dev for ~2-3 s a query on 2 CPU cores)",
+    )
+    rerank_depth: int = Field(
+        10, ge=1, le=100,
+        description="reranking scores this many retrieved hits (or top_k, when larger) and returns the best top_k",
+    )
+    rerank_passage_tokens: int = Field(
+        256, ge=16, le=2048, description="reranking reads at most this many tokens of each hit",
+    )
 
     @classmethod
     def settings_customise_sources(

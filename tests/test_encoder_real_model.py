@@ -93,3 +93,13 @@ def test_default_model_reuses_the_query_prefix_with_the_plain_vectors():
     assert encoder._prefix_cache is not None and encoder._prefix_cache.verified
     reused = np.concatenate([encoder.encode_queries([q]) for q in queries])
     assert float(np.min(np.sum(plain * reused, axis=1))) > 0.99999
+
+
+def test_default_model_finds_the_query_likelier_after_the_passage_that_answers_it(gemma):
+    from htp_embed.rerank import QueryLikelihoodScorer
+
+    scorer = QueryLikelihoodScorer(gemma.model, gemma.tokenizer)
+    scores = [s.log_likelihood for s in scorer.score("How do cells make ATP?", TEXTS)]
+    assert max(scores[0], scores[1]) > scores[2] + 0.5  # nats per query token
+    football = [s.log_likelihood for s in scorer.score("Who won the football match?", TEXTS)]
+    assert football[2] > max(football[0], football[1])

@@ -42,7 +42,7 @@ def build_model(vocab_size: int, seed: int = 0, layers: int = 4) -> LlamaModel:
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        attn_implementation="sdpa",
+        attn_implementation="sdpa", tie_word_embeddings=True,  # like Gemma 3: rerankable
     )
     return LlamaModel(config).eval()
 

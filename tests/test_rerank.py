@@ -1,0 +1,167 @@
+"""Query-likelihood reranking: the scorer's arithmetic on a tiny decoder, checked against a plain
+forward pass of each sequence alone, and its place in the one query path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_decoder import build_model, build_tokenizer
+
+from htp_embed.rerank import (
+    DEFAULT_WEIGHT,
+    QueryLikelihoodScorer,
+    RerankUnavailableError,
+    blend_scores,
+)
+
+PASSAGES = [
+    "the cat sat on the mat .",
+    "protein binds receptor cells grew faster in mice treated with the drug .",
+    "rain fell on the quiet city at night",
+    "the river flowed past the mill",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[torch.nn.Module, object]:
+    tokenizer = build_tokenizer(bos=True)
+    return build_model(len(tokenizer)), tokenizer
+
+
+def reference_score(model, tokenizer, scorer: QueryLikelihoodScorer, query: str, passage: str) -> float:
+    """Mean log p(query token | everything before it), one unpadded sequence at a time."""
+    context = (scorer._bos + scorer._before
+               + tokenizer(passage, add_special_tokens=False)["input_ids"][: scorer.max_passage_tokens]
+               + scorer._after)
+    query_ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([context + query_ids])
+    with torch.no_grad():
+        hidden = model(input_ids=ids).last_hidden_state[0]
+        logits = hidden @ model.get_input_embeddings().weight.T
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return float(torch.stack([log_probs[len(context) - 1 + j, t] for j, t in enumerate(query_ids)]).mean())
+
+
+def test_scores_equal_one_sequence_at_a_time_whatever_the_batching(tiny) -> None:
+    model, tokenizer = tiny
+    # 40 tokens a batch splits these passages into several padded batches, sorted by length.
+    scorer = QueryLikelihoodScorer(model, tokenizer, batch_tokens=40)
+    query = "did the drug reduce tumour growth in mice ?"
+    scores = scorer.score(query, PASSAGES)
+    assert len({round(s.log_likelihood, 6) for s in scores}) == len(PASSAGES)
+    for passage, scored in zip(PASSAGES, scores, strict=True):
+        assert scored.log_likelihood < 0
+        assert scored.log_likelihood == pytest.approx(reference_score(model, tokenizer, scorer, query, passage), abs=1e-4)
+    # One batch for all gives the same numbers.
+    together = QueryLikelihoodScorer(model, tokenizer, batch_tokens=10_000).score(query, PASSAGES)
+    assert [s.log_likelihood for s in together] == pytest.approx([s.log_likelihood for s in scores], abs=1e-4)
+
+
+def test_passages_are_truncated_to_the_token_budget(tiny) -> None:
+    model, tokenizer = tiny
+    scorer = QueryLikelihoodScorer(model, tokenizer, max_passage_tokens=5)
+    long = "the cat sat on the mat and the dog ran in the park"
+    short = "the cat sat on the"
+    a, b = scorer.score("where did the cat sit ?", [long, short])
+    assert a.log_likelihood == pytest.approx(b.log_likelihood, abs=1e-5)
+    assert a.passage_tokens == b.passage_tokens
+
+
+def test_no_passages_and_empty_queries(tiny) -> None:
+    model, tokenizer = tiny
+    scorer = QueryLikelihoodScorer(model, tokenizer)
+    assert scorer.score("the cat", []) == []
+    assert [s.log_likelihood for s in scorer.score("", PASSAGES[:2])] == [0.0, 0.0]
+
+
+def test_a_model_with_an_untied_output_head_is_refused_with_the_reason(tiny) -> None:
+    _, tokenizer = tiny
+    model = build_model(len(tokenizer))
+    model.config.tie_word_embeddings = False
+    with pytest.raises(RerankUnavailableError, match="tied embeddings"):
+        QueryLikelihoodScorer(model, tokenizer)
+
+
+# ----------------------------------------------------------------- through the query path
+def test_blend_standardises_both_sides_and_tolerates_missing_or_equal_scores() -> None:
+    assert blend_scores([3.0, 1.0], [-1.0, -2.0], 0.5) == pytest.approx([1.0, -1.0])
+    # The likelihood alone decides at weight 1, the retrieval alone at 0.
+    assert blend_scores([3.0, 1.0], [-2.0, -1.0], 1.0) == pytest.approx([-1.0, 1.0])
+    assert blend_scores([3.0, 1.0], [-2.0, -1.0], 0.0) == pytest.approx([1.0, -1.0])
+    # No retrieval score counts as the average; all-equal scores add nothing.
+    assert blend_scores([None, 2.0, 4.0], [-1.0, -1.0, -1.0], 0.5) == pytest.approx([0.0, -0.5 * 1.5**0.5, 0.5 * 1.5**0.5])
+    with pytest.raises(ValueError, match="within 0..1"):
+        blend_scores([1.0], [1.0], 1.5)
+
+
+@pytest.fixture(scope="module")
+def embedding():
+    from pipeline_helpers import tiny_embedding
+
+    return tiny_embedding()
+
+
+@pytest.fixture()
+def index_dir(tmp_path, embedding):
+    from pipeline_helpers import settings_for, write_docs
+
+    from pipelines.ingest import ingest
+
+    ingest(write_docs(tmp_path / "src"), tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    return tmp_path / "idx"
+
+
+QUERY = "the cat sat in the park"
+
+
+def expected_rerank(index, query: str, top_k: int) -> list[tuple[str, float]]:
+    """What reranking must return, from its parts: the plain candidates, the scorer, the blend."""
+    candidates = index.search(query, max(top_k, index.rerank_depth), rerank=False)
+    scorer = QueryLikelihoodScorer(index.encoder.model, index.encoder.tokenizer,
+                                   max_passage_tokens=index.rerank_passage_tokens)
+    likelihood = [s.log_likelihood for s in scorer.score(query, [hit["text"] for hit in candidates])]
+    blended = blend_scores([hit["score"] for hit in candidates], likelihood, DEFAULT_WEIGHT)
+    ranked = sorted(zip((hit["node_id"] for hit in candidates), blended, strict=True), key=lambda pair: -pair[1])
+    return ranked[:top_k]
+
+
+def test_a_reranked_query_returns_the_best_of_the_wider_candidate_list(index_dir, embedding) -> None:
+    from pipeline_helpers import settings_for
+
+    from pipelines.query import open_index
+
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    assert index.default_rerank is False
+    reranked = index.search(QUERY, 2, rerank=True)
+    want = expected_rerank(index, QUERY, 2)
+    assert [(hit["node_id"], hit["score"]) for hit in reranked] == [(n, pytest.approx(s)) for n, s in want]
+    # Every candidate (3 nodes, depth 10) was scored: the reranker can promote the plain third.
+    plain = index.search(QUERY, 3, rerank=False)
+    assert len(plain) == 3 and index.search(QUERY, 2) == plain[:2]
+    # On this query the reranker promotes the plain third hit (so the checks above can tell).
+    assert [hit["node_id"] for hit in reranked] != [hit["node_id"] for hit in plain[:2]]
+
+
+def test_the_settings_default_and_the_http_field_turn_reranking_on(index_dir, embedding) -> None:
+    from fastapi.testclient import TestClient
+    from pipeline_helpers import settings_for
+
+    from pipelines.query import open_index
+    from pipelines.service import IndexHolder, create_app
+
+    settings = settings_for(embedding, rerank=True, rerank_depth=3)
+    index = open_index(index_dir, settings, embedding=embedding)
+    want = [n for n, _ in expected_rerank(index, QUERY, 2)]
+    assert [hit["node_id"] for hit in index.search(QUERY, 2)] == want
+    plain = [hit["node_id"] for hit in index.search(QUERY, 2, rerank=False)]
+    assert plain != want
+
+    off = settings_for(embedding)
+    holder = IndexHolder(index_dir, off, open_index(index_dir, off, embedding=embedding))
+    with TestClient(create_app(index_dir, off, holder=holder, reload_interval=0)) as client:
+        assert client.get("/health").json()["rerank"] is False
+        on = client.post("/query", json={"query": QUERY, "top_k": 2, "rerank": True}).json()
+        assert [r["node_id"] for r in on["results"]] == want
+        default = client.post("/query", json={"query": QUERY, "top_k": 2}).json()
+        assert [r["node_id"] for r in default["results"]] == plain
+        assert client.post("/query", json={"query": QUERY, "rerank": "maybe"}).status_code == 422
