@@ -165,3 +165,28 @@ def test_the_settings_default_and_the_http_field_turn_reranking_on(index_dir, em
         default = client.post("/query", json={"query": QUERY, "top_k": 2}).json()
         assert [r["node_id"] for r in default["results"]] == plain
         assert client.post("/query", json={"query": QUERY, "rerank": "maybe"}).status_code == 422
+
+
+def test_the_postprocessor_reranks_a_llamaindex_retrievers_nodes_as_the_query_path_does(index_dir, embedding) -> None:
+    from pipeline_helpers import settings_for
+
+    from htp_embed.llama_index import QueryLikelihoodRerank
+    from pipelines.query import open_index
+
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    reranker = QueryLikelihoodRerank(index.encoder, top_n=2)  # as the README shows it
+    hits = reranker.postprocess_nodes(index.as_retriever(similarity_top_k=10).retrieve(QUERY), query_str=QUERY)
+    assert [(hit.node.node_id, hit.score) for hit in hits] == [
+        (node_id, pytest.approx(score)) for node_id, score in expected_rerank(index, QUERY, 2)]
+    with pytest.raises(ValueError, match="needs the query"):
+        reranker.postprocess_nodes(hits)
+
+
+def test_evaluation_puts_the_reranked_documents_above_the_rest_of_the_plain_list() -> None:
+    from pipelines.eval_pipeline import reranked_on_top
+
+    plain = [{"doc_id": d, "score": s} for d, s in (("a", 0.9), ("b", 0.8), ("a", 0.7), ("c", 0.6), ("d", 0.5))]
+    reranked = [{"doc_id": "b", "score": 1.2}, {"doc_id": "a", "score": -0.3}]
+    ranked = reranked_on_top(reranked, plain, top_k=3)
+    assert list(ranked) == ["b", "a", "c"]
+    assert list(ranked.values()) == sorted(ranked.values(), reverse=True)
