@@ -23,6 +23,26 @@ import pytest  # noqa: E402
 from data_paths import SCIFACT  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def embedding():
+    """The tiny encoder as a LlamaIndex embedding, one per test module (modules may define
+    their own ``embedding`` with other settings)."""
+    from pipeline_helpers import tiny_embedding
+
+    return tiny_embedding()
+
+
+@pytest.fixture()
+def index_dir(tmp_path: Path, embedding) -> Path:
+    """An index of ``pipeline_helpers.DOCS`` (three documents, a node each) built with ``embedding``."""
+    from pipeline_helpers import settings_for, write_docs
+
+    from pipelines.ingest import ingest
+
+    ingest(write_docs(tmp_path / "src"), tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    return tmp_path / "idx"
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny decoder saved as a local Hugging Face model directory, loadable by path like a

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pipeline_helpers import DOCS, long_doc, settings_for, tiny_embedding, write_docs
+from pipeline_helpers import DOCS, long_doc, settings_for, write_docs
 from typer.testing import CliRunner
 
 import pipelines.adapter
@@ -85,11 +85,6 @@ def test_an_adapter_correction_round_trips_through_json_and_rejects_a_bad_matrix
         correction.with_adapter(np.full((24, 24), np.nan), docs, pairs=1, epochs=1, heldout_mrr=(0.0, 0.0))
     with pytest.raises(ValueError, match="adapter"):
         VectorCorrection(**{**correction.model_dump(), "adapter": None})
-
-
-@pytest.fixture(scope="module")
-def embedding():
-    return tiny_embedding()
 
 
 def test_an_index_with_an_adapter_applies_it_to_documents_and_queries(tmp_path, embedding, monkeypatch):

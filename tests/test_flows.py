@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pipeline_helpers import settings_for, tiny_embedding, write_docs
+from pipeline_helpers import settings_for, write_docs
 
 from flows import runtime
 from flows.ingest import ingest_flow
@@ -27,11 +27,6 @@ def harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-@pytest.fixture(scope="module")
-def embedding():
-    return tiny_embedding()
 
 
 @pytest.fixture()

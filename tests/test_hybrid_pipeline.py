@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from pipeline_helpers import DOCS, long_doc, settings_for, tiny_embedding, write_docs
+from pipeline_helpers import DOCS, long_doc, settings_for, write_docs
 from typer.testing import CliRunner
 
 from htp_cli.main import app
@@ -23,11 +23,6 @@ from pipelines.rebuild import rebuild
 from pipelines.service import IndexHolder, create_app
 
 MANY = {**DOCS, **{f"extra{i}.txt": long_doc(2, seed=3 * i) for i in range(9)}}
-
-
-@pytest.fixture(scope="module")
-def embedding():
-    return tiny_embedding()
 
 
 def test_the_correction_is_fitted_at_first_ingest_and_applied_alike_to_documents_and_queries(tmp_path, embedding):

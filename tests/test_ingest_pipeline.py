@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from pipeline_helpers import DOCS, long_doc, settings_for, tiny_embedding, write_docs
+from pipeline_helpers import DOCS, long_doc, settings_for, write_docs
 
 from indexes import FaissVectorStore
 from pipelines.ingest import ingest
 from pipelines.query import open_index
 from pipelines.runs import plan_ingest
 from pipelines.sources import SourceDocument, SourceError
-
-
-@pytest.fixture(scope="module")
-def embedding():
-    return tiny_embedding()
 
 
 def doc_ids(index_dir, embedding, query="the cat", k=20):

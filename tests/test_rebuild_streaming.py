@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pipeline_helpers import DOCS, long_doc, settings_for, tiny_embedding, write_docs
+from pipeline_helpers import DOCS, long_doc, settings_for, write_docs
 
 import indexes.store
 from indexes import FaissVectorStore
@@ -15,11 +15,6 @@ from pipelines.rebuild import rebuild
 
 MANY = {**DOCS, **{f"extra{i}.txt": long_doc(3, seed=7 * i) for i in range(30)}}
 FLUSH = 6
-
-
-@pytest.fixture(scope="module")
-def embedding():
-    return tiny_embedding()
 
 
 @pytest.fixture

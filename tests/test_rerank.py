@@ -94,23 +94,6 @@ def test_blend_standardises_both_sides_and_tolerates_missing_or_equal_scores() -
         blend_scores([1.0], [1.0], 1.5)
 
 
-@pytest.fixture(scope="module")
-def embedding():
-    from pipeline_helpers import tiny_embedding
-
-    return tiny_embedding()
-
-
-@pytest.fixture()
-def index_dir(tmp_path, embedding):
-    from pipeline_helpers import settings_for, write_docs
-
-    from pipelines.ingest import ingest
-
-    ingest(write_docs(tmp_path / "src"), tmp_path / "idx", settings_for(embedding), embedding=embedding)
-    return tmp_path / "idx"
-
-
 QUERY = "the cat sat in the park"
 
 

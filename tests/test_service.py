@@ -7,22 +7,11 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from pipeline_helpers import settings_for, tiny_embedding, write_docs
+from pipeline_helpers import settings_for, write_docs
 
 from pipelines.ingest import ingest
 from pipelines.query import SearchRequest, open_index
 from pipelines.service import IndexHolder, create_app
-
-
-@pytest.fixture(scope="module")
-def embedding():
-    return tiny_embedding()
-
-
-@pytest.fixture()
-def index_dir(tmp_path, embedding):
-    ingest(write_docs(tmp_path / "src"), tmp_path / "idx", settings_for(embedding), embedding=embedding)
-    return tmp_path / "idx"
 
 
 def make_client(index_dir, embedding, **kwargs) -> TestClient:

@@ -8,24 +8,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from pipeline_helpers import settings_for, tiny_embedding, write_docs
+from pipeline_helpers import settings_for
 
 import pipelines.service
 from indexes import FaissVectorStore
 from pipelines.ingest import ingest
 from pipelines.query import open_index
 from pipelines.service import IndexHolder, create_app, version_files
-
-
-@pytest.fixture(scope="module")
-def embedding():
-    return tiny_embedding()
-
-
-@pytest.fixture()
-def index_dir(tmp_path, embedding) -> Path:
-    ingest(write_docs(tmp_path / "src"), tmp_path / "idx", settings_for(embedding), embedding=embedding)
-    return tmp_path / "idx"
 
 
 class Clock:
