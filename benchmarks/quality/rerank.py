@@ -10,7 +10,8 @@ query's default hybrid list (top 100) comes from ``OpenIndex.search_many``; its 
 list, which is what a reranked query returns in its top ``depth``. The weight is chosen on the
 first ``--tune`` queries of half A; half B (untouched) gives the figure. Seconds per query are
 the scorer's, on this machine, and one end-to-end ``search(rerank=True)`` per timed query.
-Writes ``benchmarks/results/quality/rerank.{json,md}``.
+Writes ``benchmarks/results/quality/rerank.{json,md}`` (with other depths or passage lengths,
+``rerank_depth{D}_tokens{T}.{json,md}``).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def main() -> None:
               "passage_tokens": args.passage_tokens, "tune_queries": len(tune), "b_queries": len(halves["B"]),
               "encoder": index.embedding.model_name, "machine": f"{cpu_model()}, {os.cpu_count()} cores",
               "chosen_weight_on_A": chosen["weight"], "shipped_weight": DEFAULT_WEIGHT, "timing": timing, "rows": rows}
-    _write_json(RESULTS / "rerank.json", result)
+    name = "rerank" if (args.depth, args.passage_tokens) == (10, 256) else f"rerank_depth{args.depth}_tokens{args.passage_tokens}"
+    _write_json(RESULTS / f"{name}.json", result)
     lines = ["# Query-likelihood reranking through the product (SciFact train, development split)", "",
              f"Default hybrid top {args.depth} of each query reranked by {result['encoder']} at full depth "
              f"(passages cut to {args.passage_tokens} tokens), blended with the retrieval score "
@@ -102,7 +104,7 @@ def main() -> None:
     for row in rows:
         lines.append(f"| {row['rerank']} | {row['tune (A)']['ndcg@10']:.1f} | {row['B']['ndcg@10']:.1f} | "
                      f"{row['B']['recall@100']:.1f} |")
-    (RESULTS / "rerank.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
