@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/quality/report.py
 
-Writes ``benchmarks/results/quality/tables.md`` and ``exit_layers_*.png`` (when matplotlib is
+Writes ``benchmarks/results/quality/tables.md``, ``dev_report.md`` (the development split's
+full-corpus figures in one table) and ``exit_layers_*.png`` (when matplotlib is
 installed). Differences between two settings are paired over the same queries: the mean
 per-query NDCG@10 difference with a 95% bootstrap interval (2,000 resamples of the queries).
 """
@@ -215,6 +216,50 @@ def fusion_table() -> str:
     )
 
 
+def _json(name: str) -> dict[str, Any]:
+    import json
+
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def dev_report() -> str:
+    """One table of the development split's full-corpus figures (issue 22's report), gathered
+    from the benchmarks that measured them, each row naming its source."""
+    rows: list[tuple[str, dict[str, Any] | None, str]] = []
+    pipeline = {row["label"]: row for row in _json("pipeline").get("rows", [])}
+    adapter = {(row["correction"], row["mode"], row["alpha"]): row for row in _json("adapter").get("rows", [])}
+    reference = {row["label"]: row for row in _json("reference_fusion").get("rows", [])}
+    rerank = _json("rerank")
+    rows += [("BM25 (bm25s)", pipeline.get("reference: bm25"), "pipeline"),
+             ("FTS5 BM25 (sparse)", pipeline.get("product sparse (defaults)"), "pipeline"),
+             ("dense", pipeline.get("product dense (defaults)"), "pipeline"),
+             ("hybrid (default)", pipeline.get("product hybrid (defaults)"), "pipeline"),
+             ("dense + adapter", adapter.get(("adapter", "dense", None)), "adapter"),
+             ("hybrid + adapter", adapter.get(("adapter", "hybrid", 0.3)), "adapter")]
+    chosen = next((r for r in rerank.get("rows", []) if r.get("weight") == rerank.get("chosen_weight_on_A")), None)
+    plain = next((r for r in rerank.get("rows", []) if "weight" not in r), None)
+    for label, row in (("hybrid, same run as the reranker", plain), ("hybrid + reranker", chosen)):
+        if row is not None:  # scored on 120 queries of A (the weight's choice) and all of B
+            rows.append((label, {"all": {}, "B": row["B"]}, "rerank"))
+    best = max((r for r in reference.values() if r["label"].startswith("convex")),
+               key=lambda r: r["A"]["ndcg@10"], default=None)
+    rows += [("all-MiniLM-L6-v2 (reference)", reference.get("all-MiniLM-L6-v2"), "reference_fusion"),
+             (f"BM25 + MiniLM, {best['label'] if best else 'convex'} (reference)", best, "reference_fusion")]
+    lines = ["## Development split, full corpus (SciFact train: 809 queries, 5,183 documents)", "",
+             "NDCG@10 over all queries and over half B (untouched by every choice); Recall@100 over "
+             "all (over B for the reranker rows, which were scored on B and 120 queries of A only).", "",
+             "| retrieval | NDCG@10 all | NDCG@10 B | Recall@100 | from |", "|---|---|---|---|---|"]
+    for label, row, source in rows:
+        if row is None:
+            continue
+        whole, half_b = row.get("all", {}), row["B"]
+        recall = whole.get("recall@100", half_b["recall@100"])
+        lines.append(f"| {label} | {whole['ndcg@10']:.1f} | {half_b['ndcg@10']:.1f} | {recall:.1f} | {source}.md |"
+                     if whole else f"| {label} | - | {half_b['ndcg@10']:.1f} | {recall:.1f} | {source}.md |")
+    return "\n".join(lines)
+
+
 def plot_exits(model: str) -> None:
     try:
         import matplotlib
@@ -257,6 +302,7 @@ def main() -> None:
         fusion_table(),
     ]
     (RESULTS / "tables.md").write_text("\n\n".join(p for p in parts if p) + "\n")
+    (RESULTS / "dev_report.md").write_text("# Retrieval quality on the development split\n\n" + dev_report() + "\n")
     for model in ("gemma3-270m", "smollm2-135m"):
         plot_exits(model)
     print((RESULTS / "tables.md").read_text())
