@@ -50,12 +50,14 @@ class QueryLikelihoodScorer:
     """Scores passages for a query with a decoder's language-model head.
 
     ``max_passage_tokens`` truncates each passage (the cost grows with it); ``batch_tokens``
-    bounds the tokens of one forward pass. Passes hold the model's shared lock: an encoder
-    installs hooks on the same modules while it computes.
+    bounds the tokens of one forward pass. Passes hold the model's shared lock (an encoder
+    installs hooks on the same modules while it computes), so batches are kept short enough
+    (~0.7 s on 2 cores) for a service's query embeddings to get in between; per token they
+    run as fast as larger ones (1,430-1,510 tokens/s for 10 x 64 to 10 x 256 tokens).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_passage_tokens: int = 256,
-                 batch_tokens: int = 4096):
+                 batch_tokens: int = 1024):
         if max_passage_tokens < 1:
             raise ValueError("max_passage_tokens must be at least 1")
         self.model = model

@@ -148,6 +148,10 @@ class OpenIndex:
         kwargs.setdefault("vector_store_kwargs", {"fusion": self.fusion})
         return self.as_index().as_retriever(similarity_top_k=similarity_top_k, filters=filters, **kwargs)
 
+    def reranks(self, rerank: bool | None) -> bool:
+        """Whether a request with this ``rerank`` field is reranked (None: the index's default)."""
+        return self.default_rerank if rerank is None else rerank
+
     def resolve_mode(self, mode: QueryMode | None) -> QueryMode:
         """The mode a request runs in: the one asked for, else the default this index supports.
 
@@ -193,7 +197,7 @@ class OpenIndex:
         out = []
         for i, (request, mode) in enumerate(zip(requests, modes, strict=True)):
             vector = by_request.get(i)
-            rerank = self.default_rerank if request.rerank is None else request.rerank
+            rerank = self.reranks(request.rerank)
             result = self.store.query(
                 VectorStoreQuery(
                     query_embedding=None if vector is None else vector.tolist(),

@@ -208,12 +208,18 @@ def damaged_file(index_dir: Path, manifest: Manifest) -> str | None:
 class QueryBatcher:
     """Serves concurrent ``/query`` requests in batches: one encoder pass for all the queries
     that arrived while the previous batch was computing. No request waits for a timer: a lone
-    request is served at once; under load, batches grow by themselves."""
+    request is served at once; under load, batches grow by themselves.
+
+    A reranked request takes seconds on a CPU, so it is answered beside the batches rather
+    than in one: the queries behind it do not wait for it (the reranker gives the model back
+    between its passes; see ``QueryLikelihoodScorer.batch_tokens``).
+    """
 
     def __init__(self, max_batch: int = 32):
         self.max_batch = max_batch
         self._queue: asyncio.Queue[tuple[OpenIndex, QueryRequest, asyncio.Future]] | None = None
         self._worker: asyncio.Task | None = None
+        self._reranking: set[asyncio.Task] = set()
 
     async def search(self, index: OpenIndex, request: QueryRequest) -> list[dict[str, Any]]:
         if self._queue is None:
@@ -225,10 +231,11 @@ class QueryBatcher:
         return await future
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+        for task in [self._worker, *self._reranking]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _serve(self) -> None:
         assert self._queue is not None
@@ -240,7 +247,15 @@ class QueryBatcher:
             for item in batch:  # requests pinned to different versions are searched apart
                 groups.setdefault(id(item[0]), []).append(item)
             for items in groups.values():
-                await self._answer(items)
+                index = items[0][0]
+                for item in items:
+                    if index.reranks(item[1].rerank):
+                        task = asyncio.create_task(self._answer([item]))
+                        self._reranking.add(task)
+                        task.add_done_callback(self._reranking.discard)
+                plain = [item for item in items if not index.reranks(item[1].rerank)]
+                if plain:
+                    await self._answer(plain)
 
     @staticmethod
     async def _answer(items: list[tuple[OpenIndex, QueryRequest, asyncio.Future]]) -> None:

@@ -173,3 +173,36 @@ def test_evaluation_puts_the_reranked_documents_above_the_rest_of_the_plain_list
     ranked = reranked_on_top(reranked, plain, top_k=3)
     assert list(ranked) == ["b", "a", "c"]
     assert list(ranked.values()) == sorted(ranked.values(), reverse=True)
+
+
+def test_a_slow_reranked_request_does_not_hold_up_the_plain_queries_behind_it(index_dir, embedding) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+    from pipeline_helpers import settings_for
+
+    from pipelines.query import open_index
+    from pipelines.service import IndexHolder, create_app
+
+    settings = settings_for(embedding)
+    index = open_index(index_dir, settings, embedding=embedding)
+    release, reranking = threading.Event(), threading.Event()
+    real = index.reranker.rerank
+
+    def held(*args, **kwargs):
+        reranking.set()
+        assert release.wait(30)
+        return real(*args, **kwargs)
+
+    object.__setattr__(index.reranker, "rerank", held)
+    holder = IndexHolder(index_dir, settings, index)
+    with TestClient(create_app(index_dir, settings, holder=holder, reload_interval=0)) as client, \
+            ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(client.post, "/query", json={"query": QUERY, "top_k": 2, "rerank": True})
+        assert reranking.wait(30)
+        plain = client.post("/query", json={"query": QUERY, "top_k": 2})  # answered while the rerank waits
+        assert plain.status_code == 200 and not slow.done()
+        release.set()
+        assert slow.result().status_code == 200
+        assert [r["node_id"] for r in slow.result().json()["results"]] == [n for n, _ in expected_rerank(index, QUERY, 2)]
