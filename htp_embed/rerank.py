@@ -113,19 +113,20 @@ class QueryLikelihoodScorer:
             ids[r, : len(row)] = torch.tensor(row)
             mask[r, : len(row)] = 1
         device = self.head.device
-        target = torch.tensor(query_ids, device=device)
         with self._lock, torch.inference_mode():
             hidden = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-            out = []
-            for r, context in enumerate(contexts):
-                # The state before each query token predicts it.
-                states = hidden[r, len(context) - 1 : len(context) - 1 + len(query_ids)]
-                logits = (states @ self.head.T).float()
-                if self.softcap:
-                    logits = torch.tanh(logits / self.softcap) * self.softcap
-                log_probs = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])
-                out.append(float(log_probs.mean()))
-        return out
+        # The output head runs outside the lock (it changes nothing), once for the whole batch:
+        # its 262k x 640 matrix is read once instead of once per passage.
+        with torch.inference_mode():
+            n = len(query_ids)
+            # The state before each query token predicts it.
+            states = torch.cat([hidden[r, len(context) - 1 : len(context) - 1 + n] for r, context in enumerate(contexts)])
+            logits = (states @ self.head.T).float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            target = torch.tensor(query_ids, device=device).repeat(len(contexts))
+            log_probs = logits.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            return log_probs.view(len(contexts), n).mean(dim=1).tolist()
 
 
 def blend_scores(retrieval: Sequence[float | None], likelihood: Sequence[float], weight: float) -> list[float]:
