@@ -22,11 +22,11 @@ import torch
 from htp_embed.encoder import shared_lock, special_token_template
 
 # The likelihood's share of the blended score (both sides z-scored over the candidates), chosen
-# on 120 queries of half A of the SciFact development split through the product
-# (benchmarks/results/quality/rerank.md): 0.5 scored best there (77.6 vs 76.7 NDCG@10 without
-# reranking) and gives 72.4 vs 70.5 on the untouched half B; the likelihood alone (weight 1)
-# ranks worse than the blend on both halves.
-DEFAULT_WEIGHT = 0.5
+# on half A of the SciFact development split (404 queries) through the product
+# (benchmarks/results/quality/rerank.md): 0.6 scored best there (75.0 vs 73.2 NDCG@10 without
+# reranking; 0.4-0.6 within 0.4) and gives 72.7 vs 70.5 on the untouched half B; the
+# likelihood alone (weight 1) ranks worse than the blend on both halves.
+DEFAULT_WEIGHT = 0.6
 
 # UPR's prompt: a passage, then the question it prompts. Generic on purpose (questions, claims
 # and keyword queries all read as the text a passage makes one write).
