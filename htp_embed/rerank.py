@@ -40,7 +40,8 @@ class RerankUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class ScoredPassage:
-    """A passage's query likelihood: mean log-probability per query token (<= 0)."""
+    """A passage's query likelihood (mean log-probability per query token, <= 0) and how many of
+    its tokens were read (after truncation)."""
 
     log_likelihood: float
     passage_tokens: int
@@ -78,18 +79,16 @@ class QueryLikelihoodScorer:
         query_ids = self.tokenizer(query, add_special_tokens=False)["input_ids"]
         if not passages:
             return []
-        contexts = []
-        for passage in passages:
-            body = self.tokenizer(passage, add_special_tokens=False)["input_ids"][: self.max_passage_tokens]
-            contexts.append(self._bos + self._before + body + self._after)
+        bodies = [self.tokenizer(p, add_special_tokens=False)["input_ids"][: self.max_passage_tokens] for p in passages]
+        contexts = [self._bos + self._before + body + self._after for body in bodies]
         if not query_ids:
-            return [ScoredPassage(0.0, len(c)) for c in contexts]
+            return [ScoredPassage(0.0, len(body)) for body in bodies]
         scores: list[float] = [math.nan] * len(contexts)
         order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
         for batch in self._batches(order, contexts, len(query_ids)):
             for i, value in zip(batch, self._score_batch([contexts[i] for i in batch], query_ids), strict=True):
                 scores[i] = value
-        return [ScoredPassage(s, len(c)) for s, c in zip(scores, contexts, strict=True)]
+        return [ScoredPassage(s, len(body)) for s, body in zip(scores, bodies, strict=True)]
 
     def _batches(self, order: list[int], contexts: list[list[int]], query_len: int) -> list[list[int]]:
         """Indices in length order, grouped so that a padded batch stays within batch_tokens."""

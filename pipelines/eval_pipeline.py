@@ -94,15 +94,13 @@ def pipeline_run(
         for start in range(0, len(texts), QUERY_BATCH):
             batch = texts[start : start + QUERY_BATCH]
             plain = index.search_many([SearchRequest(text, top_k, mode=mode, alpha=alpha, rerank=False) for text in batch])
-            for offset, (query_id, hits) in enumerate(zip(query_ids[start:], plain, strict=False)):
-                if rerank:
-                    request = SearchRequest(batch[offset], index.rerank_depth, mode=mode, alpha=alpha, rerank=True)
-                    run[query_id] = reranked_on_top(index.search_many([request])[0], hits, top_k)
-                    bar.update(1)
+            for text, query_id, hits in zip(batch, query_ids[start:], plain, strict=False):
+                if rerank:  # seconds a query: one at a time, so the bar moves
+                    reranked = index.search(text, index.rerank_depth, mode=mode, alpha=alpha, rerank=True)
+                    run[query_id] = reranked_on_top(reranked, hits, top_k)
                 else:
                     run[query_id] = ranked_documents(hits, top_k)
-            if not rerank:
-                bar.update(len(batch))
+                bar.update(1)
     info = {
         "ingest": {k: v for k, v in stats.to_json().items() if k != "errors"},
         "query_seconds": round(time.perf_counter() - began, 2),

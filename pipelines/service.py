@@ -247,13 +247,14 @@ class QueryBatcher:
             for item in batch:  # requests pinned to different versions are searched apart
                 groups.setdefault(id(item[0]), []).append(item)
             for items in groups.values():
-                index = items[0][0]
+                index, plain = items[0][0], []
                 for item in items:
                     if index.reranks(item[1].rerank):
                         task = asyncio.create_task(self._answer([item]))
                         self._reranking.add(task)
                         task.add_done_callback(self._reranking.discard)
-                plain = [item for item in items if not index.reranks(item[1].rerank)]
+                    else:
+                        plain.append(item)
                 if plain:
                     await self._answer(plain)
 
@@ -263,15 +264,16 @@ class QueryBatcher:
         requests = [SearchRequest(r.query, r.top_k, r.filters, r.mode, r.alpha, r.rerank) for _, r, _ in items]
         try:
             results: list[Any] = await asyncio.to_thread(index.search_many, requests)
-        except Exception:
-            # One bad request (e.g. an unsupported filter) must not fail the others.
-            results = []
-            for request in requests:
-                try:
-                    results.append(await asyncio.to_thread(index.search_many, [request]))
-                    results[-1] = results[-1][0]
-                except Exception as exc:
-                    results.append(exc)
+        except Exception as exc:
+            if len(requests) == 1:  # nothing to separate: a lone request is not run again
+                results = [exc]
+            else:  # one bad request (e.g. an unsupported filter) must not fail the others
+                results = []
+                for request in requests:
+                    try:
+                        results.append((await asyncio.to_thread(index.search_many, [request]))[0])
+                    except Exception as failure:
+                        results.append(failure)
         for (_, _, future), result in zip(items, results, strict=True):
             if future.done():  # the client went away
                 continue

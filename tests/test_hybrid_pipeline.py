@@ -16,7 +16,8 @@ from htp_cli.main import app
 from indexes import FaissVectorStore
 from pipelines.beir import Document, write_beir
 from pipelines.chunking import embed_text
-from pipelines.eval_pipeline import evaluate_pipeline, ranked_documents
+from pipelines.eval_pipeline import evaluate_pipeline, pipeline_run, ranked_documents
+from pipelines.evaluation import prepare_dataset
 from pipelines.ingest import ingest
 from pipelines.query import SearchRequest, open_index
 from pipelines.rebuild import rebuild
@@ -112,6 +113,17 @@ def test_eval_pipeline_scores_exactly_what_the_retriever_returns(tmp_path, embed
     again = evaluate_pipeline(data, "train", mode="sparse", settings=settings, index_dir=tmp_path / "idx",
                               embedding=embedding)
     assert again["pipeline"]["ingest"]["nodes_embedded"] == 0  # the kept index is reused
+    reranked = evaluate_pipeline(data, "train", mode="hybrid", settings=settings, index_dir=tmp_path / "idx",
+                                 embedding=embedding, rerank=True)
+    assert reranked["method"] == "pipeline:hybrid+rerank" and reranked["pipeline"]["rerank"]["depth"] == 10
+    # Each query's ranking starts with the documents a reranked search returns, in its order,
+    # and goes on with the rest of the plain list.
+    run, _ = pipeline_run(prepare_dataset(data, "train"), tmp_path / "idx", settings, mode="hybrid",
+                          embedding=embedding, rerank=True)
+    for query_id, text in queries.items():
+        head = list(ranked_documents(index.search(text, 10, rerank=True), 10))
+        assert list(run[query_id])[: len(head)] == head
+        assert set(run[query_id]) == set(ranked_documents(index.search(text, 100), 100))
 
 
 def test_cli_query_modes_and_info(tiny_model_dir, tmp_path, monkeypatch):
