@@ -349,15 +349,17 @@ def info(
 
 
 def _dtype_auto(dim: int) -> dict[str, Any]:
-    """What dtype 'auto' runs queries in on this CPU, and why: the decision measured and cached
-    at the encoder's first load here (read from the cache only; nothing is measured)."""
-    from htp_embed.precision import cached_decisions_here, cpu_model
+    """What dtype 'auto' runs queries in on this CPU, and whether the Linear weights are packed,
+    and why: the decisions measured and cached at the encoder's first load here (read from the
+    cache only; nothing is measured)."""
+    from htp_embed.precision import cached_decisions_here, cached_packing_here, cpu_model
 
     found = cached_decisions_here(dim)
+    packing = [d for d in cached_packing_here() if f"layers {dim}x" in d["key"]]
     if not found:
         return {"cpu": cpu_model(), "decision": "not measured yet on this CPU: the first query or "
                 "ingest measures it (well under a second) and caches it"}
-    return {"cpu": cpu_model(), "decisions": found}
+    return {"cpu": cpu_model(), "decisions": found, "linear_packing": packing}
 
 
 def _manifest_correction(index: Path, manifest: Any) -> dict[str, Any] | None:

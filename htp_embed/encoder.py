@@ -8,12 +8,14 @@ strategy object (``htp_embed.methods``), never of its name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,12 +31,14 @@ from htp_embed.methods import EncodingMethod, method_for
 from htp_embed.models import (
     _dtype_name,
     decoder_layers,
+    default_cache_dir,
     load_model,
     mean_input_embedding,
     resolve_device,
     resolve_dtype,
     resolve_dtype_decision,
 )
+from htp_embed.packed_linear import PackingDecision, cpu_packing_decision, pack_linear_layers
 from htp_embed.pooling import at_positions, l2_normalise, masked_mean
 from htp_embed.precision import DtypeDecision
 from htp_embed.prefix_cache import PrefixCache
@@ -149,6 +153,8 @@ class HTPEncoder:
         model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model = model
         self.tokenizer = tokenizer
+        #: Whether the decoder's Linear weights run packed (None: a caller's decoder, or not a CPU).
+        self.packing: PackingDecision | None = getattr(model, "_htp_packing", None)
         self.stats = EncoderStats()
         self._stats_lock = threading.Lock()
         self._layers = decoder_layers(model)
@@ -519,9 +525,22 @@ def _load_shared(config: EncoderConfig, dtype: torch.dtype, device: torch.device
             model, tokenizer = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir)
             model = model.to(device=device, dtype=dtype).eval()
             model._htp_tokenizer = tokenizer
+            if device.type == "cpu":
+                model._htp_packing = _pack_if_faster(model, dtype, config.cache_dir)
             remember_checkpoint(model, checkpoint)
             _LOADED[key] = model
         return model, model._htp_tokenizer
+
+
+def _pack_if_faster(model: torch.nn.Module, dtype: torch.dtype, cache_dir: Path | None) -> PackingDecision:
+    """Pack the decoder layers' Linear weights once where this CPU measured that faster
+    (see :mod:`htp_embed.packed_linear`); the model we loaded ourselves, never a caller's."""
+    config = getattr(model.config, "text_config", None) or model.config
+    shape = (int(config.hidden_size), int(config.intermediate_size))
+    decision = cpu_packing_decision(shape, dtype, cache_dir or default_cache_dir())
+    if decision.pack and not pack_linear_layers(decoder_layers(model)):
+        decision = dataclasses.replace(decision, pack=False, reason="packing refused at load (see the log)")
+    return decision
 
 
 def shared_lock(model: torch.nn.Module) -> threading.Lock:

@@ -44,6 +44,8 @@ PROBE_LENGTHS = (24, 256)
 #: on 2 Zen 4 cores for Gemma3-270M's shapes).
 PROBE_REPEATS = 7
 DECISIONS_FILE = "dtype_decisions.json"
+#: Where :mod:`htp_embed.packed_linear` caches whether packing Linear weights pays.
+PACKING_FILE = "linear_packing.json"
 #: Layer shape probed when the model's own is unknown: Gemma3-270M, the default model.
 DEFAULT_SHAPE = (640, 2048)
 #: Below this hidden size per-operator overhead, not arithmetic, sets the speed, and a probe
@@ -95,26 +97,27 @@ def decision_key(cpu: str, torch_version: str, shape: tuple[int, int], threads: 
     return f"{cpu} | torch {torch_version} | {threads} threads | layers {shape[0]}x{shape[1]}"
 
 
-def _decisions_path(cache_dir: Path) -> Path:
-    return Path(cache_dir) / DECISIONS_FILE
+def decisions_path(cache_dir: Path, name: str = DECISIONS_FILE) -> Path:
+    """The JSON file of measured decisions ``name`` (dtype by default) under ``cache_dir``."""
+    return Path(cache_dir) / name
 
 
-def read_decisions(cache_dir: Path) -> dict[str, dict]:
+def read_decisions(cache_dir: Path, name: str = DECISIONS_FILE) -> dict[str, dict]:
     """All cached decisions (an unreadable or corrupt file counts as empty: it is re-measured)."""
     try:
-        data = json.loads(_decisions_path(cache_dir).read_text())
+        data = json.loads(decisions_path(cache_dir, name).read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
-def _write_decision(cache_dir: Path, key: str, decision: DtypeDecision) -> None:
+def write_decision(cache_dir: Path, key: str, record: dict[str, object], name: str = DECISIONS_FILE) -> None:
     """Add one decision to the cache file atomically; a read-only cache just re-measures."""
-    path = _decisions_path(cache_dir)
+    path = decisions_path(cache_dir, name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        decisions = read_decisions(cache_dir)
-        decisions[key] = decision.summary()
+        decisions = read_decisions(cache_dir, name)
+        decisions[key] = record
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(decisions, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
@@ -218,7 +221,7 @@ def cpu_dtype_decision(shape: tuple[int, int] | None = None, cache_dir: Path | N
     key = decision_key(cpu, torch.__version__, shape, threads)
     # Two encoders (threads or processes, e.g. Dask workers) opening at once measure once and
     # agree.
-    with _guard, _file_lock(_decisions_path(cache).with_suffix(".lock")):
+    with _guard, file_lock(decisions_path(cache).with_suffix(".lock")):
         stored = read_decisions(cache).get(key)
         if _valid(stored):
             decision = DtypeDecision(
@@ -235,17 +238,17 @@ def cpu_dtype_decision(shape: tuple[int, int] | None = None, cache_dir: Path | N
                 speedups=speedups, cpu=cpu, torch=torch.__version__, shape=shape,
                 measured_at=time.time(), source="measured", bf16_instructions=instructions,
             )
-            _write_decision(cache, key, decision)
+            write_decision(cache, key, decision.summary())
         if key not in _logged:
             _logged.add(key)
-            where = _decisions_path(cache)
+            where = decisions_path(cache)
             log.info("dtype auto on %s (%d threads): %s (%s; %s, delete it to measure again)",
                      cpu, threads, decision.dtype, decision.reason, where)
     return decision
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` across processes where the OS has flock (else none)."""
     try:
         import fcntl
@@ -299,3 +302,22 @@ def _valid(stored: object) -> bool:
         and stored.get("dtype") in ("float32", "bfloat16")
         and isinstance(stored.get("reason"), str)
     )
+
+
+def cached_packing_here(cache_dir: Path | None = None) -> list[dict]:
+    """The cached Linear-packing decisions (:mod:`htp_embed.packed_linear`) for this CPU model
+    and installed torch, read without importing torch: what `htp-index info` shows."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch").split("+")[0]
+    except PackageNotFoundError:
+        return []
+    cpu = cpu_model()
+    found = []
+    for key, record in read_decisions(Path(cache_dir) if cache_dir else cache_root(), PACKING_FILE).items():
+        fields = [field.strip() for field in key.split("|")]
+        if (isinstance(record, dict) and isinstance(record.get("pack"), bool) and len(fields) > 1
+                and fields[0] == cpu and fields[1].removeprefix("torch ").split("+")[0] == torch_version):
+            found.append({"key": key, "pack": record["pack"], "reason": record.get("reason")})
+    return found

@@ -1,0 +1,141 @@
+"""Packed vs plain Linear weights on the CPU, side by side in one process.
+
+    python benchmarks/linear_packing.py [--rounds 4] [--queries 40] [--docs 16]
+
+The default encoder (dtype auto) is loaded once; its decoder layers' Linear weights are packed
+(``htp_embed.packed_linear``) and unpacked between rounds, the order alternating round by round,
+so that noise on the machine falls on both alike:
+
+* one query at a time (SciFact claims, as the service embeds them): p50 / p95 ms;
+* SciFact abstracts as documents, in the encoder's own batches: text tokens/s;
+* the cosine between the two paths' vectors (queries and documents), and the resident memory
+  the packed copies add (RSS after packing minus before, glibc told to return freed memory).
+
+Also reports what the encoder decided on its own at load (measured once per CPU and cached).
+Writes benchmarks/results/linear_packing.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as htp_embed sets it; torch may load first here
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from encoder_speed import load_texts  # noqa: E402
+from machine import cpu_model  # noqa: E402
+from store_scale import queries  # noqa: E402
+
+
+def rss_mib() -> float:
+    """Resident memory now, after asking glibc to hand freed memory back."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per path (the order alternates)")
+    parser.add_argument("--queries", type=int, default=40, help="single queries timed per round")
+    parser.add_argument("--docs", type=int, default=16, help="abstracts embedded per round")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    import torch
+
+    from htp_embed import HTPEncoder
+    from htp_embed.models import decoder_layers
+    from htp_embed.packed_linear import pack_linear_layers, unpack_linear_layers
+
+    encoder = HTPEncoder(show_progress=False)
+    layers = decoder_layers(encoder.model)
+    decided = encoder.packing.summary() if encoder.packing else None
+    texts = queries(args.queries)
+    docs, docs_label = load_texts(args.docs)
+    doc_tokens = sum(encoder.count_tokens(text) for text in docs)
+
+    unpack_linear_layers(layers)
+    plain_rss = rss_mib()
+    packed_count = pack_linear_layers(layers)
+    packed_rss = rss_mib()
+    if not packed_count:
+        raise SystemExit("this PyTorch cannot pack Linear weights here (see the log)")
+
+    def set_path(path: str) -> None:
+        (pack_linear_layers if path == "packed" else unpack_linear_layers)(layers)
+
+    vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    latency: dict[str, list[float]] = {"plain": [], "packed": []}
+    doc_seconds: dict[str, list[float]] = {"plain": [], "packed": []}
+    for path in ("plain", "packed"):  # warm-up, and the vectors compared
+        set_path(path)
+        vectors[path] = (encoder.encode_queries(texts), encoder.encode_documents(docs))
+    for round_ in range(args.rounds):
+        for path in (("plain", "packed") if round_ % 2 == 0 else ("packed", "plain")):
+            set_path(path)
+            for text in texts:
+                began = time.perf_counter()
+                encoder.encode_queries([text])
+                latency[path].append((time.perf_counter() - began) * 1000)
+            began = time.perf_counter()
+            encoder.encode_documents(docs)
+            doc_seconds[path].append(time.perf_counter() - began)
+        print(f"round {round_ + 1}: query p50 plain {statistics.median(latency['plain']):.1f} ms, "
+              f"packed {statistics.median(latency['packed']):.1f} ms", flush=True)
+
+    def cosine(i: int) -> float:
+        return float(np.min(np.sum(vectors["plain"][i] * vectors["packed"][i], axis=1)))
+
+    rows = {}
+    for path in ("plain", "packed"):
+        times = np.array(latency[path])
+        rows[path] = {"query_p50_ms": float(np.percentile(times, 50)), "query_p95_ms": float(np.percentile(times, 95)),
+                      "doc_tokens_per_s": doc_tokens / statistics.median(doc_seconds[path])}
+    result = {
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "dtype": str(encoder.dtype),
+        "encoder": encoder.describe(), "decided_at_load": decided, "packed_layers": packed_count,
+        "rounds": args.rounds, "queries": len(texts), "docs": len(docs), "docs_label": docs_label,
+        "doc_tokens": doc_tokens, "paths": rows,
+        "query_speedup": rows["plain"]["query_p50_ms"] / rows["packed"]["query_p50_ms"],
+        "doc_speedup": rows["packed"]["doc_tokens_per_s"] / rows["plain"]["doc_tokens_per_s"],
+        "min_cosine_queries": cosine(0), "min_cosine_docs": cosine(1),
+        "extra_rss_mib": packed_rss - plain_rss,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "linear_packing.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# Packed vs plain Linear weights ({result['cpu']}, {result['cores']} cores, torch {result['torch']})", "",
+        f"Encoder {result['encoder']} in {result['dtype'].removeprefix('torch.')}; {packed_count} Linear layers; "
+        f"{args.rounds} rounds per path, order alternating; {len(texts)} single SciFact queries and "
+        f"{len(docs)} {docs_label} ({doc_tokens} tokens) per round.", "",
+        "| path | query p50 / p95 | documents |", "|---|---|---|",
+    ]
+    for path, row in rows.items():
+        lines.append(f"| {path} | {row['query_p50_ms']:.1f} / {row['query_p95_ms']:.1f} ms "
+                     f"| {row['doc_tokens_per_s']:.0f} tokens/s |")
+    lines += [
+        "", f"Packed / plain: queries {result['query_speedup']:.2f}x faster (p50), documents "
+        f"{result['doc_speedup']:.2f}x; minimum cosine between the paths' vectors {result['min_cosine_queries']:.6f} "
+        f"(queries), {result['min_cosine_docs']:.6f} (documents); packed copies +{result['extra_rss_mib']:.0f} MiB RSS.",
+        "", f"Decided at load on this machine: {json.dumps(decided)}",
+    ]
+    (args.out / "linear_packing.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

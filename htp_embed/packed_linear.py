@@ -1,0 +1,262 @@
+"""The decoder's Linear layers with their weights packed once for oneDNN, where that measures faster.
+
+Why: on the CPU a Linear call with a plain weight has oneDNN re-order that weight into its
+blocked layout on every call. For a document's hundreds of tokens that is a small part of the
+call; for a query's ~20 tokens (the instruction prefix comes from the prefix cache) it is a
+large one, and a query makes ~90 such calls at exit layer 13. Packing each weight once at load
+measured 1.3x on whole queries on 2 Zen 4 cores in bfloat16 (``benchmarks/linear_packing.py``).
+PyTorch's own compiler packs weights this way for frozen CPU models, through
+``torch.ops.mkldnn._reorder_linear_weight`` and ``torch.ops.mkldnn._linear_pointwise``. They are
+not public API, so nothing here trusts them blindly:
+
+* the ops missing (another build of PyTorch) -> plain layers, said once in the log;
+* whether to pack is measured on first use on a CPU, like the dtype (:mod:`htp_embed.precision`):
+  plain vs packed projections of the model's sizes, interleaved, at a query-like and a
+  document-like length; packed only when clearly faster for queries and not slower for
+  documents. Cached per CPU model, torch version, threads, layer shape and dtype in
+  ``<cache dir>/linear_packing.json``;
+* each packed weight shape is checked against ``F.linear`` on a probe input at load, and the
+  whole model stays plain if one disagrees;
+* a packed layer hands any call it was not packed for (another dtype or device, autograd) to
+  ``F.linear`` on the original weight, which it keeps: parameter names, the weights' fingerprint
+  and ``state_dict`` do not change.
+
+The packed copies cost memory once more the decoder layers' projection weights (~200 MB for
+Gemma3-270M in bfloat16); the original weights are then only read again by ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual name
+
+from htp_embed.precision import (
+    MIN_PROBED_HIDDEN,
+    PACKING_FILE,
+    PROBE_LENGTHS,
+    cpu_model,
+    decision_key,
+    decisions_path,
+    file_lock,
+    read_decisions,
+    write_decision,
+)
+
+log = logging.getLogger(__name__)
+
+#: Packed projections must run the query-like length at least this much faster than plain ones.
+PACKED_MIN_SPEEDUP = 1.1
+#: ... and every other probed length at least this fast (not slower, less the probe's noise).
+PACKED_MIN_OTHER = 0.97
+PROBE_REPEATS = 9
+#: Largest |packed - plain| allowed on the probe, relative to the largest |plain| output: the two
+#: only sum in another order (bfloat16 keeps ~3 significant digits).
+AGREEMENT_TOLERANCE = 2e-2
+
+_logged: set[str] = set()
+_guard = threading.Lock()
+
+
+@dataclass(frozen=True)
+class PackingDecision:
+    """Whether the decoder's Linear weights are packed on this CPU, and why."""
+
+    pack: bool
+    reason: str
+    speedups: dict[str, float] | None = None  # plain time / packed time per probed length
+    source: str = "measured"  # measured, cached, unavailable, not measured
+    key: str = ""
+
+    def summary(self) -> dict[str, object]:
+        """A JSON-ready record (cached, and what `htp-index info` prints)."""
+        return asdict(self)
+
+
+def unavailable_reason() -> str | None:
+    """Why this PyTorch cannot pack Linear weights for oneDNN, or None when it can."""
+    if not torch.backends.mkldnn.is_available():
+        return "this PyTorch was built without oneDNN"
+    for name in ("_reorder_linear_weight", "_linear_pointwise"):
+        if not hasattr(torch.ops.mkldnn, name):
+            return f"torch.ops.mkldnn.{name} is missing in torch {torch.__version__}"
+    return None
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` re-ordered once into oneDNN's layout (an opaque tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` from the packed weight."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class PackedLinear(torch.nn.Module):
+    """An ``nn.Linear`` whose forward uses its weight packed once; same parameters, same names."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.packed = pack_weight(linear.weight)
+        self.packed_dtype = linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type != "cpu"
+            or x.dtype != self.packed_dtype
+            or self.weight.dtype != self.packed_dtype
+            or self.weight.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+        ):
+            return F.linear(x, self.weight, self.bias)
+        return packed_linear(x, self.packed, self.bias)
+
+    def plain(self) -> torch.nn.Linear:
+        """The ``nn.Linear`` this was made from (the same parameters)."""
+        linear = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                 device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed {self.packed_dtype}"
+
+
+def pack_linear_layers(modules: torch.nn.Module) -> int:
+    """Replace every ``nn.Linear`` under ``modules`` with a :class:`PackedLinear`, each weight
+    shape checked against ``F.linear`` first; returns how many were packed (0: left plain, with
+    the reason logged). Call under the model's load lock: it edits the modules in place."""
+    reason = unavailable_reason()
+    if reason is not None:
+        log.info("Linear weights stay unpacked: %s", reason)
+        return 0
+    targets = [(parent, name, child) for parent in modules.modules() for name, child in parent.named_children()
+               if type(child) is torch.nn.Linear and child.weight.device.type == "cpu"]
+    checked: set[tuple] = set()
+    for _, _, linear in targets:
+        shape = (tuple(linear.weight.shape), linear.weight.dtype, linear.bias is not None)
+        if shape in checked:
+            continue
+        checked.add(shape)
+        try:
+            disagreement = _disagreement(linear)
+        except (RuntimeError, TypeError, ValueError) as exc:  # an op that refuses this weight
+            log.info("Linear weights stay unpacked: packing a %s weight failed (%s: %s)",
+                     shape[0], type(exc).__name__, exc)
+            return 0
+        if disagreement > AGREEMENT_TOLERANCE:
+            log.warning("Linear weights stay unpacked: a packed %s weight disagreed with F.linear by %.3g",
+                        shape[0], disagreement)
+            return 0
+    for parent, name, linear in targets:
+        setattr(parent, name, PackedLinear(linear))
+    return len(targets)
+
+
+def unpack_linear_layers(modules: torch.nn.Module) -> int:
+    """Undo :func:`pack_linear_layers` (benchmarks compare both in one process)."""
+    targets = [(parent, name, child) for parent in modules.modules() for name, child in parent.named_children()
+               if isinstance(child, PackedLinear)]
+    for parent, name, packed in targets:
+        setattr(parent, name, packed.plain())
+    return len(targets)
+
+
+def _disagreement(linear: torch.nn.Linear) -> float:
+    """max |packed - plain| / max |plain| on a random input of 5 tokens."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5, linear.in_features, generator=generator).to(linear.weight.dtype)
+    with torch.inference_mode():
+        plain = F.linear(x, linear.weight, linear.bias).float()
+        packed = packed_linear(x, pack_weight(linear.weight), linear.bias).float()
+    scale = float(plain.abs().max()) or 1.0
+    return float((packed - plain).abs().max()) / scale
+
+
+def probe_packed_speedup(
+    shape: tuple[int, int], dtype: torch.dtype, lengths: tuple[int, ...] = PROBE_LENGTHS,
+    repeats: int = PROBE_REPEATS,
+) -> dict[str, float]:
+    """plain time / packed time (> 1: packing pays) of a layer's projections at the model's sizes
+    (hidden->hidden, hidden->intermediate, intermediate->hidden) per sequence length, the two
+    alternating run by run so that a neighbour's load falls on both alike."""
+    hidden, intermediate = shape
+    generator = torch.Generator().manual_seed(0)
+    weights = [(torch.randn(rows, cols, generator=generator) / cols**0.5).to(dtype)
+               for rows, cols in ((hidden, hidden), (intermediate, hidden), (hidden, intermediate))]
+    packed = [pack_weight(weight) for weight in weights]
+
+    def plain_run(inputs: list[torch.Tensor]) -> None:
+        for x, weight in zip(inputs, weights, strict=True):
+            F.linear(x, weight)
+
+    def packed_run(inputs: list[torch.Tensor]) -> None:
+        for x, weight in zip(inputs, packed, strict=True):
+            packed_linear(x, weight, None)
+
+    speedups: dict[str, float] = {}
+    with torch.inference_mode():
+        for length in lengths:
+            inputs = [torch.randn(1, length, weight.shape[1], generator=generator).to(dtype) for weight in weights]
+            times: dict[str, list[float]] = {"plain": [], "packed": []}
+            plain_run(inputs)
+            packed_run(inputs)
+            for _ in range(repeats):
+                for kind, run in (("plain", plain_run), ("packed", packed_run)):
+                    began = time.perf_counter()
+                    run(inputs)
+                    times[kind].append(time.perf_counter() - began)
+            speedups[str(length)] = statistics.median(times["plain"]) / statistics.median(times["packed"])
+    return speedups
+
+
+def decide(speedups: dict[str, float]) -> tuple[bool, str]:
+    """Pack when the shortest (query-like) length gains at least ``PACKED_MIN_SPEEDUP`` and no
+    length is slower (``PACKED_MIN_OTHER``)."""
+    shown = ", ".join(f"{speedup:.2f}x at {length} tokens" for length, speedup in speedups.items())
+    shortest = speedups[min(speedups, key=int)]
+    if shortest >= PACKED_MIN_SPEEDUP and min(speedups.values()) >= PACKED_MIN_OTHER:
+        return True, f"packed projections measured {shown} the plain ones' speed"
+    return False, (f"packed projections measured only {shown} the plain ones' speed (needs "
+                   f">= {PACKED_MIN_SPEEDUP:.2f}x for queries, >= {PACKED_MIN_OTHER:.2f}x at every length)")
+
+
+def cpu_packing_decision(shape: tuple[int, int], dtype: torch.dtype, cache_dir: Path) -> PackingDecision:
+    """Whether to pack a model of layer ``shape`` running in ``dtype`` on this CPU: measured
+    once, then read from the cache; logged once per process."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return PackingDecision(False, reason, source="unavailable")
+    if shape[0] < MIN_PROBED_HIDDEN:
+        return PackingDecision(False, f"hidden size {shape[0]} < {MIN_PROBED_HIDDEN}: too small to measure",
+                               source="not measured")
+    dtype_name = str(dtype).removeprefix("torch.")
+    key = f"{decision_key(cpu_model(), torch.__version__, shape, torch.get_num_threads())} | {dtype_name}"
+    path = decisions_path(cache_dir, PACKING_FILE)
+    with _guard, file_lock(path.with_suffix(".lock")):
+        stored = read_decisions(cache_dir, PACKING_FILE).get(key)
+        if isinstance(stored, dict) and isinstance(stored.get("pack"), bool) and isinstance(stored.get("reason"), str):
+            decision = PackingDecision(stored["pack"], stored["reason"], stored.get("speedups"), "cached", key)
+        else:
+            began = time.perf_counter()
+            speedups = probe_packed_speedup(shape, dtype)
+            pack, why = decide(speedups)
+            decision = PackingDecision(pack, f"{why}; probe took {time.perf_counter() - began:.2f} s",
+                                       speedups, "measured", key)
+            write_decision(cache_dir, key, decision.summary(), PACKING_FILE)
+        if key not in _logged:
+            _logged.add(key)
+            log.info("Linear weights %s on %s: %s (%s; delete it to measure again)",
+                     "packed" if decision.pack else "not packed", key, decision.reason, path)
+    return decision

@@ -1,0 +1,150 @@
+"""Linear weights packed once for oneDNN: chosen by measurement, checked against F.linear, and
+never a change in what the encoder computes (speed is measured in benchmarks/linear_packing.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from htp_embed import HTPEncoder, packed_linear, precision
+from htp_embed.models import decoder_layers
+from htp_embed.packed_linear import (
+    PackedLinear,
+    cpu_packing_decision,
+    decide,
+    pack_linear_layers,
+    unpack_linear_layers,
+)
+
+pytestmark = pytest.mark.skipif(packed_linear.unavailable_reason() is not None,
+                                reason="this PyTorch cannot pack Linear weights")
+TEXTS = ["the cat sat on the mat . the dog ran in the park", "protein binds receptor . cells grew faster"]
+SHAPE = (640, 2048)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HTP_INDEX_CACHE", str(tmp_path))
+    monkeypatch.setattr(packed_linear, "_logged", set())
+    return tmp_path
+
+
+def measured(monkeypatch, speedups: dict[str, float]) -> list[tuple]:
+    """Make the probe report ``speedups``; returns what it was asked to probe."""
+    calls: list[tuple] = []
+
+    def probe(shape, dtype, *args, **kwargs):
+        calls.append((tuple(shape), dtype))
+        return dict(speedups)
+
+    monkeypatch.setattr(packed_linear, "probe_packed_speedup", probe)
+    return calls
+
+
+def test_packing_needs_a_clear_gain_for_queries_and_no_loss_for_documents():
+    assert decide({"24": 1.3, "256": 1.03})[0]
+    assert not decide({"24": 1.05, "256": 1.2})[0]  # queries are what it is for
+    assert not decide({"24": 2.0, "256": 0.9})[0]  # documents must not pay for it
+    assert "1.30x at 24 tokens" in decide({"24": 1.3, "256": 1.0})[1]
+
+
+def test_the_decision_is_measured_once_and_cached_per_dtype(cache, monkeypatch):
+    calls = measured(monkeypatch, {"24": 1.4, "256": 1.0})
+    first = cpu_packing_decision(SHAPE, torch.bfloat16, cache)
+    again = cpu_packing_decision(SHAPE, torch.bfloat16, cache)
+    assert first.pack and first.source == "measured" and again.source == "cached" and again.pack
+    assert calls == [(SHAPE, torch.bfloat16)]
+    cpu_packing_decision(SHAPE, torch.float32, cache)  # another dtype is another measurement
+    assert len(calls) == 2
+    stored = json.loads((cache / precision.PACKING_FILE).read_text())
+    assert len(stored) == 2 and all(precision.cpu_model() in key for key in stored)
+    (shown,) = [d for d in precision.cached_packing_here(cache) if d["key"].endswith("bfloat16")]
+    assert shown["pack"] is True and "1.40x" in shown["reason"]
+
+
+def test_a_model_too_small_to_measure_is_not_packed(cache, monkeypatch):
+    calls = measured(monkeypatch, {"24": 3.0, "256": 3.0})
+    decision = cpu_packing_decision((64, 128), torch.bfloat16, cache)
+    assert not decision.pack and decision.source == "not measured" and not calls
+
+
+def test_without_the_ops_nothing_is_packed_or_measured(cache, monkeypatch):
+    calls = measured(monkeypatch, {"24": 3.0, "256": 3.0})
+    monkeypatch.setattr(packed_linear, "unavailable_reason", lambda: "no oneDNN here")
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    assert pack_linear_layers(layer) == 0 and type(layer[0]) is torch.nn.Linear
+    decision = cpu_packing_decision(SHAPE, torch.bfloat16, cache)
+    assert not decision.pack and decision.source == "unavailable" and not calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_layer_computes_what_the_plain_one_does(dtype):
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(96, 160).to(dtype)
+    model = torch.nn.Sequential(plain)
+    assert pack_linear_layers(model) == 1 and isinstance(model[0], PackedLinear)
+    x = torch.randn(2, 7, 96).to(dtype)
+    with torch.inference_mode():
+        expected = F.linear(x, plain.weight, plain.bias).float()
+        got = model(x).float()
+    assert torch.allclose(got, expected, atol=2e-2 * float(expected.abs().max()))
+    # the same parameters under the same names: fingerprints and state_dict do not move
+    assert model[0].weight is plain.weight and list(model.state_dict()) == ["0.weight", "0.bias"]
+
+
+def test_calls_it_was_not_packed_for_go_to_the_plain_weight():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8).to(torch.bfloat16))
+    pack_linear_layers(model)
+    packed = model[0]
+    x32 = torch.randn(3, 16)
+    # another dtype than packed: F.linear, which refuses the mix too
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        model(x32)
+    x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+    model(x).float().sum().backward()  # autograd: the plain weight, gradients flow
+    assert x.grad is not None and packed.weight.grad is not None
+
+
+def test_a_packed_weight_that_disagrees_leaves_the_model_plain(monkeypatch, caplog):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16))
+    monkeypatch.setattr(packed_linear, "packed_linear", lambda x, packed, bias: torch.zeros(*x.shape[:-1], 32))
+    with caplog.at_level("WARNING", logger="htp_embed.packed_linear"):
+        assert pack_linear_layers(model) == 0
+    assert all(type(layer) is torch.nn.Linear for layer in model)
+    assert "disagreed" in caplog.text
+
+
+def test_the_encoder_packs_its_own_model_where_measured_faster_and_keeps_its_vectors(
+        tiny_model_dir, cache, monkeypatch):
+    measured(monkeypatch, {"24": 1.5, "256": 1.02})
+    monkeypatch.setattr(packed_linear, "MIN_PROBED_HIDDEN", 1)  # let the tiny model be measured
+    encoder = HTPEncoder(model=str(tiny_model_dir), dtype="bfloat16", segmenter="sentencizer", show_progress=False)
+    assert encoder.packing is not None and encoder.packing.pack
+    layers = decoder_layers(encoder.model)
+    packed_count = sum(isinstance(m, PackedLinear) for m in layers.modules())
+    assert packed_count == 7 * len(layers)  # q, k, v, o, gate, up, down
+    identity = encoder.identity()
+    packed_docs, packed_queries = encoder.encode_documents(TEXTS), encoder.encode_queries(TEXTS)
+    assert unpack_linear_layers(layers) == packed_count
+    plain_docs, plain_queries = encoder.encode_documents(TEXTS), encoder.encode_queries(TEXTS)
+    assert np.min(np.sum(packed_docs * plain_docs, axis=1)) > 0.999
+    assert np.min(np.sum(packed_queries * plain_queries, axis=1)) > 0.999
+    assert encoder.identity() == identity
+
+
+def test_a_callers_decoder_is_never_packed():
+    from tiny_decoder import tiny_encoder
+
+    encoder = tiny_encoder()
+    assert encoder.packing is None
+    assert not any(isinstance(m, PackedLinear) for m in encoder.model.modules())
+
+
+def test_the_real_probe_is_short_and_reports_every_length():
+    speedups = packed_linear.probe_packed_speedup((256, 512), torch.bfloat16, lengths=(8, 64), repeats=3)
+    assert set(speedups) == {"8", "64"} and all(value > 0 for value in speedups.values())
