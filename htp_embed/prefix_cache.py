@@ -99,7 +99,7 @@ class PrefixCache:
                     self._entries.popitem(last=False)
             else:
                 self._entries.move_to_end(key)
-        cache = copy.deepcopy(stored)
+        cache = _fresh_copy(stored)
         if batch > 1:
             cache.batch_repeat_interleave(batch)
         return cache
@@ -116,3 +116,20 @@ class PrefixCache:
             self._model(inputs_embeds=self._embed(tokens), attention_mask=torch.ones_like(tokens),
                         position_ids=positions, use_cache=True, **{self._keyword: cache})
         return cache
+
+
+def _fresh_copy(stored: object) -> object:
+    """A cache a forward pass may append to without touching ``stored``.
+
+    The cache's layers grow by concatenation (``torch.cat`` makes new tensors; nothing is
+    written in place), so new layer objects that point at the stored tensors are enough: a
+    deep copy of the tensors cost ~1.7 ms of a ~35 ms query. A cache without a ``layers`` list
+    (another transformers release) is deep-copied. ``tests/test_encoder_prefix_cache.py`` runs
+    the same queries through the cache again and again against the plain pass.
+    """
+    layers = getattr(stored, "layers", None)
+    if not isinstance(layers, list):
+        return copy.deepcopy(stored)
+    cache = copy.copy(stored)
+    cache.layers = [copy.copy(layer) for layer in layers]
+    return cache
