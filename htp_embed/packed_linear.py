@@ -19,7 +19,8 @@ not public API, so nothing here trusts them blindly:
   whole model stays plain if one disagrees;
 * a packed layer hands any call it was not packed for (another dtype or device, autograd) to
   ``F.linear`` on the original weight, which it keeps: parameter names, the weights' fingerprint
-  and ``state_dict`` do not change.
+  and ``state_dict`` do not change; a weight replaced or changed in place is packed again
+  before its next use.
 
 The packed copies cost memory once more the decoder layers' projection weights (~200 MB for
 Gemma3-270M in bfloat16); the original weights are then only read again by ``state_dict``.
@@ -107,8 +108,12 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.packed = pack_weight(linear.weight)
         self.packed_dtype = linear.weight.dtype
+        self._pack()
+
+    def _pack(self) -> None:
+        self.packed = pack_weight(self.weight)
+        self._packed_from = (self.weight, _version(self.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -119,6 +124,11 @@ class PackedLinear(torch.nn.Module):
             or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         ):
             return F.linear(x, self.weight, self.bias)
+        source, version = self._packed_from
+        if source is not self.weight or version != _version(self.weight):
+            # The weight was replaced or changed in place (a fine-tune step in this process):
+            # a stale packed copy would answer silently wrong.
+            self._pack()
         return packed_linear(x, self.packed, self.bias)
 
     def plain(self) -> torch.nn.Linear:
@@ -131,6 +141,11 @@ class PackedLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed {self.packed_dtype}"
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """How many times ``tensor`` was changed in place (autograd's counter)."""
+    return int(tensor._version)
 
 
 def pack_linear_layers(modules: torch.nn.Module) -> int:

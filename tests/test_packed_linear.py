@@ -110,6 +110,22 @@ def test_calls_it_was_not_packed_for_go_to_the_plain_weight():
     assert x.grad is not None and packed.weight.grad is not None
 
 
+def test_a_weight_changed_after_packing_is_packed_again_not_served_stale():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 24).to(torch.bfloat16))
+    pack_linear_layers(model)
+    x = torch.randn(2, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        model[0].weight.mul_(-1.0)  # in place, as an optimiser step does
+    with torch.inference_mode():
+        expected = F.linear(x, model[0].weight, model[0].bias).float()
+        assert torch.allclose(model(x).float(), expected, atol=2e-2 * float(expected.abs().max()))
+    model[0].weight = torch.nn.Parameter(torch.randn(24, 32).to(torch.bfloat16))  # replaced
+    with torch.inference_mode():
+        expected = F.linear(x, model[0].weight, model[0].bias).float()
+        assert torch.allclose(model(x).float(), expected, atol=2e-2 * float(expected.abs().max()))
+
+
 def test_a_packed_weight_that_disagrees_leaves_the_model_plain(monkeypatch, caplog):
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16))
     monkeypatch.setattr(packed_linear, "packed_linear", lambda x, packed, bias: torch.zeros(*x.shape[:-1], 32))
