@@ -4,7 +4,8 @@ Why: on the CPU a Linear call with a plain weight has oneDNN re-order that weigh
 blocked layout on every call. For a document's hundreds of tokens that is a small part of the
 call; for a query's ~20 tokens (the instruction prefix comes from the prefix cache) it is a
 large one, and a query makes ~90 such calls at exit layer 13. Packing each weight once at load
-measured 1.3x on whole queries on 2 Zen 4 cores in bfloat16 (``benchmarks/linear_packing.py``).
+measured 1.06-1.21x on single queries and 1.00-1.06x on abstracts on 2 Zen 4 cores in bfloat16
+(``benchmarks/results/linear_packing.md``).
 PyTorch's own compiler packs weights this way for frozen CPU models, through
 ``torch.ops.mkldnn._reorder_linear_weight`` and ``torch.ops.mkldnn._linear_pointwise``. They are
 not public API, so nothing here trusts them blindly:
@@ -20,7 +21,7 @@ not public API, so nothing here trusts them blindly:
 * a packed layer hands any call it was not packed for (another dtype or device, autograd) to
   ``F.linear`` on the original weight, which it keeps: parameter names, the weights' fingerprint
   and ``state_dict`` do not change; a weight replaced or changed in place is packed again
-  before its next use.
+  before its next use, and so is a copied or unpickled layer.
 
 The packed copies cost memory once more the decoder layers' projection weights (~200 MB for
 Gemma3-270M in bfloat16); the original weights are then only read again by ``state_dict``.
@@ -130,6 +131,13 @@ class PackedLinear(torch.nn.Module):
             # a stale packed copy would answer silently wrong.
             self._pack()
         return packed_linear(x, self.packed, self.bias)
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the packed weight behind (oneDNN's opaque tensor has no
+        storage to copy); it is packed again on first use."""
+        state = self.__dict__.copy()
+        state["packed"], state["_packed_from"] = None, (None, -1)
+        return state
 
     def plain(self) -> torch.nn.Linear:
         """The ``nn.Linear`` this was made from (the same parameters)."""

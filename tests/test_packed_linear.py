@@ -126,6 +126,27 @@ def test_a_weight_changed_after_packing_is_packed_again_not_served_stale():
         assert torch.allclose(model(x).float(), expected, atol=2e-2 * float(expected.abs().max()))
 
 
+def test_a_packed_model_can_be_copied_and_saved():
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 24).to(torch.bfloat16))
+    pack_linear_layers(model)
+    x = torch.randn(2, 32).to(torch.bfloat16)
+    with torch.inference_mode():
+        expected = model(x)
+    twin = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.inference_mode():
+        for other in (twin, loaded, model):
+            assert isinstance(other[0], PackedLinear)
+            torch.testing.assert_close(other(x), expected)
+
+
 def test_a_packed_weight_that_disagrees_leaves_the_model_plain(monkeypatch, caplog):
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16))
     monkeypatch.setattr(packed_linear, "packed_linear", lambda x, packed, bias: torch.zeros(*x.shape[:-1], 32))
