@@ -1,6 +1,6 @@
 """Packed vs plain Linear weights on the CPU, side by side in one process.
 
-    python benchmarks/linear_packing.py [--rounds 4] [--queries 40] [--docs 16]
+    python benchmarks/linear_packing.py [--rounds 4] [--queries 40] [--docs 16] [--dtype float32]
 
 The default encoder (dtype auto) is loaded once; its decoder layers' Linear weights are packed
 (``htp_embed.packed_linear``) and unpacked between rounds, the order alternating round by round,
@@ -12,7 +12,7 @@ so that noise on the machine falls on both alike:
   the packed copies add (RSS after packing minus before, glibc told to return freed memory).
 
 Also reports what the encoder decided on its own at load (measured once per CPU and cached).
-Writes benchmarks/results/linear_packing.{json,md}.
+Writes benchmarks/results/linear_packing.{json,md} (``linear_packing_<dtype>`` with --dtype).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per path (the order alternates)")
     parser.add_argument("--queries", type=int, default=40, help="single queries timed per round")
     parser.add_argument("--docs", type=int, default=16, help="abstracts embedded per round")
+    parser.add_argument("--dtype", default="auto", help="the encoder's dtype (auto: as the product decides)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -61,7 +62,7 @@ def main() -> None:
     from htp_embed.models import decoder_layers
     from htp_embed.packed_linear import pack_linear_layers, unpack_linear_layers
 
-    encoder = HTPEncoder(show_progress=False)
+    encoder = HTPEncoder(show_progress=False, dtype=args.dtype)
     layers = decoder_layers(encoder.model)
     decided = encoder.packing.summary() if encoder.packing else None
     texts = queries(args.queries)
@@ -116,7 +117,8 @@ def main() -> None:
         "extra_rss_mib": packed_rss - plain_rss,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "linear_packing.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "linear_packing" if args.dtype == "auto" else f"linear_packing_{args.dtype}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Packed vs plain Linear weights ({result['cpu']}, {result['cores']} cores, torch {result['torch']})", "",
         f"Encoder {result['encoder']} in {result['dtype'].removeprefix('torch.')}; {packed_count} Linear layers; "
@@ -133,7 +135,7 @@ def main() -> None:
         f"(queries), {result['min_cosine_docs']:.6f} (documents); packed copies +{result['extra_rss_mib']:.0f} MiB RSS.",
         "", f"Decided at load on this machine: {json.dumps(decided)}",
     ]
-    (args.out / "linear_packing.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -4,6 +4,7 @@ never a change in what the encoder computes (speed is measured in benchmarks/lin
 from __future__ import annotations
 
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from htp_embed import HTPEncoder, packed_linear, precision
+from htp_embed import encoder as encoder_module
 from htp_embed.models import decoder_layers
 from htp_embed.packed_linear import (
     PackedLinear,
@@ -160,6 +162,7 @@ def test_the_encoder_packs_its_own_model_where_measured_faster_and_keeps_its_vec
         tiny_model_dir, cache, monkeypatch):
     measured(monkeypatch, {"24": 1.5, "256": 1.02})
     monkeypatch.setattr(packed_linear, "MIN_PROBED_HIDDEN", 1)  # let the tiny model be measured
+    monkeypatch.setattr(encoder_module, "_LOADED", weakref.WeakValueDictionary())  # a load of our own
     encoder = HTPEncoder(model=str(tiny_model_dir), dtype="bfloat16", segmenter="sentencizer", show_progress=False)
     assert encoder.packing is not None and encoder.packing.pack
     layers = decoder_layers(encoder.model)
@@ -185,3 +188,28 @@ def test_a_callers_decoder_is_never_packed():
 def test_the_real_probe_is_short_and_reports_every_length():
     speedups = packed_linear.probe_packed_speedup((256, 512), torch.bfloat16, lengths=(8, 64), repeats=3)
     assert set(speedups) == {"8", "64"} and all(value > 0 for value in speedups.values())
+
+
+@pytest.mark.parametrize("can_pack", [True, False])
+def test_the_dtype_probe_compares_the_precisions_as_they_will_run(cache, monkeypatch, can_pack):
+    from htp_embed.models import resolve_dtype_decision
+
+    monkeypatch.setattr(precision, "_logged", set())
+    if not can_pack:
+        monkeypatch.setattr(packed_linear, "unavailable_reason", lambda: "no oneDNN here")
+    asked: list[dict] = []
+
+    def probe(shape=precision.DEFAULT_SHAPE, *args, **kwargs):
+        asked.append(kwargs)
+        return {"24": 2.0, "256": 2.0}
+
+    monkeypatch.setattr(precision, "probe_bf16_speedup", probe)
+    resolve_dtype_decision("auto", torch.device("cpu"), model="gemma3-270m")
+    assert asked == [{"packed": can_pack}]
+    (key,) = json.loads((cache / precision.DECISIONS_FILE).read_text())
+    assert key.endswith("packed projections") == can_pack
+
+
+def test_the_packed_dtype_probe_runs():
+    speedups = precision.probe_bf16_speedup((256, 512), lengths=(8,), repeats=2, packed=True)
+    assert set(speedups) == {"8"} and speedups["8"] > 0
