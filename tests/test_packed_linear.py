@@ -35,6 +35,21 @@ def cache(tmp_path, monkeypatch):
     return tmp_path
 
 
+def packed_bf16_linear() -> tuple[torch.nn.Sequential, torch.Tensor]:
+    """A packed one-layer bf16 model and an input for it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 24).to(torch.bfloat16))
+    assert pack_linear_layers(model) == 1
+    return model, torch.randn(2, 32).to(torch.bfloat16)
+
+
+def assert_computes_plain(model: torch.nn.Sequential, x: torch.Tensor) -> None:
+    """``model`` (one packed layer) gives what F.linear gives on its current weight."""
+    with torch.inference_mode():
+        expected = F.linear(x, model[0].weight, model[0].bias).float()
+        assert torch.allclose(model(x).float(), expected, atol=2e-2 * float(expected.abs().max()))
+
+
 def measured(monkeypatch, speedups: dict[str, float]) -> list[tuple]:
     """Make the probe report ``speedups``; returns what it was asked to probe."""
     calls: list[tuple] = []
@@ -113,29 +128,19 @@ def test_calls_it_was_not_packed_for_go_to_the_plain_weight():
 
 
 def test_a_weight_changed_after_packing_is_packed_again_not_served_stale():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 24).to(torch.bfloat16))
-    pack_linear_layers(model)
-    x = torch.randn(2, 32).to(torch.bfloat16)
+    model, x = packed_bf16_linear()
     with torch.no_grad():
         model[0].weight.mul_(-1.0)  # in place, as an optimiser step does
-    with torch.inference_mode():
-        expected = F.linear(x, model[0].weight, model[0].bias).float()
-        assert torch.allclose(model(x).float(), expected, atol=2e-2 * float(expected.abs().max()))
+    assert_computes_plain(model, x)
     model[0].weight = torch.nn.Parameter(torch.randn(24, 32).to(torch.bfloat16))  # replaced
-    with torch.inference_mode():
-        expected = F.linear(x, model[0].weight, model[0].bias).float()
-        assert torch.allclose(model(x).float(), expected, atol=2e-2 * float(expected.abs().max()))
+    assert_computes_plain(model, x)
 
 
 def test_a_packed_model_can_be_copied_and_saved():
     import copy
     import io
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 24).to(torch.bfloat16))
-    pack_linear_layers(model)
-    x = torch.randn(2, 32).to(torch.bfloat16)
+    model, x = packed_bf16_linear()
     with torch.inference_mode():
         expected = model(x)
     twin = copy.deepcopy(model)
