@@ -9,7 +9,9 @@ so that noise on the machine falls on both alike:
 * one query at a time (SciFact claims, as the service embeds them): p50 / p95 ms;
 * SciFact abstracts as documents, in the encoder's own batches: text tokens/s;
 * the cosine between the two paths' vectors (queries and documents), and the resident memory
-  the packed copies add (RSS after packing minus before, glibc told to return freed memory).
+  the packed copies add (RSS after packing minus before, glibc told to return freed memory);
+* with --quality, dense NDCG@10 of both paths on the SciFact train subsample (150 queries,
+  100 documents plus their relevant ones, seed 0), each path with its own embedding cache.
 
 Also reports what the encoder decided on its own at load (measured once per CPU and cached).
 Writes benchmarks/results/linear_packing.{json,md} (``linear_packing_<dtype>`` with --dtype).
@@ -52,6 +54,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per path (the order alternates)")
     parser.add_argument("--queries", type=int, default=40, help="single queries timed per round")
     parser.add_argument("--docs", type=int, default=16, help="abstracts embedded per round")
+    parser.add_argument("--quality", action="store_true",
+                        help="also NDCG@10 of both paths on the SciFact train subsample `htp-index eval` uses")
     parser.add_argument("--dtype", default="auto", help="the encoder's dtype (auto: as the product decides)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -101,6 +105,22 @@ def main() -> None:
     def cosine(i: int) -> float:
         return float(np.min(np.sum(vectors["plain"][i] * vectors["packed"][i], axis=1)))
 
+    quality = {}
+    if args.quality:
+        import tempfile
+
+        from encoder_speed import SCIFACT
+
+        from pipelines.evaluation import evaluate
+
+        for path in ("plain", "packed"):
+            set_path(path)
+            with tempfile.TemporaryDirectory() as cache:
+                scored = evaluate(SCIFACT.parent, "train", encoder, max_queries=150, max_docs=100, seed=0,
+                                  cache_dir=cache)
+            quality[path] = {"ndcg@10": scored["ndcg@10"], "queries": scored["queries"], "docs": scored["docs"]}
+            print(f"quality {path}: ndcg@10 {scored['ndcg@10']:.4f}", flush=True)
+
     rows = {}
     for path in ("plain", "packed"):
         times = np.array(latency[path])
@@ -114,7 +134,7 @@ def main() -> None:
         "query_speedup": rows["plain"]["query_p50_ms"] / rows["packed"]["query_p50_ms"],
         "doc_speedup": rows["packed"]["doc_tokens_per_s"] / rows["plain"]["doc_tokens_per_s"],
         "min_cosine_queries": cosine(0), "min_cosine_docs": cosine(1),
-        "extra_rss_mib": packed_rss - plain_rss,
+        "extra_rss_mib": packed_rss - plain_rss, "quality": quality,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "linear_packing" if args.dtype == "auto" else f"linear_packing_{args.dtype}"
@@ -135,6 +155,10 @@ def main() -> None:
         f"(queries), {result['min_cosine_docs']:.6f} (documents); packed copies +{result['extra_rss_mib']:.0f} MiB RSS.",
         "", f"Decided at load on this machine: {json.dumps(decided)}",
     ]
+    if quality:
+        lines += ["", "Dense NDCG@10 on the SciFact train subsample ("
+                  f"{quality['plain']['queries']} queries, {quality['plain']['docs']} documents): plain "
+                  f"{100 * quality['plain']['ndcg@10']:.2f}, packed {100 * quality['packed']['ndcg@10']:.2f}."]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
