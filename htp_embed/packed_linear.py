@@ -119,6 +119,7 @@ class PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             x.device.type != "cpu"
+            or x.dim() < 2
             or x.dtype != self.packed_dtype
             or self.weight.dtype != self.packed_dtype
             or self.weight.device.type != "cpu"
@@ -273,10 +274,15 @@ def cpu_packing_decision(shape: tuple[int, int], dtype: torch.dtype, cache_dir: 
             decision = PackingDecision(stored["pack"], stored["reason"], stored.get("speedups"), "cached", key)
         else:
             began = time.perf_counter()
-            speedups = probe_packed_speedup(shape, dtype)
-            pack, why = decide(speedups)
-            decision = PackingDecision(pack, f"{why}; probe took {time.perf_counter() - began:.2f} s",
-                                       speedups, "measured", key)
+            try:
+                speedups = probe_packed_speedup(shape, dtype)
+            except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a dtype oneDNN cannot pack
+                decision = PackingDecision(False, f"the probe failed in {dtype_name}: {type(exc).__name__}: {exc}",
+                                           source="unavailable", key=key)
+            else:
+                pack, why = decide(speedups)
+                decision = PackingDecision(pack, f"{why}; probe took {time.perf_counter() - began:.2f} s",
+                                           speedups, "measured", key)
             write_decision(cache_dir, key, decision.summary(), PACKING_FILE)
         if key not in _logged:
             _logged.add(key)

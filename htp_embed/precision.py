@@ -125,7 +125,7 @@ def write_decision(cache_dir: Path, key: str, record: dict[str, object], name: s
         tmp.write_text(json.dumps(decisions, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
     except OSError as exc:
-        log.debug("cannot cache the dtype decision in %s: %s", path, exc)
+        log.debug("cannot cache the decision in %s: %s", path, exc)
 
 
 def _probe_layer(hidden: int, intermediate: int, dtype: torch.dtype, generator: torch.Generator,
@@ -252,7 +252,13 @@ def cpu_dtype_decision(shape: tuple[int, int] | None = None, cache_dir: Path | N
             )
         else:
             began = time.perf_counter()
-            speedups = probe_bf16_speedup(shape, packed=packed)
+            try:
+                speedups = probe_bf16_speedup(shape, packed=packed)
+            except (RuntimeError, TypeError, ValueError) as exc:
+                # oneDNN refuses to pack bfloat16 on CPUs without its bf16 instructions
+                # (e.g. AVX2 only): bfloat16 weights would run plain there, so probe them plain.
+                log.debug("packed probe failed (%s: %s); probing plain projections", type(exc).__name__, exc)
+                speedups = probe_bf16_speedup(shape)
             dtype, reason = decide(speedups)
             decision = DtypeDecision(
                 dtype=dtype, reason=f"{reason}; probe took {time.perf_counter() - began:.2f} s",

@@ -89,6 +89,16 @@ def test_a_model_too_small_to_measure_is_not_packed(cache, monkeypatch):
     assert not decision.pack and decision.source == "not measured" and not calls
 
 
+def test_a_probe_that_fails_means_no_packing_not_a_failed_load(cache, monkeypatch):
+    def refuses(*args, **kwargs):
+        raise RuntimeError("mkldnn does not support this dtype")
+
+    monkeypatch.setattr(packed_linear, "probe_packed_speedup", refuses)
+    decision = cpu_packing_decision(SHAPE, torch.float16, cache)
+    assert not decision.pack and "does not support" in decision.reason
+    assert not cpu_packing_decision(SHAPE, torch.float16, cache).pack  # cached: not probed again
+
+
 def test_without_the_ops_nothing_is_packed_or_measured(cache, monkeypatch):
     calls = measured(monkeypatch, {"24": 3.0, "256": 3.0})
     monkeypatch.setattr(packed_linear, "unavailable_reason", lambda: "no oneDNN here")
@@ -218,3 +228,20 @@ def test_the_dtype_probe_compares_the_precisions_as_they_will_run(cache, monkeyp
 def test_the_packed_dtype_probe_runs():
     speedups = precision.probe_bf16_speedup((256, 512), lengths=(8,), repeats=2, packed=True)
     assert set(speedups) == {"8"} and speedups["8"] > 0
+
+
+def test_a_cpu_that_cannot_pack_bfloat16_gets_the_plain_dtype_probe(cache, monkeypatch):
+    from htp_embed.models import resolve_dtype_decision
+
+    monkeypatch.setattr(precision, "_logged", set())
+    asked: list[bool] = []
+
+    def probe(shape=precision.DEFAULT_SHAPE, *args, packed=False, **kwargs):
+        asked.append(packed)
+        if packed:  # what oneDNN says on an AVX2-only CPU
+            raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
+        return {"24": 0.7, "256": 0.8}
+
+    monkeypatch.setattr(precision, "probe_bf16_speedup", probe)
+    decision = resolve_dtype_decision("auto", torch.device("cpu"), model="gemma3-270m")
+    assert asked == [True, False] and decision.dtype == "float32"
