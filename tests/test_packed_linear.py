@@ -245,3 +245,19 @@ def test_a_cpu_that_cannot_pack_bfloat16_gets_the_plain_dtype_probe(cache, monke
     monkeypatch.setattr(precision, "probe_bf16_speedup", probe)
     decision = resolve_dtype_decision("auto", torch.device("cpu"), model="gemma3-270m")
     assert asked == [True, False] and decision.dtype == "float32"
+
+
+def test_info_shows_the_packing_decision_beside_the_dtype(cache, monkeypatch):
+    from htp_cli.main import _dtype_auto
+    from htp_embed.models import resolve_dtype_decision
+
+    monkeypatch.setattr(precision, "_logged", set())
+    monkeypatch.setattr(precision, "probe_bf16_speedup", lambda *args, **kwargs: {"24": 2.0, "256": 2.0})
+    measured(monkeypatch, {"24": 1.3, "256": 1.02})
+    resolve_dtype_decision("auto", torch.device("cpu"), model="gemma3-270m")
+    cpu_packing_decision(SHAPE, torch.bfloat16, cache)
+    shown = _dtype_auto(640)
+    assert shown["decisions"][0]["dtype"] == "bfloat16"
+    (packing,) = shown["linear_packing"]
+    assert packing["pack"] is True and packing["key"].endswith("bfloat16") and "1.30x" in packing["reason"]
+    assert _dtype_auto(576).get("linear_packing") in (None, [])  # another model width
