@@ -507,7 +507,7 @@ _LOCKS_GUARD = threading.Lock()
 # Loaded decoders by (model, cache dir, dtype, device, files' stats), for as long as an encoder holds one: a
 # process that opens several encoders on the same weights (an ingest then a query, a service
 # reopening a new index version) loads them once.
-_LOADED: weakref.WeakValueDictionary[tuple[str, str, str, str, str], torch.nn.Module] = weakref.WeakValueDictionary()
+_LOADED: weakref.WeakValueDictionary[tuple[str, str, str, str, str, str], torch.nn.Module] = weakref.WeakValueDictionary()
 _LOADING = threading.Lock()
 
 
@@ -518,15 +518,19 @@ def _load_shared(config: EncoderConfig, dtype: torch.dtype, device: torch.device
     # The files' stats are part of the key: weights saved again over a local model's
     # directory (a fine-tune) are loaded again, not served from the copy in memory.
     checkpoint = checkpoint_key(str(config.model))
-    key = (str(config.model), str(config.cache_dir or ""), str(dtype), str(device), json.dumps(checkpoint))
+    key = (str(config.model), str(config.cache_dir or ""), str(dtype), str(device), json.dumps(checkpoint),
+           config.packed_linear)
     with _LOADING:
         model = _LOADED.get(key)
         if model is None:
             model, tokenizer = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir)
             model = model.to(device=device, dtype=dtype).eval()
             model._htp_tokenizer = tokenizer
-            if device.type == "cpu":
+            if device.type == "cpu" and config.packed_linear == "auto":
                 model._htp_packing = _pack_if_faster(model, dtype, config.cache_dir)
+            elif device.type == "cpu":
+                model._htp_packing = PackingDecision(False, "packed_linear='off' in the encoder settings",
+                                                     source="explicit")
             remember_checkpoint(model, checkpoint)
             _LOADED[key] = model
         return model, model._htp_tokenizer

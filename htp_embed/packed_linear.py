@@ -25,6 +25,7 @@ not public API, so nothing here trusts them blindly:
 
 The packed copies cost memory once more the decoder layers' projection weights (~200 MB for
 Gemma3-270M in bfloat16); the original weights are then only read again by ``state_dict``.
+``EncoderConfig.packed_linear = "off"`` (``HTP_INDEX_ENCODER__PACKED_LINEAR=off``) never packs.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class PackingDecision:
     pack: bool
     reason: str
     speedups: dict[str, float] | None = None  # plain time / packed time per probed length
-    source: str = "measured"  # measured, cached, unavailable, not measured
+    source: str = "measured"  # measured, cached, unavailable, not measured, explicit
     key: str = ""
 
     def summary(self) -> dict[str, object]:

@@ -261,3 +261,21 @@ def test_info_shows_the_packing_decision_beside_the_dtype(cache, monkeypatch):
     (packing,) = shown["linear_packing"]
     assert packing["pack"] is True and packing["key"].endswith("bfloat16") and "1.30x" in packing["reason"]
     assert _dtype_auto(576).get("linear_packing") in (None, [])  # another model width
+
+
+def test_packing_can_be_turned_off_and_is_a_runtime_setting(tiny_model_dir, cache, monkeypatch):
+    from pipelines.settings import Settings
+
+    measured(monkeypatch, {"24": 1.5, "256": 1.02})
+    monkeypatch.setattr(packed_linear, "MIN_PROBED_HIDDEN", 1)
+    monkeypatch.setattr(encoder_module, "_LOADED", weakref.WeakValueDictionary())
+    settings = {"model": str(tiny_model_dir), "dtype": "bfloat16", "segmenter": "sentencizer", "show_progress": False}
+    plain = HTPEncoder(packed_linear="off", **settings)
+    packed = HTPEncoder(**settings)
+    assert plain.model is not packed.model  # an "off" load is never served a packed model, nor back
+    assert not plain.packing.pack and plain.packing.source == "explicit"
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    assert packed.packing.pack and plain.identity() == packed.identity()
+    # like dtype: where and how fast to compute, so an index keeps its encoder
+    chosen = Settings(encoder={"packed_linear": "off"})
+    assert chosen.explicit_encoder_settings() == {} and chosen.runtime_encoder_settings()["packed_linear"] == "off"
