@@ -31,9 +31,9 @@ Gemma3-270M in bfloat16); the original weights are then only read again by ``sta
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from htp_embed.precision import (
     decisions_path,
     file_lock,
     read_decisions,
+    speedup_per_length,
     write_decision,
 )
 
@@ -166,7 +167,7 @@ def pack_linear_layers(modules: torch.nn.Module) -> int:
     if reason is not None:
         log.info("Linear weights stay unpacked: %s", reason)
         return 0
-    targets = [(parent, name, child) for parent in modules.modules() for name, child in parent.named_children()
+    targets = [(parent, name, child) for parent, name, child in _children(modules)
                if type(child) is torch.nn.Linear and child.weight.device.type == "cpu"]
     checked: set[tuple] = set()
     for _, _, linear in targets:
@@ -191,11 +192,16 @@ def pack_linear_layers(modules: torch.nn.Module) -> int:
 
 def unpack_linear_layers(modules: torch.nn.Module) -> int:
     """Undo :func:`pack_linear_layers` (benchmarks compare both in one process)."""
-    targets = [(parent, name, child) for parent in modules.modules() for name, child in parent.named_children()
-               if isinstance(child, PackedLinear)]
+    targets = [(parent, name, child) for parent, name, child in _children(modules) if isinstance(child, PackedLinear)]
     for parent, name, packed in targets:
         setattr(parent, name, packed.plain())
     return len(targets)
+
+
+def _children(modules: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """``(parent, attribute name, child)`` for every module under ``modules`` (listed before any
+    is replaced)."""
+    return [(parent, name, child) for parent in modules.modules() for name, child in parent.named_children()]
 
 
 def _disagreement(linear: torch.nn.Linear) -> float:
@@ -214,36 +220,20 @@ def probe_packed_speedup(
     repeats: int = PROBE_REPEATS,
 ) -> dict[str, float]:
     """plain time / packed time (> 1: packing pays) of a layer's projections at the model's sizes
-    (hidden->hidden, hidden->intermediate, intermediate->hidden) per sequence length, the two
-    alternating run by run so that a neighbour's load falls on both alike."""
+    (hidden->hidden, hidden->intermediate, intermediate->hidden) per sequence length, timed by
+    :func:`htp_embed.precision.speedup_per_length`."""
     hidden, intermediate = shape
     generator = torch.Generator().manual_seed(0)
     weights = [(torch.randn(rows, cols, generator=generator) / cols**0.5).to(dtype)
                for rows, cols in ((hidden, hidden), (intermediate, hidden), (hidden, intermediate))]
     packed = [pack_weight(weight) for weight in weights]
 
-    def plain_run(inputs: list[torch.Tensor]) -> None:
-        for x, weight in zip(inputs, weights, strict=True):
-            F.linear(x, weight)
+    def runs(length: int) -> tuple[Callable[[], object], Callable[[], object]]:
+        inputs = [torch.randn(1, length, weight.shape[1], generator=generator).to(dtype) for weight in weights]
+        return (lambda: [F.linear(x, w) for x, w in zip(inputs, weights, strict=True)],
+                lambda: [packed_linear(x, w, None) for x, w in zip(inputs, packed, strict=True)])
 
-    def packed_run(inputs: list[torch.Tensor]) -> None:
-        for x, weight in zip(inputs, packed, strict=True):
-            packed_linear(x, weight, None)
-
-    speedups: dict[str, float] = {}
-    with torch.inference_mode():
-        for length in lengths:
-            inputs = [torch.randn(1, length, weight.shape[1], generator=generator).to(dtype) for weight in weights]
-            times: dict[str, list[float]] = {"plain": [], "packed": []}
-            plain_run(inputs)
-            packed_run(inputs)
-            for _ in range(repeats):
-                for kind, run in (("plain", plain_run), ("packed", packed_run)):
-                    began = time.perf_counter()
-                    run(inputs)
-                    times[kind].append(time.perf_counter() - began)
-            speedups[str(length)] = statistics.median(times["plain"]) / statistics.median(times["packed"])
-    return speedups
+    return speedup_per_length(runs, lengths, repeats)
 
 
 def decide(speedups: dict[str, float]) -> tuple[bool, str]:

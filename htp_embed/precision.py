@@ -26,7 +26,7 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -179,8 +179,7 @@ def probe_bf16_speedup(
 ) -> dict[str, float]:
     """float32 time / bfloat16 time of one probe layer per sequence length (> 1: bf16 faster).
 
-    The two precisions alternate run by run, so a neighbour's load falls on both alike, and
-    each ratio is of medians. ``packed``: both with packed projection weights, as the encoder
+    Timed by :func:`speedup_per_length`. ``packed``: both with packed projection weights, as the encoder
     runs them where this PyTorch can pack (packing gains float32 more than bfloat16 on some
     CPUs: 1.46x vs 1.03x at 256 tokens on Zen 4, so plain vs plain would overstate bfloat16).
     """
@@ -189,22 +188,38 @@ def probe_bf16_speedup(
     hidden, intermediate = shape
     generator = torch.Generator().manual_seed(0)
     layers = {dt: _probe_layer(hidden, intermediate, dt, generator, packed) for dt in (torch.float32, torch.bfloat16)}
+
+    def runs(length: int) -> tuple[Callable[[], object], Callable[[], object]]:
+        x32 = torch.randn(1, length, hidden, generator=generator)
+        x16 = x32.to(torch.bfloat16)
+        return (lambda: layers[torch.float32](x32)), (lambda: layers[torch.bfloat16](x16))
+
+    return speedup_per_length(runs, lengths, repeats)
+
+
+def speedup_per_length(
+    runs: Callable[[int], tuple[Callable[[], object], Callable[[], object]]],
+    lengths: tuple[int, ...],
+    repeats: int,
+) -> dict[str, float]:
+    """baseline time / candidate time per sequence length, ``runs(length)`` giving the two
+    ready-to-call runs. Both are warmed up once (oneDNN primitives, allocations), then they
+    alternate run by run, so a neighbour's load falls on both alike; each ratio is of medians."""
+    import torch
+
     speedups: dict[str, float] = {}
     with torch.inference_mode():
         for length in lengths:
-            x32 = torch.randn(1, length, hidden, generator=generator)
-            inputs = {torch.float32: x32, torch.bfloat16: x32.to(torch.bfloat16)}
-            times: dict[torch.dtype, list[float]] = {dt: [] for dt in layers}
-            for dt, layer in layers.items():  # warm-up: oneDNN primitives, allocations
-                layer(inputs[dt])
+            pair = runs(length)
+            for run in pair:
+                run()
+            times: tuple[list[float], list[float]] = ([], [])
             for _ in range(repeats):
-                for dt, layer in layers.items():
+                for run, spent in zip(pair, times, strict=True):
                     began = time.perf_counter()
-                    layer(inputs[dt])
-                    times[dt].append(time.perf_counter() - began)
-            speedups[str(length)] = statistics.median(times[torch.float32]) / statistics.median(
-                times[torch.bfloat16]
-            )
+                    run()
+                    spent.append(time.perf_counter() - began)
+            speedups[str(length)] = statistics.median(times[0]) / statistics.median(times[1])
     return speedups
 
 
