@@ -126,10 +126,11 @@ def test_the_command_killed_while_writing_a_version(tiny_model_dir, tmp_path):
     subprocess.run(command, env=env, check=True, capture_output=True)
     versions = tmp_path / "idx" / "versions"
     # The staging directory lives for milliseconds; on busy cores the poll can miss it and the
-    # ingest then simply lands. Each miss starts over with new documents; only a kill counts.
+    # ingest then simply lands. Each miss starts over with more documents than the index now
+    # holds (so the killed ingest would still add some); only a kill counts.
     for attempt in range(ATTEMPTS_TO_CATCH_STAGING):
         before = snapshot(tmp_path / "idx")
-        command[4] = str(write_corpus(tmp_path / f"b{attempt}", 40, seed=2 + attempt))
+        command[4] = str(write_corpus(tmp_path / f"b{attempt}", 40 + 10 * attempt, seed=2 + attempt))
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 240
         while process.poll() is None and time.monotonic() < deadline:
