@@ -24,9 +24,7 @@ import contextlib
 import ctypes
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 from encoder_speed import load_texts  # noqa: E402
 from machine import cpu_model  # noqa: E402
+from side_by_side import alternate  # noqa: E402
 from store_scale import queries  # noqa: E402
 
 
@@ -80,30 +78,14 @@ def main() -> None:
     if not packed_count:
         raise SystemExit("this PyTorch cannot pack Linear weights here (see the log)")
 
-    def set_path(path: str) -> None:
+    def use(path: str):
         (pack_linear_layers if path == "packed" else unpack_linear_layers)(layers)
+        return encoder
 
-    vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    latency: dict[str, list[float]] = {"plain": [], "packed": []}
-    doc_seconds: dict[str, list[float]] = {"plain": [], "packed": []}
-    for path in ("plain", "packed"):  # warm-up, and the vectors compared
-        set_path(path)
-        vectors[path] = (encoder.encode_queries(texts), encoder.encode_documents(docs))
-    for round_ in range(args.rounds):
-        for path in (("plain", "packed") if round_ % 2 == 0 else ("packed", "plain")):
-            set_path(path)
-            for text in texts:
-                began = time.perf_counter()
-                encoder.encode_queries([text])
-                latency[path].append((time.perf_counter() - began) * 1000)
-            began = time.perf_counter()
-            encoder.encode_documents(docs)
-            doc_seconds[path].append(time.perf_counter() - began)
-        print(f"round {round_ + 1}: query p50 plain {statistics.median(latency['plain']):.1f} ms, "
-              f"packed {statistics.median(latency['packed']):.1f} ms", flush=True)
+    measured = alternate({"plain": lambda: use("plain"), "packed": lambda: use("packed")}, texts, docs, args.rounds)
 
     def cosine(i: int) -> float:
-        return float(np.min(np.sum(vectors["plain"][i] * vectors["packed"][i], axis=1)))
+        return measured.min_cosine("plain", "packed", i)
 
     quality = {}
     if args.quality:
@@ -114,18 +96,14 @@ def main() -> None:
         from pipelines.evaluation import evaluate
 
         for path in ("plain", "packed"):
-            set_path(path)
+            use(path)
             with tempfile.TemporaryDirectory() as cache:
                 scored = evaluate(SCIFACT.parent, "train", encoder, max_queries=150, max_docs=100, seed=0,
                                   cache_dir=cache)
             quality[path] = {"ndcg@10": scored["ndcg@10"], "queries": scored["queries"], "docs": scored["docs"]}
             print(f"quality {path}: ndcg@10 {scored['ndcg@10']:.4f}", flush=True)
 
-    rows = {}
-    for path in ("plain", "packed"):
-        times = np.array(latency[path])
-        rows[path] = {"query_p50_ms": float(np.percentile(times, 50)), "query_p95_ms": float(np.percentile(times, 95)),
-                      "doc_tokens_per_s": doc_tokens / statistics.median(doc_seconds[path])}
+    rows = measured.rows(doc_tokens)
     result = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "dtype": str(encoder.dtype),
         "encoder": encoder.describe(), "decided_at_load": decided, "packed_layers": packed_count,

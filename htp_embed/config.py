@@ -117,6 +117,13 @@ class EncoderConfig(BaseModel):
         "(~200 MB in bfloat16, ~400 MB in float32 for gemma3-270m). Not part of the identity: "
         "the vectors agree at cosine >= 0.99999",
     )
+    implementation: Literal["auto", "transformers"] = Field(
+        "auto",
+        description="CPU: 'auto' runs the packaged Gemma 3 model with htp-index's own forward pass "
+        "(htp_embed/gemma3_native.py: the same weights and hidden states as transformers' class, "
+        "fewer operators per layer, no transformers modeling import on a cold start); "
+        "'transformers' always uses transformers' model class. Not part of the identity",
+    )
     cache_dir: Path | None = Field(None, description="where converted model weights are cached")
     show_progress: bool = Field(True, description="progress bar for inputs longer than one batch")
 

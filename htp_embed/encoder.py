@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from htp_embed.config import EncoderConfig
+from htp_embed.gemma3_native import NativeGemma3
 from htp_embed.identity import EncoderIdentity, config_from_identity
 from htp_embed.layer_defaults import layer_defaults
 from htp_embed.layout import PLACEHOLDERS, Layout, LayoutBuilder
@@ -41,7 +42,7 @@ from htp_embed.models import (
 from htp_embed.packed_linear import PackingDecision, cpu_packing_decision, pack_linear_layers
 from htp_embed.pooling import at_positions, l2_normalise, masked_mean
 from htp_embed.precision import DtypeDecision
-from htp_embed.prefix_cache import PrefixCache
+from htp_embed.prefix_cache import NativePrefixCache, PrefixCache, TransformersPrefixCache
 from htp_embed.rewiring import EarlyExit, rewired
 from htp_embed.segment import preload_segmenter, sentence_starts
 
@@ -170,9 +171,14 @@ class HTPEncoder:
         # Not for models whose attention looks ahead (e.g. EmbeddingGemma's bidirectional
         # configs): there a prefix's states depend on what follows it.
         causal = not getattr(model.config, "use_bidirectional_attention", False)
-        self._prefix_cache: PrefixCache | None = (
-            PrefixCache(model, self._layers, self.exit_after, model.get_input_embeddings()) if causal else None
-        )
+        #: htp-index's own forward pass (htp_embed.gemma3_native) rather than transformers' with hooks.
+        self.native = isinstance(model, NativeGemma3)
+        self._prefix_cache: PrefixCache | None = None
+        if causal and self.native:
+            self._prefix_cache = NativePrefixCache(model, self.exit_after)
+        elif causal:
+            self._prefix_cache = TransformersPrefixCache(model, self._layers, self.exit_after,
+                                                         model.get_input_embeddings())
 
     # ----------------------------------------------------------------- configuration
     def _resolve_layers(self) -> None:
@@ -478,28 +484,41 @@ class HTPEncoder:
             embeds = torch.where(
                 batch.placeholder.unsqueeze(-1), self._placeholder_vector.to(embeds.dtype), embeds
             )
-            attention_mask, cached = batch.attention_mask, {"use_cache": False}
+            attention_mask, prefix_state = batch.attention_mask, None
             if prefix:
                 # The shared prefix's keys and values come from the cache; the mask covers them too.
                 seen = torch.ones((len(layouts), prefix), dtype=attention_mask.dtype, device=attention_mask.device)
                 attention_mask = torch.cat([seen, attention_mask], dim=1)
                 assert self._prefix_cache is not None
-                cache = self._prefix_cache.for_batch(layouts[0].ids[:prefix], len(layouts), self.device)
-                cached = {"use_cache": True, self._prefix_cache.keyword: cache}
-            with rewired(self._layers, self.rewire_layers, batch.src, batch.dst, self.exit_after):
-                try:
-                    output = self.model(
-                        inputs_embeds=embeds, attention_mask=attention_mask,
-                        position_ids=batch.position_ids, **cached,
-                    )
-                    hidden = output.last_hidden_state
-                except EarlyExit as stop:
-                    hidden = stop.hidden
+                prefix_state = self._prefix_cache.for_batch(layouts[0].ids[:prefix], len(layouts), self.device)
+            hidden = self._decoder_pass(embeds, attention_mask, batch, prefix_state)
             if self.method.readout == "last":
                 vectors = at_positions(hidden, batch.readout)
             else:
                 vectors = masked_mean(hidden, batch.pool)
             return l2_normalise(vectors).cpu().numpy()
+
+    def _decoder_pass(self, embeds: torch.Tensor, attention_mask: torch.Tensor, batch: _Batch,
+                      prefix_state: object | None) -> torch.Tensor:
+        """The hidden states at the exit layer, with HTP's copies before each rewired layer."""
+        if self.native:
+            hidden, _ = self.model.hidden_states(
+                embeds, attention_mask, batch.position_ids, rewire=self.rewire_layers, src=batch.src,
+                dst=batch.dst, exit_after=self.exit_after, prefix=prefix_state,  # type: ignore[arg-type]
+            )
+            return hidden
+        cached: dict[str, Any] = {"use_cache": False}
+        if prefix_state is not None:
+            assert isinstance(self._prefix_cache, TransformersPrefixCache)
+            cached = {"use_cache": True, self._prefix_cache.keyword: prefix_state}
+        with rewired(self._layers, self.rewire_layers, batch.src, batch.dst, self.exit_after):
+            try:
+                output = self.model(
+                    inputs_embeds=embeds, attention_mask=attention_mask, position_ids=batch.position_ids, **cached,
+                )
+                return output.last_hidden_state
+            except EarlyExit as stop:
+                return stop.hidden
 
 
 # --------------------------------------------------------------------- helpers
@@ -507,7 +526,7 @@ _LOCKS_GUARD = threading.Lock()
 # Loaded decoders by (model, cache dir, dtype, device, files' stats), for as long as an encoder holds one: a
 # process that opens several encoders on the same weights (an ingest then a query, a service
 # reopening a new index version) loads them once.
-_LOADED: weakref.WeakValueDictionary[tuple[str, str, str, str, str, str], torch.nn.Module] = weakref.WeakValueDictionary()
+_LOADED: weakref.WeakValueDictionary[tuple[str, ...], torch.nn.Module] = weakref.WeakValueDictionary()
 _LOADING = threading.Lock()
 
 
@@ -519,11 +538,13 @@ def _load_shared(config: EncoderConfig, dtype: torch.dtype, device: torch.device
     # directory (a fine-tune) are loaded again, not served from the copy in memory.
     checkpoint = checkpoint_key(str(config.model))
     key = (str(config.model), str(config.cache_dir or ""), str(dtype), str(device), json.dumps(checkpoint),
-           config.packed_linear)
+           config.packed_linear, config.implementation)
+    # Our own forward pass is measured and tested on the CPU; CUDA keeps transformers' kernels.
+    native = device.type == "cpu" and config.implementation == "auto"
     with _LOADING:
         model = _LOADED.get(key)
         if model is None:
-            model, tokenizer = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir)
+            model, tokenizer = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir, native=native)
             model = model.to(device=device, dtype=dtype).eval()
             model._htp_tokenizer = tokenizer
             if device.type == "cpu" and config.packed_linear == "auto":

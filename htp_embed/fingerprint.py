@@ -70,7 +70,10 @@ def architecture_fingerprint(config: Any) -> str:
 def weights_digest(model: torch.nn.Module) -> str:
     """32 hex digits over every parameter's name, shape and bfloat16-rounded values."""
     digest = hashlib.sha256(SCHEME.encode())
-    for name, parameter in sorted(model.named_parameters(), key=lambda item: item[0]):
+    # A model that stores its weights in another layout than its checkpoint (fused projections,
+    # htp_embed.gemma3_native) names them as the checkpoint does, so the digest is the same.
+    canonical = getattr(model, "canonical_parameters", model.named_parameters)
+    for name, parameter in sorted(canonical(), key=lambda item: item[0]):
         digest.update(f"{name}:{tuple(parameter.shape)};".encode())
         flat = parameter.detach().reshape(-1)
         for start in range(0, flat.numel(), CHUNK_ELEMENTS):

@@ -205,6 +205,17 @@ def _load_packaged_tokenizer(path: Path):
     )
 
 
+def _load_packaged_copy(path: Path, dtype: torch.dtype, native: bool):
+    """A packaged model's converted copy: as htp-index's own decoder when asked and supported,
+    else through transformers."""
+    if native:
+        from htp_embed import gemma3_native
+
+        if gemma3_native.supports(gemma3_native.NativeConfig.from_dir(path)):
+            return gemma3_native.load_native(path, dtype), _load_packaged_tokenizer(path)
+    return _load_hf_dir(path, dtype, packaged=True)
+
+
 def _load_gguf(path: Path):
     from transformers import AutoModel, AutoTokenizer
 
@@ -233,11 +244,13 @@ def _save_copy(model, tokenizer, target: Path) -> None:
         raise
 
 
-def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None):
+def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, native: bool = False):
     """Return ``(model, tokenizer)`` for a packaged name, a ``.gguf`` file or an HF directory.
 
     The model is the base decoder (``AutoModel``, no LM head): full-vocabulary logits at every
-    position would cost gigabytes and are never needed for embeddings.
+    position would cost gigabytes and are never needed for embeddings. With ``native``, a
+    packaged model whose architecture :mod:`htp_embed.gemma3_native` implements is loaded as
+    that module instead (same weights and parameter names; a user's directory never is).
     """
     from transformers.utils import logging as hf_logging
 
@@ -266,7 +279,7 @@ def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None):
                 model, tokenizer = _load_hf_dir(converted, dtype)
                 _save_copy(model, tokenizer, typed)
             converted = typed
-        model, tokenizer = _load_hf_dir(converted, dtype, packaged=True)
+        model, tokenizer = _load_packaged_copy(converted, dtype, native)
         _attach_mean_input_embedding(model, converted / MEAN_EMBEDDING_FILE)
     else:
         path = Path(name).expanduser()

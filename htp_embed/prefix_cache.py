@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from htp_embed.gemma3_native import NativeGemma3, PrefixStates
 from htp_embed.layout import Layout
 from htp_embed.rewiring import EarlyExit, rewired
 
@@ -61,23 +62,18 @@ def _cache_keyword(model: torch.nn.Module) -> str:
 
 
 class PrefixCache:
-    """Key/value caches of shared prefixes for one model and exit layer, computed on first use."""
+    """Keys and values of shared prefixes for one model and exit layer, computed on first use.
 
-    def __init__(self, model: torch.nn.Module, layers: Sequence[torch.nn.Module], exit_after: int | None,
-                 embed: Callable[[torch.Tensor], torch.Tensor]):
-        self._model = model
-        self._layers = layers
+    What a stored prefix is and how a batch gets its own copy depends on the decoder: see
+    :class:`TransformersPrefixCache` and :class:`NativePrefixCache`.
+    """
+
+    def __init__(self, exit_after: int | None):
         self._exit_after = exit_after
-        self._embed = embed
-        self._keyword = _cache_keyword(model)
         self._entries: OrderedDict[tuple[int, ...], object] = OrderedDict()
         self._guard = threading.Lock()
         #: Set by the encoder once a pass with the cache gave the plain pass's vectors.
         self.verified = False
-
-    @property
-    def keyword(self) -> str:
-        return self._keyword
 
     def usable(self, layouts: Sequence[Layout]) -> int:
         """The prefix length to reuse for this batch, or 0 for a plain forward pass."""
@@ -99,6 +95,32 @@ class PrefixCache:
                     self._entries.popitem(last=False)
             else:
                 self._entries.move_to_end(key)
+        return self._for_batch(stored, batch)
+
+    def _compute(self, ids: tuple[int, ...], device: torch.device) -> object:
+        raise NotImplementedError
+
+    def _for_batch(self, stored: object, batch: int) -> object:
+        raise NotImplementedError
+
+
+class TransformersPrefixCache(PrefixCache):
+    """For a transformers decoder: a ``DynamicCache`` passed to the model as its cache."""
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[torch.nn.Module], exit_after: int | None,
+                 embed: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__(exit_after)
+        self._model = model
+        self._layers = layers
+        self._embed = embed
+        self._keyword = _cache_keyword(model)
+
+    @property
+    def keyword(self) -> str:
+        """The model's forward argument that takes the cache."""
+        return self._keyword
+
+    def _for_batch(self, stored: object, batch: int) -> object:
         cache = _fresh_copy(stored)
         if batch > 1:
             cache.batch_repeat_interleave(batch)
@@ -133,3 +155,19 @@ def _fresh_copy(stored: object) -> object:
     cache = copy.copy(stored)
     cache.layers = [copy.copy(layer) for layer in layers]
     return cache
+
+
+class NativePrefixCache(PrefixCache):
+    """For :class:`~htp_embed.gemma3_native.NativeGemma3`: each layer's keys and values as
+    tensors of batch 1, which every batch reads (broadcast, never written): no copy per pass."""
+
+    def __init__(self, model: NativeGemma3, exit_after: int | None):
+        super().__init__(exit_after)
+        self._model = model
+
+    @torch.inference_mode()
+    def _compute(self, ids: tuple[int, ...], device: torch.device) -> PrefixStates:
+        return self._model.prefix_states(ids, self._exit_after)
+
+    def _for_batch(self, stored: object, batch: int) -> object:
+        return stored

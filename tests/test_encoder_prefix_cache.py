@@ -7,7 +7,7 @@ import pytest
 from tiny_decoder import tiny_encoder
 
 from htp_embed.layout import Layout
-from htp_embed.prefix_cache import MIN_PREFIX, PrefixCache, shared_prefix_length
+from htp_embed.prefix_cache import MIN_PREFIX, shared_prefix_length
 
 QUERIES = [
     "the cat sat on the mat . the dog ran",
@@ -16,6 +16,8 @@ QUERIES = [
     "a bird sang",
 ]
 METHODS = ["htp", "vanilla", "last", "tp", "prompteol", "echo"]
+# transformers' class through hooks and a DynamicCache, and htp-index's own Gemma 3 pass.
+DECODERS = ["llama", "gemma3-native"]
 
 
 def plain_queries(encoder, texts: list[str]) -> np.ndarray:
@@ -28,8 +30,9 @@ def plain_queries(encoder, texts: list[str]) -> np.ndarray:
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(("padding_side", "bos", "exit_layer"), [("right", False, None), ("left", True, 3)])
-def test_queries_with_the_prefix_reused_equal_the_plain_pass(method, padding_side, bos, exit_layer):
-    encoder = tiny_encoder(padding_side, bos, method=method, exit_layer=exit_layer)
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_queries_with_the_prefix_reused_equal_the_plain_pass(method, padding_side, bos, exit_layer, decoder):
+    encoder = tiny_encoder(padding_side, bos, decoder, method=method, exit_layer=exit_layer)
     layouts = encoder.layouts(QUERIES, is_query=True)
     assert encoder._prefix_cache.usable(layouts) >= MIN_PREFIX  # the instruction is shared
     expected = plain_queries(encoder, QUERIES)
@@ -46,13 +49,15 @@ def test_documents_do_not_use_the_cache():
     assert encoder._prefix_cache.usable(encoder.layouts(QUERIES)) == 0  # only <bos> is shared
 
 
-def test_a_cache_that_disagrees_is_dropped_and_the_plain_vectors_returned(monkeypatch):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_a_cache_that_disagrees_is_dropped_and_the_plain_vectors_returned(monkeypatch, decoder):
     """A model on which reuse is wrong (here: the cache is computed for other tokens, as a
     model whose attention looks ahead would make it) keeps the plain pass, with a log line."""
-    encoder = tiny_encoder("right", False)
+    encoder = tiny_encoder("right", False, decoder)
     expected = plain_queries(encoder, QUERIES)
-    compute = PrefixCache._compute
-    monkeypatch.setattr(PrefixCache, "_compute", lambda self, ids, device: compute(self, ids[::-1], device))
+    kind = type(encoder._prefix_cache)
+    compute = kind._compute
+    monkeypatch.setattr(kind, "_compute", lambda self, ids, device: compute(self, ids[::-1], device))
     got = encoder.encode_queries(QUERIES)
     assert encoder._prefix_cache is None
     np.testing.assert_allclose(got, expected, atol=2e-6)

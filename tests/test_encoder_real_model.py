@@ -44,6 +44,19 @@ def test_default_model_layers_resolve_to_the_documented_defaults(gemma):
     assert gemma.rewire_layers == range(1, 7)
 
 
+def test_default_model_runs_our_forward_pass_with_transformers_vectors(gemma):
+    """On a CPU the packaged Gemma 3 runs htp_embed.gemma3_native; transformers' class on the
+    same weights gives the same vectors and the same identity (an index accepts either)."""
+    hooked = HTPEncoder(show_progress=False, implementation="transformers")
+    assert gemma.native and not hooked.native
+    assert gemma.dtype == hooked.dtype
+    queries = ["How do cells make ATP?", "who won the football match in the rain"]
+    for native, reference in ((gemma.encode_documents(TEXTS), hooked.encode_documents(TEXTS)),
+                              (gemma.encode_queries(queries), hooked.encode_queries(queries))):
+        assert float(np.min(np.sum(native * reference, axis=1))) > 0.9999
+    assert gemma.identity() == hooked.identity()
+
+
 def test_smollm2_loads_and_embeds():
     encoder = HTPEncoder(model="smollm2-135m", show_progress=False)
     vectors = encoder.encode_documents(TEXTS)

@@ -47,11 +47,35 @@ def build_model(vocab_size: int, seed: int = 0, layers: int = 4) -> LlamaModel:
     return LlamaModel(config).eval()
 
 
-def tiny_encoder(padding_side: str = "right", bos: bool = False, **config):
+def build_gemma3(vocab_size: int, seed: int = 0, layers: int = 4, sliding_window: int = 6):
+    """A tiny Gemma 3 run by htp-index's own forward pass (htp_embed.gemma3_native), with
+    random norm weights (Gemma's are 0 at init) and a sliding window shorter than most texts."""
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    from htp_embed.gemma3_native import from_transformers
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=sliding_window, max_position_embeddings=512, pad_token_id=0,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2), attn_implementation="sdpa",
+    )
+    model = Gemma3TextModel(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.normal_(0, 0.3)
+    return from_transformers(model)
+
+
+def tiny_encoder(padding_side: str = "right", bos: bool = False, decoder: str = "llama", **config):
+    """An encoder over a tiny decoder: ``llama`` (transformers' class, the hooked forward pass)
+    or ``gemma3-native`` (htp-index's own)."""
     from htp_embed import HTPEncoder
 
     tokenizer = build_tokenizer(padding_side, bos)
-    model = build_model(len(tokenizer))
+    model = build_model(len(tokenizer)) if decoder == "llama" else build_gemma3(len(tokenizer))
     settings = {"model": "tiny", "segmenter": "sentencizer", "show_progress": False,
                 "rewire_start": 1, "rewire_stop": 3, "exit_layer": None, **config}
     return HTPEncoder(decoder=model, tokenizer=tokenizer, **settings)
