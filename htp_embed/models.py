@@ -172,37 +172,35 @@ def model_shape(name: str | None) -> tuple[int, int] | None:
         return None
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor bars are noise next to our own progress
+
+
 def _load_hf_dir(path: Path, dtype: torch.dtype, *, packaged: bool = False):
     from transformers import AutoModel, AutoTokenizer
 
+    _quiet_transformers()
     tokenizer = _load_packaged_tokenizer(path) if packaged else AutoTokenizer.from_pretrained(str(path))
     model = AutoModel.from_pretrained(str(path), dtype=dtype)
     return model, tokenizer
 
 
-_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
-
-
 def _load_packaged_tokenizer(path: Path):
-    """The tokenizer of a packaged model's converted copy, straight from its ``tokenizer.json``.
+    """The tokenizer of a packaged model's converted copy, straight from its ``tokenizer.json``
+    (:class:`~htp_embed.packaged_tokenizer.PackagedTokenizer`, no transformers import).
 
     ``AutoTokenizer`` builds Gemma's ``GemmaTokenizer`` by re-creating the Rust backend from
     the vocabulary and merges in Python: 3.4 s of a cold query's ~12 s on a 2-core EPYC, against
-    1.4 s for reading ``tokenizer.json`` as it is. The copy was written by ``_save_copy``, so
-    its files are known; the special tokens and padding side are those ``AutoTokenizer`` would
-    set (``tests/test_packaged_tokenizer.py`` compares ids, offsets and special tokens). A
-    user's own model directory keeps ``AutoTokenizer``: its class may carry custom logic.
+    1.0-1.4 s for reading ``tokenizer.json`` as it is. The copy was written by ``_save_copy``,
+    so its files are known (``tests/test_encoder_real_model.py`` compares ids, offsets and
+    special tokens with ``AutoTokenizer``). A user's own model directory keeps
+    ``AutoTokenizer``: its class may carry custom logic.
     """
-    import transformers
-    from transformers import PreTrainedTokenizerFast
+    from htp_embed.packaged_tokenizer import PackagedTokenizer
 
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    tokenizer_class = getattr(transformers, str(config.get("tokenizer_class")), None)
-    padding_side = getattr(tokenizer_class, "padding_side", "right")
-    special = {key: config[key] for key in _SPECIAL_TOKEN_KEYS if isinstance(config.get(key), str)}
-    return PreTrainedTokenizerFast(
-        tokenizer_file=str(path / "tokenizer.json"), padding_side=padding_side, **special
-    )
+    return PackagedTokenizer.from_dir(path)
 
 
 def _load_packaged_copy(path: Path, dtype: torch.dtype, native: bool):
@@ -219,6 +217,7 @@ def _load_packaged_copy(path: Path, dtype: torch.dtype, native: bool):
 def _load_gguf(path: Path):
     from transformers import AutoModel, AutoTokenizer
 
+    _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModel.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model, tokenizer
@@ -252,9 +251,6 @@ def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, 
     packaged model whose architecture :mod:`htp_embed.gemma3_native` implements is loaded as
     that module instead (same weights and parameter names; a user's directory never is).
     """
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-tensor bars are noise next to our own progress
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if name in PACKAGED_MODELS:
         converted = cache / "models" / f"{name}-float32"

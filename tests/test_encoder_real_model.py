@@ -89,10 +89,14 @@ def test_packaged_tokenizer_matches_auto_tokenizer(name):
         assert got["input_ids"] == expected["input_ids"], options
         if "offset_mapping" in expected:
             assert got["offset_mapping"] == expected["offset_mapping"]
-    for attribute in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "padding_side",
-                      "all_special_ids"):
+    for attribute in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token", "bos_token_id",
+                      "eos_token_id", "pad_token_id", "unk_token_id", "mask_token_id", "padding_side"):
         assert getattr(direct, attribute) == getattr(auto, attribute), attribute
     assert direct.get_vocab() == auto.get_vocab()
+    assert len(direct) == len(auto)
+    ids = expected["input_ids"][0]
+    assert direct.convert_ids_to_tokens(ids) == auto.convert_ids_to_tokens(ids)
+    assert direct.decode(ids) == auto.decode(ids)
 
 
 
