@@ -294,6 +294,8 @@ def useful_flops(encoder, texts: list[str]) -> float:
     context per position, the context capped by a sliding window where a layer has one)."""
     import torch
 
+    from htp_embed.packed_linear import PackedLinear
+
     config = encoder.model.config
     depth = encoder.exit_depth or config.num_hidden_layers
     layers = encoder._layers
@@ -304,7 +306,10 @@ def useful_flops(encoder, texts: list[str]) -> float:
     total = 0.0
     lengths = [len(layout) for layout in encoder.layouts(texts)]
     for index in range(depth):
-        linear = sum(m.weight.numel() for m in layers[index].modules() if isinstance(m, torch.nn.Linear))
+        # Packed projections (htp_embed.packed_linear) are Linears too: missing them had counted
+        # attention alone (13 GFLOP/s reported where ~190 ran).
+        linear = sum(m.weight.numel() for m in layers[index].modules()
+                     if isinstance(m, (torch.nn.Linear, PackedLinear)))
         cap = window if types[index] == "sliding_attention" else 10**9
         for n in lengths:
             context = sum(min(t + 1, cap) for t in range(n))

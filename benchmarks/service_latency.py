@@ -45,23 +45,34 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q))
 
 
-def serve_and_measure(index: Path, texts: list[str], env: dict[str, str]) -> dict:
-    """Start the service on ``index``, warm it up, then time each text in each mode."""
+def start_server(index: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """``htp-index serve`` on ``index``, once its /health answers: the process and its base URL."""
     port = free_port()
     server = subprocess.Popen(command("serve", "--index", str(index), "--port", str(port)), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return server, base
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"the service did not start: {server.stderr.read() if server.stderr else ''}")
+        time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    server.wait(30)
+
+
+def serve_and_measure(index: Path, texts: list[str], env: dict[str, str]) -> dict:
+    """Start the service on ``index``, warm it up, then time each text in each mode."""
+    server, base = start_server(index, env)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the service did not start: {server.stderr.read() if server.stderr else ''}")
-            time.sleep(0.5)
         latencies: dict[str, list[float]] = {mode: [] for mode in MODES}
         with httpx.Client(base_url=base, timeout=60) as http:
             for text in texts[:5]:  # warm-up: first calls allocate and fault weights in
@@ -75,10 +86,37 @@ def serve_and_measure(index: Path, texts: list[str], env: dict[str, str]) -> dic
                     response.raise_for_status()
             health = http.get("/health").json()
     finally:
-        server.terminate()
-        server.wait(30)
+        stop_server(server)
     return {"encoder": health["encoder"],
             **{mode: {"p50": pct(v, 50), "p95": pct(v, 95), "n": len(v)} for mode, v in latencies.items()}}
+
+
+def compare_implementations(index: Path, texts: list[str], env: dict[str, str]) -> dict:
+    """Hybrid p50/p95 of two services on ``index`` at once, the default encoder and one with
+    ``implementation="transformers"``, the client alternating between them query by query (the
+    order flipping each time), so that load on the machine falls on both alike."""
+    servers = {"native": start_server(index, env)}
+    try:
+        servers["transformers"] = start_server(index, {**env, "HTP_INDEX_ENCODER__IMPLEMENTATION": "transformers"})
+        latencies: dict[str, list[float]] = {name: [] for name in servers}
+        clients = {name: httpx.Client(base_url=base, timeout=60) for name, (_, base) in servers.items()}
+        names = list(servers)
+        for text in texts[:5]:
+            for name in names:
+                clients[name].post("/query", json={"query": text, "top_k": 5, "mode": "hybrid"}).raise_for_status()
+        for i, text in enumerate(texts):
+            for name in (names if i % 2 == 0 else names[::-1]):
+                began = time.perf_counter()
+                response = clients[name].post("/query", json={"query": text, "top_k": 5, "mode": "hybrid"})
+                latencies[name].append((time.perf_counter() - began) * 1000)
+                response.raise_for_status()
+        for client in clients.values():
+            client.close()
+    finally:
+        for server, _ in servers.values():
+            stop_server(server)
+    rows = {name: {"p50": pct(v, 50), "p95": pct(v, 95), "n": len(v)} for name, v in latencies.items()}
+    return {**rows, "speedup_p50": rows["transformers"]["p50"] / rows["native"]["p50"]}
 
 
 def encode_floor(index: Path, texts: list[str]) -> dict:
@@ -100,6 +138,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=150, help="query texts per mode and index")
     parser.add_argument("--nodes", type=int, default=100_000, help="size of the larger index (0: demo only)")
+    parser.add_argument("--compare-implementation", action="store_true",
+                        help="also serve the demo index with implementation='transformers' beside the default, "
+                        "hybrid queries alternating between the two")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -129,11 +170,12 @@ def main() -> None:
             rows.append({"index": label, "nodes": nodes, **measured, "encode_only": floor})
             print(f"{label}: " + ", ".join(f"{m} p50 {measured[m]['p50']:.1f} ms" for m in MODES)
                   + f"; encode only p50 {floor['p50']:.1f} ms", flush=True)
+        compared = compare_implementations(demo, texts, env) if args.compare_implementation else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     result = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0],
-              "queries": len(texts), "rows": rows}
+              "queries": len(texts), "rows": rows, "implementations": compared}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "service_latency.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
@@ -152,6 +194,11 @@ def main() -> None:
     lines.append("")
     lines.append(f"Median of the hybrid/encode-only ratio: "
                  f"{statistics.median(r['hybrid']['p50'] / r['encode_only']['p50'] for r in rows):.2f}x.")
+    if compared:
+        lines += ["", "Demo index, hybrid, two services at once (queries alternating between them): "
+                  f"own forward pass {compared['native']['p50']:.1f} / {compared['native']['p95']:.1f} ms, "
+                  f"transformers' class {compared['transformers']['p50']:.1f} / "
+                  f"{compared['transformers']['p95']:.1f} ms (p50 / p95): {compared['speedup_p50']:.2f}x."]
     (args.out / "service_latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
