@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -425,9 +426,21 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     import mmap
     import warnings
 
+    damaged = (f"{path} is damaged ({{}}); it is a converted copy htp-index wrote: delete its folder "
+               f"and the next load converts the model again")
     with open(path, "rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
+        file_size = os.fstat(handle.fileno()).st_size
+        try:
+            header = json.loads(handle.read(size)) if 8 + size <= file_size else None
+        except ValueError:
+            header = None
+        if not isinstance(header, dict):
+            raise ValueError(damaged.format("no readable header"))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        if 8 + size + max(ends, default=0) > file_size:
+            raise ValueError(damaged.format(f"{file_size:,} bytes where its header describes "
+                                            f"{8 + size + max(ends):,}: cut short"))
         # Copy-on-write: a page written to (nothing here does) becomes private, never the file's.
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     start = 8 + size

@@ -206,6 +206,16 @@ def test_weights_of_another_layout_are_refused(saved, tmp_path):
         load_native(tmp_path, torch.float32)
 
 
+@pytest.mark.parametrize("keep", [4, 100, -1000])  # no header, a cut header, cut tensor data
+def test_a_damaged_weights_file_says_so_and_how_to_recover(saved, tmp_path, keep):
+    path, _ = saved
+    data = (path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:keep])
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(ValueError, match="is damaged .* delete its folder"):
+        load_native(tmp_path, torch.float32)
+
+
 def test_weights_are_memory_mapped_not_copied(saved):
     """The embedding (most of a real model's bytes) stays a view of the file's map (storage
     torch does not own, hence cannot resize); the fused projections are new tensors."""
