@@ -35,6 +35,7 @@ from htp_embed.models import (
     default_cache_dir,
     load_model,
     mean_input_embedding,
+    native_requested,
     resolve_device,
     resolve_dtype,
     resolve_dtype_decision,
@@ -539,8 +540,7 @@ def _load_shared(config: EncoderConfig, dtype: torch.dtype, device: torch.device
     checkpoint = checkpoint_key(str(config.model))
     key = (str(config.model), str(config.cache_dir or ""), str(dtype), str(device), json.dumps(checkpoint),
            config.packed_linear, config.implementation)
-    # Our own forward pass is measured and tested on the CPU; CUDA keeps transformers' kernels.
-    native = device.type == "cpu" and config.implementation == "auto"
+    native = native_requested(device, config.implementation)
     with _LOADING:
         model = _LOADED.get(key)
         if model is None:

@@ -157,15 +157,21 @@ def resolve_dtype_decision(
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def native_requested(device: torch.device, implementation: str) -> bool:
+    """Whether a load may run htp-index's own forward pass (``load_model(native=...)``): on a
+    CPU, where it is measured and tested, with ``implementation="auto"``."""
+    return device.type == "cpu" and implementation == "auto"
+
+
 def forward_pass_plan(model: str, device: str = "auto", implementation: str = "auto") -> str:
     """Which code an encoder of these settings runs the decoder with, and why, without loading
     it (``htp-index info``)."""
+    packaged = PACKAGED_MODELS.get(model)
     if implementation != "auto":
         return f"transformers' model class (implementation={implementation!r} in the encoder settings)"
-    packaged = PACKAGED_MODELS.get(model)
     if packaged is None or not packaged.native:
         return "transformers' model class (htp-index's own forward pass covers the packaged Gemma 3 only)"
-    if resolve_device(device).type != "cpu":
+    if not native_requested(resolve_device(device), implementation):
         return "transformers' model class (htp-index's own forward pass runs on CPUs only)"
     return ("htp-index's own Gemma 3 forward pass (htp_embed/gemma3_native.py; "
             "implementation='transformers' in the encoder settings switches to transformers' class)")
