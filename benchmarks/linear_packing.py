@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from encoder_speed import load_texts  # noqa: E402
 from machine import cpu_model  # noqa: E402
-from side_by_side import alternate  # noqa: E402
+from side_by_side import add_arguments, alternate  # noqa: E402
 from store_scale import queries  # noqa: E402
 
 
@@ -49,13 +49,9 @@ def rss_mib() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per path (the order alternates)")
-    parser.add_argument("--queries", type=int, default=40, help="single queries timed per round")
-    parser.add_argument("--docs", type=int, default=16, help="abstracts embedded per round")
+    add_arguments(parser, RESULTS, "path")
     parser.add_argument("--quality", action="store_true",
                         help="also NDCG@10 of both paths on the SciFact train subsample `htp-index eval` uses")
-    parser.add_argument("--dtype", default="auto", help="the encoder's dtype (auto: as the product decides)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     import torch
@@ -84,9 +80,6 @@ def main() -> None:
 
     measured = alternate({"plain": lambda: use("plain"), "packed": lambda: use("packed")}, texts, docs, args.rounds)
 
-    def cosine(i: int) -> float:
-        return measured.min_cosine("plain", "packed", i)
-
     quality = {}
     if args.quality:
         import tempfile
@@ -103,17 +96,14 @@ def main() -> None:
             quality[path] = {"ndcg@10": scored["ndcg@10"], "queries": scored["queries"], "docs": scored["docs"]}
             print(f"quality {path}: ndcg@10 {scored['ndcg@10']:.4f}", flush=True)
 
-    rows = measured.rows(doc_tokens)
     result = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "dtype": str(encoder.dtype),
         "encoder": encoder.describe(), "decided_at_load": decided, "packed_layers": packed_count,
         "rounds": args.rounds, "queries": len(texts), "docs": len(docs), "docs_label": docs_label,
-        "doc_tokens": doc_tokens, "paths": rows,
-        "query_speedup": rows["plain"]["query_p50_ms"] / rows["packed"]["query_p50_ms"],
-        "doc_speedup": rows["packed"]["doc_tokens_per_s"] / rows["plain"]["doc_tokens_per_s"],
-        "min_cosine_queries": cosine(0), "min_cosine_docs": cosine(1),
+        "doc_tokens": doc_tokens, **measured.compared("plain", "packed", doc_tokens),
         "extra_rss_mib": packed_rss - plain_rss, "quality": quality,
     }
+    rows = result["paths"]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "linear_packing" if args.dtype == "auto" else f"linear_packing_{args.dtype}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from encoder_speed import load_texts  # noqa: E402
 from machine import cpu_model  # noqa: E402
-from side_by_side import alternate  # noqa: E402
+from side_by_side import add_arguments, alternate  # noqa: E402
 from store_scale import queries  # noqa: E402
 
 IMPORTS = {
@@ -54,11 +54,7 @@ def import_seconds(statement: str, runs: int = 3) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per implementation (the order alternates)")
-    parser.add_argument("--queries", type=int, default=40, help="single queries timed per round")
-    parser.add_argument("--docs", type=int, default=16, help="abstracts embedded per round")
-    parser.add_argument("--dtype", default="auto", help="the encoders' dtype (auto: as the product decides)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_arguments(parser, RESULTS, "implementation")
     args = parser.parse_args()
 
     import torch
@@ -73,19 +69,15 @@ def main() -> None:
     docs, docs_label = load_texts(args.docs)
     doc_tokens = sum(native.count_tokens(text) for text in docs)
     measured = alternate({"transformers": lambda: hooked, "native": lambda: native}, texts, docs, args.rounds)
-    rows = measured.rows(doc_tokens)
     imports = {name: import_seconds(statement) for name, statement in IMPORTS.items()}
     result = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "dtype": str(native.dtype),
         "encoder": native.describe(), "packing": native.packing.summary() if native.packing else None,
         "rounds": args.rounds, "queries": len(texts), "docs": len(docs), "docs_label": docs_label,
-        "doc_tokens": doc_tokens, "paths": rows,
-        "query_speedup": rows["transformers"]["query_p50_ms"] / rows["native"]["query_p50_ms"],
-        "doc_speedup": rows["native"]["doc_tokens_per_s"] / rows["transformers"]["doc_tokens_per_s"],
-        "min_cosine_queries": measured.min_cosine("native", "transformers", 0),
-        "min_cosine_docs": measured.min_cosine("native", "transformers", 1),
+        "doc_tokens": doc_tokens, **measured.compared("transformers", "native", doc_tokens),
         "import_s": imports,
     }
+    rows = result["paths"]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "native_decoder" if args.dtype == "auto" else f"native_decoder_{args.dtype}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -7,10 +7,12 @@ that matter are the ratios.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,27 @@ class SideBySide:
     def min_cosine(self, first: str, second: str, which: int) -> float:
         """The least cosine between two paths' vectors (``which``: 0 queries, 1 documents)."""
         return float(np.min(np.sum(self.vectors[first][which] * self.vectors[second][which], axis=1)))
+
+    def compared(self, baseline: str, contender: str, doc_tokens: int) -> dict[str, Any]:
+        """Each path's row, the contender's speed-ups over the baseline (query p50, document
+        tokens/s) and the least cosines between their vectors: a result's shared fields."""
+        rows = self.rows(doc_tokens)
+        return {
+            "paths": rows,
+            "query_speedup": rows[baseline]["query_p50_ms"] / rows[contender]["query_p50_ms"],
+            "doc_speedup": rows[contender]["doc_tokens_per_s"] / rows[baseline]["doc_tokens_per_s"],
+            "min_cosine_queries": self.min_cosine(baseline, contender, 0),
+            "min_cosine_docs": self.min_cosine(baseline, contender, 1),
+        }
+
+
+def add_arguments(parser: argparse.ArgumentParser, results: Path, what: str) -> None:
+    """The options every side-by-side benchmark takes (``what``: what a path is called)."""
+    parser.add_argument("--rounds", type=int, default=4, help=f"rounds per {what} (the order alternates)")
+    parser.add_argument("--queries", type=int, default=40, help="single queries timed per round")
+    parser.add_argument("--docs", type=int, default=16, help="abstracts embedded per round")
+    parser.add_argument("--dtype", default="auto", help="the encoder's dtype (auto: as the product decides)")
+    parser.add_argument("--out", type=Path, default=results, help="folder the JSON and Markdown results go to")
 
 
 def alternate(paths: dict[str, Callable[[], Any]], texts: list[str], docs: list[str], rounds: int) -> SideBySide:
