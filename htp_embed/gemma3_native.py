@@ -364,10 +364,12 @@ def _rotary(inverse_frequencies: torch.Tensor, positions: torch.Tensor, dtype: t
     return angles.cos().to(dtype).unsqueeze(1), angles.sin().to(dtype).unsqueeze(1)
 
 
-def load_native(path: Path, dtype: torch.dtype) -> NativeGemma3:
-    """The decoder in ``path`` (config.json + model.safetensors), its weights memory-mapped
-    when they are stored in ``dtype`` (only the embedding rows a text uses are ever read)."""
-    model = build_native(NativeConfig.from_dir(path), read_safetensors(Path(path) / WEIGHTS_FILE), dtype, str(path))
+def load_native(path: Path, dtype: torch.dtype, config: NativeConfig | None = None) -> NativeGemma3:
+    """The decoder in ``path`` (config.json + model.safetensors, or ``config`` already read
+    from it), its weights memory-mapped when they are stored in ``dtype`` (only the embedding
+    rows a text uses are ever read)."""
+    config = config or NativeConfig.from_dir(path)
+    model = build_native(config, read_safetensors(Path(path) / WEIGHTS_FILE), dtype, str(path))
     # Where the weights came from, under transformers' attribute name: the fingerprint's
     # per-checkpoint cache is keyed by it (without it every load would hash the whole file).
     model.name_or_path = str(path)

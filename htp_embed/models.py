@@ -230,8 +230,9 @@ def _load_packaged_copy(path: Path, dtype: torch.dtype, native: bool):
     if native:
         from htp_embed import gemma3_native
 
-        if gemma3_native.supports(gemma3_native.NativeConfig.from_dir(path)):
-            return gemma3_native.load_native(path, dtype), _load_packaged_tokenizer(path)
+        config = gemma3_native.NativeConfig.from_dir(path)
+        if gemma3_native.supports(config):
+            return gemma3_native.load_native(path, dtype, config), _load_packaged_tokenizer(path)
     return _load_hf_dir(path, dtype, packaged=True)
 
 

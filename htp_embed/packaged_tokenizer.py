@@ -83,11 +83,6 @@ class PackagedTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    @property
-    def backend_tokenizer(self) -> Tokenizer:
-        """The ``tokenizers`` object (transformers' name for it)."""
-        return self._backend
-
 
 def _class_padding_side(name: str) -> str:
     """The padding side transformers' tokenizer class ``name`` declares ("right" if unknown)."""
