@@ -26,10 +26,15 @@ log = logging.getLogger(__name__)
 
 CorrectionKind = Literal["center", "adapter", "none"]
 PSEUDO_QUERIES = 1024
-ADAPTER_PAIRS = 8192
-"""Most pseudo-query pairs an adapter is fitted on; never more than the sample's nodes, so the
-extra short texts embedded cost about a tenth of embedding the nodes themselves (dense NDCG@10
-on the development split rose with pairs: 47.5 at 1,024, 49.7 at 2,048, 51.7 at 8,192)."""
+ADAPTER_PAIRS_PER_NODE = 2
+ADAPTER_PAIRS = 16_384
+"""An adapter is fitted on up to `ADAPTER_PAIRS_PER_NODE` pseudo-query pairs per node, and never
+more than `ADAPTER_PAIRS` (so the cost stops growing with the corpus). Dense NDCG@10 on the
+development split (5,697 nodes) rose with pairs: 51.2 at one per node (5,697), 51.8 at 8,192,
+52.2 at two per node, 52.4 at 16,384 (``benchmarks/results/quality/adapter.md``). Two per node
+cost about a quarter of the nodes' own embedding time there (pseudo-queries are short: ~36 per
+second against ~4.5 abstracts per second on 2 cores); shorter pseudo-queries (6-20 words) were
+twice as fast to embed but scored lower at equal cost (51.4 at two per node)."""
 MIN_DOCUMENTS = 8
 """Fewer document vectors than this give no stable document mean: no correction is fitted."""
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -70,7 +75,7 @@ def fit_correction(
         return None
     if kind == "center":
         return VectorCorrection.fit(doc_vectors, encoder.encode_queries(pseudo_queries(texts)))
-    pairs = pseudo_query_pairs(texts, min(ADAPTER_PAIRS, max(PSEUDO_QUERIES, len(doc_vectors))))
+    pairs = pseudo_query_pairs(texts, min(ADAPTER_PAIRS, max(PSEUDO_QUERIES, ADAPTER_PAIRS_PER_NODE * len(doc_vectors))))
     pseudo = encoder.encode_queries([sentence for _, sentence in pairs])
     centring = VectorCorrection.fit(doc_vectors, pseudo)
     fitted = fit_linear_adapter(
