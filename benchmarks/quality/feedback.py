@@ -15,6 +15,7 @@ analysis, in numpy, so only the variant differs:
   hybrid ranking or from dense search alone;
 * keyword feedback (RM3-style): the query's terms (share ``orig``) plus the ``n`` terms that
   weigh most in the first ``m`` hybrid hits (tf / length x idf), searched again and fused;
+* a per-query weight: alpha 0.3 moved up or down with how peaked either side's list is;
 * BM25's ``k1`` and ``b`` (FTS5 fixes 1.2 and 0.75).
 
 Queries are split into the fixed halves A (choices) and B (untouched) of ``common.dev_halves``.
@@ -172,6 +173,17 @@ def main() -> None:
                 for alpha in (0.2, 0.3):
                     record("keyword PRF", variant, f"hybrid a={alpha}", fused(dense, expanded, alpha))
 
+    # A per-query weight of the dense side: alpha 0.3 moved by how peaked either side's list is
+    # (score drop from hit 1 to hit 10, standardised over the queries).
+    spreads = {"keyword": [(h[0][1] - h[min(9, len(h) - 1)][1]) / h[0][1] if h else 0.0 for h in sparse],
+               "dense": [h[0][1] - h[9][1] for h in dense]}
+    for side, spread in spreads.items():
+        z = (np.asarray(spread) - np.median(spread)) / (np.std(spread) + 1e-9)
+        for slope in (-0.1, -0.05, 0.05, 0.1):
+            alphas = np.clip(0.3 + slope * z, 0.05, 0.7)
+            hits = [fusion.fuse(d, s, alpha=float(a))[:DEPTH] for d, s, a in zip(dense, sparse, alphas, strict=True)]
+            record("per-query weight", f"{side} spread, slope {slope}", "hybrid a=0.3+", hits)
+
     for k1 in (0.9, 1.2, 1.5):
         for b in (0.5, 0.75, 1.0):
             keywords.set_parameters(k1, b)
@@ -194,7 +206,7 @@ def report(rows: list[dict], dataset: str, queries: int, nodes: int, seconds: fl
         "from the same stored vectors and keyword analysis (numpy; the baseline equals the product's "
         "`pipeline.md`). Best hybrid variant of each family chosen on half A; B is untouched.", "",
         "| family | variant (best on A) | mode | NDCG@10 all | A | B | Recall@100 |", "|---|---|---|---|---|---|---|"]
-    for row in [base["dense"], base["sparse"], base["hybrid"], *(best(f) for f in ("dense PRF", "keyword PRF", "BM25"))]:
+    for row in [base["dense"], base["sparse"], base["hybrid"], *(best(f) for f in ("dense PRF", "keyword PRF", "per-query weight", "BM25"))]:
         lines.append(f"| {row['family']} | {row['variant']} | {row['mode']} | {row['all']['ndcg@10']:.1f} | "
                      f"{row['A']['ndcg@10']:.1f} | {row['B']['ndcg@10']:.1f} | {row['all']['recall@100']:.1f} |")
     prf_dense = max((r for r in rows if r["family"] == "dense PRF" and r["mode"] == "dense"), key=lambda r: r["A"]["ndcg@10"])

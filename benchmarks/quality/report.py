@@ -237,6 +237,12 @@ def dev_report() -> str:
              ("hybrid (default)", pipeline.get("product hybrid (defaults)"), "pipeline"),
              ("dense + adapter", adapter.get(("adapter", "dense", None)), "adapter"),
              ("hybrid + adapter", adapter.get(("adapter", "hybrid", 0.3)), "adapter")]
+    feedback = _json("feedback").get("rows", [])
+    for family in ("dense PRF", "keyword PRF", "per-query weight", "BM25"):  # each family's best hybrid on half A
+        best_row = max((r for r in feedback if r["family"] == family and r["mode"].startswith("hybrid")),
+                       key=lambda r: r["A"]["ndcg@10"], default=None)
+        if best_row is not None:
+            rows.append((f"hybrid, {family} ({best_row['variant']}, {best_row['mode'].split()[-1]})", best_row, "feedback"))
     chosen = next((r for r in rerank.get("rows", []) if r.get("weight") == rerank.get("chosen_weight_on_A")), None)
     plain = next((r for r in rerank.get("rows", []) if "weight" not in r), None)
     tuned, half_b = rerank.get("tune_queries", 0), rerank.get("b_queries", 0)
