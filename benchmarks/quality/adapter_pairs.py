@@ -114,7 +114,7 @@ def main() -> None:
              "| pseudo-queries | pairs | epochs | embedding s (est.) | NDCG@10 all | A | B | Recall@100 |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['sample'].split(',')[0]} | {row['pairs']} | {row['epochs']} | {row['embed_seconds_est']} | "
+        lines.append(f"| {length_class(row['sample'])} | {row['pairs']} | {row['epochs']} | {row['embed_seconds_est']} | "
                      f"{row['all']['ndcg@10']:.1f} | {row['A']['ndcg@10']:.1f} | {row['B']['ndcg@10']:.1f} | "
                      f"{row['all']['recall@100']:.1f} |")
     (RESULTS / "adapter_pairs.md").write_text("\n".join(lines) + "\n")
