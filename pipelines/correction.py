@@ -31,10 +31,11 @@ ADAPTER_PAIRS = 16_384
 """An adapter is fitted on up to `ADAPTER_PAIRS_PER_NODE` pseudo-query pairs per node, and never
 more than `ADAPTER_PAIRS` (so the cost stops growing with the corpus). Dense NDCG@10 on the
 development split (5,697 nodes) rose with pairs: 51.2 at one per node (5,697), 51.8 at 8,192,
-52.2 at two per node, 52.4 at 16,384 (``benchmarks/results/quality/adapter.md``). Two per node
-cost about a quarter of the nodes' own embedding time there (pseudo-queries are short: ~36 per
-second against ~4.5 abstracts per second on 2 cores); shorter pseudo-queries (6-20 words) were
-twice as fast to embed but scored lower at equal cost (51.4 at two per node)."""
+52.2 at two per node, 52.4 at 16,384 (``benchmarks/results/quality/adapter_pairs.md``). Two per
+node cost about a fifth of the nodes' own embedding time there (249 s to embed the pseudo-queries
+and fit, ``adapter.md``, against ~1,160 s to ingest the abstracts on the same 2 cores); shorter
+pseudo-queries (6-20 words) were twice as fast to embed but scored lower at equal cost (51.4 at
+two per node)."""
 MIN_DOCUMENTS = 8
 """Fewer document vectors than this give no stable document mean: no correction is fitted."""
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
