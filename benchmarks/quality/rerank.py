@@ -11,7 +11,8 @@ list, which is what a reranked query returns in its top ``depth``. The weight is
 first ``--tune`` queries of half A; half B (untouched) gives the figure. Seconds per query are
 the scorer's, on this machine, and one end-to-end ``search(rerank=True)`` per timed query.
 Writes ``benchmarks/results/quality/rerank.{json,md}`` (with other depths or passage lengths,
-``rerank_depth{D}_tokens{T}.{json,md}``).
+``rerank_depth{D}_tokens{T}.{json,md}``; with ``--index kv-adapter``, the same names ending in
+``_adapter``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ WEIGHTS = (0.2, 0.3, 0.4, 0.5, 0.6, 1.0)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="holds kv-center/ from adapter.py")
+    parser.add_argument("--index", default="kv-center",
+                        help="which index under --work (kv-adapter: the adapter correction's copy)")
     parser.add_argument("--depth", type=int, default=10, help="hits reranked per query")
     parser.add_argument("--passage-tokens", type=int, default=256, help="tokens of each hit the scorer reads")
     parser.add_argument("--tune", type=int, default=120, help="queries of half A the weight is chosen on")
@@ -48,7 +51,7 @@ def main() -> None:
     halves = dev_halves(qids)
     tune = [q for q in qids if q in halves["A"]][: args.tune]
     scored_ids = set(tune) | halves["B"]
-    index = open_index(args.work / "kv-center", load_settings(rerank_passage_tokens=args.passage_tokens,
+    index = open_index(args.work / args.index, load_settings(rerank_passage_tokens=args.passage_tokens,
                                                                 rerank_depth=args.depth))
     scorer = QueryLikelihoodScorer(index.encoder.model, index.encoder.tokenizer, max_passage_tokens=args.passage_tokens)
     base: dict[str, dict[str, float]] = {}
@@ -85,14 +88,18 @@ def main() -> None:
         "search_rerank_top5_seconds_p50": round(statistics.median(end_to_end), 3),
         "search_plain_note": "benchmarks/results/service_latency.md has the query without reranking",
     }
-    result = {"dataset": dataset.name, "split": SPLIT, "docs": len(dataset.corpus), "depth": args.depth,
+    result = {"dataset": dataset.name, "split": SPLIT, "docs": len(dataset.corpus), "index": args.index,
+              "correction": index.store.correction_summary(), "depth": args.depth,
               "passage_tokens": args.passage_tokens, "tune_queries": len(tune), "b_queries": len(halves["B"]),
               "encoder": index.embedding.model_name, "machine": f"{cpu_model()}, {os.cpu_count()} cores",
               "chosen_weight_on_A": chosen["weight"], "shipped_weight": DEFAULT_WEIGHT, "timing": timing, "rows": rows}
     name = "rerank" if (args.depth, args.passage_tokens) == (10, 256) else f"rerank_depth{args.depth}_tokens{args.passage_tokens}"
+    if args.index != "kv-center":
+        name += f"_{args.index.removeprefix('kv-')}"
     _write_json(RESULTS / f"{name}.json", result)
     lines = ["# Query-likelihood reranking through the product (SciFact train, development split)", "",
-             f"Default hybrid top {args.depth} of each query reranked by {result['encoder']} at full depth "
+             f"Hybrid top {args.depth} of each query ({args.index}: correction "
+             f"{(result['correction'] or {}).get('kind', 'none')}) reranked by {result['encoder']} at full depth "
              f"(passages cut to {args.passage_tokens} tokens), blended with the retrieval score "
              f"(z-scores; weight = the likelihood's share). Weight chosen on {len(tune)} queries of half A "
              f"(best there: {chosen['weight']}; shipped: {DEFAULT_WEIGHT}); half B ({len(halves['B'])} queries) "
