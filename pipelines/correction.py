@@ -47,16 +47,19 @@ def pseudo_queries(texts: Sequence[str], n: int = PSEUDO_QUERIES, seed: int = 0)
     return [sentence for _, sentence in pseudo_query_pairs(texts, n, seed)]
 
 
-def pseudo_query_pairs(texts: Sequence[str], n: int = PSEUDO_QUERIES, seed: int = 0) -> list[tuple[int, str]]:
-    """`pseudo_queries` with the index of the text each sentence came from."""
+def pseudo_query_pairs(
+    texts: Sequence[str], n: int = PSEUDO_QUERIES, seed: int = 0, max_words: int = 40
+) -> list[tuple[int, str]]:
+    """`pseudo_queries` with the index of the text each sentence came from (sentences of at
+    most ``max_words`` words; ``benchmarks/quality/adapter_pairs.py`` compares shorter ones)."""
     pairs = [
         (i, sentence.strip())
         for i, text in enumerate(texts)
         for sentence in _SENTENCE_END.split(text)
-        if 6 <= len(sentence.split()) <= 40
+        if 6 <= len(sentence.split()) <= max_words
     ]
     if not pairs:
-        pairs = [(i, " ".join(text.split()[:40])) for i, text in enumerate(texts) if text.strip()]
+        pairs = [(i, " ".join(text.split()[:max_words])) for i, text in enumerate(texts) if text.strip()]
     if len(pairs) > n:
         pairs = random.Random(seed).sample(pairs, n)
     return pairs

@@ -16,8 +16,6 @@ scored on halves A (choices) and B (untouched). The product's rule
 from __future__ import annotations
 
 import argparse
-import random
-import re
 import time
 from pathlib import Path
 
@@ -27,18 +25,10 @@ from common import RESULTS, SCIFACT, SPLIT, _write_json, dev_halves, score_by_ha
 from indexes import VectorCorrection
 from pipelines.adapter import fit_linear_adapter
 from pipelines.correction import pseudo_query_pairs
+from pipelines.eval_pipeline import ranked_documents
 from pipelines.evaluation import prepare_dataset
 from pipelines.query import open_index
 from pipelines.settings import load_settings
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-def short_pairs(texts: list[str], n: int, max_words: int, seed: int = 0) -> list[tuple[int, str]]:
-    """`pseudo_query_pairs` with sentences of at most ``max_words`` words instead of 40."""
-    pairs = [(i, s.strip()) for i, text in enumerate(texts) for s in _SENTENCE_END.split(text)
-             if 6 <= len(s.split()) <= max_words]
-    return random.Random(seed).sample(pairs, n) if len(pairs) > n else pairs
 
 
 def length_class(sample: str) -> str:
@@ -62,7 +52,7 @@ def main() -> None:
     queries = np.asarray(index.encoder.encode_queries(dataset.query_texts()), dtype=np.float32)
     n = len(nodes)
     samples = {f"6-40 words, {size} pairs": pseudo_query_pairs(texts, size) for size in (n, 8192, 2 * n, 16_384)}
-    samples |= {f"6-20 words, {size} pairs": short_pairs(texts, size, 20) for size in (n, 2 * n)}
+    samples |= {f"6-20 words, {size} pairs": pseudo_query_pairs(texts, size, max_words=20) for size in (n, 2 * n)}
 
     cache_path = args.work / "pseudo_queries.npz"
     cache: dict[str, np.ndarray] = {}
@@ -92,12 +82,8 @@ def main() -> None:
         corrected = centring.with_adapter(fit.matrix, docs, pairs=fit.pairs, epochs=fit.epochs,
                                           heldout_mrr=fit.heldout_mrr)
         scores = corrected.queries(queries) @ corrected.documents(docs).T
-        run = {}
-        for qid, row in zip(qids, scores, strict=True):
-            best: dict[str, float] = {}
-            for i in np.argsort(-row)[:300]:
-                best.setdefault(doc_of[i], float(row[i]))
-            run[qid] = dict(list(best.items())[:100])
+        run = {qid: ranked_documents([{"doc_id": doc_of[i], "score": float(row[i])} for i in np.argsort(-row)[:300]], 100)
+               for qid, row in zip(qids, scores, strict=True)}
         per_text = seconds[length_class(name)]
         row = {"sample": name, "pairs": len(pairs), "epochs": fit.epochs, "heldout_mrr": fit.heldout_mrr,
                "embed_seconds_est": round(per_text * len(pairs), 1), **score_by_half(dataset.qrels, run, halves)}

@@ -34,6 +34,7 @@ from common import RESULTS, SCIFACT, SPLIT, _write_json, dev_halves, score_by_ha
 
 from indexes import fusion
 from indexes.keywords import KeywordSegment, analyse_query
+from pipelines.eval_pipeline import ranked_documents
 from pipelines.evaluation import prepare_dataset
 from pipelines.query import open_index
 from pipelines.settings import load_settings
@@ -117,13 +118,8 @@ def main() -> None:
     rows: list[dict] = []
 
     def record(family: str, variant: str, mode: str, hits: Sequence[Hits]) -> dict:
-        run = {}
-        for qid, ranked in zip(qids, hits, strict=True):
-            best: dict[str, float] = {}
-            for row, score in ranked:
-                if score > best.get(doc_of[row], float("-inf")):
-                    best[doc_of[row]] = score
-            run[qid] = dict(sorted(best.items(), key=lambda item: -item[1])[:DEPTH])
+        run = {qid: ranked_documents([{"doc_id": doc_of[r], "score": score} for r, score in ranked], DEPTH)
+               for qid, ranked in zip(qids, hits, strict=True)}
         row = {"family": family, "variant": variant, "mode": mode, **score_by_half(dataset.qrels, run, halves)}
         rows.append(row)
         print(f"{family:10s} {variant:34s} {mode:12s} all {row['all']['ndcg@10']:5.1f}  A {row['A']['ndcg@10']:5.1f}"
