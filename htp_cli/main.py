@@ -317,7 +317,7 @@ def info(
 ) -> None:
     """Show an index's live version, size, kind, encoder, segments and vector correction, read
     from its manifest alone (nothing else is loaded; --drift reads stored vectors too), and how
-    this machine would run its encoder: the dtype and Linear packing measured here, and which
+    this machine would run its encoder: the dtype, Linear packing and attention kernel measured here, and which
     code runs the decoder (htp-index's own Gemma 3 forward pass or transformers' class)."""
     from indexes import FaissVectorStore
 
@@ -355,14 +355,22 @@ def _dtype_auto(dim: int) -> dict[str, Any]:
     """What dtype 'auto' runs queries in on this CPU, and whether the Linear weights are packed,
     and why: the decisions measured and cached at the encoder's first load here (read from the
     cache only; nothing is measured)."""
-    from htp_embed.precision import cached_decisions_here, cached_packing_here, cpu_model
+    from htp_embed.precision import (
+        ATTENTION_FILE,
+        cached_decisions_here,
+        cached_packing_here,
+        cached_records_here,
+        cpu_model,
+    )
 
     found = cached_decisions_here(dim)
     packing = [d for d in cached_packing_here() if f"layers {dim}x" in d["key"]]
+    # The attention kernel is keyed by the head layout, not the width: all the layouts measured here.
+    attention = cached_records_here(ATTENTION_FILE, "kernel")
     if not found:
         return {"cpu": cpu_model(), "decision": "not measured yet on this CPU: the first query or "
                 "ingest measures it (well under a second) and caches it"}
-    return {"cpu": cpu_model(), "decisions": found, "linear_packing": packing}
+    return {"cpu": cpu_model(), "decisions": found, "linear_packing": packing, "attention_kernel": attention}
 
 
 def _forward_pass(recorded: dict[str, Any]) -> str:

@@ -124,6 +124,14 @@ class EncoderConfig(BaseModel):
         "fewer operators per layer, no transformers modeling import on a cold start); "
         "'transformers' always uses transformers' model class. Not part of the identity",
     )
+    attention_kernel: Literal["auto", "fused", "matmul"] = Field(
+        "auto",
+        description="CPU, own forward pass: 'auto' computes attention as two matrix products where "
+        "a short probe measures that faster than PyTorch's fused kernel (cached per CPU; "
+        "htp_embed/attention.py), 'fused' always uses the fused kernel, 'matmul' always the "
+        "products (for abstract-length passes; queries keep the fused kernel). Not part of the "
+        "identity: the vectors agree at cosine >= 0.99999",
+    )
     cache_dir: Path | None = Field(None, description="where converted model weights are cached")
     show_progress: bool = Field(True, description="progress bar for inputs longer than one batch")
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from htp_embed.attention import AttentionDecision, cpu_attention_decision
 from htp_embed.config import EncoderConfig
 from htp_embed.gemma3_native import NativeGemma3
 from htp_embed.identity import EncoderIdentity, config_from_identity
@@ -157,6 +158,9 @@ class HTPEncoder:
         self.tokenizer = tokenizer
         #: Whether the decoder's Linear weights run packed (None: a caller's decoder, or not a CPU).
         self.packing: PackingDecision | None = getattr(model, "_htp_packing", None)
+        #: Which attention kernel the own forward pass runs (None: transformers' class, a caller's
+        #: decoder, or not a CPU).
+        self.attention: AttentionDecision | None = getattr(model, "_htp_attention", None)
         self.stats = EncoderStats()
         self._stats_lock = threading.Lock()
         self._layers = decoder_layers(model)
@@ -539,7 +543,7 @@ def _load_shared(config: EncoderConfig, dtype: torch.dtype, device: torch.device
     # directory (a fine-tune) are loaded again, not served from the copy in memory.
     checkpoint = checkpoint_key(str(config.model))
     key = (str(config.model), str(config.cache_dir or ""), str(dtype), str(device), json.dumps(checkpoint),
-           config.packed_linear, config.implementation)
+           config.packed_linear, config.implementation, config.attention_kernel)
     native = native_requested(device, config.implementation)
     with _LOADING:
         model = _LOADED.get(key)
@@ -552,6 +556,8 @@ def _load_shared(config: EncoderConfig, dtype: torch.dtype, device: torch.device
             elif device.type == "cpu":
                 model._htp_packing = PackingDecision(False, "packed_linear='off' in the encoder settings",
                                                      source="explicit")
+            if isinstance(model, NativeGemma3) and device.type == "cpu":
+                model._htp_attention = _choose_attention_kernel(model, dtype, config)
             remember_checkpoint(model, checkpoint)
             _LOADED[key] = model
         return model, model._htp_tokenizer
@@ -565,6 +571,20 @@ def _pack_if_faster(model: torch.nn.Module, dtype: torch.dtype, cache_dir: Path 
     decision = cpu_packing_decision(shape, dtype, cache_dir or default_cache_dir())
     if decision.pack and not pack_linear_layers(decoder_layers(model)):
         decision = dataclasses.replace(decision, pack=False, reason="packing refused at load (see the log)")
+    return decision
+
+
+def _choose_attention_kernel(model: NativeGemma3, dtype: torch.dtype, config: EncoderConfig) -> AttentionDecision:
+    """Set the own forward pass's attention kernel: the settings' choice, or under "auto" the
+    one this CPU measured faster (see :mod:`htp_embed.attention`)."""
+    if config.attention_kernel != "auto":
+        decision = AttentionDecision(config.attention_kernel, f"attention_kernel='{config.attention_kernel}' in the "
+                                     "encoder settings", source="explicit")
+    else:
+        native = model.config
+        layout = (int(native.num_attention_heads), int(native.num_key_value_heads), int(native.head_dim))
+        decision = cpu_attention_decision(layout, dtype, config.cache_dir or default_cache_dir())
+    model.attention_kernel = decision.kernel
     return decision
 
 

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 from torch import nn
 
+from htp_embed.attention import AttentionKernel, attend
+
 MODEL_TYPE = "gemma3_text"
 # Modules are built without storage and their weights assigned from the file. The device is
 # passed to each constructor rather than set with ``torch.device("meta")``: under that context
@@ -163,9 +165,11 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
     def forward(self, h: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                prefix: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                prefix: tuple[torch.Tensor, torch.Tensor] | None,
+                kernel: AttentionKernel = "fused") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's output, and its keys and values (after RoPE; the prefix's included).
-        ``mask`` None means causal attention over this pass's positions alone."""
+        ``mask`` None means causal attention over this pass's positions alone; ``kernel`` is
+        :func:`htp_embed.attention.attend`'s."""
         attn = self.self_attn
         batch, width, _ = h.shape
         x = self.input_layernorm(h)
@@ -180,8 +184,7 @@ class DecoderLayer(nn.Module):
         if prefix is not None:
             k = torch.cat([prefix[0].expand(batch, -1, -1, -1), k], dim=2)
             v = torch.cat([prefix[1].expand(batch, -1, -1, -1), v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling,
-                                             enable_gqa=attn.heads != attn.kv_heads)
+        out = attend(q, k, v, mask, attn.scaling, kernel)
         out = attn.o_proj(out.transpose(1, 2).reshape(batch, width, attn.heads * attn.head_dim))
         h = h + self.post_attention_layernorm(out)
         h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -222,6 +225,8 @@ class NativeGemma3(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(config, kind) for kind in config.layer_types])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.sliding_window: int | None = getattr(config, "sliding_window", None)
+        # "matmul" where this CPU measured it faster (set by the encoder at load: htp_embed.attention)
+        self.attention_kernel: AttentionKernel = "fused"
         self._inverse_frequencies = {
             kind: 1.0 / (float(config.rope_parameters[kind]["rope_theta"])
                          ** (torch.arange(0, config.head_dim, 2, dtype=torch.float, device="cpu") / config.head_dim))
@@ -281,7 +286,7 @@ class NativeGemma3(nn.Module):
             if rows is not None and index in rewire:
                 h[rows, dst] = h[rows, src]  # in place, on the layer's input (as the hooks do)
             h, k, v = layer(h, rotary[layer.kind], masks[layer.kind],
-                            prefix.keys_values[index] if prefix is not None else None)
+                            prefix.keys_values[index] if prefix is not None else None, self.attention_kernel)
             if keep_keys_values:
                 kept.append((k, v))
         if exit_after is None:

@@ -31,7 +31,6 @@ Gemma3-270M in bfloat16); the original weights are then only read again by ``sta
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -47,10 +46,9 @@ from htp_embed.precision import (
     cpu_model,
     decision_key,
     decisions_path,
-    file_lock,
-    read_decisions,
+    log_once,
+    measured_once,
     speedup_per_length,
-    write_decision,
 )
 
 log = logging.getLogger(__name__)
@@ -63,9 +61,6 @@ PROBE_REPEATS = 9
 #: Largest |packed - plain| allowed on the probe, relative to the largest |plain| output: the two
 #: only sum in another order (bfloat16 keeps ~3 significant digits).
 AGREEMENT_TOLERANCE = 2e-2
-
-_logged: set[str] = set()
-_guard = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -258,25 +253,24 @@ def cpu_packing_decision(shape: tuple[int, int], dtype: torch.dtype, cache_dir: 
                                source="not measured")
     dtype_name = str(dtype).removeprefix("torch.")
     key = f"{decision_key(cpu_model(), torch.__version__, shape, torch.get_num_threads())} | {dtype_name}"
-    path = decisions_path(cache_dir, PACKING_FILE)
-    with _guard, file_lock(path.with_suffix(".lock")):
-        stored = read_decisions(cache_dir, PACKING_FILE).get(key)
-        if isinstance(stored, dict) and isinstance(stored.get("pack"), bool) and isinstance(stored.get("reason"), str):
-            decision = PackingDecision(stored["pack"], stored["reason"], stored.get("speedups"), "cached", key)
-        else:
-            began = time.perf_counter()
-            try:
-                speedups = probe_packed_speedup(shape, dtype)
-            except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a dtype oneDNN cannot pack
-                decision = PackingDecision(False, f"the probe failed in {dtype_name}: {type(exc).__name__}: {exc}",
-                                           source="unavailable", key=key)
-            else:
-                pack, why = decide(speedups)
-                decision = PackingDecision(pack, f"{why}; probe took {time.perf_counter() - began:.2f} s",
-                                           speedups, "measured", key)
-            write_decision(cache_dir, key, decision.summary(), PACKING_FILE)
-        if key not in _logged:
-            _logged.add(key)
-            log.info("Linear weights %s on %s: %s (%s; delete it to measure again)",
-                     "packed" if decision.pack else "not packed", key, decision.reason, path)
+
+    def measure() -> dict[str, object]:
+        began = time.perf_counter()
+        try:
+            speedups = probe_packed_speedup(shape, dtype)
+        except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a dtype oneDNN cannot pack
+            return PackingDecision(False, f"the probe failed in {dtype_name}: {type(exc).__name__}: {exc}",
+                                   source="unavailable", key=key).summary()
+        pack, why = decide(speedups)
+        return PackingDecision(pack, f"{why}; probe took {time.perf_counter() - began:.2f} s",
+                               speedups, "measured", key).summary()
+
+    record, source = measured_once(
+        cache_dir, PACKING_FILE, key,
+        lambda stored: isinstance(stored.get("pack"), bool) and isinstance(stored.get("reason"), str), measure)
+    decision = PackingDecision(record["pack"], record["reason"], record.get("speedups"),
+                               "cached" if source == "cached" else str(record.get("source", source)), key)
+    log_once(f"packing {key}", "Linear weights %s on %s: %s (%s; delete it to measure again)",
+             "packed" if decision.pack else "not packed", key, decision.reason,
+             decisions_path(cache_dir, PACKING_FILE))
     return decision

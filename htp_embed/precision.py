@@ -49,6 +49,8 @@ PROBE_REPEATS = 7
 DECISIONS_FILE = "dtype_decisions.json"
 #: Where :mod:`htp_embed.packed_linear` caches whether packing Linear weights pays.
 PACKING_FILE = "linear_packing.json"
+#: Where :mod:`htp_embed.attention` caches which attention kernel runs faster.
+ATTENTION_FILE = "attention_kernel.json"
 #: Layer shape probed when the model's own is unknown: Gemma3-270M, the default model.
 DEFAULT_SHAPE = (640, 2048)
 #: Below this hidden size per-operator overhead, not arithmetic, sets the speed, and a probe
@@ -57,7 +59,7 @@ DEFAULT_SHAPE = (640, 2048)
 MIN_PROBED_HIDDEN = 256
 
 _logged: set[str] = set()
-_guard = threading.Lock()
+_guard = threading.RLock()  # re-entered when a measurement logs
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,34 @@ def cpu_dtype_decision(shape: tuple[int, int] | None = None, cache_dir: Path | N
     return decision
 
 
+def measured_once(cache_dir: Path, file_name: str, key: str, valid: Callable[[dict], bool],
+                  measure: Callable[[], dict[str, object]]) -> tuple[dict, str]:
+    """``(record, source)``: the record cached under ``key`` in ``<cache_dir>/<file_name>`` when
+    ``valid(record)`` (source "cached"), else ``measure()``'s, written there (source "measured").
+
+    The one way this package caches a per-CPU measurement (Linear packing, the attention
+    kernel): two encoders (threads or processes, e.g. Dask workers) opening at once measure
+    once and agree.
+    """
+    path = decisions_path(cache_dir, file_name)
+    with _guard, file_lock(path.with_suffix(".lock")):
+        stored = read_decisions(cache_dir, file_name).get(key)
+        if isinstance(stored, dict) and valid(stored):
+            return stored, "cached"
+        record = measure()
+        write_decision(cache_dir, key, record, file_name)
+        return record, "measured"
+
+
+def log_once(key: str, message: str, *args: object) -> None:
+    """Log ``message`` at INFO the first time this process decides ``key``."""
+    with _guard:
+        if key in _logged:
+            return
+        _logged.add(key)
+    log.info(message, *args)
+
+
 @contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` across processes where the OS has flock (else none)."""
@@ -349,6 +379,13 @@ def _valid(stored: object) -> bool:
 def cached_packing_here(cache_dir: Path | None = None) -> list[dict]:
     """The cached Linear-packing decisions (:mod:`htp_embed.packed_linear`) for this CPU model
     and installed torch, read without importing torch: what `htp-index info` shows."""
+    return cached_records_here(PACKING_FILE, "pack", cache_dir)
+
+
+def cached_records_here(file_name: str, field: str, cache_dir: Path | None = None) -> list[dict]:
+    """``{"key", field, "reason"}`` of each record cached in ``file_name`` by
+    :func:`measured_once` for this CPU model and installed torch (the key's first two fields),
+    read without importing torch."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -357,9 +394,9 @@ def cached_packing_here(cache_dir: Path | None = None) -> list[dict]:
         return []
     cpu = cpu_model()
     found = []
-    for key, record in read_decisions(Path(cache_dir) if cache_dir else cache_root(), PACKING_FILE).items():
-        fields = [field.strip() for field in key.split("|")]
-        if (isinstance(record, dict) and isinstance(record.get("pack"), bool) and len(fields) > 1
+    for key, record in read_decisions(Path(cache_dir) if cache_dir else cache_root(), file_name).items():
+        fields = [part.strip() for part in key.split("|")]
+        if (isinstance(record, dict) and field in record and len(fields) > 1
                 and fields[0] == cpu and fields[1].removeprefix("torch ").split("+")[0] == torch_version):
-            found.append({"key": key, "pack": record["pack"], "reason": record.get("reason")})
+            found.append({"key": key, field: record[field], "reason": record.get("reason")})
     return found

@@ -29,7 +29,8 @@ from pydantic_settings import (
 from htp_embed import EncoderConfig
 
 CONFIG_ENV = "HTP_INDEX_CONFIG"
-RUNTIME_ENCODER_FIELDS = ("device", "dtype", "packed_linear", "implementation", "batch_size", "cache_dir", "show_progress")
+RUNTIME_ENCODER_FIELDS = ("device", "dtype", "packed_linear", "implementation", "attention_kernel", "batch_size",
+                          "cache_dir", "show_progress")
 DEFAULT_CONFIG_FILE = "htp-index.toml"
 _CHOSEN_CONFIG: ContextVar[Path | None] = ContextVar("htp_index_config", default=None)
 

@@ -57,6 +57,19 @@ def test_default_model_runs_our_forward_pass_with_transformers_vectors(gemma):
     assert gemma.identity() == hooked.identity()
 
 
+def test_default_model_gives_the_same_vectors_with_either_attention_kernel():
+    """The encoder setting reaches the own forward pass, and abstract-length texts (long enough
+    for the matrix products: htp_embed.attention.MIN_SCORES) embed alike through both kernels."""
+    long_texts = [" ".join([text] * 6) for text in TEXTS]
+    encoders = {kernel: HTPEncoder(show_progress=False, attention_kernel=kernel) for kernel in ("fused", "matmul")}
+    for kernel, encoder in encoders.items():
+        assert encoder.model.attention_kernel == kernel
+        assert encoder.attention is not None and (encoder.attention.kernel, encoder.attention.source) == (kernel, "explicit")
+    assert min(encoder.count_tokens(text) for text in long_texts) >= 100
+    fused, products = (encoder.encode_documents(long_texts) for encoder in encoders.values())
+    assert float(np.min(np.sum(fused * products, axis=1))) > 0.9999
+
+
 def test_smollm2_loads_and_embeds():
     encoder = HTPEncoder(model="smollm2-135m", show_progress=False)
     vectors = encoder.encode_documents(TEXTS)

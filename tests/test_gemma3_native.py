@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 from tiny_decoder import build_tokenizer
 from transformers import Gemma3TextConfig, Gemma3TextModel
 
@@ -112,6 +113,34 @@ def test_rewiring_and_a_cached_prefix_match_the_hooked_full_pass(saved):
         reused, _ = native.hidden_states(native.get_input_embeddings()(ids), full_mask, positions + 4,
                                          exit_after=2, prefix=prefix)
     torch.testing.assert_close(reused[mask.bool()], plain[:, 4:][mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matrix_product_attention_gives_the_same_states(saved, monkeypatch, dtype):
+    """The kernel the encoder picks where it measures faster (htp_embed.attention), forced on
+    for these small passes: padded rows, a sliding window, grouped heads and a cached prefix."""
+    from htp_embed import attention
+
+    monkeypatch.setattr(attention, "MIN_SCORES", 0)
+    native = load_native(saved[0], dtype)
+    assert native.attention_kernel == "fused"
+    ids, mask, positions = batch(left=True)
+    shared = native.prefix_states([5, 6, 7], exit_after=2)
+    full_mask = torch.cat([torch.ones(3, 3, dtype=torch.long), mask], dim=1)
+    with torch.inference_mode():
+        embeds = native.get_input_embeddings()(ids)
+        states = {}
+        for kernel in ("fused", "matmul"):
+            native.attention_kernel = kernel
+            plain, _ = native.hidden_states(embeds.clone(), mask, positions, exit_after=2)
+            reused, _ = native.hidden_states(embeds.clone(), full_mask, positions + 3, exit_after=2, prefix=shared)
+            states[kernel] = plain[mask.bool()].float(), reused[mask.bool()].float()
+    for fused, products in zip(states["fused"], states["matmul"], strict=True):
+        if dtype == torch.float32:
+            torch.testing.assert_close(products, fused, rtol=1e-5, atol=1e-5)
+        else:  # the products round the scores to bfloat16 before the softmax, as transformers' eager attention
+            assert float((products - fused).abs().max()) <= 0.02 * float(fused.abs().max())
+            assert float(F.cosine_similarity(products, fused).min()) > 0.999
 
 
 def test_the_fingerprint_names_the_weights_as_transformers_does(saved):

@@ -31,7 +31,7 @@ SHAPE = (640, 2048)
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HTP_INDEX_CACHE", str(tmp_path))
-    monkeypatch.setattr(packed_linear, "_logged", set())
+    monkeypatch.setattr(precision, "_logged", set())
     return tmp_path
 
 
