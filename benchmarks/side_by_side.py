@@ -24,6 +24,9 @@ class SideBySide:
 
     latency_ms: dict[str, list[float]] = field(default_factory=dict)  # one query at a time
     doc_seconds: dict[str, list[float]] = field(default_factory=dict)  # the documents, per round
+    # the same, in this process's CPU time: steadier than wall time where a busy host takes
+    # cores away (a neighbour's load shows in wall time only)
+    doc_cpu_seconds: dict[str, list[float]] = field(default_factory=dict)
     vectors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # queries, documents
 
     def rows(self, doc_tokens: int) -> dict[str, dict[str, float]]:
@@ -31,7 +34,8 @@ class SideBySide:
         rows = {}
         for path, times in self.latency_ms.items():
             rows[path] = {"query_p50_ms": float(np.percentile(times, 50)), "query_p95_ms": float(np.percentile(times, 95)),
-                          "doc_tokens_per_s": doc_tokens / statistics.median(self.doc_seconds[path])}
+                          "doc_tokens_per_s": doc_tokens / statistics.median(self.doc_seconds[path]),
+                          "doc_tokens_per_cpu_s": doc_tokens / statistics.median(self.doc_cpu_seconds[path])}
         return rows
 
     def min_cosine(self, first: str, second: str, which: int) -> float:
@@ -65,7 +69,7 @@ def alternate(paths: dict[str, Callable[[], Any]], texts: list[str], docs: list[
     it up (if it must) and returns the encoder to use. Each round times ``texts`` embedded one
     query at a time and ``docs`` embedded as documents in the encoder's own batches; a first,
     untimed round warms up and keeps each path's vectors."""
-    measured = SideBySide({name: [] for name in paths}, {name: [] for name in paths})
+    measured = SideBySide({name: [] for name in paths}, {name: [] for name in paths}, {name: [] for name in paths})
     for name, use in paths.items():
         encoder = use()
         measured.vectors[name] = (encoder.encode_queries(texts), encoder.encode_documents(docs))
@@ -77,9 +81,10 @@ def alternate(paths: dict[str, Callable[[], Any]], texts: list[str], docs: list[
                 began = time.perf_counter()
                 encoder.encode_queries([text])
                 measured.latency_ms[name].append((time.perf_counter() - began) * 1000)
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             encoder.encode_documents(docs)
             measured.doc_seconds[name].append(time.perf_counter() - began)
+            measured.doc_cpu_seconds[name].append(time.process_time() - began_cpu)
         shown = ", ".join(f"{name} {statistics.median(measured.latency_ms[name]):.1f} ms" for name in names)
         print(f"round {round_ + 1}: query p50 {shown}", flush=True)
     return measured
