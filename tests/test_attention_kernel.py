@@ -61,6 +61,15 @@ def test_short_and_very_long_calls_keep_the_fused_kernel(monkeypatch):
     assert torch.equal(attend(q, k, v, mask, 0.25, "fused"), fused(q, k, v, mask))
 
 
+def test_a_gpu_always_runs_the_fused_kernel(monkeypatch):
+    """Only the CPU's kernels were measured; tensors elsewhere (here the meta device, which
+    stands in for CUDA in CI) go to the fused kernel whatever the setting."""
+    monkeypatch.setattr(attention, "MIN_SCORES", 0)
+    monkeypatch.setattr(attention, "matmul_attention", lambda *a: pytest.fail("matrix products off the CPU"))
+    q, k, v, mask = (t.to("meta") for t in inputs(2, 4, 1, 8))
+    assert attend(q, k, v, mask, 0.25, "matmul").shape == (2, 4, 8, 16)
+
+
 def test_the_products_are_chosen_only_when_clearly_faster():
     assert decide({"256": 1.3})[0] == "matmul"
     kernel, reason = decide({"256": 1.05})
@@ -99,3 +108,15 @@ def test_a_tiny_decoder_is_not_measured(cache, monkeypatch):
 def test_the_probe_times_both_kernels_on_the_models_heads():
     speedups = attention.probe_matmul_speedup((2, 1, 32), torch.float32, lengths=(24,), repeats=1)
     assert list(speedups) == ["24"] and speedups["24"] > 0
+
+
+def test_the_kernel_is_a_runtime_setting_like_the_dtype(monkeypatch):
+    """Chosen in htp-index.toml or the environment, it never counts as an explicit encoder
+    choice (which would make an index refuse its own encoder)."""
+    from pipelines.settings import Settings, load_settings
+
+    chosen = Settings(encoder={"attention_kernel": "fused"})
+    assert chosen.explicit_encoder_settings() == {}
+    assert chosen.runtime_encoder_settings()["attention_kernel"] == "fused"
+    monkeypatch.setenv("HTP_INDEX_ENCODER__ATTENTION_KERNEL", "matmul")
+    assert load_settings().encoder.attention_kernel == "matmul"
