@@ -82,7 +82,7 @@ def main() -> None:
             query = VectorStoreQuery(query_embedding=vector.tolist(), query_str=text, similarity_top_k=10,
                                      mode=store_modes[mode])
             began = time.perf_counter()
-            index.store.query(query)
+            index.vector_store.query(query)
             store_only[mode].append(time.perf_counter() - began)
     rows = {
         "end_to_end": {m: summarise(v) for m, v in end_to_end.items()},

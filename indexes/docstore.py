@@ -27,11 +27,12 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from llama_index.core.schema import BaseNode, MetadataMode
-from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
+
+if TYPE_CHECKING:  # imported where a node is made or read: a query reads rows, not nodes
+    from llama_index.core.schema import BaseNode
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -70,6 +71,9 @@ class NodeRow:
     @classmethod
     def from_node(cls, node: BaseNode, faiss_id: int) -> NodeRow:
         """Serialise `node` (its embedding is not kept here)."""
+        from llama_index.core.schema import MetadataMode
+        from llama_index.core.vector_stores.utils import node_to_metadata_dict
+
         try:
             metadata = json.dumps(node.metadata, ensure_ascii=False, allow_nan=False, default=str)
         except ValueError as exc:
@@ -87,6 +91,8 @@ class NodeRow:
 
     def to_node(self) -> BaseNode:
         """The LlamaIndex node, relationships included, without embedding."""
+        from llama_index.core.vector_stores.utils import metadata_dict_to_node
+
         return metadata_dict_to_node(
             {"_node_content": self.node_json, "_node_type": self.node_type}, text=self.text
         )

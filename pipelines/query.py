@@ -7,12 +7,15 @@
         print(hit.score, hit.node.metadata["doc_id"], hit.node.get_content()[:80])
 
 Queries are embedded with the same encoder (and query instruction) that built the index.
-Every caller (the CLI, the HTTP service, evaluation, ``as_retriever``) searches through the
-store's LlamaIndex ``query``: dense, keyword (BM25) or hybrid, in one code path.
+Every caller (the CLI, the HTTP service, evaluation, ``as_retriever``) searches through
+`indexes.SegmentStore.retrieve` (LlamaIndex's ``query`` included): dense, keyword (BM25) or
+hybrid, in one code path. Only ``as_index``/``as_retriever``/``embedding`` and reranking import
+LlamaIndex, so a query from a cold process does not pay for it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,35 +23,27 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from llama_index.core import VectorStoreIndex
-from llama_index.core.retrievers import BaseRetriever
-from llama_index.core.schema import NodeWithScore
-from llama_index.core.vector_stores.types import (
-    MetadataFilters,
-    VectorStoreQuery,
-    VectorStoreQueryMode,
-)
-
 from htp_embed import HTPEncoder, config_from_identity
-from htp_embed.llama_index import HTPEmbedding
-from indexes import EncoderMismatchError, FaissVectorStore, IndexNotFoundError
+from indexes import EncoderMismatchError, IndexNotFoundError, SegmentStore
+from indexes.docstore import NodeRow
 from indexes.fusion import Fusion
 from pipelines.identity_check import index_accepts
 from pipelines.settings import Settings, load_settings
 
-if TYPE_CHECKING:
-    from htp_embed.llama_index import QueryLikelihoodRerank
+if TYPE_CHECKING:  # LlamaIndex is imported only by the parts that hand its objects out (~1 s)
+    from llama_index.core import VectorStoreIndex
+    from llama_index.core.retrievers import BaseRetriever
+    from llama_index.core.vector_stores.types import MetadataFilters
+
+    from htp_embed.llama_index import HTPEmbedding, QueryLikelihoodRerank
 
 log = logging.getLogger(__name__)
 
 
 QueryMode = Literal["dense", "sparse", "hybrid"]
 QUERY_MODES: tuple[str, ...] = ("dense", "sparse", "hybrid")
-_STORE_MODES = {
-    "dense": VectorStoreQueryMode.DEFAULT,
-    "sparse": VectorStoreQueryMode.SPARSE,
-    "hybrid": VectorStoreQueryMode.HYBRID,
-}
+# LlamaIndex's names of the modes (VectorStoreQueryMode values), for as_retriever
+_STORE_MODES = {"dense": "default", "sparse": "sparse", "hybrid": "hybrid"}
 
 
 class InvalidQueryError(ValueError):
@@ -67,14 +62,6 @@ def check_query_text(text: str) -> str:
             "which is not a character; send the query as valid UTF-8 text"
         ) from None
     return text
-
-
-class QueryEmbedding(HTPEmbedding):
-    """The index's encoder as LlamaIndex sees it, checking query texts first (retrievers call
-    it directly, without :meth:`OpenIndex.search_many`)."""
-
-    def _get_query_embedding(self, query: str) -> list[float]:
-        return super()._get_query_embedding(check_query_text(query))
 
 
 @dataclass(frozen=True)
@@ -100,7 +87,7 @@ class OpenIndex:
     """A loaded index version with the encoder that built it."""
 
     path: Path
-    store: FaissVectorStore
+    store: SegmentStore
     encoder: HTPEncoder
     default_mode: QueryMode = "hybrid"
     default_alpha: float | None = None
@@ -108,6 +95,8 @@ class OpenIndex:
     default_rerank: bool = False
     rerank_depth: int = 10
     rerank_passage_tokens: int = 256
+    #: ``use_gpu``/``gpus``/``gpu_shard`` the store was opened with (LlamaIndex's copy gets the same)
+    placement: dict[str, Any] = field(default_factory=dict)
     _warned: bool = field(default=False, repr=False)
 
     @property
@@ -117,6 +106,8 @@ class OpenIndex:
     @cached_property
     def embedding(self) -> HTPEmbedding:
         """The encoder as a LlamaIndex embedding model (for ``as_index``/``as_retriever``)."""
+        from pipelines.query_embedding import QueryEmbedding
+
         return QueryEmbedding(encoder=self.encoder)
 
     @cached_property
@@ -131,9 +122,20 @@ class OpenIndex:
         """The query modes this index serves (keyword modes need its keyword table)."""
         return self.store.query_modes
 
+    @cached_property
+    def vector_store(self) -> Any:
+        """This version as LlamaIndex's vector store (:class:`indexes.FaissVectorStore`), opened
+        on first use beside :attr:`store` (they share the segments' memory): what
+        ``as_index``/``as_retriever`` search, through the same `SegmentStore.retrieve`."""
+        from indexes import FaissVectorStore
+
+        return FaissVectorStore.open(self.path, version=self.store.version, **self.placement)
+
     def as_index(self) -> VectorStoreIndex:
         """A LlamaIndex VectorStoreIndex over this store (for query engines, chat engines…)."""
-        return VectorStoreIndex.from_vector_store(self.store, embed_model=self.embedding)
+        from llama_index.core import VectorStoreIndex
+
+        return VectorStoreIndex.from_vector_store(self.vector_store, embed_model=self.embedding)
 
     def as_retriever(self, similarity_top_k: int = 5, filters: MetadataFilters | None = None, **kwargs: Any) -> BaseRetriever:
         """A LlamaIndex retriever returning ``NodeWithScore``s with text, metadata and scores.
@@ -196,34 +198,38 @@ class OpenIndex:
         by_request = dict(zip(needs_vector, vectors, strict=True))
         out = []
         for i, (request, mode) in enumerate(zip(requests, modes, strict=True)):
-            vector = by_request.get(i)
             rerank = self.reranks(request.rerank)
-            result = self.store.query(
-                VectorStoreQuery(
-                    query_embedding=None if vector is None else vector.tolist(),
-                    query_str=request.query,
-                    similarity_top_k=max(request.top_k, self.rerank_depth) if rerank else request.top_k,
-                    filters=request.filters, mode=_STORE_MODES[mode],
-                    alpha=self.default_alpha if request.alpha is None else request.alpha,
-                ),
-                fusion=self.fusion,
+            found = self.store.retrieve(
+                mode, max(request.top_k, self.rerank_depth) if rerank else request.top_k,
+                embedding=by_request.get(i), text=request.query, filters=request.filters,
+                alpha=self.default_alpha if request.alpha is None else request.alpha, fusion_method=self.fusion,
             )
-            hits = [NodeWithScore(node=node, score=score)
-                    for node, score in zip(result.nodes or [], result.similarities or [], strict=True)]
             if rerank:
-                hits = self.reranker.rerank(request.query, hits, request.top_k)
-            out.append([result_dict(hit) for hit in hits])
+                found = self._reranked(request, found)
+            out.append([result_dict(row, score) for row, score in found])
         return out
 
+    def _reranked(self, request: SearchRequest, found: list[tuple[NodeRow, float]]) -> list[tuple[NodeRow, float]]:
+        """The reranker's best ``top_k`` of ``found`` (it reads LlamaIndex nodes), with its scores."""
+        from llama_index.core.schema import NodeWithScore
 
-def result_dict(hit: NodeWithScore) -> dict[str, Any]:
-    node = hit.node
+        rows = {row.node_id: row for row, _ in found}
+        hits = self.reranker.rerank(request.query, [NodeWithScore(node=row.to_node(), score=score)
+                                                    for row, score in found], request.top_k)
+        return [(rows[hit.node.node_id], hit.score) for hit in hits]
+
+
+def result_dict(row: NodeRow, score: float | None) -> dict[str, Any]:
+    """One result as the CLI, the service and evaluation return it: ``node_id, doc_id, score,
+    text, metadata``, read from the stored row (what ``row.to_node()`` would hold: the text,
+    and the metadata as the node's own record has it)."""
+    metadata = json.loads(row.node_json).get("metadata") or {}
     return {
-        "node_id": node.node_id,
-        "doc_id": node.ref_doc_id or node.metadata.get("doc_id"),
-        "score": float(hit.score) if hit.score is not None else None,
-        "text": node.get_content(),
-        "metadata": dict(node.metadata),
+        "node_id": row.node_id,
+        "doc_id": row.ref_doc_id or metadata.get("doc_id"),
+        "score": float(score) if score is not None else None,
+        "text": row.text,
+        "metadata": dict(metadata),
     }
 
 
@@ -237,12 +243,13 @@ def open_index(
     runtime settings (device, batch size) are taken from ``settings``.
     """
     path = Path(index_dir)
-    if not FaissVectorStore.exists(path):
+    if not SegmentStore.exists(path):
         raise IndexNotFoundError(f"no index at {path}; create one with: htp-index ingest SOURCE --index {path}")
     settings = settings or load_settings()
     # The store first, and its encoder from it: reading the manifest separately could pair a
     # version with the encoder of the one a concurrent rebuild just replaced.
-    store = FaissVectorStore.open(path, **settings.faiss_placement())
+    placement = settings.faiss_placement()
+    store = SegmentStore.open(path, **placement)
     recorded = store.encoder
     if embedding is not None and index_accepts(path, recorded, embedding.identity()):
         encoder = embedding.encoder
@@ -254,4 +261,5 @@ def open_index(
             raise EncoderMismatchError.between(path, recorded, encoder.identity())
     return OpenIndex(path, store, encoder, default_mode=settings.query_mode,
                      default_alpha=settings.alpha, fusion=settings.fusion, default_rerank=settings.rerank,
-                     rerank_depth=settings.rerank_depth, rerank_passage_tokens=settings.rerank_passage_tokens)
+                     rerank_depth=settings.rerank_depth, rerank_passage_tokens=settings.rerank_passage_tokens,
+                     placement=placement)

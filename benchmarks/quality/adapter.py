@@ -54,7 +54,7 @@ def main() -> None:
         for mode, alpha in [("dense", None), *[("hybrid", a) for a in ALPHAS]]:
             run = {}
             for qid, text, vector in zip(qids, texts, vectors, strict=True):
-                result = index.store.query(VectorStoreQuery(
+                result = index.vector_store.query(VectorStoreQuery(
                     query_embedding=vector.tolist(), query_str=text, similarity_top_k=100, alpha=alpha,
                     mode=VectorStoreQueryMode.DEFAULT if mode == "dense" else VectorStoreQueryMode.HYBRID))
                 run[qid] = ranked_documents([{"doc_id": n.ref_doc_id, "score": s} for n, s in

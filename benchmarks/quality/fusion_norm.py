@@ -60,7 +60,7 @@ def main() -> None:
     for text, vector in zip(texts, vectors, strict=True):
         sides = []
         for mode in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.SPARSE):
-            result = index.store.query(VectorStoreQuery(query_embedding=vector.tolist(), query_str=text,
+            result = index.vector_store.query(VectorStoreQuery(query_embedding=vector.tolist(), query_str=text,
                                                         similarity_top_k=fusion.CANDIDATES, mode=mode))
             hits = []
             for node, score in zip(result.nodes, result.similarities, strict=True):

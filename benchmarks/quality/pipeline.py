@@ -95,7 +95,7 @@ def main() -> None:
         fusion = options.pop("fusion", settings.fusion)
         run = {}
         for qid, text, vector in zip(qids, dataset.query_texts(), vectors, strict=True):
-            result = index.store.query(VectorStoreQuery(
+            result = index.vector_store.query(VectorStoreQuery(
                 query_embedding=vector.tolist(), query_str=text, similarity_top_k=100, mode=store_mode,
                 alpha=options.get("alpha", settings.alpha)), fusion=fusion)
             hits = [{"doc_id": n.ref_doc_id, "score": s} for n, s in zip(result.nodes, result.similarities, strict=True)]
