@@ -319,11 +319,11 @@ def info(
     from its manifest alone (nothing else is loaded; --drift reads stored vectors too), and how
     this machine would run its encoder: the dtype, Linear packing and attention kernel measured here, and which
     code runs the decoder (htp-index's own Gemma 3 forward pass or transformers' class)."""
-    from indexes import FaissVectorStore
+    from indexes import SegmentStore
 
     try:
-        manifest = FaissVectorStore.read_manifest(index)
-        store = FaissVectorStore.open(index, use_gpu=False) if drift else None
+        manifest = SegmentStore.read_manifest(index)
+        store = SegmentStore.open(index, use_gpu=False) if drift else None
         correction = _manifest_correction(index, manifest)
     except Exception as exc:
         raise _fail(exc) from exc

@@ -307,7 +307,7 @@ class SegmentStore:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise HtpIndexError(
                 f"{path} is not a pointer to an htp-index index ({exc}); open the index "
-                "directory itself with FaissVectorStore.open(PATH)"
+                f"directory itself with {cls.__name__}.open(PATH)"
             ) from exc
         return cls.open(root, **open_kwargs)
 

@@ -104,7 +104,7 @@ def pipeline_run(
     info = {
         "ingest": {k: v for k, v in stats.to_json().items() if k != "errors"},
         "query_seconds": round(time.perf_counter() - began, 2),
-        "encoder": index.embedding.model_name,
+        "encoder": index.encoder.describe(),
         "index_kind": index.store.index_kind,
         "correction": index.store.correction_summary(),
         "mode": mode,

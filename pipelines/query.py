@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # LlamaIndex is imported only by the parts that hand its obje
     from llama_index.core.vector_stores.types import MetadataFilters
 
     from htp_embed.llama_index import HTPEmbedding, QueryLikelihoodRerank
+    from indexes import FaissVectorStore
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class OpenIndex:
         return self.store.query_modes
 
     @cached_property
-    def vector_store(self) -> Any:
+    def vector_store(self) -> FaissVectorStore:
         """This version as LlamaIndex's vector store (:class:`indexes.FaissVectorStore`), opened
         on first use beside :attr:`store` (they share the segments' memory): what
         ``as_index``/``as_retriever`` search, through the same `SegmentStore.retrieve`."""

@@ -36,7 +36,7 @@ from llama_index.core.vector_stores.types import MetadataFilters
 from pydantic import BaseModel, Field
 
 from htp_embed.rerank import RerankUnavailableError
-from indexes import FaissVectorStore, HtpIndexError, SparseIndexMissingError, persist
+from indexes import HtpIndexError, SegmentStore, SparseIndexMissingError, persist
 from indexes.spec import Manifest
 from pipelines.query import OpenIndex, QueryMode, SearchRequest, open_index
 from pipelines.settings import Settings
@@ -122,7 +122,7 @@ class IndexHolder:
         The served version's files are checked too (see :meth:`check_served`).
         """
         self.check_served()
-        latest = FaissVectorStore.current_version(self.index_dir)
+        latest = SegmentStore.current_version(self.index_dir)
         if latest is None or latest == self.current.version:
             return False
         if latest == self.failed_version and self.clock() < self.next_retry:
@@ -351,7 +351,7 @@ def create_app(
             "index": str(index.path),
             "version": index.version,
             "count": index.store.count,
-            "encoder": index.embedding.model_name,
+            "encoder": index.encoder.describe(),
             "modes": index.modes,
             "default_mode": index.resolve_mode(None),
             "rerank": index.default_rerank,

@@ -17,8 +17,9 @@ import pytest
 from pipeline_helpers import write_docs
 
 ROOT = Path(__file__).resolve().parents[1]
-# Orchestration, distribution and serving: never needed to answer one query.
-NEVER_ON_THE_QUERY_PATH = ("prefect", "dask", "distributed", "fastapi", "uvicorn")
+# Orchestration, distribution and serving: never needed to answer one query; nor LlamaIndex
+# (~1 s to import): a query searches indexes.SegmentStore and reads its rows.
+NEVER_ON_THE_QUERY_PATH = ("prefect", "dask", "distributed", "fastapi", "uvicorn", "llama_index")
 
 # Runs the command in-process, then prints the top-level packages it imported.
 PROBE = """

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pipeline_helpers import DOCS, long_doc, settings_for, write_docs
 
-import indexes.store
+import indexes.segment_store
 from indexes import FaissVectorStore
 from pipelines.ingest import ingest
 from pipelines.rebuild import rebuild
@@ -21,7 +21,7 @@ FLUSH = 6
 def held_rows(monkeypatch):
     """The most rows any store held in memory at once during the test, and every add's size."""
     seen = {"max_pending": 0, "adds": []}
-    monkeypatch.setattr(indexes.store, "FLUSH_ROWS", FLUSH)
+    monkeypatch.setattr(indexes.segment_store, "FLUSH_ROWS", FLUSH)
     real_add = FaissVectorStore.add
 
     def add(self, nodes, **kwargs):
