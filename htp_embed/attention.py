@@ -6,12 +6,12 @@ profile), which capped the bfloat16 encoder's gain over float32. Written as tran
 "eager" attention is (scores by one batched matrix product, a float32 softmax, the weighted sum
 by a second product), with the query heads that share a key/value head folded into the rows
 of one product (Gemma3-270M: 4 query heads, 1 key/value head), bfloat16 abstracts embedded
-1.18x faster end to end and single queries 1.06x, at cosine >= 0.99999 to the fused kernel;
-in float32 the fused kernel stayed faster (0.97x). So, like the dtype and Linear packing
-(:mod:`htp_embed.precision`), the kernel is measured on first use on a CPU: both kernels at the
-model's head layout and dtype, interleaved, on a batch of abstract-length texts; the
-matrix products only when clearly faster. Cached per
-CPU model, torch version, threads, head layout and dtype in ``<cache dir>/attention_kernel.json``.
+1.12x faster end to end by CPU time (1.11x wall), at cosine >= 0.99999 to the fused kernel;
+in float32 the fused kernel stayed faster (0.94x; ``benchmarks/results/attention_kernel.md``).
+So, like the dtype and Linear packing (:mod:`htp_embed.precision`), the kernel is measured on
+first use on a CPU: both kernels at the model's head layout and dtype, interleaved, on a batch
+of abstract-length texts; the matrix products only when clearly faster. Cached per CPU model,
+torch version, threads, head layout and dtype in ``<cache dir>/attention_kernel.json``.
 
 The products hold a score matrix (texts x heads x queries x keys), which the fused kernel never
 does, so a batch runs in slices of texts whose scores fit the cache (``CHUNK_SCORES``); short
@@ -35,6 +35,7 @@ from htp_embed.precision import (
     cpu_model,
     decisions_path,
     log_once,
+    machine_key,
     measured_once,
     speedup_per_length,
 )
@@ -162,7 +163,7 @@ def cpu_attention_decision(layout: tuple[int, int, int], dtype: torch.dtype, cac
     if heads * head_dim < MIN_PROBED_HIDDEN:
         return AttentionDecision("fused", f"{heads} heads of {head_dim}: too small to measure", source="not measured")
     dtype_name = str(dtype).removeprefix("torch.")
-    key = (f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
+    key = (f"{machine_key(cpu_model(), torch.__version__, torch.get_num_threads())} | "
            f"heads {heads}/{kv_heads}x{head_dim} | {dtype_name}")
 
     def measure() -> dict[str, object]:

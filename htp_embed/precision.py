@@ -96,10 +96,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def machine_key(cpu: str, torch_version: str, threads: int) -> str:
+    """The machine part of every cached decision's key (:func:`cached_records_here` reads its
+    first two fields). Thread count is in it because a probe on 2 threads says little about 32."""
+    return f"{cpu} | torch {torch_version} | {threads} threads"
+
+
 def decision_key(cpu: str, torch_version: str, shape: tuple[int, int], threads: int) -> str:
-    """The cache key: what makes a measurement valid elsewhere. Thread count is in it because
-    a probe on 2 threads says little about 32."""
-    return f"{cpu} | torch {torch_version} | {threads} threads | layers {shape[0]}x{shape[1]}"
+    """The cache key of a layer-shaped probe: what makes a measurement valid elsewhere."""
+    return f"{machine_key(cpu, torch_version, threads)} | layers {shape[0]}x{shape[1]}"
 
 
 def decisions_path(cache_dir: Path, name: str = DECISIONS_FILE) -> Path:

@@ -230,7 +230,7 @@ def result_dict(row: NodeRow, score: float | None) -> dict[str, Any]:
         "doc_id": row.ref_doc_id or metadata.get("doc_id"),
         "score": float(score) if score is not None else None,
         "text": row.text,
-        "metadata": dict(metadata),
+        "metadata": metadata,
     }
 
 
