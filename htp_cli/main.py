@@ -264,6 +264,10 @@ def query(
     _setup(verbose, quiet=True)
     settings = _settings(config, encoder_device=device, encoder_show_progress=False)
     filters = _parse_filters(filter_ or [])
+    if (mode.value if mode else settings.query_mode) != "sparse":
+        from htp_embed.segment_ahead import segment_ahead
+
+        segment_ahead([text], settings.encoder.segmenter)  # beside the model's load: ~0.7 s sooner
     try:
         from pipelines.query import open_index
 

@@ -37,7 +37,11 @@ def preload_segmenter(kind: Literal["senter", "sentencizer"] = "senter") -> thre
     tokenizer). A failure here is left for the first real call to raise.
     """
 
+    from htp_embed import segment_ahead
+
     def load() -> None:
+        if segment_ahead.pending(kind):  # a side process is segmenting the known texts
+            return
         with contextlib.suppress(Exception):  # reported by the first call that needs it
             load_segmenter(kind)
 
@@ -79,6 +83,11 @@ def sentence_starts(
     texts: Sequence[str], kind: Literal["senter", "sentencizer"] = "senter"
 ) -> list[list[int]]:
     """For each text, the character offsets where its sentences start (always begins with 0)."""
+    from htp_embed.segment_ahead import answers_for
+
+    ahead = answers_for(texts, kind)
+    if ahead is not None:
+        return ahead
     nlp = load_segmenter(kind)
     starts: list[list[int]] = []
     with _LOCK:  # spaCy pipelines are not documented as thread-safe

@@ -66,6 +66,21 @@ def test_a_query_imports_no_orchestration_or_server(indexes, method):
     assert not modules & set(NEVER_ON_THE_QUERY_PATH)
 
 
+def test_an_htp_query_segments_in_a_side_process_with_the_same_results(indexes):
+    # The query's text is segmented by a second interpreter while this one loads the model
+    # (htp_embed.segment_ahead): spaCy stays out of the command's process, and the hits equal
+    # those of the same command segmenting in-process.
+    work, env = indexes
+    args = ["query", "the cat sat. On a mat", "--index", "htp", "-k", "3", "--json"]
+    assert "spacy" not in imported_by(args, env, work)
+    ahead = subprocess.run([sys.executable, "-m", "htp_cli", *args], capture_output=True, text=True, env=env,
+                           cwd=work, timeout=300, check=True)
+    here = subprocess.run([sys.executable, "-c", "import sys, htp_embed.segment_ahead as s; "
+                           "s.segment_ahead = lambda *a, **k: None; from htp_cli.main import app; app(sys.argv[1:])",
+                           *args], capture_output=True, text=True, env=env, cwd=work, timeout=300, check=True)
+    assert json.loads(ahead.stdout)["results"] == json.loads(here.stdout)["results"]
+
+
 def test_a_query_on_a_vanilla_index_does_not_load_spacy(indexes):
     # HTP lays a text out by sentences with spaCy (its segmenter is part of the recorded
     # encoder identity, so queries must be segmented the same way); other methods never need it.
