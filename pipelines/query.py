@@ -235,14 +235,19 @@ def result_dict(row: NodeRow, score: float | None) -> dict[str, Any]:
 
 
 def open_index(
-    index_dir: str | Path, settings: Settings | None = None, *, embedding: HTPEmbedding | None = None
+    index_dir: str | Path, settings: Settings | None = None, *, encoder: HTPEncoder | None = None,
+    embedding: HTPEmbedding | None = None,
 ) -> OpenIndex:
     """Open the live version of an index with the encoder recorded in its manifest.
 
     Readers always follow the index: after a rebuild with another model or method, queries are
-    embedded the new way. ``embedding`` is reused when it is that encoder (no reload); only
-    runtime settings (device, batch size) are taken from ``settings``.
+    embedded the new way. ``encoder`` (or a LlamaIndex ``embedding``'s encoder) is reused when
+    it is that encoder (no reload); only runtime settings (device, batch size) are taken from
+    ``settings``. The service passes the encoder it serves with, so switching versions does
+    not import LlamaIndex.
     """
+    if encoder is None and embedding is not None:
+        encoder = embedding.encoder
     path = Path(index_dir)
     if not SegmentStore.exists(path):
         raise IndexNotFoundError(f"no index at {path}; create one with: htp-index ingest SOURCE --index {path}")
@@ -252,9 +257,7 @@ def open_index(
     placement = settings.faiss_placement()
     store = SegmentStore.open(path, **placement)
     recorded = store.encoder
-    if embedding is not None and index_accepts(path, recorded, embedding.identity()):
-        encoder = embedding.encoder
-    else:
+    if encoder is None or not index_accepts(path, recorded, encoder.identity()):
         # Loaded from the record, the encoder can still differ: other weights saved under the
         # model's name (a fine-tune in the same directory) have another fingerprint.
         encoder = HTPEncoder(config_from_identity(recorded, **settings.runtime_encoder_settings()))

@@ -128,7 +128,7 @@ class IndexHolder:
         if latest == self.failed_version and self.clock() < self.next_retry:
             return False
         try:
-            loaded = open_index(self.index_dir, self.settings, embedding=self.current.embedding)
+            loaded = open_index(self.index_dir, self.settings, encoder=self.current.encoder)
         except Exception as exc:
             self._failed(latest, f"{type(exc).__name__}: {exc}")
             return False
