@@ -75,20 +75,10 @@ def main() -> None:
         raise SystemExit("this PyTorch cannot pack Linear weights here (see the log)")
 
     def use(path: str):
-        (unpack_linear_layers if path == "plain" else pack_linear_layers)(layers)
-        for layer in layers:  # a fused gated MLP (the own Gemma 3 pass) declines the call when unfused
-            projection = getattr(getattr(layer, "mlp", None), "gate_up_proj", None)
-            if hasattr(projection, "gelu_gate_times_up"):
-                projection.__dict__.pop("gelu_gate_times_up", None)
-                if path == "packed, MLP unfused":
-                    projection.gelu_gate_times_up = lambda x, split: None
+        (pack_linear_layers if path == "packed" else unpack_linear_layers)(layers)
         return encoder
 
-    paths = ["plain", "packed"]
-    if any(hasattr(getattr(getattr(layer, "mlp", None), "gate_up_proj", None), "gelu_gate_times_up") for layer in layers):
-        paths.insert(1, "packed, MLP unfused")
-    measured = alternate({path: (lambda path=path: use(path)) for path in paths}, texts, docs, args.rounds)
-    fusion = measured.compared("packed, MLP unfused", "packed", doc_tokens) if len(paths) == 3 else None
+    measured = alternate({"plain": lambda: use("plain"), "packed": lambda: use("packed")}, texts, docs, args.rounds)
 
     quality = {}
     if args.quality:
@@ -112,7 +102,6 @@ def main() -> None:
         "rounds": args.rounds, "queries": len(texts), "docs": len(docs), "docs_label": docs_label,
         "doc_tokens": doc_tokens, **measured.compared("plain", "packed", doc_tokens),
         "extra_rss_mib": packed_rss - plain_rss, "quality": quality,
-        "mlp_fusion": None if fusion is None else {key: value for key, value in fusion.items() if key != "paths"},
     }
     rows = result["paths"]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -134,12 +123,6 @@ def main() -> None:
         f"(queries), {result['min_cosine_docs']:.6f} (documents); packed copies +{result['extra_rss_mib']:.0f} MiB RSS.",
         "", f"Decided at load on this machine: {json.dumps(decided)}",
     ]
-    if fusion is not None:
-        lines[-2:-2] = ["", f"Gated MLP fused (GELU and product as post-ops) / unfused, both packed: queries "
-                        f"{fusion['query_speedup']:.2f}x (p50), documents {fusion['doc_speedup']:.2f}x wall, "
-                        f"{rows['packed']['doc_tokens_per_cpu_s'] / rows['packed, MLP unfused']['doc_tokens_per_cpu_s']:.2f}x "
-                        f"CPU time; minimum cosine {fusion['min_cosine_queries']:.6f} (queries), "
-                        f"{fusion['min_cosine_docs']:.6f} (documents)."]
     if quality:
         lines += ["", "Dense NDCG@10 on the SciFact train subsample ("
                   f"{quality['plain']['queries']} queries, {quality['plain']['docs']} documents): plain "

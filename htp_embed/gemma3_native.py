@@ -144,11 +144,6 @@ class MLP(nn.Module):
     def split_rows(self) -> dict[str, int]:
         return {"gate_proj": self.intermediate, "up_proj": self.intermediate}
 
-    def gated_split(self, name: str) -> int | None:
-        """Where the gate rows end in projection ``name``, if it is the gated one (packing then
-        runs GELU and the product fused: :meth:`PackedLinear.gelu_gate_times_up`)."""
-        return self.intermediate if name == "gate_up_proj" else None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projection = self.gate_up_proj
         if isinstance(projection, PackedLinear):  # activation and product fused where packed
