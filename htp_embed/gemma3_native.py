@@ -38,7 +38,6 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 from torch import nn
 
 from htp_embed.attention import AttentionKernel, attend
-from htp_embed.packed_linear import PackedLinear
 
 MODEL_TYPE = "gemma3_text"
 # Modules are built without storage and their weights assigned from the file. The device is
@@ -145,12 +144,7 @@ class MLP(nn.Module):
         return {"gate_proj": self.intermediate, "up_proj": self.intermediate}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        projection = self.gate_up_proj
-        if isinstance(projection, PackedLinear):  # activation and product fused where packed
-            hidden = projection.gelu_gate_times_up(x, self.intermediate)
-            if hidden is not None:
-                return self.down_proj(hidden)
-        gate, up = projection(x).split(self.intermediate, dim=-1)
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 

@@ -164,62 +164,6 @@ def test_a_packed_model_can_be_copied_and_saved():
             torch.testing.assert_close(other(x), expected)
 
 
-def packed_gated(dtype: torch.dtype, bias: bool = False) -> tuple[PackedLinear, torch.Tensor]:
-    """A packed gated projection (gate rows, then up rows: 2 x 48 outputs) and an input for it."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=bias).to(dtype))
-    assert pack_linear_layers(model) == 1
-    return model[0], torch.randn(2, 7, 64).to(dtype)
-
-
-def assert_gated_product(layer: PackedLinear, x: torch.Tensor, got: torch.Tensor | None) -> None:
-    """``got`` is gelu_tanh(gate) * up of ``layer``'s current weight, computed in float32."""
-    gate, up = F.linear(x.float(), layer.weight.float()).split(48, dim=-1)
-    expected = F.gelu(gate, approximate="tanh") * up
-    assert got is not None and got.dtype == x.dtype
-    assert torch.allclose(got.float(), expected, atol=2e-2 * float(expected.abs().max()))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_gated_projection_runs_fused_and_computes_the_plain_product(dtype):
-    layer, x = packed_gated(dtype)
-    with torch.inference_mode():
-        assert_gated_product(layer, x, layer.gelu_gate_times_up(x, 48))
-        assert layer.packed is None  # the halves replace the whole packed weight ...
-        expected = F.linear(x, layer.weight).float()
-        got = layer(x).float()  # ... which a plain call packs again
-    assert torch.allclose(got, expected, atol=2e-2 * float(expected.abs().max()))
-
-
-def test_gated_calls_it_cannot_fuse_are_left_to_the_caller():
-    layer, x = packed_gated(torch.bfloat16)
-    with_bias = packed_gated(torch.bfloat16, bias=True)[0]
-    with torch.inference_mode():
-        assert layer.gelu_gate_times_up(x, 40) is None  # not two equal halves
-        assert layer.gelu_gate_times_up(x.float(), 48) is None  # another dtype than packed
-        assert with_bias.gelu_gate_times_up(x, 48) is None
-    assert layer.gelu_gate_times_up(x.requires_grad_(), 48) is None  # autograd: the plain weight
-
-
-def test_a_gated_weight_changed_after_packing_is_packed_again_not_served_stale():
-    layer, x = packed_gated(torch.bfloat16)
-    with torch.inference_mode():
-        layer.gelu_gate_times_up(x, 48)
-    with torch.no_grad():
-        layer.weight.mul_(-1.0)
-    with torch.inference_mode():
-        assert_gated_product(layer, x, layer.gelu_gate_times_up(x, 48))
-
-
-def test_a_gated_path_that_disagrees_stays_plain(monkeypatch, caplog):
-    layer, x = packed_gated(torch.float32)
-    monkeypatch.setattr(packed_linear, "_GATED_CHECKED", {})
-    monkeypatch.setattr(packed_linear, "gated_gelu_linear", lambda x, gate, up: torch.zeros(*x.shape[:-1], 48))
-    with caplog.at_level("WARNING", logger="htp_embed.packed_linear"), torch.inference_mode():
-        assert layer.gelu_gate_times_up(x, 48) is None
-    assert "disagreed" in caplog.text and layer._halves is None
-
-
 def test_a_packed_weight_that_disagrees_leaves_the_model_plain(monkeypatch, caplog):
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16))
     monkeypatch.setattr(packed_linear, "packed_linear", lambda x, packed, bias: torch.zeros(*x.shape[:-1], 32))
