@@ -31,6 +31,7 @@ re-entrant lock: queries from an HTTP server may run while another thread adds).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -702,18 +703,12 @@ class SegmentStore:
             dropped.update(group)
             if len(ids) == 0:
                 continue
-            x = np.empty((len(ids), self._spec.dim), dtype=np.float32)  # one copy, filled in place
-            at = 0
-            for part in parts:
-                part_ids = part.live_ids()
-                x[at : at + len(part_ids)] = part.reader.reconstruct(part_ids)
-                at += len(part_ids)
             keyword_parts = [(p.reader.keywords, p.reader.positions(p.live_ids())) for p in parts]
             written = segments.write_segment(
                 self._root,
                 self._spec,
                 ids,
-                x,
+                functools.partial(_live_vectors, parts, len(ids), self._spec.dim),
                 _live_rows(parts),
                 keyword_parts=keyword_parts,
                 shared_centroids=self._shared_centroids(),
@@ -1147,6 +1142,18 @@ def merge_top_k(
     top_scores = np.take_along_axis(scores, order, axis=1)
     top_ids = np.take_along_axis(ids, order, axis=1)
     return top_scores, top_ids
+
+
+def _live_vectors(parts: Sequence[LiveSegment], count: int, dim: int) -> np.ndarray:
+    """The vectors of ``parts``' live rows, in id order: one copy, filled part by part (called
+    by the segment writer once the rows and keywords are written)."""
+    x = np.empty((count, dim), dtype=np.float32)
+    at = 0
+    for part in parts:
+        part_ids = part.live_ids()
+        x[at : at + len(part_ids)] = part.reader.reconstruct(part_ids)
+        at += len(part_ids)
+    return x
 
 
 def _live_rows(parts: Sequence[LiveSegment]) -> Iterator[NodeRow]:

@@ -173,7 +173,9 @@ def test_live_masks_exclude_rows_without_changing_scores() -> None:
     assert keywords.search(segments, nothing, query, 10) == []
 
 
-def test_merge_equals_fresh_write(tmp_path: Path) -> None:
+@pytest.mark.parametrize("deleted", ["some", "none", "mixed"])
+def test_merge_equals_fresh_write(tmp_path: Path, deleted: str) -> None:
+    # "none" is the usual merge (every posting kept, renumbered without a remap table)
     texts = synthetic_texts(900, seed=9)
     folders = []
     for i, (a, b) in enumerate([(0, 300), (300, 700), (700, 900)]):
@@ -184,7 +186,12 @@ def test_merge_equals_fresh_write(tmp_path: Path) -> None:
     segments = [keywords.KeywordSegment.open(f) for f, _ in folders]
     rng = np.random.default_rng(10)
     kept = [np.sort(rng.choice(s.rows, size=s.rows // 2, replace=False)) for s in segments]
-    kept[2] = np.zeros(0, np.int64)  # a part losing every row
+    if deleted == "none":
+        kept = [np.arange(s.rows) for s in segments]
+    else:
+        kept[2] = np.zeros(0, np.int64)  # a part losing every row
+    if deleted == "mixed":
+        kept[1] = np.arange(segments[1].rows)
     merged_dir, fresh_dir = tmp_path / "merged", tmp_path / "fresh"
     merged_dir.mkdir()
     fresh_dir.mkdir()
