@@ -243,8 +243,8 @@ def open_index(
     Readers always follow the index: after a rebuild with another model or method, queries are
     embedded the new way. ``encoder`` (or a LlamaIndex ``embedding``'s encoder) is reused when
     it is that encoder (no reload); only runtime settings (device, batch size) are taken from
-    ``settings``. The service passes the encoder it serves with, so switching versions does
-    not import LlamaIndex.
+    ``settings``. The service passes the encoder it serves with: switching versions builds no
+    LlamaIndex object.
     """
     if encoder is None and embedding is not None:
         encoder = embedding.encoder
