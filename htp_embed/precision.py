@@ -135,24 +135,35 @@ def write_decision(cache_dir: Path, key: str, record: dict[str, object], name: s
         log.debug("cannot cache the decision in %s: %s", path, exc)
 
 
+#: A model's attention for the dtype probe: ``((heads, key/value heads, head dim), kernel)``,
+#: kernel "fused", "matmul" or "auto" (each precision's choice, :mod:`htp_embed.attention`).
+ProbeAttention = tuple[tuple[int, int, int], str]
+
+
 def _probe_layer(hidden: int, intermediate: int, dtype: torch.dtype, generator: torch.Generator,
-                 packed: bool = False):
+                 packed: bool = False, attention: tuple[tuple[int, int, int], str] | None = None):
     """A decoder layer's arithmetic at the model's sizes, random weights: RMS norms computed in
     float32 and cast back (as Gemma and Llama do), q/k/v/o projections (``packed``: with their
     weights packed as :mod:`htp_embed.packed_linear` does), causal attention, a gated tanh-GELU
-    MLP and two residual adds. Returns ``run(x)``."""
+    MLP and two residual adds. ``attention``: the model's heads and the kernel
+    (:func:`htp_embed.attention.attend`'s) this dtype runs; by default heads of 64 and PyTorch's
+    fused kernel. Returns ``run(x)``."""
     import torch
     import torch.nn.functional as F  # noqa: N812 - the usual name
 
     from htp_embed import packed_linear
+    from htp_embed.attention import attend
 
-    heads = max(hidden // 64, 1)
-    head_dim = hidden // heads
+    if attention is None:
+        heads = kv_heads = max(hidden // 64, 1)
+        head_dim, kernel = hidden // heads, "fused"
+    else:
+        (heads, kv_heads, head_dim), kernel = attention
 
     def weight(rows: int, cols: int) -> torch.Tensor:
         return (torch.randn(rows, cols, generator=generator) / cols**0.5).to(dtype)
 
-    qkv, out = weight(3 * hidden, hidden), weight(hidden, hidden)
+    qkv, out = weight((heads + 2 * kv_heads) * head_dim, hidden), weight(hidden, heads * head_dim)
     gate_up, down = weight(2 * intermediate, hidden), weight(hidden, intermediate)
     linear = F.linear
     if packed:
@@ -167,11 +178,11 @@ def _probe_layer(hidden: int, intermediate: int, dtype: torch.dtype, generator: 
 
     def run(x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = linear(norm(x), qkv).view(batch, length, 3, heads, head_dim).unbind(2)
-        attended = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )
-        x = x + linear(attended.transpose(1, 2).reshape(batch, length, hidden), out)
+        q, k, v = linear(norm(x), qkv).view(batch, length, heads + 2 * kv_heads, head_dim).split(
+            [heads, kv_heads, kv_heads], dim=2)
+        attended = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, head_dim**-0.5,
+                          kernel)  # type: ignore[arg-type]
+        x = x + linear(attended.transpose(1, 2).reshape(batch, length, heads * head_dim), out)
         gate, up = linear(norm(x), gate_up).chunk(2, dim=-1)
         return x + linear(F.gelu(gate, approximate="tanh") * up, down)
 
@@ -183,18 +194,25 @@ def probe_bf16_speedup(
     lengths: tuple[int, ...] = PROBE_LENGTHS,
     repeats: int = PROBE_REPEATS,
     packed: bool = False,
+    attention: tuple[tuple[int, int, int], tuple[str, str]] | None = None,
 ) -> dict[str, float]:
     """float32 time / bfloat16 time of one probe layer per sequence length (> 1: bf16 faster).
 
     Timed by :func:`speedup_per_length`. ``packed``: both with packed projection weights, as the encoder
     runs them where this PyTorch can pack (packing gains float32 more than bfloat16 on some
     CPUs: 1.46x vs 1.03x at 256 tokens on Zen 4, so plain vs plain would overstate bfloat16).
+    ``attention``: the model's heads and the attention kernel of float32 and of bfloat16, as
+    its decoder will run them (PyTorch's fused kernel ran Gemma 3's bfloat16 attention slower
+    than float32 on Zen 4, where two matrix products ran it 1.6x faster: fused in both would
+    understate bfloat16 there).
     """
     import torch
 
     hidden, intermediate = shape
     generator = torch.Generator().manual_seed(0)
-    layers = {dt: _probe_layer(hidden, intermediate, dt, generator, packed) for dt in (torch.float32, torch.bfloat16)}
+    layers = {dt: _probe_layer(hidden, intermediate, dt, generator, packed,
+                               None if attention is None else (attention[0], attention[1][i]))
+              for i, dt in enumerate((torch.float32, torch.bfloat16))}
 
     def runs(length: int) -> tuple[Callable[[], object], Callable[[], object]]:
         x32 = torch.randn(1, length, hidden, generator=generator)
@@ -240,8 +258,10 @@ def decide(speedups: dict[str, float], threshold: float = BF16_MIN_SPEEDUP) -> t
     return "float32", f"bfloat16 measured only {shown} float32's speed (needs >= {threshold:.2f}x)"
 
 
-def cpu_dtype_decision(shape: tuple[int, int] | None = None, cache_dir: Path | None = None) -> DtypeDecision:
-    """The measured (or cached) precision for ``dtype="auto"`` on this CPU; logged once."""
+def cpu_dtype_decision(shape: tuple[int, int] | None = None, cache_dir: Path | None = None,
+                       attention: ProbeAttention | None = None) -> DtypeDecision:
+    """The measured (or cached) precision for ``dtype="auto"`` on this CPU; logged once.
+    ``attention``: the model's heads and attention kernel, where its decoder chooses one."""
     import torch
 
     from htp_embed.models import cpu_bf16_instructions, default_cache_dir
@@ -262,6 +282,11 @@ def cpu_dtype_decision(shape: tuple[int, int] | None = None, cache_dir: Path | N
     # (a decision cached before packing existed says "plain" nowhere, so it is measured again).
     packed = unavailable_reason() is None
     key = decision_key(cpu, torch.__version__, shape, threads) + (" | packed projections" if packed else "")
+    probed = None
+    if attention is not None:
+        layout = attention[0]
+        probed = (layout, _probe_kernels(layout, cache, attention[1]))
+        key += f" | attention {layout[0]}/{layout[1]}x{layout[2]} {probed[1][0]}/{probed[1][1]}"
     # Two encoders (threads or processes, e.g. Dask workers) opening at once measure once and
     # agree.
     with _guard, file_lock(decisions_path(cache).with_suffix(".lock")):
@@ -275,12 +300,12 @@ def cpu_dtype_decision(shape: tuple[int, int] | None = None, cache_dir: Path | N
         else:
             began = time.perf_counter()
             try:
-                speedups = probe_bf16_speedup(shape, packed=packed)
+                speedups = probe_bf16_speedup(shape, packed=packed, attention=probed)
             except (RuntimeError, TypeError, ValueError) as exc:
                 # oneDNN refuses to pack bfloat16 on CPUs without its bf16 instructions
                 # (e.g. AVX2 only): bfloat16 weights would run plain there, so probe them plain.
                 log.debug("packed probe failed (%s: %s); probing plain projections", type(exc).__name__, exc)
-                speedups = probe_bf16_speedup(shape)
+                speedups = probe_bf16_speedup(shape, attention=probed)
             dtype, reason = decide(speedups)
             decision = DtypeDecision(
                 dtype=dtype, reason=f"{reason}; probe took {time.perf_counter() - began:.2f} s",
@@ -294,6 +319,20 @@ def cpu_dtype_decision(shape: tuple[int, int] | None = None, cache_dir: Path | N
             log.info("dtype auto on %s (%d threads): %s (%s; %s, delete it to measure again)",
                      cpu, threads, decision.dtype, decision.reason, where)
     return decision
+
+
+def _probe_kernels(layout: tuple[int, int, int], cache_dir: Path, kernel: str) -> tuple[str, str]:
+    """The attention kernel of float32 and of bfloat16 for the dtype probe: the configured one,
+    or under "auto" each precision's measured (cached) choice for these heads, which the
+    decoder loaded in that precision will then use too."""
+    if kernel != "auto":
+        return kernel, kernel
+    import torch
+
+    from htp_embed.attention import cpu_attention_decision
+
+    fp32, bf16 = (cpu_attention_decision(layout, dtype, cache_dir).kernel for dtype in (torch.float32, torch.bfloat16))
+    return fp32, bf16
 
 
 def measured_once(cache_dir: Path, file_name: str, key: str, valid: Callable[[dict], bool],

@@ -220,9 +220,40 @@ def test_the_dtype_probe_compares_the_precisions_as_they_will_run(cache, monkeyp
 
     monkeypatch.setattr(precision, "probe_bf16_speedup", probe)
     resolve_dtype_decision("auto", torch.device("cpu"), model="gemma3-270m")
-    assert asked == [{"packed": can_pack}]
+    assert asked == [{"packed": can_pack, "attention": None}]
     (key,) = json.loads((cache / precision.DECISIONS_FILE).read_text())
     assert key.endswith("packed projections") == can_pack
+
+
+@pytest.mark.parametrize("setting, kernels", [("auto", ("fused", "matmul")), ("fused", ("fused", "fused")),
+                                              ("matmul", ("matmul", "matmul"))])
+def test_the_dtype_probe_attends_as_the_own_forward_pass_will(cache, monkeypatch, setting, kernels):
+    # Gemma 3's heads, and under "auto" each precision's measured kernel (here: the matrix
+    # products only for bfloat16, as on Zen 4), which the loaded decoder then uses too.
+    from htp_embed import attention
+    from htp_embed.models import resolve_dtype_decision
+
+    monkeypatch.setattr(precision, "_logged", set())
+    monkeypatch.setattr(attention, "probe_matmul_speedup",
+                        lambda layout, dtype: {"256": 1.6 if dtype == torch.bfloat16 else 0.8})
+    asked: list[dict] = []
+
+    def probe(shape=precision.DEFAULT_SHAPE, *args, **kwargs):
+        asked.append(kwargs)
+        return {"24": 2.0, "256": 2.0}
+
+    monkeypatch.setattr(precision, "probe_bf16_speedup", probe)
+    resolve_dtype_decision("auto", torch.device("cpu"), model="gemma3-270m", attention_kernel=setting)
+    assert [kwargs["attention"] for kwargs in asked] == [((4, 1, 256), kernels)]
+    (key,) = json.loads((cache / precision.DECISIONS_FILE).read_text())
+    assert key.endswith(f"attention 4/1x256 {kernels[0]}/{kernels[1]}")
+
+
+def test_the_dtype_probe_runs_grouped_heads_with_either_kernel():
+    # 200 positions x 2 heads: enough score elements for the matrix products to run
+    speedups = precision.probe_bf16_speedup((128, 256), lengths=(8, 200), repeats=1,
+                                            attention=((2, 1, 64), ("fused", "matmul")))
+    assert set(speedups) == {"8", "200"} and all(value > 0 for value in speedups.values())
 
 
 def test_the_packed_dtype_probe_runs():
