@@ -141,7 +141,7 @@ ProbeAttention = tuple[tuple[int, int, int], str]
 
 
 def _probe_layer(hidden: int, intermediate: int, dtype: torch.dtype, generator: torch.Generator,
-                 packed: bool = False, attention: tuple[tuple[int, int, int], str] | None = None):
+                 packed: bool = False, attention: ProbeAttention | None = None):
     """A decoder layer's arithmetic at the model's sizes, random weights: RMS norms computed in
     float32 and cast back (as Gemma and Llama do), q/k/v/o projections (``packed``: with their
     weights packed as :mod:`htp_embed.packed_linear` does), causal attention, a gated tanh-GELU
