@@ -22,7 +22,9 @@ every segment instead (`indexes.kinds`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -47,6 +49,50 @@ class IvfBuild:
     trained: bool
 
 
+class VectorSource(Protocol):
+    """A segment's vectors in ascending id order, readable part by part: a merge's live rows
+    come from several segments and need not be gathered into one array to be indexed."""
+
+    def __len__(self) -> int: ...
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(ids, vectors)`` runs, in ascending id order."""
+        ...
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """The vectors at row ``positions`` (in that order)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ArrayVectors:
+    """A :class:`VectorSource` over one array."""
+
+    ids: np.ndarray
+    x: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        yield self.ids, self.x
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        return self.x[positions]
+
+
+def gather(source: VectorSource, dim: int) -> np.ndarray:
+    """All of ``source``'s vectors as one float32 array (for kinds that need them at once)."""
+    if isinstance(source, ArrayVectors):
+        return np.ascontiguousarray(source.x, dtype=np.float32)
+    x = np.empty((len(source), dim), dtype=np.float32)
+    at = 0
+    for _, chunk in source.chunks():
+        x[at : at + len(chunk)] = chunk
+        at += len(chunk)
+    return x
+
+
 def wants_ivf(spec: IndexSpec, rows: int) -> bool:
     """Whether a segment of ``rows`` rows of this index is written as IVF."""
     return spec.index_kind.lower() == "auto" and rows >= spec.params.auto_ivf_rows
@@ -61,18 +107,21 @@ def centroids_of(index: faiss.Index) -> np.ndarray | None:
 
 
 def build_ivf(
-    spec: IndexSpec, ids: np.ndarray, x: np.ndarray, shared: np.ndarray | None
+    spec: IndexSpec, vectors: VectorSource, shared: np.ndarray | None
 ) -> tuple[faiss.Index, IvfBuild]:
-    """An ``IVF,Flat`` index of ``x`` under ``ids`` with a calibrated ``nprobe``."""
+    """An ``IVF,Flat`` index of ``vectors`` with a calibrated ``nprobe``, added run by run: the
+    index's inverted lists are the only full copy held (compacting 1M rows: one 2.4 GiB array
+    of them less at the peak)."""
     metric = kinds.metric_type(spec.metric)
-    wanted = kinds.choose_nlist(len(ids))
+    n = len(vectors)
+    wanted = kinds.choose_nlist(n)
     reuse = shared is not None and wanted <= 2 * len(shared)
-    rng = np.random.default_rng(len(ids))
+    rng = np.random.default_rng(n)
     if reuse:
         assert shared is not None
         centroids = np.ascontiguousarray(shared, dtype=np.float32)
     else:
-        sample = x[rng.choice(len(x), size=min(len(x), wanted * TRAIN_POINTS_PER_CENTROID), replace=False)]
+        sample = vectors.take(rng.choice(n, size=min(n, wanted * TRAIN_POINTS_PER_CENTROID), replace=False))
         kmeans = faiss.Kmeans(spec.dim, wanted, niter=10, seed=1234, spherical=spec.metric == "ip")
         kmeans.cp.max_points_per_centroid = TRAIN_POINTS_PER_CENTROID
         kmeans.train(np.ascontiguousarray(sample, dtype=np.float32))
@@ -83,33 +132,34 @@ def build_ivf(
     index.own_fields = True
     quantizer.this.disown()
     index.set_direct_map_type(faiss.DirectMap.Hashtable)
-    index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
-    nprobe, recall = calibrate_nprobe(index, x, spec, rng)
+    for ids, x in vectors.chunks():  # appended list by list in id order: as one add would
+        index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+    nprobe, recall = calibrate_nprobe(index, vectors, spec, rng)
     index.nprobe = nprobe
     built = IvfBuild(nlist=len(centroids), nprobe=nprobe, recall=recall, trained=not reuse)
     logger.info(
         "IVF segment of %d rows: %d lists (%s), nprobe %d for recall@10 %.3f",
-        len(ids), built.nlist, "trained" if built.trained else "shared quantizer", nprobe, recall,
+        n, built.nlist, "trained" if built.trained else "shared quantizer", nprobe, recall,
     )
     return index, built
 
 
 def calibrate_nprobe(
-    index: faiss.IndexIVF, x: np.ndarray, spec: IndexSpec, rng: np.random.Generator
+    index: faiss.IndexIVF, vectors: VectorSource, spec: IndexSpec, rng: np.random.Generator
 ) -> tuple[int, float]:
     """The smallest nprobe whose recall@10 against exact search reaches the target, measured
     on perturbed rows of the segment itself (queries land near documents, as real ones do)."""
     target = spec.params.auto_target_recall
-    n = len(x)
+    n = len(vectors)
     k = min(10, n)
     picks = rng.choice(n, size=min(CALIBRATION_QUERIES, n), replace=False)
-    noise = rng.standard_normal((len(picks), x.shape[1])).astype(np.float32)
-    xq = x[picks] + 0.5 * noise * np.linalg.norm(x[picks], axis=1, keepdims=True) / np.sqrt(x.shape[1])
+    base = vectors.take(picks)
+    noise = rng.standard_normal((len(picks), base.shape[1])).astype(np.float32)
+    xq = base + 0.5 * noise * np.linalg.norm(base, axis=1, keepdims=True) / np.sqrt(base.shape[1])
     if spec.metric == "ip":
         xq /= np.linalg.norm(xq, axis=1, keepdims=True)
     xq = np.ascontiguousarray(xq, dtype=np.float32)
-    _, exact = faiss.knn(xq, np.ascontiguousarray(x, dtype=np.float32), k, metric=kinds.metric_type(spec.metric))
-    truth = _row_ids(index, exact)
+    truth = exact_neighbours(xq, vectors, k, spec.metric)
     recall = 0.0
     for nprobe in NPROBE_LADDER:
         if nprobe > index.nlist:
@@ -123,12 +173,17 @@ def calibrate_nprobe(
     return min(index.nlist, NPROBE_LADDER[-1]), recall
 
 
-def _row_ids(index: faiss.IndexIVF, positions: np.ndarray) -> np.ndarray:
-    """Map exact-search row positions to the ids the IVF index holds (added in row order)."""
-    stored = _ids_in_add_order(index)
-    return np.where(positions >= 0, stored[np.maximum(positions, 0)], -1)
-
-
-def _ids_in_add_order(index: faiss.IndexIVF) -> np.ndarray:
-    # The caller added rows in ascending id order (segments are), so sorting recovers it.
-    return np.sort(kinds.stored_ids(index))
+def exact_neighbours(xq: np.ndarray, vectors: VectorSource, k: int, metric: str) -> np.ndarray:
+    """The ids of each query's ``k`` exact nearest vectors, searched run by run and merged."""
+    best_scores = best_ids = None
+    larger_is_better = metric == "ip"
+    for ids, x in vectors.chunks():
+        scores, positions = faiss.knn(xq, np.ascontiguousarray(x, dtype=np.float32), min(k, len(x)),
+                                      metric=kinds.metric_type(metric))
+        found = np.where(positions >= 0, np.asarray(ids)[np.maximum(positions, 0)], -1)
+        if best_scores is not None and best_ids is not None:
+            scores, found = np.hstack([best_scores, scores]), np.hstack([best_ids, found])
+        order = np.argsort(-scores if larger_is_better else scores, axis=1, kind="stable")[:, :k]
+        best_scores, best_ids = np.take_along_axis(scores, order, 1), np.take_along_axis(found, order, 1)
+    assert best_ids is not None
+    return best_ids

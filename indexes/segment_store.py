@@ -31,7 +31,6 @@ re-entrant lock: queries from an HTTP server may run while another thread adds).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
@@ -708,7 +707,7 @@ class SegmentStore:
                 self._root,
                 self._spec,
                 ids,
-                functools.partial(_live_vectors, parts, len(ids), self._spec.dim),
+                LiveVectors(parts),
                 _live_rows(parts),
                 keyword_parts=keyword_parts,
                 shared_centroids=self._shared_centroids(),
@@ -1144,16 +1143,38 @@ def merge_top_k(
     return top_scores, top_ids
 
 
-def _live_vectors(parts: Sequence[LiveSegment], count: int, dim: int) -> np.ndarray:
-    """The vectors of ``parts``' live rows, in id order: one copy, filled part by part (called
-    by the segment writer once the rows and keywords are written)."""
-    x = np.empty((count, dim), dtype=np.float32)
-    at = 0
-    for part in parts:
-        part_ids = part.live_ids()
-        x[at : at + len(part_ids)] = part.reader.reconstruct(part_ids)
-        at += len(part_ids)
-    return x
+#: Vectors a merge reads from a segment at a time (16k x 640-d floats: 40 MiB).
+MERGE_READ_ROWS = 16_384
+
+
+class LiveVectors:
+    """The vectors of ``parts``' live rows in id order, read part by part when the segment
+    writer indexes them (`indexes.ann.VectorSource`): a merge never holds them all in one array
+    beside the FAISS index they go into."""
+
+    def __init__(self, parts: Sequence[LiveSegment]):
+        self._parts = list(parts)
+        self._ids = [part.live_ids() for part in self._parts]
+        self._starts = np.cumsum([0, *(len(ids) for ids in self._ids)])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for part, ids in zip(self._parts, self._ids, strict=True):
+            for start in range(0, len(ids), MERGE_READ_ROWS):
+                run = ids[start : start + MERGE_READ_ROWS]
+                yield run, part.reader.reconstruct(run)
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty((len(positions), self._parts[0].reader.index.d), dtype=np.float32)
+        which = np.searchsorted(self._starts, positions, side="right") - 1
+        for i, (part, ids) in enumerate(zip(self._parts, self._ids, strict=True)):
+            mine = np.flatnonzero(which == i)
+            if len(mine):
+                out[mine] = part.reader.reconstruct(ids[positions[mine] - self._starts[i]])
+        return out
 
 
 def _live_rows(parts: Sequence[LiveSegment]) -> Iterator[NodeRow]:

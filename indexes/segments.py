@@ -31,7 +31,7 @@ import socket
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +87,7 @@ def write_segment(
     root: Path,
     spec: IndexSpec,
     ids: np.ndarray,
-    vectors: np.ndarray | Callable[[], np.ndarray],
+    vectors: np.ndarray | ann.VectorSource,
     rows: Iterable[NodeRow],
     *,
     texts: Sequence[str] | None = None,
@@ -98,10 +98,10 @@ def write_segment(
 
     Keyword postings come from ``texts`` (analysed here) or, for a merge, from the postings
     of the merged segments (``keyword_parts``: segment and kept local rows, in id order).
-    The vectors are indexed last, and may be a function that gathers them then (a merge), so
-    the keyword merge's memory, the vectors and their FAISS index are never all held at once:
-    compacting 9 segments of 180k rows peaked at 2.1 GiB of anonymous memory with all three
-    held, 1.2 GiB in this order.
+    The vectors are indexed last, and may come part by part (a merge's live rows,
+    `indexes.ann.VectorSource`), so the keyword merge's memory, the vectors and their FAISS
+    index are never all held at once: compacting 9 segments of 180k rows peaked at 2.1 GiB of
+    anonymous memory with all three held, 1.2 GiB in this order.
     A large segment of kind ``auto`` becomes IVF, reusing ``shared_centroids`` (the index's
     quantizer) when given (see `indexes.ann`).
     Every file is fsynced and checksummed now: nobody hashes it again until ``verify``.
@@ -109,8 +109,7 @@ def write_segment(
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     if len(ids) == 0:
         raise ValueError("a segment needs at least one id")
-    if not callable(vectors):
-        _check_vector_count(ids, vectors)
+    _check_vector_count(ids, vectors)
     if np.any(np.diff(ids) <= 0):
         raise ValueError("segment ids must be strictly ascending")
     base = segments_dir(root)
@@ -127,25 +126,25 @@ def write_segment(
     return WrittenSegment(staging=staging, record=record, reader=reader)
 
 
-def _check_vector_count(ids: np.ndarray, vectors: np.ndarray) -> None:
+def _check_vector_count(ids: np.ndarray, vectors: np.ndarray | ann.VectorSource) -> None:
     if len(ids) != len(vectors):
         raise ValueError(f"a segment needs one vector per id ({len(ids)} ids, {len(vectors)} vectors)")
 
 
 def _write_vectors(
-    staging: Path, spec: IndexSpec, ids: np.ndarray, vectors: np.ndarray, shared_centroids: np.ndarray | None
+    staging: Path, spec: IndexSpec, ids: np.ndarray, vectors: np.ndarray | ann.VectorSource,
+    shared_centroids: np.ndarray | None,
 ) -> tuple[str, bool]:
     """Index ``vectors`` and write the FAISS file; returns the index's structure and whether it
     is trained. Nothing of it stays in memory: the reader maps or loads the file."""
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    _check_vector_count(ids, x)
+    source = ann.ArrayVectors(ids, vectors) if isinstance(vectors, np.ndarray) else vectors
     if ann.wants_ivf(spec, len(ids)):
-        ivf, _ = ann.build_ivf(spec, ids, x, shared_centroids)
+        ivf, _ = ann.build_ivf(spec, source, shared_centroids)
         structure, trained, faiss_index = kinds.describe(ivf), True, ivf
     else:
         # Small segments stay exact until a merge makes them big enough to train the kind on.
         index = VectorIndex.empty(segment_spec(spec))
-        index.add(ids, x)
+        index.add(ids, ann.gather(source, spec.dim))
         structure, trained, faiss_index = index.structure, index.trained, index.index
     faiss.write_index(faiss_index, str(staging / VECTORS_FILE))
     return structure, trained
@@ -155,7 +154,7 @@ def _write_files(
     staging: Path,
     spec: IndexSpec,
     ids: np.ndarray,
-    vectors: np.ndarray | Callable[[], np.ndarray],
+    vectors: np.ndarray | ann.VectorSource,
     rows: Iterable[NodeRow],
     texts: Sequence[str] | None,
     keyword_parts: Sequence[tuple[keywords.KeywordSegment, np.ndarray]] | None,
@@ -181,8 +180,7 @@ def _write_files(
     else:
         keywords.write_keyword_index(staging, list(texts) if texts is not None else written)
     written.clear()  # the texts were only for the keyword index
-    structure, trained = _write_vectors(staging, spec, ids, vectors() if callable(vectors) else vectors,
-                                        shared_centroids)
+    structure, trained = _write_vectors(staging, spec, ids, vectors, shared_centroids)
     names = [IDS_FILE, VECTORS_FILE, ROWS_FILE, *keywords.KEYWORD_FILES]
     for file_name in (VECTORS_FILE, IDS_FILE):
         fsync_path(staging / file_name)
