@@ -24,7 +24,8 @@ TEXTS = [
 
 
 @pytest.fixture(autouse=True)
-def _no_leftover_side_process():
+def _no_leftover_side_process(monkeypatch):
+    monkeypatch.setattr(segment_ahead, "_usable_cores", lambda: 2)  # started on one core too
     yield
     for side in segment_ahead._PENDING.values():
         side.stop()
@@ -59,3 +60,9 @@ def test_a_failed_side_process_falls_back_to_this_process():
     segment_ahead._PENDING["senter"].stop()  # killed before it could answer
     assert sentence_starts(TEXTS, "senter") == here
     assert not segment_ahead.pending("senter")
+
+
+def test_one_core_segments_in_this_process(monkeypatch):
+    monkeypatch.setattr(segment_ahead, "_usable_cores", lambda: 1)  # a side process would only compete
+    segment_ahead.segment_ahead(TEXTS, "sentencizer")
+    assert not segment_ahead.pending("sentencizer")
