@@ -38,7 +38,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from . import ann, gpu, keywords, kinds
+from . import ann, gpu, heap, keywords, kinds
 from .docstore import NodeRow, NodeStore
 from .errors import IndexCorruptedError
 from .spec import FileRecord, IndexSpec, SegmentRecord
@@ -136,18 +136,26 @@ def _write_vectors(
     shared_centroids: np.ndarray | None,
 ) -> tuple[str, bool]:
     """Index ``vectors`` and write the FAISS file; returns the index's structure and whether it
-    is trained. Nothing of it stays in memory: the reader maps or loads the file."""
+    is trained. Nothing of it stays in memory: the reader maps or loads the file, and after an
+    IVF build (only merges make segments that large) the freed lists go back to the system."""
     source = ann.ArrayVectors(ids, vectors) if isinstance(vectors, np.ndarray) else vectors
     if ann.wants_ivf(spec, len(ids)):
-        ivf, _ = ann.build_ivf(spec, source, shared_centroids)
-        structure, trained, faiss_index = kinds.describe(ivf), True, ivf
-    else:
-        # Small segments stay exact until a merge makes them big enough to train the kind on.
-        index = VectorIndex.empty(segment_spec(spec))
-        index.add(ids, ann.gather(source, spec.dim))
-        structure, trained, faiss_index = index.structure, index.trained, index.index
-    faiss.write_index(faiss_index, str(staging / VECTORS_FILE))
-    return structure, trained
+        structure = _write_ivf(staging / VECTORS_FILE, spec, source, shared_centroids)
+        heap.release_free_memory()
+        return structure, True
+    # Small segments stay exact until a merge makes them big enough to train the kind on.
+    index = VectorIndex.empty(segment_spec(spec))
+    index.add(ids, ann.gather(source, spec.dim))
+    faiss.write_index(index.index, str(staging / VECTORS_FILE))
+    return index.structure, index.trained
+
+
+def _write_ivf(path: Path, spec: IndexSpec, source: ann.VectorSource, shared_centroids: np.ndarray | None) -> str:
+    """Build the IVF index of ``source``, write it to ``path`` and return its structure (the
+    index is freed when this returns)."""
+    ivf, _ = ann.build_ivf(spec, source, shared_centroids)
+    faiss.write_index(ivf, str(path))
+    return kinds.describe(ivf)
 
 
 def _write_files(

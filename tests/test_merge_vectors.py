@@ -81,3 +81,56 @@ def test_a_merges_live_vectors_come_from_each_part_in_id_order(tmp_path, monkeyp
     assert np.array_equal(np.concatenate([vectors for _, vectors in chunks]), expected)
     positions = np.random.default_rng(5).permutation(len(ids))[:120]
     assert np.array_equal(live.take(positions), expected[positions])
+
+
+@pytest.mark.parametrize("metric", [faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2])
+def test_presized_lists_hold_what_one_faiss_add_makes(rows, metric):
+    """Lists allocated at their final size first, then filled run by run: FAISS's own
+    ``add_with_ids`` of the whole array gives the same index byte for byte."""
+    ids, x = rows
+
+    def empty() -> faiss.IndexIVFFlat:
+        quantizer = faiss.IndexFlatIP(32) if metric == faiss.METRIC_INNER_PRODUCT else faiss.IndexFlatL2(32)
+        quantizer.add(x[::100])
+        index = faiss.IndexIVFFlat(quantizer, 32, quantizer.ntotal, metric)
+        index.own_fields = True
+        quantizer.this.disown()
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        return index
+
+    plain = empty()
+    plain.add_with_ids(x, ids)
+    presized = empty()
+    ann.add_presized(presized, Runs(ids, x, [700, 700, 2100]))
+    assert presized.ntotal == len(x)
+    assert np.array_equal(faiss.serialize_index(presized), faiss.serialize_index(plain))
+    assert np.array_equal(presized.reconstruct(int(ids[1234])), x[1234])
+    with pytest.raises(TypeError, match="empty IVF index"):
+        ann.add_presized(presized, Runs(ids, x, []))
+
+
+def test_a_merge_that_builds_an_ivf_segment_gives_its_freed_lists_back(tmp_path, monkeypatch):
+    """The IVF build's lists are freed once the file is written; the heap is then trimmed
+    (glibc keeps freed pages otherwise). Small flat segments skip the walk of the heap."""
+    from indexes import heap, segments
+
+    calls: list[bool] = []
+    monkeypatch.setattr(segments.heap, "release_free_memory", lambda: calls.append(True) or True)
+    x = unit_rows(np.random.default_rng(6), 1200, ENCODER["dim"])
+    store = FaissVectorStore.create(tmp_path / "idx", dim=x.shape[1], encoder=ENCODER, params={"auto_ivf_rows": 1000})
+    for start in range(0, 1200, 400):
+        store.add(make_nodes(x[start : start + 400], prefix=f"p{start}_"))
+        store.persist()
+    assert calls == []
+    store.optimize(force=True)
+    store.persist()
+    assert calls == [True]
+    assert "IVF" in store.segment_summary()[0]["structure"]
+    hits = store.search(x[:5], 1)
+    assert [h[0][0] for h in hits] == [f"p0_{i}" for i in range(5)]
+    monkeypatch.undo()
+    import platform
+
+    assert heap.release_free_memory() is (heap._malloc_trim() is not None)
+    if platform.libc_ver()[0] == "glibc":
+        assert heap.release_free_memory() is True
