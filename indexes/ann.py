@@ -109,9 +109,10 @@ def centroids_of(index: faiss.Index) -> np.ndarray | None:
 def build_ivf(
     spec: IndexSpec, vectors: VectorSource, shared: np.ndarray | None
 ) -> tuple[faiss.Index, IvfBuild]:
-    """An ``IVF,Flat`` index of ``vectors`` with a calibrated ``nprobe``, added run by run: the
-    index's inverted lists are the only full copy held (compacting 1M rows: one 2.4 GiB array
-    of them less at the peak)."""
+    """An ``IVF,Flat`` index of ``vectors`` with a calibrated ``nprobe``, added run by run into
+    presized lists (:func:`add_presized`): the index's inverted lists are the only full copy
+    held, at their exact size (compacting 1M rows: 2.9 GiB of anonymous memory at the peak for
+    2.4 GiB of vectors, against 3.7 GiB growing the lists and 5.9 GiB from one array)."""
     metric = kinds.metric_type(spec.metric)
     n = len(vectors)
     wanted = kinds.choose_nlist(n)
