@@ -125,12 +125,27 @@ class OpenIndex:
 
     @cached_property
     def vector_store(self) -> FaissVectorStore:
-        """This version as LlamaIndex's vector store (:class:`indexes.FaissVectorStore`), opened
-        on first use beside :attr:`store` (they share the segments' memory): what
-        ``as_index``/``as_retriever`` search, through the same `SegmentStore.retrieve`."""
+        """This index's store as LlamaIndex's vector store (:class:`indexes.FaissVectorStore`,
+        a `SegmentStore` LlamaIndex can drive), what ``as_index``/``as_retriever`` use.
+
+        Opened on first use (the query path never imports LlamaIndex) at :attr:`store`'s
+        version, and from then on it *is* :attr:`store`: nodes LlamaIndex inserts through
+        ``as_index()`` are what :meth:`search` finds, and the other way round. (Two store
+        objects over one version would each miss the other's writes, silently.) Writes made
+        through :attr:`store` before must be persisted first, or they would be left behind.
+        """
         from indexes import FaissVectorStore
 
-        return FaissVectorStore.open(self.path, version=self.store.version, **self.placement)
+        if isinstance(self.store, FaissVectorStore):
+            return self.store
+        if self.store.dirty:
+            raise RuntimeError(
+                f"{self.path}: the open store has changes that are not persisted; call "
+                "`store.persist()` before using the index through LlamaIndex (as_index/as_retriever)"
+            )
+        adapter = FaissVectorStore.open(self.path, version=self.store.version, **self.placement)
+        self.store = adapter
+        return adapter
 
     def as_index(self) -> VectorStoreIndex:
         """A LlamaIndex VectorStoreIndex over this store (for query engines, chat engines…)."""

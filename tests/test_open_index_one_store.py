@@ -1,0 +1,38 @@
+"""An open index is one store: what LlamaIndex writes through ``as_index()`` the index's own
+search sees, and the other way round."""
+
+from __future__ import annotations
+
+import pytest
+from llama_index.core.schema import Document
+from pipeline_helpers import settings_for
+
+from pipelines.query import open_index
+
+
+def test_a_node_inserted_through_as_index_is_found_by_search(index_dir, embedding):
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    before = index.store.count
+    text = "Zymurgy kettles ferment quietly beside the lighthouse archive."
+    index.as_index().insert(Document(text=text, id_="zymurgy"))
+    assert index.store.count == before + 1
+    hits = index.search("zymurgy kettles lighthouse", top_k=1, mode="sparse")
+    assert hits and hits[0]["text"] == text
+    dense = index.search(text, top_k=1, mode="dense")
+    assert dense[0]["text"] == text
+    index.store.persist()
+    reopened = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    assert reopened.search("zymurgy kettles lighthouse", top_k=1, mode="sparse")[0]["text"] == text
+
+
+def test_unpersisted_changes_to_the_store_are_not_left_behind_by_as_index(index_dir, embedding):
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    first = index.search("anything at all", top_k=1, mode="dense")[0]["node_id"]
+    index.store.delete_nodes([first])
+    with pytest.raises(RuntimeError, match="not persisted"):
+        index.as_index()
+    index.store.persist()
+    retriever = index.as_retriever(similarity_top_k=10, vector_store_query_mode="default")
+    found = {hit.node.node_id for hit in retriever.retrieve("anything at all")}
+    assert first not in found and found
+    assert index.vector_store is index.store
