@@ -63,8 +63,8 @@ class IndexCorruptedError(HtpIndexError):
         """The standard error naming the damaged file and the way out."""
         return cls(
             f"{path} is corrupted: {problem}. Open an older version with "
-            "FaissVectorStore.open(PATH, version=N) (see PATH/versions), or rebuild the index "
-            "with `htp-index rebuild --index PATH`",
+            "FaissVectorStore.open(PATH, version=N) (see PATH/versions; `.restore()` makes it "
+            "live again), or rebuild the index with `htp-index rebuild --index PATH`",
             path=path,
         )
 

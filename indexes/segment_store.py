@@ -203,7 +203,6 @@ class SegmentStore:
         persist (`migrate`).
         """
         root = Path(path)
-        live = persist.current_version(root)
         manifest = persist.read_manifest(root, version)
         if expected_encoder is not None and not same_encoder(expected_encoder, manifest.encoder):
             raise EncoderMismatchError.between(root, manifest.encoder, expected_encoder)
@@ -215,7 +214,10 @@ class SegmentStore:
             encoder=manifest.encoder,
             placement=placement,
             manifest=manifest,
-            base=live,
+            # Changes are made against the version read: if it is not (or no longer) the live
+            # one when they are persisted, that is a conflict, never a silent roll-back of the
+            # versions committed after it.
+            base=manifest.version,
             keep_versions=keep_versions,
             correction=_read_correction(vdir, manifest),
             merge_policy=merge_policy,
@@ -296,6 +298,19 @@ class SegmentStore:
             if persist_path is not None:
                 self._write_pointer(Path(persist_path), version)
             return version
+
+    def restore(self) -> int:
+        """Make the version this store opened live again (a roll-back): commits a new version
+        equal to it, with this store's changes if any; returns its number. The versions after
+        it stay on disk as ``keep_versions`` allows.
+
+        The one way to write over versions committed after the one opened: a plain
+        :meth:`persist` of changes made against an older version raises `IndexConflictError`
+        rather than dropping those versions silently.
+        """
+        with self._lock:
+            self._replace_live = True
+            return self._commit(force=True)
 
     @classmethod
     def from_persist_path(cls, persist_path: str | Path, **open_kwargs: Any) -> Self:

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from indexes_fixtures import ENCODER, make_nodes, new_store, unit_rows
+from indexes_fixtures import ENCODER, HashingEmbedding, make_nodes, new_store, unit_rows
 
 from indexes import (
     EncoderMismatchError,
@@ -309,3 +309,28 @@ def test_a_read_only_index_directory_fails_the_write_and_keeps_serving(tmp_path,
     assert sorted(p.name for p in store.path.rglob("*")) == before
     assert FaissVectorStore.open(store.path).count == 800
     assert store.persist() == 3 and FaissVectorStore.open(store.path).count == 805
+
+
+def test_changes_made_against_an_older_version_conflict_instead_of_rolling_back_newer_ones(tmp_path):
+    """A store opened at a version that is not live (or no longer live) made its changes
+    against that version: persisting them must not replace what was committed after it."""
+    from llama_index.core.schema import TextNode
+
+    from indexes import IndexConflictError
+
+    emb = HashingEmbedding()
+    store = new_store(tmp_path)
+    store.add([TextNode(id_="a", text="alpha", embedding=emb._vector("alpha"))])
+    first = store.persist()
+    store.add([TextNode(id_="b", text="beta", embedding=emb._vector("beta"))])
+    second = store.persist()
+    old = FaissVectorStore.open(store.path, version=first)
+    old.add([TextNode(id_="c", text="gamma", embedding=emb._vector("gamma"))])
+    with pytest.raises(IndexConflictError, match=f"version {second}"):
+        old.persist()
+    assert {n.node_id for n in FaissVectorStore.open(store.path).all_nodes()} == {"a", "b"}
+    # Rolling back is asked for by name: the opened version (with its changes) becomes live.
+    restored = old.restore()
+    assert FaissVectorStore.current_version(store.path) == restored > second
+    assert {n.node_id for n in FaissVectorStore.open(store.path).all_nodes()} == {"a", "c"}
+    assert {n.node_id for n in FaissVectorStore.open(store.path, version=second).all_nodes()} == {"a", "b"}

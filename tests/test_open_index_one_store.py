@@ -36,3 +36,23 @@ def test_unpersisted_changes_to_the_store_are_not_left_behind_by_as_index(index_
     found = {hit.node.node_id for hit in retriever.retrieve("anything at all")}
     assert first not in found and found
     assert index.vector_store is index.store
+
+
+def test_an_as_index_write_after_another_commit_is_a_conflict_not_a_roll_back(index_dir, embedding, tmp_path):
+    """An app holds the index open; a scheduled ingest commits; the app then inserts through
+    LlamaIndex and persists: its change was made against the older version, so it is refused,
+    and the ingest's document stays."""
+    from indexes import IndexConflictError
+    from pipelines.ingest import ingest
+
+    settings = settings_for(embedding)
+    index = open_index(index_dir, settings, embedding=embedding)
+    source = tmp_path / "more"
+    source.mkdir()
+    (source / "ship.txt").write_text("the ship sailed over the sea at night .", encoding="utf-8")
+    assert ingest(source, index_dir, settings, embedding=embedding).added == 1
+    index.as_index().insert(Document(text="zymurgy kettles ferment quietly .", id_="zymurgy"))
+    with pytest.raises(IndexConflictError):
+        index.store.persist()
+    reopened = open_index(index_dir, settings, embedding=embedding)
+    assert "ship.txt" in {hit["doc_id"] for hit in reopened.search("ship sailed sea", top_k=5, mode="sparse")}
