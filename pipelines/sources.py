@@ -235,9 +235,6 @@ def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_
                 doc_id = str(record.get("_id", record.get("id", ""))).strip()
                 if not doc_id:
                     raise DocumentRejected('record has no "_id"')
-                title = str(record.get("title") or "").strip()
-                body = str(record.get("text") or "").strip()
-                text = _require_text(f"{title}\n\n{body}" if title and body else title or body)
             except (DocumentRejected, json.JSONDecodeError) as exc:
                 yield SourceError(id_prefix + where, f"malformed record: {exc}")
                 continue
@@ -246,6 +243,15 @@ def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_
                 yield SourceError(full_id, f"duplicate _id (again at {where}); the first one is kept")
                 continue
             seen.add(full_id)
+            # From here on a failure is the record's, under its own id: the plan then keeps
+            # the version indexed before instead of deleting it as gone from the source.
+            title = str(record.get("title") or "").strip()
+            body = str(record.get("text") or "").strip()
+            try:
+                text = _require_text(f"{title}\n\n{body}" if title and body else title or body)
+            except DocumentRejected as exc:
+                yield SourceError(full_id, f"malformed record at {where}: {exc}")
+                continue
             metadata = {k: v for k, v in (record.get("metadata") or {}).items() if _scalar(v)} if isinstance(record.get("metadata"), dict) else {}
             if title:
                 metadata["title"] = title

@@ -43,7 +43,7 @@ CASES: dict[str, tuple[bytes, str | None]] = {
     ),
 }
 JSONL_ERRORS = {"corpus.jsonl#corpus.jsonl:2": "malformed record", "corpus.jsonl#corpus.jsonl:3": 'no "_id"',
-                "corpus.jsonl#j1": "duplicate _id", "corpus.jsonl#corpus.jsonl:5": "empty document"}
+                "corpus.jsonl#j1": "duplicate _id", "corpus.jsonl#j2": "empty document"}
 
 
 @pytest.fixture()
@@ -113,3 +113,22 @@ def test_the_encoder_truncates_an_unsplit_20000_word_sentence():
     vectors = encoder.encode_documents([LONG_SENTENCE, "the cat sat ."])
     assert vectors.shape[0] == 2 and np.isfinite(vectors).all()
     assert np.isfinite(encoder.encode_queries([LONG_SENTENCE])).all()
+
+
+def test_a_jsonl_record_that_fails_keeps_its_previously_indexed_version(tmp_path, embedding):
+    """A record whose ``_id`` reads but whose text is rejected fails under its own id, so the
+    version indexed before stays (as for a folder file), rather than being deleted as gone."""
+    from pipeline_helpers import settings_for
+
+    from pipelines.ingest import ingest
+
+    source = tmp_path / "corpus.jsonl"
+    good = [{"_id": "a", "text": "the cat sat on the mat ."}, {"_id": "b", "text": "fish swam in the sea ."}]
+    source.write_text("\n".join(json.dumps(r) for r in good), encoding="utf-8")
+    settings = settings_for(embedding)
+    assert ingest(source, tmp_path / "idx", settings, embedding=embedding).added == 2
+    damaged = [{"_id": "a", "text": "\x01\x02\x03\x04" * 50}, good[1]]
+    source.write_text("\n".join(json.dumps(r) for r in damaged), encoding="utf-8")
+    second = ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert second.failed == 1 and second.deleted == 0
+    assert [(e["doc_id"], "corpus.jsonl:1" in e["error"]) for e in second.errors] == [("a", True)]
