@@ -32,8 +32,8 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from llama_index.core.vector_stores.types import MetadataFilters
-from pydantic import BaseModel, Field
+from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from htp_embed.rerank import RerankUnavailableError
 from indexes import HtpIndexError, SegmentStore, SparseIndexMissingError, persist
@@ -55,9 +55,34 @@ RETRY_MAX_S = 60.0
 DAMAGE_CHECK_S = 0.25
 
 
+def _check_filter_fields(value: Any, where: str = "filters") -> None:
+    """Refuse a field LlamaIndex's filter models would silently drop: a misspelled
+    ``operator`` (``"op": "!="``) would otherwise filter by ``==``, the opposite."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_filter_fields(item, f"{where}[{i}]")
+        return
+    if not isinstance(value, dict):
+        return
+    group = "filters" in value or "condition" in value
+    allowed = set(MetadataFilters.model_fields) if group else set(MetadataFilter.model_fields)
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; a filter has "
+                         f"{', '.join(sorted(MetadataFilter.model_fields))}, a group "
+                         f"{', '.join(sorted(MetadataFilters.model_fields))}")
+    if group:
+        _check_filter_fields(value.get("filters"), f"{where}.filters")
+
+
 class QueryRequest(BaseModel):
+    """A query; an unknown field is an error (a misspelled ``filter`` or ``topk`` would
+    otherwise answer 200 with unfiltered results or the default count)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     query: str = Field(..., min_length=1, max_length=MAX_QUERY_CHARS, description="the question or text to search for")
-    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="how many results to return")
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K, strict=True, description="how many results to return")
     filters: MetadataFilters | None = Field(
         None, description='LlamaIndex metadata filters, e.g. {"filters": [{"key": "file_type", '
         '"value": "md", "operator": "=="}], "condition": "and"}'
@@ -73,6 +98,12 @@ class QueryRequest(BaseModel):
         None, description="rerank the best hits by the decoder's likelihood of the query given each "
         "(seconds per query on a CPU); default: the index's setting (GET /health shows it)"
     )
+
+    @field_validator("filters", mode="before")
+    @classmethod
+    def _known_filter_fields(cls, value: Any) -> Any:
+        _check_filter_fields(value)
+        return value
 
 
 class QueryResult(BaseModel):

@@ -56,11 +56,32 @@ def test_health_reports_the_version(index_dir, embedding):
         ({"query": "cat", "top_k": 0}, 422),
         ({"query": "cat", "top_k": 1000}, 422),
         ({"top_k": 3}, 422),
+        ({"query": "cat", "top_k": True}, 422),
+        ({"query": "cat", "top_k": 2.0}, 422),
     ],
 )
 def test_bad_requests_get_4xx(index_dir, embedding, payload, status):
     with make_client(index_dir, embedding, reload_interval=0) as client:
         assert client.post("/query", json=payload).status_code == status
+
+
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        ({"query": "the cat", "filter": {"filters": [{"key": "file_type", "value": "md"}]}}, "filter"),
+        ({"query": "the cat", "topk": 1}, "topk"),
+        ({"query": "the cat", "filters": {"filters": [{"key": "file_type", "value": "md", "op": "!="}]}}, "'op'"),
+        ({"query": "the cat", "filters": {"filters": [{"filters": [{"key": "k", "value": 1, "operater": "=="}]}]}},
+         "'operater'"),
+        ({"query": "the cat", "filters": {"filters": [], "conditon": "or"}}, "'conditon'"),
+    ],
+)
+def test_unknown_fields_are_refused_not_ignored(index_dir, embedding, payload, named):
+    """A misspelled field would answer 200 with unfiltered results, the default count, or (a
+    misspelled ``operator``) the opposite filter: it is a 422 naming the field."""
+    with make_client(index_dir, embedding, reload_interval=0) as client:
+        response = client.post("/query", json=payload)
+        assert response.status_code == 422 and named in response.text
 
 
 def test_malformed_json_and_huge_bodies_are_refused(index_dir, embedding):
