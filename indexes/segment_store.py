@@ -814,6 +814,9 @@ class SegmentStore:
         """
         if mode not in SEARCH_MODES:
             raise ValueError(f"unknown search mode {mode!r}; use one of {', '.join(SEARCH_MODES)}")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+            # hybrid slices its fused list with k: a negative k returned all but the last hits
+            raise ValueError(f"k must be a whole number >= 0, not {k!r}")
         unknown = set(knobs) - set(_SEARCH_KNOBS)
         if unknown:
             raise TypeError(f"unknown search options {sorted(unknown)}; use {', '.join(_SEARCH_KNOBS)}")

@@ -162,7 +162,9 @@ class OpenIndex:
         """
         if "vector_store_query_mode" not in kwargs:
             kwargs["vector_store_query_mode"] = _STORE_MODES[self.resolve_mode(None)]
-            kwargs.setdefault("alpha", self.default_alpha)
+        # The index's alpha in every hybrid query, as :meth:`search` fuses (dense and sparse
+        # ignore it); it was only applied when no mode was named.
+        kwargs.setdefault("alpha", self.default_alpha)
         kwargs.setdefault("vector_store_kwargs", {"fusion": self.fusion})
         return self.as_index().as_retriever(similarity_top_k=similarity_top_k, filters=filters, **kwargs)
 

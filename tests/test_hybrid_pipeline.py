@@ -176,3 +176,14 @@ def test_one_request_path_batches_mixed_modes(tmp_path, embedding):
         assert [{k: v for k, v in hit.items() if k != "score"} for hit in got] == \
             [{k: v for k, v in hit.items() if k != "score"} for hit in want]
         assert [hit["score"] for hit in got] == pytest.approx([hit["score"] for hit in want], abs=1e-5)
+
+
+def test_as_retriever_in_hybrid_mode_fuses_with_the_index_alpha_like_search(index_dir, embedding):
+    """The configured alpha applies to a hybrid retriever that names its mode too."""
+    index = open_index(index_dir, settings_for(embedding, alpha=0.9), embedding=embedding)
+    query = "the cat in the sea"
+    searched = [(h["node_id"], round(h["score"], 6)) for h in index.search(query, 3, mode="hybrid")]
+    retriever = index.as_retriever(similarity_top_k=3, vector_store_query_mode="hybrid")
+    assert [(h.node.node_id, round(h.score, 6)) for h in retriever.retrieve(query)] == searched
+    default = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    assert [(h["node_id"], round(h["score"], 6)) for h in default.search(query, 3, mode="hybrid")] != searched

@@ -198,3 +198,15 @@ def test_rrf_weights_ranks_by_alpha():
     a, b = [(1, 0.9), (2, 0.8)], [(2, 5.0), (3, 4.0)]
     assert [i for i, _ in fusion.rrf(a, b, alpha=0.5)][0] == 2
     assert [i for i, _ in fusion.rrf(a, b, alpha=1.0)][:2] == [1, 2]
+
+
+@pytest.mark.parametrize("k", [-1, True, 2.5])
+def test_a_k_that_is_not_a_count_is_refused_in_every_mode(tmp_path, k):
+    """Hybrid sliced its fused list with ``k``: -1 returned every hit but the last."""
+    store = make_store(tmp_path)
+    text = next(iter(TEXTS.values()))
+    vector = EMBED.get_query_embedding(text)
+    for mode in ("dense", "sparse", "hybrid"):
+        with pytest.raises(ValueError, match="k must be"):
+            store.retrieve(mode, k, embedding=vector, text=text)
+    assert store.retrieve("hybrid", 0, embedding=vector, text=text) == []
