@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import unicodedata
 
 import numpy as np
 
@@ -56,9 +57,16 @@ END;
 
 
 def query_terms(text: str) -> list[str]:
-    """The distinct, lower-cased word tokens of ``text`` that are not stop words, in order."""
+    """The distinct, lower-cased word tokens of ``text`` that are not stop words, in order.
+
+    Cut where FTS5 cuts a document's words: the text is composed first (NFC) and split before
+    lower-casing, since ``\\w`` stops at a combining mark that FTS5's tokenizer keeps inside a
+    word: an NFD "nai\\u0308ve" or "İstanbul" (lower-cased, an ``i`` and a combining dot)
+    became two terms that match nothing.
+    """
     seen: dict[str, None] = {}
-    for token in _TOKEN.findall(text.lower()):
+    for word in _TOKEN.findall(unicodedata.normalize("NFC", text)):
+        token = word.lower()
         if token not in STOP_WORDS and token not in seen:
             seen[token] = None
             if len(seen) == MAX_QUERY_TERMS:

@@ -269,3 +269,15 @@ def test_query_tokens_count_once_per_term() -> None:
     # "running" and "runs" both stem to "run": FTS5 sums the two phrases, so must we.
     assert keywords.analyse_query("running runs the Running")["run"] == 2
     assert keywords.query_terms("The cells AND cells") == sparse.query_terms("The cells AND cells")
+
+
+@pytest.mark.parametrize(
+    ("query", "expected_row"),
+    [("İstanbul", 0), ("nai\u0308ve", 1), ("naïve", 1), ("istanbul", 0)],
+)
+def test_a_query_with_the_documents_own_word_finds_it_whatever_its_combining_marks(query, expected_row):
+    """Words are cut as FTS5 cuts the documents: 'İstanbul' lower-cased (an i and a combining
+    dot) and an NFD 'nai\\u0308ve' were split into two terms by ``\\w`` and found nothing."""
+    docs = ["İstanbul is a city on the Bosporus", "nai\u0308ve bayes is a classifier", "Ankara is the capital"]
+    segment = keywords.KeywordSegment.from_texts(docs)
+    assert [row for _, row, _ in keywords.search([segment], [None], query, 5)] == [expected_row]
