@@ -444,6 +444,29 @@ def compact(
 
 
 @app.command()
+def restore(
+    index: IndexOpt,
+    version: Annotated[int, typer.Option(help="the kept version to make live again (see INDEX/versions)")],
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Roll the index back to a kept older version: a new version equal to it becomes live (the
+    versions after it stay on disk as long as versions are kept). For a live version whose
+    files are damaged (`verify` names them), or an ingest to undo."""
+    _setup(verbose)
+    from pipelines.maintenance import restore_index
+
+    try:
+        live = restore_index(index, version)
+    except Exception as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        out.print_json(json.dumps({"restored": version, "version": live}))
+    else:
+        out.print(f"restored version {version}: live version {live}")
+
+
+@app.command()
 def migrate(index: IndexOpt, verbose: VerboseOpt = False) -> None:
     """Rewrite an index of the old layout (a full copy per version) as segments now; the next
     write would do it anyway. Older versions stay readable until they are collected."""

@@ -63,8 +63,9 @@ class IndexCorruptedError(HtpIndexError):
         """The standard error naming the damaged file and the way out."""
         return cls(
             f"{path} is corrupted: {problem}. Open an older version with "
-            "FaissVectorStore.open(PATH, version=N) (see PATH/versions; `.restore()` makes it "
-            "live again), or rebuild the index with `htp-index rebuild --index PATH`",
+            "FaissVectorStore.open(PATH, version=N) (see PATH/versions; `htp-index restore "
+            "--index PATH --version N` makes it live again), or rebuild the index with "
+            "`htp-index rebuild --index PATH`",
             path=path,
         )
 

@@ -1,6 +1,6 @@
 """Index maintenance a person runs: merge segments, migrate an old layout, verify every byte.
 
-Writers (`compact`, `migrate`) take the same writer lock as ingest and rebuild, so they never
+Writers (`compact`, `migrate`, `restore`) take the same writer lock as ingest and rebuild, so they never
 race one; `verify` only reads. None of them loads the encoder.
 """
 
@@ -46,6 +46,16 @@ def compact_index(
             persist.collect_garbage_now(index_dir, keep_versions)
         after_deleted = store.manifest.tombstones if store.manifest else 0
         return CompactStats(merges, before, store.segment_count, deleted - after_deleted, version)
+
+
+def restore_index(index_dir: Path, version: int, *, lock_timeout: float = 600.0, keep_versions: int = 3) -> int:
+    """Make a kept older ``version`` live again (a roll-back, e.g. when the live version's files
+    are damaged): commits a new version equal to it; returns the new version's number."""
+    with index_lock(index_dir, lock_timeout):
+        if not FaissVectorStore.exists(index_dir):
+            raise IndexNotFoundError.at(index_dir)
+        store = FaissVectorStore.open(index_dir, version=version, use_gpu=False, keep_versions=keep_versions)
+        return store.restore()
 
 
 def migrate_index(index_dir: Path, *, lock_timeout: float = 600.0) -> int | None:

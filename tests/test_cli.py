@@ -118,6 +118,13 @@ def test_verify_compact_and_migrate(env):
     path.write_bytes(bytes(data))
     bad = runner.invoke(app, ["verify", "--index", "idx"])
     assert bad.exit_code == 1 and "vectors.faiss" in bad.output and "sha256" in bad.output
+    # Roll back to the version before the compaction: its segments were never touched.
+    live = compacted["version"]
+    restored = run_json("restore", "--index", "idx", "--version", str(live - 1))
+    assert restored == {"restored": live - 1, "version": live + 1}
+    assert run_json("verify", "--index", "idx")["ok"]
+    assert run_json("query", "the bird", "--index", "idx", "-k", "1")["results"][0]["doc_id"] == "more.txt"
+    assert runner.invoke(app, ["restore", "--index", "idx", "--version", "99"]).exit_code != 0
 
     import numpy as np
 
