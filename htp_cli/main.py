@@ -423,15 +423,19 @@ def compact(
     index: IndexOpt,
     due_only: Annotated[bool, typer.Option("--due-only", help="run only the merges the merge policy has due (what ingest does, plus those too big to run inside a commit) instead of merging everything")] = False,
     as_json: JsonOpt = False,
+    config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Merge the index's segments and drop deleted rows, as one new version (the old one
-    serves until the switch). Ingest already merges small segments when the policy asks."""
+    serves until the switch). Ingest already merges small segments when the policy asks.
+    Versions are kept and the writer lock waited for as the settings say (`keep_versions`,
+    `lock_timeout`)."""
     _setup(verbose)
+    settings = _settings(config)
     from pipelines.maintenance import compact_index
 
     try:
-        stats = compact_index(index, everything=not due_only)
+        stats = compact_index(index, settings, everything=not due_only)
     except Exception as exc:
         raise _fail(exc) from exc
     if as_json:
@@ -448,16 +452,18 @@ def restore(
     index: IndexOpt,
     version: Annotated[int, typer.Option(help="the kept version to make live again (see INDEX/versions)")],
     as_json: JsonOpt = False,
+    config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Roll the index back to a kept older version: a new version equal to it becomes live (the
     versions after it stay on disk as long as versions are kept). For a live version whose
     files are damaged (`verify` names them), or an ingest to undo."""
     _setup(verbose)
+    settings = _settings(config)
     from pipelines.maintenance import restore_index
 
     try:
-        live = restore_index(index, version)
+        live = restore_index(index, version, settings)
     except Exception as exc:
         raise _fail(exc) from exc
     if as_json:
@@ -467,14 +473,15 @@ def restore(
 
 
 @app.command()
-def migrate(index: IndexOpt, verbose: VerboseOpt = False) -> None:
+def migrate(index: IndexOpt, config: ConfigOpt = None, verbose: VerboseOpt = False) -> None:
     """Rewrite an index of the old layout (a full copy per version) as segments now; the next
     write would do it anyway. Older versions stay readable until they are collected."""
     _setup(verbose)
+    settings = _settings(config)
     from pipelines.maintenance import migrate_index
 
     try:
-        version = migrate_index(index)
+        version = migrate_index(index, settings)
     except Exception as exc:
         raise _fail(exc) from exc
     out.print("already in the segment layout" if version is None else f"migrated: version {version} is live")

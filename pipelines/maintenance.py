@@ -12,6 +12,7 @@ from pathlib import Path
 from indexes import FaissVectorStore, IndexNotFoundError, persist, verify
 
 from .lock import index_lock
+from .settings import Settings, load_settings
 
 
 @dataclass(frozen=True)
@@ -25,17 +26,21 @@ class CompactStats:
     version: int
 
 
-def _open(index_dir: Path, keep_versions: int = 3) -> FaissVectorStore:
+def _open(index_dir: Path, keep_versions: int) -> FaissVectorStore:
     if not FaissVectorStore.exists(index_dir):
         raise IndexNotFoundError.at(index_dir)
     return FaissVectorStore.open(index_dir, use_gpu=False, keep_versions=keep_versions)
 
 
 def compact_index(
-    index_dir: Path, *, everything: bool = True, lock_timeout: float = 600.0, keep_versions: int = 3
+    index_dir: Path, settings: Settings | None = None, *, everything: bool = True
 ) -> CompactStats:
     """Merge the index's segments and drop deleted rows (all of them with ``everything``,
-    otherwise only the merges the policy has due), committing one new version."""
+    otherwise only the merges the policy has due), committing one new version. ``settings``
+    (default: loaded as every command loads them) give ``keep_versions`` and
+    ``lock_timeout``: the clean-up after the commit keeps as many versions as ingest does."""
+    settings = settings or load_settings()
+    lock_timeout, keep_versions = settings.lock_timeout, settings.keep_versions
     with index_lock(index_dir, lock_timeout):
         store = _open(index_dir, keep_versions)
         before = store.segment_count
@@ -48,24 +53,26 @@ def compact_index(
         return CompactStats(merges, before, store.segment_count, deleted - after_deleted, version)
 
 
-def restore_index(index_dir: Path, version: int, *, lock_timeout: float = 600.0, keep_versions: int = 3) -> int:
+def restore_index(index_dir: Path, version: int, settings: Settings | None = None) -> int:
     """Make a kept older ``version`` live again (a roll-back, e.g. when the live version's files
     are damaged): commits a new version equal to it; returns the new version's number."""
-    with index_lock(index_dir, lock_timeout):
+    settings = settings or load_settings()
+    with index_lock(index_dir, settings.lock_timeout):
         if not FaissVectorStore.exists(index_dir):
             raise IndexNotFoundError.at(index_dir)
-        store = FaissVectorStore.open(index_dir, version=version, use_gpu=False, keep_versions=keep_versions)
+        store = FaissVectorStore.open(index_dir, version=version, use_gpu=False, keep_versions=settings.keep_versions)
         return store.restore()
 
 
-def migrate_index(index_dir: Path, *, lock_timeout: float = 600.0) -> int | None:
+def migrate_index(index_dir: Path, settings: Settings | None = None) -> int | None:
     """Rewrite an index of the format-1 layout as segments; returns the new version, or None
     when the index already has segments."""
-    with index_lock(index_dir, lock_timeout):
+    settings = settings or load_settings()
+    with index_lock(index_dir, settings.lock_timeout):
         manifest = FaissVectorStore.read_manifest(index_dir)
         if manifest.format_version >= 2:
             return None
-        return _open(index_dir).migrate()
+        return _open(index_dir, settings.keep_versions).migrate()
 
 
 def verify_index(index_dir: Path, version: int | None = None) -> dict[str, int]:

@@ -98,6 +98,8 @@ class OpenIndex:
     rerank_passage_tokens: int = 256
     #: ``use_gpu``/``gpus``/``gpu_shard`` the store was opened with (LlamaIndex's copy gets the same)
     placement: dict[str, Any] = field(default_factory=dict)
+    #: versions a commit through this index keeps (the settings' ``keep_versions``)
+    keep_versions: int = 3
     _warned: bool = field(default=False, repr=False)
 
     @property
@@ -143,7 +145,8 @@ class OpenIndex:
                 f"{self.path}: the open store has changes that are not persisted; call "
                 "`store.persist()` before using the index through LlamaIndex (as_index/as_retriever)"
             )
-        adapter = FaissVectorStore.open(self.path, version=self.store.version, **self.placement)
+        adapter = FaissVectorStore.open(self.path, version=self.store.version, keep_versions=self.keep_versions,
+                                        **self.placement)
         self.store = adapter
         return adapter
 
@@ -272,7 +275,7 @@ def open_index(
     # The store first, and its encoder from it: reading the manifest separately could pair a
     # version with the encoder of the one a concurrent rebuild just replaced.
     placement = settings.faiss_placement()
-    store = SegmentStore.open(path, **placement)
+    store = SegmentStore.open(path, keep_versions=settings.keep_versions, **placement)
     recorded = store.encoder
     if encoder is None or not index_accepts(path, recorded, encoder.identity()):
         # Loaded from the record, the encoder can still differ: other weights saved under the
@@ -283,4 +286,4 @@ def open_index(
     return OpenIndex(path, store, encoder, default_mode=settings.query_mode,
                      default_alpha=settings.alpha, fusion=settings.fusion, default_rerank=settings.rerank,
                      rerank_depth=settings.rerank_depth, rerank_passage_tokens=settings.rerank_passage_tokens,
-                     placement=placement)
+                     placement=placement, keep_versions=settings.keep_versions)

@@ -131,7 +131,7 @@ def run_job(job: Job) -> None:
     elif job.kind == "compact":
         from pipelines.maintenance import compact_index
 
-        compact_index(Path(job.index), lock_timeout=30)
+        compact_index(Path(job.index), settings.model_copy(update={"lock_timeout": 30}))
     else:
         raise ValueError(job.kind)
     if job.calls_file:

@@ -134,3 +134,22 @@ def test_verify_compact_and_migrate(env):
     migrated = runner.invoke(app, ["migrate", "--index", "old"])
     assert migrated.exit_code == 0 and "version 2" in migrated.output
     assert run_json("info", "--index", "old")["format"] == 2
+
+
+def test_maintenance_commands_keep_the_versions_the_settings_ask_for(env, monkeypatch):
+    """keep_versions = 6: ingest keeps six versions, and compact (even with nothing to merge)
+    must not prune them to a default of its own."""
+    from indexes import persist
+
+    monkeypatch.setenv("HTP_INDEX_KEEP_VERSIONS", "6")
+    source = write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    for i in range(4):
+        (source / f"more{i}.txt").write_text(f"the bird {i} sang in the tree .")
+        run_json("ingest", "src", "--index", "idx")
+    before = persist.list_versions(env / "idx")
+    assert len(before) == 5
+    run_json("compact", "--index", "idx")
+    run_json("compact", "--index", "idx")  # nothing left to merge: only the clean-up runs
+    after = persist.list_versions(env / "idx")
+    assert set(before) <= set(after) and len(after) == 6
