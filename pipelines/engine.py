@@ -438,11 +438,19 @@ class IndexSession:
         items = list(iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20)))
         readable = [item for item in items if isinstance(item, SourceDocument)]
         split = self.split(readable)
-        return RebuildPlan(
-            index_kind or live.index_kind, split,
-            {doc.doc_id: doc.content_hash for doc in readable if doc.doc_id not in split.errors},
-            {item.doc_id: item.error for item in items if isinstance(item, SourceError)},
-        )
+        hashes = {doc.doc_id: doc.content_hash for doc in readable if doc.doc_id not in split.errors}
+        errors = {item.doc_id: item.error for item in items if isinstance(item, SourceError)}
+        # As in ingest, a document that fails keeps the version indexed before: its stored
+        # nodes go into the new version (re-embedded), where they were dropped silently.
+        indexed = live.doc_hashes()
+        for failures in (errors, split.errors):
+            for doc_id in [d for d in failures if d in indexed]:
+                nodes = live.get_nodes(node_ids=live.ref_doc_node_ids(doc_id))
+                if nodes:
+                    split.by_doc[doc_id] = [_fresh_node(node) for node in nodes]  # type: ignore[arg-type]
+                    hashes[doc_id] = indexed[doc_id]
+                    failures[doc_id] += "; its indexed version is kept"
+        return RebuildPlan(index_kind or live.index_kind, split, hashes, errors)
 
     def write_rebuild(self, plan: RebuildPlan, embedded: Iterable[EmbeddedBatch]) -> RunStats:
         """Build the new version beside the live one as batches arrive, verify it, and switch

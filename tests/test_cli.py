@@ -153,3 +153,21 @@ def test_maintenance_commands_keep_the_versions_the_settings_ask_for(env, monkey
     run_json("compact", "--index", "idx")  # nothing left to merge: only the clean-up runs
     after = persist.list_versions(env / "idx")
     assert set(before) <= set(after) and len(after) == 6
+
+
+def test_rebuild_from_source_keeps_a_document_it_cannot_read(env):
+    """As ingest does, a rebuild from a source keeps the indexed version of a document whose
+    file can no longer be read (it was left out of the new version without a word)."""
+    source = write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    (source / "sea.md").write_bytes("fish swam in the sea . caf\xe9 .".encode("latin-1"))
+    kept = run_json("ingest", "src", "--index", "idx", code=3)
+    assert kept["failed"] == 1 and run_json("info", "--index", "idx")["count"] == 3
+    rebuilt = run_json("rebuild", "--index", "idx", "--source", "src", "--index-kind", "flat", code=3)
+    assert rebuilt["failed"] == 1 and "kept" in json.dumps(rebuilt["errors"])
+    assert run_json("info", "--index", "idx")["count"] == 3
+    hits = run_json("query", "fish swam in the sea", "--index", "idx", "-k", "3")["results"]
+    assert "sea.md" in {hit["doc_id"] for hit in hits}
+    (source / "sea.md").unlink()  # a document gone from the source is gone from the rebuild
+    run_json("rebuild", "--index", "idx", "--source", "src")
+    assert run_json("info", "--index", "idx")["count"] == 2
