@@ -434,7 +434,8 @@ class IndexSession:
         """The nodes to re-embed: the stored ones as they are, or the re-read, re-split source."""
         live = self.live_store
         if source is None:
-            return RebuildPlan(index_kind or live.index_kind, SplitNodes(stored_documents(live)), live.doc_hashes())
+            return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), SplitNodes(stored_documents(live)),
+                               live.doc_hashes())
         items = list(iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20)))
         readable = [item for item in items if isinstance(item, SourceDocument)]
         split = self.split(readable)
@@ -450,7 +451,17 @@ class IndexSession:
                     split.by_doc[doc_id] = [_fresh_node(node) for node in nodes]  # type: ignore[arg-type]
                     hashes[doc_id] = indexed[doc_id]
                     failures[doc_id] += "; its indexed version is kept"
-        return RebuildPlan(index_kind or live.index_kind, split, hashes, errors)
+        return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), split, hashes, errors)
+
+    def _rebuild_kind(self, asked: str | None, live_kind: str) -> str:
+        """The kind a rebuild writes: the one asked for, else one the settings set explicitly
+        (htp-index.toml, ``HTP_INDEX_INDEX_KIND``: what ingest refuses a mismatch with, naming
+        rebuild), else the live index's."""
+        if asked:
+            return asked
+        if "index_kind" in self.settings.model_fields_set:
+            return self.settings.index_kind
+        return live_kind
 
     def write_rebuild(self, plan: RebuildPlan, embedded: Iterable[EmbeddedBatch]) -> RunStats:
         """Build the new version beside the live one as batches arrive, verify it, and switch
@@ -474,7 +485,7 @@ class IndexSession:
         from the old version a batch at a time. The encoder is loaded only to embed the
         pseudo-queries of a new correction."""
         old = self.live_store
-        new = self._create_store(index_kind or old.index_kind, dim=old.dim, encoder=old.encoder)
+        new = self._create_store(self._rebuild_kind(index_kind, old.index_kind), dim=old.dim, encoder=old.encoder)
         corrected = old.correction is not None
         if corrected:
             new.set_correction(old.correction)

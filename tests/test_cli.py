@@ -171,3 +171,18 @@ def test_rebuild_from_source_keeps_a_document_it_cannot_read(env):
     (source / "sea.md").unlink()  # a document gone from the source is gone from the rebuild
     run_json("rebuild", "--index", "idx", "--source", "src")
     assert run_json("info", "--index", "idx")["count"] == 2
+
+
+def test_rebuild_takes_the_index_kind_the_settings_set(env, monkeypatch):
+    """index_kind set in the settings: ingest refuses the other kind and names rebuild; the
+    rebuild it names must then write that kind (it kept the old one and reported success)."""
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    monkeypatch.setenv("HTP_INDEX_INDEX_KIND", "flat")
+    refused = runner.invoke(app, ["ingest", "src", "--index", "idx", "--json"])
+    assert refused.exit_code == 1 and "rebuild" in refused.output
+    run_json("rebuild", "--index", "idx", "--keep-vectors")
+    assert run_json("info", "--index", "idx")["index_kind"] == "flat"
+    run_json("ingest", "src", "--index", "idx")
+    run_json("rebuild", "--index", "idx", "--index-kind", "hnsw")  # the flag wins over the settings
+    assert run_json("info", "--index", "idx")["index_kind"] == "hnsw"
