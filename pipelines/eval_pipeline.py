@@ -105,6 +105,7 @@ def pipeline_run(
         "ingest": {k: v for k, v in stats.to_json().items() if k != "errors"},
         "query_seconds": round(time.perf_counter() - began, 2),
         "encoder": index.encoder.describe(),
+        "model": index.encoder.config.model,  # what embedded documents and queries: the index's
         "index_kind": index.store.index_kind,
         "correction": index.store.correction_summary(),
         "mode": mode,
@@ -144,7 +145,7 @@ def evaluate_pipeline(
     means, queries = score_run(dataset.qrels, run)
     result: dict[str, Any] = {
         "dataset": dataset.name, "split": split, "method": f"pipeline:{mode}{'+rerank' if rerank else ''}",
-        "model": settings.encoder.model, **means,
+        "model": info["model"], **means,
         "queries": len(dataset.queries), "docs": len(dataset.corpus),
         "describe": f"htp-index pipeline, {mode}{' reranked' if rerank else ''} ({info['encoder']})",
         "sample": dict(dataset.notes), "pipeline": info,

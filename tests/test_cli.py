@@ -186,3 +186,19 @@ def test_rebuild_takes_the_index_kind_the_settings_set(env, monkeypatch):
     run_json("ingest", "src", "--index", "idx")
     run_json("rebuild", "--index", "idx", "--index-kind", "hnsw")  # the flag wins over the settings
     assert run_json("info", "--index", "idx")["index_kind"] == "hnsw"
+
+
+def test_eval_pipeline_reports_the_model_that_built_the_index(env, tiny_model_dir, monkeypatch):
+    """A reused index embeds with the encoder it records; the report's ``model`` said the
+    settings' model (the default one, which never ran, when none was set)."""
+    from pipelines.beir import Document, write_beir
+
+    corpus = {f"d{i}": Document(f"title {i}", f"the cat {i} sat on the mat near the dog {i} .") for i in range(10)}
+    data = write_beir(env / "beir", corpus, {"q1": "the cat 3"}, {"q1": {"d3": 1}}, split="train")
+    built = runner.invoke(app, ["eval", str(data), "--pipeline", "--index-dir", "idx", "--json"])
+    assert built.exit_code == 0, built.output
+    assert json.loads(built.stdout)["model"] == str(tiny_model_dir)
+    monkeypatch.delenv("HTP_INDEX_ENCODER__MODEL")  # the index knows its model
+    again = runner.invoke(app, ["eval", str(data), "--pipeline", "--index-dir", "idx", "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["model"] == run_json("info", "--index", "idx")["encoder"]["model"] == str(tiny_model_dir)
