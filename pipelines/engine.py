@@ -38,7 +38,7 @@ from indexes import EncoderMismatchError, FaissVectorStore, IndexNotFoundError, 
 from indexes.spec import Manifest
 from pipelines.chunking import default_chunk_size, embed_text, make_splitter, split_documents
 from pipelines.correction import fit_correction
-from pipelines.errors import IndexKindMismatchError, RebuildVerificationError
+from pipelines.errors import EmptySourceError, IndexKindMismatchError, RebuildVerificationError
 from pipelines.identity_check import expected_identity, index_accepts
 from pipelines.lock import index_lock
 from pipelines.runs import IngestPlan, RebuildPlan, RunStats, SplitNodes, plan_ingest
@@ -305,6 +305,13 @@ class IndexSession:
         """Read ``source`` and diff it against the index's document hashes."""
         items = iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20))
         plan = plan_ingest(items, self.store.doc_hashes(), delete_missing=self.settings.delete_missing)
+        if plan.deleted and not (plan.new or plan.changed or plan.unchanged or plan.errors):
+            raise EmptySourceError(
+                f"the source {source if isinstance(source, str | Path) else '(texts)'} holds no documents "
+                f"but the index at {self.index_dir} holds {len(plan.deleted)}: nothing was changed (an "
+                "unmounted or emptied folder must not delete the whole index). To empty it on purpose, "
+                f"remove {self.index_dir}, or ingest with --keep-missing to add without deleting"
+            )
         log.info("plan: %d new, %d changed, %d deleted, %d unchanged, %d unreadable",
                  len(plan.new), len(plan.changed), len(plan.deleted), len(plan.unchanged), len(plan.errors))
         return plan

@@ -20,3 +20,8 @@ class RebuildVerificationError(HtpIndexError, RuntimeError):
 
 class DocumentRejected(HtpIndexError, ValueError):
     """Raised by a reader for a document it cannot turn into text (reported, never indexed)."""
+
+
+class EmptySourceError(HtpIndexError, ValueError):
+    """A source that yields no document at all would delete every document of the index (an
+    unmounted share, an emptied folder on a scheduled run): refused, nothing changed."""

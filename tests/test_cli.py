@@ -202,3 +202,21 @@ def test_eval_pipeline_reports_the_model_that_built_the_index(env, tiny_model_di
     again = runner.invoke(app, ["eval", str(data), "--pipeline", "--index-dir", "idx", "--json"])
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["model"] == run_json("info", "--index", "idx")["encoder"]["model"] == str(tiny_model_dir)
+
+
+def test_an_empty_source_does_not_delete_the_whole_index(env):
+    """A scheduled ingest of a folder that is suddenly empty (an unmounted share) would delete
+    every document and exit 0; it is refused and the index is left as it was."""
+    import shutil
+
+    source = write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    version = run_json("info", "--index", "idx")["version"]
+    shutil.rmtree(source)
+    source.mkdir()
+    refused = runner.invoke(app, ["ingest", "src", "--index", "idx", "--json"])
+    assert refused.exit_code == 1 and "holds no documents" in refused.output
+    info = run_json("info", "--index", "idx")
+    assert (info["count"], info["version"]) == (3, version)
+    (source / "one.txt").write_text("the owl hooted at the moon .")  # one document left: deletions go ahead
+    assert run_json("ingest", "src", "--index", "idx")["deleted"] == 3
