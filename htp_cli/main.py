@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -230,17 +231,20 @@ def _parse_filters(pairs: list[str]):
 
     filters = []
     for pair in pairs:
-        for op in ("!=", ">=", "<=", "==", "=", ">", "<"):
-            if op in pair:
-                key, value = pair.split(op, 1)
-                parsed: Any = value
-                with contextlib.suppress(json.JSONDecodeError):
-                    parsed = json.loads(value)
-                filters.append(MetadataFilter(key=key.strip(), value=parsed, operator="==" if op == "=" else op))
-                break
-        else:
+        # The first operator in the text splits it (the longest one at that place): a value may
+        # hold operator characters ("title=a<=b" is title == "a<=b"), a key may not.
+        match = _FILTER.match(pair)
+        if match is None or not match["key"].strip():
             raise typer.BadParameter(f"filter {pair!r} must look like key=value, key!=value, key>3 …")
+        op, value = match["op"], match["value"]
+        parsed: Any = value
+        with contextlib.suppress(json.JSONDecodeError):
+            parsed = json.loads(value)
+        filters.append(MetadataFilter(key=match["key"].strip(), value=parsed, operator="==" if op == "=" else op))
     return MetadataFilters(filters=filters) if filters else None
+
+
+_FILTER = re.compile(r"(?P<key>.*?)(?P<op>!=|>=|<=|==|=|>|<)(?P<value>.*)\Z", re.DOTALL)
 
 
 @app.command()

@@ -220,3 +220,30 @@ def test_an_empty_source_does_not_delete_the_whole_index(env):
     assert (info["count"], info["version"]) == (3, version)
     (source / "one.txt").write_text("the owl hooted at the moon .")  # one document left: deletions go ahead
     assert run_json("ingest", "src", "--index", "idx")["deleted"] == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("title=a<=b", ("title", "==", "a<=b")),  # the first operator splits; the value keeps the rest
+        ("year>=2020", ("year", ">=", 2020)),
+        ("k!=v", ("k", "!=", "v")),
+        ("a==b", ("a", "==", "b")),
+        ('name="q=1"', ("name", "==", "q=1")),
+    ],
+)
+def test_a_cli_filter_splits_at_its_first_operator(text, expected):
+    from htp_cli.main import _parse_filters
+
+    parsed = _parse_filters([text]).filters[0]
+    assert (parsed.key, parsed.operator.value, parsed.value) == expected
+
+
+@pytest.mark.parametrize("text", ["=x", "novalue"])
+def test_a_cli_filter_without_key_or_operator_is_refused(text):
+    import typer
+
+    from htp_cli.main import _parse_filters
+
+    with pytest.raises(typer.BadParameter):
+        _parse_filters([text])
