@@ -341,6 +341,7 @@ def info(
         "created_at": manifest.created_at, "format": manifest.format_version,
         "segments": len(manifest.segments), "deleted_rows": manifest.tombstones,
         "query_modes": ["dense", "sparse", "hybrid"], "correction": correction,
+        "splitting": manifest.splitting,
         "dtype_auto": _dtype_auto(manifest.dim),
         "forward_pass": _forward_pass(manifest.encoder),
     }

@@ -119,6 +119,7 @@ class SegmentStore:
         self._keep_versions = keep_versions
         self._dirty = manifest is None
         self._correction = correction
+        self._splitting = dict(manifest.splitting) if manifest is not None and manifest.splitting else None
         self._policy = merge_policy or MergePolicy()
         flush_rows = FLUSH_ROWS if flush_rows is None else flush_rows
         if flush_rows < 1:
@@ -420,6 +421,7 @@ class SegmentStore:
             params=self._spec.params,
             segments=records,
             docs=self._docs_log(version),
+            splitting=self._splitting,
             faiss_version=faiss.__version__,
         )
 
@@ -858,6 +860,19 @@ class SegmentStore:
     def correction_summary(self) -> dict[str, Any] | None:
         """The correction's variant and what it was fitted on, for reports (None: none)."""
         return None if self._correction is None else self._correction.summary()
+
+    @property
+    def splitting(self) -> dict[str, int] | None:
+        """How the pipeline that fills this index splits documents into nodes, as it recorded
+        (None: not recorded). The store keeps it from version to version; it does not use it."""
+        return None if self._splitting is None else dict(self._splitting)
+
+    def record_splitting(self, splitting: dict[str, int]) -> None:
+        """Record how documents were split into this index's nodes (the next persist writes it)."""
+        with self._lock:
+            if splitting != self._splitting:
+                self._splitting = dict(splitting)
+                self._dirty = True
 
     def set_correction(self, correction: VectorCorrection | None) -> None:
         """Use ``correction`` from now on; only while the store is empty, since vectors already

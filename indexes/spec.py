@@ -145,12 +145,18 @@ class Manifest(BaseModel):
         default_factory=list, description="document-hash log: a base, then deltas, replayed in order"
     )
     correction: FileRecord | None = Field(None, description="correction.json beside the manifest")
+    splitting: dict[str, int] | None = Field(
+        None, description="how the pipeline split documents into nodes (chunk_size, chunk_overlap); "
+        "None: not recorded (an index written before it was)"
+    )
     faiss_version: str
     checksum: str = ""
 
     def body_checksum(self) -> str:
         """sha256 of the manifest without its own checksum field (detects edits and bit rot)."""
         exclude = {"checksum"}
+        if self.splitting is None:  # manifests written before the field keep their checksum
+            exclude.add("splitting")
         if self.format_version < 2:  # fields format 1 did not have are not part of its checksum
             exclude |= {"segments", "docs", "correction"}
         body = self.model_dump(mode="json", exclude=exclude)

@@ -38,7 +38,12 @@ from indexes import EncoderMismatchError, FaissVectorStore, IndexNotFoundError, 
 from indexes.spec import Manifest
 from pipelines.chunking import default_chunk_size, embed_text, make_splitter, split_documents
 from pipelines.correction import fit_correction
-from pipelines.errors import EmptySourceError, IndexKindMismatchError, RebuildVerificationError
+from pipelines.errors import (
+    EmptySourceError,
+    IndexKindMismatchError,
+    RebuildVerificationError,
+    SplittingMismatchError,
+)
 from pipelines.identity_check import expected_identity, index_accepts
 from pipelines.lock import index_lock
 from pipelines.runs import IngestPlan, RebuildPlan, RunStats, SplitNodes, plan_ingest
@@ -260,7 +265,41 @@ class IndexSession:
                 f"{settings.index_kind!r}, run `htp-index rebuild --index {self.index_dir} --index-kind "
                 f"{settings.index_kind} --keep-vectors` (no re-embedding)"
             )
+        self._check_splitting(store.splitting, "ingest --chunk-size …")
         return store
+
+    # ---------------------------------------------------------------- splitting
+    @property
+    def splitting(self) -> dict[str, int]:
+        """How this session splits documents into nodes: a value set explicitly (option, TOML,
+        ``HTP_INDEX_*``) wins, then the one the index recorded, then the settings' default (the
+        encoder's window): an index keeps one node size across ingests whatever a later run's
+        defaults are."""
+        settings, explicit = self.settings, self.settings.model_fields_set
+        recorded = (self.manifest.splitting if self.manifest is not None else None) or {}
+        size = ((settings.chunk_size if "chunk_size" in explicit else None) or recorded.get("chunk_size")
+                or settings.chunk_size or default_chunk_size(self.encoder))
+        overlap = settings.chunk_overlap if "chunk_overlap" in explicit else recorded.get("chunk_overlap", settings.chunk_overlap)
+        return {"chunk_size": int(size), "chunk_overlap": int(overlap)}
+
+    def _check_splitting(self, recorded: dict[str, int] | None, asked_by: str) -> None:
+        """Refuse a splitting set explicitly that differs from the one the index's nodes have:
+        applied to new documents only, it would leave one index with two node sizes."""
+        if not recorded:
+            return
+        explicit = self.settings.model_fields_set
+        asked = {name: getattr(self.settings, name) for name in ("chunk_size", "chunk_overlap")
+                 if name in explicit and getattr(self.settings, name) is not None}
+        differing = {name: value for name, value in asked.items() if recorded.get(name) != value}
+        if differing:
+            now = ", ".join(f"{name} {recorded.get(name)}" for name in differing)
+            wanted = ", ".join(f"{name} {value}" for name, value in differing.items())
+            raise SplittingMismatchError(
+                f"the index at {self.index_dir} was split with {now}; {asked_by} asks for {wanted}, "
+                "which would give it nodes of two sizes. To split every document anew, run "
+                f"`htp-index rebuild --index {self.index_dir} --source SOURCE` with that setting "
+                "(HTP_INDEX_CHUNK_SIZE / chunk_size in htp-index.toml), or drop the setting"
+            )
 
     def _expected_encoder(self, recorded: dict[str, Any]) -> dict[str, Any]:
         """The identity the store must record: this session's encoder's, or the older record it
@@ -319,8 +358,8 @@ class IndexSession:
     def split(self, docs: Sequence[SourceDocument]) -> SplitNodes:
         """Nodes of each document, sized for the encoder's window; a document that fails to
         split is reported and skipped."""
-        chunk_size = self.settings.chunk_size or default_chunk_size(self.encoder)
-        splitter = make_splitter(self.encoder.tokenize, chunk_size, self.settings.chunk_overlap)
+        splitting = self.splitting
+        splitter = make_splitter(self.encoder.tokenize, splitting["chunk_size"], splitting["chunk_overlap"])
         result = SplitNodes()
         for doc in docs:
             try:
@@ -333,6 +372,8 @@ class IndexSession:
         """Check the vectors came from the index's encoder, replace changed documents' nodes,
         add new ones, remove deleted ones, record hashes, and persist a new version."""
         store = self.store
+        if self.manifest is None and store.splitting is None:  # a new index records its splitting
+            store.record_splitting(self.splitting)
         stats = RunStats()
         stats.fail_all({error.doc_id: error.error for error in plan.errors})
         stats.fail_all(split.errors)
@@ -440,9 +481,10 @@ class IndexSession:
     def plan_rebuild(self, index_kind: str | None = None, source: Any = None) -> RebuildPlan:
         """The nodes to re-embed: the stored ones as they are, or the re-read, re-split source."""
         live = self.live_store
-        if source is None:
+        if source is None:  # the stored nodes as they were split
+            self._check_splitting(live.splitting, "a rebuild from the stored nodes")
             return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), SplitNodes(stored_documents(live)),
-                               live.doc_hashes())
+                               live.doc_hashes(), splitting=live.splitting)
         items = list(iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20)))
         readable = [item for item in items if isinstance(item, SourceDocument)]
         split = self.split(readable)
@@ -458,7 +500,7 @@ class IndexSession:
                     split.by_doc[doc_id] = [_fresh_node(node) for node in nodes]  # type: ignore[arg-type]
                     hashes[doc_id] = indexed[doc_id]
                     failures[doc_id] += "; its indexed version is kept"
-        return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), split, hashes, errors)
+        return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), split, hashes, errors, self.splitting)
 
     def _rebuild_kind(self, asked: str | None, live_kind: str) -> str:
         """The kind a rebuild writes: the one asked for, else one the settings set explicitly
@@ -474,6 +516,8 @@ class IndexSession:
         """Build the new version beside the live one as batches arrive, verify it, and switch
         to it atomically."""
         new = self._create_store(plan.index_kind)
+        if plan.splitting:
+            new.record_splitting(plan.splitting)
         stats = RunStats()
         stats.fail_all(plan.errors)
         stats.fail_all(plan.nodes.errors)
@@ -493,6 +537,9 @@ class IndexSession:
         pseudo-queries of a new correction."""
         old = self.live_store
         new = self._create_store(self._rebuild_kind(index_kind, old.index_kind), dim=old.dim, encoder=old.encoder)
+        self._check_splitting(old.splitting, "a rebuild keeping the vectors")
+        if old.splitting:
+            new.record_splitting(old.splitting)
         corrected = old.correction is not None
         if corrected:
             new.set_correction(old.correction)

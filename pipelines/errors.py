@@ -25,3 +25,8 @@ class DocumentRejected(HtpIndexError, ValueError):
 class EmptySourceError(HtpIndexError, ValueError):
     """A source that yields no document at all would delete every document of the index (an
     unmounted share, an emptied folder on a scheduled run): refused, nothing changed."""
+
+
+class SplittingMismatchError(HtpIndexError, ValueError):
+    """An option asks an existing index to split documents otherwise than its nodes were split
+    (only a rebuild from the source re-splits them all)."""

@@ -137,3 +137,5 @@ class RebuildPlan:
     nodes: SplitNodes
     hashes: dict[str, str]
     errors: dict[str, str] = field(default_factory=dict)
+    #: how the nodes were split, to record in the new version (None: not known)
+    splitting: dict[str, int] | None = None

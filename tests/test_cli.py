@@ -247,3 +247,32 @@ def test_a_cli_filter_without_key_or_operator_is_refused(text):
 
     with pytest.raises(typer.BadParameter):
         _parse_filters([text])
+
+
+def test_an_index_keeps_one_node_size_and_refuses_another_without_a_rebuild(env, monkeypatch):
+    """The splitting is recorded with the index: a later run without the setting splits new
+    documents the same way, an explicitly different one is refused (it was accepted and applied
+    to changed documents only: one index, two node sizes), and rebuild --source re-splits all."""
+    from pipeline_helpers import long_doc
+
+    write_docs(env / "src", {"long.txt": long_doc(40), "other.txt": long_doc(40, seed=3)})
+    run_json("ingest", "src", "--index", "idx")
+    info = run_json("info", "--index", "idx")
+    at_48 = info["count"]
+    assert info["splitting"]["chunk_size"] == 48 and at_48 > 4
+
+    refused = runner.invoke(app, ["ingest", "src", "--index", "idx", "--chunk-size", "400", "--json"])
+    assert refused.exit_code == 1 and "rebuild" in refused.output and "--source" in refused.output
+    assert run_json("info", "--index", "idx")["count"] == at_48
+
+    monkeypatch.delenv("HTP_INDEX_CHUNK_SIZE")  # no setting: the recorded size, not the default
+    (env / "src" / "third.txt").write_text(long_doc(40, seed=5))
+    run_json("ingest", "src", "--index", "idx")
+    assert run_json("info", "--index", "idx")["splitting"]["chunk_size"] == 48
+
+    monkeypatch.setenv("HTP_INDEX_CHUNK_SIZE", "400")
+    assert runner.invoke(app, ["rebuild", "--index", "idx", "--keep-vectors", "--json"]).exit_code == 1
+    run_json("rebuild", "--index", "idx", "--source", "src")
+    info = run_json("info", "--index", "idx")
+    assert info["splitting"]["chunk_size"] == 400 and info["count"] < at_48
+    run_json("ingest", "src", "--index", "idx")  # the recorded size now: nothing to refuse
