@@ -334,3 +334,18 @@ def test_changes_made_against_an_older_version_conflict_instead_of_rolling_back_
     assert FaissVectorStore.current_version(store.path) == restored > second
     assert {n.node_id for n in FaissVectorStore.open(store.path).all_nodes()} == {"a", "c"}
     assert {n.node_id for n in FaissVectorStore.open(store.path, version=second).all_nodes()} == {"a", "b"}
+
+
+def test_a_manifest_written_before_the_splitting_field_still_opens(tmp_path):
+    """Manifests of earlier releases have no ``splitting`` key: their checksum must still hold."""
+    store = new_store(tmp_path)
+    store.add(make_nodes(unit_rows(np.random.default_rng(0), 4, store.dim)))
+    version = store.persist()
+    path = persist_module.version_dir(store.path, version) / "manifest.json"
+    body = json.loads(path.read_text())
+    assert body.pop("splitting") is None
+    path.write_text(json.dumps(body))
+    assert FaissVectorStore.open(store.path).count == 4
+    store.record_splitting({"chunk_size": 48, "chunk_overlap": 0})
+    store.persist()
+    assert FaissVectorStore.open(store.path).splitting == {"chunk_size": 48, "chunk_overlap": 0}
