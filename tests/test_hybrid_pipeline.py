@@ -187,3 +187,19 @@ def test_as_retriever_in_hybrid_mode_fuses_with_the_index_alpha_like_search(inde
     assert [(h.node.node_id, round(h.score, 6)) for h in retriever.retrieve(query)] == searched
     default = open_index(index_dir, settings_for(embedding), embedding=embedding)
     assert [(h["node_id"], round(h["score"], 6)) for h in default.search(query, 3, mode="hybrid")] != searched
+
+
+def test_query_settings_asking_for_another_encoder_are_named_in_a_warning(index_dir, embedding, caplog):
+    """Queries use the index's recorded encoder; settings asking for another one do nothing
+    here, which is said rather than passed over."""
+    settings = settings_for(embedding)
+    settings = settings.model_copy(update={"encoder": settings.encoder.model_copy(update={"method": "vanilla"})})
+    settings.encoder.model_fields_set.add("method")
+    with caplog.at_level("WARNING", logger="pipelines.query"):
+        index = open_index(index_dir, settings, embedding=embedding)
+    assert "method='vanilla'" in caplog.text and "rebuild" in caplog.text
+    assert index.encoder.config.method == "htp"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipelines.query"):
+        open_index(index_dir, settings_for(embedding), embedding=embedding)
+    assert "rebuild" not in caplog.text
