@@ -139,7 +139,7 @@ def ingest(
     k: KOpt = None,
     device: DeviceOpt = None,
     index_kind: KindOpt = None,
-    chunk_size: Annotated[int | None, typer.Option(help="tokens per node (default: fill the encoder window)")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="tokens per node (default: what the index recorded, else fill the encoder window; another size than the index's needs rebuild --source)")] = None,
     keep_missing: Annotated[bool, typer.Option("--keep-missing", help="append-only: keep documents that vanished from the source")] = False,
     task_runner: Annotated[str | None, typer.Option(help="run as a Prefect flow with this task runner: 'thread', 'dask' (local worker processes), 'dask=N' (N of them) or 'dask=tcp://HOST:8786' (a running cluster)")] = None,
     as_json: JsonOpt = False,

@@ -536,8 +536,8 @@ class IndexSession:
         from the old version a batch at a time. The encoder is loaded only to embed the
         pseudo-queries of a new correction."""
         old = self.live_store
-        new = self._create_store(self._rebuild_kind(index_kind, old.index_kind), dim=old.dim, encoder=old.encoder)
         self._check_splitting(old.splitting, "a rebuild keeping the vectors")
+        new = self._create_store(self._rebuild_kind(index_kind, old.index_kind), dim=old.dim, encoder=old.encoder)
         if old.splitting:
             new.record_splitting(old.splitting)
         corrected = old.correction is not None
