@@ -1,7 +1,7 @@
 """Index maintenance a person runs: merge segments, migrate an old layout, verify every byte.
 
-Writers (`compact`, `migrate`, `restore`) take the same writer lock as ingest and rebuild, so they never
-race one; `verify` only reads. None of them loads the encoder.
+Writers (`compact`, `migrate`, `restore`) take the same writer lock as ingest and rebuild, so
+they never race one; `verify` only reads. None of them loads the encoder.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ class CompactStats:
     version: int
 
 
-def _open(index_dir: Path, keep_versions: int) -> FaissVectorStore:
+def _open(index_dir: Path, keep_versions: int, version: int | None = None) -> FaissVectorStore:
     if not FaissVectorStore.exists(index_dir):
         raise IndexNotFoundError.at(index_dir)
-    return FaissVectorStore.open(index_dir, use_gpu=False, keep_versions=keep_versions)
+    return FaissVectorStore.open(index_dir, version=version, use_gpu=False, keep_versions=keep_versions)
 
 
 def compact_index(
@@ -58,10 +58,7 @@ def restore_index(index_dir: Path, version: int, settings: Settings | None = Non
     are damaged): commits a new version equal to it; returns the new version's number."""
     settings = settings or load_settings()
     with index_lock(index_dir, settings.lock_timeout):
-        if not FaissVectorStore.exists(index_dir):
-            raise IndexNotFoundError.at(index_dir)
-        store = FaissVectorStore.open(index_dir, version=version, use_gpu=False, keep_versions=settings.keep_versions)
-        return store.restore()
+        return _open(index_dir, settings.keep_versions, version).restore()
 
 
 def migrate_index(index_dir: Path, settings: Settings | None = None) -> int | None:
