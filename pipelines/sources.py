@@ -165,7 +165,7 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, dict
     size = path.stat().st_size
     if size > max_bytes:
         raise DocumentRejected(
-            f"file is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.0f} MiB limit "
+            f"file is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.3g} MiB limit "
             "(raise max_document_mb to index it)"
         )
     suffix = path.suffix.lower()
@@ -218,15 +218,26 @@ def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[S
 
 
 def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:
-    """BEIR-style records ``{"_id", "title", "text", ...}``; one bad line is one error."""
+    """BEIR-style records ``{"_id", "title", "text", ...}``; one bad line is one error.
+
+    A line is read up to ``max_bytes``: a longer one is never held whole. Its record is refused
+    under its ``_id`` when that lies within the part read (:func:`record_id_in_prefix`), so the
+    version indexed before is kept, as for any other document that fails."""
     seen: set[str] = set()
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in enumerate(iter(lambda: handle.readline(max_bytes + 1), b""), start=1):
             where = f"{path.name}:{number}"
             if not raw.strip():
                 continue
             if len(raw) > max_bytes:
-                yield SourceError(id_prefix + where, f"line is over the {max_bytes / 2**20:.0f} MiB limit")
+                _skip_rest_of_line(handle, raw)
+                limit = f"line {number} is over the {max_bytes / 2**20:.3g} MiB limit"
+                doc_id = record_id_in_prefix(raw)
+                if doc_id is None or id_prefix + doc_id in seen:
+                    yield SourceError(id_prefix + where, limit)
+                else:
+                    seen.add(id_prefix + doc_id)
+                    yield SourceError(id_prefix + doc_id, f"{limit}; its indexed version is kept")
                 continue
             try:
                 record = json.loads(decode_text(raw))
@@ -256,6 +267,55 @@ def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_
             if title:
                 metadata["title"] = title
             yield SourceDocument(full_id, text, metadata)
+
+
+def _skip_rest_of_line(handle: Any, read: bytes) -> None:
+    """Read past the end of a line of which ``read`` was the start, a chunk at a time."""
+    while not read.endswith(b"\n"):
+        read = handle.readline(2**20)
+        if not read:
+            return
+
+
+def record_id_in_prefix(prefix: bytes) -> str | None:
+    """The ``_id`` (else ``id``) of the JSON object a line starts with, read from those of its
+    top-level members that lie whole within ``prefix`` (the line cut short); None when neither
+    does. Members are decoded one by one, so a key ``_id`` inside a value is never taken."""
+    text = prefix.decode("utf-8-sig", errors="ignore")
+    decoder = json.JSONDecoder()
+    found: dict[str, str] = {}
+    at = _skip_space(text, 0)
+    if text[at : at + 1] != "{":
+        return None
+    at += 1
+    while True:
+        at = _skip_space(text, at)
+        if text[at : at + 1] != '"':
+            break
+        try:
+            key, at = json.decoder.scanstring(text, at + 1)
+            at = _skip_space(text, at)
+            if text[at : at + 1] != ":":
+                break
+            value, at = decoder.raw_decode(text, _skip_space(text, at + 1))
+        except json.JSONDecodeError:  # the member the line was cut in (or a malformed one)
+            break
+        if key in ("_id", "id") and isinstance(value, str | int) and not isinstance(value, bool):
+            found.setdefault(key, str(value).strip())
+            if key == "_id":
+                break
+        at = _skip_space(text, at)
+        if text[at : at + 1] != ",":
+            break
+        at += 1
+    doc_id = found["_id"] if "_id" in found else found.get("id")
+    return doc_id or None
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    return at
 
 
 def iter_texts(texts: Iterable[str] | Mapping[str, str]) -> Iterator[SourceItem]:

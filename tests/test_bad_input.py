@@ -132,3 +132,56 @@ def test_a_jsonl_record_that_fails_keeps_its_previously_indexed_version(tmp_path
     second = ingest(source, tmp_path / "idx", settings, embedding=embedding)
     assert second.failed == 1 and second.deleted == 0
     assert [(e["doc_id"], "corpus.jsonl:1" in e["error"]) for e in second.errors] == [("a", True)]
+
+
+def test_a_jsonl_line_over_the_size_limit_keeps_its_previously_indexed_version(tmp_path, embedding):
+    """A record grown past ``max_document_mb`` is refused under its ``_id`` (read from the
+    start of the line, never the whole line), so its indexed version stays, and the next line
+    is read as usual."""
+    from pipeline_helpers import settings_for
+
+    from pipelines.ingest import ingest
+
+    source = tmp_path / "corpus.jsonl"
+    good = [{"_id": "a", "text": "the cat sat on the mat ."}, {"_id": "b", "text": "fish swam in the sea ."}]
+    source.write_text("\n".join(json.dumps(r) for r in good), encoding="utf-8")
+    settings = settings_for(embedding).model_copy(update={"max_document_mb": 0.01})
+    assert ingest(source, tmp_path / "idx", settings, embedding=embedding).added == 2
+    grown = [{"_id": "a", "text": "the cat sat on the mat . " * 2000}, good[1]]
+    source.write_text("\n".join(json.dumps(r) for r in grown), encoding="utf-8")
+    second = ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert second.failed == 1 and second.deleted == 0 and second.unchanged == 1
+    [error] = second.errors
+    assert error["doc_id"] == "a" and "line 1 is over the 0.01 MiB limit" in error["error"]
+    assert "indexed version is kept" in error["error"]
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('{"_id": "d1", "text": "long', "d1"),
+        ('{"title": "t", "_id": 7, "text": "long', "7"),
+        ('{"metadata": {"_id": "inner"}, "id": "outer", "text": "long', "outer"),
+        ('{"id": "x", "_id": "y", "text": "long', "y"),
+        ('{"text": "long ... and the _id after it', None),
+        ('{"_id": "d1\\u00e9", "text": "\u00e9\u00e9', "d1\u00e9"),
+        ('["not", "an", "object"', None),
+        ('{"_id": "cut', None),
+        ('{"_id": true, "text": "long', None),
+    ],
+)
+def test_record_id_in_prefix_reads_only_whole_top_level_members(line, expected):
+    from pipelines.sources import record_id_in_prefix
+
+    assert record_id_in_prefix(line.encode("utf-8")) == expected
+
+
+def test_a_jsonl_line_over_the_limit_is_skipped_without_losing_the_next_line(tmp_path):
+    from pipelines.sources import SourceDocument, SourceError, iter_jsonl
+
+    path = tmp_path / "c.jsonl"
+    huge = json.dumps({"text": "x " * 5000, "_id": "late"})
+    path.write_text("\n".join([huge, json.dumps({"_id": "n", "text": "next one ."})]) + "\n", encoding="utf-8")
+    items = list(iter_jsonl(path, max_bytes=1000))
+    assert isinstance(items[0], SourceError) and items[0].doc_id == "c.jsonl:1"  # _id beyond the part read
+    assert isinstance(items[1], SourceDocument) and items[1].doc_id == "n"
