@@ -728,6 +728,7 @@ class SegmentStore:
                 _live_rows(parts),
                 keyword_parts=keyword_parts,
                 shared_centroids=self._shared_centroids(),
+                row_files=[(p.reader.folder / segments.ROWS_FILE, p.deleted) for p in parts],
             )
             merged[group[0]] = LiveSegment.of(
                 written.reader, self._spec, self._placement, staging=written.staging
