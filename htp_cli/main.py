@@ -240,8 +240,20 @@ def _parse_filters(pairs: list[str]):
         parsed: Any = value
         with contextlib.suppress(json.JSONDecodeError):
             parsed = json.loads(value)
-        filters.append(MetadataFilter(key=match["key"].strip(), value=parsed, operator="==" if op == "=" else op))
+        key, operator = match["key"].strip(), "==" if op == "=" else op
+        if operator in ("==", "!=") and not isinstance(parsed, str) and _scalar(parsed):
+            # title=1984 must find the text "1984" (JSONL and file metadata are text) as well
+            # as the number: == matches either, != neither.
+            both = [MetadataFilter(key=key, value=parsed, operator=operator),
+                    MetadataFilter(key=key, value=value, operator=operator)]
+            filters.append(MetadataFilters(filters=both, condition="or" if operator == "==" else "and"))
+        else:
+            filters.append(MetadataFilter(key=key, value=parsed, operator=operator))
     return MetadataFilters(filters=filters) if filters else None
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float)
 
 
 _FILTER = re.compile(r"(?P<key>.*?)(?P<op>!=|>=|<=|==|=|>|<)(?P<value>.*)\Z", re.DOTALL)

@@ -88,6 +88,12 @@ def fuse(
     alpha = DEFAULT_ALPHA if alpha is None else float(alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be between 0 (keywords only) and 1 (dense only), not {alpha}")
+    # A side weighted 0 adds nothing to any score: its candidates would only pad the list at
+    # 0, after the other side's hits, in id order.
+    if alpha == 0.0:
+        dense = ()
+    elif alpha == 1.0:
+        sparse = ()
     if method == "convex":
         return convex(dense, sparse, alpha, floor)
     if method == "rrf":

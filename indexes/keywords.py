@@ -515,14 +515,22 @@ def _stats(segments: Sequence[KeywordSegment], text: str) -> _Stats | None:
 
 
 class _TopK:
-    """The best k (score, segment, row) seen so far, and the score to beat."""
+    """The best k (score, segment, row) seen so far, and the score to beat.
 
-    def __init__(self, k: int) -> None:
+    Equal scores are ordered by a key, the caller's stable id of each row when given (the
+    store passes faiss ids, which do not change when rows move between segments), else by
+    segment then row; the k kept are the first k in that order, so top-k is always the start
+    of top-(k+n) and the pruned search keeps the rows the exhaustive one keeps.
+    """
+
+    def __init__(self, k: int, ids: Sequence[np.ndarray] | None = None) -> None:
         self.k = k
+        self.ids = ids
         self.seeded_rows = 0
         self.scores = np.zeros(0, np.float64)
         self.segs = np.zeros(0, np.int64)
         self.rows = np.zeros(0, np.int64)
+        self.keys = np.zeros(0, np.int64)
 
     def threshold(self, extra: np.ndarray | None = None) -> float:
         """k-th best of the kept scores and ``extra`` lower bounds (-inf while fewer than k)."""
@@ -533,17 +541,33 @@ class _TopK:
 
     def add(self, seg: int, rows: np.ndarray, scores: np.ndarray) -> None:
         """Merge exact scores of a segment's rows, keeping the best k."""
+        rows = rows.astype(np.int64)
+        keys = (np.asarray(self.ids[seg], np.int64)[rows] if self.ids is not None
+                else rows + (np.int64(seg) << np.int64(40)))
         self.scores = np.concatenate([self.scores, scores])
         self.segs = np.concatenate([self.segs, np.full(rows.size, seg, np.int64)])
-        self.rows = np.concatenate([self.rows, rows.astype(np.int64)])
+        self.rows = np.concatenate([self.rows, rows])
+        self.keys = np.concatenate([self.keys, keys])
         if self.scores.size > self.k:
-            keep = np.argpartition(-self.scores, self.k - 1)[: self.k]
-            self.scores, self.segs, self.rows = self.scores[keep], self.segs[keep], self.rows[keep]
+            keep = _first_k(self.scores, self.keys, self.k)
+            self.scores, self.segs = self.scores[keep], self.segs[keep]
+            self.rows, self.keys = self.rows[keep], self.keys[keep]
 
     def result(self) -> list[tuple[int, int, float]]:
-        """Best first; ties by segment then row, so results are deterministic."""
-        order = np.lexsort((self.rows, self.segs, -self.scores))
+        """Best first; equal scores by key."""
+        order = np.lexsort((self.keys, -self.scores))
         return [(int(self.segs[i]), int(self.rows[i]), float(self.scores[i])) for i in order]
+
+
+def _first_k(scores: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k best scores, equal scores at the cut taken by ascending key."""
+    kth = np.partition(scores, scores.size - k)[scores.size - k]
+    above = np.flatnonzero(scores > kth)
+    tied = np.flatnonzero(scores == kth)
+    need = k - above.size
+    if tied.size > need:
+        tied = tied[np.argsort(keys[tied], kind="stable")[:need]]
+    return np.concatenate([above, tied])
 
 
 @dataclass
@@ -731,17 +755,19 @@ def _check(segments: Sequence[KeywordSegment], live: Sequence[np.ndarray | None]
 
 
 def search(
-    segments: Sequence[KeywordSegment], live: Sequence[np.ndarray | None], text: str, k: int
+    segments: Sequence[KeywordSegment], live: Sequence[np.ndarray | None], text: str, k: int,
+    ids: Sequence[np.ndarray] | None = None,
 ) -> list[tuple[int, int, float]]:
     """Top-k (segment position, local row, BM25 score) best first, exact, over all segments.
 
-    Rows masked False are never returned but still count in N, avgdl and df.
+    Rows masked False are never returned but still count in N, avgdl and df. Equal scores
+    are ordered by ``ids`` (each segment's stable row ids) when given, else by position.
     """
     _check(segments, live)
     stats = _stats(segments, text) if k > 0 else None
     if stats is None:
         return []
-    top = _TopK(k)
+    top = _TopK(k, ids)
     order = sorted(range(len(segments)), key=lambda i: -segments[i].rows)
     for i in order:
         mask = live[i]
@@ -754,14 +780,15 @@ def search(
 
 
 def search_exhaustive(
-    segments: Sequence[KeywordSegment], live: Sequence[np.ndarray | None], text: str, k: int
+    segments: Sequence[KeywordSegment], live: Sequence[np.ndarray | None], text: str, k: int,
+    ids: Sequence[np.ndarray] | None = None,
 ) -> list[tuple[int, int, float]]:
     """The same answer as `search` by scoring every matching row (reference for tests)."""
     _check(segments, live)
     stats = _stats(segments, text) if k > 0 else None
     if stats is None:
         return []
-    top = _TopK(k)
+    top = _TopK(k, ids)
     for i, segment in enumerate(segments):
         acc = np.zeros(segment.rows, np.float64)
         for weight, tid in zip(stats.weights, stats.ids[i], strict=True):

@@ -828,7 +828,7 @@ class SegmentStore:
         if mode != "sparse" and embedding is None:
             raise ValueError(f"{mode} search needs the query embedding")
         with self._lock:
-            allowed = self._select(filters, node_ids=node_ids or None, doc_ids=doc_ids or None)
+            allowed = self._select(filters, node_ids=node_ids, doc_ids=doc_ids)  # [] allows nothing, as in LlamaIndex
             if mode == "dense":
                 hits = self._dense_hits(np.asarray([embedding], dtype=np.float32), k, allowed, knobs)[0]
             elif mode == "sparse":
@@ -977,7 +977,7 @@ class SegmentStore:
         id_maps = [pending_ids] + [s.reader.ids for s in self._segments]
         return [
             (int(id_maps[part][row]), score)
-            for part, row, score in keywords.search(parts, masks, text, k)
+            for part, row, score in keywords.search(parts, masks, text, k, id_maps)
         ]
 
     def _similarity(self, score: float) -> float:

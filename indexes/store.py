@@ -123,10 +123,12 @@ class FaissVectorStore(SegmentStore, BasePydanticVectorStore):
             logger.warning("query without query_embedding: returning no results")
             return VectorStoreQueryResult(nodes=[], similarities=[], ids=[])
         knobs = {k: v for k, v in kwargs.items() if k in ("nprobe", "ef_search", "k_factor")}
+        # LlamaIndex's retriever sends node_ids=[] for every store that keeps the text (its own
+        # node list is empty then), meaning no restriction; [] from retrieve() allows nothing.
         found = self.retrieve(
             mode, (query.hybrid_top_k or query.similarity_top_k) if mode == "hybrid" else query.similarity_top_k,
             embedding=query.query_embedding, text=query.query_str, filters=query.filters,
-            node_ids=query.node_ids, doc_ids=query.doc_ids, alpha=query.alpha, sparse_k=query.sparse_top_k,
+            node_ids=query.node_ids or None, doc_ids=query.doc_ids, alpha=query.alpha, sparse_k=query.sparse_top_k,
             fusion_method=kwargs.get("fusion", fusion.DEFAULT_FUSION), **knobs,
         )
         return VectorStoreQueryResult(

@@ -334,7 +334,7 @@ class VectorIndex:
         else:
             sel = None
             if replica is not None and not any(v is not None for v in knobs.values()):
-                return replica.index.search(xq, k)
+                return self._verified(xq, k, *replica.index.search(xq, k), None)
         params, held = kinds.search_parameters(self.index, sel, **knobs)
         keep.extend(held)
         scores, ids = self.index.search(xq, k, params=params)
@@ -363,15 +363,16 @@ class VectorIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         # Belt and braces: whatever the structure did with the selector, never hand out an id
         # outside the allowed set, and do not come back short when more matches exist.
+        # An approximate structure comes back short when the lists or graph nodes it visits
+        # hold fewer than k rows (few rows per IVF list, nprobe tuned for k=10, tombstones):
+        # those rows are redone exactly too, as filtered ones are.
         found = ids >= 0
         if allowed is not None:
             outside = found & ~np.isin(ids, allowed)
             short = found.sum(axis=1) < min(k, len(allowed))
-        elif self._dead:
-            outside = found & np.isin(ids, self._dead_array())
-            short = np.zeros(len(ids), dtype=bool)
         else:
-            return scores, ids
+            outside = found & np.isin(ids, self._dead_array()) if self._dead else np.zeros_like(found)
+            short = found.sum(axis=1) < min(k, self.count)
         bad = outside.any(axis=1) | short
         if bad.any():
             subset = allowed if allowed is not None else self.live_ids()

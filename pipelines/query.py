@@ -168,7 +168,8 @@ class OpenIndex:
         # The index's alpha in every hybrid query, as :meth:`search` fuses (dense and sparse
         # ignore it); it was only applied when no mode was named.
         kwargs.setdefault("alpha", self.default_alpha)
-        kwargs.setdefault("vector_store_kwargs", {"fusion": self.fusion})
+        # The index's fusion too, under the caller's own store options (e.g. nprobe).
+        kwargs["vector_store_kwargs"] = {"fusion": self.fusion, **(kwargs.get("vector_store_kwargs") or {})}
         return self.as_index().as_retriever(similarity_top_k=similarity_top_k, filters=filters, **kwargs)
 
     def reranks(self, rerank: bool | None) -> bool:

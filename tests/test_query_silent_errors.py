@@ -1,0 +1,190 @@
+"""Query-side answers that used to be silently wrong while reporting success: short ANN
+results, empty id restrictions, zero-weight fusion padding, ties, the retriever's fusion
+setting and numeric-looking CLI filter values. Each test failed before its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from indexes_fixtures import ENCODER, HashingEmbedding, make_nodes
+from llama_index.core.schema import TextNode
+from llama_index.core.vector_stores.types import (
+    FilterOperator,
+    MetadataFilter,
+    MetadataFilters,
+    VectorStoreQuery,
+)
+
+from indexes import FaissVectorStore, keywords
+
+_EMB = HashingEmbedding()
+
+
+def _text_nodes(prefix: str, texts: list[str], metadata: list[dict] | None = None) -> list[TextNode]:
+    return [
+        TextNode(id_=f"{prefix}{i}", text=t, embedding=_EMB._vector(t), metadata=(metadata or [{}] * len(texts))[i])
+        for i, t in enumerate(texts)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. An unfiltered dense query on an IVF segment (with or without tombstones) came back short.
+
+
+def _ivf_store(tmp_path: Path, base: np.ndarray) -> FaissVectorStore:
+    store = FaissVectorStore.create(tmp_path / "idx", dim=base.shape[1], encoder=ENCODER,
+                                    params={"auto_ivf_rows": 2000})
+    store.add(make_nodes(base))
+    store.compact(everything=True)  # one segment of 2,500 rows: kind auto makes it IVF
+    assert store.segment_summary()[0]["structure"] == "IndexIVFFlat"
+    return store
+
+
+def test_unfiltered_dense_search_on_an_ivf_segment_with_tombstones_returns_k_live_hits(tmp_path, mixture):
+    base, queries = mixture
+    store = _ivf_store(tmp_path, base[:2500])
+    # Delete most rows (a re-ingest that replaced most documents; not compacted yet).
+    store.delete_nodes([f"n{i}" for i in range(2500) if i % 10])
+    assert store.count == 250
+    everything = MetadataFilters(filters=[MetadataFilter(key="i", value=-1, operator=FilterOperator.GT)])
+    filtered = store.retrieve("dense", 50, embedding=queries[0], filters=everything)
+    plain = store.retrieve("dense", 50, embedding=queries[0])
+    assert len(filtered) == 50  # a filter admitting every row: complete (exact redo when short)
+    # No filter at all: only the live rows of the nprobe lists probed come back (10 of 50).
+    assert len(plain) == 50
+
+
+def test_unfiltered_dense_search_on_an_ivf_segment_returns_k_when_it_holds_more(tmp_path, mixture):
+    base, queries = mixture
+    store = _ivf_store(tmp_path, base[:2500])
+    # k=100: the service's largest top_k, and the dense depth every hybrid query fuses.
+    counts = [len(store.retrieve("dense", 100, embedding=q)) for q in queries[:20]]
+    # [100, 46, 100, 80, 100, 43, ...]: nprobe is calibrated for recall@10 (2 of 64 lists here),
+    # and the probed lists hold fewer than k rows; a filter admitting every row returns 100.
+    assert counts == [100] * 20, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. An empty node_ids / doc_ids restriction in retrieve() allows nothing.
+
+
+@pytest.fixture()
+def small_store(tmp_path: Path) -> FaissVectorStore:
+    store = FaissVectorStore.create(tmp_path / "idx", dim=_EMB.dim, encoder=ENCODER)
+    store.add(_text_nodes("a", ["apple pie", "banana bread", "cherry tart"]))
+    store.persist()
+    return store
+
+
+@pytest.mark.parametrize("field", ["node_ids", "doc_ids"])
+def test_an_empty_id_restriction_allows_nothing(small_store, field):
+    """``retrieve(node_ids=[])`` allows no node, as ``search`` does (it used to mean 'all')."""
+    assert small_store.retrieve("sparse", 3, text="apple", **{field: []}) == []
+    assert small_store.retrieve("dense", 3, embedding=_EMB._vector("apple"), **{field: []}) == []
+
+
+def test_the_llamaindex_adapter_reads_an_empty_node_id_list_as_llamaindex_sends_it(small_store):
+    """LlamaIndex's retriever sends ``node_ids=[]`` for every store that keeps the text (its
+    own node list is then empty): no restriction there; ``doc_ids=[]`` still allows nothing."""
+    vector = _EMB._vector("apple")
+    query = VectorStoreQuery(query_embedding=vector, similarity_top_k=3, node_ids=[])
+    assert len(small_store.query(query).ids) == 3
+    query = VectorStoreQuery(query_embedding=vector, similarity_top_k=3, doc_ids=[])
+    assert small_store.query(query).ids == []
+
+
+def test_batch_search_and_retrieve_agree_on_an_empty_node_id_list(small_store):
+    vector = _EMB._vector("apple")
+    assert small_store.search([vector], 3, node_ids=[]) == [[]]  # holds today
+    assert small_store.retrieve("dense", 3, embedding=vector, node_ids=[]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Ties: top-k was not a prefix of top-(k+n); the pruned engine kept other tied rows than it
+#    ranked first, and than search_exhaustive (its documented reference) kept.
+
+
+def test_keyword_top_1_is_the_first_hit_of_top_8_when_scores_tie(tmp_path):
+    store = FaissVectorStore.create(tmp_path / "idx", dim=_EMB.dim, encoder=ENCODER)
+    store.add(_text_nodes("a", ["apple pie recipe"] * 3 + ["banana"] * 2))
+    store.persist()
+    store.add(_text_nodes("b", ["apple pie recipe"] * 3 + ["banana"] * 20))
+    store.persist()
+    store.add(_text_nodes("c", ["apple pie recipe"] * 2))  # pending rows
+    top8 = [row.node_id for row, _ in store.retrieve("sparse", 8, text="apple")]
+    for k in (1, 2, 3):
+        topk = [row.node_id for row, _ in store.retrieve("sparse", k, text="apple")]
+        assert topk == top8[:k], (k, topk, top8)  # k=1 gives ['b0'], top8 starts with 'c0'
+
+
+def test_pruned_keyword_search_keeps_the_same_tied_rows_as_the_exhaustive_reference():
+    segments = [keywords.KeywordSegment.from_texts(["apple pie", "banana"] * 3 + ["x"] * n) for n in (0, 5, 50)]
+    live = [None] * 3
+    for k in range(1, 9):
+        pruned = keywords.search(segments, live, "apple", k)
+        exhaustive = keywords.search_exhaustive(segments, live, "apple", k)
+        assert pruned == exhaustive, k
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Hybrid with alpha=0 ("keywords only") padded with dense-only candidates at score 0, in faiss
+#    id order rather than by any ranking.
+
+
+def test_hybrid_with_alpha_0_returns_only_keyword_matches(tmp_path):
+    store = FaissVectorStore.create(tmp_path / "idx", dim=_EMB.dim, encoder=ENCODER)
+    texts = ["zebra crossing", "zebra stripes"] + [f"filler number {i} about apples" for i in range(10)]
+    store.add(_text_nodes("n", texts))
+    embedding = _EMB._vector("filler number 9 about apples")  # densely closest: n11
+    hybrid = store.retrieve("hybrid", 5, embedding=embedding, text="zebra", alpha=0.0)
+    sparse = store.retrieve("sparse", 5, text="zebra")
+    # Got n0, n1 (1.0) then n2, n3, n4 at 0.0: padding in faiss-id order, not even dense order.
+    assert [r.node_id for r, _ in hybrid] == [r.node_id for r, _ in sparse], [(r.node_id, s) for r, s in hybrid]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. as_retriever(vector_store_kwargs=...) dropped the index's configured fusion method.
+
+
+def test_as_retriever_with_vector_store_kwargs_keeps_the_index_fusion(index_dir, embedding):
+    from pipeline_helpers import settings_for
+
+    from pipelines.query import open_index
+
+    index = open_index(index_dir, settings_for(embedding, fusion="rrf"), embedding=embedding)
+    query = "the cat in the sea"
+    searched = [(h["node_id"], round(h["score"], 6)) for h in index.search(query, 3, mode="hybrid")]
+    retriever = index.as_retriever(similarity_top_k=3, vector_store_query_mode="hybrid",
+                                   vector_store_kwargs={"nprobe": 4})
+    got = [(h.node.node_id, round(h.score, 6)) for h in retriever.retrieve(query)]
+    assert got == searched  # convex scores come back: the rrf setting was silently replaced
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The CLI's filter parser turned a numeric-looking value into a number, so string metadata
+#    such as a title "1984" could never be matched with --filter title=1984 (0 results, exit 0).
+
+
+def test_cli_filter_on_a_numeric_looking_string_value_finds_the_node(tmp_path):
+    from htp_cli.main import _parse_filters
+
+    store = FaissVectorStore.create(tmp_path / "idx", dim=_EMB.dim, encoder=ENCODER)
+    store.add(_text_nodes("b", ["a novel by orwell", "another novel"], [{"title": "1984"}, {"title": "Emma"}]))
+    filters = _parse_filters(["title=1984"])
+    hits = store.retrieve("sparse", 5, text="novel", filters=filters)
+    assert [row.node_id for row, _ in hits] == ["b0"]
+
+
+def test_cli_filter_on_a_number_still_matches_numbers_and_not_equal_excludes_both(tmp_path):
+    from htp_cli.main import _parse_filters
+
+    store = FaissVectorStore.create(tmp_path / "idx", dim=_EMB.dim, encoder=ENCODER)
+    store.add(_text_nodes("b", ["novel one", "novel two", "novel three"],
+                          [{"year": 1984}, {"year": "1984"}, {"year": 2001}]))
+    ids = lambda f: sorted(r.node_id for r, _ in store.retrieve("sparse", 5, text="novel", filters=_parse_filters(f)))  # noqa: E731
+    assert ids(["year=1984"]) == ["b0", "b1"]
+    assert ids(["year!=1984"]) == ["b2"]
+    assert ids(["year>2000"]) == ["b2"]
+    assert ids(['year="1984"']) == ["b1"]
