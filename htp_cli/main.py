@@ -131,7 +131,7 @@ def _run_with_progress(run, description: str, show: bool):
 
 @app.command()
 def ingest(
-    source: Annotated[str, typer.Argument(help="a folder (txt, md, rst, html, pdf, jsonl; recursive) or a BEIR-style .jsonl file")],
+    source: Annotated[str, typer.Argument(help="a folder (txt, md, rst, html, pdf, jsonl; recursive) or a BEIR-style .jsonl file: documents missing from it are deleted (see --keep-missing); or one document file, added or updated beside the others")],
     index: IndexOpt,
     config: ConfigOpt = None,
     model: ModelOpt = None,

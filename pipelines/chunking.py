@@ -39,7 +39,7 @@ def make_splitter(
     """A LlamaIndex sentence splitter counting tokens with the encoder's own tokenizer."""
     return SentenceSplitter(
         chunk_size=chunk_size,
-        chunk_overlap=min(chunk_overlap, chunk_size // 4),
+        chunk_overlap=min(chunk_overlap, chunk_size // 4),  # engine.MAX_OVERLAP_SHARE; old manifests may record more
         tokenizer=tokenize,
         id_func=node_id_for,
         include_metadata=True,

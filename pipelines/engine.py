@@ -41,6 +41,7 @@ from pipelines.correction import fit_correction
 from pipelines.errors import (
     EmptySourceError,
     IndexKindMismatchError,
+    MetricMismatchError,
     RebuildVerificationError,
     SplittingMismatchError,
 )
@@ -48,9 +49,11 @@ from pipelines.identity_check import expected_identity, index_accepts
 from pipelines.lock import index_lock
 from pipelines.runs import IngestPlan, RebuildPlan, RunStats, SplitNodes, plan_ingest
 from pipelines.settings import Settings, load_settings
-from pipelines.sources import SourceDocument, SourceError, iter_source
+from pipelines.sources import SourceDocument, SourceError, iter_source, single_document
 
 log = logging.getLogger(__name__)
+#: A node's overlap with the next is at most this share of its size (as the splitter caps it).
+MAX_OVERLAP_SHARE = 4
 
 Progress = Callable[[int], None]
 T = TypeVar("T")
@@ -265,6 +268,12 @@ class IndexSession:
                 f"{settings.index_kind!r}, run `htp-index rebuild --index {self.index_dir} --index-kind "
                 f"{settings.index_kind} --keep-vectors` (no re-embedding)"
             )
+        if "metric" in settings.model_fields_set and settings.metric != self.manifest.metric:
+            raise MetricMismatchError(
+                f"the index at {self.index_dir} compares vectors by {self.manifest.metric!r}; to use "
+                f"{settings.metric!r}, run `htp-index rebuild --index {self.index_dir} --keep-vectors` "
+                f"with metric = {settings.metric!r} (no re-embedding), or drop the setting"
+            )
         self._check_splitting(store.splitting, "ingest --chunk-size …")
         return store
 
@@ -280,7 +289,12 @@ class IndexSession:
         size = ((settings.chunk_size if "chunk_size" in explicit else None) or recorded.get("chunk_size")
                 or settings.chunk_size or default_chunk_size(self.encoder))
         overlap = settings.chunk_overlap if "chunk_overlap" in explicit else recorded.get("chunk_overlap", settings.chunk_overlap)
-        return {"chunk_size": int(size), "chunk_overlap": int(overlap)}
+        most = int(size) // MAX_OVERLAP_SHARE
+        if "chunk_overlap" in explicit and overlap > most:
+            raise ValueError(f"chunk_overlap {overlap} is more than 1/{MAX_OVERLAP_SHARE} of chunk_size {size}: "
+                             f"at most {most}")
+        # A default overlap is capped as the splitter caps it, so the index records what is used.
+        return {"chunk_size": int(size), "chunk_overlap": min(int(overlap), most)}
 
     def _check_splitting(self, recorded: dict[str, int] | None, asked_by: str) -> None:
         """Refuse a splitting set explicitly that differs from the one the index's nodes have:
@@ -315,9 +329,16 @@ class IndexSession:
             log.info("creating a new %s index at %s", index_kind, self.index_dir)
         return FaissVectorStore.create(
             self.index_dir, dim=dim or self.encoder.dim, encoder=encoder or self.encoder.identity(),
-            metric=self.settings.metric, index_kind=index_kind, keep_versions=self.settings.keep_versions,
+            metric=self._metric(), index_kind=index_kind, keep_versions=self.settings.keep_versions,
             overwrite=self.manifest is not None, persist_now=False, **self.settings.faiss_placement(),
         )
+
+    def _metric(self) -> str:
+        """The distance a new version uses: one set explicitly, else the live index's (a rebuild
+        used to switch an ``l2`` index to the default ``ip`` without a word)."""
+        if "metric" in self.settings.model_fields_set or self.manifest is None:
+            return self.settings.metric
+        return self.manifest.metric
 
     @property
     def live_store(self) -> FaissVectorStore:
@@ -343,17 +364,27 @@ class IndexSession:
     def plan(self, source: Any) -> IngestPlan:
         """Read ``source`` and diff it against the index's document hashes."""
         items = iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20))
-        plan = plan_ingest(items, self.store.doc_hashes(), delete_missing=self.settings.delete_missing)
-        if plan.deleted and not (plan.new or plan.changed or plan.unchanged or plan.errors):
-            raise EmptySourceError(
-                f"the source {source if isinstance(source, str | Path) else '(texts)'} holds no documents "
-                f"but the index at {self.index_dir} holds {len(plan.deleted)}: nothing was changed (an "
-                "unmounted or emptied folder must not delete the whole index). To empty it on purpose, "
-                f"remove {self.index_dir}, or ingest with --keep-missing to add without deleting"
-            )
+        delete_missing = self.settings.delete_missing
+        if delete_missing and single_document(source):
+            log.info("%s is a single document: it is added or updated, the index's others are kept", source)
+            delete_missing = False
+        plan = plan_ingest(items, self.store.doc_hashes(), delete_missing=delete_missing)
+        if plan.deleted and not (plan.new or plan.changed or plan.unchanged):
+            raise self._empty_source(source, len(plan.deleted), plan.errors)
         log.info("plan: %d new, %d changed, %d deleted, %d unchanged, %d unreadable",
                  len(plan.new), len(plan.changed), len(plan.deleted), len(plan.unchanged), len(plan.errors))
         return plan
+
+    def _empty_source(self, source: Any, indexed: int, errors: Sequence[SourceError]) -> EmptySourceError:
+        """The refusal of a source without one readable document while the index holds some."""
+        found = (f"no document that could be read ({len(errors)} unreadable, e.g. {errors[0].doc_id}: "
+                 f"{errors[0].error})" if errors else "no documents")
+        return EmptySourceError(
+            f"the source {source if isinstance(source, str | Path) else '(texts)'} holds {found} "
+            f"but the index at {self.index_dir} holds {indexed}: nothing was changed (an unmounted, "
+            "emptied or half-written source must not delete the whole index). To empty it on purpose, "
+            f"remove {self.index_dir}, or ingest with --keep-missing to add without deleting"
+        )
 
     def split(self, docs: Sequence[SourceDocument]) -> SplitNodes:
         """Nodes of each document, sized for the encoder's window; a document that fails to
@@ -487,19 +518,32 @@ class IndexSession:
                                live.doc_hashes(), splitting=live.splitting)
         items = list(iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20)))
         readable = [item for item in items if isinstance(item, SourceDocument)]
+        indexed = live.doc_hashes()
+        failed = [item for item in items if isinstance(item, SourceError)]
+        if not readable and indexed:
+            raise self._empty_source(source, len(indexed), failed)
         split = self.split(readable)
         hashes = {doc.doc_id: doc.content_hash for doc in readable if doc.doc_id not in split.errors}
-        errors = {item.doc_id: item.error for item in items if isinstance(item, SourceError)}
-        # As in ingest, a document that fails keeps the version indexed before: its stored
-        # nodes go into the new version (re-embedded), where they were dropped silently.
-        indexed = live.doc_hashes()
-        for failures in (errors, split.errors):
-            for doc_id in [d for d in failures if d in indexed]:
-                nodes = live.get_nodes(node_ids=live.ref_doc_node_ids(doc_id))
-                if nodes:
-                    split.by_doc[doc_id] = [_fresh_node(node) for node in nodes]  # type: ignore[arg-type]
-                    hashes[doc_id] = indexed[doc_id]
-                    failures[doc_id] += "; its indexed version is kept"
+        errors = {item.doc_id: item.error for item in failed}
+        # As in ingest, an indexed document that fails keeps its indexed version: its stored
+        # nodes go into the new version (re-embedded). So does one missing from the source where
+        # ingest would keep it: under an error's ``covers`` prefix (a folder that could not be
+        # listed), with --keep-missing, or beside a single-document source.
+        covered = tuple({item.covers for item in failed if item.covers is not None})
+        keep_missing = not self.settings.delete_missing or single_document(source)
+        read = {doc.doc_id for doc in readable}
+        for doc_id in indexed:
+            if doc_id in hashes:  # read and split (a repeated _id's error is not its failure)
+                continue
+            failure = errors if doc_id in errors else split.errors if doc_id in split.errors else None
+            if failure is None and (doc_id in read or not (keep_missing or doc_id.startswith(covered))):
+                continue
+            nodes = live.get_nodes(node_ids=live.ref_doc_node_ids(doc_id))
+            if nodes:
+                split.by_doc[doc_id] = [_fresh_node(node) for node in nodes]  # type: ignore[arg-type]
+                hashes[doc_id] = indexed[doc_id]
+                if failure is not None:
+                    failure[doc_id] += "; its indexed version is kept"
         return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), split, hashes, errors, self.splitting)
 
     def _rebuild_kind(self, asked: str | None, live_kind: str) -> str:
@@ -522,6 +566,16 @@ class IndexSession:
         stats.fail_all(plan.errors)
         stats.fail_all(plan.nodes.errors)
         written = self.fill(new, nodes_by_id(plan.nodes.by_doc), embedded, stats, hashes=plan.hashes)
+        unembedded = sorted(set(plan.nodes.by_doc) - written)
+        if unembedded:
+            # Switching would drop them (ingest keeps such a document's nodes; a new version has
+            # no old ones to keep): the live version stays as it is.
+            first = unembedded[0]
+            raise RebuildVerificationError(
+                f"{len(unembedded)} document(s) could not be embedded (e.g. {first}: "
+                f"{next((e['error'] for e in stats.errors if e['doc_id'] == first), 'see the log')}); the rebuild was not switched to "
+                "and the live version is unchanged. Run it again, or remove those documents first"
+            )
         expected = sum(len(plan.nodes.by_doc[doc_id]) for doc_id in written)
         verify(new, expected, self.encoder.encode_queries(["probe"])[0] if expected else None)
         stats.added = len(written)

@@ -23,8 +23,13 @@ class DocumentRejected(HtpIndexError, ValueError):
 
 
 class EmptySourceError(HtpIndexError, ValueError):
-    """A source that yields no document at all would delete every document of the index (an
-    unmounted share, an emptied folder on a scheduled run): refused, nothing changed."""
+    """A source that yields no readable document would delete every document of the index (an
+    unmounted share, an emptied folder on a scheduled run, a file caught mid-rewrite): refused,
+    nothing changed."""
+
+
+class MetricMismatchError(HtpIndexError, ValueError):
+    """An option asks an existing index for another distance than it was built with."""
 
 
 class SplittingMismatchError(HtpIndexError, ValueError):

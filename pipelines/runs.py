@@ -87,7 +87,8 @@ def plan_ingest(items: Iterable[SourceItem], known: dict[str, str], *, delete_mi
     known documents missing from the source as deleted.
 
     A document that fails to read keeps its indexed version: a broken file must not erase what
-    was good yesterday.
+    was good yesterday; so does every document under an error's ``covers`` prefix (a folder
+    that could not be listed, a JSONL line whose ``_id`` could not be read).
     """
     plan = IngestPlan()
     seen: set[str] = set()
@@ -102,7 +103,8 @@ def plan_ingest(items: Iterable[SourceItem], known: dict[str, str], *, delete_mi
         else:
             plan.unchanged.append(item.doc_id)
     if delete_missing:
-        plan.deleted = sorted(set(known) - seen)
+        covered = tuple({error.covers for error in plan.errors if error.covers is not None})
+        plan.deleted = sorted(doc_id for doc_id in set(known) - seen if not doc_id.startswith(covered))
     return plan
 
 

@@ -43,10 +43,16 @@ class SourceDocument:
 
 @dataclass(frozen=True)
 class SourceError:
-    """A document that could not be read, and why."""
+    """A document that could not be read, and why.
+
+    ``covers``: a prefix of document ids the error stands for, when the documents behind it
+    cannot be told apart (a folder that could not be listed, a JSONL line whose ``_id`` could
+    not be read); every indexed document whose id starts with it keeps its version ("" covers
+    the whole source)."""
 
     doc_id: str
     error: str
+    covers: str | None = None
 
 
 SourceItem = SourceDocument | SourceError
@@ -78,7 +84,9 @@ class _TextExtractor(HTMLParser):
     """Visible text of an HTML page (script and style dropped, block tags become newlines)."""
 
     _SKIP = {"script", "style", "noscript", "template"}
-    _BLOCK = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "section", "article"}
+    _BLOCK = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "section", "article",
+              "td", "th", "dt", "dd", "blockquote", "pre", "table", "ul", "ol", "dl", "header", "footer",
+              "nav", "aside", "main", "figure", "figcaption", "caption", "hr"}
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -86,11 +94,12 @@ class _TextExtractor(HTMLParser):
         self.title = ""
         self._skipping = 0
         self._in_title = False
+        self._titled = False  # the page's first <title> only (an <svg>'s has its own)
 
     def handle_starttag(self, tag: str, attrs: Any) -> None:
         if tag in self._SKIP:
             self._skipping += 1
-        elif tag == "title":
+        elif tag == "title" and not self._titled:
             self._in_title = True
         elif tag in self._BLOCK:
             self.parts.append("\n")
@@ -98,8 +107,9 @@ class _TextExtractor(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         if tag in self._SKIP and self._skipping:
             self._skipping -= 1
-        elif tag == "title":
+        elif tag == "title" and self._in_title:
             self._in_title = False
+            self._titled = True
         elif tag in self._BLOCK:
             self.parts.append("\n")
 
@@ -157,7 +167,26 @@ def _require_text(text: str) -> str:
     text = clean_text(text)
     if not any(unicodedata.category(ch) not in _INVISIBLE for ch in text):
         raise DocumentRejected("empty document (no visible text after reading)")
+    require_encodable(text, "text")
     return text
+
+
+def require_encodable(value: str, what: str) -> None:
+    """Refuse a string holding a lone surrogate (half of a UTF-16 pair: JSON text cut inside an
+    emoji by JavaScript, or a file name that is not UTF-8): no UTF-8 file, hash or database
+    can hold it, and it used to stop the whole run."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DocumentRejected(
+            f"{what} holds {value[exc.start:exc.end]!r} at character {exc.start}, half of a UTF-16 "
+            "surrogate pair (text cut inside an emoji, or a name that is not UTF-8); repair it"
+        ) from exc
+
+
+def printable_id(doc_id: str) -> str:
+    """``doc_id`` as UTF-8 can hold it (a name that is not UTF-8 shows its bytes as U+FFFD)."""
+    return doc_id.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, dict[str, Any]]:
@@ -176,25 +205,45 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, dict
     if suffix in HTML_SUFFIXES:
         text, title = html_to_text(text)
         if title:
+            # Searchable, as a JSONL record's title is: metadata reaches neither side.
             metadata["title"] = title
+            text = f"{title}\n\n{text}" if text.strip() else title
     return _require_text(text), metadata
 
 
 def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:
     """Every supported file below ``root`` (recursively, sorted), as documents or errors.
 
-    Symbolic links to directories are not followed (no loops); links to files are read only
-    when they resolve inside ``root``. Unsupported suffixes are reported, not silently skipped,
-    unless they are hidden files.
+    Symbolic links to directories are not followed (no loops) and are reported; links to
+    files are read only when they resolve inside ``root``. Unsupported suffixes are reported,
+    not silently skipped, unless they are hidden files. A folder that cannot be listed is
+    reported and its indexed documents are kept (``covers``); a folder holding an htp-index
+    index (e.g. ``--index`` inside the source) is not read.
     """
     root = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    unlisted: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
+        yield from _unlisted_folders(root, unlisted)
+        here = Path(dirpath)
+        kept_dirs = []
+        for name in sorted(dirnames):
+            if name.startswith(".") or _is_index(here / name):
+                continue
+            if (here / name).is_symlink():
+                yield _folder_link_error(root, here / name)
+                continue
+            kept_dirs.append(name)
+        dirnames[:] = kept_dirs
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
-            path = Path(dirpath) / name
+            path = here / name
             doc_id = path.relative_to(root).as_posix()
+            try:
+                require_encodable(doc_id, "the file's path")
+            except DocumentRejected as exc:
+                yield SourceError(printable_id(doc_id), str(exc))
+                continue
             suffix = path.suffix.lower()
             if suffix == ".jsonl":
                 yield from iter_jsonl(path, id_prefix=doc_id + "#", max_bytes=max_bytes)
@@ -215,6 +264,36 @@ def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[S
                 yield SourceError(doc_id, str(exc))
                 continue
             yield SourceDocument(doc_id, text, {**metadata, "source_path": doc_id})
+    yield from _unlisted_folders(root, unlisted)
+
+
+def _unlisted_folders(root: Path, errors: list[OSError]) -> Iterator[SourceError]:
+    """One error per folder ``os.walk`` could not list, covering the documents under it (it
+    skips such a folder without a word, and the plan then deleted its documents as gone)."""
+    while errors:
+        exc = errors.pop(0)
+        folder = Path(exc.filename) if exc.filename else root
+        relative = folder.relative_to(root).as_posix() if folder != root else ""
+        yield SourceError(
+            printable_id(relative or "."),
+            f"could not list this folder ({exc.strerror or exc}); the indexed documents under it are kept",
+            covers=f"{relative}/" if relative else "",
+        )
+
+
+def _folder_link_error(root: Path, link: Path) -> SourceError:
+    relative = link.relative_to(root).as_posix()
+    return SourceError(
+        printable_id(relative),
+        f"a link to a folder (to {os.readlink(link)}) is not followed: its documents are not read; "
+        "ingest the folder it points to as a source of its own, or copy it here",
+        covers=f"{relative}/",
+    )
+
+
+def _is_index(folder: Path) -> bool:
+    """Whether ``folder`` holds an htp-index index (its ``CURRENT`` pointer and versions)."""
+    return (folder / "CURRENT").is_file() and (folder / "versions").is_dir()
 
 
 def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:
@@ -241,12 +320,24 @@ def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_
                 continue
             try:
                 record = json.loads(decode_text(raw))
+            except (DocumentRejected, json.JSONDecodeError) as exc:
+                # A line cut short (the file rewritten while it was read) or damaged: filed under
+                # its _id when the start of the line still gives it, else under its line number,
+                # covering every record of this file, so no indexed record is deleted as gone.
+                recovered = record_id_in_prefix(raw)
+                if recovered is not None and id_prefix + recovered not in seen:
+                    seen.add(id_prefix + recovered)
+                    yield SourceError(id_prefix + recovered, f"malformed record at {where}: {exc}; "
+                                      "its indexed version is kept")
+                else:
+                    yield SourceError(id_prefix + where, f"malformed record: {exc}; no record of "
+                                      f"{path.name} is deleted until this line is fixed", covers=id_prefix)
+                continue
+            try:
                 if not isinstance(record, dict):
                     raise DocumentRejected("a JSONL line must be an object")
-                doc_id = str(record.get("_id", record.get("id", ""))).strip()
-                if not doc_id:
-                    raise DocumentRejected('record has no "_id"')
-            except (DocumentRejected, json.JSONDecodeError) as exc:
+                doc_id = _record_id(record)
+            except DocumentRejected as exc:
                 yield SourceError(id_prefix + where, f"malformed record: {exc}")
                 continue
             full_id = id_prefix + doc_id
@@ -263,10 +354,44 @@ def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_
             except DocumentRejected as exc:
                 yield SourceError(full_id, f"malformed record at {where}: {exc}")
                 continue
-            metadata = {k: v for k, v in (record.get("metadata") or {}).items() if _scalar(v)} if isinstance(record.get("metadata"), dict) else {}
+            metadata = _record_metadata(record.get("metadata"))
             if title:
                 metadata["title"] = title
+            try:
+                require_encodable(json.dumps(metadata, ensure_ascii=False), "the metadata")
+            except DocumentRejected as exc:
+                yield SourceError(full_id, f"malformed record at {where}: {exc}")
+                continue
             yield SourceDocument(full_id, text, metadata)
+
+
+def _record_id(record: dict[str, Any]) -> str:
+    """A record's ``_id`` (else ``id``): text or a whole number; null, empty or other types are
+    refused (a null id used to become the document "None")."""
+    value = record.get("_id")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        value = record.get("id")
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise DocumentRejected('record has no "_id" (text or a whole number)')
+    doc_id = str(value).strip()
+    if not doc_id:
+        raise DocumentRejected('record has no "_id" (text or a whole number)')
+    require_encodable(doc_id, "the _id")
+    return doc_id
+
+
+def _record_metadata(metadata: Any) -> dict[str, Any]:
+    """The record's metadata that filters can read: scalars and lists of scalars (tags); an
+    object inside is kept as its JSON text rather than dropped without a word."""
+    if not isinstance(metadata, dict):
+        return {}
+    kept: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if _scalar(value) or (isinstance(value, list) and all(_scalar(item) for item in value)):
+            kept[str(key)] = value
+        else:
+            kept[str(key)] = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return kept
 
 
 def _skip_rest_of_line(handle: Any, read: bytes) -> None:
@@ -356,6 +481,15 @@ def iter_folder_single(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Ite
 
 def _scalar(value: Any) -> bool:
     return isinstance(value, str | int | float | bool) or value is None
+
+
+def single_document(source: Any) -> bool:
+    """Whether ``source`` names one document file (not a folder, not a JSONL collection):
+    ingesting it adds or updates that document and deletes none of the index's others."""
+    if not isinstance(source, str | Path):
+        return False
+    path = Path(source)
+    return path.is_file() and path.suffix.lower() != ".jsonl"
 
 
 def source_label(source: Any) -> str:

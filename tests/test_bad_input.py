@@ -57,7 +57,7 @@ def bad_source(tmp_path):
     os.symlink(tmp_path / "outside.txt", source / "escape.txt")
     os.symlink(source / "loop-b.txt", source / "loop-a.txt")  # a loop of file links
     os.symlink(source / "loop-a.txt", source / "loop-b.txt")
-    os.symlink(source, source / "subdir-loop")  # a directory loop: not followed at all
+    os.symlink(source, source / "subdir-loop")  # a directory loop: reported, not followed
     return source
 
 
@@ -68,6 +68,7 @@ EXPECTED_ERRORS = {
     "escape.txt": "outside the source root",
     "loop-a.txt": "symbolic link loop",
     "loop-b.txt": "symbolic link loop",
+    "subdir-loop": "a link to a folder",
 }
 
 

@@ -77,7 +77,8 @@ def test_symlink_loops_and_links_outside_the_root_are_safe(tmp_path):
     items = by_id(iter_folder(root))
     assert isinstance(items["doc.txt"], SourceDocument)
     assert isinstance(items["escape.txt"], SourceError) and "outside the source root" in items["escape.txt"].error
-    assert not any(key.startswith("loop") for key in items)
+    assert [key for key in items if key.startswith("loop")] == ["loop"]  # reported, not followed
+    assert isinstance(items["loop"], SourceError) and "a link to a folder" in items["loop"].error
 
 
 def test_html_keeps_visible_text_and_title():
@@ -105,10 +106,12 @@ def test_jsonl_records_bad_lines_and_duplicates(tmp_path):
     errors = [i for i in items if isinstance(i, SourceError)]
     assert [d.doc_id for d in docs] == ["d1", "d3"]
     assert docs[0].text == "Title one\n\nBody one." and docs[0].metadata["title"] == "Title one"
-    assert docs[1].metadata == {"year": 2020}
+    assert docs[1].metadata == {"year": 2020, "nested": '{"x": 1}'}  # an object is kept as its JSON
     assert len(errors) == 5
     assert any("duplicate _id" in e.error for e in errors)
     assert any("corpus.jsonl:2" in e.doc_id for e in errors)
+    # a line whose _id cannot be read covers every record of the file (none deleted as gone)
+    assert [e.covers for e in errors if e.doc_id == "corpus.jsonl:2"] == [""]
 
 
 def test_texts_through_the_api():

@@ -1,0 +1,386 @@
+"""Ingest and rebuild paths that used to lose documents, index stale text or ignore a setting
+while reporting success (found by an audit; each test failed before its fix)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from pipeline_helpers import DOCS, settings_for, write_docs
+
+from indexes import FaissVectorStore
+from pipelines.errors import EmptySourceError, MetricMismatchError
+from pipelines.ingest import ingest
+from pipelines.rebuild import rebuild
+
+
+def indexed(index_dir: Path) -> set[str]:
+    return set(FaissVectorStore.open(index_dir, use_gpu=False).doc_hashes())
+
+
+def stored_text(index_dir: Path, doc_id: str) -> str:
+    store = FaissVectorStore.open(index_dir, use_gpu=False)
+    nodes = store.get_nodes(node_ids=store.ref_doc_node_ids(doc_id))
+    return " ".join(node.get_content() for node in nodes)
+
+
+# 1 ------------------------------------------------------------------------------------------
+def test_unlistable_subfolder_does_not_delete_its_documents(tmp_path, embedding, monkeypatch):
+    """os.walk skips a folder it cannot list (permission denied, a flaky network share)
+    without a word; the plan then sees its documents as gone and deletes them."""
+    source = write_docs(tmp_path / "src")
+    write_docs(source / "team", {"notes.txt": "the dog ran in the park .", "plan.md": "the sun rose over the hill ."})
+    settings = settings_for(embedding)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert {"team/notes.txt", "team/plan.md"} <= indexed(tmp_path / "idx")
+
+    real_scandir = os.scandir
+    blocked = str((source / "team").resolve())
+
+    def scandir(path="."):
+        if os.fspath(path) == blocked:
+            raise PermissionError(13, "Permission denied", blocked)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    stats = ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    monkeypatch.undo()
+    assert {"team/notes.txt", "team/plan.md"} <= indexed(tmp_path / "idx")
+    assert stats.deleted == 0 and [e["doc_id"] for e in stats.errors] == ["team"]
+    assert "could not list this folder" in stats.errors[0]["error"]
+
+
+# 2 ------------------------------------------------------------------------------------------
+def test_rebuild_from_source_keeps_the_new_text_of_a_record_whose_id_repeats(tmp_path, embedding):
+    """A JSONL whose _id repeats: 'the first one is kept' says the error; ingest does keep the
+    first record's new text, but rebuild --source treats the duplicate's error as the record's
+    own failure and swaps its new text for the stale indexed nodes (and the stale hash)."""
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [{"_id": "a", "text": "the cat sat on the mat ."}, {"_id": "b", "text": "fish swam in the sea ."}]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    settings = settings_for(embedding)
+    ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    rows[0]["text"] = "protein binds receptor . cells grew faster ."
+    rows.append({"_id": "a", "text": "a stray duplicate line ."})
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+    rebuild(tmp_path / "idx", settings, source=corpus, embedding=embedding)
+    assert "protein" in stored_text(tmp_path / "idx", "a"), stored_text(tmp_path / "idx", "a")
+
+
+def test_ingest_keeps_the_new_text_of_a_record_whose_id_repeats(tmp_path, embedding):
+    """The same input through ingest (control: this one passes)."""
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [{"_id": "a", "text": "the cat sat on the mat ."}, {"_id": "b", "text": "fish swam in the sea ."}]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    settings = settings_for(embedding)
+    ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    rows[0]["text"] = "protein binds receptor . cells grew faster ."
+    rows.append({"_id": "a", "text": "a stray duplicate line ."})
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    assert "protein" in stored_text(tmp_path / "idx", "a")
+
+
+# 3 ------------------------------------------------------------------------------------------
+def test_ingesting_one_file_does_not_delete_the_rest_of_the_index(tmp_path, embedding):
+    """`htp-index ingest notes.txt --index idx` into an index of a folder: the single file is
+    'the source', so every other document is deleted without a question (the empty-source
+    guard only looks at a source with nothing in it)."""
+    source = write_docs(tmp_path / "src")
+    settings = settings_for(embedding)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    extra = tmp_path / "more" / "notes.txt"
+    extra.parent.mkdir()
+    extra.write_text("the dog ran in the park .", encoding="utf-8")
+    stats = ingest(extra, tmp_path / "idx", settings, embedding=embedding)
+    assert set(DOCS) <= indexed(tmp_path / "idx") and "notes.txt" in indexed(tmp_path / "idx")
+    assert stats.added == 1 and stats.deleted == 0
+
+
+# 4 ------------------------------------------------------------------------------------------
+def test_a_file_name_that_is_not_utf8_fails_alone(tmp_path, embedding):
+    """A file whose name is not valid UTF-8 (copied from an old Windows/latin-1 share) must be
+    one failed document; the source promises an unreadable document 'never stops the run'."""
+    source = write_docs(tmp_path / "src")
+    with open(os.path.join(os.fsencode(source), b"caf\xe9.txt"), "w", encoding="utf-8") as fh:
+        fh.write("the moon set behind house .")
+    stats = ingest(source, tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    assert set(DOCS) <= indexed(tmp_path / "idx")
+    assert stats.failed == 1 and "not UTF-8" in stats.errors[0]["error"]
+    assert stats.errors[0]["doc_id"] == "caf\ufffd.txt"
+
+
+# 5 ------------------------------------------------------------------------------------------
+def test_a_record_with_null_id_is_rejected_not_indexed_as_None(tmp_path):
+    from pipelines.sources import SourceDocument, iter_jsonl
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"_id": None, "text": "the cat sat ."}) + "\n"
+                      + json.dumps({"_id": None, "text": "the dog ran ."}) + "\n", encoding="utf-8")
+    ids = [item.doc_id for item in iter_jsonl(corpus) if isinstance(item, SourceDocument)]
+    assert "None" not in ids, ids
+
+
+# 6 ------------------------------------------------------------------------------------------
+def test_html_title_is_searchable_text(tmp_path):
+    """chunking.to_llama_document: 'Titles are already part of the text (see sources)', so
+    metadata is kept out of the embedded text. JSONL titles are; an HTML <title> is not: it
+    only goes to metadata, which is excluded from the embedding and keyword text."""
+    from llama_index.core.schema import MetadataMode
+
+    from pipelines.chunking import make_splitter, split_documents
+    from pipelines.sources import iter_folder
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "page.html").write_text(
+        "<html><head><title>Zanzibar spice trade</title></head><body><p>It grew.</p></body></html>",
+        encoding="utf-8")
+    docs = list(iter_folder(tmp_path / "src"))
+    nodes = split_documents(docs, make_splitter(str.split, 64, 0))
+    texts = " ".join(n.get_content(metadata_mode=MetadataMode.EMBED) for n in nodes)
+    assert "Zanzibar" in texts, texts
+
+
+# 7 ------------------------------------------------------------------------------------------
+def test_rebuild_from_an_empty_source_does_not_empty_the_index(tmp_path, embedding):
+    """ingest refuses an emptied/unmounted source (EmptySourceError); rebuild --source reads
+    the same kind of source and happily switches to an empty version, exit 0."""
+    source = write_docs(tmp_path / "src")
+    settings = settings_for(embedding)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    empty = tmp_path / "mnt"
+    empty.mkdir()
+    with pytest.raises(EmptySourceError, match="holds no documents"):
+        rebuild(tmp_path / "idx", settings, source=empty, embedding=embedding)
+    assert set(DOCS) <= indexed(tmp_path / "idx")
+
+
+# 8 ------------------------------------------------------------------------------------------
+def test_rebuild_from_source_honours_delete_missing_false(tmp_path, embedding):
+    """An append-only index (delete_missing = false, `--keep-missing`) keeps documents that left
+    the source; rebuild --source drops every one of them, ignoring the setting."""
+    source = write_docs(tmp_path / "src")
+    settings = settings_for(embedding, delete_missing=False)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    (source / "cats.txt").unlink()
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert "cats.txt" in indexed(tmp_path / "idx")  # append-only, as asked
+    rebuild(tmp_path / "idx", settings, source=source, embedding=embedding)
+    assert "cats.txt" in indexed(tmp_path / "idx")
+
+
+# 9 ------------------------------------------------------------------------------------------
+def test_emptied_source_with_only_an_unsupported_file_does_not_delete_everything(tmp_path, embedding):
+    """The empty-source guard counts an unsupported file (Thumbs.db, desktop.ini, a README
+    without suffix left on a mount point) as content, so an emptied source deletes the index."""
+    source = write_docs(tmp_path / "src")
+    settings = settings_for(embedding)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    for name in DOCS:
+        (source / name).unlink()
+    (source / "Thumbs.db").write_bytes(b"\x00\x01")
+    with pytest.raises(EmptySourceError, match="no document that could be read.*Thumbs.db"):
+        ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert set(DOCS) <= indexed(tmp_path / "idx")
+
+
+# 10 -----------------------------------------------------------------------------------------
+def test_a_jsonl_line_cut_short_does_not_delete_its_record(tmp_path, embedding):
+    """A line that no longer parses (a writer appending/rewriting the file during the run, a
+    truncated copy) is reported under its line number, so the record's id is 'missing' and its
+    indexed version is deleted: the documented policy is that a broken record keeps it."""
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [json.dumps({"_id": "a", "text": "the cat sat on the mat ."}),
+            json.dumps({"_id": "b", "text": "fish swam in the sea ."})]
+    corpus.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    settings = settings_for(embedding)
+    ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    corpus.write_text(rows[0] + "\n" + rows[1][:20] + "\n", encoding="utf-8")
+    stats = ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    assert stats.failed == 1
+    assert "b" in indexed(tmp_path / "idx"), f"deleted={stats.deleted}"
+
+
+# 11 -----------------------------------------------------------------------------------------
+def test_a_symlinked_folder_is_reported_not_silently_skipped(tmp_path, embedding):
+    """Links to directories are not followed (no loops) -- but not reported either: a folder
+    of documents reached through a link is never indexed and the run says all is well."""
+    source = write_docs(tmp_path / "src")
+    shared = write_docs(tmp_path / "shared", {"policy.txt": "the dog ran in the park ."})
+    (source / "shared").symlink_to(shared, target_is_directory=True)
+    stats = ingest(source, tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    ids = indexed(tmp_path / "idx")
+    assert "shared/policy.txt" not in ids
+    assert [(e["doc_id"], "link to a folder" in e["error"]) for e in stats.errors] == [("shared", True)]
+
+
+# 12 -----------------------------------------------------------------------------------------
+def test_rebuild_does_not_drop_a_document_the_encoder_fails_on(tmp_path, embedding, monkeypatch):
+    """ingest keeps a document's previous nodes when its embedding fails; a rebuild has no old
+    nodes in its new version to keep, so it is refused and the live version stays (it used to
+    switch without the document, saying only 'could not embed')."""
+    from pipelines.errors import RebuildVerificationError
+
+    source = write_docs(tmp_path / "src")
+    settings = settings_for(embedding)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    version = FaissVectorStore.read_manifest(tmp_path / "idx").version
+    real = embedding.encoder.encode_with_stats
+
+    def fragile(texts, **kwargs):
+        if any("moon" in t for t in texts):
+            raise RuntimeError("simulated out of memory")
+        return real(texts, **kwargs)
+
+    monkeypatch.setattr(embedding.encoder, "encode_with_stats", fragile)
+    with pytest.raises(RebuildVerificationError, match="could not be embedded.*live version is unchanged"):
+        rebuild(tmp_path / "idx", settings, index_kind="flat", embedding=embedding)
+    monkeypatch.undo()
+    assert FaissVectorStore.read_manifest(tmp_path / "idx").version == version
+    assert set(DOCS) <= indexed(tmp_path / "idx")
+
+
+# 13 -----------------------------------------------------------------------------------------
+def test_chunk_overlap_is_applied_or_refused_not_silently_capped(tmp_path, embedding):
+    """An explicit chunk_overlap above a quarter of chunk_size is refused (it was capped by the
+    splitter while the manifest and `info` recorded the value asked for); one within it is
+    recorded and used as asked."""
+    source = write_docs(tmp_path / "src")
+    with pytest.raises(ValueError, match="chunk_overlap 32 is more than 1/4 of chunk_size 64"):
+        ingest(source, tmp_path / "idx", settings_for(embedding).with_overrides(chunk_size=64, chunk_overlap=32),
+               embedding=embedding)
+    ingest(source, tmp_path / "idx", settings_for(embedding).with_overrides(chunk_size=64, chunk_overlap=16),
+           embedding=embedding)
+    recorded = FaissVectorStore.read_manifest(tmp_path / "idx").splitting
+    from pipelines.chunking import make_splitter
+
+    used = make_splitter(embedding.encoder.tokenize, recorded["chunk_size"], recorded["chunk_overlap"]).chunk_overlap
+    assert recorded == {"chunk_size": 64, "chunk_overlap": 16} and used == 16
+
+
+# 14 -----------------------------------------------------------------------------------------
+def test_a_jsonl_record_with_half_an_emoji_fails_alone(tmp_path, embedding):
+    """JSON text cut inside a surrogate pair (JavaScript's substring does it: "\\ud83d") parses to
+    a lone surrogate; the content hash's utf-8 encode then raises out of the run: one bad record
+    stops the whole ingest, every run, instead of being one failed document."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"_id": "a", "text": "the cat sat on the mat ."}) + "\n"
+                      + '{"_id": "b", "text": "fish swam in the sea \\ud83d"}\n', encoding="utf-8")
+    stats = ingest(corpus, tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    assert "a" in indexed(tmp_path / "idx")
+    assert stats.failed == 1 and stats.errors[0]["doc_id"] == "b" and "surrogate" in stats.errors[0]["error"]
+
+
+# 15 -----------------------------------------------------------------------------------------
+def test_list_metadata_of_a_jsonl_record_is_kept_or_reported(tmp_path):
+    """Non-scalar metadata values (tags lists, nested objects) are dropped without a word, and
+    a change to them is not a change (the hash never sees them)."""
+    from pipelines.sources import iter_jsonl
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"_id": "a", "text": "the cat sat .", "metadata": {"tags": ["x", "y"], "year": 2020}}) + "\n",
+                      encoding="utf-8")
+    (item,) = list(iter_jsonl(corpus))
+    assert item.metadata == {"tags": ["x", "y"], "year": 2020}
+
+
+# 16 -----------------------------------------------------------------------------------------
+def test_an_index_inside_its_source_folder_is_not_read_as_documents(tmp_path, embedding):
+    """`htp-index ingest . --index idx`: the index's own files (manifests, docs log, segments)
+    are walked as source documents and each run 'fails' on them (exit 3 every time)."""
+    source = write_docs(tmp_path / "src")
+    settings = settings_for(embedding)
+    ingest(source, source / "idx", settings, embedding=embedding)
+    stats = ingest(source, source / "idx", settings, embedding=embedding)
+    assert stats.failed == 0, [e["doc_id"] for e in stats.errors]
+
+
+def test_a_jsonl_caught_mid_rewrite_does_not_empty_the_index(tmp_path, embedding):
+    """The same guard, more likely: the exporter rewrites corpus.jsonl (truncate, write) while
+    the scheduled ingest reads it; one half-written line is 'content', so every record goes."""
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [json.dumps({"_id": str(i), "text": text}) for i, text in enumerate(DOCS.values())]
+    corpus.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    settings = settings_for(embedding)
+    ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    corpus.write_text(rows[0][:15], encoding="utf-8")  # the rewrite, caught after 15 bytes
+    with pytest.raises(EmptySourceError, match="no document that could be read"):
+        ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    assert {"0", "1", "2"} <= indexed(tmp_path / "idx")
+    # Caught later, with whole records before the cut: the cut one is refused, none deleted.
+    corpus.write_text("\n".join(rows[:2]) + "\n" + rows[2][:15], encoding="utf-8")
+    stats = ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    assert {"0", "1", "2"} <= indexed(tmp_path / "idx") and stats.deleted == 0
+    assert [e["doc_id"] for e in stats.errors] == ["2"]
+
+
+# 17 -----------------------------------------------------------------------------------------
+def test_html_table_cells_stay_separate_words():
+    """<td>/<th>/<dt>/<dd> are not block tags for the extractor: adjacent cells are glued into
+    one token ('aspirin100mg'), so neither keyword nor dense search finds 'aspirin'."""
+    from pipelines.sources import html_to_text
+
+    text, _ = html_to_text("<table><tr><td>aspirin</td><td>100mg</td></tr></table>")
+    assert "aspirin" in text.split(), text
+
+
+# 18 -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("keep_vectors", [False, True])
+def test_rebuild_keeps_the_metric_the_index_was_built_with(tmp_path, embedding, keep_vectors):
+    """An index built with metric = "l2": a later `htp-index rebuild --index-kind flat` (or
+    --keep-vectors) without the setting writes the new version with the default metric "ip"
+    (_create_store takes settings.metric, not the live index's), and says nothing."""
+    source = write_docs(tmp_path / "src")
+    ingest(source, tmp_path / "idx", settings_for(embedding, metric="l2"), embedding=embedding)
+    assert FaissVectorStore.read_manifest(tmp_path / "idx").metric == "l2"
+    rebuild(tmp_path / "idx", settings_for(embedding), index_kind="flat", embedding=embedding,
+            keep_vectors=keep_vectors)
+    assert FaissVectorStore.read_manifest(tmp_path / "idx").metric == "l2"
+
+
+def test_an_explicit_metric_other_than_the_index_is_refused_at_ingest(tmp_path, embedding):
+    """index_kind set explicitly and different is refused naming rebuild; metric used to be
+    ignored (the index kept 'ip', the run reported success)."""
+    source = write_docs(tmp_path / "src")
+    ingest(source, tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    (source / "new.txt").write_text("the dog ran in the park .", encoding="utf-8")
+    with pytest.raises(MetricMismatchError, match="rebuild"):
+        ingest(source, tmp_path / "idx", settings_for(embedding, metric="l2"), embedding=embedding)
+    assert FaissVectorStore.read_manifest(tmp_path / "idx").metric == "ip"
+
+
+def test_a_jsonl_line_without_a_readable_id_keeps_every_record_of_its_file(tmp_path, embedding):
+    """A damaged line whose _id cannot be read could be any record: none of the file's records
+    is deleted as gone while it is there (the error says so); once fixed, deletions resume."""
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [json.dumps({"_id": str(i), "text": text}) for i, text in enumerate(DOCS.values())]
+    corpus.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    settings = settings_for(embedding)
+    ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    corpus.write_text(rows[0] + "\n" + '{"text": "a record cut before its id \n', encoding="utf-8")
+    stats = ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    assert stats.deleted == 0 and {"0", "1", "2"} <= indexed(tmp_path / "idx")
+    assert "no record of corpus.jsonl is deleted until this line is fixed" in stats.errors[0]["error"]
+    corpus.write_text(rows[0] + "\n", encoding="utf-8")
+    assert ingest(corpus, tmp_path / "idx", settings, embedding=embedding).deleted == 2
+
+
+def test_rebuild_from_a_source_with_an_unlistable_folder_keeps_its_documents(tmp_path, embedding, monkeypatch):
+    source = write_docs(tmp_path / "src")
+    write_docs(source / "team", {"notes.txt": "the dog ran in the park ."})
+    settings = settings_for(embedding)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    real_scandir, blocked = os.scandir, str((source / "team").resolve())
+
+    def scandir(path="."):
+        if os.fspath(path) == blocked:
+            raise PermissionError(13, "Permission denied", blocked)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    stats = rebuild(tmp_path / "idx", settings, source=source, embedding=embedding)
+    monkeypatch.undo()
+    assert "team/notes.txt" in indexed(tmp_path / "idx") and stats.failed == 1
