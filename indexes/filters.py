@@ -11,9 +11,12 @@ Semantics follow LlamaIndex's reference implementation (``build_metadata_filter_
 * ``LT``/``LTE``/``GT``/``GTE`` compare numbers numerically and strings by code point; a type
   mismatch (where Python would raise) simply does not match;
 * list or object metadata values never equal a scalar;
+* ``CONTAINS`` matches a list value holding the scalar (same type rules as ``EQ``), ``ANY``
+  one holding at least one of a list of scalars, ``ALL`` one holding every one of them (lists
+  such as a JSONL record's ``tags``);
 * conditions ``AND`` and ``OR`` nest to any depth; ``NOT`` matches when no sub-filter matches.
 
-Operators outside that set (``ANY``, ``ALL``, ``CONTAINS``, ``TEXT_MATCH``, ``IS_EMPTY``…)
+Operators outside that set (``TEXT_MATCH``, ``IS_EMPTY``…)
 raise `UnsupportedFilterError` rather than being silently ignored.
 """
 
@@ -41,6 +44,9 @@ SUPPORTED_OPERATORS = frozenset(
         FilterOperator.LTE,
         FilterOperator.GT,
         FilterOperator.GTE,
+        FilterOperator.CONTAINS,
+        FilterOperator.ANY,
+        FilterOperator.ALL,
     }
 )
 _COMPARE = {
@@ -105,6 +111,13 @@ def _leaf(f: MetadataFilter, column: str, params: list[Any]) -> str:
 
 def _positive(key: str, op: FilterOperator, value: Any, column: str, params: list[Any]) -> str:
     path = _path(key)
+    if op in (FilterOperator.ANY, FilterOperator.ALL):
+        if not isinstance(value, list) or not value:
+            raise UnsupportedFilterError(f"{op.name} on key {key!r} needs a non-empty list of values")
+        join = " OR " if op == FilterOperator.ANY else " AND "
+        return "(" + join.join(_contains(key, item, column, params) for item in value) + ")"
+    if op == FilterOperator.CONTAINS:
+        return _contains(key, value, column, params)
     value_sql = f"json_extract({column}, ?)"
     type_sql = f"json_type({column}, ?)"
     if op in (FilterOperator.IN, FilterOperator.NIN):
@@ -125,3 +138,13 @@ def _positive(key: str, op: FilterOperator, value: Any, column: str, params: lis
     sql_op = "=" if op == FilterOperator.EQ else _COMPARE[op]
     params.extend([path, path, value])
     return f"coalesce(({type_sql} {guard} AND {value_sql} {sql_op} ?), 0)"
+
+
+def _contains(key: str, value: Any, column: str, params: list[Any]) -> str:
+    """The key's value is a list holding ``value`` (strings match strings, numbers numbers)."""
+    if isinstance(value, list | dict) or value is None:
+        raise UnsupportedFilterError(f"CONTAINS on key {key!r} looks for one text or number")
+    guard = "= 'text'" if isinstance(value, str) else f"IN {_NUMERIC_TYPES}"
+    params.extend([_path(key), _path(key), value])
+    return (f"coalesce((json_type({column}, ?) = 'array' AND EXISTS (SELECT 1 FROM "
+            f"json_each({column}, ?) AS item WHERE item.type {guard} AND item.value = ?)), 0)")

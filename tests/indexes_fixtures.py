@@ -165,6 +165,10 @@ def _reference_leaf(value: Any, f: MetadataFilter) -> bool:
         return not _reference_leaf(value, f.model_copy(update={"operator": FilterOperator.IN}))
     if value is None or target is None:
         return False
+    if op in (FilterOperator.CONTAINS, FilterOperator.ANY, FilterOperator.ALL):
+        wanted = [target] if op == FilterOperator.CONTAINS else target
+        held = [isinstance(value, list) and any(_same_kind(v, t) and v == t for v in value) for t in wanted]
+        return any(held) if op == FilterOperator.ANY else all(held)
     if op == FilterOperator.IN:
         return _scalar(value) and any(_same_kind(value, t) and value == t for t in target)
     if not _same_kind(value, target):

@@ -38,6 +38,10 @@ def metadata_rows() -> list[dict]:
             row["year"] = str(row["year"])  # a string where others hold numbers
         if i % 17 == 0:
             row["tags"] = ["a", "b"]
+        elif i % 19 == 0:
+            row["tags"] = ["b", 3, True]
+        elif i % 23 == 0:
+            row["tags"] = "a"  # a scalar where others hold lists
         if i % 5 == 0:
             row["flag"] = bool(i % 2)
         rows.append(row)
@@ -73,6 +77,13 @@ CASES = {
     "gte_float": group(F("score", 0.75, Op.GTE)),
     "lt_str": group(F("lang", "en", Op.LT)),
     "gt_on_list_key": group(F("tags", "a", Op.GT)),
+    "contains_str": group(F("tags", "a", Op.CONTAINS)),
+    "contains_number": group(F("tags", 3, Op.CONTAINS)),
+    "contains_number_as_text": group(F("tags", "3", Op.CONTAINS)),
+    "any": group(F("tags", ["a", "zz"], Op.ANY)),
+    "any_numbers": group(F("tags", [3, 7], Op.ANY)),
+    "all": group(F("tags", ["a", "b"], Op.ALL)),
+    "not_contains": group(F("tags", "b", Op.CONTAINS), condition=FilterCondition.NOT),
     "missing_key": group(F("nope", 1)),
     "missing_key_ne": group(F("nope", 1, Op.NE)),
     "and": group(F("year", 2000, Op.GTE), F("lang", "en")),
@@ -177,14 +188,14 @@ def test_deleted_nodes_never_match_a_filter(tmp_path):
 @pytest.mark.parametrize(
     "bad",
     [
-        group(F("tags", ["a"], Op.ANY)),
-        group(F("tags", "a", Op.CONTAINS)),
+        group(F("tags", "a", Op.ANY)),
+        group(F("tags", ["a"], Op.CONTAINS)),
         group(F("lang", "e", Op.TEXT_MATCH)),
         group(F("lang", ["en"], Op.EQ)),
         group(F("lang", "en", Op.IN)),
         group(F('we"ird', 1)),
     ],
-    ids=["any", "contains", "text_match", "eq_list", "in_scalar", "quote_in_key"],
+    ids=["any_scalar", "contains_list", "text_match", "eq_list", "in_scalar", "quote_in_key"],
 )
 def test_unsupported_filters_raise_a_clear_error(filtered_store, bad):
     store, _, _ = filtered_store
