@@ -23,6 +23,7 @@ from htp_embed.config import DEFAULT_MODEL, METHODS, EncoderConfig, KPolicy
 # and the command line do, should not pay for them.
 _LAZY = {
     "EmptyTextError": "htp_embed.encoder",
+    "NonFiniteVectorsError": "htp_embed.encoder",
     "Encoded": "htp_embed.encoder",
     "EncoderStats": "htp_embed.encoder",
     "HTPEncoder": "htp_embed.encoder",
@@ -34,7 +35,13 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from htp_embed.encoder import EmptyTextError, Encoded, EncoderStats, HTPEncoder
+    from htp_embed.encoder import (
+        EmptyTextError,
+        Encoded,
+        EncoderStats,
+        HTPEncoder,
+        NonFiniteVectorsError,
+    )
     from htp_embed.identity import EncoderIdentity, config_from_identity
     from htp_embed.models import PACKAGED_MODELS, ModelNotAvailableError, load_model
 
@@ -62,6 +69,7 @@ __all__ = [
     "HTPEncoder",
     "KPolicy",
     "ModelNotAvailableError",
+    "NonFiniteVectorsError",
     "config_from_identity",
     "load_model",
 ]

@@ -71,6 +71,10 @@ SHORT_BATCH_WIDTH = 128
 PREFIX_AGREEMENT = 0.999
 
 
+class NonFiniteVectorsError(ValueError):
+    """The decoder's hidden states overflowed: no vector is returned rather than NaNs."""
+
+
 class EmptyTextError(ValueError):
     """A text is empty or whitespace-only: there is nothing to embed."""
 
@@ -151,6 +155,9 @@ class HTPEncoder:
                 attention_kernel=config.attention_kernel if own_pass else None,
             )
             self.dtype = getattr(torch, self.dtype_decision.dtype)
+        if (decoder is None) != (tokenizer is None):
+            # One without the other used to load config.model and drop the one passed, silently.
+            raise ValueError("pass a decoder together with its tokenizer (or neither, to load config.model)")
         model = decoder
         if model is None or tokenizer is None:
             if self.method.needs_sentences:
@@ -210,12 +217,16 @@ class HTPEncoder:
     def with_method(self, method: str, **overrides: Any) -> HTPEncoder:
         """A sibling encoder sharing this one's weights, for side-by-side measurement.
 
-        Overriding ``dtype`` or ``device`` loads the weights again instead: converting shared
-        weights in place would change this encoder too.
+        Overriding ``dtype`` or ``device``, or what is loaded and how (``model``, ``cache_dir``,
+        ``implementation``, ``packed_linear``, ``attention_kernel``), loads the weights again
+        instead: converting shared weights in place would change this encoder too, and sharing
+        them would report another model's name over these weights.
         """
         config = EncoderConfig(**{**self.config.model_dump(), "method": method, **overrides})
         device = resolve_device(config.device)
-        if device != self.device or (config.dtype != "auto" and resolve_dtype(config.dtype, device) != self.dtype):
+        reloads = ("model", "cache_dir", "implementation", "packed_linear", "attention_kernel")
+        if (device != self.device or (config.dtype != "auto" and resolve_dtype(config.dtype, device) != self.dtype)
+                or any(getattr(config, name) != getattr(self.config, name) for name in reloads)):
             return HTPEncoder(config)
         return HTPEncoder(config, decoder=self.model, tokenizer=self.tokenizer)
 
@@ -504,6 +515,13 @@ class HTPEncoder:
                 vectors = at_positions(hidden, batch.readout)
             else:
                 vectors = masked_mean(hidden, batch.pool)
+            if not bool(torch.isfinite(vectors).all()):
+                # float16 overflows in Gemma's middle layers: vectors of NaN used to come back
+                # without a word (an index refuses them only when they are added).
+                raise NonFiniteVectorsError(
+                    f"{self.model_name} gave vectors with NaN or infinite values in "
+                    f"{_dtype_name(self.dtype)} (its activations overflow); use dtype bfloat16 or float32"
+                )
             return l2_normalise(vectors).cpu().numpy()
 
     def _decoder_pass(self, embeds: torch.Tensor, attention_mask: torch.Tensor, batch: _Batch,

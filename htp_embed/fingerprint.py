@@ -22,7 +22,8 @@ is never chosen automatically.) Names and shapes are hashed with the values, in 
 otherwise reads only the rows a forward pass touches. The digest is computed once per
 checkpoint and kept in ``fingerprints.json`` under the cache directory (``$HTP_INDEX_CACHE``),
 keyed by the checkpoint directory and the path, size, mtime and inode of its weight files, so
-re-saving the directory invalidates it. Models not loaded from a directory (built in code) are
+re-saving the directory invalidates it. Only models htp-index loaded itself use the cache; a
+decoder passed in by the caller (built in code, or changed in memory after it was read) is
 hashed directly; any model is hashed at most once per process.
 
 Indexes written before this recorded the architecture part alone (16 hex digits);
@@ -146,7 +147,12 @@ def _cached_weights_digest(model: torch.nn.Module, cache_dir: Path | None) -> st
 
     The files are those stated when the model was loaded (`remember_checkpoint`), so weights
     saved over the directory later are never taken for the ones this model holds."""
-    key, files = getattr(model, _CHECKPOINT_ATTRIBUTE, None) or checkpoint_key(_source_of(model))
+    recorded = getattr(model, _CHECKPOINT_ATTRIBUTE, None)
+    if recorded is None:
+        # Not loaded by htp-index (a caller's decoder, maybe changed in memory since it was
+        # read): its own weights are hashed, and never cached under a directory's files.
+        return weights_digest(model)
+    key, files = recorded if recorded[0] is not None else checkpoint_key(_source_of(model))
     if key is None:
         return weights_digest(model)
     cache_path = _cache_dir(cache_dir) / CACHE_FILE
@@ -160,11 +166,11 @@ def _cached_weights_digest(model: torch.nn.Module, cache_dir: Path | None) -> st
 
 
 def remember_checkpoint(model: torch.nn.Module, key: tuple[str | None, list[list[Any]]]) -> None:
-    """Record on a model the `checkpoint_key` its files had when it was loaded. A model not
-    named by a directory (a packaged name) records nothing and is keyed by the directory it
-    was read from (``name_or_path``), so its digest still comes from the cache."""
-    if key[0] is not None:
-        setattr(model, _CHECKPOINT_ATTRIBUTE, key)
+    """Record on a model htp-index loaded the `checkpoint_key` its files had then. A model not
+    named by a directory (a packaged name) records no key and is keyed by the directory it was
+    read from (``name_or_path``), so its digest still comes from the cache. Only models marked
+    here use the cache at all."""
+    setattr(model, _CHECKPOINT_ATTRIBUTE, key)
 
 
 def checkpoint_key(source: str) -> tuple[str | None, list[list[Any]]]:

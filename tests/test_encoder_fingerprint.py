@@ -61,15 +61,25 @@ def test_bf16_and_float32_loads_share_a_fingerprint_and_other_weights_do_not(mod
 
 
 def test_the_digest_is_cached_per_checkpoint_and_invalidated_by_a_new_save(model_dir, monkeypatch):
+    from htp_embed import HTPEncoder
+
     hashed = []
     real = fp.weights_digest
     monkeypatch.setattr(fp, "weights_digest", lambda model: hashed.append(1) or real(model))
-    first = fp.model_fingerprint(AutoModel.from_pretrained(str(model_dir)))
-    again = fp.model_fingerprint(AutoModel.from_pretrained(str(model_dir), dtype=torch.bfloat16))
+
+    def fingerprint(dtype: str) -> str:
+        encoder = HTPEncoder(model=str(model_dir), dtype=dtype, segmenter="sentencizer", show_progress=False)
+        return encoder.identity()["model_fingerprint"]
+
+    first = fingerprint("float32")
+    again = fingerprint("bfloat16")  # another load (another dtype) of the same files
     assert first == again and len(hashed) == 1  # the second load read the cache
     save_other_weights(model_dir)
-    assert fp.model_fingerprint(AutoModel.from_pretrained(str(model_dir))) != first
+    assert fingerprint("float32") != first
     assert len(hashed) == 2
+    # A decoder the caller loaded (and may have changed) is hashed itself, never from the cache.
+    assert fp.model_fingerprint(AutoModel.from_pretrained(str(model_dir))) != first
+    assert len(hashed) == 3
 
 
 def test_an_index_refuses_queries_and_ingests_from_other_weights_in_the_same_directory(model_dir, tmp_path):
