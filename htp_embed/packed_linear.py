@@ -21,7 +21,10 @@ not public API, so nothing here trusts them blindly:
 * a packed layer hands any call it was not packed for (another dtype or device, autograd) to
   ``F.linear`` on the original weight, which it keeps: parameter names, the weights' fingerprint
   and ``state_dict`` do not change; a weight replaced or changed in place is packed again
-  before its next use, and so is a copied or unpickled layer.
+  before its next use, and so is a copied or unpickled layer. An edit through ``.data`` bumps
+  no version counter and is not seen (nor by the norms' cached scale, the prefix cache or the
+  fingerprint, which is taken once per model): an encoder's weights are not to change under
+  it; build a new ``HTPEncoder`` on a changed model instead.
 
 The packed copies cost memory once more the decoder layers' projection weights (~200 MB for
 Gemma3-270M in bfloat16); the original weights are then only read again by ``state_dict``.
