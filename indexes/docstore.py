@@ -124,10 +124,8 @@ class NodeStore:
     @staticmethod
     def write_file(path: Path, rows: Iterable[NodeRow]) -> None:
         """Write ``rows`` (in the order given) as a new database file and fsync it."""
-        conn = sqlite3.connect(str(path))
+        conn = _new_file(path)
         try:
-            conn.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
-            conn.executescript(_SCHEMA)
             conn.executemany(
                 "INSERT INTO nodes(faiss_id, node_id, ref_doc_id, text, metadata, node_type, "
                 "node_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -139,11 +137,7 @@ class NodeStore:
             conn.commit()
         finally:
             conn.close()
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
 
     @staticmethod
     def copy_files(path: Path, sources: Sequence[tuple[Path, np.ndarray]]) -> np.ndarray | None:
@@ -159,10 +153,8 @@ class NodeStore:
         """
         if not all(Path(source).is_file() for source, _ in sources):
             return None
-        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=rwc", uri=True)
+        conn = _new_file(path)
         try:
-            conn.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
-            conn.executescript(_SCHEMA)
             conn.execute("CREATE TEMP TABLE skipped (faiss_id INTEGER PRIMARY KEY)")
             for source, skip in sources:
                 try:
@@ -186,11 +178,7 @@ class NodeStore:
             )
         finally:
             conn.close()
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
         return written
 
     def iter_rows(self, batch: int = 4096, lock: Any = None) -> Iterator[NodeRow]:
@@ -388,3 +376,19 @@ class NodeStore:
     def close(self) -> None:
         """Release the in-memory database."""
         self._conn.close()
+
+
+def _new_file(path: Path) -> sqlite3.Connection:
+    """A new rows database at ``path``, written once: no journal, synced as a whole after."""
+    conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=rwc", uri=True)
+    conn.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

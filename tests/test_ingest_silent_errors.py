@@ -53,10 +53,11 @@ def test_unlistable_subfolder_does_not_delete_its_documents(tmp_path, embedding,
 
 
 # 2 ------------------------------------------------------------------------------------------
-def test_rebuild_from_source_keeps_the_new_text_of_a_record_whose_id_repeats(tmp_path, embedding):
-    """A JSONL whose _id repeats: 'the first one is kept' says the error; ingest does keep the
-    first record's new text, but rebuild --source treats the duplicate's error as the record's
-    own failure and swaps its new text for the stale indexed nodes (and the stale hash)."""
+@pytest.mark.parametrize("run", ["rebuild", "ingest"])
+def test_the_new_text_of_a_record_whose_id_repeats_is_indexed(tmp_path, embedding, run):
+    """A JSONL whose _id repeats: 'the first one is kept' says the error, and ingest keeps the
+    first record's new text; rebuild --source took the duplicate's error for the record's own
+    failure and swapped its new text for the stale indexed nodes (and the stale hash)."""
     corpus = tmp_path / "corpus.jsonl"
     rows = [{"_id": "a", "text": "the cat sat on the mat ."}, {"_id": "b", "text": "fish swam in the sea ."}]
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -65,22 +66,10 @@ def test_rebuild_from_source_keeps_the_new_text_of_a_record_whose_id_repeats(tmp
     rows[0]["text"] = "protein binds receptor . cells grew faster ."
     rows.append({"_id": "a", "text": "a stray duplicate line ."})
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-    rebuild(tmp_path / "idx", settings, source=corpus, embedding=embedding)
-    assert "protein" in stored_text(tmp_path / "idx", "a"), stored_text(tmp_path / "idx", "a")
-
-
-def test_ingest_keeps_the_new_text_of_a_record_whose_id_repeats(tmp_path, embedding):
-    """The same input through ingest (control: this one passes)."""
-    corpus = tmp_path / "corpus.jsonl"
-    rows = [{"_id": "a", "text": "the cat sat on the mat ."}, {"_id": "b", "text": "fish swam in the sea ."}]
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    settings = settings_for(embedding)
-    ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
-    rows[0]["text"] = "protein binds receptor . cells grew faster ."
-    rows.append({"_id": "a", "text": "a stray duplicate line ."})
-    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    if run == "rebuild":
+        rebuild(tmp_path / "idx", settings, source=corpus, embedding=embedding)
+    else:
+        ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
     assert "protein" in stored_text(tmp_path / "idx", "a")
 
 
