@@ -294,6 +294,16 @@ def search_parameters(
     return params, keep
 
 
+def approximate_parts(index: faiss.Index) -> tuple[Any | None, Any | None]:
+    """The IVF index and the HNSW index inside ``index`` (under an id map or a refine step),
+    each None where there is none: what decides how widely a search probes."""
+    top = faiss.downcast_index(index)
+    inner = faiss.downcast_index(top.index) if isinstance(top, faiss.IndexIDMap2) else top
+    if isinstance(inner, faiss.IndexRefine):
+        inner = faiss.downcast_index(inner.base_index)
+    return faiss.try_extract_index_ivf(inner), inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
 def _leaf_parameters(
     index: Any, sel: faiss.IDSelector | None, nprobe: int | None, ef_search: int | None
 ) -> faiss.SearchParameters:

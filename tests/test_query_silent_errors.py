@@ -56,9 +56,16 @@ def test_unfiltered_dense_search_on_an_ivf_segment_with_tombstones_returns_k_liv
     assert len(plain) == 50
 
 
-def test_unfiltered_dense_search_on_an_ivf_segment_returns_k_when_it_holds_more(tmp_path, mixture):
+def test_unfiltered_dense_search_on_an_ivf_segment_returns_k_when_it_holds_more(tmp_path, mixture, monkeypatch):
+    from indexes.vectors import VectorIndex
+
     base, queries = mixture
     store = _ivf_store(tmp_path, base[:2500])
+
+    def exact(*args, **kwargs):
+        raise AssertionError("a short answer was redone exactly instead of with a wider probe")
+
+    monkeypatch.setattr(VectorIndex, "exact_search", exact)  # widening the probe is enough here
     # k=100: the service's largest top_k, and the dense depth every hybrid query fuses.
     counts = [len(store.retrieve("dense", 100, embedding=q)) for q in queries[:20]]
     # [100, 46, 100, 80, 100, 43, ...]: nprobe is calibrated for recall@10 (2 of 64 lists here),
