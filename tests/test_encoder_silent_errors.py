@@ -87,3 +87,19 @@ def test_vectors_that_overflow_raise_instead_of_coming_back_as_nan(model_dir):
         next(p for name, p in encoder.model.named_parameters() if "mlp" in name).fill_(float("inf"))
     with pytest.raises(NonFiniteVectorsError, match="bfloat16 or float32"):
         encoder.encode_documents([TEXT])
+
+
+def test_a_config_saved_again_is_loaded_again_while_an_encoder_of_the_old_one_lives(model_dir):
+    """The in-memory model is reused per weight files; a config.json (or tokenizer) saved over
+    the directory used to be served from the copy built on the old one."""
+    import json
+
+    before = _encoder(model_dir)
+    vector = before.encode_documents([TEXT])
+    config_file = model_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    config["rms_norm_eps"] = 0.5
+    config_file.write_text(json.dumps(config))
+    after = _encoder(model_dir)
+    assert after.model is not before.model
+    assert float(after.encode_documents([TEXT]).ravel() @ vector.ravel()) < 0.9999
