@@ -378,9 +378,6 @@ def load_native(path: Path, dtype: torch.dtype, config: NativeConfig | None = No
     # Where the weights came from, under transformers' attribute name: the fingerprint's
     # per-checkpoint cache is keyed by it (without it every load would hash the whole file).
     model.name_or_path = str(path)
-    from htp_embed.fingerprint import remember_checkpoint
-
-    remember_checkpoint(model, (None, []))  # read from these files: its digest may be cached
     return model
 
 

@@ -338,9 +338,6 @@ def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, 
                 "Hugging Face model directory with a config.json; no model hub is contacted"
             )
     model.eval()
-    from htp_embed.fingerprint import remember_checkpoint
-
-    remember_checkpoint(model, (None, []))  # loaded here from files: its digest may be cached
     return model, tokenizer
 
 

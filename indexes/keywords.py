@@ -41,7 +41,7 @@ import os
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -514,13 +514,20 @@ def _stats(segments: Sequence[KeywordSegment], text: str) -> _Stats | None:
     return _Stats(tokens, weights, ids, total / n)
 
 
+#: Scores this close (relative) to the k-th best are kept beside the k: a row's BM25 parts are
+#: summed in an order the pruning decides, so equal rows may differ in their last bits.
+TIE_BAND = 1e-9
+
+
 class _TopK:
     """The best k (score, segment, row) seen so far, and the score to beat.
 
     Equal scores are ordered by a key, the caller's stable id of each row when given (the
     store passes faiss ids, which do not change when rows move between segments), else by
-    segment then row; the k kept are the first k in that order, so top-k is always the start
-    of top-(k+n) and the pruned search keeps the rows the exhaustive one keeps.
+    segment then row. Rows within `TIE_BAND` of the k-th score are kept too, and
+    :meth:`result` sums the parts of rows that close to another again in one fixed order
+    before cutting at k, so a tie is decided by the key alone: top-k is the start of
+    top-(k+n), and the pruned search keeps the rows the exhaustive one keeps.
     """
 
     def __init__(self, k: int, ids: Sequence[np.ndarray] | None = None) -> None:
@@ -540,7 +547,7 @@ class _TopK:
         return float(np.partition(pool, pool.size - self.k)[pool.size - self.k])
 
     def add(self, seg: int, rows: np.ndarray, scores: np.ndarray) -> None:
-        """Merge exact scores of a segment's rows, keeping the best k."""
+        """Merge exact scores of a segment's rows, keeping the best k and their near-ties."""
         rows = rows.astype(np.int64)
         keys = (np.asarray(self.ids[seg], np.int64)[rows] if self.ids is not None
                 else rows + (np.int64(seg) << np.int64(40)))
@@ -549,25 +556,39 @@ class _TopK:
         self.rows = np.concatenate([self.rows, rows])
         self.keys = np.concatenate([self.keys, keys])
         if self.scores.size > self.k:
-            keep = _first_k(self.scores, self.keys, self.k)
-            self.scores, self.segs = self.scores[keep], self.segs[keep]
-            self.rows, self.keys = self.rows[keep], self.keys[keep]
+            kth = self.threshold()
+            keep = np.flatnonzero(self.scores >= kth - TIE_BAND * max(abs(kth), 1.0))
+            if keep.size < self.scores.size:
+                self.scores, self.segs = self.scores[keep], self.segs[keep]
+                self.rows, self.keys = self.rows[keep], self.keys[keep]
 
-    def result(self) -> list[tuple[int, int, float]]:
-        """Best first; equal scores by key."""
-        order = np.lexsort((self.keys, -self.scores))
-        return [(int(self.segs[i]), int(self.rows[i]), float(self.scores[i])) for i in order]
+    def result(self, rescore: Callable[[int, np.ndarray], np.ndarray] | None = None) -> list[tuple[int, int, float]]:
+        """The best k, best first, equal scores by key; ``rescore(segment, rows)`` gives the
+        kept rows' scores summed in the query's order (bit for bit the same in every search)."""
+        scores = self.scores
+        if rescore is not None and scores.size > 1:
+            # Only rows whose score lies within the band of another's can be misordered.
+            ordered = np.sort(scores)
+            close = np.diff(ordered) <= TIE_BAND * np.maximum(np.abs(ordered[1:]), 1.0)
+            if close.any():
+                near = ordered[np.concatenate(([False], close)) | np.concatenate((close, [False]))]
+                tied = np.isin(scores, near)
+                scores = scores.copy()
+                for seg in np.unique(self.segs[tied]):
+                    mine = tied & (self.segs == seg)
+                    scores[mine] = rescore(int(seg), self.rows[mine])
+        order = np.lexsort((self.keys, -scores))[: self.k]
+        return [(int(self.segs[i]), int(self.rows[i]), float(scores[i])) for i in order]
 
 
-def _first_k(scores: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k best scores, equal scores at the cut taken by ascending key."""
-    kth = np.partition(scores, scores.size - k)[scores.size - k]
-    above = np.flatnonzero(scores > kth)
-    tied = np.flatnonzero(scores == kth)
-    need = k - above.size
-    if tied.size > need:
-        tied = tied[np.argsort(keys[tied], kind="stable")[:need]]
-    return np.concatenate([above, tied])
+def _query_order_scores(segment: KeywordSegment, terms: list[_Term], rows: np.ndarray, avgdl: float) -> np.ndarray:
+    """BM25 of ``rows``: each query token's part added in the query's order from 0, exactly as
+    `search_exhaustive` accumulates it."""
+    lengths = np.asarray(segment.doclen[rows])
+    scores = np.zeros(rows.size, np.float64)
+    for term in terms:
+        scores = scores + _lookup_scores(segment, term, rows, lengths, avgdl)
+    return scores
 
 
 @dataclass
@@ -769,14 +790,15 @@ def search(
         return []
     top = _TopK(k, ids)
     order = sorted(range(len(segments)), key=lambda i: -segments[i].rows)
+    terms_of: dict[int, list[_Term]] = {}
     for i in order:
         mask = live[i]
         if mask is not None and not mask.any():
             continue
-        terms = _segment_terms(segments[i], stats, stats.ids[i])
-        if terms:
-            _search_segment(i, segments[i], terms, mask, stats.avgdl, top)
-    return top.result()
+        terms_of[i] = _segment_terms(segments[i], stats, stats.ids[i])
+        if terms_of[i]:
+            _search_segment(i, segments[i], terms_of[i], mask, stats.avgdl, top)
+    return top.result(lambda i, rows: _query_order_scores(segments[i], terms_of[i], rows, stats.avgdl))
 
 
 def search_exhaustive(
@@ -802,4 +824,5 @@ def search_exhaustive(
         if live[i] is not None:
             matched = matched[live[i][matched]]
         top.add(i, matched, acc[matched])
-    return top.result()
+    terms_of = {i: _segment_terms(segment, stats, stats.ids[i]) for i, segment in enumerate(segments)}
+    return top.result(lambda i, rows: _query_order_scores(segments[i], terms_of[i], rows, stats.avgdl))

@@ -106,6 +106,16 @@ def current_version(root: str | Path) -> int | None:
     return int(match.group(1))
 
 
+def manifest_stamp(root: str | Path, version: int) -> tuple[int, int] | None:
+    """(inode, mtime) of a version's manifest file, None when it is gone: tells an index
+    removed and created again (which starts at version 1 again) from the one a reader loaded."""
+    try:
+        stat = (version_dir(root, version) / MANIFEST_FILE).stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def exists(root: str | Path) -> bool:
     """Whether `root` holds an index (a CURRENT pointer)."""
     return (Path(root) / CURRENT_FILE).is_file()

@@ -276,6 +276,11 @@ class SegmentStore:
         return persist.current_version(path)
 
     @staticmethod
+    def manifest_stamp(path: str | Path, version: int) -> tuple[int, int] | None:
+        """Which file a version's manifest is; see `persist.manifest_stamp`."""
+        return persist.manifest_stamp(path, version)
+
+    @staticmethod
     def verify(path: str | Path, version: int | None = None) -> dict[str, int]:
         """Read and hash every file of the live version (or `version`); see `persist.verify`."""
         return persist.verify(path, version)

@@ -334,7 +334,9 @@ class VectorIndex:
         else:
             sel = None
             if replica is not None and not any(v is not None for v in knobs.values()):
-                return self._verified(xq, k, *replica.index.search(xq, k), None)
+                # A short answer is widened on the CPU master (rows of that query only).
+                scores, ids = self._widened(xq, k, *replica.index.search(xq, k), None, knobs)
+                return self._verified(xq, k, scores, ids, None)
         params, held = kinds.search_parameters(self.index, sel, **knobs)
         keep.extend(held)
         scores, ids = self.index.search(xq, k, params=params)

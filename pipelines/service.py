@@ -130,7 +130,12 @@ class IndexHolder:
                  retry_base: float = RETRY_BASE_S, retry_max: float = RETRY_MAX_S):
         self.index_dir = index_dir
         self.settings = settings
+        latest = SegmentStore.current_version(index_dir)
+        stamp = SegmentStore.manifest_stamp(index_dir, latest) if latest is not None else None
         self.current = current or open_index(index_dir, settings)
+        # Which manifest file the served version was read from: an index removed and created
+        # again starts at version 1 again, so the number alone would keep the old one served.
+        self.stamp = stamp if latest == self.current.version else None
         self.clock = clock
         self.retry_base, self.retry_max = retry_base, retry_max
         # A newer version that failed to load (e.g. a file still being copied, or corrupt):
@@ -154,8 +159,14 @@ class IndexHolder:
         """
         self.check_served()
         latest = SegmentStore.current_version(self.index_dir)
-        if latest is None or latest == self.current.version:
+        if latest is None:
             return False
+        stamp = SegmentStore.manifest_stamp(self.index_dir, latest)
+        if latest == self.current.version:
+            if self.stamp is None:  # an index handed in, or a load that raced a commit: adopt
+                self.stamp = stamp
+            if stamp is None or stamp == self.stamp:
+                return False
         if latest == self.failed_version and self.clock() < self.next_retry:
             return False
         try:
@@ -164,6 +175,7 @@ class IndexHolder:
             self._failed(latest, f"{type(exc).__name__}: {exc}")
             return False
         self.current = loaded  # one reference assignment: requests see old or new, never half
+        self.stamp = stamp if loaded.version == latest else None
         self.failed_version = self.failure = self.damage = None
         self.unsafe = False
         self.attempts = 0

@@ -245,9 +245,6 @@ def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[S
                 yield SourceError(printable_id(doc_id), str(exc))
                 continue
             suffix = path.suffix.lower()
-            if suffix == ".jsonl":
-                yield from iter_jsonl(path, id_prefix=doc_id + "#", max_bytes=max_bytes)
-                continue
             if suffix not in SUPPORTED_SUFFIXES:
                 yield SourceError(doc_id, f"unsupported file type {suffix or '(none)'!r}; "
                                   f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}")
@@ -258,10 +255,13 @@ def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[S
                 except RuntimeError as exc:  # pathlib reports a symlink loop this way
                     raise DocumentRejected(f"symbolic link loop ({exc})") from exc
                 if not resolved.is_relative_to(root):
-                    raise DocumentRejected(f"links outside the source root (to {resolved})")
+                    raise DocumentRejected(f"links outside the source root (to {printable_id(str(resolved))})")
+                if suffix == ".jsonl":  # a collection: its records are the documents
+                    yield from iter_jsonl(resolved, id_prefix=doc_id + "#", max_bytes=max_bytes)
+                    continue
                 text, metadata = read_file(resolved, max_bytes)
             except (DocumentRejected, OSError) as exc:
-                yield SourceError(doc_id, str(exc))
+                yield SourceError(doc_id, str(exc), covers=doc_id + "#" if suffix == ".jsonl" else None)
                 continue
             yield SourceDocument(doc_id, text, {**metadata, "source_path": doc_id})
     yield from _unlisted_folders(root, unlisted)
@@ -285,7 +285,7 @@ def _folder_link_error(root: Path, link: Path) -> SourceError:
     relative = link.relative_to(root).as_posix()
     return SourceError(
         printable_id(relative),
-        f"a link to a folder (to {os.readlink(link)}) is not followed: its documents are not read; "
+        f"a link to a folder (to {printable_id(os.readlink(link))}) is not followed: its documents are not read; "
         "ingest the folder it points to as a source of its own, or copy it here",
         covers=f"{relative}/",
     )
@@ -302,6 +302,14 @@ def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_
     A line is read up to ``max_bytes``: a longer one is never held whole. Its record is refused
     under its ``_id`` when that lies within the part read (:func:`record_id_in_prefix`), so the
     version indexed before is kept, as for any other document that fails."""
+    try:
+        yield from _jsonl_records(path, id_prefix, max_bytes)
+    except OSError as exc:  # cannot be opened (a dangling link, permissions) or read (a share)
+        yield SourceError(id_prefix.removesuffix("#") or path.name, f"could not read this file ({exc}); "
+                          "none of its indexed records is deleted", covers=id_prefix)
+
+
+def _jsonl_records(path: Path, id_prefix: str, max_bytes: int) -> Iterator[SourceItem]:
     seen: set[str] = set()
     with path.open("rb") as handle:
         for number, raw in enumerate(iter(lambda: handle.readline(max_bytes + 1), b""), start=1):
@@ -313,7 +321,8 @@ def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_
                 limit = f"line {number} is over the {max_bytes / 2**20:.3g} MiB limit"
                 doc_id = record_id_in_prefix(raw)
                 if doc_id is None or id_prefix + doc_id in seen:
-                    yield SourceError(id_prefix + where, limit)
+                    yield SourceError(id_prefix + where, f"{limit}; no record of {path.name} is deleted until "
+                                      "it is shortened", covers=id_prefix)
                 else:
                     seen.add(id_prefix + doc_id)
                     yield SourceError(id_prefix + doc_id, f"{limit}; its indexed version is kept")
@@ -403,38 +412,64 @@ def _skip_rest_of_line(handle: Any, read: bytes) -> None:
 
 
 def record_id_in_prefix(prefix: bytes) -> str | None:
-    """The ``_id`` (else ``id``) of the JSON object a line starts with, read from those of its
-    top-level members that lie whole within ``prefix`` (the line cut short); None when neither
-    does. Members are decoded one by one, so a key ``_id`` inside a value is never taken."""
+    """The id a JSON object starting ``prefix`` (a line cut short, or not parsed) is indexed
+    under, as :func:`_record_id` would give it, read from its top-level members one by one (a
+    key ``_id`` inside a value is never taken); None when that cannot be known: no ``_id``
+    before the cut (an ``id`` counts only when the whole object was read, as a later ``_id``
+    would win), an ``_id`` given twice, or an empty one before the cut."""
     text = prefix.decode("utf-8-sig", errors="ignore")
     decoder = json.JSONDecoder()
-    found: dict[str, str] = {}
+    found: dict[str, list[Any]] = {"_id": [], "id": []}
+    whole = False
     at = _skip_space(text, 0)
     if text[at : at + 1] != "{":
         return None
     at += 1
     while True:
         at = _skip_space(text, at)
+        if text[at : at + 1] == "}" and not found["_id"] and not found["id"]:
+            whole = True
+            break
         if text[at : at + 1] != '"':
             break
         try:
             key, at = json.decoder.scanstring(text, at + 1)
+        except json.JSONDecodeError:
+            break
+        if key in found:
+            found[key].append(None)  # seen, whether or not its value lies within the prefix
+        try:
             at = _skip_space(text, at)
             if text[at : at + 1] != ":":
                 break
             value, at = decoder.raw_decode(text, _skip_space(text, at + 1))
         except json.JSONDecodeError:  # the member the line was cut in (or a malformed one)
             break
-        if key in ("_id", "id") and isinstance(value, str | int) and not isinstance(value, bool):
-            found.setdefault(key, str(value).strip())
-            if key == "_id":
-                break
+        if key in found:
+            found[key][-1] = value
         at = _skip_space(text, at)
+        if text[at : at + 1] == "}":
+            whole = True
+            break
         if text[at : at + 1] != ",":
             break
         at += 1
-    doc_id = found["_id"] if "_id" in found else found.get("id")
-    return doc_id or None
+    if not whole and (len(found["_id"]) > 1 or len(found["id"]) > 1):
+        return None  # json keeps the last of a repeated key, which may lie past the cut
+    record = {key: values[-1] for key, values in found.items() if values}
+    usable_id = _usable(record.get("_id"))
+    if usable_id is not None:
+        return usable_id
+    if not whole:
+        return None  # an _id may still follow
+    return _usable(record.get("id"))
+
+
+def _usable(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = str(value).strip()
+    return text or None
 
 
 def _skip_space(text: str, at: int) -> int:
@@ -456,18 +491,32 @@ def iter_texts(texts: Iterable[str] | Mapping[str, str]) -> Iterator[SourceItem]
             yield SourceError(str(doc_id), str(exc))
 
 
+def source_kind(source: Any) -> str:
+    """``folder``, ``jsonl``, ``file`` (one document), ``texts``, or ``missing``: the one
+    decision both reading a source and planning its deletions use."""
+    if not isinstance(source, str | Path):
+        return "texts"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        return "jsonl" if path.suffix.lower() == ".jsonl" else "file"
+    return "missing"
+
+
 def iter_source(source: str | Path | Iterable[str] | Mapping[str, str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:
     """Dispatch on the kind of source: folder, .jsonl file, single file, or texts."""
-    if isinstance(source, str | Path):
-        path = Path(source).expanduser()
-        if path.is_dir():
-            return iter_folder(path, max_bytes=max_bytes)
-        if path.is_file() and path.suffix.lower() == ".jsonl":
-            return iter_jsonl(path, max_bytes=max_bytes)
-        if path.is_file():
-            return iter_folder_single(path, max_bytes=max_bytes)
-        raise FileNotFoundError(f"source {path} does not exist (expected a folder or a .jsonl file)")
-    return iter_texts(source)
+    kind = source_kind(source)
+    if kind == "texts":
+        return iter_texts(source)  # type: ignore[arg-type]
+    path = Path(source).expanduser()  # type: ignore[arg-type]
+    if kind == "folder":
+        return iter_folder(path, max_bytes=max_bytes)
+    if kind == "jsonl":
+        return iter_jsonl(path, max_bytes=max_bytes)
+    if kind == "file":
+        return iter_folder_single(path, max_bytes=max_bytes)
+    raise FileNotFoundError(f"source {path} does not exist (expected a folder or a .jsonl file)")
 
 
 def iter_folder_single(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:
@@ -486,10 +535,7 @@ def _scalar(value: Any) -> bool:
 def single_document(source: Any) -> bool:
     """Whether ``source`` names one document file (not a folder, not a JSONL collection):
     ingesting it adds or updates that document and deletes none of the index's others."""
-    if not isinstance(source, str | Path):
-        return False
-    path = Path(source)
-    return path.is_file() and path.suffix.lower() != ".jsonl"
+    return source_kind(source) == "file"
 
 
 def source_label(source: Any) -> str:

@@ -162,7 +162,11 @@ def test_a_jsonl_line_over_the_size_limit_keeps_its_previously_indexed_version(t
     [
         ('{"_id": "d1", "text": "long', "d1"),
         ('{"title": "t", "_id": 7, "text": "long', "7"),
-        ('{"metadata": {"_id": "inner"}, "id": "outer", "text": "long', "outer"),
+        ('{"metadata": {"_id": "inner"}, "id": "outer", "text": "long', None),  # an _id may follow
+        ('{"metadata": {"_id": "inner"}, "id": "outer", "text": "whole"}', "outer"),
+        ('{"_id": "", "id": "y", "text": "whole"}', "y"),
+        ('{"_id": "", "id": "y", "text": "long', None),
+        ('{"_id": "a", "text": "t", "_id": "b', None),  # json keeps the last _id
         ('{"id": "x", "_id": "y", "text": "long', "y"),
         ('{"text": "long ... and the _id after it', None),
         ('{"_id": "d1\\u00e9", "text": "\u00e9\u00e9', "d1\u00e9"),

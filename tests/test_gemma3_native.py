@@ -155,14 +155,20 @@ def test_the_fingerprint_names_the_weights_as_transformers_does(saved):
 
 
 def test_a_loaded_model_is_fingerprinted_once_per_checkpoint(saved, tmp_path, monkeypatch):
-    """Like transformers' models, a loaded one names its directory, so the weights' digest
-    comes from the cache on later loads instead of hashing the whole file each time."""
+    """Like transformers' models, a loaded one names its directory, so once the encoder's
+    loader marks it as read from there (``remember_checkpoint``), the weights' digest comes
+    from the cache on later loads instead of hashing the whole file each time."""
     from htp_embed import fingerprint
 
+    def loaded() -> torch.nn.Module:
+        model = load_native(path, torch.float32)
+        fingerprint.remember_checkpoint(model, fingerprint.checkpoint_key(str(path)))
+        return model
+
     path, _ = saved
-    first = fingerprint.model_fingerprint(load_native(path, torch.float32), cache_dir=tmp_path)
+    first = fingerprint.model_fingerprint(loaded(), cache_dir=tmp_path)
     monkeypatch.setattr(fingerprint, "weights_digest", lambda model: pytest.fail("hashed again"))
-    assert fingerprint.model_fingerprint(load_native(path, torch.float32), cache_dir=tmp_path) == first
+    assert fingerprint.model_fingerprint(loaded(), cache_dir=tmp_path) == first
 
 
 def test_packed_projections_give_the_same_states(saved):
