@@ -14,12 +14,12 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.dask_runner import prefect_api_for_local_workers
-from flows.runtime import PrefectSteps, cached_encoder, settings_from, task_runner_for
+from flows.runtime import PrefectSteps, cached_encoder, finished, settings_from, task_runner_for
 from pipelines.engine import IndexSession
 
 
 @flow(name="htp-index-ingest", log_prints=True)
-def ingest_flow_body(source: str, index_dir: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def ingest_flow_body(source: str, index_dir: str, settings: dict[str, Any] | None = None) -> Any:
     """Incrementally ingest ``source`` into the index at ``index_dir``; ``settings`` as
     :meth:`Settings.to_transport` writes them."""
     began = time.perf_counter()
@@ -30,7 +30,7 @@ def ingest_flow_body(source: str, index_dir: str, settings: dict[str, Any] | Non
         markdown=stats.to_markdown(f"Ingest {source} -> {index_dir}"),
         key="ingest-stats", description="documents added/updated/deleted/unchanged/failed",
     )
-    return stats.to_json()
+    return finished(stats)
 
 
 def ingest_flow(source: str, index_dir: str, settings: dict[str, Any] | None = None, *, task_runner: str | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.dask_runner import prefect_api_for_local_workers
-from flows.runtime import PrefectSteps, cached_encoder, settings_from, task_runner_for
+from flows.runtime import PrefectSteps, cached_encoder, finished, settings_from, task_runner_for
 from pipelines.engine import IndexSession
 
 
@@ -18,7 +18,7 @@ from pipelines.engine import IndexSession
 def rebuild_flow_body(
     index_dir: str, settings: dict[str, Any] | None = None, encoder_overrides: dict[str, Any] | None = None,
     index_kind: str | None = None, source: str | None = None,
-) -> dict[str, Any]:
+) -> Any:
     """Re-embed every node of ``index_dir`` into a new version, then switch to it."""
     began = time.perf_counter()
     with IndexSession.open(
@@ -27,7 +27,7 @@ def rebuild_flow_body(
         stats = session.rebuild(index_kind=index_kind, source=source, runner=PrefectSteps())
     stats.seconds = time.perf_counter() - began
     create_markdown_artifact(markdown=stats.to_markdown(f"Rebuild {index_dir}"), key="rebuild-stats")
-    return stats.to_json()
+    return finished(stats)
 
 
 def rebuild_flow(index_dir: str, settings: dict[str, Any] | None = None, *, encoder_overrides: dict[str, Any] | None = None,

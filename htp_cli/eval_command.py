@@ -103,6 +103,14 @@ def eval_command(
     """
     from pipelines.evaluation import evaluate
 
+    # Options of the other path are refused rather than dropped without a word.
+    not_here = ({"--fuse-bm25": fuse_bm25, "--cache-dir": cache_dir is not None} if pipeline else
+                {"--mode": mode != "hybrid", "--alpha": alpha is not None, "--rerank/--no-rerank": rerank is not None,
+                 "--index-dir": index_dir is not None, "--config": config is not None})
+    ignored = [name for name, given in not_here.items() if given]
+    if ignored:
+        raise typer.BadParameter(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply "
+                                 f"{'with' if pipeline else 'without'} --pipeline")
     if pipeline:
         _run_pipeline(dataset_dir, split, mode, alpha, rerank, index_dir, config, max_docs, max_queries, seed,
                       json_output)

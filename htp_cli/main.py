@@ -100,8 +100,8 @@ def _fail(exc: Exception) -> typer.Exit:
 
 def _print_stats(stats: dict[str, Any], as_json: bool, title: str) -> None:
     keys = ("added", "updated", "deleted", "unchanged", "failed", "nodes_embedded", "seconds")
-    if as_json:
-        out.print_json(json.dumps({**{k: stats[k] for k in keys}, "errors": stats["errors"]}))
+    if as_json:  # every figure the run produced, the version it made live included
+        out.print_json(json.dumps(stats))
         return
     table = Table(title=title, show_header=False)
     table.add_column("stat", style="bold")
@@ -185,6 +185,7 @@ def rebuild(
     index_kind: KindOpt = None,
     source: Annotated[str | None, typer.Option(help="re-read and re-split this source instead of re-embedding the stored nodes")] = None,
     keep_vectors: Annotated[bool, typer.Option("--keep-vectors", help="re-use the stored vectors instead of re-embedding: adds the keyword index (and a vector correction) to an index written by an older htp-index, or changes --index-kind; cannot change the encoder")] = False,
+    keep_missing: Annotated[bool, typer.Option("--keep-missing", help="with --source: keep (re-embedded) the indexed documents the source no longer holds, as ingest --keep-missing does; otherwise they are left out and counted as deleted")] = False,
     task_runner: Annotated[str | None, typer.Option(help="run as a Prefect flow with this task runner: 'thread', 'dask' (local worker processes), 'dask=N' (N of them) or 'dask=tcp://HOST:8786' (a running cluster)")] = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -192,7 +193,10 @@ def rebuild(
     """Re-embed everything into a new index version (new model, method, K or index kind);
     the old version keeps serving until the new one is complete and verified."""
     _setup(verbose, quiet=as_json)
-    settings = _settings(config, encoder_device=device, encoder_show_progress=False)
+    if keep_missing and not source:
+        raise typer.BadParameter("--keep-missing goes with --source (a rebuild from the stored nodes keeps every one)")
+    settings = _settings(config, encoder_device=device, encoder_show_progress=False,
+                         delete_missing=False if keep_missing else None)
     overrides = {
         "model": model, "method": method, "k": k, "rewire_start": rewire_start,
         "rewire_stop": rewire_stop, "exit_layer": exit_layer,

@@ -520,7 +520,7 @@ class IndexSession:
         readable = [item for item in items if isinstance(item, SourceDocument)]
         indexed = live.doc_hashes()
         failed = [item for item in items if isinstance(item, SourceError)]
-        if not readable and indexed:
+        if not readable and indexed and self.settings.delete_missing:
             raise self._empty_source(source, len(indexed), failed)
         split = self.split(readable)
         hashes = {doc.doc_id: doc.content_hash for doc in readable if doc.doc_id not in split.errors}
@@ -532,11 +532,14 @@ class IndexSession:
         covered = tuple({item.covers for item in failed if item.covers is not None})
         keep_missing = not self.settings.delete_missing or single_document(source)
         read = {doc.doc_id for doc in readable}
+        deleted: list[str] = []
         for doc_id in indexed:
             if doc_id in hashes:  # read and split (a repeated _id's error is not its failure)
                 continue
             failure = errors if doc_id in errors else split.errors if doc_id in split.errors else None
             if failure is None and (doc_id in read or not (keep_missing or doc_id.startswith(covered))):
+                if doc_id not in read:
+                    deleted.append(doc_id)
                 continue
             nodes = live.get_nodes(node_ids=live.ref_doc_node_ids(doc_id))
             if nodes:
@@ -544,7 +547,11 @@ class IndexSession:
                 hashes[doc_id] = indexed[doc_id]
                 if failure is not None:
                     failure[doc_id] += "; its indexed version is kept"
-        return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), split, hashes, errors, self.splitting)
+        if deleted:
+            log.info("rebuild: %d indexed document(s) are gone from the source and are left out "
+                     "(keep them with --keep-missing), e.g. %s", len(deleted), deleted[0])
+        return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), split, hashes, errors, self.splitting,
+                           deleted=sorted(deleted))
 
     def _rebuild_kind(self, asked: str | None, live_kind: str) -> str:
         """The kind a rebuild writes: the one asked for, else one the settings set explicitly
@@ -579,6 +586,7 @@ class IndexSession:
         expected = sum(len(plan.nodes.by_doc[doc_id]) for doc_id in written)
         verify(new, expected, self.encoder.encode_queries(["probe"])[0] if expected else None)
         stats.added = len(written)
+        stats.deleted = len(plan.deleted)
         stats.version = new.persist(force=True)
         stats.count = new.count
         return stats
@@ -595,6 +603,15 @@ class IndexSession:
         if old.splitting:
             new.record_splitting(old.splitting)
         corrected = old.correction is not None
+        stored_kind = old.correction.kind if old.correction is not None else "none"
+        if "correction" in self.settings.model_fields_set and corrected and self.settings.correction != stored_kind:
+            # The stored vectors come with their correction; it used to be copied over a
+            # different explicit setting without a word.
+            raise RebuildVerificationError(
+                f"the index at {self.index_dir} holds vectors corrected with {stored_kind!r}; a rebuild "
+                f"keeping them keeps that. To use correction {self.settings.correction!r}, run "
+                f"`htp-index rebuild --index {self.index_dir}` without --keep-vectors (it re-embeds)"
+            )
         if corrected:
             new.set_correction(old.correction)
         elif self.settings.correction != "none" and old.count and (

@@ -25,6 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from htp_embed.llama_index import HTPEmbedding
+from indexes.fusion import DEFAULT_ALPHA
 from pipelines.beir import BeirDataset
 from pipelines.evaluation import Run, prepare_dataset, score_run
 from pipelines.query import QueryMode, SearchRequest, open_index
@@ -109,7 +110,11 @@ def pipeline_run(
         "index_kind": index.store.index_kind,
         "correction": index.store.correction_summary(),
         "mode": mode,
-        "alpha": alpha if alpha is not None else index.default_alpha,
+        # what the hybrid search fused with (the tuned default when none was set); dense and
+        # sparse runs use no fusion
+        "alpha": (next(a for a in (alpha, index.default_alpha, DEFAULT_ALPHA) if a is not None)
+                  if mode == "hybrid" else None),
+        "fusion": index.fusion if mode == "hybrid" else None,
         "rerank": {"depth": index.rerank_depth, "passage_tokens": index.rerank_passage_tokens} if rerank else None,
     }
     return run, info

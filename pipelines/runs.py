@@ -141,3 +141,5 @@ class RebuildPlan:
     errors: dict[str, str] = field(default_factory=dict)
     #: how the nodes were split, to record in the new version (None: not known)
     splitting: dict[str, int] | None = None
+    #: indexed documents the new version leaves out (gone from the re-read source)
+    deleted: list[str] = field(default_factory=list)

@@ -183,3 +183,18 @@ def test_a_flow_run_keeps_the_encoder_the_index_was_built_with(harness, tiny_mod
     assert json.loads(flowed.stdout)["added"] == 1
     info = json.loads(runner.invoke(app, ["info", "--index", "idx", "--json"]).stdout)
     assert info["encoder"]["method"] == "vanilla" and info["count"] == 4
+
+
+def test_a_flow_run_with_failed_documents_ends_partial_and_still_returns_its_stats(harness, tmp_path, settings):
+    """The command line exits 3 when documents fail; the flow run is then Completed with the
+    name Partial (a plain Completed showed a good run in the UI and in automations)."""
+    from flows.ingest import ingest_flow_body
+
+    source = write_docs(tmp_path / "src")
+    (source / "bad.txt").write_bytes(b"\xff\xfe\x00garbage\xff")
+    state = ingest_flow_body(str(source), str(tmp_path / "idx"), settings.to_transport(), return_state=True)
+    assert state.is_completed() and state.name == "Partial" and "bad.txt" in state.message
+    stats = state.result()
+    assert stats["failed"] == 1 and stats["added"] == 3
+    again = ingest_flow(str(source), str(tmp_path / "idx"), settings.to_transport())
+    assert again["failed"] == 1 and again["unchanged"] == 3  # the plain call still gets the stats
