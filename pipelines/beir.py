@@ -102,16 +102,20 @@ def read_jsonl(path: Path) -> Iterable[dict]:
 
 
 def read_qrels(path: Path) -> Qrels:
-    """Read ``qrels/<split>.tsv``; the header line is skipped whatever it says."""
+    """Read ``qrels/<split>.tsv``: a header line (``query-id corpus-id score``) is skipped when
+    there is one, a file without one keeps its first judgement."""
     qrels: Qrels = {}
     with open(path, encoding="utf-8", newline="") as handle:
-        rows = csv.reader(handle, delimiter="\t")
-        next(rows, None)
-        for row in rows:
+        for number, row in enumerate(csv.reader(handle, delimiter="\t")):
             if len(row) < 3:
                 continue
-            query_id, doc_id, score = row[0], row[1], int(float(row[2]))
-            qrels.setdefault(query_id, {})[doc_id] = score
+            try:
+                score = int(float(row[2]))
+            except ValueError:
+                if number == 0:
+                    continue  # the header
+                raise ValueError(f"{path}:{number + 1}: score {row[2]!r} is not a number") from None
+            qrels.setdefault(row[0], {})[row[1]] = score
     return qrels
 
 
@@ -140,6 +144,10 @@ def load_beir(dataset_dir: str | Path, split: str = "test") -> BeirDataset:
     }
     qrels = {q: judged for q, judged in qrels.items() if judged}
     queries = {q: text for q, text in all_queries.items() if q in qrels}
+    if not queries:
+        # Scoring nothing would report 0.0 everywhere, as if retrieval had failed.
+        raise ValueError(f"no query of {root / 'queries.jsonl'} has a judgement in {qrels_path} that "
+                         "points into the corpus (do the query and document ids match?)")
     notes: dict[str, object] = {"dropped_judgements_missing_docs": missing} if missing else {}
     return BeirDataset(root.name, split, corpus, queries, qrels, notes)
 

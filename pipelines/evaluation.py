@@ -360,6 +360,8 @@ def evaluate(
     is_bm25 = encoder_or_settings == "bm25" or (
         isinstance(encoder_or_settings, Mapping) and encoder_or_settings.get("method") == "bm25"
     )
+    if is_bm25 and fuse_bm25:
+        raise ValueError("fuse_bm25 fuses BM25 with a dense method; the method here is BM25 itself")
     lexical = bm25_run(dataset, top_k) if (is_bm25 or fuse_bm25) else None
     if is_bm25:
         assert lexical is not None
@@ -379,7 +381,7 @@ def evaluate(
             method = f"rrf(bm25,{method})"
     means, queries = score_run(dataset.qrels, run)
     result: dict[str, Any] = {
-        "dataset": dataset.name, "split": split, "method": method, "model": model,
+        "dataset": dataset.name, "split": dataset.split, "method": method, "model": model,
         **means,
         "queries": len(dataset.queries), "docs": len(dataset.corpus),
         "identity": identity,
