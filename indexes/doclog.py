@@ -47,6 +47,7 @@ def write_entry(
 ) -> NamedFile:
     """Write one log file durably (temporary name, fsync, rename) and describe it."""
     from .persist import file_record  # persist imports this module
+    from .segments import fsync_path
 
     folder = Path(root) / DOCS_DIR
     folder.mkdir(exist_ok=True)
@@ -59,5 +60,6 @@ def write_entry(
         fh.flush()
         os.fsync(fh.fileno())
     os.rename(tmp, final)
+    fsync_path(folder)  # the new name must reach the disk before a manifest names it
     record = file_record(final)
     return NamedFile(path=f"{DOCS_DIR}/{final.name}", sha256=record.sha256, bytes=record.bytes)

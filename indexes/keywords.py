@@ -713,8 +713,10 @@ def _search_segment(
     binary searches, dropping those whose score plus the remaining bounds falls short.
     """
     theta = top.threshold()
-    if sum(t.bound for t in terms) < theta:
-        return  # even a row holding every token at its best cannot enter the top k
+    if np.isfinite(theta) and sum(t.bound for t in terms) < theta - TIE_BAND * max(abs(theta), 1.0):
+        # even a row holding every token at its best cannot enter the top k (nor tie with
+        # its k-th: equal rows may be summed a few ulps apart)
+        return
     if not np.isfinite(theta) or segment.rows > 4 * top.seeded_rows:
         # No threshold yet (or one learnt on much smaller segments): seed it here.
         theta = top.threshold(_seed(segment, terms, live, avgdl))

@@ -39,7 +39,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from filelock import FileLock
@@ -187,6 +187,17 @@ def _check_hash(path: Path, record: FileRecord | NamedFile) -> None:
         )
 
 
+def check_segment_files(folder: Path, files: Mapping[str, FileRecord]) -> None:
+    """Hash every file of a segment against its record; raise IndexCorruptedError naming the
+    first bad one. A merge runs this on what it reads, as Lucene checks integrity on merge:
+    the merged segment gets fresh checksums, so damage it copied would pass `verify` after.
+    A file already unlinked (a later version's clean-up; read through the handle this process
+    holds) cannot be hashed by name and is passed over."""
+    for name, record in sorted(files.items()):
+        if (folder / name).exists():
+            _check_hash(folder / name, record)
+
+
 def verify_files(vdir: Path, manifest: Manifest) -> None:
     """Check every file a format-1 version lists; raise IndexCorruptedError naming the first bad one."""
     for name, record in sorted(manifest.files.items()):
@@ -264,7 +275,12 @@ def commit(
         live = current_version(root)
         if expected_live is not None and live != expected_live:
             raise IndexConflictError.overtaken(root, expected_live, live)
-        version = max([live or 0, *list_versions(root)]) + 1
+        listed = list_versions(root)
+        version = max([live or 0, *listed]) + 1  # never reuse a number, not even an orphan's
+        for orphan in [v for v in listed if live is not None and v > live]:
+            # renamed in by a writer killed before its CURRENT switch: never live, never kept
+            # (it used to take the place of the real previous version among the kept ones)
+            shutil.rmtree(version_dir(root, orphan), ignore_errors=True)
         published: list[tuple[Path, Path]] = []
         staged: Path | None = None
         switched = False
@@ -283,6 +299,7 @@ def commit(
                     update={"correction": file_record(staged / CORRECTION_NAME)}
                 )
             sealed = manifest.model_copy(update={"version": version}).sealed()
+            _require_named_files(root, sealed)
             _write_text_durably(
                 staged / MANIFEST_FILE, json.dumps(sealed.model_dump(mode="json"), indent=2)
             )
@@ -307,6 +324,24 @@ def commit(
         except OSError:  # the new version is live; leftovers go at the next commit
             logger.warning("could not remove old files of %s", root, exc_info=True)
     return sealed
+
+
+def _require_named_files(root: Path, manifest: Manifest) -> None:
+    """Refuse to make live a version whose segments, tombstones or docs files are gone (a
+    store opened at an old version and restored after later commits collected its files
+    used to switch to a version nothing could open)."""
+    missing = [f"{SEGMENTS_DIR}/{segment.name}" for segment in manifest.segments
+               if not (segments_dir(root) / segment.name).is_dir()]
+    missing += [entry.path for segment in manifest.segments if segment.deletes is not None
+                for entry in [segment.deletes] if not (root / entry.path).is_file()]
+    missing += [entry.path for entry in manifest.docs if not (root / entry.path).is_file()]
+    if missing:
+        raise IndexConflictError(
+            f"{root}: the version being committed names files that are gone ({', '.join(missing[:3])}"
+            f"{' …' if len(missing) > 3 else ''}), collected by commits made after the version this "
+            "store opened; nothing was changed. Open the index again (at a version that is still "
+            "kept) and retry", path=root,
+        )
 
 
 def collect_garbage_now(root: str | Path, keep_versions: int) -> list[int]:
@@ -351,7 +386,10 @@ def collect_garbage(root: Path, keep_versions: int) -> list[int]:
     root = Path(root)
     live = current_version(root)
     versions = list_versions(root)
-    kept = set(versions[-keep_versions:]) | ({live} if live is not None else set())
+    # A version above the live one was never switched to (a writer killed between renaming
+    # it in and the CURRENT switch): not one of the kept ones, and deleted with the old.
+    switched = [v for v in versions if live is None or v <= live]
+    kept = set(switched[-keep_versions:]) | ({live} if live is not None else set())
     doomed = [v for v in versions if v not in kept]
     for version in doomed:
         shutil.rmtree(version_dir(root, version), ignore_errors=True)

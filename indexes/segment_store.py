@@ -80,6 +80,10 @@ FLUSH_ROWS = 50_000
 Hit = tuple[str, float]
 
 
+#: Opens of the live version tried while commits keep replacing it.
+OPEN_ATTEMPTS = 3
+
+
 class SegmentStore:
     """Segments of FAISS vectors, node rows and keyword postings; see the module docstring."""
 
@@ -201,9 +205,37 @@ class SegmentStore:
         returns. Segments already open in this process are shared, not opened twice. Raises
         `EncoderMismatchError` when `expected_encoder` differs from the manifest's encoder.
         An index of the format-1 layout is loaded whole and rewritten as segments by the next
-        persist (`migrate`).
+        persist (`migrate`). Opening the live version retries when a commit moved it and
+        collected the files of the one being opened (that is not damage).
         """
         root = Path(path)
+        options = {"expected_encoder": expected_encoder, "use_gpu": use_gpu, "gpus": gpus,
+                   "gpu_shard": gpu_shard, "keep_versions": keep_versions, "merge_policy": merge_policy,
+                   "flush_rows": flush_rows}
+        for attempt in range(OPEN_ATTEMPTS):
+            live = persist.current_version(root) if version is None else version
+            try:
+                return cls._open_version(root, live, **options)
+            except IndexCorruptedError:
+                if version is not None or attempt == OPEN_ATTEMPTS - 1 or persist.current_version(root) == live:
+                    raise
+                logger.info("version %s of %s was replaced while it opened; opening the live one", live, root)
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_version(
+        cls,
+        root: Path,
+        version: int | None,
+        *,
+        expected_encoder: dict[str, Any] | None,
+        use_gpu: gpu.UseGpu,
+        gpus: gpu.GpuSelection,
+        gpu_shard: bool,
+        keep_versions: int,
+        merge_policy: MergePolicy | None,
+        flush_rows: int | None,
+    ) -> Self:
         manifest = persist.read_manifest(root, version)
         if expected_encoder is not None and not same_encoder(expected_encoder, manifest.encoder):
             raise EncoderMismatchError.between(root, manifest.encoder, expected_encoder)
@@ -718,8 +750,30 @@ class SegmentStore:
             return
         merged: dict[int, LiveSegment] = {}
         dropped: set[int] = set()
+        try:
+            self._merge_groups(plan, merged, dropped)
+        except BaseException:
+            for segment in merged.values():  # written for this merge, never to be committed
+                _discard_staging(segment)
+            raise
+        kept: list[LiveSegment] = []
+        for i, segment in enumerate(self._segments):
+            if i in merged:
+                kept.append(merged[i])
+            elif i not in dropped:
+                kept.append(segment)
+            if i in dropped:
+                _discard_staging(segment)
+        self._segments = kept
+        self._dirty = True
+
+    def _merge_groups(self, plan: list[list[int]], merged: dict[int, LiveSegment], dropped: set[int]) -> None:
+        """Write each group's merged segment into ``merged`` (by its first position)."""
         for group in plan:
             parts = [self._segments[i] for i in group]
+            for part in parts:
+                if part.staging is None:  # committed: checked before being copied (staged ones were just written)
+                    persist.check_segment_files(part.reader.folder, part.reader.record.files)
             ids = np.concatenate([p.live_ids() for p in parts])
             dropped.update(group)
             if len(ids) == 0:
@@ -745,16 +799,6 @@ class SegmentStore:
                 written.record.name,
                 len(ids),
             )
-        kept: list[LiveSegment] = []
-        for i, segment in enumerate(self._segments):
-            if i in merged:
-                kept.append(merged[i])
-            elif i not in dropped:
-                kept.append(segment)
-            if i in dropped:
-                _discard_staging(segment)
-        self._segments = kept
-        self._dirty = True
 
     def _touch(self) -> None:
         self._dirty = True

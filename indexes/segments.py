@@ -373,6 +373,7 @@ def write_deletes(root: Path, segment: str, version: int, deleted: np.ndarray) -
         fh.flush()
         os.fsync(fh.fileno())
     os.rename(tmp, final)
+    fsync_path(folder)  # the new name must reach the disk before a manifest names it
     return final
 
 

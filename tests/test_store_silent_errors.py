@@ -1,0 +1,352 @@
+"""Store paths that used to be unsafe or silently wrong: restore onto collected files, an
+exact keyword tie across segments, a damaged rows file laundered by a merge, an orphan version
+taking a kept one's place, unsynced folders, a failed merge's staging left behind, an open
+racing a commit (found by an audit; each failed before its fix), and checks that came out
+fine (merges with tombstones and a file gone, a reader of a collected version)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from indexes_fixtures import ENCODER, make_nodes, unit_rows
+
+from indexes import FaissVectorStore, HtpIndexError, persist, segments
+from indexes.errors import IndexCorruptedError
+
+DIM = 8
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _store(path: Path, **kw) -> FaissVectorStore:
+    return FaissVectorStore.create(path, dim=DIM, encoder=ENCODER, **kw)
+
+
+def _nodes(rng, n, prefix):
+    return make_nodes(unit_rows(rng, n, DIM), prefix=prefix)
+
+
+# --------------------------------------------------------------------------- restore vs GC
+
+
+def test_restore_of_a_store_whose_segments_were_collected_leaves_a_live_index_that_opens(tmp_path):
+    """restore() commits with expected_live=None and never checks that the segments it names
+    still exist: if later commits collected them, CURRENT ends up naming missing files."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "idx"
+    writer = _store(path, keep_versions=1)
+    writer.add(_nodes(rng, 30, "a"))
+    writer.persist()                                   # v2: segment A
+    old = FaissVectorStore.open(path, keep_versions=1)  # a store at v2 (e.g. for a roll-back)
+    writer.add(_nodes(rng, 30, "b"))
+    writer.compact(everything=True)                    # A+B merged: A is named by v3 no more
+    writer.persist()                                   # v3; v2 and segment A collected
+    try:
+        old.restore()                                  # "make v2 live again"
+    except HtpIndexError:
+        return                                         # refusing is fine
+    reopened = FaissVectorStore.open(path)             # IndexCorruptedError: A is missing
+    assert reopened.count == 30
+
+
+# ---------------------------------------------------------------- merge fallback correctness
+
+
+def _rows_vectors_postings_agree(store: FaissVectorStore) -> None:
+    for seg in store._segments:
+        reader = seg.reader
+        ids = np.asarray(reader.ids)
+        rows = [r.faiss_id for r in reader.rows.iter_rows()]
+        assert rows == ids.tolist(), reader.name
+        assert reader.index.ntotal == len(ids) == reader.keywords.rows == reader.record.rows
+        got = reader.reconstruct(ids)
+        assert got.shape == (len(ids), DIM)
+
+
+@pytest.mark.parametrize("gone", ["first", "second", "none"])
+def test_merge_of_tombstoned_segments_keeps_rows_vectors_and_postings_in_step(tmp_path, gone):
+    """The ATTACH copy and the streaming fallback (a merged segment's nodes.sqlite unlinked
+    under its open handle, as another process's clean-up does) must give the same segment."""
+    rng = np.random.default_rng(1)
+    path = tmp_path / "idx"
+    store = _store(path)
+    vec_a, vec_b = unit_rows(rng, 40, DIM), unit_rows(rng, 40, DIM)
+    store.add(make_nodes(vec_a, prefix="a"))
+    store.persist()
+    store.add(make_nodes(vec_b, prefix="b"))
+    store.persist()
+    store.delete_nodes([f"a{i}" for i in range(0, 40, 3)] + [f"b{i}" for i in range(1, 40, 4)])
+    # upsert a4 of A: its old id is tombstoned, the same node_id lands in a later segment
+    new_a4 = unit_rows(rng, 1, DIM)
+    node = make_nodes(new_a4, prefix="a")[0]
+    node.id_ = "a4"
+    store.add([node])
+    vec_a[4] = new_a4[0]
+    store.persist()
+    assert store.segment_count == 3
+    if gone != "none":
+        seg = store._segments[0 if gone == "first" else 1]
+        os.unlink(seg.reader.folder / segments.ROWS_FILE)
+    store.compact(everything=True)
+    store.persist()
+    assert store.segment_count == 1
+    _rows_vectors_postings_agree(store)
+    expected = {f"a{i}" for i in range(40) if i % 3} | {f"b{i}" for i in range(40) if i % 4 != 1}
+    assert {n.node_id for n in store.get_nodes()} == expected
+    want = {**{f"a{i}": vec_a[i] for i in range(40)}, **{f"b{i}": vec_b[i] for i in range(40)}}
+    for node_id, vec in store.iter_embeddings():
+        np.testing.assert_allclose(vec, want[node_id], atol=1e-6)
+    hits = store.search(vec_b[2:3], 1)[0]
+    assert hits[0][0] == "b2"
+    if gone == "none":
+        persist.verify(path)
+
+
+def test_restore_with_collected_segments_does_not_destroy_the_good_version(tmp_path):
+    """Same cause, worst outcome: with keep_versions=1 the restore's own clean-up removes the
+    last good version and its merged segment, so no version of the index opens any more."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "idx"
+    writer = _store(path, keep_versions=1)
+    writer.add(_nodes(rng, 30, "a"))
+    writer.persist()
+    old = FaissVectorStore.open(path, keep_versions=1)
+    writer.add(_nodes(rng, 30, "b"))
+    writer.compact(everything=True)
+    good = writer.persist()
+    with contextlib.suppress(HtpIndexError):
+        old.restore()
+    openable = []
+    for v in persist.list_versions(path):
+        try:
+            FaissVectorStore.open(path, version=v)
+            openable.append(v)
+        except HtpIndexError:
+            pass
+    assert openable, f"no version opens (good version {good} was collected)"
+
+
+# ------------------------------------------------------------------------- keyword near-ties
+
+
+def test_pruned_keyword_search_breaks_an_exact_tie_across_segments_like_the_exhaustive_one():
+    """keywords._search_segment skips a whole segment when sum(bounds) < theta with no slack:
+    the same text in a smaller, older segment (smaller id) scores the same up to summation
+    order, one ulp below theta, and is skipped, so the newer copy wins the tie."""
+    from indexes import keywords
+
+    dup = "w8 w10 w2 w11 w3 w4 w10"
+    big = keywords.KeywordSegment.from_texts(["w2 w0", "w5 w10 w2", dup])
+    small = keywords.KeywordSegment.from_texts([dup])
+    ids = [np.array([100, 101, 102], np.int64), np.array([0], np.int64)]
+    pruned = keywords.search([big, small], [None, None], "w2 w3 w10", 1, ids)
+    exhaustive = keywords.search_exhaustive([big, small], [None, None], "w2 w3 w10", 1, ids)
+    assert [int(ids[s][r]) for s, r, _ in exhaustive] == [0]
+    assert [int(ids[s][r]) for s, r, _ in pruned] == [0]
+
+
+def test_store_keyword_tie_goes_to_the_oldest_id_whatever_the_segments(tmp_path):
+    """Store level: the older duplicate (faiss id 0, its own small segment) must win the tie
+    (storage.md: equal scores by faiss id, a top-k does not change when a merge moves rows)."""
+    from llama_index.core.schema import TextNode
+
+    path = tmp_path / "idx"
+    store = _store(path)
+    rng = np.random.default_rng(3)
+    dup = "w8 w10 w2 w11 w3 w4 w10"
+
+    def node(i, text):
+        return TextNode(id_=f"t{i}", text=text, embedding=unit_rows(rng, 1, DIM)[0].tolist())
+
+    store.add([node(0, dup)])
+    store.persist()
+    store.add([node(1, "w2 w0"), node(2, "w5 w10 w2"), node(3, dup)])
+    store.persist()
+    top1 = [r.node_id for r, _ in store.retrieve("sparse", 1, text="w2 w3 w10")]
+    top2 = [r.node_id for r, _ in store.retrieve("sparse", 2, text="w2 w3 w10")]
+    assert top2 == ["t0", "t3"]                    # the exhaustive order: equal scores, id 0 first
+    assert top1 == top2[:1], (top1, top2)          # ['t3']: top-1 is not the start of top-2
+    store.compact(everything=True)                 # ... and it changes when a merge moves rows
+    assert [r.node_id for r, _ in store.retrieve("sparse", 1, text="w2 w3 w10")] == top1
+
+
+# -------------------------------------------------------------- crash between rename and switch
+
+_CRASH_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import numpy as np
+    from indexes_fixtures import make_nodes, unit_rows
+    from indexes import FaissVectorStore
+    store = FaissVectorStore.open({path!r}, keep_versions=2)
+    store.add(make_nodes(unit_rows(np.random.default_rng(9), 5, {dim}), prefix="crash"))
+    os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)   # die at the CURRENT switch
+    store.persist()
+""")
+
+
+def test_a_commit_killed_before_the_pointer_switch_does_not_cost_a_kept_version(tmp_path):
+    """A kill after versions/vN is renamed in but before CURRENT switches leaves vN on disk;
+    collect_garbage keeps the newest keep_versions *directories*, so the orphan (never live)
+    takes the place of the real previous version, which the next commit deletes."""
+    rng = np.random.default_rng(4)
+    path = tmp_path / "idx"
+    store = _store(path, keep_versions=2)          # v1
+    store.add(_nodes(rng, 10, "a"))
+    store.persist()                                # v2 (live)
+    child = _CRASH_CHILD.format(tests=str(REPO / "tests"), path=str(path), dim=DIM)
+    done = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr
+    assert persist.current_version(path) == 2 and 3 in persist.list_versions(path)  # orphan v3
+    writer = FaissVectorStore.open(path, keep_versions=2)
+    writer.add(_nodes(rng, 3, "b"))
+    assert writer.persist() == 4
+    kept = persist.list_versions(path)
+    assert 2 in kept, f"the previous live version was collected; kept {kept} (3 was never live)"
+
+
+# ------------------------------------------------------------------ verify after compaction
+
+
+def test_compaction_does_not_launder_a_damaged_rows_file_past_verify(tmp_path):
+    """A bit flip in a segment's nodes.sqlite (same size: open checks sizes only) is caught by
+    verify; a compaction copies the damaged rows into a new segment with fresh checksums,
+    and verify passes from then on: the damage is silently made permanent."""
+    rng = np.random.default_rng(5)
+    path = tmp_path / "idx"
+    store = _store(path)
+    store.add(_nodes(rng, 20, "a"))
+    store.persist()
+    store.add(_nodes(rng, 20, "b"))
+    store.persist()
+    rows_file = path / "segments" / store.manifest.segments[0].name / segments.ROWS_FILE
+    data = rows_file.read_bytes()
+    at = data.index(b"text of a7")
+    rows_file.write_bytes(data[:at] + b"text of X7" + data[at + 10:])
+    with pytest.raises(IndexCorruptedError):
+        persist.verify(path)
+    damaged = FaissVectorStore.open(path)
+    try:
+        damaged.compact(everything=True)
+        damaged.persist()
+    except HtpIndexError:
+        return                                     # refusing to merge damaged input is fine
+    with pytest.raises(IndexCorruptedError):
+        persist.verify(path)                       # passes: the damage is now "valid"
+
+
+# ------------------------------------------------------------------ same-process races
+
+
+def test_a_failed_second_merge_leaves_no_staging_folder_behind(tmp_path, monkeypatch):
+    """_merge writes group after group; when a later group fails, the segments already
+    written for earlier groups stay in segments/.tmp-<pid>… (own pid, fresh): the commit's
+    clean-up keeps them, so the space is lost for the life of the process (+1 h)."""
+    from indexes import MergePolicy
+
+    rng = np.random.default_rng(7)
+    path = tmp_path / "idx"
+    store = _store(path, merge_policy=MergePolicy(max_merged_rows=20))
+    for p in "abcd":
+        store.add(_nodes(rng, 10, p))
+        store.persist()
+    real, calls = segments.write_segment, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(*a, **k)
+
+    monkeypatch.setattr(segments, "write_segment", failing)
+    with pytest.raises(OSError):
+        store.compact(everything=True)
+    monkeypatch.undo()
+    store.add(_nodes(rng, 1, "e"))
+    store.persist()
+    left = [p.name for p in (path / "segments").iterdir() if p.name.startswith(".tmp-")]
+    assert not left, left
+
+
+def test_a_reader_of_a_version_collected_by_another_store_keeps_answering(tmp_path):
+    """Two stores of one process: a compaction + commit (keep_versions=1) unlinks the segments
+    the reader serves; its open handles must keep working (rows, vectors, postings)."""
+    rng = np.random.default_rng(8)
+    path = tmp_path / "idx"
+    vecs = unit_rows(rng, 30, DIM)
+    writer = _store(path, keep_versions=1)
+    writer.add(make_nodes(vecs[:15], prefix="a"))
+    writer.persist()
+    writer.add(make_nodes(vecs[15:], prefix="b"))
+    writer.persist()
+    reader = FaissVectorStore.open(path, keep_versions=1)
+    writer.delete_nodes(["a1"])
+    writer.compact(everything=True)
+    writer.persist()
+    assert not (path / "segments" / reader.manifest.segments[0].name).exists()
+    assert reader.search(vecs[1:2], 1)[0][0][0] == "a1"
+    assert [r.node_id for r, _ in reader.retrieve("sparse", 1, text="text of b3")][0] == "b3"
+    assert len(reader.get_nodes()) == 30
+
+
+def test_open_racing_a_commit_does_not_report_a_healthy_index_as_corrupted(tmp_path, monkeypatch):
+    """open() reads CURRENT and the manifest, then the segments; a commit's clean-up in
+    between (keep_versions=1, or keep_versions commits) removes them, and open raises
+    IndexCorruptedError (\"rebuild the index\") though CURRENT names a whole version."""
+    rng = np.random.default_rng(10)
+    path = tmp_path / "idx"
+    writer = _store(path, keep_versions=1)
+    writer.add(_nodes(rng, 10, "a"))
+    writer.persist()
+    writer.add(_nodes(rng, 10, "b"))
+    writer.persist()
+    real, fired = segments.open_segment, []
+
+    def racing(root, record, spec):
+        if not fired:
+            fired.append(1)
+            writer.compact(everything=True)
+            writer.persist()
+        return real(root, record, spec)
+
+    monkeypatch.setattr(segments, "open_segment", racing)
+    reader = FaissVectorStore.open(path, keep_versions=1)
+    assert reader.count == 20
+
+
+def test_a_commit_fsyncs_the_folders_its_renamed_tombstone_and_docs_files_live_in(tmp_path, monkeypatch):
+    """write_deletes and doclog.write_entry rename a temporary file into segments/<seg>/ and
+    docs/ but never fsync those directories; the commit fsyncs versions/ and the root only. After
+    a power loss the live manifest can name a tombstone or docs file whose directory entry was
+    never made durable (POSIX needs the parent directory fsynced after a rename)."""
+    from indexes import doclog
+
+    rng = np.random.default_rng(11)
+    path = tmp_path / "idx"
+    store = _store(path)
+    store.add(_nodes(rng, 10, "a"))
+    store.set_doc_hash("d1", "h1")
+    store.persist()
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        with contextlib.suppress(OSError):
+            synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    store.delete_nodes(["a3"])
+    store.set_doc_hash("d2", "h2")
+    store.persist()
+    assert (path / "versions").resolve() in synced  # the spy sees directory fsyncs
+    seg_dir = path / "segments" / store.manifest.segments[0].name
+    assert (path / store.manifest.segments[0].deletes.path).exists()
+    missing = [d for d in (seg_dir, path / doclog.DOCS_DIR) if d.resolve() not in synced]
+    assert not missing, f"directories never fsynced after a rename into them: {missing}"
