@@ -16,6 +16,7 @@ import os
 import secrets
 from pathlib import Path
 
+from .durable import fsync_path
 from .errors import IndexCorruptedError
 from .spec import NamedFile
 
@@ -47,7 +48,6 @@ def write_entry(
 ) -> NamedFile:
     """Write one log file durably (temporary name, fsync, rename) and describe it."""
     from .persist import file_record  # persist imports this module
-    from .segments import fsync_path
 
     folder = Path(root) / DOCS_DIR
     folder.mkdir(exist_ok=True)

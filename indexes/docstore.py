@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .durable import fsync_path
 
 if TYPE_CHECKING:  # imported where a node is made or read: a query reads rows, not nodes
     from llama_index.core.schema import BaseNode
@@ -137,7 +138,7 @@ class NodeStore:
             conn.commit()
         finally:
             conn.close()
-        _fsync(path)
+        fsync_path(path)
 
     @staticmethod
     def copy_files(path: Path, sources: Sequence[tuple[Path, np.ndarray]]) -> np.ndarray | None:
@@ -178,7 +179,7 @@ class NodeStore:
             )
         finally:
             conn.close()
-        _fsync(path)
+        fsync_path(path)
         return written
 
     def iter_rows(self, batch: int = 4096, lock: Any = None) -> Iterator[NodeRow]:
@@ -385,10 +386,3 @@ def _new_file(path: Path) -> sqlite3.Connection:
     conn.executescript(_SCHEMA)
     return conn
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -40,6 +40,7 @@ import numpy as np
 
 from . import ann, gpu, heap, keywords, kinds
 from .docstore import NodeRow, NodeStore
+from .durable import fsync_path
 from .errors import IndexCorruptedError
 from .spec import FileRecord, IndexSpec, SegmentRecord
 from .vectors import VectorIndex
@@ -63,15 +64,6 @@ def staging_prefix() -> str:
     """Prefix of this process's staging folders: the pid and host let a later writer tell a
     crashed writer's leftovers (pid gone) from another writer's work in progress."""
     return f"{TMP_PREFIX}{os.getpid()}@{socket.gethostname()}~"
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (directories make renames durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
