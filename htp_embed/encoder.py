@@ -558,13 +558,13 @@ _LOADING = threading.Lock()
 
 def _load_shared(config: EncoderConfig, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, Any]:
     """``(model, tokenizer)`` for ``config.model``, reusing a live copy with the same dtype and device."""
-    from htp_embed.fingerprint import checkpoint_key, remember_checkpoint
+    from htp_embed.fingerprint import checkpoint_key, definition_stats, remember_checkpoint
 
     # The files' stats are part of the key: weights saved again over a local model's
     # directory (a fine-tune) are loaded again, not served from the copy in memory.
     checkpoint = checkpoint_key(str(config.model))
     key = (str(config.model), str(config.cache_dir or ""), str(dtype), str(device), json.dumps(checkpoint),
-           json.dumps(_definition_stats(str(config.model))),
+           json.dumps(definition_stats(str(config.model))),
            config.packed_linear, config.implementation, config.attention_kernel)
     native = native_requested(device, config.implementation)
     with _LOADING:
@@ -583,26 +583,6 @@ def _load_shared(config: EncoderConfig, dtype: torch.dtype, device: torch.device
             remember_checkpoint(model, checkpoint)
             _LOADED[key] = model
         return model, model._htp_tokenizer
-
-
-#: The files besides the weights that define a local model: a config or tokenizer saved again
-#: over the directory is loaded again, not served from the copy in memory.
-DEFINITION_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                    "special_tokens_map.json", "tokenizer.model")
-
-
-def _definition_stats(model: str) -> list[list[object]]:
-    """(name, size, mtime, inode) of a local model directory's `DEFINITION_FILES`."""
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        return []
-    stats = []
-    for name in DEFINITION_FILES:
-        path = folder / name
-        if path.is_file():
-            stat = path.stat()
-            stats.append([name, stat.st_size, stat.st_mtime_ns, stat.st_ino])
-    return stats
 
 
 def _pack_if_faster(model: torch.nn.Module, dtype: torch.dtype, cache_dir: Path | None) -> PackingDecision:

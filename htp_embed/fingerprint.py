@@ -37,7 +37,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -181,14 +181,35 @@ def checkpoint_key(source: str) -> tuple[str | None, list[list[Any]]]:
     if folder is None or not folder.is_dir():
         return None, []
     folder = folder.resolve()
-    files = []
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES):
-            stat = path.stat()
-            files.append([path.name, stat.st_size, stat.st_mtime_ns, stat.st_ino])
+    files = file_stats(path for path in sorted(folder.iterdir()) if path.name.endswith(WEIGHT_SUFFIXES))
     if not files:
         return None, []
     return f"{SCHEME}|{folder}", files
+
+
+#: The files besides the weights that define a local model: a config or tokenizer saved again
+#: over the directory must be loaded again, not served from the copy in memory.
+DEFINITION_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "tokenizer.model")
+
+
+def definition_stats(source: str) -> list[list[Any]]:
+    """`file_stats` of a local model directory's `DEFINITION_FILES` ([] for anything else)."""
+    folder = Path(source).expanduser() if source else None
+    if folder is None or not folder.is_dir():
+        return []
+    return file_stats(folder / name for name in DEFINITION_FILES)
+
+
+def file_stats(paths: Iterable[Path]) -> list[list[Any]]:
+    """[name, size, mtime, inode] of each of ``paths`` that is a file: a file saved again
+    under the same name changes them."""
+    stats = []
+    for path in paths:
+        if path.is_file():
+            stat = path.stat()
+            stats.append([path.name, stat.st_size, stat.st_mtime_ns, stat.st_ino])
+    return stats
 
 
 def _source_of(model: torch.nn.Module) -> str:
