@@ -40,3 +40,26 @@ def long_doc(n_sentences: int, seed: int = 0) -> str:
     return " ".join(
         " ".join(words[(seed + i * 7 + j) % len(words)] for j in range(8)) + " ." for i in range(n_sentences)
     )
+
+
+def fail_embedding_of(embedding: HTPEmbedding, word: str, monkeypatch, message: str = "simulated encoder failure") -> None:
+    """Make ``embedding`` raise for any batch holding ``word`` (a document that breaks the
+    encoder), through ``monkeypatch`` (undone with it)."""
+    real = embedding.encoder.encode_with_stats
+
+    def fragile(texts, **kwargs):
+        if any(word in text for text in texts):
+            raise RuntimeError(message)
+        return real(texts, **kwargs)
+
+    monkeypatch.setattr(embedding.encoder, "encode_with_stats", fragile)
+
+
+def cli_env(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> Path:
+    """``tmp_path`` as the working folder of CLI runs on the tiny model (settings through the
+    environment, as a user's shell would pass them)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HTP_INDEX_ENCODER__MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("HTP_INDEX_ENCODER__SEGMENTER", "sentencizer")
+    monkeypatch.setenv("HTP_INDEX_CHUNK_SIZE", "48")
+    return tmp_path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from pipeline_helpers import write_docs
+from pipeline_helpers import cli_env, write_docs
 from typer.testing import CliRunner
 
 from htp_cli.main import app
@@ -15,11 +15,7 @@ runner = CliRunner()
 
 @pytest.fixture()
 def env(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HTP_INDEX_ENCODER__MODEL", str(tiny_model_dir))
-    monkeypatch.setenv("HTP_INDEX_ENCODER__SEGMENTER", "sentencizer")
-    monkeypatch.setenv("HTP_INDEX_CHUNK_SIZE", "48")
-    return tmp_path
+    return cli_env(tiny_model_dir, tmp_path, monkeypatch)
 
 
 def run_json(*args: str, code: int = 0) -> dict:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from pipeline_helpers import DOCS, long_doc, settings_for, write_docs
+from pipeline_helpers import DOCS, fail_embedding_of, long_doc, settings_for, write_docs
 
 from indexes import FaissVectorStore
 from pipelines.ingest import ingest
@@ -96,14 +96,7 @@ def test_bad_documents_are_reported_and_the_rest_is_indexed(tmp_path, embedding)
 
 def test_a_document_that_breaks_the_encoder_fails_alone(tmp_path, embedding, monkeypatch):
     source = write_docs(tmp_path / "src")
-    real = embedding.encoder.encode_with_stats
-
-    def fragile(texts, **kwargs):
-        if any("moon" in t for t in texts):
-            raise RuntimeError("simulated encoder failure")
-        return real(texts, **kwargs)
-
-    monkeypatch.setattr(embedding.encoder, "encode_with_stats", fragile)
+    fail_embedding_of(embedding, "moon", monkeypatch)
     stats = ingest(source, tmp_path / "idx", settings_for(embedding), embedding=embedding)
     assert stats.added == 2 and stats.failed == 1
     assert stats.errors[0]["doc_id"] == "night.txt" and "simulated" in stats.errors[0]["error"]

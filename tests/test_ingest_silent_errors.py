@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import DOCS, settings_for, write_docs
+from pipeline_helpers import DOCS, fail_embedding_of, settings_for, write_docs
 
 from indexes import FaissVectorStore
 from pipelines.errors import EmptySourceError, MetricMismatchError
@@ -217,14 +217,7 @@ def test_rebuild_does_not_drop_a_document_the_encoder_fails_on(tmp_path, embeddi
     settings = settings_for(embedding)
     ingest(source, tmp_path / "idx", settings, embedding=embedding)
     version = FaissVectorStore.read_manifest(tmp_path / "idx").version
-    real = embedding.encoder.encode_with_stats
-
-    def fragile(texts, **kwargs):
-        if any("moon" in t for t in texts):
-            raise RuntimeError("simulated out of memory")
-        return real(texts, **kwargs)
-
-    monkeypatch.setattr(embedding.encoder, "encode_with_stats", fragile)
+    fail_embedding_of(embedding, "moon", monkeypatch, "simulated out of memory")
     with pytest.raises(RebuildVerificationError, match="could not be embedded.*live version is unchanged"):
         rebuild(tmp_path / "idx", settings, index_kind="flat", embedding=embedding)
     monkeypatch.undo()

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 from fastapi.testclient import TestClient
-from pipeline_helpers import settings_for, write_docs
+from pipeline_helpers import cli_env, settings_for, write_docs
 
 from indexes import FaissVectorStore
 from pipelines.errors import RebuildVerificationError
@@ -50,14 +50,6 @@ def test_rebuild_from_a_source_reports_the_documents_it_drops(index_dir, embeddi
     assert stats.deleted == 2, stats.to_json()
 
 
-def _cli_env(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HTP_INDEX_ENCODER__MODEL", str(tiny_model_dir))
-    monkeypatch.setenv("HTP_INDEX_ENCODER__SEGMENTER", "sentencizer")
-    monkeypatch.setenv("HTP_INDEX_CHUNK_SIZE", "48")
-    return tmp_path
-
-
 def _beir(tmp_path):
     from pipelines.beir import Document, write_beir
 
@@ -75,7 +67,7 @@ def test_eval_pipeline_json_reports_the_alpha_the_hybrid_search_used(tiny_model_
     from htp_cli.main import app
     from indexes.fusion import DEFAULT_ALPHA
 
-    env = _cli_env(tiny_model_dir, tmp_path, monkeypatch)
+    env = cli_env(tiny_model_dir, tmp_path, monkeypatch)
     result = CliRunner().invoke(app, ["eval", str(_beir(env)), "--pipeline", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -90,7 +82,7 @@ def test_eval_pipeline_refuses_options_it_does_not_apply(tiny_model_dir, tmp_pat
 
     from htp_cli.main import app
 
-    env = _cli_env(tiny_model_dir, tmp_path, monkeypatch)
+    env = cli_env(tiny_model_dir, tmp_path, monkeypatch)
     result = CliRunner().invoke(app, ["eval", str(_beir(env)), "--pipeline", "--fuse-bm25", "--json"])
     assert result.exit_code == 2, result.output
 
@@ -119,7 +111,7 @@ def test_ingest_json_names_the_version_it_wrote(tiny_model_dir, tmp_path, monkey
 
     from htp_cli.main import app
 
-    env = _cli_env(tiny_model_dir, tmp_path, monkeypatch)
+    env = cli_env(tiny_model_dir, tmp_path, monkeypatch)
     write_docs(env / "src")
     result = CliRunner().invoke(app, ["ingest", "src", "--index", "idx", "--json"])
     assert result.exit_code == 0, result.output
