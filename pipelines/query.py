@@ -15,12 +15,11 @@ LlamaIndex, so a query from a cold process does not pay for it.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -316,7 +315,7 @@ def _warn_ignored_encoder_settings(path: Path, recorded: dict[str, Any], setting
                     path, recorded_config.model, asked, path)
 
 
-@functools.cache
+@cache
 def _index_with_defaults() -> type[VectorStoreIndex]:
     """VectorStoreIndex whose retrievers take an open index's defaults (defined on first use:
     LlamaIndex is imported only when an app asks for it)."""
