@@ -340,6 +340,17 @@ class IndexSession:
             return self.settings.metric
         return self.manifest.metric
 
+    def _correction_kind(self) -> str:
+        """The correction a version filled for the first time fits: one set explicitly, else
+        the live version's kind (a rebuild under other settings used to turn an ``adapter``
+        index into a ``center`` one without a word), else the settings' default. A live
+        version without a correction gets the default: it may predate corrections, which is
+        what ``rebuild`` adds to such an index."""
+        if "correction" in self.settings.model_fields_set or self.manifest is None:
+            return self.settings.correction
+        live = self.live_store.correction
+        return live.kind if live is not None else self.settings.correction
+
     @property
     def live_store(self) -> FaissVectorStore:
         """The live version as it is, whatever its encoder (what a rebuild reads from)."""
@@ -478,7 +489,7 @@ class IndexSession:
     ) -> Iterable[EmbeddedBatch]:
         """``embedded`` again, after fitting the correction of a store filled for the first time
         on the first batches (up to `CORRECTION_SAMPLE_NODES` nodes, held meanwhile)."""
-        if store.count or store.correction is not None or corrected or self.settings.correction == "none":
+        if store.count or store.correction is not None or corrected or self._correction_kind() == "none":
             return embedded
         stream = iter(embedded)
         held: list[EmbeddedBatch] = []
@@ -494,7 +505,7 @@ class IndexSession:
         return itertools.chain(held, stream)
 
     def _fit_correction_on(self, store: FaissVectorStore, matrix: np.ndarray, texts: Sequence[str]) -> None:
-        correction = fit_correction(matrix, texts, self.encoder, kind=self.settings.correction)
+        correction = fit_correction(matrix, texts, self.encoder, kind=self._correction_kind())
         if correction is not None:
             store.set_correction(correction)
             log.info("fitted the vector correction on %d nodes and %d pseudo-queries",

@@ -17,6 +17,7 @@ from pipelines.adapter import MIN_PAIRS, fit_linear_adapter
 from pipelines.chunking import embed_text
 from pipelines.ingest import ingest
 from pipelines.query import open_index
+from pipelines.rebuild import rebuild
 
 MANY = {**DOCS, **{f"extra{i}.txt": long_doc(3, seed=5 * i) for i in range(12)}}
 
@@ -129,3 +130,19 @@ def test_the_adapter_draws_two_pseudo_queries_per_node(embedding, monkeypatch):
     correction = pipelines.correction.fit_correction(docs, texts, embedding.encoder, kind="adapter")
     assert correction is not None and correction.kind == "adapter"
     assert correction.adapter_pairs == 2 * len(texts)
+
+
+def test_a_rebuild_keeps_the_index_s_correction_kind_unless_one_is_set(tmp_path, embedding, monkeypatch):
+    # A rebuild run under other settings (a cron job without the opt-in) used to fit the
+    # settings' default and turn an adapter index into a centring one without a word.
+    monkeypatch.setattr(pipelines.adapter, "MIN_PAIRS", 8)
+    ingest(write_docs(tmp_path / "src", MANY), tmp_path / "idx", settings_for(embedding, correction="adapter"),
+           embedding=embedding)
+    assert FaissVectorStore.open(tmp_path / "idx").correction.kind == "adapter"
+    rebuild(tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    kept = FaissVectorStore.open(tmp_path / "idx").correction
+    assert kept is not None and kept.kind == "adapter" and kept.adapter is not None
+    rebuild(tmp_path / "idx", settings_for(embedding, correction="center"), embedding=embedding)
+    assert FaissVectorStore.open(tmp_path / "idx").correction.kind == "center"
+    rebuild(tmp_path / "idx", settings_for(embedding, correction="none"), embedding=embedding)
+    assert FaissVectorStore.open(tmp_path / "idx").correction is None
