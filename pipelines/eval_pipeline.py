@@ -83,7 +83,10 @@ def _to_documents_deep(index: Any, texts: list[str], hits: list[list[dict[str, A
 def reranked_on_top(reranked: list[dict[str, Any]], hits: list[dict[str, Any]], top_k: int) -> dict[str, float]:
     """Document id -> score for a reranked query: the reranked hits' documents first, in the
     reranker's order, then the rest of the plain list in its own order (what a user who
-    reranks the best few of a longer list sees; scores become rank-based so they sort)."""
+    reranks the best few of a longer list sees; scores become rank-based so they sort).
+    ``reranked`` may come in the plain list's order with the reranker's scores: it is put in
+    score order first (stably), since :func:`ranked_documents` keeps the order it is given."""
+    reranked = sorted(reranked, key=lambda hit: -float(hit["score"]))
     order = list(ranked_documents(reranked, len(reranked)))
     seen = set(order)
     order += [doc for doc in ranked_documents(hits, top_k) if doc not in seen]

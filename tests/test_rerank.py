@@ -173,6 +173,10 @@ def test_evaluation_puts_the_reranked_documents_above_the_rest_of_the_plain_list
     ranked = reranked_on_top(reranked, plain, top_k=3)
     assert list(ranked) == ["b", "a", "c"]
     assert list(ranked.values()) == sorted(ranked.values(), reverse=True)
+    # The reranker's scores beside the plain order (how benchmarks/quality/rerank.py blends
+    # them): the reranked documents still come in score order.
+    in_plain_order = [{"doc_id": "a", "score": -0.3}, {"doc_id": "b", "score": 1.2}]
+    assert list(reranked_on_top(in_plain_order, plain, top_k=3)) == ["b", "a", "c"]
 
 
 def test_a_slow_reranked_request_does_not_hold_up_the_plain_queries_behind_it(index_dir, embedding) -> None:
