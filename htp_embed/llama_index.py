@@ -19,7 +19,7 @@ from pydantic import Field, PrivateAttr
 
 from htp_embed.config import EncoderConfig
 from htp_embed.encoder import HTPEncoder
-from htp_embed.rerank import DEFAULT_WEIGHT, QueryLikelihoodScorer, blend_scores
+from htp_embed.rerank import DEFAULT_PASSAGE_TOKENS, DEFAULT_WEIGHT, QueryLikelihoodScorer, blend_scores
 
 
 class HTPEmbedding(BaseEmbedding):
@@ -96,7 +96,8 @@ class QueryLikelihoodRerank(BaseNodePostprocessor):
         engine = RetrieverQueryEngine(retriever, node_postprocessors=[QueryLikelihoodRerank(encoder, top_n=5)])
 
     It uses the encoder's own weights (nothing more is loaded). Every node passed in costs a
-    forward pass of up to ``max_passage_tokens`` tokens through all of the decoder's layers.
+    forward pass of up to ``max_passage_tokens`` tokens through all of the decoder's layers (of a
+long node, its heading and the sentences that best match the query).
     """
 
     top_n: int = Field(5, ge=1, description="nodes kept after reranking")
@@ -105,9 +106,12 @@ class QueryLikelihoodRerank(BaseNodePostprocessor):
     _scorer: QueryLikelihoodScorer = PrivateAttr()
 
     def __init__(self, encoder: HTPEncoder, *, top_n: int = 5, weight: float = DEFAULT_WEIGHT,
-                 max_passage_tokens: int = 256):
+                 max_passage_tokens: int = DEFAULT_PASSAGE_TOKENS):
         super().__init__(top_n=top_n, weight=weight)
-        self._scorer = QueryLikelihoodScorer(encoder.model, encoder.tokenizer, max_passage_tokens=max_passage_tokens)
+        # Long nodes are read as their heading and best-matching sentences, split into
+        # sentences by the encoder's own segmenter.
+        self._scorer = QueryLikelihoodScorer(encoder.model, encoder.tokenizer, max_passage_tokens=max_passage_tokens,
+                                             segmenter=encoder.config.segmenter)
 
     @classmethod
     def class_name(cls) -> str:

@@ -5,9 +5,10 @@ passage: the mean log-probability of the query's tokens behind a prompt that hol
 passage (UPR, "Improving Passage Retrieval with Zero-Shot Question Generation", Sachan et al.,
 2022). Nothing is trained and no second model is loaded: the encoder's weights run to their
 last layer (the encoder itself exits early) and the tied input embeddings serve as the output
-head. The cost is one full forward pass over every candidate passage, so the scorer truncates
-passages and sorts them by length into batches; see benchmarks/quality/rerank.py for what it
-buys and costs.
+head. The cost is one full forward pass over every candidate passage, so the scorer reads a
+window of each long passage (its heading and the sentences that best match the query:
+:mod:`htp_embed.passage_window`) and sorts them by length into batches; see
+benchmarks/quality/rerank.py for what it buys and costs.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from htp_embed.encoder import shared_lock, special_token_template
+from htp_embed.passage_window import best_windows
 
 # The likelihood's share of the blended score (both sides z-scored over the candidates), chosen
 # on half A of the SciFact development split (404 queries) through the product
@@ -47,24 +49,41 @@ class ScoredPassage:
     passage_tokens: int
 
 
+#: Tokens of each passage the scorer reads, and which: "best" reads a long passage's heading and
+#: its sentences that best match the query, "start" its first tokens. Chosen on half A of the
+#: SciFact development split (benchmarks/results/quality/rerank_window.md): 64 tokens of the
+#: best window reranked as well as the first 256 tokens at a third of the cost.
+DEFAULT_PASSAGE_TOKENS = 64
+PassageWindow = Literal["best", "start"]
+#: Rows of the output head's logits turned into log-probabilities at once: the float32 copy of
+#: a few rows stays in the cache (all rows at once: ~150 MB written and read back, 0.1 s a query).
+LOGIT_ROWS = 16
+
+
 class QueryLikelihoodScorer:
     """Scores passages for a query with a decoder's language-model head.
 
-    ``max_passage_tokens`` truncates each passage (the cost grows with it); ``batch_tokens``
-    bounds the tokens of one forward pass. Passes hold the model's shared lock (an encoder
+    ``max_passage_tokens`` bounds what is read of each passage (the cost grows with it) and
+    ``window`` says which part of a longer one ("best": its heading and the sentences that
+    best match the query, found with the ``segmenter``'s sentences; "start": its first
+    tokens); ``batch_tokens`` bounds the tokens of one forward pass. Passes hold the model's shared lock (an encoder
     installs hooks on the same modules while it computes), so batches are kept short enough
     (~0.8 s on 2 cores) for a service's query embeddings to get in between. That costs ~10%:
     ten SciFact abstracts took 3.20 s in batches of 1,024 tokens and 2.91 s in one of 4,096
     (AMD EPYC, 2 cores, bf16, interleaved); pass a larger ``batch_tokens`` for offline work.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_passage_tokens: int = 256,
-                 batch_tokens: int = 1024):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_passage_tokens: int = DEFAULT_PASSAGE_TOKENS,
+                 window: PassageWindow = "best", segmenter: str = "senter", batch_tokens: int = 1024):
         if max_passage_tokens < 1:
             raise ValueError("max_passage_tokens must be at least 1")
+        if window not in ("best", "start"):
+            raise ValueError(f"window must be 'best' or 'start', not {window!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_passage_tokens = max_passage_tokens
+        self.window = window
+        self.segmenter = segmenter
         self.batch_tokens = batch_tokens
         self.head = output_head(model)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -79,7 +98,9 @@ class QueryLikelihoodScorer:
         query_ids = self.tokenizer(query, add_special_tokens=False)["input_ids"]
         if not passages:
             return []
-        bodies = [self.tokenizer(p, add_special_tokens=False)["input_ids"][: self.max_passage_tokens] for p in passages]
+        if self.window == "best":
+            passages = best_windows(query, passages, self.max_passage_tokens, self._count_tokens, self._sentence_starts)
+        bodies = [ids[: self.max_passage_tokens] for ids in self._token_ids(list(passages))]
         contexts = [self._bos + self._before + body + self._after for body in bodies]
         if not query_ids:
             return [ScoredPassage(0.0, len(body)) for body in bodies]
@@ -89,6 +110,17 @@ class QueryLikelihoodScorer:
             for i, value in zip(batch, self._score_batch([contexts[i] for i in batch], query_ids), strict=True):
                 scores[i] = value
         return [ScoredPassage(s, len(body)) for s, body in zip(scores, bodies, strict=True)]
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        return list(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else []
+
+    def _count_tokens(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self._token_ids(texts)]
+
+    def _sentence_starts(self, texts: list[str]) -> list[list[int]]:
+        from htp_embed.segment import sentence_starts
+
+        return sentence_starts(texts, self.segmenter)  # type: ignore[arg-type]
 
     def _batches(self, order: list[int], contexts: list[list[int]], query_len: int) -> list[list[int]]:
         """Indices in length order, grouped so that a padded batch stays within batch_tokens."""
@@ -108,25 +140,29 @@ class QueryLikelihoodScorer:
         rows = [c + query_ids for c in contexts]
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):  # right padding: a causal model never reads it
+        for r, row in enumerate(rows):
             ids[r, : len(row)] = torch.tensor(row)
-            mask[r, : len(row)] = 1
         device = self.head.device
+        # No padding mask: the padding is on the right, where a causal decoder's real positions
+        # never look, and its own outputs are never read. Without a mask the pass takes the
+        # plain causal attention kernel.
         with self._lock, torch.inference_mode():
-            hidden = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+            hidden = self.model(input_ids=ids.to(device), use_cache=False).last_hidden_state
         # The output head runs outside the lock (it changes nothing), once for the whole batch:
         # its 262k x 640 matrix is read once instead of once per passage.
         with torch.inference_mode():
             n = len(query_ids)
             # The state before each query token predicts it.
             states = torch.cat([hidden[r, len(context) - 1 : len(context) - 1 + n] for r, context in enumerate(contexts)])
-            logits = (states @ self.head.T).float()
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            target = torch.tensor(query_ids, device=device).repeat(len(contexts))
-            log_probs = logits.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-            return log_probs.view(len(contexts), n).mean(dim=1).tolist()
+            logits = states @ self.head.T
+            target = torch.tensor(query_ids, device=device).repeat(len(contexts))[:, None]
+            log_probs = []
+            for rows, wanted in zip(logits.split(LOGIT_ROWS), target.split(LOGIT_ROWS), strict=True):
+                rows = rows.float()
+                if self.softcap:
+                    rows = torch.tanh(rows / self.softcap) * self.softcap
+                log_probs.append(rows.gather(1, wanted).squeeze(1) - torch.logsumexp(rows, dim=-1))
+            return torch.cat(log_probs).view(len(contexts), n).mean(dim=1).tolist()
 
 
 def blend_scores(retrieval: Sequence[float | None], likelihood: Sequence[float], weight: float) -> list[float]:

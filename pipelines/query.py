@@ -95,7 +95,7 @@ class OpenIndex:
     fusion: Fusion = "convex"
     default_rerank: bool = False
     rerank_depth: int = 10
-    rerank_passage_tokens: int = 256
+    rerank_passage_tokens: int = 64
     #: ``use_gpu``/``gpus``/``gpu_shard`` the store was opened with (LlamaIndex's copy gets the same)
     placement: dict[str, Any] = field(default_factory=dict)
     #: versions a commit through this index keeps (the settings' ``keep_versions``)

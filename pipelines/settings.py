@@ -91,7 +91,9 @@ class Settings(BaseSettings):
         description="reranking scores this many retrieved hits (or top_k, when larger) and returns the best top_k",
     )
     rerank_passage_tokens: int = Field(
-        256, ge=16, le=2048, description="reranking reads at most this many tokens of each hit",
+        64, ge=16, le=2048,
+        description="reranking reads at most this many tokens of each hit: of a longer hit, its heading "
+        "and the sentences that best match the query",
     )
 
     @classmethod

@@ -101,7 +101,8 @@ def expected_rerank(index, query: str, top_k: int) -> list[tuple[str, float]]:
     """What reranking must return, from its parts: the plain candidates, the scorer, the blend."""
     candidates = index.search(query, max(top_k, index.rerank_depth), rerank=False)
     scorer = QueryLikelihoodScorer(index.encoder.model, index.encoder.tokenizer,
-                                   max_passage_tokens=index.rerank_passage_tokens)
+                                   max_passage_tokens=index.rerank_passage_tokens,
+                                   segmenter=index.encoder.config.segmenter)
     likelihood = [s.log_likelihood for s in scorer.score(query, [hit["text"] for hit in candidates])]
     blended = blend_scores([hit["score"] for hit in candidates], likelihood, DEFAULT_WEIGHT)
     ranked = sorted(zip((hit["node_id"] for hit in candidates), blended, strict=True), key=lambda pair: -pair[1])
