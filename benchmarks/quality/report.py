@@ -223,6 +223,25 @@ def _json(name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def reranker_rows(name: str, what: str) -> list[tuple[str, dict[str, Any] | None, str]]:
+    """The plain and the reranked rows of one reranker run (``rerank.py``'s JSON ``name``): over
+    all queries when the run scored them all (or its tuned half A and B make the whole split)."""
+    rerank = _json(name)
+    chosen = next((r for r in rerank.get("rows", []) if r.get("weight") == rerank.get("chosen_weight_on_A")), None)
+    plain = next((r for r in rerank.get("rows", []) if "weight" not in r), None)
+    tuned, half_b = rerank.get("tune_queries", 0), rerank.get("b_queries", 0)
+    covers_all = tuned + half_b == _json("pipeline").get("queries")
+    rows: list[tuple[str, dict[str, Any] | None, str]] = []
+    for label, row in ((f"hybrid, same run as the reranker ({what})", plain), (f"hybrid + reranker ({what})", chosen)):
+        if row is None:
+            continue
+        whole = row.get("all") or {}
+        if not whole and covers_all:  # the weight was chosen on all of half A: both halves make the split
+            whole = {m: (tuned * row["tune (A)"][m] + half_b * row["B"][m]) / (tuned + half_b) for m in row["B"]}
+        rows.append((label, {"all": whole, "B": row["B"]}, name))
+    return rows
+
+
 def dev_report() -> str:
     """One table of the development split's full-corpus figures (issue 22's report), gathered
     from the benchmarks that measured them, each row naming its source."""
@@ -230,7 +249,6 @@ def dev_report() -> str:
     pipeline = {row["label"]: row for row in _json("pipeline").get("rows", [])}
     adapter = {(row["correction"], row["mode"], row["alpha"]): row for row in _json("adapter").get("rows", [])}
     reference = {row["label"]: row for row in _json("reference_fusion").get("rows", [])}
-    rerank = _json("rerank")
     rows += [("BM25 (bm25s)", pipeline.get("reference: bm25"), "pipeline"),
              ("FTS5 BM25 (sparse)", pipeline.get("product sparse (defaults)"), "pipeline"),
              ("dense", pipeline.get("product dense (defaults)"), "pipeline"),
@@ -243,24 +261,15 @@ def dev_report() -> str:
                        key=lambda r: r["A"]["ndcg@10"], default=None)
         if best_row is not None:
             rows.append((f"hybrid, {family} ({best_row['variant']}, {best_row['mode'].split()[-1]})", best_row, "feedback"))
-    chosen = next((r for r in rerank.get("rows", []) if r.get("weight") == rerank.get("chosen_weight_on_A")), None)
-    plain = next((r for r in rerank.get("rows", []) if "weight" not in r), None)
-    tuned, half_b = rerank.get("tune_queries", 0), rerank.get("b_queries", 0)
-    covers_all = tuned + half_b == _json("pipeline").get("queries")
-    for label, row in (("hybrid, same run as the reranker", plain), ("hybrid + reranker", chosen)):
-        if row is None:
-            continue
-        whole = {}
-        if covers_all:  # the weight was chosen on all of half A: both halves make the whole split
-            whole = {m: (tuned * row["tune (A)"][m] + half_b * row["B"][m]) / (tuned + half_b) for m in row["B"]}
-        rows.append((label, {"all": whole, "B": row["B"]}, "rerank"))
-    with_adapter = _json("rerank_adapter")  # B only: the weight is the shipped one, not re-chosen
+    rows += reranker_rows("rerank_start256_depth10", "first 256 tokens of each hit, as before windows")
+    rows += reranker_rows("rerank_best64_depth10", "each hit's heading and best sentences, 64 tokens")
+    with_adapter = _json("rerank_start256_depth10_adapter")  # B only: the weight is the shipped one, not re-chosen
     shipped = next((r for r in with_adapter.get("rows", []) if r.get("weight") == with_adapter.get("shipped_weight")), None)
     plain_adapter = next((r for r in with_adapter.get("rows", []) if "weight" not in r), None)
     for label, row in (("hybrid + adapter, same run as its reranker", plain_adapter),
                        (f"hybrid + adapter + reranker (weight {with_adapter.get('shipped_weight')})", shipped)):
         if row is not None:
-            rows.append((label, {"B": row["B"]}, "rerank_adapter"))
+            rows.append((label, {"B": row["B"]}, "rerank_start256_depth10_adapter"))
     best = max((r for r in reference.values() if r["label"].startswith("convex")),
                key=lambda r: r["A"]["ndcg@10"], default=None)
     rows += [("all-MiniLM-L6-v2 (reference)", reference.get("all-MiniLM-L6-v2"), "reference_fusion"),
