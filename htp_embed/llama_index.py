@@ -19,7 +19,12 @@ from pydantic import Field, PrivateAttr
 
 from htp_embed.config import EncoderConfig
 from htp_embed.encoder import HTPEncoder
-from htp_embed.rerank import DEFAULT_PASSAGE_TOKENS, DEFAULT_WEIGHT, QueryLikelihoodScorer, blend_scores
+from htp_embed.rerank import (
+    DEFAULT_PASSAGE_TOKENS,
+    DEFAULT_WEIGHT,
+    QueryLikelihoodScorer,
+    blend_scores,
+)
 
 
 class HTPEmbedding(BaseEmbedding):
