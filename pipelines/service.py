@@ -96,7 +96,7 @@ class QueryRequest(BaseModel):
     )
     rerank: bool | None = Field(
         None, description="rerank the best hits by the decoder's likelihood of the query given each "
-        "(seconds per query on a CPU); default: the index's setting (GET /health shows it)"
+        "(about a second per query on a 2-core CPU); default: the index's setting (GET /health shows it)"
     )
 
     @field_validator("filters", mode="before")

@@ -263,6 +263,7 @@ def dev_report() -> str:
             rows.append((f"hybrid, {family} ({best_row['variant']}, {best_row['mode'].split()[-1]})", best_row, "feedback"))
     rows += reranker_rows("rerank_start256_depth10", "first 256 tokens of each hit, as before windows")
     rows += reranker_rows("rerank_best64_depth10", "each hit's heading and best sentences, 64 tokens")
+    rows += reranker_rows("rerank_best64_depth8", "the same, top 8 hits")[1:]  # its plain row is the same
     with_adapter = _json("rerank_start256_depth10_adapter")  # B only: the weight is the shipped one, not re-chosen
     shipped = next((r for r in with_adapter.get("rows", []) if r.get("weight") == with_adapter.get("shipped_weight")), None)
     plain_adapter = next((r for r in with_adapter.get("rows", []) if "weight" not in r), None)
