@@ -25,9 +25,10 @@ from htp_embed.passage_window import best_windows
 
 # The likelihood's share of the blended score (both sides z-scored over the candidates), chosen
 # on half A of the SciFact development split (404 queries) through the product
-# (benchmarks/results/quality/rerank.md): 0.6 scored best there (75.0 vs 73.2 NDCG@10 without
-# reranking; 0.4-0.6 within 0.4) and gives 72.7 vs 70.5 on the untouched half B; the
-# likelihood alone (weight 1) ranks worse than the blend on both halves.
+# (benchmarks/results/quality/rerank_best64_depth10.md): 0.6 scored best there with the default
+# passage windows (76.0 vs 73.2 NDCG@10 without reranking; 0.5-0.7 within 0.6) and gives 73.1
+# vs 70.5 on the untouched half B; the likelihood alone (weight 1) ranks worse than the blend
+# on both halves. (The first-256-token scorer had chosen 0.6 too: rerank_start256_depth10.md.)
 DEFAULT_WEIGHT = 0.6
 
 # UPR's prompt: a passage, then the question it prompts. Generic on purpose (questions, claims
