@@ -5,9 +5,10 @@ Why: the query-likelihood reranker (:mod:`htp_embed.rerank`) runs every token it
 all of the decoder's layers, so its cost grows with each passage's length. Reading a SciFact
 abstract's first 256 tokens cost ~2.6 s for ten candidates on 2 Zen 4 cores; reading its title
 and the ~64 tokens around the sentences that share the query's rarer words cost ~1 s and
-reranked *better* on the development split (``benchmarks/results/quality/rerank_window.md``):
-the sentence that bears on a query is often not among the first, and the rest of a long
-passage dilutes the likelihood.
+reranked *better* on the development split (``benchmarks/results/quality/rerank_best64_depth10.md``
+against ``rerank_start256_depth10.md``), presumably because the sentence that bears on a query
+is often not among the first and the rest of a long passage dilutes the likelihood (not
+measured).
 
 Everything here is plain text work, no model: words are lower-cased ``\\w+`` runs without a
 few function words, each weighted by how few of the query's candidates hold it (an IDF over

@@ -52,8 +52,9 @@ class ScoredPassage:
 
 #: Tokens of each passage the scorer reads, and which: "best" reads a long passage's heading and
 #: its sentences that best match the query, "start" its first tokens. Chosen on half A of the
-#: SciFact development split (benchmarks/results/quality/rerank_window.md): 64 tokens of the
-#: best window reranked as well as the first 256 tokens at a third of the cost.
+#: SciFact development split: 64 tokens of the best window reranked better than the first 256
+#: (+2.6 against +2.2 NDCG@10 on the untouched half B) in 2.5x less time
+#: (benchmarks/results/quality/rerank_best64_depth10.md, rerank_start256_depth10.md).
 DEFAULT_PASSAGE_TOKENS = 64
 PassageWindow = Literal["best", "start"]
 #: Rows of the output head's logits turned into log-probabilities at once: the float32 copy of
@@ -67,8 +68,8 @@ class QueryLikelihoodScorer:
     ``max_passage_tokens`` bounds what is read of each passage (the cost grows with it) and
     ``window`` says which part of a longer one ("best": its heading and the sentences that
     best match the query, found with the ``segmenter``'s sentences; "start": its first
-    tokens); ``batch_tokens`` bounds the tokens of one forward pass. Passes hold the model's shared lock (an encoder
-    installs hooks on the same modules while it computes), so batches are kept short enough
+    tokens); ``batch_tokens`` bounds the tokens of one forward pass. Passes hold the model's
+    shared lock (an encoder installs hooks on the same modules while it computes), so batches are kept short enough
     (~0.8 s on 2 cores) for a service's query embeddings to get in between. That costs ~10%:
     ten SciFact abstracts took 3.20 s in batches of 1,024 tokens and 2.91 s in one of 4,096
     (AMD EPYC, 2 cores, bf16, interleaved); pass a larger ``batch_tokens`` for offline work.
