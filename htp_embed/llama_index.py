@@ -102,7 +102,7 @@ class QueryLikelihoodRerank(BaseNodePostprocessor):
 
     It uses the encoder's own weights (nothing more is loaded). Every node passed in costs a
     forward pass of up to ``max_passage_tokens`` tokens through all of the decoder's layers (of a
-long node, its heading and the sentences that best match the query).
+    long node, its heading and the sentences that best match the query).
     """
 
     top_n: int = Field(5, ge=1, description="nodes kept after reranking")
