@@ -73,20 +73,18 @@ def best_windows(
         return passages
     weights = word_weights(passages)
     wanted = words(query)
-    headings, bodies = zip(*(_heading(passages[i]) for i in long), strict=True)
-    heading_tokens = count_tokens([h for h in headings if h])
-    starts = sentence_starts(list(bodies))
+    # Decide each heading before segmenting, so every body is segmented once, in one batch.
+    split = [_heading(passages[i]) for i in long]
+    heading_sizes = iter(count_tokens([heading for heading, _ in split if heading]))
+    chosen: list[tuple[int, str, str, int]] = []  # passage, heading, body, heading tokens
+    for i, (heading, body) in zip(long, split, strict=True):
+        size = next(heading_sizes) if heading else 0
+        if size > budget * HEADING_SHARE:
+            heading, body, size = "", passages[i], 0
+        chosen.append((i, heading, body, size))
     out = list(passages)
-    counted = iter(heading_tokens)
-    for i, heading, body, offsets in zip(long, headings, bodies, starts, strict=True):
-        room = budget
-        if heading:
-            size = next(counted)
-            if size <= budget * HEADING_SHARE:
-                room -= size + 1  # the separator
-            else:
-                heading, body = "", passages[i]
-                offsets = sentence_starts([body])[0]
+    for (i, heading, body, size), offsets in zip(chosen, sentence_starts([c[2] for c in chosen]), strict=True):
+        room = budget - (size + 1 if heading else 0)  # + 1: the separator
         sentences = _sentences(body, offsets)
         if not sentences:
             continue

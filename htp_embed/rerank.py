@@ -22,6 +22,7 @@ import torch
 
 from htp_embed.encoder import shared_lock, special_token_template
 from htp_embed.passage_window import best_windows
+from htp_embed.segment import sentence_starts
 
 # The likelihood's share of the blended score (both sides z-scored over the candidates), chosen
 # on half A of the SciFact development split (404 queries) through the product
@@ -120,8 +121,6 @@ class QueryLikelihoodScorer:
         return [len(ids) for ids in self._token_ids(texts)]
 
     def _sentence_starts(self, texts: list[str]) -> list[list[int]]:
-        from htp_embed.segment import sentence_starts
-
         return sentence_starts(texts, self.segmenter)  # type: ignore[arg-type]
 
     def _batches(self, order: list[int], contexts: list[list[int]], query_len: int) -> list[list[int]]:
