@@ -1,6 +1,6 @@
 """Packed vs plain Linear weights on the CPU, side by side in one process.
 
-    python benchmarks/linear_packing.py [--rounds 4] [--queries 40] [--docs 16] [--dtype float32]
+    python benchmarks/linear_packing.py [--rounds 4] [--queries 40] [--docs 16] [--dtype float32] [--gelu]
 
 The default encoder (dtype auto) is loaded once; its decoder layers' Linear weights are packed
 (``htp_embed.packed_linear``) and unpacked between rounds, the order alternating round by round,
@@ -13,8 +13,13 @@ so that noise on the machine falls on both alike:
 * with --quality, dense NDCG@10 of both paths on the SciFact train subsample (150 queries,
   100 documents plus their relevant ones, seed 0), each path with its own embedding cache.
 
+With --gelu, both paths are packed and differ in the feed-forward alone: its tanh-GELU and
+product fused into the packed gate-and-up projection as oneDNN post-ops (what the encoder runs)
+against the same activation as separate steps (what it ran before).
+
 Also reports what the encoder decided on its own at load (measured once per CPU and cached).
-Writes benchmarks/results/linear_packing.{json,md} (``linear_packing_<dtype>`` with --dtype).
+Writes benchmarks/results/linear_packing.{json,md} (``linear_packing_<dtype>`` with --dtype;
+``gelu_fusion`` in place of ``linear_packing`` with --gelu).
 """
 
 from __future__ import annotations
@@ -52,13 +57,20 @@ def main() -> None:
     add_arguments(parser, RESULTS, "path")
     parser.add_argument("--quality", action="store_true",
                         help="also NDCG@10 of both paths on the SciFact train subsample `htp-index eval` uses")
+    parser.add_argument("--gelu", action="store_true",
+                        help="compare the feed-forward's GELU fused into its packed projection against it apart")
     args = parser.parse_args()
 
     import torch
 
     from htp_embed import HTPEncoder
     from htp_embed.models import decoder_layers
-    from htp_embed.packed_linear import pack_linear_layers, unpack_linear_layers
+    from htp_embed.packed_linear import (
+        PackedGeluGateLinear,
+        PackedLinear,
+        pack_linear_layers,
+        unpack_linear_layers,
+    )
 
     encoder = HTPEncoder(show_progress=False, dtype=args.dtype)
     layers = decoder_layers(encoder.model)
@@ -74,11 +86,23 @@ def main() -> None:
     if not packed_count:
         raise SystemExit("this PyTorch cannot pack Linear weights here (see the log)")
 
+    baseline, contender = ("GELU apart", "GELU fused") if args.gelu else ("plain", "packed")
+    fused = {mlp: mlp.gate_up_proj for mlp in layers.modules()
+             if isinstance(getattr(mlp, "gate_up_proj", None), PackedGeluGateLinear)}
+    if args.gelu and not fused:
+        raise SystemExit("no feed-forward here has its GELU fused (see the log)")
+    apart = {mlp: PackedLinear(projection.plain()) for mlp, projection in fused.items()}
+
     def use(path: str):
-        (pack_linear_layers if path == "packed" else unpack_linear_layers)(layers)
+        if args.gelu:
+            for mlp in fused:
+                mlp.gate_up_proj = (fused if path == contender else apart)[mlp]
+        else:
+            (pack_linear_layers if path == contender else unpack_linear_layers)(layers)
         return encoder
 
-    measured = alternate({"plain": lambda: use("plain"), "packed": lambda: use("packed")}, texts, docs, args.rounds)
+    measured = alternate({path: (lambda path=path: use(path)) for path in (baseline, contender)},
+                         texts, docs, args.rounds)
 
     quality = {}
     if args.quality:
@@ -88,7 +112,7 @@ def main() -> None:
 
         from pipelines.evaluation import evaluate
 
-        for path in ("plain", "packed"):
+        for path in (baseline, contender):
             use(path)
             with tempfile.TemporaryDirectory() as cache:
                 scored = evaluate(SCIFACT.parent, "train", encoder, max_queries=150, max_docs=100, seed=0,
@@ -100,16 +124,22 @@ def main() -> None:
         "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "dtype": str(encoder.dtype),
         "encoder": encoder.describe(), "decided_at_load": decided, "packed_layers": packed_count,
         "rounds": args.rounds, "queries": len(texts), "docs": len(docs), "docs_label": docs_label,
-        "doc_tokens": doc_tokens, **measured.compared("plain", "packed", doc_tokens),
+        "doc_tokens": doc_tokens, **measured.compared(baseline, contender, doc_tokens),
         "extra_rss_mib": packed_rss - plain_rss, "quality": quality,
     }
+    if args.gelu:
+        result["fused_feed_forwards"] = len(fused)
     rows = result["paths"]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "linear_packing" if args.dtype == "auto" else f"linear_packing_{args.dtype}"
+    stem = "gelu_fusion" if args.gelu else "linear_packing"
+    stem = stem if args.dtype == "auto" else f"{stem}_{args.dtype}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    title = ("The feed-forward's GELU fused into its packed projection vs apart" if args.gelu
+             else "Packed vs plain Linear weights")
     lines = [
-        f"# Packed vs plain Linear weights ({result['cpu']}, {result['cores']} cores, torch {result['torch']})", "",
-        f"Encoder {result['encoder']} in {result['dtype'].removeprefix('torch.')}; {packed_count} Linear layers; "
+        f"# {title} ({result['cpu']}, {result['cores']} cores, torch {result['torch']})", "",
+        f"Encoder {result['encoder']} in {result['dtype'].removeprefix('torch.')}; {packed_count} Linear layers"
+        f"{f' packed, {len(fused)} feed-forwards fused' if args.gelu else ''}; "
         f"{args.rounds} rounds per path, order alternating; {len(texts)} single SciFact queries and "
         f"{len(docs)} {docs_label} ({doc_tokens} tokens) per round.", "",
         "| path | query p50 / p95 | documents |", "|---|---|---|",
@@ -117,16 +147,17 @@ def main() -> None:
     for path, row in rows.items():
         lines.append(f"| {path} | {row['query_p50_ms']:.1f} / {row['query_p95_ms']:.1f} ms "
                      f"| {row['doc_tokens_per_s']:.0f} tokens/s |")
+    extra = "" if args.gelu else f"; packed copies +{result['extra_rss_mib']:.0f} MiB RSS"
     lines += [
-        "", f"Packed / plain: queries {result['query_speedup']:.2f}x faster (p50), documents "
+        "", f"{contender} / {baseline}: queries {result['query_speedup']:.2f}x faster (p50), documents "
         f"{result['doc_speedup']:.2f}x; minimum cosine between the paths' vectors {result['min_cosine_queries']:.6f} "
-        f"(queries), {result['min_cosine_docs']:.6f} (documents); packed copies +{result['extra_rss_mib']:.0f} MiB RSS.",
+        f"(queries), {result['min_cosine_docs']:.6f} (documents){extra}.",
         "", f"Decided at load on this machine: {json.dumps(decided)}",
     ]
     if quality:
         lines += ["", "Dense NDCG@10 on the SciFact train subsample ("
-                  f"{quality['plain']['queries']} queries, {quality['plain']['docs']} documents): plain "
-                  f"{100 * quality['plain']['ndcg@10']:.2f}, packed {100 * quality['packed']['ndcg@10']:.2f}."]
+                  f"{quality[baseline]['queries']} queries, {quality[baseline]['docs']} documents): {baseline} "
+                  f"{100 * quality[baseline]['ndcg@10']:.2f}, {contender} {100 * quality[contender]['ndcg@10']:.2f}."]
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 from torch import nn
 
 from htp_embed.attention import AttentionKernel, attend
+from htp_embed.packed_linear import PackedGeluGateLinear
 
 MODEL_TYPE = "gemma3_text"
 # Modules are built without storage and their weights assigned from the file. The device is
@@ -143,7 +144,14 @@ class MLP(nn.Module):
     def split_rows(self) -> dict[str, int]:
         return {"gate_proj": self.intermediate, "up_proj": self.intermediate}
 
+    def gelu_gated_rows(self) -> dict[str, int]:
+        """The projection whose first rows are a tanh-GELU gate, and how many: where the
+        weights are packed, :mod:`htp_embed.packed_linear` fuses the activation and product."""
+        return {"gate_up_proj": self.intermediate}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.gate_up_proj, PackedGeluGateLinear):
+            return self.down_proj(self.gate_up_proj.gelu_gate(x))
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 

@@ -26,6 +26,15 @@ not public API, so nothing here trusts them blindly:
   fingerprint, which is taken once per model): an encoder's weights are not to change under
   it; build a new ``HTPEncoder`` on a changed model instead.
 
+Gated feed-forwards: where a parent module declares that a projection stacks a tanh-GELU gate's
+rows over the up rows (``gelu_gated_rows()``; the own Gemma 3 forward pass's MLP does), that
+projection is packed as two halves and :meth:`PackedGeluGateLinear.gelu_gate` runs the activation
+and the product as oneDNN post-ops of the two calls. The GELU and the product were separate passes
+over the widest activations, which bfloat16 did not speed up at all (the same time as float32 in
+the profile), so fusing them gains bfloat16 most (``benchmarks/results/gelu_fusion.md``). It is
+checked at load like each packed shape, against the plain computation; ops missing or a
+disagreement leave the activation a separate step, said once in the log.
+
 The packed copies cost memory once more the decoder layers' projection weights (~200 MB for
 Gemma3-270M in bfloat16); the original weights are then only read again by ``state_dict``.
 ``EncoderConfig.packed_linear = "off"`` (``HTP_INDEX_ENCODER__PACKED_LINEAR=off``) never packs.
@@ -91,6 +100,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def gelu_gate_unavailable_reason() -> str | None:
+    """Why this PyTorch cannot fuse a gated tanh-GELU into packed projections, or None."""
+    reason = unavailable_reason()
+    if reason is None and not hasattr(torch.ops.mkldnn._linear_pointwise, "binary"):
+        reason = f"torch.ops.mkldnn._linear_pointwise.binary is missing in torch {torch.__version__}"
+    return reason
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` re-ordered once into oneDNN's layout (an opaque tensor)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
@@ -99,6 +116,22 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` from the packed weight."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def packed_gelu_gate(x: torch.Tensor, packed_gate: torch.Tensor, packed_up: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(x @ gate.T) * (x @ up.T)`` in two oneDNN calls: the activation and the product
+    are post-ops applied to each call's float32 accumulators, so neither the gate nor the product
+    makes a separate pass over memory (and the GELU sees the gate before it is rounded to
+    bfloat16)."""
+    gate = torch.ops.mkldnn._linear_pointwise(x, packed_gate, None, "gelu", [], "tanh")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, gate, packed_up, None, "mul")
+
+
+def gelu_gate(x: torch.Tensor, weight: torch.Tensor, split: int) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` from a weight stacking ``split`` gate rows over the up rows: the
+    plain computation :func:`packed_gelu_gate` fuses."""
+    gate, up = F.linear(x, weight).split(split, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 class PackedLinear(torch.nn.Module):
@@ -117,6 +150,13 @@ class PackedLinear(torch.nn.Module):
         self._packed_from = (self.weight, _version(self.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._ready_for(x):
+            return F.linear(x, self.weight, self.bias)
+        return packed_linear(x, self.packed, self.bias)
+
+    def _ready_for(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` can go through the packed weight (packed again first if the weight
+        changed); False sends the call to ``F.linear`` on the original weight."""
         if (
             x.device.type != "cpu"
             or x.dim() < 2
@@ -125,13 +165,13 @@ class PackedLinear(torch.nn.Module):
             or self.weight.device.type != "cpu"
             or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
         ):
-            return F.linear(x, self.weight, self.bias)
+            return False
         source, version = self._packed_from
         if source is not self.weight or version != _version(self.weight):
             # The weight was replaced or changed in place (a fine-tune step in this process):
             # a stale packed copy would answer silently wrong.
             self._pack()
-        return packed_linear(x, self.packed, self.bias)
+        return True
 
     def __getstate__(self) -> dict:
         """Copies and pickles leave the packed weight behind (oneDNN's opaque tensor has no
@@ -150,6 +190,37 @@ class PackedLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed {self.packed_dtype}"
+
+
+class PackedGeluGateLinear(PackedLinear):
+    """The fused gate-and-up projection of a gated tanh-GELU feed-forward (``split`` gate rows
+    over the up rows, no bias), packed as two halves so that :meth:`gelu_gate` runs the
+    activation and the product as oneDNN post-ops (:func:`packed_gelu_gate`). Same parameters
+    and names as the ``nn.Linear``; its plain ``forward`` still returns both halves."""
+
+    def __init__(self, linear: torch.nn.Linear, split: int):
+        if linear.bias is not None or not 0 < split < linear.out_features:
+            raise ValueError("a gated projection is packed without a bias, split inside its rows")
+        self.split = split
+        super().__init__(linear)
+
+    def _pack(self) -> None:
+        self.packed = (pack_weight(self.weight[: self.split]), pack_weight(self.weight[self.split :]))
+        self._packed_from = (self.weight, _version(self.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._ready_for(x):
+            return F.linear(x, self.weight)
+        return torch.cat([packed_linear(x, half, None) for half in self.packed], dim=-1)
+
+    def gelu_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``gelu_tanh(gate) * up`` of ``x`` (:func:`gelu_gate`), fused where packed."""
+        if not self._ready_for(x):
+            return gelu_gate(x, self.weight, self.split)
+        return packed_gelu_gate(x, *self.packed)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, gate rows {self.split} fused with tanh-GELU"
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -183,9 +254,38 @@ def pack_linear_layers(modules: torch.nn.Module) -> int:
             log.warning("Linear weights stay unpacked: a packed %s weight disagreed with F.linear by %.3g",
                         shape[0], disagreement)
             return 0
+    gate_splits = _gelu_gate_splits(targets)
     for parent, name, linear in targets:
-        setattr(parent, name, PackedLinear(linear))
+        split = gate_splits.get((id(parent), name))
+        setattr(parent, name, PackedLinear(linear) if split is None else PackedGeluGateLinear(linear, split))
     return len(targets)
+
+
+def _gelu_gate_splits(targets: list[tuple[torch.nn.Module, str, torch.nn.Linear]]) -> dict[tuple[int, str], int]:
+    """``(id(parent), name) -> gate rows`` for the targets to pack as :class:`PackedGeluGateLinear`:
+    those whose parent declares them gated tanh-GELU projections (``gelu_gated_rows()``, name ->
+    gate rows), where this PyTorch fuses the activation and each shape's fused result agrees with
+    the plain one. Anything else is packed plainly, said once in the log."""
+    declared = [(parent, name, linear, parent.gelu_gated_rows()[name]) for parent, name, linear in targets
+                if name in getattr(parent, "gelu_gated_rows", dict)()]
+    if not declared:
+        return {}
+    reason = gelu_gate_unavailable_reason()
+    checked: dict[tuple, float] = {}
+    for _, _, linear, split in declared:
+        shape = (tuple(linear.weight.shape), linear.weight.dtype, split)
+        if reason is None and shape not in checked:
+            try:
+                checked[shape] = _gelu_gate_disagreement(linear, split)
+            except (RuntimeError, TypeError, ValueError) as exc:  # an op that refuses this weight
+                reason = f"fusing it failed ({type(exc).__name__}: {exc})"
+            else:
+                if checked[shape] > AGREEMENT_TOLERANCE:
+                    reason = f"the fused result disagreed with the plain one by {checked[shape]:.3g}"
+    if reason is not None:
+        log.info("The feed-forward's tanh-GELU stays a separate step: %s", reason)
+        return {}
+    return {(id(parent), name): split for parent, name, _, split in declared}
 
 
 def unpack_linear_layers(modules: torch.nn.Module) -> int:
@@ -211,6 +311,18 @@ def _disagreement(linear: torch.nn.Linear) -> float:
         packed = packed_linear(x, pack_weight(linear.weight), linear.bias).float()
     scale = float(plain.abs().max()) or 1.0
     return float((packed - plain).abs().max()) / scale
+
+
+def _gelu_gate_disagreement(linear: torch.nn.Linear, split: int) -> float:
+    """max |fused - plain| / max |plain| of the gated tanh-GELU on a random input of 5 tokens."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5, linear.in_features, generator=generator).to(linear.weight.dtype)
+    with torch.inference_mode():
+        plain = gelu_gate(x, linear.weight, split).float()
+        halves = (pack_weight(linear.weight[:split]), pack_weight(linear.weight[split:]))
+        fused = packed_gelu_gate(x, *halves).float()
+    scale = float(plain.abs().max()) or 1.0
+    return float((fused - plain).abs().max()) / scale
 
 
 def probe_packed_speedup(

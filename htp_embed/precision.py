@@ -145,7 +145,8 @@ def _probe_layer(hidden: int, intermediate: int, dtype: torch.dtype, generator: 
     """A decoder layer's arithmetic at the model's sizes, random weights: RMS norms computed in
     float32 and cast back (as Gemma and Llama do), q/k/v/o projections (``packed``: with their
     weights packed as :mod:`htp_embed.packed_linear` does), causal attention, a gated tanh-GELU
-    MLP and two residual adds. ``attention``: the model's heads and the kernel
+    MLP (its activation fused into the projection where :mod:`htp_embed.packed_linear` fuses it)
+    and two residual adds. ``attention``: the model's heads and the kernel
     (:func:`htp_embed.attention.attend`'s) this dtype runs; by default heads of 64 and PyTorch's
     fused kernel. Returns ``run(x)``."""
     import torch
@@ -166,11 +167,23 @@ def _probe_layer(hidden: int, intermediate: int, dtype: torch.dtype, generator: 
     qkv, out = weight((heads + 2 * kv_heads) * head_dim, hidden), weight(hidden, heads * head_dim)
     gate_up, down = weight(2 * intermediate, hidden), weight(hidden, intermediate)
     linear = F.linear
+
+    def gelu_gate(x: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(x, gate_up).chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
     if packed:
+        halves = gate_up[:intermediate], gate_up[intermediate:]
         qkv, out, gate_up, down = (packed_linear.pack_weight(w) for w in (qkv, out, gate_up, down))
 
         def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return packed_linear.packed_linear(x, w, None)
+
+        if packed_linear.gelu_gate_unavailable_reason() is None:  # fused as the encoder fuses it
+            gate, up = (packed_linear.pack_weight(w) for w in halves)
+
+            def gelu_gate(x: torch.Tensor) -> torch.Tensor:
+                return packed_linear.packed_gelu_gate(x, gate, up)
 
     def norm(x: torch.Tensor) -> torch.Tensor:
         y = x.float()
@@ -183,8 +196,7 @@ def _probe_layer(hidden: int, intermediate: int, dtype: torch.dtype, generator: 
         attended = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, head_dim**-0.5,
                           kernel)  # type: ignore[arg-type]
         x = x + linear(attended.transpose(1, 2).reshape(batch, length, heads * head_dim), out)
-        gate, up = linear(norm(x), gate_up).chunk(2, dim=-1)
-        return x + linear(F.gelu(gate, approximate="tanh") * up, down)
+        return x + linear(gelu_gate(norm(x)), down)
 
     return run
 

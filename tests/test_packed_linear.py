@@ -15,6 +15,7 @@ from htp_embed import HTPEncoder, packed_linear, precision
 from htp_embed import encoder as encoder_module
 from htp_embed.models import decoder_layers
 from htp_embed.packed_linear import (
+    PackedGeluGateLinear,
     PackedLinear,
     cpu_packing_decision,
     decide,
@@ -171,6 +172,88 @@ def test_a_packed_weight_that_disagrees_leaves_the_model_plain(monkeypatch, capl
         assert pack_linear_layers(model) == 0
     assert all(type(layer) is torch.nn.Linear for layer in model)
     assert "disagreed" in caplog.text
+
+
+class GatedFeedForward(torch.nn.Module):
+    """A gated tanh-GELU feed-forward that declares its fused gate-and-up projection, as the
+    own Gemma 3 forward pass's does."""
+
+    def __init__(self, width: int = 48, inner: int = 80):
+        super().__init__()
+        self.inner = inner
+        self.gate_up = torch.nn.Linear(width, 2 * inner, bias=False)
+        self.down = torch.nn.Linear(inner, width, bias=False)
+
+    def gelu_gated_rows(self) -> dict[str, int]:
+        return {"gate_up": self.inner}
+
+
+def plain_gelu_gate(x: torch.Tensor, weight: torch.Tensor, split: int) -> torch.Tensor:
+    gate, up = (x.float() @ weight.float().T).split(split, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+needs_gelu_gate = pytest.mark.skipif(packed_linear.gelu_gate_unavailable_reason() is not None,
+                                     reason="this PyTorch cannot fuse the GELU into packed projections")
+
+
+@needs_gelu_gate
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_declared_gelu_gate_is_fused_and_computes_the_plain_result(dtype):
+    torch.manual_seed(0)
+    block = GatedFeedForward().to(dtype)
+    weight = block.gate_up.weight
+    assert pack_linear_layers(block) == 2
+    fused = block.gate_up
+    assert isinstance(fused, PackedGeluGateLinear) and type(block.down) is PackedLinear
+    x = torch.randn(2, 9, 48).to(dtype)
+    expected = plain_gelu_gate(x, weight, 80)
+    tolerance = (1e-5 if dtype == torch.float32 else 2e-2) * float(expected.abs().max())
+    with torch.inference_mode():
+        assert torch.allclose(fused.gelu_gate(x).float(), expected, atol=tolerance)
+        # its plain forward still gives both halves, and its parameters are the Linear's
+        both = F.linear(x, weight).float()
+        assert torch.allclose(fused(x).float(), both, atol=2e-2 * float(both.abs().max()))
+    assert fused.weight is weight and list(block.state_dict()) == ["gate_up.weight", "down.weight"]
+    # outside what was packed (autograd), the same result from the plain weight
+    x.requires_grad_(True)
+    assert torch.allclose(fused.gelu_gate(x).float(), expected, atol=tolerance)
+
+
+@needs_gelu_gate
+def test_a_fused_gelu_gate_follows_its_weight_and_survives_a_copy():
+    import copy
+
+    torch.manual_seed(0)
+    block = GatedFeedForward().to(torch.bfloat16)
+    pack_linear_layers(block)
+    x = torch.randn(3, 48).to(torch.bfloat16)
+    with torch.no_grad():
+        block.gate_up.weight.mul_(-1.0)  # changed in place after packing
+    expected = plain_gelu_gate(x, block.gate_up.weight, 80)
+    twin = copy.deepcopy(block)
+    with torch.inference_mode():
+        for other in (block, twin):
+            got = other.gate_up.gelu_gate(x).float()
+            assert torch.allclose(got, expected, atol=2e-2 * float(expected.abs().max()))
+
+
+def test_without_the_fused_op_a_gelu_gate_is_packed_plainly(monkeypatch, caplog):
+    monkeypatch.setattr(packed_linear, "gelu_gate_unavailable_reason", lambda: "no binary post-op here")
+    block = GatedFeedForward().to(torch.bfloat16)
+    with caplog.at_level("INFO", logger="htp_embed.packed_linear"):
+        assert pack_linear_layers(block) == 2
+    assert type(block.gate_up) is PackedLinear
+    assert "no binary post-op here" in caplog.text
+
+
+@needs_gelu_gate
+def test_a_fused_gelu_gate_that_disagrees_is_not_used(monkeypatch, caplog):
+    monkeypatch.setattr(packed_linear, "packed_gelu_gate", lambda x, gate, up: torch.zeros(*x.shape[:-1], 80))
+    block = GatedFeedForward()
+    with caplog.at_level("INFO", logger="htp_embed.packed_linear"):
+        assert pack_linear_layers(block) == 2
+    assert type(block.gate_up) is PackedLinear and "disagreed" in caplog.text
 
 
 def test_the_encoder_packs_its_own_model_where_measured_faster_and_keeps_its_vectors(
