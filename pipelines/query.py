@@ -155,9 +155,13 @@ class OpenIndex:
 
         Its retrievers, and the engines built on them (``as_query_engine``, ``as_chat_engine``),
         search in this index's default mode with its alpha and fusion, as :meth:`search` does
-        (a plain VectorStoreIndex searched dense-only: ~45 NDCG@10 on SciFact against ~72)."""
+        (a plain VectorStoreIndex searched dense-only: ~45 NDCG@10 on SciFact against ~72).
+        Its engines also rerank when this index reranks by default (settings ``rerank``), as
+        :meth:`search` does; ``rerank=True|False`` to an engine overrides that
+        (:meth:`engine_defaults`). A retriever alone returns the fused hits."""
         index = _index_with_defaults().from_vector_store(self.vector_store, embed_model=self.embedding)
         index.retriever_defaults = self.retriever_defaults
+        index.engine_defaults = self.engine_defaults
         return index
 
     def as_retriever(self, similarity_top_k: int = 5, filters: MetadataFilters | None = None, **kwargs: Any) -> BaseRetriever:
@@ -178,6 +182,30 @@ class OpenIndex:
             kwargs["vector_store_query_mode"] = _STORE_MODES[self.resolve_mode(None)]
         kwargs.setdefault("alpha", self.default_alpha)
         kwargs["vector_store_kwargs"] = {"fusion": self.fusion, **(kwargs.get("vector_store_kwargs") or {})}
+        return kwargs
+
+    def engine_defaults(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A LlamaIndex engine's arguments with this index's reranking: where the engine reranks
+        (its ``rerank`` argument, else the index's default), it retrieves
+        ``max(similarity_top_k, rerank_depth)`` nodes and keeps the reranker's best
+        ``similarity_top_k`` (a :class:`~htp_embed.llama_index.QueryLikelihoodRerank` put before
+        the caller's own postprocessors), the same hits and scores as :meth:`search`. Arguments
+        that already hold a ``QueryLikelihoodRerank`` are left as they are: the caller's own
+        (or one added here already, as ``as_chat_engine`` passes them on to
+        ``as_query_engine``)."""
+        from llama_index.core.constants import DEFAULT_SIMILARITY_TOP_K
+
+        from htp_embed.llama_index import QueryLikelihoodRerank
+
+        kwargs = dict(kwargs)
+        postprocessors = list(kwargs.get("node_postprocessors") or [])
+        if not self.reranks(kwargs.pop("rerank", None)) or any(
+                isinstance(postprocessor, QueryLikelihoodRerank) for postprocessor in postprocessors):
+            return kwargs
+        top_k = int(kwargs.get("similarity_top_k") or DEFAULT_SIMILARITY_TOP_K)
+        kwargs["similarity_top_k"] = max(top_k, self.rerank_depth)
+        # a copy sharing the reranker's scorer (pydantic copies private attributes shallowly)
+        kwargs["node_postprocessors"] = [self.reranker.model_copy(update={"top_n": top_k}), *postprocessors]
         return kwargs
 
     def reranks(self, rerank: bool | None) -> bool:
@@ -323,9 +351,18 @@ def _index_with_defaults() -> type[VectorStoreIndex]:
 
     class IndexWithDefaults(VectorStoreIndex):
         retriever_defaults: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+        engine_defaults: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
         def as_retriever(self, **kwargs: Any) -> BaseRetriever:
             defaults = self.retriever_defaults
             return super().as_retriever(**(defaults(kwargs) if defaults is not None else kwargs))
+
+        def as_query_engine(self, llm: Any = None, **kwargs: Any) -> Any:
+            defaults = self.engine_defaults
+            return super().as_query_engine(llm=llm, **(defaults(kwargs) if defaults is not None else kwargs))
+
+        def as_chat_engine(self, *args: Any, **kwargs: Any) -> Any:
+            defaults = self.engine_defaults
+            return super().as_chat_engine(*args, **(defaults(kwargs) if defaults is not None else kwargs))
 
     return IndexWithDefaults

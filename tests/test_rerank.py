@@ -166,6 +166,42 @@ def test_the_postprocessor_reranks_a_llamaindex_retrievers_nodes_as_the_query_pa
         reranker.postprocess_nodes(hits)
 
 
+def test_llamaindex_engines_rerank_as_search_does_where_the_index_reranks(index_dir, embedding) -> None:
+    """An app that sets ``rerank = true`` and queries through ``as_index()`` engines gets what
+    ``search`` returns, not silently the plain fused hits; ``rerank`` to an engine overrides."""
+    from llama_index.core.llms import MockLLM
+    from llama_index.core.schema import QueryBundle
+    from pipeline_helpers import settings_for
+
+    from htp_embed.llama_index import QueryLikelihoodRerank
+    from pipelines.query import open_index
+
+    def rerankers(engine) -> list[QueryLikelihoodRerank]:
+        return [p for p in engine._node_postprocessors if isinstance(p, QueryLikelihoodRerank)]
+
+    def found(engine) -> list[tuple[str, float]]:
+        return [(hit.node.node_id, hit.score) for hit in engine.retrieve(QueryBundle(QUERY))]
+
+    index = open_index(index_dir, settings_for(embedding, rerank=True, rerank_depth=3), embedding=embedding)
+    reranked = [(hit["node_id"], pytest.approx(hit["score"])) for hit in index.search(QUERY, 2)]
+    plain = [(hit["node_id"], pytest.approx(hit["score"])) for hit in index.search(QUERY, 2, rerank=False)]
+    assert [n for n, _ in reranked] != [n for n, _ in plain]  # so the checks below can tell
+    engine = index.as_index().as_query_engine(llm=MockLLM(), similarity_top_k=2)
+    assert found(engine) == reranked
+    assert found(index.as_index().as_query_engine(llm=MockLLM(), similarity_top_k=2, rerank=False)) == plain
+    # a chat engine passes its arguments on to a query engine: still one reranker, keeping 2
+    chat = index.as_index().as_chat_engine(chat_mode="context", llm=MockLLM(), similarity_top_k=2)
+    assert [r.top_n for r in rerankers(chat)] == [2]
+    # a caller's own reranker is not doubled
+    own = QueryLikelihoodRerank(index.encoder, top_n=1)
+    engine = index.as_index().as_query_engine(llm=MockLLM(), similarity_top_k=3, node_postprocessors=[own])
+    assert rerankers(engine) == [own]
+
+    off = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    assert found(off.as_index().as_query_engine(llm=MockLLM(), similarity_top_k=2)) == plain
+    assert found(off.as_index().as_query_engine(llm=MockLLM(), similarity_top_k=2, rerank=True)) == reranked
+
+
 def test_evaluation_puts_the_reranked_documents_above_the_rest_of_the_plain_list() -> None:
     from pipelines.eval_pipeline import reranked_on_top
 
