@@ -120,9 +120,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 def packed_gelu_gate(x: torch.Tensor, packed_gate: torch.Tensor, packed_up: torch.Tensor) -> torch.Tensor:
     """``gelu_tanh(x @ gate.T) * (x @ up.T)`` in two oneDNN calls: the activation and the product
-    are post-ops applied to each call's float32 accumulators, so neither the gate nor the product
-    makes a separate pass over memory (and the GELU sees the gate before it is rounded to
-    bfloat16)."""
+    are post-ops applied to each call's float32 accumulators, not elementwise passes of their own
+    (and the GELU sees the gate before it is rounded to bfloat16)."""
     gate = torch.ops.mkldnn._linear_pointwise(x, packed_gate, None, "gelu", [], "tanh")
     return torch.ops.mkldnn._linear_pointwise.binary(x, gate, packed_up, None, "mul")
 
