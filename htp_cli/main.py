@@ -339,7 +339,8 @@ def info(
     as_json: JsonOpt = False,
     drift: Annotated[bool, typer.Option("--drift", help="also read up to 100,000 stored vectors to measure how far they drifted from the vector correction")] = False,
 ) -> None:
-    """Show an index's live version, size, kind, encoder, segments and vector correction, read
+    """Show an index's live version, size, kind, encoder (and whether it records an encoder
+    check), segments and vector correction, read
     from its manifest alone (nothing else is loaded; --drift reads stored vectors too), and how
     this machine would run its encoder: the dtype, Linear packing and attention kernel measured here, and which
     code runs the decoder (htp-index's own Gemma 3 forward pass or transformers' class)."""
@@ -358,6 +359,8 @@ def info(
         "segments": len(manifest.segments), "deleted_rows": manifest.tombstones,
         "query_modes": ["dense", "sparse", "hybrid"], "correction": correction,
         "splitting": manifest.splitting,
+        "encoder_check": None if manifest.encoder_check is None else {
+            "documents": len(manifest.encoder_check["documents"]), "queries": len(manifest.encoder_check["queries"])},
         "dtype_auto": _dtype_auto(manifest.dim),
         "forward_pass": _forward_pass(manifest.encoder),
     }
@@ -372,6 +375,9 @@ def info(
     out.print(table)
     if manifest.format_version < 2:
         out.print(f"[yellow]old layout[/yellow] (a full copy per version): `htp-index migrate --index {index}` rewrites it as segments")
+    if manifest.encoder_check is None and manifest.count:
+        out.print("[yellow]no encoder check recorded[/yellow] (an index from an older htp-index): the next "
+                  "ingest records one, so that an encoder changed unnamed by its identity is caught")
     if correction is None and manifest.count:
         out.print(f"[yellow]no vector correction[/yellow]: fit one with `htp-index rebuild --index {index} --keep-vectors`")
 

@@ -124,6 +124,7 @@ class SegmentStore:
         self._dirty = manifest is None
         self._correction = correction
         self._splitting = dict(manifest.splitting) if manifest is not None and manifest.splitting else None
+        self._encoder_check = manifest.encoder_check if manifest is not None else None
         self._policy = merge_policy or MergePolicy()
         flush_rows = FLUSH_ROWS if flush_rows is None else flush_rows
         if flush_rows < 1:
@@ -459,6 +460,7 @@ class SegmentStore:
             segments=records,
             docs=self._docs_log(version),
             splitting=self._splitting,
+            encoder_check=self._encoder_check,
             faiss_version=faiss.__version__,
         )
 
@@ -922,6 +924,19 @@ class SegmentStore:
         with self._lock:
             if splitting != self._splitting:
                 self._splitting = dict(splitting)
+                self._dirty = True
+
+    @property
+    def encoder_check(self) -> dict[str, Any] | None:
+        """What the encoder that built this index gave for a few fixed texts, as the pipeline
+        recorded it (None: not recorded). Kept from version to version; the store does not read it."""
+        return self._encoder_check
+
+    def record_encoder_check(self, check: dict[str, Any] | None) -> None:
+        """Record the encoder check the next persist writes (None: drop it)."""
+        with self._lock:
+            if check != self._encoder_check:
+                self._encoder_check = check
                 self._dirty = True
 
     def set_correction(self, correction: VectorCorrection | None) -> None:

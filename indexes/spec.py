@@ -149,14 +149,20 @@ class Manifest(BaseModel):
         None, description="how the pipeline split documents into nodes (chunk_size, chunk_overlap); "
         "None: not recorded (an index written before it was)"
     )
+    encoder_check: dict[str, Any] | None = Field(
+        None, description="what the encoder that built the index gave for a few fixed texts (the "
+        "pipeline's `pipelines.encoder_check`); the store keeps it from version to version. None: "
+        "not recorded (an index written before it was)"
+    )
     faiss_version: str
     checksum: str = ""
 
     def body_checksum(self) -> str:
         """sha256 of the manifest without its own checksum field (detects edits and bit rot)."""
         exclude = {"checksum"}
-        if self.splitting is None:  # manifests written before the field keep their checksum
-            exclude.add("splitting")
+        for optional in ("splitting", "encoder_check"):
+            if getattr(self, optional) is None:  # manifests written before the field keep their checksum
+                exclude.add(optional)
         if self.format_version < 2:  # fields format 1 did not have are not part of its checksum
             exclude |= {"segments", "docs", "correction"}
         body = self.model_dump(mode="json", exclude=exclude)

@@ -38,6 +38,7 @@ from indexes import EncoderMismatchError, FaissVectorStore, IndexNotFoundError, 
 from indexes.spec import Manifest
 from pipelines.chunking import default_chunk_size, embed_text, make_splitter, split_documents
 from pipelines.correction import fit_correction
+from pipelines.encoder_check import record_check, require_same_vectors
 from pipelines.errors import (
     EmptySourceError,
     IndexKindMismatchError,
@@ -262,6 +263,9 @@ class IndexSession:
         current = self.encoder.identity()
         if not same_encoder(store.encoder, current):  # an older record it upgrades (checked above)
             store.upgrade_encoder(current)
+        # The identity does not name the tokenizer, the config or our arithmetic: the encoder must
+        # also still give the vectors the index recorded for its check texts.
+        require_same_vectors(self.encoder, store.encoder_check, str(self.index_dir))
         if "index_kind" in settings.model_fields_set and settings.index_kind != store.index_kind:
             raise IndexKindMismatchError(
                 f"the index at {self.index_dir} is a {store.index_kind!r} index; to make it "
@@ -416,6 +420,8 @@ class IndexSession:
         store = self.store
         if self.manifest is None and store.splitting is None:  # a new index records its splitting
             store.record_splitting(self.splitting)
+        if store.encoder_check is None:  # a new index, or one written before checks were recorded
+            store.record_encoder_check(record_check(self.encoder))
         stats = RunStats()
         stats.fail_all({error.doc_id: error.error for error in plan.errors})
         stats.fail_all(split.errors)
@@ -580,6 +586,7 @@ class IndexSession:
         new = self._create_store(plan.index_kind)
         if plan.splitting:
             new.record_splitting(plan.splitting)
+        new.record_encoder_check(record_check(self.encoder))  # re-embedded by this encoder
         stats = RunStats()
         stats.fail_all(plan.errors)
         stats.fail_all(plan.nodes.errors)
@@ -613,6 +620,7 @@ class IndexSession:
         new = self._create_store(self._rebuild_kind(index_kind, old.index_kind), dim=old.dim, encoder=old.encoder)
         if old.splitting:
             new.record_splitting(old.splitting)
+        new.record_encoder_check(old.encoder_check)  # the vectors, and so their encoder, stay
         corrected = old.correction is not None
         stored_kind = old.correction.kind if old.correction is not None else "none"
         if "correction" in self.settings.model_fields_set and corrected and self.settings.correction != stored_kind:

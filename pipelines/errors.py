@@ -35,3 +35,8 @@ class MetricMismatchError(HtpIndexError, ValueError):
 class SplittingMismatchError(HtpIndexError, ValueError):
     """An option asks an existing index to split documents otherwise than its nodes were split
     (only a rebuild from the source re-splits them all)."""
+
+
+class EncoderDriftError(HtpIndexError, RuntimeError):
+    """The encoder in hand embeds an index's check texts unlike the encoder that built it
+    (`pipelines.encoder_check`): its tokenizer, config or code changed unnamed by its identity."""

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # LlamaIndex is imported only by the parts that hand its obje
 
     from htp_embed.llama_index import HTPEmbedding, QueryLikelihoodRerank
     from indexes import FaissVectorStore
+    from pipelines.encoder_check import EncoderCheck
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,15 @@ class OpenIndex:
         # a copy sharing the reranker's scorer (pydantic copies private attributes shallowly)
         kwargs["node_postprocessors"] = [self.reranker.model_copy(update={"top_n": top_k}), *postprocessors]
         return kwargs
+
+    def check_encoder(self) -> EncoderCheck | None:
+        """How closely this index's encoder reproduces the vectors the index recorded for its
+        check texts (:mod:`pipelines.encoder_check`; None: the index records none). Embeds four
+        short texts; the service runs it when it loads a version, a one-shot query does not."""
+        from pipelines.encoder_check import compare
+
+        recorded = self.store.encoder_check
+        return None if recorded is None else compare(self.encoder, recorded)
 
     def reranks(self, rerank: bool | None) -> bool:
         """Whether a request with this ``rerank`` field is reranked (None: the index's default)."""

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from htp_embed.rerank import RerankUnavailableError
 from indexes import HtpIndexError, SegmentStore, SparseIndexMissingError, persist
 from indexes.spec import Manifest
+from pipelines.encoder_check import MIN_COSINE, EncoderCheck
 from pipelines.query import OpenIndex, QueryMode, SearchRequest, open_index
 from pipelines.settings import Settings
 
@@ -149,6 +150,11 @@ class IndexHolder:
         self.damage: str | None = None
         self.unsafe = False
         self.checked_at = -math.inf
+        # Whether the encoder still gives the vectors the served version recorded for its check
+        # texts (None: none recorded); run once per distinct record.
+        self.encoder_check: EncoderCheck | None = None
+        self._checked_record: dict[str, Any] | None = None
+        self.check_encoder()
 
     def refresh(self) -> bool:
         """Load the newest version if it differs from the one served; True if swapped.
@@ -180,7 +186,24 @@ class IndexHolder:
         self.unsafe = False
         self.attempts = 0
         log.info("now serving version %s of %s", loaded.version, self.index_dir)
+        self.check_encoder()
         return True
+
+    def check_encoder(self) -> EncoderCheck | None:
+        """Compare the encoder with the served version's recorded check (once per record; a
+        failure is logged as an error and makes ``/health`` say ``degraded``: the stored vectors
+        are intact, but queries are embedded unlike them)."""
+        recorded = self.current.store.encoder_check
+        if recorded is None or recorded != self._checked_record:
+            self.encoder_check = self.current.check_encoder()
+            self._checked_record = recorded
+            if self.encoder_check is not None and not self.encoder_check.passed:
+                log.error("the encoder embeds the check texts of %s unlike the encoder that built it "
+                          "(least cosine %.4f, needed %s): its tokenizer, config or code changed in a way "
+                          "its identity does not name, so queries are embedded unlike the stored vectors. "
+                          "Rebuild it (`htp-index rebuild --index %s`) or restore that model folder",
+                          self.index_dir, self.encoder_check.min_cosine, MIN_COSINE, self.index_dir)
+        return self.encoder_check
 
     def _failed(self, version: int, failure: str) -> None:
         """Record a failed load of ``version`` and when to try it again."""
@@ -388,7 +411,8 @@ def create_app(
     async def health() -> JSONResponse:
         index = holder.current
         await asyncio.to_thread(holder.check_served)
-        status = "unhealthy" if holder.damage else "stale" if holder.failure else "ok"
+        drifted = holder.encoder_check is not None and not holder.encoder_check.passed
+        status = "unhealthy" if holder.damage else "stale" if holder.failure else "degraded" if drifted else "ok"
         body: dict[str, Any] = {
             "status": status,
             "index": str(index.path),
@@ -398,6 +422,7 @@ def create_app(
             "modes": index.modes,
             "default_mode": index.resolve_mode(None),
             "rerank": index.default_rerank,
+            "encoder_check": None if holder.encoder_check is None else holder.encoder_check.summary(),
         }
         if holder.failure is not None:
             body["newer_version"] = holder.failed_version

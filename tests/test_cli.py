@@ -44,6 +44,7 @@ def test_ingest_query_info_with_json(env):
     info = run_json("info", "--index", "idx")
     assert info["count"] == 3 and info["index_kind"] == "auto" and info["encoder"]["method"] == "htp"
     assert set(info) >= {"count", "dim", "version", "index_kind", "encoder"}
+    assert info["encoder_check"] == {"documents": 2, "queries": 2}
 
 
 def test_partial_failure_exits_3_and_lists_errors(env):
