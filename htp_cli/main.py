@@ -291,7 +291,8 @@ def query(
     try:
         from pipelines.query import open_index
 
-        results = open_index(index, settings).search(
+        # no encoder check on this cold path: it would load spaCy here (ingest and serve check)
+        results = open_index(index, settings, check_encoder=False).search(
             text, top_k, filters, mode=mode.value if mode else None, alpha=alpha, rerank=rerank,
         )
     except Exception as exc:

@@ -101,6 +101,8 @@ class OpenIndex:
     placement: dict[str, Any] = field(default_factory=dict)
     #: versions a commit through this index keeps (the settings' ``keep_versions``)
     keep_versions: int = 3
+    #: the last :meth:`check_encoder` result (None: not run, or the index records no check)
+    encoder_check: EncoderCheck | None = None
     _warned: bool = field(default=False, repr=False)
 
     @property
@@ -211,12 +213,21 @@ class OpenIndex:
 
     def check_encoder(self) -> EncoderCheck | None:
         """How closely this index's encoder reproduces the vectors the index recorded for its
-        check texts (:mod:`pipelines.encoder_check`; None: the index records none). Embeds four
-        short texts; the service runs it when it loads a version, a one-shot query does not."""
-        from pipelines.encoder_check import compare
+        check texts (:mod:`pipelines.encoder_check`; None: the index records none), kept in
+        :attr:`encoder_check`; a failure is logged as an error (queries are then embedded unlike
+        the stored vectors). Embeds four short texts: :func:`open_index` runs it unless told
+        not to (a one-shot ``htp-index query``, whose cold path it would slow)."""
+        from pipelines.encoder_check import MIN_COSINE, compare
 
         recorded = self.store.encoder_check
-        return None if recorded is None else compare(self.encoder, recorded)
+        self.encoder_check = None if recorded is None else compare(self.encoder, recorded)
+        if self.encoder_check is not None and not self.encoder_check.passed:
+            log.error("the encoder embeds the check texts of %s unlike the encoder that built it (least "
+                      "cosine %.4f, needed %s): its tokenizer, config or code changed in a way its identity "
+                      "does not name, so queries are embedded unlike the stored vectors. Rebuild it "
+                      "(`htp-index rebuild --index %s`) or restore that model folder",
+                      self.path, self.encoder_check.min_cosine, MIN_COSINE, self.path)
+        return self.encoder_check
 
     def reranks(self, rerank: bool | None) -> bool:
         """Whether a request with this ``rerank`` field is reranked (None: the index's default)."""
@@ -303,7 +314,7 @@ def result_dict(row: NodeRow, score: float | None) -> dict[str, Any]:
 
 def open_index(
     index_dir: str | Path, settings: Settings | None = None, *, encoder: HTPEncoder | None = None,
-    embedding: HTPEmbedding | None = None,
+    embedding: HTPEmbedding | None = None, check_encoder: bool = True,
 ) -> OpenIndex:
     """Open the live version of an index with the encoder recorded in its manifest.
 
@@ -311,7 +322,8 @@ def open_index(
     embedded the new way. ``encoder`` (or a LlamaIndex ``embedding``'s encoder) is reused when
     it is that encoder (no reload); only runtime settings (device, batch size) are taken from
     ``settings``. The service passes the encoder it serves with: switching versions builds no
-    LlamaIndex object.
+    LlamaIndex object. ``check_encoder`` compares the encoder with the index's recorded check
+    (:meth:`OpenIndex.check_encoder`; it loads the model and embeds four short texts).
     """
     if encoder is None and embedding is not None:
         encoder = embedding.encoder
@@ -331,10 +343,13 @@ def open_index(
         encoder = HTPEncoder(config_from_identity(recorded, **settings.runtime_encoder_settings()))
         if not index_accepts(path, recorded, encoder.identity()):
             raise EncoderMismatchError.between(path, recorded, encoder.identity())
-    return OpenIndex(path, store, encoder, default_mode=settings.query_mode,
-                     default_alpha=settings.alpha, fusion=settings.fusion, default_rerank=settings.rerank,
-                     rerank_depth=settings.rerank_depth, rerank_passage_tokens=settings.rerank_passage_tokens,
-                     placement=placement, keep_versions=settings.keep_versions)
+    index = OpenIndex(path, store, encoder, default_mode=settings.query_mode,
+                      default_alpha=settings.alpha, fusion=settings.fusion, default_rerank=settings.rerank,
+                      rerank_depth=settings.rerank_depth, rerank_passage_tokens=settings.rerank_passage_tokens,
+                      placement=placement, keep_versions=settings.keep_versions)
+    if check_encoder:
+        index.check_encoder()
+    return index
 
 
 def _warn_ignored_encoder_settings(path: Path, recorded: dict[str, Any], settings: Settings) -> None:

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from htp_embed.rerank import RerankUnavailableError
 from indexes import HtpIndexError, SegmentStore, SparseIndexMissingError, persist
 from indexes.spec import Manifest
-from pipelines.encoder_check import MIN_COSINE, EncoderCheck
+from pipelines.encoder_check import EncoderCheck
 from pipelines.query import OpenIndex, QueryMode, SearchRequest, open_index
 from pipelines.settings import Settings
 
@@ -133,7 +133,7 @@ class IndexHolder:
         self.settings = settings
         latest = SegmentStore.current_version(index_dir)
         stamp = SegmentStore.manifest_stamp(index_dir, latest) if latest is not None else None
-        self.current = current or open_index(index_dir, settings)
+        self.current = current or open_index(index_dir, settings, check_encoder=False)
         # Which manifest file the served version was read from: an index removed and created
         # again starts at version 1 again, so the number alone would keep the old one served.
         self.stamp = stamp if latest == self.current.version else None
@@ -176,7 +176,7 @@ class IndexHolder:
         if latest == self.failed_version and self.clock() < self.next_retry:
             return False
         try:
-            loaded = open_index(self.index_dir, self.settings, encoder=self.current.encoder)
+            loaded = open_index(self.index_dir, self.settings, encoder=self.current.encoder, check_encoder=False)
         except Exception as exc:
             self._failed(latest, f"{type(exc).__name__}: {exc}")
             return False
@@ -190,19 +190,15 @@ class IndexHolder:
         return True
 
     def check_encoder(self) -> EncoderCheck | None:
-        """Compare the encoder with the served version's recorded check (once per record; a
-        failure is logged as an error and makes ``/health`` say ``degraded``: the stored vectors
-        are intact, but queries are embedded unlike them)."""
+        """Compare the encoder with the served version's recorded check, once per record (a
+        version that carries the same record is not checked again). A failure is logged as an
+        error and makes ``/health`` say ``degraded``: the stored vectors are intact, but queries
+        are embedded unlike them."""
         recorded = self.current.store.encoder_check
         if recorded is None or recorded != self._checked_record:
-            self.encoder_check = self.current.check_encoder()
+            # open_index may have checked this version already
+            self.encoder_check = self.current.encoder_check or self.current.check_encoder()
             self._checked_record = recorded
-            if self.encoder_check is not None and not self.encoder_check.passed:
-                log.error("the encoder embeds the check texts of %s unlike the encoder that built it "
-                          "(least cosine %.4f, needed %s): its tokenizer, config or code changed in a way "
-                          "its identity does not name, so queries are embedded unlike the stored vectors. "
-                          "Rebuild it (`htp-index rebuild --index %s`) or restore that model folder",
-                          self.index_dir, self.encoder_check.min_cosine, MIN_COSINE, self.index_dir)
         return self.encoder_check
 
     def _failed(self, version: int, failure: str) -> None:

@@ -113,6 +113,21 @@ def test_a_tokenizer_changed_in_the_model_folder_is_refused_before_anything_is_w
     assert SegmentStore.read_manifest(index).count == rebuilt.count + 1
 
 
+def test_an_app_opening_the_index_in_process_is_told_and_a_one_shot_query_is_not_slowed(
+        model_dir, tmp_path, monkeypatch, caplog):
+    index, settings = tmp_path / "idx", folder_settings(model_dir)
+    ingest(write_docs(tmp_path / "src"), index, settings)
+    assert open_index(index, settings).encoder_check.passed
+    swap_tokens(model_dir)
+    fresh_loads(monkeypatch)
+    with caplog.at_level("ERROR", logger="pipelines.query"):
+        opened = open_index(index, settings)
+    assert not opened.encoder_check.passed and "Rebuild it" in caplog.text
+    assert opened.search("the cat", 2)  # it still answers: the stored vectors are intact
+    fresh_loads(monkeypatch)
+    assert open_index(index, settings, check_encoder=False).encoder_check is None
+
+
 def test_the_service_says_degraded_when_its_encoder_no_longer_matches(model_dir, tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
