@@ -640,6 +640,9 @@ class IndexSession:
             # a given encoder only if it is that one, else load exactly that one (once).
             self._encoder = self._load_encoder(
                     config_from_identity(old.encoder, **self.settings.runtime_encoder_settings()))
+        if not corrected and self.settings.correction != "none" and old.count:
+            # ... and it must still embed as that one did, or the fitted correction would be off
+            require_same_vectors(self.encoder, old.encoder_check, str(self.index_dir))
         stored = StoredBatches(old, self.settings.nodes_per_batch)
         stats = RunStats()
         written = self.fill(new, stored.nodes_of, stored, stats, hashes=old.doc_hashes(),

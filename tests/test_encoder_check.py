@@ -113,6 +113,20 @@ def test_a_tokenizer_changed_in_the_model_folder_is_refused_before_anything_is_w
     assert SegmentStore.read_manifest(index).count == rebuilt.count + 1
 
 
+def test_a_rebuild_keeping_vectors_fits_no_correction_with_an_encoder_that_drifted(model_dir, tmp_path, monkeypatch):
+    index, settings = tmp_path / "idx", folder_settings(model_dir)
+    ingest(write_docs(tmp_path / "src"), index, settings.model_copy(update={"correction": "none"}))
+    before = SegmentStore.read_manifest(index)
+    swap_tokens(model_dir)
+    fresh_loads(monkeypatch)
+    with pytest.raises(EncoderDriftError):  # its pseudo-queries would not be the stored vectors' kind
+        rebuild(index, settings, keep_vectors=True)
+    assert SegmentStore.read_manifest(index).version == before.version
+    # changing only the index kind embeds nothing, so it needs no check
+    rebuild(index, settings.model_copy(update={"correction": "none"}), keep_vectors=True, index_kind="flat")
+    assert SegmentStore.read_manifest(index).encoder_check == before.encoder_check
+
+
 def test_an_app_opening_the_index_in_process_is_told_and_a_one_shot_query_is_not_slowed(
         model_dir, tmp_path, monkeypatch, caplog):
     index, settings = tmp_path / "idx", folder_settings(model_dir)

@@ -16,6 +16,7 @@ from htp_cli.main import app
 from indexes import FaissVectorStore
 from pipelines.beir import Document, write_beir
 from pipelines.chunking import embed_text
+from pipelines.encoder_check import CHECK_DOCUMENTS, CHECK_QUERIES
 from pipelines.eval_pipeline import evaluate_pipeline, pipeline_run, ranked_documents
 from pipelines.evaluation import prepare_dataset
 from pipelines.ingest import ingest
@@ -81,9 +82,10 @@ def test_an_index_without_correction_gets_one_from_rebuild_keep_vectors(tmp_path
     embedded = embedding.encoder.stats.texts - texts_before
     new = open_index(tmp_path / "idx", settings, embedding=embedding)
     assert new.modes == ["dense", "sparse", "hybrid"] and new.store.correction is not None
-    # nothing re-embedded but the correction's pseudo-queries (the index's encoder check is carried)
+    # nothing re-embedded but the correction's pseudo-queries, and the four texts that check the
+    # encoder still embeds as the stored vectors' did
     assert stats.nodes_embedded == 0
-    assert embedded == new.store.correction.pseudo_queries
+    assert embedded == new.store.correction.pseudo_queries + len(CHECK_DOCUMENTS) + len(CHECK_QUERIES)
     assert new.store.count == len(raw)
     upgraded = dict(new.store.iter_embeddings())
     ids = sorted(raw)
