@@ -8,6 +8,10 @@ restored: ``record()`` writes the manifest's dict, ``from_record()`` reads it ba
 Records are written in one canonical form (``record()``), so they are compared as plain JSON
 documents: :func:`indexes.same_encoder`, the one comparison, does that without knowing
 this package.
+
+What an identity cannot name (the tokenizer, the rest of ``config.json``, how this package
+computes) is checked by behaviour instead: each index version also records the vectors its
+encoder gave for a few fixed texts, and the pipeline compares (``pipelines/encoder_check.py``).
 """
 
 from __future__ import annotations
