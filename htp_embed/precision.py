@@ -173,17 +173,18 @@ def _probe_layer(hidden: int, intermediate: int, dtype: torch.dtype, generator: 
         return F.gelu(gate, approximate="tanh") * up
 
     if packed:
-        halves = gate_up[:intermediate], gate_up[intermediate:]
-        qkv, out, gate_up, down = (packed_linear.pack_weight(w) for w in (qkv, out, gate_up, down))
+        qkv, out, down = (packed_linear.pack_weight(w) for w in (qkv, out, down))
 
         def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return packed_linear.packed_linear(x, w, None)
 
         if packed_linear.gelu_gate_unavailable_reason() is None:  # fused as the encoder fuses it
-            gate, up = (packed_linear.pack_weight(w) for w in halves)
+            gate, up = (packed_linear.pack_weight(w) for w in (gate_up[:intermediate], gate_up[intermediate:]))
 
             def gelu_gate(x: torch.Tensor) -> torch.Tensor:
                 return packed_linear.packed_gelu_gate(x, gate, up)
+        else:
+            gate_up = packed_linear.pack_weight(gate_up)
 
     def norm(x: torch.Tensor) -> torch.Tensor:
         y = x.float()
