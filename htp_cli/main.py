@@ -28,10 +28,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from htp_embed.threads import default_openmp_waiting
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede loading OpenMP (faiss, torch)
+default_openmp_waiting()  # must precede loading OpenMP (faiss, torch)
 
 app = typer.Typer(
     name="htp-index",

@@ -5,18 +5,15 @@ An index records ``HTPEncoder.identity()``; ``config_from_identity`` reopens tha
 ``indexes.same_encoder`` compares two such records.
 """
 
-import os
-
-# OpenMP threads spin between parallel regions by default. A bfloat16 forward pass is thousands
-# of short element-wise regions, and when another process holds one of the cores each of them
-# waits for a descheduled spinner: 16 SciFact abstracts took 40 s instead of 3 s on 2 busy
-# cores. Sleeping waiters cost nothing measurable there. Set before torch loads OpenMP; an
-# explicit OMP_WAIT_POLICY wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from typing import TYPE_CHECKING, Any
 
 from htp_embed.config import DEFAULT_MODEL, METHODS, EncoderConfig, KPolicy
+from htp_embed.threads import default_openmp_waiting
+
+# OpenMP threads spin for a bounded while between parallel regions: neither libgomp's long
+# default nor passive sleeping (htp_embed.threads says why, with figures). Set before torch loads OpenMP; an
+# explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+default_openmp_waiting()
 
 # Everything else loads on first use (PEP 562): the encoder pulls in torch and transformers
 # (seconds on a small machine), and importing the package for its configuration, as settings

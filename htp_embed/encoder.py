@@ -8,6 +8,7 @@ strategy object (``htp_embed.methods``), never of its name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,6 +49,7 @@ from htp_embed.precision import DtypeDecision
 from htp_embed.prefix_cache import NativePrefixCache, PrefixCache, TransformersPrefixCache
 from htp_embed.rewiring import EarlyExit, rewired
 from htp_embed.segment import preload_segmenter, sentence_starts
+from htp_embed.threads import ThreadGovernor
 
 __all__ = ["EmptyTextError", "Encoded", "EncoderStats", "HTPEncoder", "config_from_identity"]
 
@@ -175,6 +177,8 @@ class HTPEncoder:
         self._stats_lock = threading.Lock()
         self._layers = decoder_layers(model)
         self._lock = shared_lock(model)
+        #: All of torch's threads per forward pass, or one while another process holds a core.
+        self.threads = ThreadGovernor()
         self._placeholder_vector = mean_input_embedding(model)
         self._template = special_token_template(tokenizer)
         self.sink_token = _sink_token(tokenizer, self._template[0], config.attention_sink, self.method)
@@ -496,7 +500,8 @@ class HTPEncoder:
         """The vectors of one batch; the first ``prefix`` positions (shared by every layout)
         come from the prefix cache when ``prefix`` > 0."""
         batch = self._collate(layouts, start=prefix)
-        with self._lock, torch.inference_mode():
+        passes = self.threads.forward_pass() if self.device.type == "cpu" else contextlib.nullcontext()
+        with self._lock, passes, torch.inference_mode():
             embeds = self.model.get_input_embeddings()(batch.ids)
             # Placeholders start as the mean token embedding; from the first rewired layer on
             # they hold block summaries.

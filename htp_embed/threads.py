@@ -1,0 +1,139 @@
+"""How the encoder's OpenMP threads wait, and how many it uses: fast while the cores are the
+process's own, safe when another process takes one.
+
+Why: a forward pass is hundreds (a query) to thousands (a batch of documents) of parallel
+regions, most of them short. Between regions, OpenMP's worker threads either sleep
+(``OMP_WAIT_POLICY=PASSIVE``) or spin for a while.
+
+* Sleeping costs a wake-up per region. On 2 cores (AMD EPYC Zen 4, side by side in one run of
+  ``benchmarks/openmp_waiting.py``) a single query took 37.9 ms p50 with sleeping threads and
+  25.6 ms with a bounded spin (``GOMP_SPINCOUNT`` = `SPIN_COUNT`), and bfloat16 documents ran
+  1.57x float32 against 1.76x.
+* Spinning is a hazard when another process holds a core: a thread spins while the one it
+  waits for is descheduled. Beside a busy-looping process, the same spin without a guard made a
+  query take 75.1 ms against 35.7 ms sleeping (libgomp's default spin, 30x longer, once made a
+  batch 13x slower).
+
+So the spin is bounded and set before OpenMP loads (:func:`default_openmp_waiting`; an explicit
+``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` wins), and :class:`ThreadGovernor` watches each
+forward pass: when the process got markedly less CPU time than its threads could use, another
+process has a core, and the following passes run on one thread (no waiting at all) for a
+while, then try all threads again: beside the busy process, 33.7 ms a query. Figures:
+``benchmarks/results/openmp_waiting.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+#: Spins before a waiting OpenMP thread sleeps (libgomp's default is 300,000): long enough to
+#: bridge the gaps between a forward pass's regions, short enough that a spinner gives its core
+#: back within a fraction of a millisecond.
+SPIN_COUNT = 10_000
+
+
+def default_openmp_waiting(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Bound OpenMP's spinning unless the user chose how threads wait. Takes effect only if it
+    runs before torch or faiss loads OpenMP, which reads the environment once."""
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+
+
+def spinning(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Whether OpenMP's waiting threads spin at all (not with ``OMP_WAIT_POLICY=PASSIVE`` or
+    ``GOMP_SPINCOUNT=0``): without a spin there is nothing for :class:`ThreadGovernor` to guard."""
+    return (environ.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+            and environ.get("GOMP_SPINCOUNT", "").strip() not in ("0", "0.0"))
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class ThreadGovernor:
+    """Runs forward passes on all of torch's threads, or on one while another process holds
+    a core: seen as this process getting less than ``min_efficiency`` of the CPU time its
+    threads could have used, in ``strikes`` passes in a row. Spinning threads count as busy, so
+    on a quiet machine a pass gets 0.84-0.99 of it (2 cores, queries and documents alike), and
+    beside a busy process 0.47-0.52.
+
+    A pass on one thread cannot see whether the contention is over, so after ``hold_s`` the
+    next pass tries all threads again; each time it is still contended the hold doubles (up to
+    ``max_hold_s``), so a lasting neighbour costs one slow pass every two minutes at most.
+    Passes shorter than ``min_pass_s`` are not judged (clock granularity, start-up). Where
+    threads do not spin (``enabled`` False, see :func:`spinning`) sleeping threads lower the
+    figure without any neighbour (0.6-0.7 for a query), and there is no hazard to avoid: every
+    pass runs on all threads. Not thread-safe on its own: the encoder runs passes under its
+    model's lock.
+    """
+
+    enabled: bool = field(default_factory=spinning)
+    min_efficiency: float = 0.7
+    strikes: int = 2
+    hold_s: float = 5.0
+    max_hold_s: float = 120.0
+    min_pass_s: float = 0.005
+    clock: Callable[[], float] = time.perf_counter
+    cpu_clock: Callable[[], float] = time.process_time
+    get_threads: Callable[[], int] = _torch_threads
+    set_threads: Callable[[int], None] = _set_torch_threads
+    #: Passes that ran on one thread because of a contended pass before them.
+    single_thread_passes: int = 0
+    _single_until: float = field(default=float("-inf"), repr=False)
+    _low_passes: int = field(default=0, repr=False)
+    _hold: float | None = field(default=None, repr=False)
+
+    def contended(self) -> bool:
+        """Whether the next pass runs on one thread."""
+        return self.clock() < self._single_until
+
+    @contextlib.contextmanager
+    def forward_pass(self) -> Iterator[int]:
+        """Around one forward pass: sets the thread count for it (and restores it after);
+        yields the count used."""
+        full = self.get_threads()
+        threads = 1 if full > 1 and self.contended() else full
+        if threads != full:
+            self.set_threads(threads)
+            self.single_thread_passes += 1
+        began, cpu_began = self.clock(), self.cpu_clock()
+        try:
+            yield threads
+        finally:
+            wall, cpu = self.clock() - began, self.cpu_clock() - cpu_began
+            if threads != full:
+                self.set_threads(full)
+            self._judge(threads, wall, cpu)
+
+    def _judge(self, threads: int, wall: float, cpu: float) -> None:
+        if not self.enabled or threads == 1 or wall < self.min_pass_s:
+            return
+        efficiency = cpu / (wall * threads)
+        if efficiency >= self.min_efficiency:
+            self._hold, self._low_passes = None, 0
+            return
+        self._low_passes += 1
+        if self._low_passes < self.strikes:
+            return
+        self._low_passes = 0
+        hold = self.hold_s if self._hold is None else min(self._hold * 2, self.max_hold_s)
+        self._hold = hold
+        self._single_until = self.clock() + hold
+        log.info("a forward pass on %d threads got %.0f%% of their CPU time (another process is using "
+                 "the cores); embedding on 1 thread for %.0f s", threads, 100 * efficiency, hold)
