@@ -40,7 +40,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as htp_embed sets it; torch may load first here
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from htp_embed.threads import default_openmp_waiting  # noqa: E402
+
+default_openmp_waiting()  # htp_embed's default, set before torch or faiss loads OpenMP
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact" / "corpus.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -402,6 +405,7 @@ def cpu_description() -> dict:
             "bf16_instructions": list(cpu_bf16_instructions()),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none available in this run",
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+            "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "(unset)"),
             "load_average": os.getloadavg()}
 
 

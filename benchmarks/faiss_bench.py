@@ -32,7 +32,10 @@ from typing import Any
 # The 2 cores of the benchmark machine are shared: with OpenMP's default spinning wait, FAISS
 # threads burn their slices waiting for each other (single-query search 25x and IVF-PQ training
 # 8x slower). Passive waiting removes that artefact; it must be set before OpenMP loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from htp_embed.threads import default_openmp_waiting  # noqa: E402
+
+default_openmp_waiting()  # htp_embed's default, set before torch or faiss loads OpenMP
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
@@ -283,6 +286,7 @@ def machine() -> dict[str, Any]:
         "numpy": np.__version__,
         "python": platform.python_version(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""),
         "gpu": "none lent to this task (GPU figures pending)",
     }
 
@@ -310,7 +314,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"Machine: {m['cpu']}, {m['cores']} CPU cores, no GPU; faiss {m['faiss']}, "
         f"numpy {m['numpy']}, Python {m['python']}. Load average at start "
         f"{m['load_average_at_start']} (other jobs shared the 2 cores: timings are noisy); "
-        f"OMP_WAIT_POLICY={m['omp_wait_policy']}.",
+        f"OMP_WAIT_POLICY={m['omp_wait_policy']}, GOMP_SPINCOUNT={m.get('gomp_spincount', '')}.",
         "",
         "**GPU figures are pending: no GPU was lent to this task.** The same script runs on a "
         "GPU machine with `use_gpu='auto'` once faiss-gpu is installed.",

@@ -33,7 +33,10 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as htp_embed sets it; torch may load first here
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from htp_embed.threads import default_openmp_waiting  # noqa: E402
+
+default_openmp_waiting()  # htp_embed's default, set before torch or faiss loads OpenMP
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))

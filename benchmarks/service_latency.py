@@ -147,8 +147,7 @@ def main() -> None:
     from htp_embed import HTPEncoder
     from pipelines.sample_corpus import sample_dir
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # OpenMP waits as htp-index sets it
     texts = queries(args.queries)
     work = Path(tempfile.mkdtemp(prefix="htp-latency-"))
     rows = []
