@@ -500,7 +500,7 @@ class HTPEncoder:
         """The vectors of one batch; the first ``prefix`` positions (shared by every layout)
         come from the prefix cache when ``prefix`` > 0."""
         batch = self._collate(layouts, start=prefix)
-        passes = self.threads.forward_pass() if self.device.type == "cpu" else contextlib.nullcontext()
+        passes = self.threads.forward_pass(batch.ids.numel()) if self.device.type == "cpu" else contextlib.nullcontext()
         with self._lock, passes, torch.inference_mode():
             embeds = self.model.get_input_embeddings()(batch.ids)
             # Placeholders start as the mean token embedding; from the first rewired layer on

@@ -13,6 +13,7 @@ benchmarks/quality/rerank.py for what it buys and costs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch
 from htp_embed.encoder import shared_lock, special_token_template
 from htp_embed.passage_window import best_windows
 from htp_embed.segment import sentence_starts
+from htp_embed.threads import ThreadGovernor
 
 # The likelihood's share of the blended score (both sides z-scored over the candidates), chosen
 # on half A of the SciFact development split (404 queries) through the product
@@ -91,6 +93,8 @@ class QueryLikelihoodScorer:
         self.head = output_head(model)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self._lock = shared_lock(model)
+        #: All of torch's threads per pass, or one while another process holds a core.
+        self.threads = ThreadGovernor()
         self._bos = special_token_template(tokenizer)[0]
         self._before = tokenizer(PROMPT_BEFORE, add_special_tokens=False)["input_ids"]
         self._after = tokenizer(PROMPT_AFTER, add_special_tokens=False)["input_ids"]
@@ -147,7 +151,8 @@ class QueryLikelihoodScorer:
         # No padding mask: the padding is on the right, where a causal decoder's real positions
         # never look, and its own outputs are never read. Without a mask the pass takes the
         # plain causal attention kernel.
-        with self._lock, torch.inference_mode():
+        passes = self.threads.forward_pass(ids.numel()) if device.type == "cpu" else contextlib.nullcontext()
+        with self._lock, passes, torch.inference_mode():
             hidden = self.model(input_ids=ids.to(device), use_cache=False).last_hidden_state
         # The output head runs outside the lock (it changes nothing), once for the whole batch:
         # its 262k x 640 matrix is read once instead of once per passage.

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 
@@ -67,48 +68,59 @@ def _set_torch_threads(threads: int) -> None:
 
 @dataclass
 class ThreadGovernor:
-    """Runs forward passes on all of torch's threads, or on one while another process holds
-    a core: seen as this process getting less than ``min_efficiency`` of the CPU time its
-    threads could have used, in ``strikes`` passes in a row. Spinning threads count as busy, so
-    on a quiet machine a pass gets 0.84-0.99 of it (2 cores, queries and documents alike), and
-    beside a busy process 0.47-0.52.
+    """Runs forward passes on all of torch's threads, or on one while that is measured faster
+    (another process holding a core).
 
-    A pass on one thread cannot see whether the contention is over, so after ``hold_s`` the
-    next pass tries all threads again; each time it is still contended the hold doubles (up to
-    ``max_hold_s``), so a lasting neighbour costs one slow pass every two minutes at most.
-    Passes shorter than ``min_pass_s`` are not judged (clock granularity, start-up). Where
-    threads do not spin (``enabled`` False, see :func:`spinning`) sleeping threads lower the
-    figure without any neighbour (0.6-0.7 for a query), and there is no hazard to avoid: every
-    pass runs on all threads. Not thread-safe on its own: the encoder runs passes under its
-    model's lock.
+    Suspicion: this process got less than ``min_efficiency`` of the CPU time its threads could
+    have used, in ``strikes`` passes in a row. Spinning threads count as busy, so on a quiet
+    machine a pass gets 0.84-0.99 of it (2 cores, queries and documents alike) and beside a busy
+    process 0.47-0.52. But libgomp also stops spinning on its own once a process has more OpenMP
+    threads than cores (a second thread running passes brings its own team), and sleeping
+    threads give 0.6-0.87 with no neighbour at all. So suspicion alone changes nothing: the next
+    pass runs on one thread as a trial, and its time per position is compared with recent passes
+    of a similar size on all threads. One thread is kept for ``hold_s`` only where it measured at
+    least ``1 / trial_margin`` as fast; otherwise no trial is made for ``hold_s``. Each hold that
+    ends the same way doubles the next (up to ``max_hold_s``), so a lasting neighbour, or a
+    process that sleeps its threads, costs a trial or two slow passes every two minutes at most.
+
+    Passes shorter than ``min_pass_s`` are not judged: a quiet query (18-25 ms on 2 cores) seldom
+    is, and a pass on another number of threads can round differently in the last bits (as
+    passes over different batches do), so a trial is kept for where it can pay. Where threads never
+    spin (``enabled`` False, see :func:`spinning`) there is no hazard and every pass runs on all
+    threads. Not thread-safe on its own: the encoder runs passes under its model's lock.
     """
 
     enabled: bool = field(default_factory=spinning)
     min_efficiency: float = 0.7
     strikes: int = 2
+    trial_margin: float = 0.9
     hold_s: float = 5.0
     max_hold_s: float = 120.0
-    min_pass_s: float = 0.005
+    min_pass_s: float = 0.02
     clock: Callable[[], float] = time.perf_counter
     cpu_clock: Callable[[], float] = time.process_time
     get_threads: Callable[[], int] = _torch_threads
     set_threads: Callable[[int], None] = _set_torch_threads
-    #: Passes that ran on one thread because of a contended pass before them.
+    #: Passes run on one thread: trials, and those of a hold that a trial measured faster.
     single_thread_passes: int = 0
     _single_until: float = field(default=float("-inf"), repr=False)
+    _calm_until: float = field(default=float("-inf"), repr=False)
+    _trial: bool = field(default=False, repr=False)
     _low_passes: int = field(default=0, repr=False)
     _hold: float | None = field(default=None, repr=False)
+    _recent: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=8), repr=False)
 
     def contended(self) -> bool:
-        """Whether the next pass runs on one thread."""
-        return self.clock() < self._single_until
+        """Whether the next pass runs on one thread (a hold, or a trial)."""
+        return self._trial or self.clock() < self._single_until
 
     @contextlib.contextmanager
-    def forward_pass(self) -> Iterator[int]:
-        """Around one forward pass: sets the thread count for it (and restores it after);
-        yields the count used."""
+    def forward_pass(self, positions: int) -> Iterator[int]:
+        """Around one forward pass over ``positions`` token positions: sets the thread count for
+        it (and restores it after); yields the count used."""
         full = self.get_threads()
         threads = 1 if full > 1 and self.contended() else full
+        trial, self._trial = self._trial and threads == 1, False
         if threads != full:
             self.set_threads(threads)
             self.single_thread_passes += 1
@@ -119,21 +131,39 @@ class ThreadGovernor:
             wall, cpu = self.clock() - began, self.cpu_clock() - cpu_began
             if threads != full:
                 self.set_threads(full)
-            self._judge(threads, wall, cpu)
+        # only a pass that finished is judged
+        if trial:
+            self._settle(positions, wall)
+        elif threads > 1:
+            self._judge(threads, positions, wall, cpu)
 
-    def _judge(self, threads: int, wall: float, cpu: float) -> None:
-        if not self.enabled or threads == 1 or wall < self.min_pass_s:
+    def _judge(self, threads: int, positions: int, wall: float, cpu: float) -> None:
+        if not self.enabled or wall < self.min_pass_s or positions < 1:
             return
-        efficiency = cpu / (wall * threads)
-        if efficiency >= self.min_efficiency:
-            self._hold, self._low_passes = None, 0
+        self._recent.append((positions, wall))
+        if cpu / (wall * threads) >= self.min_efficiency:
+            self._low_passes, self._hold = 0, None
+            return
+        if self.clock() < self._calm_until:  # a trial found all threads faster a moment ago
             return
         self._low_passes += 1
-        if self._low_passes < self.strikes:
+        if self._low_passes >= self.strikes:
+            self._low_passes = 0
+            self._trial = True
+
+    def _settle(self, positions: int, wall: float) -> None:
+        """After a trial on one thread: hold it where it was faster than all threads on passes
+        of a similar size, else leave all threads alone for a while."""
+        similar = sorted(w / p for p, w in self._recent if positions / 1.5 <= p <= positions * 1.5)
+        if not similar or positions < 1 or wall < self.min_pass_s:
             return
-        self._low_passes = 0
+        reference = similar[len(similar) // 2]
         hold = self.hold_s if self._hold is None else min(self._hold * 2, self.max_hold_s)
         self._hold = hold
-        self._single_until = self.clock() + hold
-        log.info("a forward pass on %d threads got %.0f%% of their CPU time (another process is using "
-                 "the cores); embedding on 1 thread for %.0f s", threads, 100 * efficiency, hold)
+        if wall / positions <= reference * self.trial_margin:
+            self._single_until = self.clock() + hold
+            log.info("one thread ran a forward pass %.1fx as fast as all of them (another process is "
+                     "using the cores); embedding on 1 thread for %.0f s", reference * positions / wall, hold)
+        else:
+            self._calm_until = self.clock() + hold
+            self._recent.clear()  # measured under the old conditions; the next suspicion measures anew

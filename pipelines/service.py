@@ -24,6 +24,7 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -272,13 +273,15 @@ class QueryBatcher:
     that arrived while the previous batch was computing. No request waits for a timer: a lone
     request is served at once; under load, batches grow by themselves.
 
-    A reranked request takes seconds on a CPU, so it is answered beside the batches rather
-    than in one: the queries behind it do not wait for it (the reranker gives the model back
+    Batches run on ``model_thread`` (see :func:`model_thread`). A reranked request takes
+    seconds on a CPU, so it is answered beside the batches rather than in one, on a thread of
+    its own: the queries behind it do not wait for it (the reranker gives the model back
     between its passes; see ``QueryLikelihoodScorer.batch_tokens``).
     """
 
-    def __init__(self, max_batch: int = 32):
+    def __init__(self, max_batch: int = 32, model_thread: Executor | None = None):
         self.max_batch = max_batch
+        self._model_thread = model_thread
         self._queue: asyncio.Queue[tuple[OpenIndex, QueryRequest, asyncio.Future]] | None = None
         self._worker: asyncio.Task | None = None
         self._reranking: set[asyncio.Task] = set()
@@ -312,7 +315,7 @@ class QueryBatcher:
                 index, plain = items[0][0], []
                 for item in items:
                     if index.reranks(item[1].rerank):
-                        task = asyncio.create_task(self._answer([item]))
+                        task = asyncio.create_task(self._answer([item], beside=True))
                         self._reranking.add(task)
                         task.add_done_callback(self._reranking.discard)
                     else:
@@ -320,12 +323,17 @@ class QueryBatcher:
                 if plain:
                     await self._answer(plain)
 
-    @staticmethod
-    async def _answer(items: list[tuple[OpenIndex, QueryRequest, asyncio.Future]]) -> None:
+    async def _answer(self, items: list[tuple[OpenIndex, QueryRequest, asyncio.Future]], beside: bool = False) -> None:
         index = items[0][0]
         requests = [SearchRequest(r.query, r.top_k, r.filters, r.mode, r.alpha, r.rerank) for _, r, _ in items]
+        loop = asyncio.get_running_loop()
+        executor = None if beside else self._model_thread  # None: asyncio's own threads
+
+        def search(batch: list[SearchRequest]) -> asyncio.Future[list[Any]]:
+            return loop.run_in_executor(executor, index.search_many, batch)
+
         try:
-            results: list[Any] = await asyncio.to_thread(index.search_many, requests)
+            results: list[Any] = await search(requests)
         except Exception as exc:
             if len(requests) == 1:  # nothing to separate: a lone request is not run again
                 results = [exc]
@@ -333,7 +341,7 @@ class QueryBatcher:
                 results = []
                 for request in requests:
                     try:
-                        results.append((await asyncio.to_thread(index.search_many, [request]))[0])
+                        results.append((await search([request]))[0])
                     except Exception as failure:
                         results.append(failure)
         for (_, _, future), result in zip(items, results, strict=True):
@@ -343,6 +351,18 @@ class QueryBatcher:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+def model_thread() -> ThreadPoolExecutor:
+    """The one thread on which the service runs everything that may run the model: loading a
+    version (and its encoder), checking the encoder, embedding queries.
+
+    Why one: libgomp, torch's OpenMP on Linux, stops its threads from spinning between parallel
+    regions once a process holds more OpenMP threads than cores, and every thread that runs a
+    parallel region keeps a team of its own. A query embedded on one thread took 25.5 ms; once a
+    second thread had run one, 35 ms (2 cores; ``htp_embed.threads`` says why the spin matters).
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="htp-model")
 
 
 def create_app(
@@ -356,14 +376,15 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving ``index_dir``. ``api_token`` (or ``$HTP_INDEX_API_TOKEN``)
     requires ``Authorization: Bearer <token>`` on /query."""
-    holder = holder or IndexHolder(Path(index_dir), settings)
+    model = model_thread()
+    holder = holder or model.submit(IndexHolder, Path(index_dir), settings).result()
     token = api_token if api_token is not None else os.environ.get(TOKEN_ENV) or None
 
-    batcher = QueryBatcher(max_batch)
+    batcher = QueryBatcher(max_batch, model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        watcher = asyncio.create_task(_watch(holder, reload_interval)) if reload_interval > 0 else None
+        watcher = asyncio.create_task(_watch(holder, reload_interval, model)) if reload_interval > 0 else None
         yield
         await batcher.close()
         if watcher:
@@ -471,11 +492,11 @@ def _printable(value: Any) -> Any:
     return value
 
 
-async def _watch(holder: IndexHolder, interval: float) -> None:
+async def _watch(holder: IndexHolder, interval: float, model: Executor | None = None) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            await asyncio.to_thread(holder.refresh)
+            await asyncio.get_running_loop().run_in_executor(model, holder.refresh)
         except Exception:  # e.g. CURRENT itself unreadable: keep serving the old version; say why
             log.exception("could not check %s for a new version; still serving %s", holder.index_dir, holder.current.version)
 

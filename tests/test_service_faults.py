@@ -97,6 +97,16 @@ def served_files(index_dir: Path) -> list[Path]:
     return sorted(files, key=lambda path: path.stat().st_size, reverse=True)
 
 
+def same_answers(a: dict, b: dict) -> bool:
+    """The same results in the same order, scores equal up to float rounding."""
+    def plain(body: dict) -> list:
+        return [{k: v for k, v in hit.items() if k != "score"} for hit in body["results"]]
+
+    scores = [[hit["score"] for hit in body["results"]] for body in (a, b)]
+    return (a["version"] == b["version"] and plain(a) == plain(b)
+            and scores[0] == pytest.approx(scores[1], rel=1e-5, abs=1e-6))
+
+
 @pytest.mark.parametrize("fault", ["deleted", "truncated"])
 def test_damaged_files_of_the_served_version_make_it_unhealthy_and_never_answer_wrong(
         index_dir, embedding, fault, caplog):
@@ -119,7 +129,8 @@ def test_damaged_files_of_the_served_version_make_it_unhealthy_and_never_answer_
 
         after = client.post("/query", json={"query": "the cat sat", "top_k": 3})
         if fault == "deleted":  # an unlinked file lives on while open: same answers
-            assert after.status_code == 200 and after.json() == before.json()
+            # (scores to float rounding: the query may be embedded on another number of threads)
+            assert after.status_code == 200 and same_answers(after.json(), before.json())
         else:  # a file cut short under a mapping would read wrong: refused, never a wrong answer
             assert after.status_code == 503 and str(victim) in after.json()["detail"]
         holder.refresh()
