@@ -6,19 +6,20 @@ regions, most of them short. Between regions, OpenMP's worker threads either sle
 (``OMP_WAIT_POLICY=PASSIVE``) or spin for a while.
 
 * Sleeping costs a wake-up per region. On 2 cores (AMD EPYC Zen 4, side by side in one run of
-  ``benchmarks/openmp_waiting.py``) a single query took 37.9 ms p50 with sleeping threads and
-  25.6 ms with a bounded spin (``GOMP_SPINCOUNT`` = `SPIN_COUNT`), and bfloat16 documents ran
-  1.57x float32 against 1.76x.
+  ``benchmarks/openmp_waiting.py``) a single query took 33.1 ms p50 with sleeping threads and
+  24.9 ms with a bounded spin (``GOMP_SPINCOUNT`` = `SPIN_COUNT`), and bfloat16 documents ran
+  1.59x float32 against 1.73x.
 * Spinning is a hazard when another process holds a core: a thread spins while the one it
   waits for is descheduled. Beside a busy-looping process, the same spin without a guard made a
-  query take 75.1 ms against 35.7 ms sleeping (libgomp's default spin, 30x longer, once made a
+  query take 82.9 ms against 38.7 ms sleeping (libgomp's default spin, 30x longer, once made a
   batch 13x slower).
 
 So the spin is bounded and set before OpenMP loads (:func:`default_openmp_waiting`; an explicit
 ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` wins), and :class:`ThreadGovernor` watches each
 forward pass: when the process got markedly less CPU time than its threads could use, another
 process has a core, and the following passes run on one thread (no waiting at all) for a
-while, then try all threads again: beside the busy process, 33.7 ms a query. Figures:
+while, then try all threads again: beside the busy process, 35.8 ms a query (documents 15%
+slower than sleeping threads: the price of the quiet case). Figures:
 ``benchmarks/results/openmp_waiting.md``.
 """
 
