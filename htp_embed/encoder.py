@@ -177,8 +177,9 @@ class HTPEncoder:
         self._stats_lock = threading.Lock()
         self._layers = decoder_layers(model)
         self._lock = shared_lock(model)
-        #: All of torch's threads per forward pass, or one while another process holds a core.
-        self.threads = ThreadGovernor()
+        #: All of torch's threads per forward pass, or one while that measured faster (shared by
+        #: everything that runs this model, as its lock is).
+        self.threads = shared_governor(model)
         self._placeholder_vector = mean_input_embedding(model)
         self._template = special_token_template(tokenizer)
         self.sink_token = _sink_token(tokenizer, self._template[0], config.attention_sink, self.method)
@@ -623,6 +624,17 @@ def shared_lock(model: torch.nn.Module) -> threading.Lock:
             lock = threading.Lock()
             model._htp_forward_lock = lock
         return lock
+
+
+def shared_governor(model: torch.nn.Module) -> ThreadGovernor:
+    """One thread governor per model: its passes run one at a time under :func:`shared_lock`,
+    and what one encoder (or the reranker) learns of the machine holds for the others."""
+    with _LOCKS_GUARD:
+        governor = getattr(model, "_htp_thread_governor", None)
+        if governor is None:
+            governor = ThreadGovernor()
+            model._htp_thread_governor = governor
+        return governor
 
 
 SINK_TOKEN_NAMES = ("<|endoftext|>",)

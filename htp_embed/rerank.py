@@ -21,10 +21,9 @@ from typing import Any, Literal
 
 import torch
 
-from htp_embed.encoder import shared_lock, special_token_template
+from htp_embed.encoder import shared_governor, shared_lock, special_token_template
 from htp_embed.passage_window import best_windows
 from htp_embed.segment import sentence_starts
-from htp_embed.threads import ThreadGovernor
 
 # The likelihood's share of the blended score (both sides z-scored over the candidates), chosen
 # on half A of the SciFact development split (404 queries) through the product
@@ -93,8 +92,8 @@ class QueryLikelihoodScorer:
         self.head = output_head(model)
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self._lock = shared_lock(model)
-        #: All of torch's threads per pass, or one while another process holds a core.
-        self.threads = ThreadGovernor()
+        #: The model's thread governor, shared with its encoders (see ``shared_governor``).
+        self.threads = shared_governor(model)
         self._bos = special_token_template(tokenizer)[0]
         self._before = tokenizer(PROMPT_BEFORE, add_special_tokens=False)["input_ids"]
         self._after = tokenizer(PROMPT_AFTER, add_special_tokens=False)["input_ids"]
