@@ -200,6 +200,26 @@ def test_packed_projections_give_the_same_states(saved, dtype):
         assert float(cosine.min()) > 0.999
 
 
+def test_query_and_key_norms_follow_their_weights(saved):
+    """Queries and keys are normed in one pass with a cached scale built from both norms'
+    weights: a weight changed in place must reach it, as it reaches transformers' norms."""
+    path, _ = saved
+    ref = Gemma3TextModel.from_pretrained(path, dtype=torch.float32).eval()
+    native = load_native(path, torch.float32)
+    ids, mask, positions = batch()
+    real = mask.bool()
+    with torch.inference_mode():
+        embeds = ref.get_input_embeddings()(ids)
+        before, _ = native.hidden_states(embeds.clone(), mask, positions)
+        for model in (ref, native):
+            model.layers[1].self_attn.k_norm.weight.add_(0.5)
+            model.layers[2].self_attn.q_norm.weight.mul_(-1.0)
+        expected = reference(ref, embeds.clone(), mask, positions)
+        after, _ = native.hidden_states(embeds.clone(), mask, positions)
+    assert not torch.allclose(after[real], before[real], atol=1e-3)
+    torch.testing.assert_close(after[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
 def test_the_encoder_gives_the_same_vectors_through_either_implementation(saved):
     path, _ = saved
     tokenizer = build_tokenizer(padding_side="left", bos=True)
