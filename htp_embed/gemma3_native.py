@@ -88,8 +88,10 @@ def supports(config: Any) -> bool:
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: normalised in float32, scaled by ``1 + weight``, cast back.
 
-    One fused ``F.rms_norm`` with the scale computed once (kept until the weight is replaced or
-    changed in place): 19 instead of 25 us for a query's 13 positions, ~80 norms a query.
+    Written out as transformers writes it, the float32 copy normalised and scaled in place, with
+    the scale computed once (kept until the weight is replaced or changed in place).
+    ``F.rms_norm`` gives the same values but ran 2.8x slower on an abstract batch (0.48 vs
+    0.17 ms for 4 x 256 x 640 in bfloat16, 2 Zen 4 cores): its CPU path allocates every step.
     """
 
     def __init__(self, width: int, eps: float):
@@ -107,7 +109,17 @@ class RMSNorm(nn.Module):
         return cached[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.scale(), self.eps).to(x.dtype)
+        return rms_normalise(x, self.scale(), self.eps)
+
+
+def rms_normalise(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(x * rsqrt(mean(x**2) + eps) * scale)`` over the last dimension in float32, cast back
+    to ``x``'s dtype: transformers' Gemma RMSNorm, operator for operator (so the same values),
+    writing into the float32 copy where there is one rather than allocating at each step."""
+    xf = x.float()
+    factor = xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+    normed = xf.mul_(factor) if x.dtype != torch.float32 else xf * factor  # never write into x
+    return normed.mul_(scale).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -143,8 +155,7 @@ class Attention(nn.Module):
         kv_heads, head_dim] in one pass: the same arithmetic as the two norms, half the
         operators (a query's pass is ~13 positions, where each operator's fixed cost is most of
         its time)."""
-        normed = F.rms_norm(qk.float(), (self.head_dim,), None, self.q_norm.eps)
-        return (normed * self.query_key_scale()).to(qk.dtype)
+        return rms_normalise(qk, self.query_key_scale(), self.q_norm.eps)
 
     def split_rows(self) -> dict[str, int]:
         """transformers' projections and their rows in ``qkv_proj``, in order."""

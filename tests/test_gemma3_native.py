@@ -17,7 +17,13 @@ from transformers import Gemma3TextConfig, Gemma3TextModel
 
 from htp_embed import HTPEncoder
 from htp_embed.fingerprint import model_fingerprint, weights_digest
-from htp_embed.gemma3_native import NativeConfig, load_native, read_safetensors, supports
+from htp_embed.gemma3_native import (
+    NativeConfig,
+    load_native,
+    read_safetensors,
+    rms_normalise,
+    supports,
+)
 from htp_embed.packed_linear import (
     PackedGeluGateLinear,
     PackedLinear,
@@ -198,6 +204,20 @@ def test_packed_projections_give_the_same_states(saved, dtype):
     else:
         cosine = F.cosine_similarity(packed[real].float(), plain[real].float(), dim=-1)
         assert float(cosine.min()) > 0.999
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_norm_is_transformers_rmsnorm_bit_for_bit_and_leaves_its_input(dtype):
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 7, 64, generator=generator) * 4).to(dtype)
+    scale = 1.0 + torch.randn(64, generator=generator) * 0.3
+    before = x.clone()
+    xf = x.float()
+    expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * scale).type_as(x)
+    got = rms_normalise(x, scale, 1e-6)
+    assert got.dtype == dtype
+    assert torch.equal(got, expected)
+    assert torch.equal(x, before)  # a float32 input is not normalised in place
 
 
 def test_query_and_key_norms_follow_their_weights(saved):
