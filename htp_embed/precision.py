@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from htp_embed.packaged_models import default_cache_dir
+
 if TYPE_CHECKING:  # torch is imported where a probe runs, so reading a cached decision is cheap
     import torch
 
@@ -277,7 +279,7 @@ def cpu_dtype_decision(shape: tuple[int, int] | None = None, cache_dir: Path | N
     ``attention``: the model's heads and attention kernel, where its decoder chooses one."""
     import torch
 
-    from htp_embed.models import cpu_bf16_instructions, default_cache_dir
+    from htp_embed.models import cpu_bf16_instructions
 
     shape = shape or DEFAULT_SHAPE
     instructions = cpu_bf16_instructions()
@@ -394,14 +396,6 @@ def file_lock(path: Path) -> Iterator[None]:
         handle.close()  # releases the lock
 
 
-def cache_root() -> Path:
-    """``$HTP_INDEX_CACHE`` or the user cache directory (as ``models.default_cache_dir``,
-    without importing torch)."""
-    from platformdirs import user_cache_dir
-
-    return Path(os.environ.get("HTP_INDEX_CACHE") or user_cache_dir("htp-index"))
-
-
 def cached_decisions_here(hidden_size: int | None = None, cache_dir: Path | None = None) -> list[dict]:
     """The cached decisions for this CPU model and installed torch (optionally one model width),
     read without importing torch or measuring anything: what `htp-index info` shows."""
@@ -413,7 +407,7 @@ def cached_decisions_here(hidden_size: int | None = None, cache_dir: Path | None
         return []
     cpu = cpu_model()
     found = []
-    for key, record in read_decisions(Path(cache_dir) if cache_dir else cache_root()).items():
+    for key, record in read_decisions(Path(cache_dir) if cache_dir else default_cache_dir()).items():
         if not (_valid(record) and record.get("cpu") == cpu):
             continue
         # the distribution's version lacks torch's local tag ("2.13.0" for "2.13.0+cpu")
@@ -451,7 +445,7 @@ def cached_records_here(file_name: str, field: str, cache_dir: Path | None = Non
         return []
     cpu = cpu_model()
     found = []
-    for key, record in read_decisions(Path(cache_dir) if cache_dir else cache_root(), file_name).items():
+    for key, record in read_decisions(Path(cache_dir) if cache_dir else default_cache_dir(), file_name).items():
         fields = [part.strip() for part in key.split("|")]
         if (isinstance(record, dict) and field in record and len(fields) > 1
                 and fields[0] == cpu and fields[1].removeprefix("torch ").split("+")[0] == torch_version):

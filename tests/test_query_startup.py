@@ -68,9 +68,10 @@ def test_a_query_imports_no_orchestration_or_server(indexes, method):
 
 def test_an_htp_query_segments_in_a_side_process_with_the_same_results(indexes):
     # The query's text is segmented by a second interpreter while this one loads the model
-    # (htp_embed.segment_ahead): spaCy stays out of the command's process, and the hits equal
-    # those of the same command segmenting in-process.
-    from htp_embed.segment_ahead import _usable_cores
+    # (htp_embed.text_ahead): spaCy stays out of the command's process, and the hits equal
+    # those of the same command segmenting in-process. (The packaged tokenizer's side process
+    # is checked with the real default model in test_end_to_end_default_model.py.)
+    from htp_embed.text_ahead import _usable_cores
 
     work, env = indexes
     args = ["query", "the cat sat. On a mat", "--index", "htp", "-k", "3", "--json"]
@@ -78,8 +79,8 @@ def test_an_htp_query_segments_in_a_side_process_with_the_same_results(indexes):
         assert "spacy" not in imported_by(args, env, work)
     ahead = subprocess.run([sys.executable, "-m", "htp_cli", *args], capture_output=True, text=True, env=env,
                            cwd=work, timeout=300, check=True)
-    here = subprocess.run([sys.executable, "-c", "import sys, htp_embed.segment_ahead as s; "
-                           "s.segment_ahead = lambda *a, **k: None; from htp_cli.main import app; app(sys.argv[1:])",
+    here = subprocess.run([sys.executable, "-c", "import sys, htp_embed.text_ahead as s; "
+                           "s.start = lambda *a, **k: None; from htp_cli.main import app; app(sys.argv[1:])",
                            *args], capture_output=True, text=True, env=env, cwd=work, timeout=300, check=True)
     assert json.loads(ahead.stdout)["results"] == json.loads(here.stdout)["results"]
 
