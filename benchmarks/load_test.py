@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -164,7 +165,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = runs[-1]
-    result = {"machine": f"{os.cpu_count()}-core CPU", "runs": runs,
+    result = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "runs": runs,
               "throughput_ratio_first_vs_last": runs[0]["throughput_rps"] / base["throughput_rps"]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load_test.json").write_text(json.dumps(result, indent=2) + "\n")
