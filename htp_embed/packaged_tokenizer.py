@@ -33,6 +33,11 @@ _PADDING_SIDES = {"GemmaTokenizer": "left", "GemmaTokenizerFast": "left", "Llama
                   "PreTrainedTokenizerFast": "right"}
 
 
+def _special_id_property(key: str) -> property:
+    """``<key>_id``: the id of special token ``key`` (None where the tokenizer has none)."""
+    return property(lambda self: self._special_id(key), doc=f"The id of the {key.replace('_', ' ')}, or None.")
+
+
 class PackagedTokenizer:
     """The part of ``PreTrainedTokenizerFast``'s interface htp-index uses, same results.
 
@@ -102,31 +107,17 @@ class PackagedTokenizer:
             self._special_ids[key] = self._backend().token_to_id(token)
         return self._special_ids[key]
 
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._special_id("bos_token")
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._special_id("eos_token")
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._special_id("pad_token")
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._special_id("unk_token")
-
-    @property
-    def mask_token_id(self) -> int | None:
-        return self._special_id("mask_token")
+    bos_token_id = _special_id_property("bos_token")
+    eos_token_id = _special_id_property("eos_token")
+    pad_token_id = _special_id_property("pad_token")
+    unk_token_id = _special_id_property("unk_token")
+    mask_token_id = _special_id_property("mask_token")
 
     def _encode(self, texts: list[str], add_special_tokens: bool, split_special_tokens: bool) -> list[_Encoding]:
         answered = self._answers()
         found = [answered.get((text, add_special_tokens, split_special_tokens)) for text in texts]
-        if all(encoding is not None for encoding in found):
-            return found  # type: ignore[return-value]
+        if all(encoding is not None for encoding in found):  # copies: a caller may edit its lists
+            return [_Encoding(list(e.ids), list(e.attention_mask), list(e.offsets)) for e in found]  # type: ignore[union-attr]
         backend = self._backend()
         # A flag on the shared backend, set per call as transformers does. Two threads calling
         # with opposite flags (30 batches of 256 long texts each) never saw the other's flag:
@@ -142,10 +133,10 @@ class PackagedTokenizer:
         (flat lists) or a list of texts (a list per text), as transformers returns them."""
         texts = [text] if isinstance(text, str) else list(text)
         encodings = self._encode(texts, add_special_tokens, split_special_tokens)
-        out: dict[str, Any] = {"input_ids": [list(encoding.ids) for encoding in encodings],
-                               "attention_mask": [list(encoding.attention_mask) for encoding in encodings]}
+        out: dict[str, Any] = {"input_ids": [encoding.ids for encoding in encodings],
+                               "attention_mask": [encoding.attention_mask for encoding in encodings]}
         if return_offsets_mapping:
-            out["offset_mapping"] = [list(encoding.offsets) for encoding in encodings]
+            out["offset_mapping"] = [encoding.offsets for encoding in encodings]
         if isinstance(text, str):
             out = {key: value[0] for key, value in out.items()}
         return out

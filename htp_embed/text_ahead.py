@@ -17,7 +17,8 @@ segmenter (:func:`htp_embed.segment.sentence_starts`). Anything else, and everyt
 the side process fail, is done here as before. The side process runs this module's ``_main``
 with the same interpreter and code, so its answers are those this process would compute.
 A cold query on 2 Zen 4 cores: 4.15 -> 3.35 s median with the sentences alone
-(benchmarks/results/query_startup.md has the figures with the tokenizer).
+(benchmarks/results/query_startup.md); the tokenizer's answers too, on 2 cores of an Intel
+Xeon: 2.93 -> 2.43 s (query_startup_intel_xeon.md).
 """
 
 from __future__ import annotations
