@@ -49,6 +49,7 @@ from htp_embed.precision import DtypeDecision
 from htp_embed.prefix_cache import NativePrefixCache, PrefixCache, TransformersPrefixCache
 from htp_embed.rewiring import EarlyExit, rewired
 from htp_embed.segment import preload_segmenter, sentence_starts
+from htp_embed.text_ahead import TEMPLATE_PROBE
 from htp_embed.threads import ThreadGovernor
 
 __all__ = ["EmptyTextError", "Encoded", "EncoderStats", "HTPEncoder", "config_from_identity"]
@@ -663,8 +664,8 @@ def _sink_token(tokenizer: Any, prefix: list[int], attention_sink: str, method: 
 
 def special_token_template(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer wraps around a text: e.g. ([<bos>], []) for Gemma."""
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    wrapped = tokenizer("x", add_special_tokens=True)["input_ids"]
+    plain = tokenizer(TEMPLATE_PROBE, add_special_tokens=False)["input_ids"]
+    wrapped = tokenizer(TEMPLATE_PROBE, add_special_tokens=True)["input_ids"]
     for start in range(len(wrapped) - len(plain) + 1):
         if wrapped[start : start + len(plain)] == plain:
             return list(wrapped[:start]), list(wrapped[start + len(plain) :])

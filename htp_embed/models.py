@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -174,11 +175,13 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()  # per-tensor bars are noise next to our own progress
 
 
-def _load_hf_dir(path: Path, dtype: torch.dtype):
+def _load_hf_dir(path: Path, dtype: torch.dtype, tokenizer: Any | None = None):
+    """The model in ``path`` through transformers, with ``tokenizer`` (one already loaded, a
+    packaged copy's) or else ``AutoTokenizer``'s from ``path``."""
     from transformers import AutoModel, AutoTokenizer
 
     _quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(path))
     model = AutoModel.from_pretrained(str(path), dtype=dtype)
     return model, tokenizer
 
@@ -210,10 +213,7 @@ def _load_packaged_copy(path: Path, dtype: torch.dtype, native: bool, tokenizer_
         config = gemma3_native.NativeConfig.from_dir(path)
         if gemma3_native.supports(config):
             return gemma3_native.load_native(path, dtype, config), tokenizer
-    from transformers import AutoModel
-
-    _quiet_transformers()
-    return AutoModel.from_pretrained(str(path), dtype=dtype), tokenizer
+    return _load_hf_dir(path, dtype, tokenizer)
 
 
 def _load_gguf(path: Path):

@@ -115,9 +115,10 @@ class PackagedTokenizer:
 
     def _encode(self, texts: list[str], add_special_tokens: bool, split_special_tokens: bool) -> list[_Encoding]:
         answered = self._answers()
-        found = [answered.get((text, add_special_tokens, split_special_tokens)) for text in texts]
-        if all(encoding is not None for encoding in found):  # copies: a caller may edit its lists
-            return [_Encoding(list(e.ids), list(e.attention_mask), list(e.offsets)) for e in found]  # type: ignore[union-attr]
+        if answered:  # (never looked up where nothing was answered: an ingest's batches)
+            found = [answered.get((text, add_special_tokens, split_special_tokens)) for text in texts]
+            if all(encoding is not None for encoding in found):  # copies: a caller may edit its lists
+                return [_Encoding(list(e.ids), list(e.attention_mask), list(e.offsets)) for e in found]  # type: ignore[union-attr]
         backend = self._backend()
         # A flag on the shared backend, set per call as transformers does. Two threads calling
         # with opposite flags (30 batches of 256 long texts each) never saw the other's flag:

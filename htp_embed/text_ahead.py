@@ -7,10 +7,11 @@ from that text cost ~1.7 s of a 3-4 s start: the packaged model's tokenizer (``t
 importing torch and importing spaCy all hold the GIL (a thread saves nothing). A second
 process has its own interpreter, so on two cores they run *beside* the import instead.
 
-:func:`prepare_query` starts that process for a query's texts under an encoder's settings. It
-tokenizes what :class:`~htp_embed.encoder.HTPEncoder` will ask of the tokenizer (the texts,
-the query instruction, the template probe), with the tokenizer class this process uses, then
-segments the texts. This process takes those answers only for exactly what was asked: the
+:func:`prepare_query` starts those processes for a query's texts under an encoder's settings,
+one per part, since each part alone takes about as long as this process needs before it asks:
+one tokenizes what :class:`~htp_embed.encoder.HTPEncoder` will ask of the tokenizer (the texts,
+the query instruction, the template probe) with the tokenizer class this process uses, the
+other segments the texts. This process takes those answers only for exactly what was asked: the
 same tokenizer directory (:meth:`~htp_embed.packaged_tokenizer.PackagedTokenizer.from_dir`
 reads ``tokenizer.json`` only for a call it was not answered), the same texts, flags and
 segmenter (:func:`htp_embed.segment.sentence_starts`). Anything else, and everything should
@@ -101,19 +102,12 @@ class PendingTokens:
 
     def __init__(self, side: _SideProcess):
         self._side = side
-        self._lock = threading.Lock()
-        self._done = False
-        self._answers: dict[str, Any] | None = None
 
     def result(self) -> dict[str, Any] | None:
         """``{"special_ids": {...}, "encodings": [[text, add, split, ids, mask, offsets], ...]}``
-        as :meth:`PackagedTokenizer.answers` wrote it, or ``None``."""
-        with self._lock:
-            if not self._done:
-                found = self._side.result()
-                self._answers = found if isinstance(found, dict) else None
-                self._done = True
-            return self._answers
+        as :meth:`PackagedTokenizer.answers` wrote it, or ``None`` (the caller keeps it)."""
+        found = self._side.result()
+        return found if isinstance(found, dict) else None
 
 
 _LOCK = threading.Lock()
