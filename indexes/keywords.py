@@ -4,7 +4,9 @@ Why this exists: FTS5's ``ORDER BY bm25`` scores every matching row, so a 12-ter
 costs time linear in the corpus (1.7 s at 1M documents, ``docs/keyword_engine.md``). Here each
 segment stores plain posting arrays (``.npy`` files, memory-mapped on open) and a query is
 answered by MaxScore with block-max bounds: only documents that can still enter the top k are
-scored in full, so the work follows the rare query terms rather than the corpus size.
+scored in full, so the work follows the rare query terms rather than the corpus size. A
+segment that holds few postings of the query's tokens (small segments, rare tokens) is
+scanned in one pass instead, which costs less than pruning it (`SCAN_POSTINGS`).
 
 Analysis and scoring are FTS5's own, so quality is unchanged:
 
@@ -71,6 +73,12 @@ DENSE_ROWS = 262_144
 """Segments up to this many rows gather candidates in a dense accumulator, never a sort."""
 SEED_CANDIDATES = 4_096
 """Documents fully scored per segment to seed the top-k threshold before pruning."""
+SCAN_POSTINGS = 65_536
+"""A segment holding at most this many postings of the query's tokens is scanned (every posting
+scored in one pass, `_scan_segment`) instead of pruned by MaxScore. Measured one segment at a
+time on an Intel Xeon (``benchmarks/segment_search.py``): scanning took 0.4-0.7x MaxScore's
+time on 20k-row segments (1k-75k postings) and broke even near 100k postings on 200k-row
+segments, beyond which MaxScore wins (2.5x at 300k-750k postings)."""
 
 META_FILE = "keywords.json"
 _ARRAYS = (
@@ -704,6 +712,27 @@ def _search_segment(
     avgdl: float,
     top: _TopK,
 ) -> None:
+    """One segment's rows into ``top``: none where the tokens' bounds cannot reach its threshold,
+    by a scan where the segment holds few postings of them (`SCAN_POSTINGS`), else by MaxScore."""
+    theta = top.threshold()
+    if np.isfinite(theta) and sum(t.bound for t in terms) < theta - TIE_BAND * max(abs(theta), 1.0):
+        # even a row holding every token at its best cannot enter the top k (nor tie with
+        # its k-th: equal rows may be summed a few ulps apart)
+        return
+    if sum(t.end - t.start for t in terms) <= SCAN_POSTINGS:
+        _scan_segment(position, segment, terms, live, avgdl, top)
+    else:
+        _maxscore_segment(position, segment, terms, live, avgdl, top)
+
+
+def _maxscore_segment(
+    position: int,
+    segment: KeywordSegment,
+    terms: list[_Term],
+    live: np.ndarray | None,
+    avgdl: float,
+    top: _TopK,
+) -> None:
     """MaxScore with block-max bounds over one segment, sharing the threshold across segments.
 
     Tokens are ordered by their bound; the cheapest prefix whose bounds sum below the threshold
@@ -713,10 +742,6 @@ def _search_segment(
     binary searches, dropping those whose score plus the remaining bounds falls short.
     """
     theta = top.threshold()
-    if np.isfinite(theta) and sum(t.bound for t in terms) < theta - TIE_BAND * max(abs(theta), 1.0):
-        # even a row holding every token at its best cannot enter the top k (nor tie with
-        # its k-th: equal rows may be summed a few ulps apart)
-        return
     if not np.isfinite(theta) or segment.rows > 4 * top.seeded_rows:
         # No threshold yet (or one learnt on much smaller segments): seed it here.
         theta = top.threshold(_seed(segment, terms, live, avgdl))
@@ -766,6 +791,51 @@ def _search_segment(
         scores = scores + _lookup_scores(segment, term, cands, lengths, avgdl)
         remaining -= term.bound
     top.add(position, cands, scores)
+
+
+def _scan_segment(
+    position: int,
+    segment: KeywordSegment,
+    terms: list[_Term],
+    live: np.ndarray | None,
+    avgdl: float,
+    top: _TopK,
+) -> None:
+    """Every posting of the query's tokens in one segment scored in one pass, its best k (and
+    their near-ties) kept.
+
+    Why beside MaxScore: pruning pays per token and per block (seeding, bounds, a binary search
+    per candidate and token), a cost that a segment holding few postings of the query never
+    earns back; a hybrid query asks for 100 candidates, which prunes little anyway. The
+    postings are concatenated in the query's token order and summed by ``np.bincount``, which
+    adds each row's parts in input order from 0: the same sum, bit for bit, as
+    :func:`_query_order_scores`. The rule that picks it is `SCAN_POSTINGS`.
+    """
+    if len(terms) == 1:  # one token's rows are already distinct and sorted
+        term = terms[0]
+        cands = segment.docs[term.start : term.end].astype(np.int64)
+        scores = term.weight * _tf_part(segment.tfs[term.start : term.end], segment.doclen[cands], avgdl)
+    else:
+        rows = np.concatenate([segment.docs[t.start : t.end] for t in terms])
+        tfs = np.concatenate([segment.tfs[t.start : t.end] for t in terms])
+        weights = np.repeat([t.weight for t in terms], [t.end - t.start for t in terms])
+        parts = weights * _tf_part(tfs, segment.doclen[rows], avgdl)
+        if rows.size * 16 >= segment.rows:  # a dense accumulator: no sort
+            totals = np.bincount(rows, weights=parts, minlength=segment.rows)
+            cands = np.flatnonzero(totals > 0.0)
+            scores = totals[cands]
+        else:  # few postings in a large segment: sort them rather than touch every row
+            cands, inverse = np.unique(rows, return_inverse=True)
+            scores = np.bincount(inverse, weights=parts, minlength=cands.size)
+    if live is not None:
+        allowed = live[cands]
+        cands, scores = cands[allowed], scores[allowed]
+    if scores.size > top.k:
+        kth = float(np.partition(scores, scores.size - top.k)[scores.size - top.k])
+        keep = scores >= kth - TIE_BAND * max(abs(kth), 1.0)
+        cands, scores = cands[keep], scores[keep]
+    top.add(position, cands, scores)
+    top.seeded_rows = max(top.seeded_rows, segment.rows)  # an exact top k: better than a seed
 
 
 def _check(segments: Sequence[KeywordSegment], live: Sequence[np.ndarray | None]) -> None:

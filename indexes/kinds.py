@@ -70,6 +70,27 @@ def choose_nprobe(nlist: int) -> int:
     return max(1, min(nlist, math.ceil(4.0 * math.sqrt(nlist))))
 
 
+#: Rows an IVF search expects its probed lists to hold per hit it must return, when the caller
+#: names no nprobe (see :func:`probes_for`).
+PROBED_ROWS_PER_HIT = 2
+
+
+def probes_for(ivf: Any, k: int) -> int:
+    """IVF lists to probe for a top-``k`` search: the stored nprobe (set for recall@10), or more
+    where those lists are expected to hold fewer than ``PROBED_ROWS_PER_HIT * k`` rows.
+
+    Why: a hybrid query asks each segment for 100 dense candidates. An auto segment of 20k rows
+    has 512 lists of ~39 rows and probes 2-4 of them, so about a third of its searches came
+    back short and were searched again with 4x the probe (`vectors.VectorIndex._widened`): two
+    searches where one a little wider does. A search still short after this is widened as before.
+    """
+    stored = int(ivf.nprobe)
+    if ivf.ntotal <= 0:
+        return stored
+    rows_per_list = ivf.ntotal / ivf.nlist
+    return int(min(ivf.nlist, max(stored, math.ceil(PROBED_ROWS_PER_HIT * k / rows_per_list))))
+
+
 def choose_pq_m(dim: int) -> int:
     """PQ sub-quantizer count: the largest divisor of `dim` at most dim/8 (8 dims per code)."""
     for m in range(max(1, dim // 8), 0, -1):

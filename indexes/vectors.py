@@ -337,6 +337,10 @@ class VectorIndex:
                 # A short answer is widened on the CPU master (rows of that query only).
                 scores, ids = self._widened(xq, k, *replica.index.search(xq, k), None, knobs)
                 return self._verified(xq, k, scores, ids, None)
+        if knobs["nprobe"] is None:
+            ivf, _ = kinds.approximate_parts(self.index)
+            if ivf is not None:
+                knobs["nprobe"] = kinds.probes_for(ivf, k)
         params, held = kinds.search_parameters(self.index, sel, **knobs)
         keep.extend(held)
         scores, ids = self.index.search(xq, k, params=params)

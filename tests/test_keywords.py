@@ -137,7 +137,13 @@ def test_segment_split_does_not_change_scores() -> None:
         assert_same_scores(a, b)
 
 
-def test_pruned_top_k_equals_brute_force() -> None:
+# Never scan (MaxScore on every segment), always scan, and the default rule.
+SCAN_RULES = (0.0, float("inf"), keywords.SCAN_POSTINGS)
+
+
+@pytest.mark.parametrize("scan_postings", SCAN_RULES)
+def test_pruned_top_k_equals_brute_force(monkeypatch: pytest.MonkeyPatch, scan_postings: float) -> None:
+    monkeypatch.setattr(keywords, "SCAN_POSTINGS", scan_postings)
     texts = synthetic_texts(3000, seed=5)
     segments = split(texts, 3)
     rng = np.random.default_rng(6)
@@ -147,6 +153,45 @@ def test_pruned_top_k_equals_brute_force() -> None:
             pruned = keywords.search(segments, live, query, k)
             brute = keywords.search_exhaustive(segments, live, query, k)
             assert_same_scores(global_hits(segments, brute), global_hits(segments, pruned))
+
+
+def test_a_scanned_segment_gives_the_exhaustive_answer_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scanning sums each row's parts in the query's order, as the reference does: the same
+    scores to the last bit and the same order, ties included, with or without a mask."""
+    monkeypatch.setattr(keywords, "SCAN_POSTINGS", float("inf"))
+    texts = synthetic_texts(2000, seed=11)
+    segments = split(texts, 4)
+    rng = np.random.default_rng(12)
+    masks = [[None] * 4, [rng.random(s.rows) > 0.3 for s in segments]]
+    for query in synthetic_queries(60, seed=13):
+        for live in masks:
+            for k in (1, 10, 100):
+                assert (keywords.search(segments, live, query, k)
+                        == keywords.search_exhaustive(segments, live, query, k))
+    # Tokens with few postings in a large segment are summed after a sort, not in a dense
+    # accumulator: the same bits.
+    sparse_rows = [keywords.KeywordSegment.from_texts(
+        ["mice"] * 3000 + ["café naïve runner", "naïve runner runner", "café café", "runner"])]
+    for query in ("café naïve runner", "runner café", "naïve"):
+        for k in (1, 3, 10):
+            assert (keywords.search(sparse_rows, [None], query, k)
+                    == keywords.search_exhaustive(sparse_rows, [None], query, k))
+
+
+def test_which_segments_are_scanned_follows_their_postings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A segment is scanned where the query's tokens have few postings and pruned where they
+    have many, in the same search."""
+    scanned: list[int] = []
+    original = keywords._scan_segment
+    monkeypatch.setattr(keywords, "_scan_segment", lambda position, *rest: (scanned.append(position), original(position, *rest)))
+    monkeypatch.setattr(keywords, "SCAN_POSTINGS", 100)
+    common = ["cell protein gene"] * 400  # 1,200 postings of the query's tokens
+    rare = ["cell"] + ["mice"] * 399  # 1 posting
+    segments = [keywords.KeywordSegment.from_texts(common), keywords.KeywordSegment.from_texts(rare)]
+    k = 450  # more than the first segment holds: the second is searched, not skipped by bounds
+    hits = keywords.search(segments, [None, None], "cell protein gene", k)
+    assert scanned == [1]
+    assert hits == keywords.search_exhaustive(segments, [None, None], "cell protein gene", k)
 
 
 def test_live_masks_exclude_rows_without_changing_scores() -> None:

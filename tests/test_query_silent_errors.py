@@ -4,6 +4,7 @@ setting and numeric-looking CLI filter values. Each test failed before its fix."
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQuery,
 )
 
-from indexes import FaissVectorStore, keywords
+from indexes import FaissVectorStore, keywords, kinds
 
 _EMB = HashingEmbedding()
 
@@ -66,11 +67,31 @@ def test_unfiltered_dense_search_on_an_ivf_segment_returns_k_when_it_holds_more(
         raise AssertionError("a short answer was redone exactly instead of with a wider probe")
 
     monkeypatch.setattr(VectorIndex, "exact_search", exact)  # widening the probe is enough here
+    # The stored probe alone, as before probes were sized for k: the widening fallback.
+    monkeypatch.setattr(kinds, "PROBED_ROWS_PER_HIT", 0)
     # k=100: the service's largest top_k, and the dense depth every hybrid query fuses.
     counts = [len(store.retrieve("dense", 100, embedding=q)) for q in queries[:20]]
     # [100, 46, 100, 80, 100, 43, ...]: nprobe is calibrated for recall@10 (2 of 64 lists here),
     # and the probed lists hold fewer than k rows; a filter admitting every row returns 100.
     assert counts == [100] * 20, counts
+
+
+def test_a_deep_dense_search_probes_enough_lists_in_one_search(tmp_path, mixture, monkeypatch):
+    """A top-100 search probes lists expected to hold 2 x 100 rows from the start, instead of
+    the probe calibrated for top 10 followed by a second, 4x wider search when short."""
+    base, queries = mixture
+    store = _ivf_store(tmp_path, base[:2500])
+    calls = []
+    original = kinds.search_parameters
+    monkeypatch.setattr(kinds, "search_parameters", lambda *a, **kw: (calls.append(kw["nprobe"]), original(*a, **kw))[1])
+    assert [len(store.retrieve("dense", 100, embedding=q)) for q in queries[:20]] == [100] * 20
+    ivf = kinds.approximate_parts(store._segments[0].view.index)[0]
+    wanted = kinds.probes_for(ivf, 100)
+    assert ivf.nprobe < wanted == math.ceil(2 * 100 / (ivf.ntotal / ivf.nlist))
+    assert calls.count(wanted) == 20 and len(calls) <= 22, calls  # widened twice at most
+    calls.clear()
+    store.retrieve("dense", 5, embedding=queries[0])
+    assert calls == [ivf.nprobe]  # a shallow search keeps the calibrated probe
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,198 @@
+"""What one query costs per segment: the keyword scan rule and the dense probe for k, side by side.
+
+A query visits every segment of an index, so whatever a segment costs in fixed work is paid
+once per segment: at 100k nodes as ingested (5 segments of 20k), a hybrid query's store work
+was 4.2 ms against 2.4 ms for the same index compacted to one segment. Two rules cut that
+work, and this benchmark compares each with the behaviour it replaced, in one process,
+interleaved query by query in rotating order (the rules are module constants, so both run
+the same code):
+
+* keywords: a segment holding at most ``SCAN_POSTINGS`` postings of the query's tokens is
+  scanned in one pass instead of pruned by MaxScore (``0`` = never scan, the old rule;
+  ``inf`` = always scan). A second table times both on one segment at a time against the
+  postings a query holds there: where the constant comes from;
+* dense: an IVF segment probes enough lists to hold ``PROBED_ROWS_PER_HIT * k`` rows (``0`` =
+  the stored nprobe alone, the old rule, which searched a short answer a second time).
+
+Indexes are built as ``store_scale.py`` builds them (``--batch`` nodes per persist, so the merge
+policy runs; SciFact sentences as texts, clustered 640-d vectors), and kept in ``--workdir``
+for the next run. Every variant's answers are compared with the old rule's: keyword hits
+must be identical (the scan is exact), dense and hybrid overlap is reported (a wider probe
+finds more true neighbours, so it may differ). Results: benchmarks/results/segment_search.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from machine import cpu_model
+from store_scale import build, clustered, queries
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {
+    "before (prune only, stored nprobe)": {"scan": 0.0, "probe": 0},
+    "keyword scan rule": {"scan": None, "probe": 0},
+    "both rules (default)": {"scan": None, "probe": None},
+    "always scan, probe for k": {"scan": float("inf"), "probe": None},
+}
+
+#: What each timed call asks the store: (search mode, k).
+MODES = {"dense": ("dense", 5), "keyword": ("sparse", 5), "keyword100": ("sparse", 100), "hybrid": ("hybrid", 5)}
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def measure(path: Path, n_queries: int) -> dict:
+    from indexes import FaissVectorStore, keywords, kinds
+
+    defaults = {"scan": keywords.SCAN_POSTINGS, "probe": kinds.PROBED_ROWS_PER_HIT}
+
+    def use(variant: dict) -> None:
+        keywords.SCAN_POSTINGS = defaults["scan"] if variant["scan"] is None else variant["scan"]
+        kinds.PROBED_ROWS_PER_HIT = defaults["probe"] if variant["probe"] is None else variant["probe"]
+
+    store = FaissVectorStore.open(path, use_gpu=False)
+    texts = queries(n_queries)
+    vectors = clustered(np.random.default_rng(2), len(texts), np.load(path / "centres.npy"))
+    lat = {name: {m: [] for m in ("dense", "keyword", "keyword100", "hybrid")} for name in VARIANTS}
+    answers: dict[str, dict[str, list]] = {name: {"keyword": [], "keyword100": [], "dense": [], "hybrid": []}
+                                           for name in VARIANTS}
+    warm = min(20, len(texts) // 5)
+    for i, (text, vector) in enumerate(zip(texts, vectors, strict=True)):
+        names = list(VARIANTS)
+        names = names[i % len(names):] + names[: i % len(names)]  # the first to touch a list pays its page faults
+        for name in names:  # interleaved: noise hits every variant alike
+            use(VARIANTS[name])
+            for mode, (search_mode, k) in MODES.items():
+                began = time.perf_counter()
+                found = store.retrieve(search_mode, k, embedding=vector, text=text)
+                took = (time.perf_counter() - began) * 1000
+                if i >= warm:
+                    lat[name][mode].append(took)
+                answers[name][mode].append([(row.node_id, round(score, 9)) for row, score in found])
+    use({"scan": None, "probe": None})
+    base = answers[next(iter(VARIANTS))]
+    out = {"nodes": store.count, "segments": store.segment_count,
+           "segment_rows": [s["rows"] for s in store.segment_summary()], "queries": len(texts) - warm,
+           "variants": {}, "one_segment": one_segment(store, texts[warm:])}
+    for name in VARIANTS:
+        row = {f"{m}_p50_ms": statistics.median(v) for m, v in lat[name].items()}
+        row |= {f"{m}_p95_ms": pct(v, 95) for m, v in lat[name].items()}
+        for mode in ("keyword", "keyword100"):
+            row[f"{mode}_identical"] = answers[name][mode] == base[mode]
+        for mode in ("dense", "hybrid"):
+            row[f"{mode}_overlap"] = float(np.mean([
+                len({n for n, _ in a} & {n for n, _ in b}) / max(len(b), 1)
+                for a, b in zip(answers[name][mode], base[mode], strict=True)
+            ]))
+        out["variants"][name] = row
+    return out
+
+
+def one_segment(store, texts: list[str], bins: int = 5) -> list[dict]:
+    """MaxScore and the scan on the largest segment alone (a fresh top k, the best of two runs
+    each), by the postings the query's tokens hold there, in quantile bins."""
+    from indexes import keywords
+
+    segment = max(store._segments, key=lambda s: s.live).reader.keywords
+    timed = []
+    for k in (10, 100):
+        for text in texts:
+            stats = keywords._stats([segment], text)
+            terms = keywords._segment_terms(segment, stats, stats.ids[0]) if stats else []
+            if not terms:
+                continue
+            best = {}
+            for name, search in (("prune", keywords._maxscore_segment), ("scan", keywords._scan_segment)) * 2:
+                began = time.perf_counter()
+                search(0, segment, terms, None, stats.avgdl, keywords._TopK(k))
+                best[name] = min(best.get(name, np.inf), (time.perf_counter() - began) * 1000)
+            timed.append((k, sum(t.end - t.start for t in terms), best["prune"], best["scan"]))
+    table = np.array(timed)
+    out = []
+    for k in (10, 100):
+        part = table[table[:, 0] == k]
+        edges = np.quantile(part[:, 1], np.linspace(0, 1, bins + 1))
+        for low, high in zip(edges[:-1], edges[1:], strict=True):
+            chosen = part[(part[:, 1] >= low) & (part[:, 1] <= high)]
+            out.append({"rows": segment.rows, "k": k, "postings_from": int(low), "postings_to": int(high),
+                        "prune_ms": float(np.median(chosen[:, 2])), "scan_ms": float(np.median(chosen[:, 3])),
+                        "scan_vs_prune": float(np.median(chosen[:, 3] / chosen[:, 2]))})
+    return out
+
+
+def markdown(rows: list[dict], n_queries: int) -> str:
+    lines = [
+        f"# Per-segment query costs: keyword scan rule and dense probe for k ({cpu_model()})",
+        "",
+        f"Store work of one query through `retrieve` (top 5; keyword also top 100, the hybrid's "
+        f"candidate depth), {n_queries} SciFact queries, variants interleaved query by query in one "
+        "process; p50 / p95 in ms. Indexes built as `store_scale.py` builds them.",
+        "",
+        "| nodes | segments | variant | dense | keyword | keyword top 100 | hybrid | hybrid p50 vs before | keyword identical | dense / hybrid overlap |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        before = r["variants"][next(iter(VARIANTS))]["hybrid_p50_ms"]
+        for name, v in r["variants"].items():
+            lines.append(
+                f"| {r['nodes']:,} | {r['segments']} | {name} "
+                f"| {v['dense_p50_ms']:.2f} / {v['dense_p95_ms']:.2f} "
+                f"| {v['keyword_p50_ms']:.2f} / {v['keyword_p95_ms']:.2f} "
+                f"| {v['keyword100_p50_ms']:.2f} / {v['keyword100_p95_ms']:.2f} "
+                f"| {v['hybrid_p50_ms']:.2f} / {v['hybrid_p95_ms']:.2f} "
+                f"| {before / v['hybrid_p50_ms']:.2f}x "
+                f"| {'yes' if v['keyword_identical'] and v['keyword100_identical'] else 'NO'} "
+                f"| {v['dense_overlap']:.3f} / {v['hybrid_overlap']:.3f} |"
+            )
+    lines += [
+        "",
+        "One segment alone (its largest), MaxScore against the scan, by the postings the query's "
+        "tokens hold in it (quantile bins; median ms):",
+        "",
+        "| segment rows | k | postings | MaxScore | scan | scan / MaxScore |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for b in r["one_segment"]:
+            lines.append(f"| {b['rows']:,} | {b['k']} | {b['postings_from']:,}-{b['postings_to']:,} "
+                         f"| {b['prune_ms']:.3f} | {b['scan_ms']:.3f} | {b['scan_vs_prune']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000], help="index sizes in nodes")
+    parser.add_argument("--batch", type=int, default=20_000, help="nodes per persist while building")
+    parser.add_argument("--queries", type=int, default=300, help="SciFact queries per index (the first 20 warm up)")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "htp-index-benchmarks",
+                        help="where indexes are built, and found again by the next run")
+    args = parser.parse_args()
+    rows = []
+    for size in args.sizes:
+        path = args.workdir / f"segment_search_{size}_{args.batch}"
+        if not (path / "centres.npy").is_file():
+            print(f"building {size:,} nodes in {path}", flush=True)
+            build(path, size, args.batch)
+        row = measure(path, args.queries)
+        rows.append(row)
+        for name, v in row["variants"].items():
+            print(f"{size:,} ({row['segments']} segments) {name}: hybrid p50 {v['hybrid_p50_ms']:.2f} ms, "
+                  f"keyword {v['keyword_p50_ms']:.2f}, dense {v['dense_p50_ms']:.2f}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "segment_search.json").write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=2))
+    text = markdown(rows, rows[0]["queries"] if rows else 0)
+    (RESULTS / "segment_search.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
