@@ -97,6 +97,25 @@ def measure(path: Path, n_queries: int) -> dict:
     return out
 
 
+def time_both(segment, terms: list, avgdl: float, k: int) -> tuple[float, float]:
+    """ms of MaxScore (its bounds included) and of the scan on one segment, best of two each."""
+    from indexes import keywords
+
+    def prune() -> None:
+        bounded = keywords._bounded(segment, terms, avgdl)
+        keywords._maxscore_segment(0, segment, bounded, None, avgdl, keywords._TopK(k))
+
+    def scan() -> None:
+        keywords._scan_segment(0, segment, terms, None, avgdl, keywords._TopK(k))
+
+    best = {}
+    for name, search in (("prune", prune), ("scan", scan)) * 2:
+        began = time.perf_counter()
+        search()
+        best[name] = min(best.get(name, np.inf), (time.perf_counter() - began) * 1000)
+    return best["prune"], best["scan"]
+
+
 def one_segment(store, texts: list[str], bins: int = 5) -> list[dict]:
     """MaxScore and the scan on the largest segment alone (a fresh top k, the best of two runs
     each), by the postings the query's tokens hold there, in quantile bins."""
@@ -110,12 +129,7 @@ def one_segment(store, texts: list[str], bins: int = 5) -> list[dict]:
             terms = keywords._segment_terms(segment, stats, stats.ids[0]) if stats else []
             if not terms:
                 continue
-            best = {}
-            for name, search in (("prune", keywords._maxscore_segment), ("scan", keywords._scan_segment)) * 2:
-                began = time.perf_counter()
-                search(0, segment, terms, None, stats.avgdl, keywords._TopK(k))
-                best[name] = min(best.get(name, np.inf), (time.perf_counter() - began) * 1000)
-            timed.append((k, sum(t.end - t.start for t in terms), best["prune"], best["scan"]))
+            timed.append((k, sum(t.end - t.start for t in terms), *time_both(segment, terms, stats.avgdl, k)))
     table = np.array(timed)
     out = []
     for k in (10, 100):

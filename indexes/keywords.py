@@ -601,43 +601,46 @@ def _query_order_scores(segment: KeywordSegment, terms: list[_Term], rows: np.nd
 
 @dataclass
 class _Term:
-    """One query token inside one segment."""
+    """One query token inside one segment: its weight and its slice of the postings."""
 
     weight: float
+    term_id: int
     start: int
     end: int
-    block_start: int
-    block_end: int
+
+
+@dataclass
+class _BoundedTerm(_Term):
+    """A token with the BM25 bound of each of its blocks and of its whole list: what MaxScore
+    prunes by (a scan needs none of it)."""
+
     block_bounds: np.ndarray
     bound: float
 
 
 def _segment_terms(segment: KeywordSegment, stats: _Stats, seg_ids: list[int]) -> list[_Term]:
-    """The segment's query tokens with their block and list score bounds (one numpy pass)."""
+    """The segment's query tokens, in query order."""
     present = [(float(w), tid) for w, tid in zip(stats.weights, seg_ids, strict=True) if tid >= 0]
     if not present:
         return []
-    tids = np.array([tid for _, tid in present], np.int64)
+    offsets = segment.post_offsets[np.array([tid for _, tid in present], np.int64)[:, None] + [0, 1]].tolist()
+    return [_Term(weight, tid, start, end) for (weight, tid), (start, end) in zip(present, offsets, strict=True)]
+
+
+def _bounded(segment: KeywordSegment, terms: list[_Term], avgdl: float) -> list[_BoundedTerm]:
+    """``terms`` with their block and list score bounds (one numpy pass)."""
+    tids = np.array([t.term_id for t in terms], np.int64)
     b0, b1 = segment.block_offsets[tids], segment.block_offsets[tids + 1]
     counts = b1 - b0
     index = np.repeat(b0 - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
     index += np.arange(index.size)
-    weights = np.repeat([w for w, _ in present], counts)
-    bounds = weights * _tf_part(segment.block_maxtf[index], segment.block_mindl[index], stats.avgdl)
+    weights = np.repeat([t.weight for t in terms], counts)
+    bounds = weights * _tf_part(segment.block_maxtf[index], segment.block_mindl[index], avgdl)
     cuts = np.concatenate([[0], np.cumsum(counts)])
     maxima = np.maximum.reduceat(bounds, cuts[:-1])
-    starts, ends = segment.post_offsets[tids], segment.post_offsets[tids + 1]
     return [
-        _Term(
-            weight,
-            int(starts[j]),
-            int(ends[j]),
-            int(b0[j]),
-            int(b1[j]),
-            bounds[cuts[j] : cuts[j + 1]],
-            float(maxima[j]),
-        )
-        for j, (weight, _) in enumerate(present)
+        _BoundedTerm(t.weight, t.term_id, t.start, t.end, bounds[cuts[j] : cuts[j + 1]], float(maxima[j]))
+        for j, t in enumerate(terms)
     ]
 
 
@@ -678,7 +681,7 @@ def _live_rows(rows: np.ndarray, live: np.ndarray | None) -> np.ndarray:
 
 
 def _seed(
-    segment: KeywordSegment, terms: list[_Term], live: np.ndarray | None, avgdl: float
+    segment: KeywordSegment, terms: list[_BoundedTerm], live: np.ndarray | None, avgdl: float
 ) -> np.ndarray:
     """Exact scores of a few promising rows (best on the highest-bound token), as lower bounds.
 
@@ -712,23 +715,25 @@ def _search_segment(
     avgdl: float,
     top: _TopK,
 ) -> None:
-    """One segment's rows into ``top``: none where the tokens' bounds cannot reach its threshold,
-    by a scan where the segment holds few postings of them (`SCAN_POSTINGS`), else by MaxScore."""
+    """One segment's rows into ``top``: by a scan where the segment holds few postings of the
+    query's tokens (`SCAN_POSTINGS`), else by MaxScore, which skips the segment outright where
+    the tokens' bounds cannot reach the threshold."""
+    if sum(t.end - t.start for t in terms) <= SCAN_POSTINGS:
+        _scan_segment(position, segment, terms, live, avgdl, top)
+        return
+    bounded = _bounded(segment, terms, avgdl)
     theta = top.threshold()
-    if np.isfinite(theta) and sum(t.bound for t in terms) < theta - TIE_BAND * max(abs(theta), 1.0):
+    if np.isfinite(theta) and sum(t.bound for t in bounded) < theta - TIE_BAND * max(abs(theta), 1.0):
         # even a row holding every token at its best cannot enter the top k (nor tie with
         # its k-th: equal rows may be summed a few ulps apart)
         return
-    if sum(t.end - t.start for t in terms) <= SCAN_POSTINGS:
-        _scan_segment(position, segment, terms, live, avgdl, top)
-    else:
-        _maxscore_segment(position, segment, terms, live, avgdl, top)
+    _maxscore_segment(position, segment, bounded, live, avgdl, top)
 
 
 def _maxscore_segment(
     position: int,
     segment: KeywordSegment,
-    terms: list[_Term],
+    terms: list[_BoundedTerm],
     live: np.ndarray | None,
     avgdl: float,
     top: _TopK,
