@@ -1,24 +1,31 @@
-"""What one query costs per segment: the keyword scan rule and the dense probe for k, side by side.
+"""What one query costs per segment: how segments are written and searched, side by side.
 
-A query visits every segment of an index, so whatever a segment costs in fixed work is paid
-once per segment: at 100k nodes as ingested (5 segments of 20k), a hybrid query's store work
-was 4.2 ms against 2.4 ms for the same index compacted to one segment. Two rules cut that
-work, and this benchmark compares each with the behaviour it replaced, in one process,
-interleaved query by query in rotating order (the rules are module constants, so both run
-the same code):
+A query visits every segment of an index, so whatever a segment costs is paid once per
+segment: at 100k nodes as ingested (5 segments of 20k), a hybrid query's store work was 4.2 ms
+against 2.4 ms for the same index compacted to one segment, and an index ingested 1,500 nodes
+a commit held nine flat (exact) segments of 15,000 rows at 135k nodes. Three rules cut that
+work; this benchmark compares each with the behaviour it replaced.
 
-* keywords: a segment holding at most ``SCAN_POSTINGS`` postings of the query's tokens is
-  scanned in one pass instead of pruned by MaxScore (``0`` = never scan, the old rule;
-  ``inf`` = always scan). A second table times both on one segment at a time against the
-  postings a query holds there: where the constant comes from;
-* dense: an IVF segment probes enough lists to hold ``PROBED_ROWS_PER_HIT * k`` rows (``0`` =
-  the stored nprobe alone, the old rule, which searched a short answer a second time).
+* **Writing** (`indexes.ann.wants_ivf`): once an index holds ``auto_ivf_rows`` rows, every
+  segment of ``auto_ivf_segment_rows`` rows is IVF, not only those of ``auto_ivf_rows``. Each
+  ``--indexes SIZE:BATCH`` is built as ``store_scale.py`` builds it (``BATCH`` nodes per
+  persist, so the merge policy runs; SciFact sentences, clustered 640-d vectors) with the
+  defaults, and, where that made any segment IVF that the old rule kept flat, again with
+  ``auto_ivf_segment_rows = auto_ivf_rows`` (the old rule). Dense recall@10 against exact
+  search is measured on each build.
+* **Searching**, in one process, interleaved query by query in rotating order (the rules are
+  module constants, so every variant runs the same code):
+  - keywords: a segment holding at most ``SCAN_POSTINGS`` postings of the query's tokens is
+    scanned in one pass instead of pruned by MaxScore (``0`` = never scan, the old rule;
+    ``inf`` = always scan). A second table times both on one segment at a time against the
+    postings a query holds there: where the constant comes from;
+  - dense: an IVF segment probes enough lists to hold ``PROBED_ROWS_PER_HIT * k`` rows (``0``
+    = the stored nprobe alone, the old rule, which searched a short answer a second time).
 
-Indexes are built as ``store_scale.py`` builds them (``--batch`` nodes per persist, so the merge
-policy runs; SciFact sentences as texts, clustered 640-d vectors), and kept in ``--workdir``
-for the next run. Every variant's answers are compared with the old rule's: keyword hits
-must be identical (the scan is exact), dense and hybrid overlap is reported (a wider probe
-finds more true neighbours, so it may differ). Results: benchmarks/results/segment_search.{json,md}.
+Keyword hits must be identical in every variant (the scan is exact); dense and hybrid overlap
+with the old rules is reported (a wider probe finds more true neighbours, so it may differ).
+Built indexes are kept in ``--workdir`` for the next run. Results:
+benchmarks/results/segment_search.{json,md}.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from machine import cpu_model
-from store_scale import build, clustered, queries
+from store_scale import _batches, build, clustered, queries
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
@@ -80,8 +87,11 @@ def measure(path: Path, n_queries: int) -> dict:
                 answers[name][mode].append([(row.node_id, round(score, 9)) for row, score in found])
     use({"scan": None, "probe": None})
     base = answers[next(iter(VARIANTS))]
+    summary = store.segment_summary()
     out = {"nodes": store.count, "segments": store.segment_count,
-           "segment_rows": [s["rows"] for s in store.segment_summary()], "queries": len(texts) - warm,
+           "flat_rows": sum(s["rows"] for s in summary if "IVF" not in s["structure"]),
+           "segment_structures": [(s["rows"], s["structure"]) for s in summary], "queries": len(texts) - warm,
+           "recall_at_10": dense_recall(store, vectors[warm:]),
            "variants": {}, "one_segment": one_segment(store, texts[warm:])}
     for name in VARIANTS:
         row = {f"{m}_p50_ms": statistics.median(v) for m, v in lat[name].items()}
@@ -95,6 +105,24 @@ def measure(path: Path, n_queries: int) -> dict:
             ]))
         out["variants"][name] = row
     return out
+
+
+def dense_recall(store, vectors: np.ndarray) -> float:
+    """Dense recall@10 with the default rules against exact search over every stored vector."""
+    import faiss
+
+    found = [[node_id for node_id, _ in hits] for hits in store.search(vectors, 10)]
+    heap = faiss.ResultHeap(len(vectors), 10, keep_max=True)
+    names: list[str] = []
+    for node_ids, block in _batches(store):
+        base = len(names)
+        names.extend(node_ids)
+        scores, positions = faiss.knn(np.ascontiguousarray(vectors, dtype=np.float32), block, 10,
+                                      metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, np.where(positions >= 0, positions + base, -1))
+    heap.finalize()
+    truth = [{names[j] for j in row if j >= 0} for row in heap.I]
+    return float(np.mean([len(set(a) & b) / 10 for a, b in zip(found, truth, strict=True)]))
 
 
 def time_both(segment, terms: list, avgdl: float, k: int) -> tuple[float, float]:
@@ -145,25 +173,31 @@ def one_segment(store, texts: list[str], bins: int = 5) -> list[dict]:
 
 def markdown(rows: list[dict], n_queries: int) -> str:
     lines = [
-        f"# Per-segment query costs: keyword scan rule and dense probe for k ({cpu_model()})",
+        f"# Per-segment query costs: how segments are written and searched ({cpu_model()})",
         "",
         f"Store work of one query through `retrieve` (top 5; keyword also top 100, the hybrid's "
-        f"candidate depth), {n_queries} SciFact queries, variants interleaved query by query in one "
-        "process; p50 / p95 in ms. Indexes built as `store_scale.py` builds them.",
+        f"candidate depth), {n_queries} SciFact queries, search variants interleaved query by query in "
+        "one process; p50 / p95 in ms. Indexes built as `store_scale.py` builds them, with nodes per "
+        "commit as given; `old IVF rule`: built with `auto_ivf_segment_rows = auto_ivf_rows` (segments "
+        "below 16,384 rows stay flat in any index).",
         "",
-        "| nodes | segments | variant | dense | keyword | keyword top 100 | hybrid | hybrid p50 vs before | keyword identical | dense / hybrid overlap |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| nodes (per commit) | build | segments (flat rows) | recall@10 | search variant | dense | keyword "
+        "| keyword top 100 | hybrid | hybrid p50 vs first row | keyword identical | dense / hybrid overlap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    first: dict[tuple, float] = {}
     for r in rows:
-        before = r["variants"][next(iter(VARIANTS))]["hybrid_p50_ms"]
+        key = (r["nodes"], r["batch"])
         for name, v in r["variants"].items():
+            first.setdefault(key, v["hybrid_p50_ms"])
             lines.append(
-                f"| {r['nodes']:,} | {r['segments']} | {name} "
+                f"| {r['nodes']:,} ({r['batch']:,}) | {r['build']} | {r['segments']} ({r['flat_rows']:,}) "
+                f"| {r['recall_at_10']:.3f} | {name} "
                 f"| {v['dense_p50_ms']:.2f} / {v['dense_p95_ms']:.2f} "
                 f"| {v['keyword_p50_ms']:.2f} / {v['keyword_p95_ms']:.2f} "
                 f"| {v['keyword100_p50_ms']:.2f} / {v['keyword100_p95_ms']:.2f} "
                 f"| {v['hybrid_p50_ms']:.2f} / {v['hybrid_p95_ms']:.2f} "
-                f"| {before / v['hybrid_p50_ms']:.2f}x "
+                f"| {first[key] / v['hybrid_p50_ms']:.2f}x "
                 f"| {'yes' if v['keyword_identical'] and v['keyword100_identical'] else 'NO'} "
                 f"| {v['dense_overlap']:.3f} / {v['hybrid_overlap']:.3f} |"
             )
@@ -183,24 +217,34 @@ def markdown(rows: list[dict], n_queries: int) -> str:
 
 
 def main() -> None:
+    from indexes import IndexParams
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000], help="index sizes in nodes")
-    parser.add_argument("--batch", type=int, default=20_000, help="nodes per persist while building")
+    parser.add_argument("--indexes", nargs="+", default=["100000:20000", "135000:1500"],
+                        help="indexes to build and measure, as NODES:NODES_PER_COMMIT")
     parser.add_argument("--queries", type=int, default=300, help="SciFact queries per index (the first 20 warm up)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "htp-index-benchmarks",
                         help="where indexes are built, and found again by the next run")
     args = parser.parse_args()
+    old_rule = {"auto_ivf_segment_rows": IndexParams().auto_ivf_rows}
     rows = []
-    for size in args.sizes:
-        path = args.workdir / f"segment_search_{size}_{args.batch}"
-        if not (path / "centres.npy").is_file():
-            print(f"building {size:,} nodes in {path}", flush=True)
-            build(path, size, args.batch)
-        row = measure(path, args.queries)
-        rows.append(row)
-        for name, v in row["variants"].items():
-            print(f"{size:,} ({row['segments']} segments) {name}: hybrid p50 {v['hybrid_p50_ms']:.2f} ms, "
-                  f"keyword {v['keyword_p50_ms']:.2f}, dense {v['dense_p50_ms']:.2f}", flush=True)
+    for spec in args.indexes:
+        size, batch = (int(part) for part in spec.split(":"))
+        builds = {"defaults": None, "old IVF rule": old_rule}
+        for build_name, params in builds.items():
+            path = args.workdir / f"segment_search_{size}_{batch}{'_old_ivf_rule' if params else ''}"
+            if params and not any("IVF" in structure and count < old_rule["auto_ivf_segment_rows"]
+                                  for count, structure in rows[-1]["segment_structures"]):
+                break  # the old rule would write the same segments: nothing to compare
+            if not (path / "centres.npy").is_file():
+                print(f"building {size:,} nodes, {batch:,} per commit, {build_name}, in {path}", flush=True)
+                build(path, size, batch, params=params)
+            row = {"batch": batch, "build": build_name, **measure(path, args.queries)}
+            rows.append(row)
+            for name, v in row["variants"].items():
+                print(f"{size:,}/{batch:,} {build_name} ({row['segments']} segments, {row['flat_rows']:,} flat rows) "
+                      f"{name}: hybrid p50 {v['hybrid_p50_ms']:.2f} ms, keyword {v['keyword_p50_ms']:.2f}, "
+                      f"dense {v['dense_p50_ms']:.2f}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "segment_search.json").write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=2))
     text = markdown(rows, rows[0]["queries"] if rows else 0)

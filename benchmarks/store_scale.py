@@ -70,10 +70,11 @@ def clustered(rng: np.random.Generator, n: int, centres: np.ndarray) -> np.ndarr
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def build(path: Path, n: int, batch: int, encoder: dict | None = None) -> None:
+def build(path: Path, n: int, batch: int, encoder: dict | None = None, params: dict | None = None) -> None:
     """An index of ``n`` nodes, ``batch`` nodes per persist, recorded as made by ``encoder``
     (a synthetic identity by default; the service benchmark records a real one so that the
-    service loads that model to embed its queries)."""
+    service loads that model to embed its queries), with ``params`` (`indexes.IndexParams`
+    fields) where given."""
     from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
 
     from indexes import FaissVectorStore
@@ -81,7 +82,7 @@ def build(path: Path, n: int, batch: int, encoder: dict | None = None) -> None:
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((256, DIM)).astype(np.float32)
     pool = sentences()
-    store = FaissVectorStore.create(path, dim=DIM, encoder=encoder or ENCODER, use_gpu=False)
+    store = FaissVectorStore.create(path, dim=DIM, encoder=encoder or ENCODER, use_gpu=False, params=params)
     began = time.perf_counter()
     for start in range(0, n, batch):
         count = min(batch, n - start)

@@ -3,7 +3,9 @@
 Exact (flat) search reads every vector: at 1M 640-d vectors that is 2.5 GB per query, far
 from a 10 ms budget. Under ``index_kind="auto"`` (the default), a segment with fewer than
 ``auto_ivf_rows`` rows stays flat (exact, cheap to write, and small segments are where new
-rows land), and a larger one, which only merges produce, is written as ``IVF,Flat``:
+rows land) while the index is small, and a larger one is written as ``IVF,Flat``; once the
+index holds ``auto_ivf_rows`` rows, so is every segment of ``auto_ivf_segment_rows`` (only
+the smallest, newest segments stay flat; see :func:`wants_ivf`):
 
 * **one quantizer, trained once and shared**: the first large segment trains the coarse
   centroids (k-means on a sample); later large segments copy them from the largest IVF
@@ -93,9 +95,22 @@ def gather(source: VectorSource, dim: int) -> np.ndarray:
     return x
 
 
-def wants_ivf(spec: IndexSpec, rows: int) -> bool:
-    """Whether a segment of ``rows`` rows of this index is written as IVF."""
-    return spec.index_kind.lower() == "auto" and rows >= spec.params.auto_ivf_rows
+def wants_ivf(spec: IndexSpec, rows: int, index_rows: int = 0) -> bool:
+    """Whether a segment of ``rows`` rows, in an index of ``index_rows`` live rows (the
+    segment's own included), is written as IVF.
+
+    A segment of ``auto_ivf_rows`` rows always is. Once the index holds that many rows, so is
+    any segment of ``auto_ivf_segment_rows``: a query reads every row of every flat segment,
+    and the merge policy lets nine segments of one level stand side by side. An index ingested
+    1,500 nodes a commit held nine flat segments of 15,000 rows at 135k nodes: a dense top 5
+    took 27 ms, 25 times the same index with those segments as IVF
+    (``benchmarks/results/segment_search.md``). A small index stays exact: reading all of it
+    is cheap, and its answers are exact.
+    """
+    params = spec.params
+    if spec.index_kind.lower() != "auto":
+        return False
+    return rows >= params.auto_ivf_rows or (rows >= params.auto_ivf_segment_rows and index_rows >= params.auto_ivf_rows)
 
 
 def centroids_of(index: faiss.Index) -> np.ndarray | None:

@@ -503,7 +503,11 @@ class SegmentStore:
     def count(self) -> int:
         """Live vectors."""
         with self._lock:
-            return self._pending.count + sum(s.live for s in self._segments)
+            return self._live_rows()
+
+    def _live_rows(self) -> int:
+        """Live rows, pending ones included (caller locks)."""
+        return self._pending.count + sum(s.live for s in self._segments)
 
     @property
     def dim(self) -> int:
@@ -726,9 +730,11 @@ class SegmentStore:
         """Write pending rows as a new (staged) segment."""
         if self._pending.count == 0:
             return
+        index_rows = self._live_rows()
         ids, x, rows = self._pending.take()
         written = segments.write_segment(
-            self._root, self._spec, ids, x, rows, shared_centroids=self._shared_centroids()
+            self._root, self._spec, ids, x, rows, shared_centroids=self._shared_centroids(),
+            index_rows=index_rows,
         )
         self._segments.append(
             LiveSegment.of(written.reader, self._spec, self._placement, staging=written.staging)
@@ -790,6 +796,7 @@ class SegmentStore:
                 keyword_parts=keyword_parts,
                 shared_centroids=self._shared_centroids(),
                 row_files=[(p.reader.folder / segments.ROWS_FILE, p.deleted) for p in parts],
+                index_rows=self._live_rows(),
             )
             merged[group[0]] = LiveSegment.of(
                 written.reader, self._spec, self._placement, staging=written.staging

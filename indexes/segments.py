@@ -86,6 +86,7 @@ def write_segment(
     keyword_parts: Sequence[tuple[keywords.KeywordSegment, np.ndarray]] | None = None,
     shared_centroids: np.ndarray | None = None,
     row_files: Sequence[tuple[Path, np.ndarray]] | None = None,
+    index_rows: int = 0,
 ) -> WrittenSegment:
     """Write one segment of ``rows`` (ascending ``ids``, one vector each) into a staging folder.
 
@@ -97,8 +98,9 @@ def write_segment(
     `indexes.ann.VectorSource`), so the keyword merge's memory, the vectors and their FAISS
     index are never all held at once: compacting 9 segments of 180k rows peaked at 2.1 GiB of
     anonymous memory with all three held, 1.2 GiB in this order.
-    A large segment of kind ``auto`` becomes IVF, reusing ``shared_centroids`` (the index's
-    quantizer) when given (see `indexes.ann`).
+    A large segment of kind ``auto`` (or a middling one in a large index: ``index_rows``, the
+    live rows of the index it joins, its own included) becomes IVF, reusing
+    ``shared_centroids`` (the index's quantizer) when given (see `indexes.ann.wants_ivf`).
     Every file is fsynced and checksummed now: nobody hashes it again until ``verify``.
     """
     ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -112,7 +114,7 @@ def write_segment(
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=base))
     try:
         record = _write_files(
-            staging, spec, ids, vectors, rows, texts, keyword_parts, shared_centroids, row_files
+            staging, spec, ids, vectors, rows, texts, keyword_parts, shared_centroids, row_files, index_rows
         )
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a failed write leaves nothing behind
@@ -128,17 +130,17 @@ def _check_vector_count(ids: np.ndarray, vectors: np.ndarray | ann.VectorSource)
 
 def _write_vectors(
     staging: Path, spec: IndexSpec, ids: np.ndarray, vectors: np.ndarray | ann.VectorSource,
-    shared_centroids: np.ndarray | None,
+    shared_centroids: np.ndarray | None, index_rows: int,
 ) -> tuple[str, bool]:
     """Index ``vectors`` and write the FAISS file; returns the index's structure and whether it
     is trained. Nothing of it stays in memory: the reader maps or loads the file, and after an
-    IVF build (only merges make segments that large) the freed lists go back to the system."""
+    IVF build the freed lists go back to the system."""
     source = ann.ArrayVectors(ids, vectors) if isinstance(vectors, np.ndarray) else vectors
-    if ann.wants_ivf(spec, len(ids)):
+    if ann.wants_ivf(spec, len(ids), index_rows):
         structure = _write_ivf(staging / VECTORS_FILE, spec, source, shared_centroids)
         heap.release_free_memory()
         return structure, True
-    # Small segments stay exact until a merge makes them big enough to train the kind on.
+    # Small segments stay exact until a merge makes them big enough (or the index large enough).
     index = VectorIndex.empty(segment_spec(spec))
     index.add(ids, ann.gather(source, spec.dim))
     faiss.write_index(index.index, str(staging / VECTORS_FILE))
@@ -163,6 +165,7 @@ def _write_files(
     keyword_parts: Sequence[tuple[keywords.KeywordSegment, np.ndarray]] | None,
     shared_centroids: np.ndarray | None,
     row_files: Sequence[tuple[Path, np.ndarray]] | None = None,
+    index_rows: int = 0,
 ) -> SegmentRecord:
     name = f"seg-{int(ids[0]):012d}-{secrets.token_hex(4)}"
     with open(staging / IDS_FILE, "wb") as fh:
@@ -193,7 +196,7 @@ def _write_files(
     else:
         keywords.write_keyword_index(staging, list(texts) if texts is not None else written)
     written.clear()  # the texts were only for the keyword index
-    structure, trained = _write_vectors(staging, spec, ids, vectors, shared_centroids)
+    structure, trained = _write_vectors(staging, spec, ids, vectors, shared_centroids, index_rows)
     names = [IDS_FILE, VECTORS_FILE, ROWS_FILE, *keywords.KEYWORD_FILES]
     for file_name in (VECTORS_FILE, IDS_FILE):
         fsync_path(staging / file_name)

@@ -46,7 +46,12 @@ class IndexParams(BaseModel):
         4.0, gt=1.0, description="re-train IVF when the count grew by this factor since training"
     )
     auto_ivf_rows: int = Field(
-        16_384, ge=1, description="kind 'auto': segments with this many rows are written as IVF"
+        16_384, ge=1, description="kind 'auto': segments with this many rows are written as IVF, "
+        "and so are segments of auto_ivf_segment_rows once the index holds this many rows"
+    )
+    auto_ivf_segment_rows: int = Field(
+        2_048, ge=1, description="kind 'auto': in an index of at least auto_ivf_rows rows, "
+        "segments with this many rows are written as IVF too (exact search reads every flat row)"
     )
     auto_target_recall: float = Field(
         0.97, gt=0.0, le=1.0, description="kind 'auto': recall@10 an IVF segment's nprobe is "

@@ -267,6 +267,27 @@ def test_auto_kind_makes_large_segments_ivf_with_shared_centroids_and_measured_r
     assert recall >= 0.95 and len(held) == store.count
 
 
+def test_a_large_index_writes_middling_segments_as_ivf_and_a_small_one_keeps_them_exact(tmp_path, mixture):
+    """The same 1,000-row segment is exact in a small index and IVF once the index holds
+    ``auto_ivf_rows`` rows; the smallest segments (where new rows land) stay exact; every
+    search stays complete."""
+    base, queries = mixture
+    store = FaissVectorStore.create(
+        tmp_path / "idx", dim=base.shape[1], encoder=ENCODER,
+        params={"auto_ivf_rows": 3000, "auto_ivf_segment_rows": 1000},
+        merge_policy=MergePolicy(segments_per_level=100),
+    )
+    structures = []
+    for start, count in ((0, 1000), (1000, 1000), (2000, 1000), (3000, 999), (3999, 1001)):
+        store.add(make_nodes(base[start : start + count], prefix=f"a{start}_"))
+        store.persist()
+        structures.append(store.segment_summary()[-1]["structure"])
+    # index rows at each commit: 1000, 2000, 3000 (large from here), 3999, 5000
+    assert structures == ["IndexIDMap2 > IndexFlat"] * 2 + ["IndexIVFFlat", "IndexIDMap2 > IndexFlat", "IndexIVFFlat"]
+    assert all(len(hits) == 10 for hits in store.search(queries, 10))
+    assert all(len(hits) == 100 for hits in store.search(queries[:20], 100))
+
+
 def test_a_pinned_flat_kind_stays_exact_however_large_its_segments(tmp_path, mixture):
     base, _ = mixture
     store = FaissVectorStore.create(
