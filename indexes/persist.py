@@ -149,7 +149,7 @@ def read_manifest(root: str | Path, version: int | None = None) -> Manifest:
         raise IndexCorruptedError.for_file(
             path, f"fields are missing or invalid ({exc.errors()[0]})"
         ) from exc
-    if manifest.checksum != manifest.body_checksum():
+    if manifest.checksum != manifest.body_checksum(written=raw):
         raise IndexCorruptedError.for_file(path, "its checksum does not match its content")
     if manifest.version != version:
         raise IndexCorruptedError.for_file(

@@ -162,16 +162,23 @@ class Manifest(BaseModel):
     faiss_version: str
     checksum: str = ""
 
-    def body_checksum(self) -> str:
-        """sha256 of the manifest without its own checksum field (detects edits and bit rot)."""
+    def body_checksum(self, written: dict[str, Any] | None = None) -> str:
+        """sha256 of the manifest without its own checksum field (detects edits and bit rot).
+
+        ``written``: the JSON object read from the manifest's file, to verify what was written
+        rather than this model's dump of it. The two differ when the model gained a field
+        since (``IndexParams.auto_ivf_segment_rows`` did: its default entered the dump of every
+        older manifest, whose checksum then failed, so no index written before it opened).
+        """
         exclude = {"checksum"}
         for optional in ("splitting", "encoder_check"):
-            if getattr(self, optional) is None:  # manifests written before the field keep their checksum
+            if getattr(self, optional) is None:  # written as null: not part of the checksum
                 exclude.add(optional)
         if self.format_version < 2:  # fields format 1 did not have are not part of its checksum
             exclude |= {"segments", "docs", "correction"}
-        body = self.model_dump(mode="json", exclude=exclude)
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        body = self.model_dump(mode="json") if written is None else written
+        canonical = json.dumps({key: value for key, value in body.items() if key not in exclude},
+                               sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def sealed(self) -> Manifest:

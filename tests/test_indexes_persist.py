@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -349,3 +350,30 @@ def test_a_manifest_written_before_the_splitting_field_still_opens(tmp_path):
     store.record_splitting({"chunk_size": 48, "chunk_overlap": 0})
     store.persist()
     assert FaissVectorStore.open(store.path).splitting == {"chunk_size": 48, "chunk_overlap": 0}
+
+
+def test_a_manifest_written_before_a_params_field_existed_still_opens(tmp_path):
+    """A field added to the model since a manifest was written (here ``IndexParams``'
+    ``auto_ivf_segment_rows``) is not part of the checksum written then: the manifest opens
+    with the field's default, and the next commit writes it. Verifying the model's own dump
+    instead refused every index written before the field."""
+    store = new_store(tmp_path)
+    store.add(make_nodes(unit_rows(np.random.default_rng(0), 4, store.dim)))
+    version = store.persist()
+    path = persist_module.version_dir(store.path, version) / "manifest.json"
+    body = json.loads(path.read_text())
+    del body["params"]["auto_ivf_segment_rows"]  # as the release before the field wrote it
+    body["checksum"] = hashlib.sha256(json.dumps(
+        {key: value for key, value in body.items() if key not in ("checksum", "splitting", "encoder_check")},
+        sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    path.write_text(json.dumps(body))
+    reopened = FaissVectorStore.open(store.path)
+    assert reopened.count == 4 and reopened.spec.params.auto_ivf_segment_rows == 2048
+    reopened.add(make_nodes(unit_rows(np.random.default_rng(1), 2, store.dim), prefix="b"))
+    newer = persist_module.version_dir(store.path, reopened.persist()) / "manifest.json"
+    assert json.loads(newer.read_text())["params"]["auto_ivf_segment_rows"] == 2048
+    # an edit is still caught
+    body["count"] = 5
+    path.write_text(json.dumps(body))
+    with pytest.raises(IndexCorruptedError, match="checksum"):
+        FaissVectorStore.open(store.path, version=version)
