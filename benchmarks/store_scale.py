@@ -293,6 +293,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where indexes are built (temporary)")
     parser.add_argument("--keep-other-sizes", action="store_true",
                         help="keep rows of sizes not run this time from the existing results file")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--compact-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -322,19 +323,20 @@ def main() -> None:
             shutil.rmtree(path, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    previous = RESULTS / "store_scale.json"
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / "store_scale.json"
     if args.keep_other_sizes and previous.is_file():
         ran = {r["size"] for r in rows}
         kept = [r for r in json.loads(previous.read_text())["results"] if r["size"] not in ran]
         rows += kept
         rows.sort(key=lambda r: r["count"])
     meta = {"cpu": cpu_model(), "cores": os.cpu_count(), "dim": DIM, "batch": args.batch}
-    (RESULTS / "store_scale.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2))
+    (out / "store_scale.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2))
     md = (f"# Store costs against index size\n\n{meta['cpu']}, {meta['cores']} cores; {DIM}-d "
           f"clustered vectors, real texts, built {args.batch:,} nodes per persist; measured in a "
           f"fresh process (`python benchmarks/store_scale.py --sizes ...`).\n\n" + table(rows))
-    (RESULTS / "store_scale.md").write_text(md)
+    (out / "store_scale.md").write_text(md)
     print(md)
 
 
