@@ -100,7 +100,8 @@ def wants_ivf(spec: IndexSpec, rows: int, index_rows: int = 0) -> bool:
     segment's own included), is written as IVF.
 
     A segment of ``auto_ivf_rows`` rows always is. Once the index holds that many rows, so is
-    any segment of ``auto_ivf_segment_rows``: a query reads every row of every flat segment,
+    any segment of ``auto_ivf_segment_rows`` (and one written exact before is rewritten once,
+    as the merge policy's ``outgrown``): a query reads every row of every flat segment,
     and the merge policy lets nine segments of one level stand side by side. An index ingested
     1,500 nodes a commit held nine flat segments of 15,000 rows at 135k nodes: a dense top 5
     took 27.2 ms and a hybrid query's store work 31.9 ms on an Intel Xeon; written under this

@@ -8,7 +8,9 @@ one segment of the next. Each row is therefore rewritten about once per level (l
 index size, amortised), and no level holds more than ``segments_per_level - 1`` segments in a
 row. Only neighbours merge (as Lucene's ``LogMergePolicy`` and tantivy's do), which keeps the
 rows of every segment in ascending id order. A segment whose deleted rows exceed
-``max_deleted_fraction`` is rewritten alone to reclaim them (Lucene's ``deletesPctAllowed``).
+``max_deleted_fraction`` is rewritten alone to reclaim them (Lucene's ``deletesPctAllowed``),
+and so is one the index has outgrown (written exact while the index was small, see
+``SegmentSize.outgrown``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ class SegmentSize:
 
     rows: int
     deleted: int
+    outgrown: bool = False
+    """Written exact (flat) while the index was small, and now a size the index writes as IVF
+    (`indexes.ann.wants_ivf`): rewritten alone, once, like a segment with many deleted rows."""
 
     @property
     def live(self) -> int:
@@ -81,7 +86,7 @@ class MergePolicy:
                 run = run[self.segments_per_level :]
             position = end
         for i, segment in enumerate(segments):
-            if i not in taken and segment.deleted > self.max_deleted_fraction * segment.rows:
+            if i not in taken and (segment.deleted > self.max_deleted_fraction * segment.rows or segment.outgrown):
                 merges.append([i])
         return sorted(merges)
 
@@ -99,4 +104,4 @@ class MergePolicy:
             rows += segment.live
         if batch:
             merges.append(batch)
-        return [m for m in merges if len(m) > 1 or segments[m[0]].deleted]
+        return [m for m in merges if len(m) > 1 or segments[m[0]].deleted or segments[m[0]].outgrown]

@@ -724,7 +724,15 @@ class SegmentStore:
             return len(plan)
 
     def _sizes(self) -> list[SegmentSize]:
-        return [SegmentSize(rows=s.reader.record.rows, deleted=len(s.deleted)) for s in self._segments]
+        index_rows = self._live_rows()
+        return [
+            SegmentSize(
+                rows=s.reader.record.rows, deleted=len(s.deleted),
+                outgrown=(faiss.try_extract_index_ivf(s.reader.index) is None
+                          and ann.wants_ivf(self._spec, s.live, index_rows)),
+            )
+            for s in self._segments
+        ]
 
     def _flush(self) -> None:
         """Write pending rows as a new (staged) segment."""

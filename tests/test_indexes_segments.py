@@ -193,6 +193,11 @@ def test_merge_policy_merges_neighbours_of_one_level_and_rewrites_deleted_heavy_
     assert inline.due([level_two] * 3) == [[0, 1, 2]]
     assert inline.select([level_two] * 3) == []  # 2,700 rows: too big to rewrite inside a commit
     assert inline.deferred([level_two] * 3) == [[0, 1, 2]]
+    outgrown = SegmentSize(rows=500, deleted=0, outgrown=True)
+    assert policy.select([big, outgrown, tiny]) == [[1]]  # rewritten alone, as IVF
+    assert policy.select([outgrown, outgrown, outgrown]) == [[0, 1, 2]]  # a level merge rewrites it anyway
+    assert policy.select_all([big, outgrown]) == [[0, 1]]
+    assert policy.select_all([outgrown]) == [[0]]
 
 
 def test_a_crash_between_publishing_segments_and_the_switch_leaves_no_orphan_after_the_next_commit(
@@ -269,21 +274,26 @@ def test_auto_kind_makes_large_segments_ivf_with_shared_centroids_and_measured_r
 
 def test_a_large_index_writes_middling_segments_as_ivf_and_a_small_one_keeps_them_exact(tmp_path, mixture):
     """The same 1,000-row segment is exact in a small index and IVF once the index holds
-    ``auto_ivf_rows`` rows; the smallest segments (where new rows land) stay exact; every
-    search stays complete."""
+    ``auto_ivf_rows`` rows, those written exact before are rewritten as IVF at that commit;
+    the smallest segments (where new rows land) stay exact; every search stays complete."""
     base, queries = mixture
     store = FaissVectorStore.create(
         tmp_path / "idx", dim=base.shape[1], encoder=ENCODER,
         params={"auto_ivf_rows": 3000, "auto_ivf_segment_rows": 1000},
         merge_policy=MergePolicy(segments_per_level=100),
     )
-    structures = []
+    flat, ivf = "IndexIDMap2 > IndexFlat", "IndexIVFFlat"
+    after = []
     for start, count in ((0, 1000), (1000, 1000), (2000, 1000), (3000, 999), (3999, 1001)):
         store.add(make_nodes(base[start : start + count], prefix=f"a{start}_"))
         store.persist()
-        structures.append(store.segment_summary()[-1]["structure"])
+        after.append([s["structure"] for s in store.segment_summary()])
     # index rows at each commit: 1000, 2000, 3000 (large from here), 3999, 5000
-    assert structures == ["IndexIDMap2 > IndexFlat"] * 2 + ["IndexIVFFlat", "IndexIDMap2 > IndexFlat", "IndexIVFFlat"]
+    assert after[1] == [flat, flat]
+    assert after[2] == [ivf, ivf, ivf]  # the two written small were rewritten at this commit
+    assert after[4] == [ivf, ivf, ivf, flat, ivf]  # 999 rows: below auto_ivf_segment_rows
+    assert [s["rows"] for s in store.segment_summary()] == [1000, 1000, 1000, 999, 1001]
+    assert FaissVectorStore.open(store.path).count == 5000
     assert all(len(hits) == 10 for hits in store.search(queries, 10))
     assert all(len(hits) == 100 for hits in store.search(queries[:20], 100))
 
