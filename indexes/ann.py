@@ -104,10 +104,9 @@ def wants_ivf(spec: IndexSpec, rows: int, index_rows: int = 0) -> bool:
     as the merge policy's ``outgrown``): a query reads every row of every flat segment,
     and the merge policy lets nine segments of one level stand side by side. An index ingested
     1,500 nodes a commit held nine flat segments of 15,000 rows at 135k nodes: a dense top 5
-    took 27.2 ms and a hybrid query's store work 31.9 ms on an Intel Xeon; written under this
-    rule (eight IVF, the first still flat: the index was small when it was written), 3.4 and
-    6.6 ms, at recall@10 0.996 (``benchmarks/results/segment_search.md``). A small index stays
-    exact: reading all of it is cheap, and its answers are exact.
+    took 26.1 ms and a hybrid query's store work 30.5 ms on an Intel Xeon; under this rule,
+    1.2 and 4.0 ms at recall@10 0.991 (``benchmarks/results/segment_search.md``). A small index
+    stays exact: reading all of it is cheap, and its answers are exact.
     """
     params = spec.params
     if spec.index_kind.lower() != "auto":

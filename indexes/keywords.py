@@ -76,9 +76,9 @@ SEED_CANDIDATES = 4_096
 SCAN_POSTINGS = 65_536
 """A segment holding at most this many postings of the query's tokens is scanned (every posting
 scored in one pass, `_scan_segment`) instead of pruned by MaxScore. Measured one segment at a
-time on an Intel Xeon (``benchmarks/results/segment_search.md``): scanning took 0.35-0.6x
-MaxScore's time on 15k-20k-row segments (100-75k postings); on 200k-row segments 0.63-0.83x
-below ~106k postings, about even to 165k, and MaxScore wins beyond (scan 1.05-1.6x)."""
+time on an Intel Xeon (``benchmarks/results/segment_search.md``): scanning took 0.3-0.6x
+MaxScore's time on 15k-20k-row segments (100-75k postings); on 200k-row segments 0.6-0.9x
+below ~106k postings, about even to 165k, and MaxScore wins beyond (scan 1.05-1.75x)."""
 
 META_FILE = "keywords.json"
 _ARRAYS = (
