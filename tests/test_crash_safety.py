@@ -8,13 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from cli_killed_at import STEPS
 from crash_harness import (
     Scenario,
     killed_at_a_random_time,
+    leftovers,
     site_label,
     site_points,
     snapshot,
@@ -22,6 +23,7 @@ from crash_harness import (
 )
 
 pytestmark = pytest.mark.timeout(600)
+KILLED_CLI = Path(__file__).with_name("cli_killed_at.py")
 
 
 @pytest.fixture(scope="module")
@@ -114,42 +116,28 @@ def test_killed_at_a_random_time(ingest_scenario, rebuild_scenario, kind):
     assert scenario.ok(outcome), outcome
 
 
-ATTEMPTS_TO_CATCH_STAGING = 5
-
-
-def test_the_command_killed_while_writing_a_version(tiny_model_dir, tmp_path):
-    """The real `htp-index ingest`, SIGKILLed the moment its staging directory appears."""
+@pytest.mark.parametrize("step", STEPS)
+def test_the_command_killed_while_writing_a_version(tiny_model_dir, tmp_path, step):
+    """The real `htp-index ingest`, SIGKILLed while a version is staged: just after its staging
+    folder appears, or with the folder complete but not yet renamed into place. The index must
+    serve the version before, untouched, and the next run must land and collect what the dead
+    writer left (its staging folder and the segments it had published for that version)."""
     env = {**os.environ, "HTP_INDEX_ENCODER__MODEL": str(tiny_model_dir), "HTP_INDEX_ENCODER__SEGMENTER": "sentencizer",
            "HTP_INDEX_CHUNK_SIZE": "64"}
+    index = tmp_path / "idx"
     command = [sys.executable, "-m", "htp_cli", "ingest", str(write_corpus(tmp_path / "a", 6, seed=1)),
-               "--index", str(tmp_path / "idx"), "--json"]
+               "--index", str(index), "--json"]
     subprocess.run(command, env=env, check=True, capture_output=True)
-    versions = tmp_path / "idx" / "versions"
-    # The staging directory lives for milliseconds; on busy cores the poll can miss it and the
-    # ingest then simply lands, or the kill can arrive just after the staged manifest was renamed
-    # in and CURRENT switched (a complete new version, as it should be). Each miss starts over with
-    # more documents than the index now holds (so the killed ingest would still add some); only a
-    # kill that the staging directory outlived counts: its writer died before the commit.
-    caught = False
-    for attempt in range(ATTEMPTS_TO_CATCH_STAGING):
-        before = snapshot(tmp_path / "idx")
-        command[4] = str(write_corpus(tmp_path / f"b{attempt}", 40 + 10 * attempt, seed=2 + attempt))
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 240
-        while process.poll() is None and time.monotonic() < deadline:
-            if any(p.name.startswith(".tmp-") for p in versions.iterdir()):
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.002)
-        killed = process.wait() == -signal.SIGKILL
-        if killed and any(p.name.startswith(".tmp-") for p in versions.iterdir()):
-            caught = True
-            break
-        snapshot(tmp_path / "idx")  # missed: whichever version is live must be complete
-    assert caught, f"the ingest committed before it could be killed, {ATTEMPTS_TO_CATCH_STAGING} times"
-    survived = snapshot(tmp_path / "idx")
+    before = snapshot(index)
+    command[4] = str(write_corpus(tmp_path / "b", 12, seed=2))
+    killed = subprocess.run([sys.executable, str(KILLED_CLI), step, *command[3:]], env=env,
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    staging, = [p for p in (index / "versions").iterdir() if p.name.startswith(".tmp-")]  # it died staging
+    assert (staging / "manifest.json").exists() == (step == "staging-complete")
+    survived = snapshot(index)
     assert survived.version == before.version and survived.same_content(before)
     finished = subprocess.run(command, env=env, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
-    assert len(snapshot(tmp_path / "idx").vectors) > len(before.vectors)
-    assert not [p for p in Path(versions).iterdir() if p.name.startswith(".tmp-")]  # the dead writer's, collected
+    assert len(snapshot(index).vectors) > len(before.vectors)
+    assert leftovers(index) == []  # the dead writer's staging folder and segments, collected
