@@ -70,7 +70,7 @@ def child(docs: int, queries: int) -> dict:
         "query_p50_ms": statistics.median(latencies),
         "query_p95_ms": statistics.quantiles(latencies, n=20)[18],
         "query_rss_growth_mib": after_queries - after_docs, "total_rss_growth_mib": after_queries - start,
-        "rss_end_mib": after_queries, "distinct_query_lengths": len(lengths),
+        "rss_end_mib": after_queries, "distinct_query_lengths": len(lengths), "queries": len(texts),
         "environment": {name: os.environ.get(name) for name in CACHE_VARIABLES},
     }
 
@@ -118,7 +118,7 @@ def main() -> None:
     (args.out / "kernel_cache.json").write_text(json.dumps(record, indent=2) + "\n")
     base = summary[args.capacities[0]]
     lines = [f"# oneDNN kernel caches: memory and speed ({record['cpu']}, {record['cores']} cores)", "",
-             f"{args.docs} SciFact abstracts as documents (chunks of 64), then {args.queries} queries one at a time "
+             f"{args.docs} SciFact abstracts as documents (chunks of 64), then {int(base['queries'])} queries one at a time "
              f"(claims, every third joined with another: {int(base['distinct_query_lengths'])} distinct lengths); "
              f"each setting in its own process, medians of {args.rounds} round(s); ratios against "
              f"`{args.capacities[0]}`.", "",
