@@ -33,15 +33,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
-def rss_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def child(docs: int, queries: int) -> dict:
     """In a fresh process: documents, then queries, with the caches as the environment says."""
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from encoder_speed import load_texts
+    from machine import resident_mib
     from store_scale import queries as query_texts
 
     from htp_embed import HTPEncoder
@@ -52,18 +49,18 @@ def child(docs: int, queries: int) -> dict:
     texts = [c if i % 3 else f"{c} {claims[(i * 7) % len(claims)]}" for i, c in enumerate(claims)]
     encoder.encode_queries(["warm up"])
     encoder.encode_documents(abstracts[:2])
-    start = rss_mib()
+    start = resident_mib()
     began = time.perf_counter()
     for i in range(0, len(abstracts), 64):
         encoder.encode_documents(abstracts[i : i + 64])
     doc_seconds = time.perf_counter() - began
-    after_docs = rss_mib()
+    after_docs = resident_mib()
     latencies = []
     for text in texts:
         began = time.perf_counter()
         encoder.encode_queries([text])
         latencies.append((time.perf_counter() - began) * 1000)
-    after_queries = rss_mib()
+    after_queries = resident_mib()
     lengths = {len(layout) for layout in encoder.layouts(texts, is_query=True)}
     return {
         "doc_seconds": doc_seconds, "doc_rss_growth_mib": after_docs - start,

@@ -16,3 +16,10 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def resident_mib() -> float:
+    """This process's resident memory now, in MiB (/proc/self/statm; Linux)."""
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
