@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from htp_embed import query_widths
 from htp_embed.attention import AttentionDecision, cpu_attention_decision
 from htp_embed.config import EncoderConfig
 from htp_embed.gemma3_native import NativeGemma3
@@ -47,6 +48,7 @@ from htp_embed.packed_linear import PackingDecision, cpu_packing_decision, pack_
 from htp_embed.pooling import at_positions, l2_normalise, masked_mean
 from htp_embed.precision import DtypeDecision
 from htp_embed.prefix_cache import NativePrefixCache, PrefixCache, TransformersPrefixCache
+from htp_embed.query_widths import SHORT_WIDTH, bucketed_width, padded_width
 from htp_embed.rewiring import EarlyExit, rewired
 from htp_embed.segment import preload_segmenter, sentence_starts
 from htp_embed.text_ahead import TEMPLATE_PROBE
@@ -323,6 +325,26 @@ class HTPEncoder:
         """Embed queries with the query instruction. Returns float32 [n, dim], L2-normalised."""
         return self.encode(texts, is_query=True)
 
+    def warm_query_widths(self, up_to: int = SHORT_WIDTH) -> int:
+        """Embed one made-up query at each padded query width up to ``up_to`` positions.
+
+        Why: on the CPU the first query at a new width pays for compiling its kernels (~7 ms),
+        so a service that has just started answers its first queries slower than the rest. A
+        long-running process calls this once; it costs ~30 ms a width. Nothing runs off the
+        CPU or with padding switched off. Returns how many widths were run.
+        """
+        if self.device.type != "cpu" or not query_widths.ENABLED:
+            return 0
+        texts = [" ".join(["word"] * words) for words in range(1, up_to + 1)]
+        warmed: set[int] = set()
+        for layout in self.layouts(texts, is_query=True):
+            cache = self._prefix_cache
+            width = bucketed_width(len(layout) - (cache.usable([layout]) if cache is not None else 0))
+            if width <= up_to and width not in warmed:
+                self._embed_layouts([layout], is_query=True)
+                warmed.add(width)
+        return len(warmed)
+
     def encode(self, texts: Sequence[str], *, is_query: bool = False) -> np.ndarray:
         """Embed ``texts``; the caller's order is kept although batches are length-sorted."""
         return self.encode_with_stats(texts, is_query=is_query).vectors
@@ -364,7 +386,7 @@ class HTPEncoder:
                 count = self._batch_length(layouts, order, position, batch_size, budget)
                 chunk = order[position : position + count]
                 try:
-                    vectors = self._embed_layouts([layouts[i] for i in chunk])
+                    vectors = self._embed_layouts([layouts[i] for i in chunk], is_query=is_query)
                 except torch.OutOfMemoryError:
                     if count == 1:
                         raise
@@ -435,13 +457,14 @@ class HTPEncoder:
         return layouts
 
     # ----------------------------------------------------------------- forward
-    def _collate(self, layouts: list[Layout], start: int = 0) -> _Batch:
+    def _collate(self, layouts: list[Layout], start: int = 0, width: int = 0) -> _Batch:
         """The batch's tensors, from position ``start`` of every layout on (the positions
-        before it are a shared prefix whose keys and values come from the prefix cache)."""
+        before it are a shared prefix whose keys and values come from the prefix cache), at
+        least ``width`` positions wide."""
         if start:
             layouts = [layout.after(start) for layout in layouts]
         pad_left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        n, width = len(layouts), max(len(layout) for layout in layouts)
+        n, width = len(layouts), max(width, *(len(layout) for layout in layouts))
         ids = torch.zeros((n, width), dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
         positions = torch.zeros((n, width), dtype=torch.long)
@@ -474,17 +497,17 @@ class HTPEncoder:
             src.to(device) if src is not None else None, dst.to(device) if dst is not None else None,
         )
 
-    def _embed_layouts(self, layouts: list[Layout]) -> np.ndarray:
+    def _embed_layouts(self, layouts: list[Layout], *, is_query: bool = False) -> np.ndarray:
         cache = self._prefix_cache
         prefix = cache.usable(layouts) if cache is not None else 0
         if not prefix or (cache is not None and cache.verified):
-            return self._forward(layouts, prefix)
+            return self._forward(layouts, prefix, is_query=is_query)
         # First use: the pass that reuses the prefix must give the plain pass's vectors (a
         # model with bidirectional attention, or one that takes no cache, would not); kept
         # only if it does, checked once per encoder.
-        plain = self._forward(layouts, 0)
+        plain = self._forward(layouts, 0, is_query=is_query)
         try:
-            reused = self._forward(layouts, prefix)
+            reused = self._forward(layouts, prefix, is_query=is_query)
             agreement = float(np.min(np.sum(plain * reused, axis=1)))
         except (TypeError, ValueError, AttributeError, RuntimeError, IndexError) as exc:
             agreement, reason = -1.0, f"{type(exc).__name__}: {exc}"
@@ -498,10 +521,13 @@ class HTPEncoder:
             self._prefix_cache = None
         return plain
 
-    def _forward(self, layouts: list[Layout], prefix: int) -> np.ndarray:
+    def _forward(self, layouts: list[Layout], prefix: int, *, is_query: bool = False) -> np.ndarray:
         """The vectors of one batch; the first ``prefix`` positions (shared by every layout)
-        come from the prefix cache when ``prefix`` > 0."""
-        batch = self._collate(layouts, start=prefix)
+        come from the prefix cache when ``prefix`` > 0. A few queries are padded to one of a
+        few widths on the CPU (:mod:`htp_embed.query_widths`)."""
+        width = padded_width(max(len(layout) for layout in layouts) - prefix, len(layouts),
+                             is_query=is_query, on_cpu=self.device.type == "cpu")
+        batch = self._collate(layouts, start=prefix, width=width)
         passes = self.threads.forward_pass(batch.ids.numel()) if self.device.type == "cpu" else contextlib.nullcontext()
         with self._lock, passes, torch.inference_mode():
             embeds = self.model.get_input_embeddings()(batch.ids)

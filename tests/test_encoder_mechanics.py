@@ -298,11 +298,11 @@ def test_out_of_memory_halves_the_batch_and_retries(monkeypatch):
     real = encoder._embed_layouts
     sizes: list[int] = []
 
-    def flaky(layouts):
+    def flaky(layouts, **options):
         sizes.append(len(layouts))
         if len(layouts) > 1:
             raise torch.OutOfMemoryError("simulated")
-        return real(layouts)
+        return real(layouts, **options)
 
     monkeypatch.setattr(encoder, "_embed_layouts", flaky)
     vectors = encoder.encode_documents(TEXTS)
@@ -345,9 +345,9 @@ def test_cpu_batches_end_before_a_text_that_would_be_mostly_padding():
     sizes: list[int] = []
     real = encoder._embed_layouts
 
-    def spy(layouts):
+    def spy(layouts, **options):
         sizes.append(len(layouts))
-        return real(layouts)
+        return real(layouts, **options)
 
     encoder._embed_layouts = spy
     vectors = encoder.encode_documents(texts)

@@ -193,9 +193,9 @@ def test_short_texts_are_batched_by_tokens_and_keep_their_vectors():
     real = encoder._embed_layouts
     sizes: list[int] = []
 
-    def counted(layouts):
+    def counted(layouts, **options):
         sizes.append(len(layouts))
-        return real(layouts)
+        return real(layouts, **options)
 
     encoder._embed_layouts = counted
     batched = encoder.encode_queries(texts)
@@ -209,9 +209,9 @@ def test_long_texts_keep_the_batch_size():
     real = encoder._embed_layouts
     sizes: list[int] = []
 
-    def counted(layouts):
+    def counted(layouts, **options):
         sizes.append(len(layouts))
-        return real(layouts)
+        return real(layouts, **options)
 
     encoder._embed_layouts = counted
     encoder.encode_documents(texts)

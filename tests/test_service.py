@@ -249,3 +249,20 @@ def test_concurrent_queries_are_answered_in_batches_with_the_same_results(index_
         assert same_results([r.json()["results"] for r in responses], single[:-1])
         assert wrong.result().status_code == 422  # the bad request fails alone
     assert sizes[0] == 1 and max(sizes) > 1
+
+
+def test_the_service_runs_its_query_widths_before_answering(index_dir, embedding, caplog):
+    settings = settings_for(embedding)
+    index = open_index(index_dir, settings, embedding=embedding)
+    warmed: list[int] = []
+    real = index.encoder.warm_query_widths
+    index.encoder.warm_query_widths = lambda: warmed.append(threading.get_ident()) or real()
+    holder = IndexHolder(index_dir, settings, index)
+    with caplog.at_level("INFO", logger="pipelines.service"):
+        app = create_app(index_dir, settings, holder=holder, reload_interval=0)
+    assert len(warmed) == 1 and warmed[0] != threading.get_ident()  # on the model's thread
+    assert "warmed up" in caplog.text
+    with TestClient(app) as client:
+        assert client.post("/query", json={"query": "the cat sat", "top_k": 1}).status_code == 200
+    create_app(index_dir, settings, holder=holder, reload_interval=0, warm_up=False)
+    assert len(warmed) == 1
