@@ -3,16 +3,16 @@ kernels for them rather than one per query length.
 
 Why: oneDNN compiles a matrix kernel for every new input shape, and it and ideep each keep up
 to 1,024 of them (~0.7 MiB each). A query's pass has as many rows as the query has positions,
-so every new query length cost its first query ~7 ms and the process ~3.4 MiB for good: 300
-queries of 300 distinct lengths grew a process by 1,027 MiB (Intel Xeon with AMX, bfloat16;
-``benchmarks/results/query_widths.md``), which is what a query service sees over its uptime.
-Padded to the widths below, the same queries grew it by a third of that, and SciFact claims
-embedded one at a time by a fresh process had a p95 of ~27 ms instead of 30-37.
+so every new query length cost its first query ~7 ms and the process ~3 MiB for good: 300
+SciFact claims and then 300 queries of 300 distinct lengths grew a process by 1,085 MiB (Intel
+Xeon with AMX, bfloat16; ``benchmarks/results/query_widths.md``), which is what a query service
+sees over its uptime. Padded to the widths below: by 266 MiB, the long queries' p50 63 ms
+against 80 (no compiling), the claims' p95 27-29 ms against 28-44.
 
 The price is padding: a query pass over a few dozen positions costs mostly streaming the
-weights, so a few more rows cost little (~1% a query at steps of 4, ~2% at 8). Padding is
-masked out of attention and pooling; vectors move as little as between two batch compositions
-(cosine >= 0.99998 to the exact width). Only query batches of a few texts are padded: a big
+weights, so a few more rows cost little (0.7% a query once every width is compiled, at steps
+of 4; 2% at steps of 8). Padding is masked out of attention and pooling; vectors move as
+little as between two batch compositions (cosine >= 0.99998 to the exact width). Only query batches of a few texts are padded: a big
 batch (pseudo-queries at ingest) has a varying number of rows anyway and pays for padding in
 arithmetic; documents are left exact for the same reason.
 """
