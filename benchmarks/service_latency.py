@@ -1,6 +1,6 @@
 """One query at a time through the HTTP service: what a RAG app waits for when the service is idle.
 
-    python benchmarks/service_latency.py [--queries 150] [--nodes 100000]
+    python benchmarks/service_latency.py [--queries 150] [--nodes 100000] [--compare-implementation] [--compare-http]
 
 Two indexes, each served by its own ``htp-index serve`` process (default settings, batching
 on), one client sending one ``POST /query`` after the other (top 5), the three modes rotating
@@ -14,7 +14,10 @@ query by query so that noise on the machine hits them alike:
 
 Beside the service figures, the same queries are embedded in this process with the same encoder
 (``encode_queries`` of one text): the part of a dense or hybrid query that is the model's, and
-the floor below which the service cannot go. Writes ``benchmarks/results/service_latency.{json,md}``.
+the floor below which the service cannot go. ``--compare-implementation`` and ``--compare-http``
+add pairs of services run at once, queries alternating between them (the encoder's own forward
+pass vs transformers' class; uvicorn's h11 vs httptools parser). Writes
+``benchmarks/results/service_latency.{json,md}`` (``--out`` for another folder).
 """
 
 from __future__ import annotations
@@ -45,11 +48,17 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q))
 
 
-def start_server(index: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """``htp-index serve`` on ``index``, once its /health answers: the process and its base URL."""
+def start_server(index: Path, env: dict[str, str], http: str | None = None) -> tuple[subprocess.Popen, str]:
+    """``htp-index serve`` on ``index``, once its /health answers: the process and its base URL.
+    ``http`` names uvicorn's HTTP parser ("h11", "httptools") for the same app, started by hand."""
     port = free_port()
-    server = subprocess.Popen(command("serve", "--index", str(index), "--port", str(port)), env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if http is None:
+        argv = command("serve", "--index", str(index), "--port", str(port))
+    else:
+        argv = [sys.executable, "-c", "import uvicorn; from pipelines.service import create_app; "
+                f"uvicorn.run(create_app({str(index)!r}), host='127.0.0.1', port={port}, http={http!r}, "
+                "log_level='warning')"]
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:
@@ -91,23 +100,26 @@ def serve_and_measure(index: Path, texts: list[str], env: dict[str, str]) -> dic
             **{mode: {"p50": pct(v, 50), "p95": pct(v, 95), "n": len(v)} for mode, v in latencies.items()}}
 
 
-def compare_implementations(index: Path, texts: list[str], env: dict[str, str]) -> dict:
-    """Hybrid p50/p95 of two services on ``index`` at once, the default encoder and one with
-    ``implementation="transformers"``, the client alternating between them query by query (the
-    order flipping each time), so that load on the machine falls on both alike."""
-    servers = {"native": start_server(index, env)}
+def compare_services(index: Path, texts: list[str], services: dict[str, tuple[dict[str, str], str | None]],
+                     mode: str = "hybrid") -> dict:
+    """p50/p95 of two services on ``index`` at once (name -> environment and HTTP parser, see
+    :func:`start_server`), the client alternating between them query by query (the order
+    flipping each time), so that load on the machine falls on both alike; ``ratio`` is the
+    median over queries of the second's latency over the first's."""
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
-        servers["transformers"] = start_server(index, {**env, "HTP_INDEX_ENCODER__IMPLEMENTATION": "transformers"})
+        for name, (env, http) in services.items():
+            servers[name] = start_server(index, env, http)
         latencies: dict[str, list[float]] = {name: [] for name in servers}
         clients = {name: httpx.Client(base_url=base, timeout=60) for name, (_, base) in servers.items()}
         names = list(servers)
         for text in texts[:5]:
             for name in names:
-                clients[name].post("/query", json={"query": text, "top_k": 5, "mode": "hybrid"}).raise_for_status()
+                clients[name].post("/query", json={"query": text, "top_k": 5, "mode": mode}).raise_for_status()
         for i, text in enumerate(texts):
             for name in (names if i % 2 == 0 else names[::-1]):
                 began = time.perf_counter()
-                response = clients[name].post("/query", json={"query": text, "top_k": 5, "mode": "hybrid"})
+                response = clients[name].post("/query", json={"query": text, "top_k": 5, "mode": mode})
                 latencies[name].append((time.perf_counter() - began) * 1000)
                 response.raise_for_status()
         for client in clients.values():
@@ -116,7 +128,9 @@ def compare_implementations(index: Path, texts: list[str], env: dict[str, str]) 
         for server, _ in servers.values():
             stop_server(server)
     rows = {name: {"p50": pct(v, 50), "p95": pct(v, 95), "n": len(v)} for name, v in latencies.items()}
-    return {**rows, "speedup_p50": rows["transformers"]["p50"] / rows["native"]["p50"]}
+    first, second = names
+    ratio = statistics.median(b / a for a, b in zip(latencies[first], latencies[second], strict=True))
+    return {**rows, "ratio": ratio}
 
 
 def encode_floor(index: Path, texts: list[str]) -> dict:
@@ -141,6 +155,9 @@ def main() -> None:
     parser.add_argument("--compare-implementation", action="store_true",
                         help="also serve the demo index with implementation='transformers' beside the default, "
                         "hybrid queries alternating between the two")
+    parser.add_argument("--compare-http", action="store_true",
+                        help="also serve each index twice, with uvicorn's pure-Python HTTP parser (h11) and with "
+                        "httptools, queries alternating between the two, hybrid and sparse")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -169,12 +186,23 @@ def main() -> None:
             rows.append({"index": label, "nodes": nodes, **measured, "encode_only": floor})
             print(f"{label}: " + ", ".join(f"{m} p50 {measured[m]['p50']:.1f} ms" for m in MODES)
                   + f"; encode only p50 {floor['p50']:.1f} ms", flush=True)
-        compared = compare_implementations(demo, texts, env) if args.compare_implementation else None
+        compared = None
+        if args.compare_implementation:
+            transformers = {**env, "HTP_INDEX_ENCODER__IMPLEMENTATION": "transformers"}
+            compared = compare_services(demo, texts, {"native": (env, None), "transformers": (transformers, None)})
+        parsers = []
+        if args.compare_http:
+            for label, index in indexes:
+                for mode in ("hybrid", "sparse"):
+                    pair = compare_services(index, texts, {"h11": (env, "h11"), "httptools": (env, "httptools")}, mode)
+                    parsers.append({"index": label, "mode": mode, **pair})
+                    print(f"{label}, {mode}: h11 p50 {pair['h11']['p50']:.2f} ms, httptools {pair['httptools']['p50']:.2f} ms, "
+                          f"median per-query ratio {pair['ratio']:.3f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     result = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0],
-              "queries": len(texts), "rows": rows, "implementations": compared}
+              "queries": len(texts), "rows": rows, "implementations": compared, "http_parsers": parsers}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "service_latency.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
@@ -197,7 +225,16 @@ def main() -> None:
         lines += ["", "Demo index, hybrid, two services at once (queries alternating between them): "
                   f"own forward pass {compared['native']['p50']:.1f} / {compared['native']['p95']:.1f} ms, "
                   f"transformers' class {compared['transformers']['p50']:.1f} / "
-                  f"{compared['transformers']['p95']:.1f} ms (p50 / p95): {compared['speedup_p50']:.2f}x."]
+                  f"{compared['transformers']['p95']:.1f} ms (p50 / p95): transformers/own per-query median "
+                  f"{compared['ratio']:.2f}x."]
+    if parsers:
+        lines += ["", "uvicorn's HTTP parser, two services on each index at once (queries alternating between "
+                  "them; both share the 2 cores, so absolute figures are above one service's):", "",
+                  "| index | mode | h11 p50 / p95 | httptools p50 / p95 | median per-query httptools/h11 |",
+                  "|---|---|---|---|---|"]
+        for p in parsers:
+            lines.append(f"| {p['index']} | {p['mode']} | {p['h11']['p50']:.2f} / {p['h11']['p95']:.2f} ms | "
+                         f"{p['httptools']['p50']:.2f} / {p['httptools']['p95']:.2f} ms | {p['ratio']:.3f} |")
     (args.out / "service_latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
