@@ -1,6 +1,7 @@
 """One query at a time through the HTTP service: what a RAG app waits for when the service is idle.
 
-    python benchmarks/service_latency.py [--queries 150] [--nodes 100000] [--compare-implementation] [--compare-http]
+    python benchmarks/service_latency.py [--queries 150] [--nodes 100000] [--compare-implementation]
+                                         [--compare-http] [--against CHECKOUT]
 
 Two indexes, each served by its own ``htp-index serve`` process (default settings, batching
 on), one client sending one ``POST /query`` after the other (top 5), the three modes rotating
@@ -16,7 +17,8 @@ Beside the service figures, the same queries are embedded in this process with t
 (``encode_queries`` of one text): the part of a dense or hybrid query that is the model's, and
 the floor below which the service cannot go. ``--compare-implementation`` and ``--compare-http``
 add pairs of services run at once, queries alternating between them (the encoder's own forward
-pass vs transformers' class; uvicorn's h11 vs httptools parser). Writes
+pass vs transformers' class; uvicorn's h11 vs httptools parser); so does ``--against CHECKOUT``,
+this code against another checkout's (a before/after that separate runs are too noisy for). Writes
 ``benchmarks/results/service_latency.{json,md}`` (``--out`` for another folder).
 """
 
@@ -158,6 +160,9 @@ def main() -> None:
     parser.add_argument("--compare-http", action="store_true",
                         help="also serve each index twice, with uvicorn's pure-Python HTTP parser (h11) and with "
                         "httptools, queries alternating between the two, hybrid and sparse")
+    parser.add_argument("--against", type=Path, metavar="CHECKOUT",
+                        help="also serve each index with another checkout of htp-index (its root folder, e.g. a "
+                        "git worktree of an earlier commit) beside this one, hybrid queries alternating between them")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -190,6 +195,15 @@ def main() -> None:
         if args.compare_implementation:
             transformers = {**env, "HTP_INDEX_ENCODER__IMPLEMENTATION": "transformers"}
             compared = compare_services(demo, texts, {"native": (env, None), "transformers": (transformers, None)})
+        against = []
+        if args.against:
+            this = {**env, "PYTHONPATH": str(ROOT)}
+            other = {**env, "PYTHONPATH": str(args.against.resolve())}
+            for label, index in indexes:
+                pair = compare_services(index, texts, {"against": (other, None), "this": (this, None)})
+                against.append({"index": label, **pair})
+                print(f"{label}, hybrid: {args.against} p50 {pair['against']['p50']:.2f} ms, this checkout "
+                      f"{pair['this']['p50']:.2f} ms, median per-query ratio {pair['ratio']:.3f}", flush=True)
         parsers = []
         if args.compare_http:
             for label, index in indexes:
@@ -202,7 +216,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     result = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": sys.version.split()[0],
-              "queries": len(texts), "rows": rows, "implementations": compared, "http_parsers": parsers}
+              "queries": len(texts), "rows": rows, "implementations": compared, "http_parsers": parsers,
+              "against": {"checkout": str(args.against), "rows": against} if args.against else None}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "service_latency.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
@@ -227,6 +242,13 @@ def main() -> None:
                   f"transformers' class {compared['transformers']['p50']:.1f} / "
                   f"{compared['transformers']['p95']:.1f} ms (p50 / p95): transformers/own per-query median "
                   f"{compared['ratio']:.2f}x."]
+    if against:
+        lines += ["", f"Against another checkout (`{args.against}`), two services on each index at once, hybrid "
+                  "queries alternating between them (both share the cores):", "",
+                  "| index | other p50 / p95 | this p50 / p95 | median per-query this/other |", "|---|---|---|---|"]
+        for p in against:
+            lines.append(f"| {p['index']} | {p['against']['p50']:.1f} / {p['against']['p95']:.1f} ms | "
+                         f"{p['this']['p50']:.1f} / {p['this']['p95']:.1f} ms | {p['ratio']:.3f} |")
     if parsers:
         lines += ["", "uvicorn's HTTP parser, two services on each index at once (queries alternating between "
                   "them; both share the 2 cores, so absolute figures are above one service's):", "",
