@@ -12,9 +12,11 @@ against 80 (no compiling), the claims' p95 27-29 ms against 28-44.
 The price is padding: a query pass over a few dozen positions costs mostly streaming the
 weights, so a few more rows cost little (0.7% a query once every width is compiled, at steps
 of 4; 2% at steps of 8). Padding is masked out of attention and pooling; vectors move as
-little as between two batch compositions (cosine >= 0.99998 to the exact width). Only query batches of a few texts are padded: a big
-batch (pseudo-queries at ingest) has a varying number of rows anyway and pays for padding in
-arithmetic; documents are left exact for the same reason.
+little as between two batch compositions (cosine >= 0.99998 to the exact width).
+
+Only query batches of a few texts are padded: a big batch (pseudo-queries at ingest) has a
+varying number of rows anyway and pays for padding in arithmetic; documents are left exact for
+the same reason. Off the CPU nothing is padded.
 """
 
 from __future__ import annotations

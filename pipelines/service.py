@@ -367,9 +367,16 @@ def model_thread() -> ThreadPoolExecutor:
 
 def _warm_up(index: OpenIndex) -> None:
     """Run the encoder's query widths once, so that the first queries after a start do not
-    each pay for compiling their kernels (~7 ms a new width on the CPU; ~0.6 s in all)."""
+    each pay for compiling their kernels (~7 ms a new width on the CPU; ~0.5 s in all).
+
+    Best effort: a warm-up that fails is logged and the service starts without it (the
+    queries themselves then report whatever is wrong, as they did before it existed)."""
     began = time.perf_counter()
-    widths = index.encoder.warm_query_widths()
+    try:
+        widths = index.encoder.warm_query_widths()
+    except (RuntimeError, ValueError) as exc:
+        log.warning("the query warm-up failed (%s: %s); serving without it", type(exc).__name__, exc)
+        return
     if widths:
         log.info("warmed up %d query widths in %.2f s", widths, time.perf_counter() - began)
 

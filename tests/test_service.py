@@ -266,3 +266,18 @@ def test_the_service_runs_its_query_widths_before_answering(index_dir, embedding
         assert client.post("/query", json={"query": "the cat sat", "top_k": 1}).status_code == 200
     create_app(index_dir, settings, holder=holder, reload_interval=0, warm_up=False)
     assert len(warmed) == 1
+
+
+def test_a_failing_warm_up_is_logged_and_the_service_still_starts(index_dir, embedding, caplog):
+    settings = settings_for(embedding)
+    index = open_index(index_dir, settings, embedding=embedding)
+
+    def broken() -> int:
+        raise RuntimeError("simulated: no memory for the warm-up")
+
+    index.encoder.warm_query_widths = broken
+    with caplog.at_level("WARNING", logger="pipelines.service"):
+        app = create_app(index_dir, settings, holder=IndexHolder(index_dir, settings, index), reload_interval=0)
+    assert "query warm-up failed (RuntimeError: simulated" in caplog.text
+    with TestClient(app) as client:
+        assert client.post("/query", json={"query": "the cat sat", "top_k": 1}).status_code == 200
