@@ -368,9 +368,10 @@ class HTPEncoder:
         truncated = sum(layout.truncated for layout in layouts)
         if truncated:
             log.warning(
-                "%d of %d texts exceeded max_length=%d tokens and were truncated "
-                "(split long documents into chunks before embedding)",
-                truncated, len(texts), self.config.max_length,
+                "%d of %d %s exceeded max_length=%d tokens and were truncated (%s)",
+                truncated, len(texts), "queries" if is_query else "texts", self.config.max_length,
+                "their vectors stand for their beginning only" if is_query
+                else "split long documents into chunks before embedding",
             )
         order = sorted(range(len(layouts)), key=lambda i: -len(layouts[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)

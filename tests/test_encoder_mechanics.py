@@ -354,3 +354,17 @@ def test_cpu_batches_end_before_a_text_that_would_be_mostly_padding():
     assert sizes == [2, 2]  # the two long texts together, the two short ones together
     for i, text in enumerate(texts):
         np.testing.assert_allclose(vectors[i], encoder.encode_documents([text])[0], atol=1e-5)
+
+
+def test_truncation_is_reported_in_words_that_fit_queries_and_documents(caplog):
+    encoder = tiny_encoder(k=1, max_length=32)
+    long_text = " ".join(["word"] * 100)
+    with caplog.at_level("WARNING", logger="htp_embed.encoder"):
+        encoder.encode_queries([long_text, "fish swam"])
+    assert "1 of 2 queries exceeded max_length=32" in caplog.text
+    assert "their vectors stand for their beginning only" in caplog.text
+    assert "split long documents" not in caplog.text  # advice for documents, not for a query
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="htp_embed.encoder"):
+        encoder.encode_documents([long_text])
+    assert "1 of 1 texts exceeded max_length=32" in caplog.text and "split long documents" in caplog.text
