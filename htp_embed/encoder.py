@@ -265,6 +265,23 @@ class HTPEncoder:
         window = self.config.max_length - len(builder.prefix) - len(builder.suffix)
         return max(self.method.text_room(window, builder, self.config), 0)
 
+    @property
+    def query_text_budget(self) -> int:
+        """Tokens of query text that fit one window untruncated (the instruction takes room too)."""
+        builder = self._builder
+        window = self.config.max_length - len(builder.prefix) - len(builder.suffix) - len(self._instruction_ids)
+        return max(self.method.text_room(window, builder, self.config), 0)
+
+    def truncates_query(self, text: str) -> bool:
+        """Whether embedding ``text`` as a query cuts it to fit ``max_length``: its vector then
+        stands for its beginning only. Cheap for a usual query: a token covers at least one
+        UTF-8 byte, so a text of no more bytes than :attr:`query_text_budget` is never cut; a
+        longer one is tokenised, and laid out only when it has more tokens than that."""
+        room = self.query_text_budget
+        if len(text.encode("utf-8", "surrogatepass")) <= room or len(self.tokenize(text)) <= room:
+            return False
+        return self.layouts([text], is_query=True)[0].truncated
+
     def encoder_identity(self) -> EncoderIdentity:
         """Everything that decides the vectors, typed; see :meth:`identity` for the record."""
         config = self.config

@@ -119,6 +119,10 @@ class QueryResult(BaseModel):
 class QueryResponse(BaseModel):
     results: list[QueryResult]
     version: int | None = Field(None, description="the index version that answered")
+    warnings: list[str] = Field(
+        default_factory=list, description="what the answer did not do as asked, e.g. a query "
+        "longer than the encoder's window, whose vector stands for its beginning only"
+    )
 
 
 class IndexHolder:
@@ -491,9 +495,25 @@ def create_app(
             raise HTTPException(status_code=503, detail=(
                 f"the index at {index.path} cannot answer: {damage or f'{type(exc).__name__}: {exc}'}; "
                 "restore its files or run `htp-index rebuild`")) from exc
-        return QueryResponse(results=[QueryResult(**r) for r in results], version=index.version)
+        warnings = await _query_warnings(index, request)
+        return QueryResponse(results=[QueryResult(**r) for r in results], version=index.version, warnings=warnings)
 
     return app
+
+
+async def _query_warnings(index: OpenIndex, request: QueryRequest) -> list[str]:
+    """What a client should know about how its query was answered: a query cut to fit the
+    encoder's window was otherwise answered without a word to the client (the log said it)."""
+    mode = index.resolve_mode(request.mode)
+    encoder = index.encoder
+    if mode == "sparse" or len(request.query.encode("utf-8", "surrogatepass")) <= encoder.query_text_budget:
+        return []  # no vector, or too short to be cut (the usual query: no work at all)
+    if not await asyncio.to_thread(encoder.truncates_query, request.query):
+        return []
+    keywords = "; keyword search used all of it" if mode == "hybrid" else ""
+    return [f"the query has more tokens than the encoder embeds (max_length={encoder.config.max_length}, "
+            f"~{encoder.query_text_budget} of them for the query's text): its vector stands for its "
+            f"beginning only{keywords}"]
 
 
 def _printable(value: Any) -> Any:

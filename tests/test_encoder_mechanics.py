@@ -368,3 +368,20 @@ def test_truncation_is_reported_in_words_that_fit_queries_and_documents(caplog):
     with caplog.at_level("WARNING", logger="htp_embed.encoder"):
         encoder.encode_documents([long_text])
     assert "1 of 1 texts exceeded max_length=32" in caplog.text and "split long documents" in caplog.text
+
+
+@pytest.mark.parametrize("config", [{"k": 1, "max_length": 32}, {"k": "adaptive:2", "max_length": 40},
+                                    {"method": "echo", "max_length": 48}, {"method": "vanilla", "max_length": 24}])
+def test_whether_a_query_is_cut_is_known_without_embedding_it(config):
+    import random
+
+    encoder = tiny_encoder(**config)
+    words = ["fish", "swam", ".", "the", "cat", "sat", "!", "é", "日本", "?"]
+    rng = random.Random(0)
+    answers = []
+    for _ in range(200):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 40)))
+        exact = encoder.layouts([text], is_query=True)[0].truncated
+        assert encoder.truncates_query(text) == exact, text
+        answers.append(exact)
+    assert any(answers) and not all(answers)  # both cases were met

@@ -281,3 +281,19 @@ def test_a_failing_warm_up_is_logged_and_the_service_still_starts(index_dir, emb
     assert "query warm-up failed (RuntimeError: simulated" in caplog.text
     with TestClient(app) as client:
         assert client.post("/query", json={"query": "the cat sat", "top_k": 1}).status_code == 200
+
+
+def test_a_query_longer_than_the_encoder_window_is_answered_with_a_warning(index_dir, embedding):
+    encoder = embedding.encoder
+    words = max(encoder.query_text_budget, 1) + 50
+    long_query = " ".join(["cat"] * words)
+    assert len(long_query) <= 4096 and encoder.truncates_query(long_query)
+    with make_client(index_dir, embedding, reload_interval=0) as client:
+        hybrid = client.post("/query", json={"query": long_query, "top_k": 2, "mode": "hybrid"}).json()
+        dense = client.post("/query", json={"query": long_query, "top_k": 2, "mode": "dense"}).json()
+        sparse = client.post("/query", json={"query": long_query, "top_k": 2, "mode": "sparse"}).json()
+        short = client.post("/query", json={"query": "the cat sat", "top_k": 2}).json()
+    assert hybrid["results"] and "its vector stands for its beginning only" in hybrid["warnings"][0]
+    assert "keyword search used all of it" in hybrid["warnings"][0]
+    assert len(dense["warnings"]) == 1 and "keyword" not in dense["warnings"][0]
+    assert sparse["warnings"] == [] and short["warnings"] == []  # no vector, or nothing cut
