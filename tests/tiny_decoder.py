@@ -50,9 +50,14 @@ def build_model(vocab_size: int, seed: int = 0, layers: int = 4) -> LlamaModel:
 def build_gemma3(vocab_size: int, seed: int = 0, layers: int = 4, sliding_window: int = 6):
     """A tiny Gemma 3 run by htp-index's own forward pass (htp_embed.gemma3_native), with
     random norm weights (Gemma's are 0 at init) and a sliding window shorter than most texts."""
-    from transformers import Gemma3TextConfig, Gemma3TextModel
-
     from htp_embed.gemma3_native import from_transformers
+
+    return from_transformers(build_gemma3_transformers(vocab_size, seed, layers, sliding_window))
+
+
+def build_gemma3_transformers(vocab_size: int, seed: int = 0, layers: int = 4, sliding_window: int = 6):
+    """The same tiny Gemma 3 as transformers' class (what the encoder runs on a GPU)."""
+    from transformers import Gemma3TextConfig, Gemma3TextModel
 
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
@@ -66,7 +71,7 @@ def build_gemma3(vocab_size: int, seed: int = 0, layers: int = 4, sliding_window
         for name, parameter in model.named_parameters():
             if name.endswith("norm.weight"):
                 parameter.normal_(0, 0.3)
-    return from_transformers(model)
+    return model
 
 
 def tiny_encoder(padding_side: str = "right", bos: bool = False, decoder: str = "llama", **config):
