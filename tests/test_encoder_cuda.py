@@ -71,9 +71,11 @@ def test_float32_on_the_gpu_gives_the_cpus_vectors(decoder):
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
-def test_auto_is_bfloat16_on_the_gpu_and_close_to_float32(decoder):
-    gpu = encoder(decoder, "cuda", "auto")
-    assert gpu.dtype == torch.bfloat16
+def test_bfloat16_on_the_gpu_is_close_to_float32_on_the_cpu(decoder):
+    # ("auto" keeps a passed decoder's own dtype; for a model the encoder loads it is bfloat16
+    # on a GPU: tests/test_encoder_speed_paths.py, and benchmarks/random_weights_speed.py there.)
+    gpu = encoder(decoder, "cuda", "bfloat16")
+    assert gpu.dtype == torch.bfloat16 and next(gpu.model.parameters()).dtype == torch.bfloat16
     reference = encoder(decoder, "cpu", "float32")
     for encode in ("encode_documents", "encode_queries"):
         assert cosines(getattr(reference, encode)(TEXTS), getattr(gpu, encode)(TEXTS)).min() >= 0.99
