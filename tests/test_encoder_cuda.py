@@ -15,7 +15,13 @@ import re
 import numpy as np
 import pytest
 import torch
-from tiny_decoder import build_gemma3, build_gemma3_transformers, build_model, build_tokenizer
+from tiny_decoder import (
+    build_gemma3,
+    build_gemma3_transformers,
+    build_model,
+    build_tokenizer,
+    widths_seen,
+)
 
 from htp_embed import HTPEncoder
 
@@ -94,15 +100,7 @@ def test_queries_on_the_gpu_keep_their_exact_width():
     """Padding queries to a few widths is for the CPU's kernel caches (htp_embed.query_widths)."""
     gpu = encoder("llama", "cuda", "float32")
     gpu.encode_queries(["warm the prefix cache up"])
-    widths: list[int] = []
-    collate = gpu._collate
-
-    def spy(layouts, start=0, width=0):
-        batch = collate(layouts, start, width)
-        widths.append(batch.ids.shape[1])
-        return batch
-
-    gpu._collate = spy
+    widths = widths_seen(gpu)
     for text in TEXTS:
         gpu.encode_queries([text])
     cache = gpu._prefix_cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny_decoder import tiny_encoder
+from tiny_decoder import tiny_encoder, widths_seen
 
 from htp_embed import query_widths
 from htp_embed.query_widths import MAX_TEXTS, bucket_widths, bucketed_width, padded_width
@@ -28,20 +28,6 @@ def test_only_small_query_batches_on_the_cpu_are_padded():
     assert padded_width(13, MAX_TEXTS + 1, is_query=True, on_cpu=True) == 13
     assert padded_width(13, 1, is_query=False, on_cpu=True) == 13
     assert padded_width(13, 1, is_query=True, on_cpu=False) == 13
-
-
-def widths_seen(encoder) -> list[int]:
-    """Spy on the batches' widths (positions after any cached prefix)."""
-    seen: list[int] = []
-    collate = encoder._collate
-
-    def spy(layouts, start=0, width=0):
-        batch = collate(layouts, start, width)
-        seen.append(batch.ids.shape[1])
-        return batch
-
-    encoder._collate = spy
-    return seen
 
 
 @pytest.mark.parametrize("decoder", ["llama", "gemma3-native"])

@@ -84,3 +84,17 @@ def tiny_encoder(padding_side: str = "right", bos: bool = False, decoder: str = 
     settings = {"model": "tiny", "segmenter": "sentencizer", "show_progress": False,
                 "rewire_start": 1, "rewire_stop": 3, "exit_layer": None, **config}
     return HTPEncoder(decoder=model, tokenizer=tokenizer, **settings)
+
+
+def widths_seen(encoder) -> list[int]:
+    """Spy on an encoder's batches: the width of each (positions after any cached prefix)."""
+    seen: list[int] = []
+    collate = encoder._collate
+
+    def spy(layouts, start=0, width=0):
+        batch = collate(layouts, start, width)
+        seen.append(batch.ids.shape[1])
+        return batch
+
+    encoder._collate = spy
+    return seen
