@@ -275,10 +275,11 @@ class HTPEncoder:
     def truncates_query(self, text: str) -> bool:
         """Whether embedding ``text`` as a query cuts it to fit ``max_length``: its vector then
         stands for its beginning only. Cheap for a usual query: a token covers at least one
-        UTF-8 byte, so a text of no more bytes than :attr:`query_text_budget` is never cut; a
-        longer one is tokenised, and laid out only when it has more tokens than that."""
+        UTF-8 byte (a tokenizer's dummy prefix space may add one token), so a text of fewer bytes
+        than :attr:`query_text_budget` is never cut; a longer one is tokenised, and laid out only
+        when it has more tokens than that."""
         room = self.query_text_budget
-        if len(text.encode("utf-8", "surrogatepass")) <= room or len(self.tokenize(text)) <= room:
+        if len(text.encode("utf-8", "surrogatepass")) < room or len(self.tokenize(text)) <= room:
             return False
         return self.layouts([text], is_query=True)[0].truncated
 
