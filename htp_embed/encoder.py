@@ -261,25 +261,29 @@ class HTPEncoder:
     @property
     def text_budget(self) -> int:
         """Tokens of document text that fit one window untruncated: what a chunk may hold."""
-        builder = self._builder
-        window = self.config.max_length - len(builder.prefix) - len(builder.suffix)
-        return max(self.method.text_room(window, builder, self.config), 0)
+        return self._text_room(0)
 
     @property
     def query_text_budget(self) -> int:
         """Tokens of query text that fit one window untruncated (the instruction takes room too)."""
+        return self._text_room(len(self._instruction_ids))
+
+    def _text_room(self, instruction: int) -> int:
         builder = self._builder
-        window = self.config.max_length - len(builder.prefix) - len(builder.suffix) - len(self._instruction_ids)
+        window = self.config.max_length - len(builder.prefix) - len(builder.suffix) - instruction
         return max(self.method.text_room(window, builder, self.config), 0)
+
+    def may_truncate_query(self, text: str) -> bool:
+        """False when ``text`` is surely not cut as a query, from its length alone (no work for
+        the usual query): a token covers at least one UTF-8 byte (a tokenizer's dummy prefix
+        space may add one token), so fewer bytes than :attr:`query_text_budget` always fit."""
+        return len(text.encode("utf-8", "surrogatepass")) >= self.query_text_budget
 
     def truncates_query(self, text: str) -> bool:
         """Whether embedding ``text`` as a query cuts it to fit ``max_length``: its vector then
-        stands for its beginning only. Cheap for a usual query: a token covers at least one
-        UTF-8 byte (a tokenizer's dummy prefix space may add one token), so a text of fewer bytes
-        than :attr:`query_text_budget` is never cut; a longer one is tokenised, and laid out only
-        when it has more tokens than that."""
-        room = self.query_text_budget
-        if len(text.encode("utf-8", "surrogatepass")) < room or len(self.tokenize(text)) <= room:
+        stands for its beginning only. A text :meth:`may_truncate_query` clears costs nothing;
+        a longer one is tokenised, and laid out only when it has more tokens than the budget."""
+        if not self.may_truncate_query(text) or len(self.tokenize(text)) <= self.query_text_budget:
             return False
         return self.layouts([text], is_query=True)[0].truncated
 

@@ -506,8 +506,8 @@ async def _query_warnings(index: OpenIndex, request: QueryRequest) -> list[str]:
     encoder's window was otherwise answered without a word to the client (the log said it)."""
     mode = index.resolve_mode(request.mode)
     encoder = index.encoder
-    if mode == "sparse" or len(request.query.encode("utf-8", "surrogatepass")) < encoder.query_text_budget:
-        return []  # no vector, or too short to be cut (the usual query: no work at all; see truncates_query)
+    if mode == "sparse" or not encoder.may_truncate_query(request.query):
+        return []  # no vector, or too short to be cut (the usual query: no work at all)
     if not await asyncio.to_thread(encoder.truncates_query, request.query):
         return []
     keywords = "; keyword search used all of it" if mode == "hybrid" else ""
