@@ -297,13 +297,15 @@ def query(
         from pipelines.query import open_index
 
         # no encoder check on this cold path: it would load spaCy here (ingest and serve check)
-        results = open_index(index, settings, check_encoder=False).search(
+        opened = open_index(index, settings, check_encoder=False)
+        results = opened.search(
             text, top_k, filters, mode=mode.value if mode else None, alpha=alpha, rerank=rerank,
         )
     except Exception as exc:
         raise _fail(exc) from exc
-    if as_json:
-        out.print_json(json.dumps({"results": results}))
+    if as_json:  # the service's answer's fields (the log on stderr says the same to a person)
+        warnings = opened.query_warnings(text, mode.value if mode else None)
+        out.print_json(json.dumps({"results": results, "warnings": warnings}))
         return
     table = Table(title=f"{text!r} in {index}")
     table.add_column("#", justify="right")

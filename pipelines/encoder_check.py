@@ -12,7 +12,8 @@ that rely on it compare the encoder in hand with that record:
 * the ingest engine before it adds to an index: a failed check refuses the write (one index
   would hold vectors of two encoders; a rebuild is the way out);
 * the HTTP service when it loads a version: a failed check is logged as an error and shown by
-  ``/health`` (status ``degraded``); it keeps answering, since the stored vectors are intact;
+  ``/health`` (status ``degraded``); it keeps answering, since the stored vectors are intact, and
+  says so in each dense or hybrid answer's ``warnings`` (an app that only queries reads no health);
 * a one-shot ``htp-index query`` does not check (it would load spaCy on the cold path); ``htp-index
   info`` says whether a check is recorded.
 

@@ -233,6 +233,40 @@ class OpenIndex:
         """Whether a request with this ``rerank`` field is reranked (None: the index's default)."""
         return self.default_rerank if rerank is None else rerank
 
+    def query_warnings(self, query: str, mode: QueryMode | None = None) -> list[str]:
+        """What a caller should know about how ``query`` is answered in ``mode``, said with the
+        answer (the log alone reaches an operator, not the app that asked):
+
+        * the query is cut to fit the encoder's window: its vector stands for its beginning;
+        * :meth:`check_encoder` found that this encoder embeds unlike the one that built the
+          index: the dense side ranks by a different embedding than the stored vectors'.
+
+        Costs nothing for a usual query; a query longer than the window's text budget in bytes
+        is tokenised (run it off an event loop then: :meth:`HTPEncoder.may_truncate_query`).
+        """
+        mode = self.resolve_mode(mode)
+        if mode == "sparse":
+            return []  # no vector: neither applies
+        keywords = "; keyword search used all of it" if mode == "hybrid" else ""
+        warnings = []
+        encoder = self.encoder
+        if encoder.truncates_query(query):
+            warnings.append(
+                f"the query has more tokens than the encoder embeds (max_length={encoder.config.max_length}, "
+                f"~{encoder.query_text_budget} of them for the query's text): its vector stands for its "
+                f"beginning only{keywords}")
+        check = self.encoder_check
+        if check is not None and not check.passed:
+            from pipelines.encoder_check import MIN_COSINE
+
+            unaffected = "; keyword search is unaffected" if mode == "hybrid" else ""
+            warnings.append(
+                f"the encoder embeds unlike the one that built this index (least cosine {check.min_cosine:.4f} "
+                f"on its check texts, needed {MIN_COSINE}): the query's vector is compared with vectors of "
+                f"another embedding, so dense scores are unreliable{unaffected}. Rebuild the index "
+                f"(`htp-index rebuild --index {self.path}`) or restore the model folder it was built with")
+        return warnings
+
     def resolve_mode(self, mode: QueryMode | None) -> QueryMode:
         """The mode a request runs in: the one asked for, else the default this index supports.
 

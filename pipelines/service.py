@@ -120,8 +120,10 @@ class QueryResponse(BaseModel):
     results: list[QueryResult]
     version: int | None = Field(None, description="the index version that answered")
     warnings: list[str] = Field(
-        default_factory=list, description="what the answer did not do as asked, e.g. a query "
-        "longer than the encoder's window, whose vector stands for its beginning only"
+        default_factory=list, description="what the client should know about this answer: a query "
+        "longer than the encoder's window (its vector stands for its beginning only), an encoder that "
+        "embeds unlike the index's vectors (dense scores unreliable), or an answer from an older "
+        "version because a newer one could not be loaded"
     )
 
 
@@ -197,13 +199,15 @@ class IndexHolder:
     def check_encoder(self) -> EncoderCheck | None:
         """Compare the encoder with the served version's recorded check, once per record (a
         version that carries the same record is not checked again). A failure is logged as an
-        error and makes ``/health`` say ``degraded``: the stored vectors are intact, but queries
-        are embedded unlike them."""
+        error, makes ``/health`` say ``degraded`` and puts a warning in every dense or hybrid
+        answer: the stored vectors are intact, but queries are embedded unlike them."""
         recorded = self.current.store.encoder_check
         if recorded is None or recorded != self._checked_record:
             # open_index may have checked this version already
             self.encoder_check = self.current.encoder_check or self.current.check_encoder()
             self._checked_record = recorded
+        else:  # the same record, the same result: the version's answers carry it too
+            self.current.encoder_check = self.encoder_check
         return self.encoder_check
 
     def _failed(self, version: int, failure: str) -> None:
@@ -495,25 +499,26 @@ def create_app(
             raise HTTPException(status_code=503, detail=(
                 f"the index at {index.path} cannot answer: {damage or f'{type(exc).__name__}: {exc}'}; "
                 "restore its files or run `htp-index rebuild`")) from exc
-        warnings = await _query_warnings(index, request)
+        warnings = await _query_warnings(holder, index, request)
         return QueryResponse(results=[QueryResult(**r) for r in results], version=index.version, warnings=warnings)
 
     return app
 
 
-async def _query_warnings(index: OpenIndex, request: QueryRequest) -> list[str]:
-    """What a client should know about how its query was answered: a query cut to fit the
-    encoder's window was otherwise answered without a word to the client (the log said it)."""
-    mode = index.resolve_mode(request.mode)
-    encoder = index.encoder
-    if mode == "sparse" or not encoder.may_truncate_query(request.query):
-        return []  # no vector, or too short to be cut (the usual query: no work at all)
-    if not await asyncio.to_thread(encoder.truncates_query, request.query):
-        return []
-    keywords = "; keyword search used all of it" if mode == "hybrid" else ""
-    return [f"the query has more tokens than the encoder embeds (max_length={encoder.config.max_length}, "
-            f"~{encoder.query_text_budget} of them for the query's text): its vector stands for its "
-            f"beginning only{keywords}"]
+async def _query_warnings(holder: IndexHolder, index: OpenIndex, request: QueryRequest) -> list[str]:
+    """What a client should know about how its query was answered (:meth:`OpenIndex.query_warnings`:
+    a query cut to fit the encoder's window, an encoder that embeds unlike the index's), and that
+    the answer comes from an older version than the one published when a newer one failed to load:
+    ``/health`` said all this, but an app that only queries was told nothing."""
+    if index.encoder.may_truncate_query(request.query):  # tokenising a long query is work
+        warnings = await asyncio.to_thread(index.query_warnings, request.query, request.mode)
+    else:
+        warnings = index.query_warnings(request.query, request.mode)  # the usual query: no work
+    failed = holder.failed_version
+    if failed is not None and index.version is not None and failed > index.version:
+        warnings.append(f"answered from version {index.version}: version {failed} is published but could not "
+                        f"be loaded ({holder.failure}); the service retries it (GET /health)")
+    return warnings
 
 
 def _printable(value: Any) -> Any:

@@ -34,8 +34,9 @@ def test_ingest_query_info_with_json(env):
     again = run_json("ingest", "src", "--index", "idx")
     assert again["nodes_embedded"] == 0 and again["unchanged"] == 3
 
-    results = run_json("query", "the cat sat", "--index", "idx", "-k", "2")["results"]
-    assert len(results) == 2
+    answer = run_json("query", "the cat sat", "--index", "idx", "-k", "2")
+    results = answer["results"]
+    assert len(results) == 2 and answer["warnings"] == []
     assert set(results[0]) == {"node_id", "doc_id", "score", "text", "metadata"}
 
     filtered = run_json("query", "the cat", "--index", "idx", "--filter", "file_type=md")["results"]
@@ -273,3 +274,14 @@ def test_an_index_keeps_one_node_size_and_refuses_another_without_a_rebuild(env,
     info = run_json("info", "--index", "idx")
     assert info["splitting"]["chunk_size"] == 400 and info["count"] < at_48
     run_json("ingest", "src", "--index", "idx")  # the recorded size now: nothing to refuse
+
+
+def test_query_json_says_when_the_query_was_cut_to_the_encoder_window(env):
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    long_query = " ".join(["cat"] * 2000)  # far past the tiny model's window
+    dense = run_json("query", long_query, "--index", "idx", "--mode", "dense")
+    sparse = run_json("query", long_query, "--index", "idx", "--mode", "sparse")
+    assert dense["results"] and len(dense["warnings"]) == 1
+    assert "its vector stands for its beginning only" in dense["warnings"][0]
+    assert sparse["warnings"] == []  # no vector to cut

@@ -138,6 +138,10 @@ def test_an_app_opening_the_index_in_process_is_told_and_a_one_shot_query_is_not
         opened = open_index(index, settings)
     assert not opened.encoder_check.passed and "Rebuild it" in caplog.text
     assert opened.search("the cat", 2)  # it still answers: the stored vectors are intact
+    hybrid, dense = opened.query_warnings("the cat", "hybrid"), opened.query_warnings("the cat", "dense")
+    assert len(hybrid) == 1 and "dense scores are unreliable; keyword search is unaffected" in hybrid[0]
+    assert len(dense) == 1 and "keyword" not in dense[0] and "htp-index rebuild" in dense[0]
+    assert opened.query_warnings("the cat", "sparse") == []
     fresh_loads(monkeypatch)
     assert open_index(index, settings, check_encoder=False).encoder_check is None
 
@@ -159,7 +163,30 @@ def test_the_service_says_degraded_when_its_encoder_no_longer_matches(model_dir,
         assert response.status_code == 200  # the stored vectors are intact; it keeps answering
         health = response.json()
         assert health["status"] == "degraded" and health["encoder_check"]["passed"] is False
-        assert client.post("/query", json={"query": "the cat"}).status_code == 200
+        answer = client.post("/query", json={"query": "the cat"})
+        assert answer.status_code == 200 and answer.json()["results"]
+        # the app that only queries is told too, in every answer that uses the vectors
+        assert ["dense scores are unreliable" in w for w in answer.json()["warnings"]] == [True]
+        sparse = client.post("/query", json={"query": "the cat", "mode": "sparse"}).json()
+        assert sparse["results"] and sparse["warnings"] == []
+
+
+def test_a_version_with_the_same_check_record_keeps_warning_after_the_service_switches(
+        model_dir, tmp_path, monkeypatch):
+    from pipelines.maintenance import restore_index
+    from pipelines.service import IndexHolder
+
+    index, settings = tmp_path / "idx", folder_settings(model_dir)
+    ingest(write_docs(tmp_path / "src"), index, settings)
+    swap_tokens(model_dir)
+    fresh_loads(monkeypatch)
+    holder = IndexHolder(index, settings)
+    assert not holder.encoder_check.passed and holder.current.query_warnings("the cat")
+    restored = restore_index(index, 1, settings)  # a new version, the same check record
+    assert holder.refresh() and holder.current.version == restored
+    # not checked again (the same record), and its answers still say so
+    assert holder.current.encoder_check is holder.encoder_check
+    assert ["dense scores are unreliable" in w for w in holder.current.query_warnings("the cat")] == [True]
 
 
 def test_an_index_written_before_checks_gets_one_at_its_next_write(tmp_path, embedding):

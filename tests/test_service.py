@@ -203,7 +203,12 @@ def test_a_corrupt_new_version_is_reported_and_the_old_one_keeps_serving(index_d
         health = client.get("/health").json()
         assert health["status"] == "stale" and health["version"] == first["version"]
         assert health["newer_version"] == stats.version and "vectors.faiss" in health["newer_version_error"]
-        assert client.post("/query", json={"query": "the cat", "top_k": 2}).status_code == 200
+        answer = client.post("/query", json={"query": "the cat", "top_k": 2})
+        assert answer.status_code == 200 and answer.json()["version"] == first["version"]
+        # an app that only queries is told its answer comes from the older version
+        assert answer.json()["warnings"] == [
+            f"answered from version {first['version']}: version {stats.version} is published but could not "
+            f"be loaded ({health['newer_version_error']}); the service retries it (GET /health)"]
         assert sum("cannot load version" in r.getMessage() for r in caplog.records) == 1
 
 
