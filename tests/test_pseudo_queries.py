@@ -3,7 +3,7 @@ so that the query mean is taken over the same corpus as the documents' mean."""
 
 from __future__ import annotations
 
-from pipelines.correction import pseudo_query_pairs, pseudo_queries
+from pipelines.correction import pseudo_queries, pseudo_query_pairs
 
 PROSE = "Zebrafish regenerate their fins within weeks of an injury. Short one. The fins grow back whole and functional."
 LOG = " ".join(f"event{i} ok" for i in range(200))  # no sentence end at all: logs, tables, code
