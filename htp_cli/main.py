@@ -46,6 +46,7 @@ console = Console(stderr=True)
 out = Console()
 
 EXIT_FAILED = 1
+EXIT_USAGE = 2  # what was asked cannot be done as asked (typer's code for bad options too)
 EXIT_PARTIAL = 3
 
 IndexOpt = Annotated[Path, typer.Option("--index", "-i", help="index directory (created by ingest)")]
@@ -96,8 +97,10 @@ def _progress() -> Progress:
 
 
 def _fail(exc: Exception) -> typer.Exit:
+    from pipelines.query import InvalidQueryError
+
     console.print(f"[red]error:[/red] {exc}")
-    return typer.Exit(EXIT_FAILED)
+    return typer.Exit(EXIT_USAGE if isinstance(exc, InvalidQueryError) else EXIT_FAILED)
 
 
 def _print_stats(stats: dict[str, Any], as_json: bool, title: str) -> None:

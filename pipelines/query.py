@@ -49,13 +49,17 @@ _STORE_MODES = {"dense": "default", "sparse": "sparse", "hybrid": "hybrid"}
 
 
 class InvalidQueryError(ValueError):
-    """A query text that is not text: it holds a lone UTF-16 surrogate (e.g. from a JSON
-    ``"\\ud800"`` escape), which neither a tokenizer nor the keyword index can read."""
+    """A query that cannot be answered as asked: a text that is not text (it holds a lone
+    UTF-16 surrogate, e.g. from a JSON ``"\\ud800"`` escape, which neither a tokenizer nor the
+    keyword index can read), or an option that does not apply to its mode."""
 
 
 def check_query_text(text: str) -> str:
-    """``text`` unchanged if it is valid Unicode text; else an :class:`InvalidQueryError` saying
-    where, instead of the tokenizer's bare ``TypeError``."""
+    """``text`` unchanged if it is valid Unicode text with something in it; else an
+    :class:`InvalidQueryError` saying what is wrong, instead of the tokenizer's bare
+    ``TypeError`` or the encoder's word for a document ("text 0 is empty")."""
+    if not text.strip():
+        raise InvalidQueryError("the query is empty or only whitespace: there is nothing to search for")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -233,6 +237,19 @@ class OpenIndex:
         """Whether a request with this ``rerank`` field is reranked (None: the index's default)."""
         return self.default_rerank if rerank is None else rerank
 
+    def check_request(self, request: SearchRequest) -> QueryMode:
+        """The mode ``request`` runs in, or a ``ValueError`` (:class:`InvalidQueryError`) where it
+        cannot be answered as asked: a query that is not text, or an ``alpha`` (the dense side's
+        weight in hybrid fusion) for a query that fuses nothing, which would be ignored."""
+        check_query_text(request.query)
+        mode = self.resolve_mode(request.mode)
+        if request.alpha is not None and mode != "hybrid":
+            asked = f"mode {mode}" if request.mode else f"this index's default mode ({mode})"
+            raise InvalidQueryError(
+                f"alpha weighs the dense side of a hybrid query; {asked} fuses nothing, so it would be "
+                "ignored: leave alpha out, or ask for mode hybrid")
+        return mode
+
     def query_warnings(self, query: str, mode: QueryMode | None = None) -> list[str]:
         """What a caller should know about how ``query`` is answered in ``mode``, said with the
         answer (the log alone reaches an operator, not the app that asked):
@@ -303,9 +320,7 @@ class OpenIndex:
         """
         if not requests:
             return []
-        for request in requests:
-            check_query_text(request.query)
-        modes = [self.resolve_mode(r.mode) for r in requests]
+        modes = [self.check_request(request) for request in requests]
         needs_vector = [i for i, mode in enumerate(modes) if mode != "sparse"]
         vectors = self.encoder.encode_queries([requests[i].query for i in needs_vector])
         by_request = dict(zip(needs_vector, vectors, strict=True))

@@ -107,6 +107,10 @@ class QueryRequest(BaseModel):
         _check_filter_fields(value)
         return value
 
+    def search_request(self) -> SearchRequest:
+        """This request as the query path takes it."""
+        return SearchRequest(self.query, self.top_k, self.filters, self.mode, self.alpha, self.rerank)
+
 
 class QueryResult(BaseModel):
     node_id: str
@@ -333,7 +337,7 @@ class QueryBatcher:
 
     async def _answer(self, items: list[tuple[OpenIndex, QueryRequest, asyncio.Future]], beside: bool = False) -> None:
         index = items[0][0]
-        requests = [SearchRequest(r.query, r.top_k, r.filters, r.mode, r.alpha, r.rerank) for _, r, _ in items]
+        requests = [r.search_request() for _, r, _ in items]
         loop = asyncio.get_running_loop()
         executor = None if beside else self._model_thread  # None: asyncio's own threads
 
@@ -487,6 +491,8 @@ def create_app(
                 f"the index at {index.path} cannot answer: {holder.damage}; restore the file or "
                 "run `htp-index rebuild`"))
         try:
+            # refused before it joins a batch (a bad request in a batch makes it run one by one)
+            index.check_request(request.search_request())
             results = await batcher.search(index, request)
         except (SparseIndexMissingError, RerankUnavailableError) as exc:  # what this index cannot do
             raise HTTPException(status_code=409, detail=str(exc)) from exc

@@ -285,3 +285,14 @@ def test_query_json_says_when_the_query_was_cut_to_the_encoder_window(env):
     assert dense["results"] and len(dense["warnings"]) == 1
     assert "its vector stands for its beginning only" in dense["warnings"][0]
     assert sparse["warnings"] == []  # no vector to cut
+
+
+def test_query_refuses_an_empty_query_and_an_alpha_that_its_mode_would_ignore(env):
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    refused = runner.invoke(app, ["query", "the cat", "--index", "idx", "--mode", "dense", "--alpha", "0.5"])
+    assert refused.exit_code == 2 and "fuses nothing" in refused.output  # a usage error
+    for blank in ("", "   "):
+        empty = runner.invoke(app, ["query", blank, "--index", "idx", "--mode", "sparse"])
+        assert empty.exit_code == 2 and "the query is empty" in empty.output
+    assert run_json("query", "the cat", "--index", "idx", "--mode", "hybrid", "--alpha", "0.5")["results"]

@@ -65,6 +65,16 @@ def test_bad_requests_get_4xx(index_dir, embedding, payload, status):
         assert client.post("/query", json=payload).status_code == status
 
 
+def test_an_alpha_for_a_query_that_fuses_nothing_is_refused_not_ignored(index_dir, embedding):
+    with make_client(index_dir, embedding, reload_interval=0) as client:
+        for mode in ("dense", "sparse"):
+            refused = client.post("/query", json={"query": "the cat", "mode": mode, "alpha": 0.5})
+            assert refused.status_code == 422 and f"mode {mode} fuses nothing" in refused.json()["detail"]
+        hybrid = client.post("/query", json={"query": "the cat", "mode": "hybrid", "alpha": 0.5})
+        default = client.post("/query", json={"query": "the cat", "alpha": 0.5})  # hybrid by default
+        assert hybrid.status_code == default.status_code == 200 and hybrid.json() == default.json()
+
+
 @pytest.mark.parametrize(
     ("payload", "named"),
     [
