@@ -507,6 +507,8 @@ def restore(
         raise _fail(exc) from exc
     if as_json:
         out.print_json(json.dumps({"restored": version, "version": live}))
+    elif live == version:
+        out.print(f"version {version} is already live: nothing changed")
     else:
         out.print(f"restored version {version}: live version {live}")
 

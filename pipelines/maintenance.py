@@ -55,9 +55,14 @@ def compact_index(
 
 def restore_index(index_dir: Path, version: int, settings: Settings | None = None) -> int:
     """Make a kept older ``version`` live again (a roll-back, e.g. when the live version's files
-    are damaged): commits a new version equal to it; returns the new version's number."""
+    are damaged): commits a new version equal to it; returns the new version's number.
+
+    The live version itself is left as it is (its number returned): a copy of it would change
+    nothing, and the oldest kept version, a real restore point, would make room for it."""
     settings = settings or load_settings()
     with index_lock(index_dir, settings.lock_timeout):
+        if FaissVectorStore.current_version(index_dir) == version:
+            return version
         return _open(index_dir, settings.keep_versions, version).restore()
 
 

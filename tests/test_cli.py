@@ -120,6 +120,10 @@ def test_verify_compact_and_migrate(env):
     live = compacted["version"]
     restored = run_json("restore", "--index", "idx", "--version", str(live - 1))
     assert restored == {"restored": live - 1, "version": live + 1}
+    # the live version again: nothing to do, and no kept version is pushed out for a copy of it
+    versions = sorted(p.name for p in (env / "idx" / "versions").iterdir())
+    assert run_json("restore", "--index", "idx", "--version", str(live + 1)) == {"restored": live + 1, "version": live + 1}
+    assert sorted(p.name for p in (env / "idx" / "versions").iterdir()) == versions
     assert run_json("verify", "--index", "idx")["ok"]
     assert run_json("query", "the bird", "--index", "idx", "-k", "1")["results"][0]["doc_id"] == "more.txt"
     assert runner.invoke(app, ["restore", "--index", "idx", "--version", "99"]).exit_code != 0

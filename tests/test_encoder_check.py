@@ -173,17 +173,19 @@ def test_the_service_says_degraded_when_its_encoder_no_longer_matches(model_dir,
 
 def test_a_version_with_the_same_check_record_keeps_warning_after_the_service_switches(
         model_dir, tmp_path, monkeypatch):
-    from pipelines.maintenance import restore_index
+    from pipelines.maintenance import compact_index
     from pipelines.service import IndexHolder
 
     index, settings = tmp_path / "idx", folder_settings(model_dir)
     ingest(write_docs(tmp_path / "src"), index, settings)
+    (tmp_path / "src" / "more.txt").write_text("A bird sang on the roof at dawn.")
+    ingest(tmp_path / "src", index, settings)  # a second segment, for compact to merge
     swap_tokens(model_dir)
     fresh_loads(monkeypatch)
     holder = IndexHolder(index, settings)
     assert not holder.encoder_check.passed and holder.current.query_warnings("the cat")
-    restored = restore_index(index, 1, settings)  # a new version, the same check record
-    assert holder.refresh() and holder.current.version == restored
+    merged = compact_index(index, settings)  # a new version, the same check record
+    assert merged.merges and holder.refresh() and holder.current.version == merged.version
     # not checked again (the same record), and its answers still say so
     assert holder.current.encoder_check is holder.encoder_check
     assert ["dense scores are unreliable" in w for w in holder.current.query_warnings("the cat")] == [True]
