@@ -219,8 +219,27 @@ def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[S
     not silently skipped, unless they are hidden files. A folder that cannot be listed is
     reported and its indexed documents are kept (``covers``); a folder holding an htp-index
     index (e.g. ``--index`` inside the source) is not read.
+
+    Ids are unique across the folder: a JSONL record's id is ``<file>#<_id>``, which a file
+    named so (``c.jsonl#x.txt``) also has. The first document read keeps the id and the
+    other is reported; before, the index silently held one of them while the run counted
+    both as added, and every later run re-embedded the loser as "updated".
     """
-    root = root.resolve()
+    read: dict[str, str] = {}
+    for item in _folder_items(root.resolve(), max_bytes):
+        if isinstance(item, SourceDocument):
+            origin = "a JSONL record" if "source_path" not in item.metadata else "a file"
+            if item.doc_id in read:
+                yield SourceError(item.doc_id, f"{origin} has the id of {read[item.doc_id]} read before "
+                                  "(a file's path and a JSONL record's <file>#<_id> can coincide); the "
+                                  "first one is kept: rename the file or change the record's _id")
+                continue
+            read[item.doc_id] = origin
+        yield item
+
+
+def _folder_items(root: Path, max_bytes: int) -> Iterator[SourceItem]:
+    """:func:`iter_folder`'s items before ids are made unique."""
     unlisted: list[OSError] = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
         yield from _unlisted_folders(root, unlisted)

@@ -190,3 +190,26 @@ def test_a_jsonl_line_over_the_limit_is_skipped_without_losing_the_next_line(tmp
     items = list(iter_jsonl(path, max_bytes=1000))
     assert isinstance(items[0], SourceError) and items[0].doc_id == "c.jsonl:1"  # _id beyond the part read
     assert isinstance(items[1], SourceDocument) and items[1].doc_id == "n"
+
+
+def test_a_file_named_like_a_jsonl_record_is_reported_and_the_counts_stay_true(tmp_path, embedding):
+    """``c.jsonl#x.txt`` (a file) and record ``x.txt`` of ``c.jsonl`` share an id: one was
+    silently dropped while both counted as added, and every later run re-embedded one of them
+    as "updated"."""
+    from pipeline_helpers import settings_for
+
+    from pipelines.ingest import ingest
+
+    source = tmp_path / "src"
+    write_docs(source)
+    (source / "c.jsonl").write_text(json.dumps({"_id": "x.txt", "text": "harmonicas play the blues ."}))
+    (source / "c.jsonl#x.txt").write_text("accordions fill the hall .")
+    settings = settings_for(embedding)
+    first = ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert first.added == len(DOCS) + 1 and first.failed == 1 and first.count == len(DOCS) + 1
+    assert [e["doc_id"] for e in first.errors] == ["c.jsonl#x.txt"]
+    assert "a file has the id of a JSONL record read before" in first.errors[0]["error"]
+    index = open_index(tmp_path / "idx", settings, embedding=embedding)
+    assert [hit["text"] for hit in index.search("harmonicas", 1, mode="sparse")] == ["harmonicas play the blues ."]
+    again = ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert (again.updated, again.unchanged, again.failed, again.nodes_embedded) == (0, len(DOCS) + 1, 1, 0)
