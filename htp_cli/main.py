@@ -244,18 +244,20 @@ def _parse_filters(pairs: list[str]):
         # hold operator characters ("title=a<=b" is title == "a<=b"), a key may not.
         match = _FILTER.match(pair)
         if match is None or not match["key"].strip():
-            raise typer.BadParameter(f"filter {pair!r} must look like key=value, key!=value, key>3 …")
+            raise typer.BadParameter(f"filter {pair!r} must look like key=value, key!=value, key>3, key~=value …")
         op, value = match["op"], match["value"]
         parsed: Any = value
         with contextlib.suppress(json.JSONDecodeError):
             parsed = json.loads(value)
-        key, operator = match["key"].strip(), "==" if op == "=" else op
-        if operator in ("==", "!=") and not isinstance(parsed, str) and _scalar(parsed):
+        # ~= is LlamaIndex's "contains": a list value (a JSONL record's tags) holding the value;
+        # = compares the whole value, so tags=pets matches no list, as in LlamaIndex
+        key, operator = match["key"].strip(), {"=": "==", "~=": "contains"}.get(op, op)
+        if operator in ("==", "!=", "contains") and not isinstance(parsed, str) and _scalar(parsed):
             # title=1984 must find the text "1984" (JSONL and file metadata are text) as well
-            # as the number: == matches either, != neither.
+            # as the number: == and contains match either, != neither.
             both = [MetadataFilter(key=key, value=parsed, operator=operator),
                     MetadataFilter(key=key, value=value, operator=operator)]
-            filters.append(MetadataFilters(filters=both, condition="or" if operator == "==" else "and"))
+            filters.append(MetadataFilters(filters=both, condition="and" if operator == "!=" else "or"))
         else:
             filters.append(MetadataFilter(key=key, value=parsed, operator=operator))
     return MetadataFilters(filters=filters) if filters else None
@@ -265,7 +267,7 @@ def _scalar(value: Any) -> bool:
     return value is None or isinstance(value, bool | int | float)
 
 
-_FILTER = re.compile(r"(?P<key>.*?)(?P<op>!=|>=|<=|==|=|>|<)(?P<value>.*)\Z", re.DOTALL)
+_FILTER = re.compile(r"(?P<key>.*?)(?P<op>!=|>=|<=|==|~=|=|>|<)(?P<value>.*)\Z", re.DOTALL)
 
 
 @app.command()
@@ -273,7 +275,8 @@ def query(
     text: Annotated[str, typer.Argument(help="the query")],
     index: IndexOpt,
     top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=1000, help="results to return")] = 5,
-    filter_: Annotated[list[str] | None, typer.Option("--filter", "-f", help="metadata filter key=value (also != > >= < <=); repeat to AND")] = None,
+    filter_: Annotated[list[str] | None, typer.Option("--filter", "-f", help="metadata filter key=value (also != > >= < <=; key~=value: a list "
+        "value such as a JSONL record's tags holds value, where tags=pets matches no list); repeat to AND")] = None,
     mode: ModeOpt = None,
     alpha: AlphaOpt = None,
     rerank: Annotated[bool | None, typer.Option(

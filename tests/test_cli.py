@@ -232,6 +232,8 @@ def test_an_empty_source_does_not_delete_the_whole_index(env):
         ("k!=v", ("k", "!=", "v")),
         ("a==b", ("a", "==", "b")),
         ('name="q=1"', ("name", "==", "q=1")),
+        ("tags~=pets", ("tags", "contains", "pets")),
+        ("a~b=c", ("a~b", "==", "c")),
     ],
 )
 def test_a_cli_filter_splits_at_its_first_operator(text, expected):
@@ -300,3 +302,16 @@ def test_query_refuses_an_empty_query_and_an_alpha_that_its_mode_would_ignore(en
         empty = runner.invoke(app, ["query", blank, "--index", "idx", "--mode", "sparse"])
         assert empty.exit_code == 2 and "the query is empty" in empty.output
     assert run_json("query", "the cat", "--index", "idx", "--mode", "hybrid", "--alpha", "0.5")["results"]
+
+
+def test_a_list_value_such_as_tags_is_filtered_with_contains(env):
+    (env / "src").mkdir()
+    records = [{"_id": "p", "text": "the cat sat on the mat .", "metadata": {"tags": ["pets", "home"]}},
+               {"_id": "w", "text": "the wolf ran in the woods .", "metadata": {"tags": ["wild"]}},
+               {"_id": "n", "text": "the fish swam in the sea .", "metadata": {"year": 2020}}]
+    (env / "src" / "c.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    run_json("ingest", "src", "--index", "idx")
+    found = run_json("query", "animal", "--index", "idx", "-k", "3", "--filter", "tags~=pets")["results"]
+    assert [hit["doc_id"] for hit in found] == ["c.jsonl#p"]
+    others = run_json("query", "animal", "--index", "idx", "-k", "3", "--filter", "tags!=pets")["results"]
+    assert len(others) == 3  # != compares the whole value, as = does: no list equals "pets"
