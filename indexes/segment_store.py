@@ -1246,6 +1246,12 @@ def merge_top_k(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best ``k`` of several (scores, ids) results per query row; missing results are -1.
 
+    Equal scores are ordered by id, oldest first (``docs/storage.md``): a top-k is then the
+    start of any larger top-k, and the order does not hang on which part (pending rows, a
+    segment) holds a row, nor on FAISS, which returns a segment's tied hits newest first.
+    A flat segment's part holds its oldest tied rows (FAISS keeps the first of equal scores
+    it meets, scanning in id order).
+
     In numpy rather than ``faiss.ResultHeap``: its heap operations open an OpenMP parallel
     region per call, which cost 15 ms per single-query search on a busy 2-core machine."""
     if not parts:
@@ -1254,7 +1260,7 @@ def merge_top_k(
     ids = np.concatenate([p[1] for p in parts], axis=1)
     worst = -np.inf if larger_is_better else np.inf
     keyed = np.where(ids >= 0, scores, worst)
-    order = np.argsort(-keyed if larger_is_better else keyed, axis=1, kind="stable")[:, :k]
+    order = np.lexsort((ids, -keyed if larger_is_better else keyed), axis=1)[:, :k]
     top_scores = np.take_along_axis(scores, order, axis=1)
     top_ids = np.take_along_axis(ids, order, axis=1)
     return top_scores, top_ids

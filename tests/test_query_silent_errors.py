@@ -147,6 +147,34 @@ def test_keyword_top_1_is_the_first_hit_of_top_8_when_scores_tie(tmp_path):
         assert topk == top8[:k], (k, topk, top8)  # k=1 gives ['b0'], top8 starts with 'c0'
 
 
+def test_dense_ties_come_oldest_first_whichever_segments_or_pending_rows_hold_them(tmp_path):
+    """Identical vectors (duplicated chunks) in two segments and the pending rows: pending rows
+    and earlier segments won ties, FAISS returned a segment's ties newest first, so top-3 was
+    not the start of top-12 and changed with a flush or a merge."""
+    from indexes import MergePolicy
+
+    vector = np.ones(_EMB.dim, np.float32) / np.sqrt(_EMB.dim)
+    store = FaissVectorStore.create(tmp_path / "idx", dim=_EMB.dim, encoder=ENCODER, index_kind="flat",
+                                    merge_policy=MergePolicy(segments_per_level=100))
+
+    def add(prefix: str) -> None:
+        store.add([TextNode(id_=f"{prefix}{i}", text="same", embedding=vector.tolist()) for i in range(4)])
+
+    def ranked(k: int) -> list[int]:
+        return [row.faiss_id for row, _ in store.retrieve("dense", k, embedding=vector)]
+
+    add("a")
+    store.persist()
+    add("b")
+    store.persist()
+    add("c")  # pending rows, the newest
+    layouts = []
+    for change in (lambda: None, store.persist, lambda: store.compact(everything=True)):
+        change()
+        layouts.append([ranked(k) for k in (3, 12)])
+    assert layouts == [[[0, 1, 2], list(range(12))]] * 3
+
+
 def test_pruned_keyword_search_keeps_the_same_tied_rows_as_the_exhaustive_reference():
     segments = [keywords.KeywordSegment.from_texts(["apple pie", "banana"] * 3 + ["x"] * n) for n in (0, 5, 50)]
     live = [None] * 3
