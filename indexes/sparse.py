@@ -37,7 +37,9 @@ STOP_WORDS = frozenset(
     "then there these they this to was will with".split()
 )
 
-_TOKEN = re.compile(r"\w+", re.UNICODE)
+#: A word: ``\w`` characters and the combining diacritical marks inside one (U+0300-036F and the
+#: supplement and extended blocks), as FTS5's unicode61 keeps them (see :func:`query_terms`).
+_TOKEN = re.compile(r"\w[\w\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]*", re.UNICODE)
 
 SCHEMA = f"""
 CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(
@@ -62,7 +64,10 @@ def query_terms(text: str) -> list[str]:
     Cut where FTS5 cuts a document's words: the text is composed first (NFC) and split before
     lower-casing, since ``\\w`` stops at a combining mark that FTS5's tokenizer keeps inside a
     word: an NFD "nai\\u0308ve" or "İstanbul" (lower-cased, an ``i`` and a combining dot)
-    became two terms that match nothing.
+    became two terms that match nothing. A word also runs on through the combining marks of
+    the diacritical blocks (``_TOKEN``), for letters that NFC cannot compose with their mark
+    ("q\\u0307uery"). Scripts whose words FTS5 itself splits at their marks (Devanagari) are
+    cut the same on both sides.
     """
     seen: dict[str, None] = {}
     for word in _TOKEN.findall(unicodedata.normalize("NFC", text)):

@@ -318,11 +318,13 @@ def test_query_tokens_count_once_per_term() -> None:
 
 @pytest.mark.parametrize(
     ("query", "expected_row"),
-    [("İstanbul", 0), ("nai\u0308ve", 1), ("naïve", 1), ("istanbul", 0)],
+    [("İstanbul", 0), ("nai\u0308ve", 1), ("naïve", 1), ("istanbul", 0), ("q\u0307uery", 3), ("query", 3)],
 )
 def test_a_query_with_the_documents_own_word_finds_it_whatever_its_combining_marks(query, expected_row):
     """Words are cut as FTS5 cuts the documents: 'İstanbul' lower-cased (an i and a combining
-    dot) and an NFD 'nai\\u0308ve' were split into two terms by ``\\w`` and found nothing."""
-    docs = ["İstanbul is a city on the Bosporus", "nai\u0308ve bayes is a classifier", "Ankara is the capital"]
+    dot) and an NFD 'nai\\u0308ve' were split into two terms by ``\\w`` and found nothing; so was a
+    letter with a mark that has no composed form ('q\\u0307', which NFC leaves as two)."""
+    docs = ["İstanbul is a city on the Bosporus", "nai\u0308ve bayes is a classifier", "Ankara is the capital",
+            "the q\u0307uery word"]
     segment = keywords.KeywordSegment.from_texts(docs)
     assert [row for _, row, _ in keywords.search([segment], [None], query, 5)] == [expected_row]
