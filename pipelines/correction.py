@@ -79,8 +79,8 @@ def fit_correction(
     if kind == "none":
         return None
     if len(doc_vectors) < MIN_DOCUMENTS:
-        log.warning("only %d document vectors: no vector correction fitted (needs %d); run "
-                    "`htp-index rebuild` once the index holds more", len(doc_vectors), MIN_DOCUMENTS)
+        log.warning("only %d document vectors: no vector correction fitted yet (needs %d); the ingest "
+                    "that brings the index to %d fits it", len(doc_vectors), MIN_DOCUMENTS, MIN_DOCUMENTS)
         return None
     if kind == "center":
         return VectorCorrection.fit(doc_vectors, encoder.encode_queries(pseudo_queries(texts)))

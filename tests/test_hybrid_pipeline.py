@@ -48,6 +48,33 @@ def test_the_correction_is_fitted_at_first_ingest_and_applied_alike_to_documents
     assert np.allclose([h["score"] for h in hits], np.sort(scores)[::-1][:4], atol=1e-4)
 
 
+def test_an_index_too_small_for_a_correction_gets_one_from_the_ingest_that_grows_it(tmp_path, embedding, caplog):
+    """A first ingest of a few documents fits no correction (too few vectors for a mean); the
+    next ingest that brings enough fits it and writes the earlier nodes again corrected. Before,
+    only a rebuild ever fitted one, so an index grown by ingests searched without it."""
+    settings = settings_for(embedding)
+    source = write_docs(tmp_path / "src", DOCS)
+    first = ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    small = open_index(tmp_path / "idx", settings, embedding=embedding).store
+    assert small.correction is None and small.count < 8
+    before = {node.node_id: embed_text(node) for node in small.all_nodes()}
+    hashes = small.doc_hashes()
+    write_docs(source, {k: v for k, v in MANY.items() if k not in DOCS})
+    grown = ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert (grown.added, grown.updated, grown.unchanged) == (len(MANY) - len(DOCS), 0, len(DOCS))
+    index = open_index(tmp_path / "idx", settings, embedding=embedding)
+    correction = index.store.correction
+    assert correction is not None and correction.fitted_on == index.store.count
+    nodes = index.store.all_nodes()
+    assert {n.node_id: embed_text(n) for n in nodes if n.node_id in before} == before  # the same nodes
+    assert {k: v for k, v in index.store.doc_hashes().items() if k in hashes} == hashes
+    stored = dict(index.store.iter_embeddings())  # every node corrected, the earlier ones too
+    expected = correction.documents(embedding.encoder.encode_documents([embed_text(n) for n in nodes]))
+    assert np.allclose(np.stack([stored[n.node_id] for n in nodes]), expected, atol=1e-4)
+    assert ingest(source, tmp_path / "idx", settings, embedding=embedding).nodes_embedded == 0
+    assert first.version < grown.version
+
+
 def test_the_correction_is_frozen_across_ingests_and_refitted_by_rebuild(tmp_path, embedding):
     settings = settings_for(embedding)
     source = write_docs(tmp_path / "src", MANY)
