@@ -505,8 +505,8 @@ class IndexSession:
         A store that already holds a few nodes but too few for a correction (a first ingest of
         fewer than `MIN_DOCUMENTS` nodes) counts as filled for the first time too: its nodes
         join the sample and are written again corrected. Before, such an index never got a
-        correction from later ingests (dense NDCG@10 on the development split: 56 without,
-        68 with), unless someone ran a rebuild."""
+        correction from later ingests (dense NDCG@10 on the development split: 34.4 without, 45.7
+        with, ``benchmarks/results/quality/pseudo_queries.md``), unless someone ran a rebuild."""
         if (store.count >= MIN_DOCUMENTS or store.correction is not None or corrected
                 or self._correction_kind() == "none"):
             return embedded
