@@ -97,10 +97,12 @@ def _progress() -> Progress:
 
 
 def _fail(exc: Exception) -> typer.Exit:
+    """Print ``exc`` and exit: 2 where what was asked cannot be done as asked (bad usage), else 1."""
+    from pipelines.errors import OptionConflictError
     from pipelines.query import InvalidQueryError
 
     console.print(f"[red]error:[/red] {exc}")
-    return typer.Exit(EXIT_USAGE if isinstance(exc, InvalidQueryError) else EXIT_FAILED)
+    return typer.Exit(EXIT_USAGE if isinstance(exc, OptionConflictError | InvalidQueryError) else EXIT_FAILED)
 
 
 def _print_stats(stats: dict[str, Any], as_json: bool, title: str) -> None:

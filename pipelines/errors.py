@@ -10,7 +10,12 @@ class IndexBusyError(HtpIndexError, RuntimeError):
     """Another ingest or rebuild holds the index's writer lock."""
 
 
-class IndexKindMismatchError(HtpIndexError, ValueError):
+class OptionConflictError(HtpIndexError, ValueError):
+    """Options that cannot go together, or that ask an existing index for what only a rebuild
+    changes: bad usage, which the command line reports with exit code 2, not as a failed run."""
+
+
+class IndexKindMismatchError(OptionConflictError):
     """An option asks an existing index for a kind it was not built as (only rebuild changes it)."""
 
 
@@ -28,11 +33,11 @@ class EmptySourceError(HtpIndexError, ValueError):
     nothing changed."""
 
 
-class MetricMismatchError(HtpIndexError, ValueError):
+class MetricMismatchError(OptionConflictError):
     """An option asks an existing index for another distance than it was built with."""
 
 
-class SplittingMismatchError(HtpIndexError, ValueError):
+class SplittingMismatchError(OptionConflictError):
     """An option asks an existing index to split documents otherwise than its nodes were split
     (only a rebuild from the source re-splits them all)."""
 

@@ -16,6 +16,7 @@ from typing import Any
 from htp_embed.llama_index import HTPEmbedding
 from indexes import FaissVectorStore, IndexNotFoundError
 from pipelines.engine import IndexSession, InProcess, Progress
+from pipelines.errors import OptionConflictError
 from pipelines.runs import RunStats
 from pipelines.settings import Settings, load_settings
 
@@ -47,7 +48,7 @@ def rebuild(
         raise IndexNotFoundError(f"no index at {index_dir} to rebuild; create one with htp-index ingest", path=index_dir)
     overrides = {key: value for key, value in (encoder_overrides or {}).items() if value is not None}
     if keep_vectors and (source is not None or overrides):
-        raise ValueError("--keep-vectors re-uses the stored vectors, so it cannot change the "
+        raise OptionConflictError("--keep-vectors re-uses the stored vectors, so it cannot change the "
                          "encoder or re-read a source; drop it to re-embed")
     began = time.perf_counter()
     encoder = embedding.encoder if embedding is not None else None

@@ -182,7 +182,7 @@ def test_rebuild_takes_the_index_kind_the_settings_set(env, monkeypatch):
     run_json("ingest", "src", "--index", "idx")
     monkeypatch.setenv("HTP_INDEX_INDEX_KIND", "flat")
     refused = runner.invoke(app, ["ingest", "src", "--index", "idx", "--json"])
-    assert refused.exit_code == 1 and "rebuild" in refused.output
+    assert refused.exit_code == 2 and "rebuild" in refused.output  # bad usage: only rebuild changes it
     run_json("rebuild", "--index", "idx", "--keep-vectors")
     assert run_json("info", "--index", "idx")["index_kind"] == "flat"
     run_json("ingest", "src", "--index", "idx")
@@ -266,7 +266,7 @@ def test_an_index_keeps_one_node_size_and_refuses_another_without_a_rebuild(env,
     assert info["splitting"]["chunk_size"] == 48 and at_48 > 4
 
     refused = runner.invoke(app, ["ingest", "src", "--index", "idx", "--chunk-size", "400", "--json"])
-    assert refused.exit_code == 1 and "rebuild" in refused.output and "--source" in refused.output
+    assert refused.exit_code == 2 and "rebuild" in refused.output and "--source" in refused.output
     assert run_json("info", "--index", "idx")["count"] == at_48
 
     monkeypatch.delenv("HTP_INDEX_CHUNK_SIZE")  # no setting: the recorded size, not the default
@@ -275,7 +275,7 @@ def test_an_index_keeps_one_node_size_and_refuses_another_without_a_rebuild(env,
     assert run_json("info", "--index", "idx")["splitting"]["chunk_size"] == 48
 
     monkeypatch.setenv("HTP_INDEX_CHUNK_SIZE", "400")
-    assert runner.invoke(app, ["rebuild", "--index", "idx", "--keep-vectors", "--json"]).exit_code == 1
+    assert runner.invoke(app, ["rebuild", "--index", "idx", "--keep-vectors", "--json"]).exit_code == 2
     run_json("rebuild", "--index", "idx", "--source", "src")
     info = run_json("info", "--index", "idx")
     assert info["splitting"]["chunk_size"] == 400 and info["count"] < at_48
