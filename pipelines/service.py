@@ -93,11 +93,12 @@ class QueryRequest(BaseModel):
         None, description="'dense', 'sparse' (BM25 keywords) or 'hybrid'; default: the index's "
         "default (GET /health shows it and the modes the index supports)"
     )
+    # strict, as top_k: "yes" or "0.5" as text would otherwise be read as true or 0.5
     alpha: float | None = Field(
-        None, ge=0.0, le=1.0, description="hybrid only: weight of the dense side (1 = dense only)"
+        None, ge=0.0, le=1.0, strict=True, description="hybrid only: weight of the dense side (1 = dense only)"
     )
     rerank: bool | None = Field(
-        None, description="rerank the best hits by the decoder's likelihood of the query given each "
+        None, strict=True, description="rerank the best hits by the decoder's likelihood of the query given each "
         "(about a second per query on a 2-core CPU); default: the index's setting (GET /health shows it)"
     )
 

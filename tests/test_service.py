@@ -58,6 +58,8 @@ def test_health_reports_the_version(index_dir, embedding):
         ({"top_k": 3}, 422),
         ({"query": "cat", "top_k": True}, 422),
         ({"query": "cat", "top_k": 2.0}, 422),
+        ({"query": "cat", "rerank": "yes"}, 422),  # not read as true
+        ({"query": "cat", "alpha": "0.5"}, 422),
     ],
 )
 def test_bad_requests_get_4xx(index_dir, embedding, payload, status):
