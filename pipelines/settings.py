@@ -13,7 +13,10 @@ environment variables (in rising priority); command-line options override all th
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +31,12 @@ from pydantic_settings import (
 
 from htp_embed import EncoderConfig
 
+log = logging.getLogger(__name__)
+
 CONFIG_ENV = "HTP_INDEX_CONFIG"
+#: Variables with the settings' prefix that are not settings: read where they are used.
+OTHER_ENV = frozenset({CONFIG_ENV, "HTP_INDEX_API_TOKEN", "HTP_INDEX_CACHE"})
+_warned_env: set[str] = set()
 RUNTIME_ENCODER_FIELDS = ("device", "dtype", "packed_linear", "implementation", "attention_kernel", "batch_size",
                           "cache_dir", "show_progress")
 DEFAULT_CONFIG_FILE = "htp-index.toml"
@@ -164,9 +172,36 @@ def config_file() -> Path | None:
     return local if local.is_file() else None
 
 
+def unknown_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str | None]:
+    """The ``HTP_INDEX_*`` variables that name no setting, each with the closest one that does
+    (None: nothing close). pydantic-settings ignores them, so a misspelling
+    (``HTP_INDEX_QUERYMODE``) would silently leave the default in force."""
+    known = {f"HTP_INDEX_{name}".upper() for name in Settings.model_fields}
+    known |= {f"HTP_INDEX_ENCODER__{name}".upper() for name in EncoderConfig.model_fields}
+    known |= OTHER_ENV
+    suffixes = {name.removeprefix("HTP_INDEX_"): name for name in known}
+    unknown = {}
+    for name in environ:
+        upper = name.upper()
+        if upper.startswith("HTP_INDEX_") and upper not in known:
+            close = difflib.get_close_matches(upper.removeprefix("HTP_INDEX_"), sorted(suffixes), n=1, cutoff=0.8)
+            unknown[name] = suffixes[close[0]] if close else None
+    return unknown
+
+
+def _warn_unknown_environment() -> None:
+    for name, close in unknown_environment().items():
+        if name not in _warned_env:
+            _warned_env.add(name)
+            log.warning("%s is not a setting and is ignored%s", name,
+                        f" (did you mean {close}?)" if close else "")
+
+
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
-    """Settings from defaults, the config file (``config`` or the usual lookup), the environment,
-    then ``overrides``."""
+    """Settings from defaults, the config file (``config`` or the usual lookup), the environment
+    (a ``HTP_INDEX_*`` variable that names no setting is logged once: it is ignored), then
+    ``overrides``."""
+    _warn_unknown_environment()
     if config is None:
         return Settings().with_overrides(**overrides)
     if not Path(config).expanduser().is_file():

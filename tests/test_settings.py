@@ -10,7 +10,7 @@ from pipeline_helpers import settings_for, tiny_embedding, write_docs
 
 from pipelines.errors import IndexKindMismatchError
 from pipelines.ingest import ingest
-from pipelines.settings import CONFIG_ENV, Settings, load_settings
+from pipelines.settings import CONFIG_ENV, Settings, load_settings, unknown_environment
 
 
 def test_a_config_file_applies_to_its_call_only(tmp_path, monkeypatch):
@@ -24,6 +24,23 @@ def test_a_config_file_applies_to_its_call_only(tmp_path, monkeypatch):
     assert load_settings().index_kind == "auto"  # the next call does not inherit it
     with pytest.raises(FileNotFoundError, match="--config"):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_a_misspelled_variable_is_named_with_the_setting_it_was_probably_meant_for(monkeypatch, caplog):
+    """pydantic-settings ignores an unknown HTP_INDEX_* variable: the default stayed in force."""
+    found = unknown_environment({
+        "HTP_INDEX_QUERYMODE": "sparse", "HTP_INDEX_ENCODER__DTYP": "float32", "HTP_INDEX_NOTHING_LIKE_IT": "1",
+        "HTP_INDEX_QUERY_MODE": "sparse", "htp_index_encoder__dtype": "float32",  # settings (any case)
+        "HTP_INDEX_API_TOKEN": "t", "HTP_INDEX_CACHE": "/c", "HTP_INDEX_CONFIG": "c.toml", "PATH": "/bin",
+    })
+    assert found == {"HTP_INDEX_QUERYMODE": "HTP_INDEX_QUERY_MODE", "HTP_INDEX_ENCODER__DTYP": "HTP_INDEX_ENCODER__DTYPE",
+                     "HTP_INDEX_NOTHING_LIKE_IT": None}
+    monkeypatch.setenv("HTP_INDEX_KEEPVERSIONS", "5")
+    with caplog.at_level("WARNING", logger="pipelines.settings"):
+        assert load_settings().keep_versions == 3  # ignored, as before, but said
+        load_settings()
+    said = [r.getMessage() for r in caplog.records if "HTP_INDEX_KEEPVERSIONS" in r.getMessage()]
+    assert said == ["HTP_INDEX_KEEPVERSIONS is not a setting and is ignored (did you mean HTP_INDEX_KEEP_VERSIONS?)"]
 
 
 @pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False), ("auto", "auto")])
