@@ -75,7 +75,7 @@ def choose_nprobe(nlist: int) -> int:
 PROBED_ROWS_PER_HIT = 2
 
 
-def probes_for(ivf: Any, k: int) -> int:
+def probes_for(ivf: Any, k: int, searchable: float = 1.0) -> int:
     """IVF lists to probe for a top-``k`` search: the stored nprobe (set for recall@10), or more
     where those lists are expected to hold fewer than ``PROBED_ROWS_PER_HIT * k`` rows.
 
@@ -83,12 +83,20 @@ def probes_for(ivf: Any, k: int) -> int:
     has 512 lists of ~39 rows and probes 2-4 of them, so about a third of its searches came
     back short and were searched again with 4x the probe (`vectors.VectorIndex._widened`): two
     searches where one a little wider does. A search still short after this is widened as before.
+
+    ``searchable``: the share of the rows that are live (tombstones are searched past). The
+    probed lists then hold that share of candidates, so the probe grows by its inverse: with
+    90% of 40,000 rows deleted, the stored probe gave recall@10 0.973 and top-100 0.784;
+    probing 10x the lists, 1.000 and 0.931 (+0.03-0.16 ms). A filtered search keeps the
+    stored probe: one that comes back short is redone exactly over the allowed rows.
     """
     stored = int(ivf.nprobe)
     if ivf.ntotal <= 0:
         return stored
-    rows_per_list = ivf.ntotal / ivf.nlist
-    return int(min(ivf.nlist, max(stored, math.ceil(PROBED_ROWS_PER_HIT * k / rows_per_list))))
+    share = min(max(searchable, 1.0 / ivf.ntotal), 1.0)
+    rows_per_list = ivf.ntotal / ivf.nlist * share
+    wanted = max(math.ceil(stored / share), math.ceil(PROBED_ROWS_PER_HIT * k / rows_per_list))
+    return int(min(ivf.nlist, wanted))
 
 
 def choose_pq_m(dim: int) -> int:

@@ -339,8 +339,8 @@ class VectorIndex:
                 return self._verified(xq, k, scores, ids, None)
         if knobs["nprobe"] is None:
             ivf, _ = kinds.approximate_parts(self.index)
-            if ivf is not None:
-                knobs["nprobe"] = kinds.probes_for(ivf, k)
+            if ivf is not None:  # tombstones leave a share of each list live
+                knobs["nprobe"] = kinds.probes_for(ivf, k, self.count / max(self.ntotal, 1) if allowed is None else 1.0)
         params, held = kinds.search_parameters(self.index, sel, **knobs)
         keep.extend(held)
         scores, ids = self.index.search(xq, k, params=params)
