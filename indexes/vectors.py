@@ -165,11 +165,7 @@ class VectorIndex:
     def _is_dead(self, ids: np.ndarray) -> np.ndarray:
         """Which of ``ids`` are tombstoned: a binary search each, not a pass over every
         tombstone as ``np.isin`` makes (a search checks its k hits)."""
-        dead = self._dead_array()
-        if len(dead) == 0:
-            return np.zeros(np.shape(ids), dtype=bool)
-        at = np.minimum(np.searchsorted(dead, ids), len(dead) - 1)
-        return dead[at] == ids
+        return _members(self._dead_array(), ids)
 
     def _live_selector(self) -> faiss.IDSelector:
         """An IDSelector passing every id but the tombstoned ones, built once per set of
@@ -340,7 +336,7 @@ class VectorIndex:
         replica = self._ready_replica()
         keep: list[Any] = []
         if allowed is not None:
-            allowed = np.unique(np.asarray(allowed, dtype=np.int64))
+            allowed = _ascending_unique(np.asarray(allowed, dtype=np.int64))
             if self._dead:
                 allowed = allowed[~self._is_dead(allowed)]
             if len(allowed) == 0:
@@ -435,7 +431,7 @@ class VectorIndex:
         # those rows are redone exactly too, as filtered ones are.
         found = ids >= 0
         if allowed is not None:
-            outside = found & ~np.isin(ids, allowed)
+            outside = found & ~_members(allowed, ids)
             short = found.sum(axis=1) < min(k, len(allowed))
         else:
             outside = found & self._is_dead(ids) if self._dead else np.zeros_like(found)
@@ -498,3 +494,20 @@ def _omp_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
+
+
+def _ascending_unique(ids: np.ndarray) -> np.ndarray:
+    """``ids`` sorted without repeats: as they are when they already are (the store hands each
+    segment its allowed ids so), where ``np.unique`` spent 0.5 ms a segment hashing 6,000 ids
+    on every filtered search."""
+    if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):
+        return ids
+    return np.unique(ids)
+
+
+def _members(ascending: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which of ``ids`` are in ``ascending`` (sorted, unique): a binary search each."""
+    if len(ascending) == 0:
+        return np.zeros(np.shape(ids), dtype=bool)
+    at = np.minimum(np.searchsorted(ascending, ids), len(ascending) - 1)
+    return ascending[at] == ids

@@ -112,6 +112,32 @@ def test_a_search_among_tombstones_probes_lists_in_proportion_to_their_live_rows
     assert calls[0] == min(ivf.nlist, 10 * ivf.nprobe) == kinds.probes_for(ivf, 5, 0.1)
 
 
+def test_a_segment_searched_with_unsorted_repeated_allowed_ids_and_tombstones_answers_as_sorted(tmp_path, mixture):
+    """The segment search skips ``np.unique`` for allowed ids that come sorted (the store's);
+    any other order, repeats and tombstoned ids among them still give the same answer, and the
+    kept tombstone selector follows new deletions."""
+    base, queries = mixture
+    store = _ivf_store(tmp_path, base[:2500])
+    view = store._segments[0].view
+    rng = np.random.default_rng(4)
+    allowed = np.sort(rng.choice(2500, 2300, replace=False)).astype(np.int64)  # > exact_filter_threshold
+    shuffled = np.concatenate([rng.permutation(allowed), allowed[:50]])
+    for q in queries[:5]:
+        assert np.array_equal(view.search(q[None, :], 10, shuffled)[1], view.search(q[None, :], 10, allowed)[1])
+    before = [set(view.search(q[None, :], 10)[1][0]) for q in queries[:5]]
+    store.delete_nodes([f"n{i}" for i in range(0, 2500, 3)])  # the tombstones change: a new selector
+    view = store._segments[0].view
+    dead = set(range(0, 2500, 3))  # faiss ids follow the order of adding: n{i} is id i
+    assert view.count == 2500 - len(dead)
+    assert store.retrieve("dense", 1, embedding=base[7])[0][0].node_id == "n7" and store.retrieve(
+        "dense", 1, embedding=base[7])[0][0].faiss_id == 7
+    for q, old in zip(queries[:5], before, strict=True):
+        ids = view.search(q[None, :], 10)[1][0]
+        assert len(ids) == 10 and not dead & set(ids.tolist())
+        assert not dead & set(view.search(q[None, :], 10, allowed)[1][0].tolist())
+        assert old - dead <= set(ids.tolist())  # the live hits of before are still found
+
+
 def test_the_probe_grows_with_the_inverse_of_the_searchable_share():
     class Ivf:  # 64 lists of 40 rows, calibrated probe 2
         nprobe, nlist, ntotal = 2, 64, 2560
