@@ -148,7 +148,10 @@ def combine(
 
 
 def doc_id_of(node: TextNode) -> str:
-    return node.ref_doc_id or str(node.metadata["doc_id"])
+    """The document a node belongs to: its source document, else the ``doc_id`` its metadata
+    names, else (a node inserted on its own through LlamaIndex) the node itself. Such a node
+    stopped every later rebuild and ingest with a bare ``KeyError: 'doc_id'``."""
+    return node.ref_doc_id or str(node.metadata.get("doc_id") or node.node_id)
 
 
 # --------------------------------------------------------------------------- where steps run
@@ -390,11 +393,26 @@ class IndexSession:
             log.info("%s is a single document: it is added or updated, the index's others are kept", source)
             delete_missing = False
         plan = plan_ingest(items, self.store.doc_hashes(), delete_missing=delete_missing)
+        self._replace_unrecorded(plan)
         if plan.deleted and not (plan.new or plan.changed or plan.unchanged):
             raise self._empty_source(source, len(plan.deleted), plan.errors)
         log.info("plan: %d new, %d changed, %d deleted, %d unchanged, %d unreadable",
                  len(plan.new), len(plan.changed), len(plan.deleted), len(plan.unchanged), len(plan.errors))
         return plan
+
+    def _replace_unrecorded(self, plan: IngestPlan) -> None:
+        """Move to ``plan.changed`` the "new" documents the index already holds nodes of without
+        a recorded hash (written or updated through LlamaIndex's ``as_index()`` or the store
+        API, which record none): they are replaced, where they used to be added a second time
+        beside the nodes already there, and counted as added."""
+        if not plan.new or not self.store.count:
+            return
+        held = {doc.doc_id for doc in plan.new if self.store.ref_doc_node_ids(doc.doc_id)}
+        if held:
+            log.info("%d document(s) of the source are in the index without a recorded hash (written "
+                     "outside ingest, e.g. through LlamaIndex): their nodes are replaced", len(held))
+            plan.changed.extend(doc for doc in plan.new if doc.doc_id in held)
+            plan.new = [doc for doc in plan.new if doc.doc_id not in held]
 
     def _empty_source(self, source: Any, indexed: int, errors: Sequence[SourceError]) -> EmptySourceError:
         """The refusal of a source without one readable document while the index holds some."""
@@ -750,7 +768,7 @@ def stored_documents(store: FaissVectorStore) -> dict[str, list[TextNode]]:
     by_doc: dict[str, list[TextNode]] = {}
     for node in store.all_nodes():
         fresh = _fresh_node(node)
-        by_doc.setdefault(node.ref_doc_id or str(node.metadata.get("doc_id")), []).append(fresh)
+        by_doc.setdefault(doc_id_of(node), []).append(fresh)
     return by_doc
 
 

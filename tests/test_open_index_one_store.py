@@ -56,3 +56,49 @@ def test_an_as_index_write_after_another_commit_is_a_conflict_not_a_roll_back(in
         index.store.persist()
     reopened = open_index(index_dir, settings, embedding=embedding)
     assert "ship.txt" in {hit["doc_id"] for hit in reopened.search("ship sailed sea", top_k=5, mode="sparse")}
+
+
+def test_a_document_updated_through_as_index_is_replaced_by_the_next_ingest_not_doubled(tmp_path, embedding):
+    """LlamaIndex's update_ref_doc deletes the document (and its recorded hash) and inserts it
+    again without one: the next ingest counted the file as new and added its nodes beside the
+    LlamaIndex ones, so queries returned the document twice."""
+    from pipeline_helpers import DOCS, write_docs
+
+    from pipelines.ingest import ingest
+
+    settings = settings_for(embedding)
+    source = write_docs(tmp_path / "src")
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    index = open_index(tmp_path / "idx", settings, embedding=embedding)
+    count = index.store.count
+    index.as_index().update_ref_doc(Document(text="zymurgy kettles ferment quietly .", id_="cats.txt"))
+    index.store.persist()
+    again = ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert (again.added, again.updated, again.unchanged) == (0, 1, len(DOCS) - 1)
+    reopened = open_index(tmp_path / "idx", settings, embedding=embedding)
+    assert reopened.store.count == count
+    assert [hit["doc_id"] for hit in reopened.search("the cat sat on the mat", 10, mode="sparse")].count("cats.txt") == 1
+    assert not reopened.search("zymurgy kettles", 5, mode="sparse")  # the source's version replaced it
+
+
+def test_a_node_inserted_on_its_own_through_as_index_does_not_stop_a_rebuild_or_an_ingest(tmp_path, embedding):
+    """A TextNode without a source document or a doc_id: rebuilds and ingests stopped at a bare
+    KeyError: 'doc_id'. It is its own document now, and kept."""
+    from llama_index.core.schema import TextNode
+    from pipeline_helpers import write_docs
+
+    from pipelines.ingest import ingest
+    from pipelines.rebuild import rebuild
+
+    settings = settings_for(embedding)
+    source = write_docs(tmp_path / "src")
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    index = open_index(tmp_path / "idx", settings, embedding=embedding)
+    index.as_index().insert_nodes([TextNode(text="penguins swim in cold antarctic water .", id_="loose")])
+    index.store.persist()
+    rebuild(tmp_path / "idx", settings, embedding=embedding, keep_vectors=True)
+    rebuild(tmp_path / "idx", settings, embedding=embedding)
+    (source / "more.txt").write_text("the owl hooted at the moon .")
+    assert ingest(source, tmp_path / "idx", settings, embedding=embedding).added == 1
+    hits = open_index(tmp_path / "idx", settings, embedding=embedding).search("penguins antarctic", 1, mode="sparse")
+    assert [hit["node_id"] for hit in hits] == ["loose"]
