@@ -588,6 +588,14 @@ class IndexSession:
         items = list(iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20)))
         readable = [item for item in items if isinstance(item, SourceDocument)]
         indexed = live.doc_hashes()
+        # Documents written outside ingest (LlamaIndex's as_index(), the store API) have no
+        # recorded hash: they were left out of the new version without a word, even with
+        # --keep-missing. They count as indexed documents that this source may not hold.
+        unrecorded: dict[str, list[str]] = {}
+        for node, _ in live.iter_nodes_with_embeddings():
+            if doc_id_of(node) not in indexed:
+                unrecorded.setdefault(doc_id_of(node), []).append(node.node_id)
+        indexed.update(dict.fromkeys(unrecorded, ""))
         failed = [item for item in items if isinstance(item, SourceError)]
         if not readable and indexed and self.settings.delete_missing:
             raise self._empty_source(source, len(indexed), failed)
@@ -610,10 +618,11 @@ class IndexSession:
                 if doc_id not in read:
                     deleted.append(doc_id)
                 continue
-            nodes = live.get_nodes(node_ids=live.ref_doc_node_ids(doc_id))
+            nodes = live.get_nodes(node_ids=unrecorded.get(doc_id) or live.ref_doc_node_ids(doc_id))
             if nodes:
                 split.by_doc[doc_id] = [_fresh_node(node) for node in nodes]  # type: ignore[arg-type]
-                hashes[doc_id] = indexed[doc_id]
+                if indexed[doc_id]:  # one written outside ingest stays without a hash
+                    hashes[doc_id] = indexed[doc_id]
                 if failure is not None:
                     failure[doc_id] += "; its indexed version is kept"
         if deleted:

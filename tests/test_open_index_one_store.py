@@ -102,3 +102,30 @@ def test_a_node_inserted_on_its_own_through_as_index_does_not_stop_a_rebuild_or_
     assert ingest(source, tmp_path / "idx", settings, embedding=embedding).added == 1
     hits = open_index(tmp_path / "idx", settings, embedding=embedding).search("penguins antarctic", 1, mode="sparse")
     assert [hit["node_id"] for hit in hits] == ["loose"]
+
+
+@pytest.mark.parametrize("keep_missing", [False, True])
+def test_rebuild_from_a_source_counts_or_keeps_documents_written_through_as_index(tmp_path, embedding, keep_missing):
+    """A document (and a lone node) inserted through LlamaIndex is not in the folder: rebuild
+    --source left both out of the new version saying deleted: 0, with --keep-missing too."""
+    from llama_index.core.schema import TextNode
+    from pipeline_helpers import DOCS, write_docs
+
+    from pipelines.ingest import ingest
+    from pipelines.rebuild import rebuild
+
+    settings = settings_for(embedding).model_copy(update={"delete_missing": not keep_missing})
+    source = write_docs(tmp_path / "src")
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    index = open_index(tmp_path / "idx", settings, embedding=embedding)
+    index.as_index().insert(Document(text="zymurgy kettles ferment quietly .", id_="zymurgy"))
+    index.as_index().insert_nodes([TextNode(text="penguins swim in cold antarctic water .", id_="loose")])
+    index.store.persist()
+    stats = rebuild(tmp_path / "idx", settings, embedding=embedding, source=source)
+    rebuilt = open_index(tmp_path / "idx", settings, embedding=embedding)
+    found = {hit["doc_id"] or hit["node_id"] for q in ("zymurgy kettles", "penguins antarctic")
+             for hit in rebuilt.search(q, 1, mode="sparse")}
+    if keep_missing:
+        assert stats.deleted == 0 and rebuilt.store.count == len(DOCS) + 2 and {"zymurgy", "loose"} <= found
+    else:
+        assert stats.deleted == 2 and rebuilt.store.count == len(DOCS) and not {"zymurgy", "loose"} & found
