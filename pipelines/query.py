@@ -165,8 +165,19 @@ class OpenIndex:
         (a plain VectorStoreIndex searched dense-only: ~45 NDCG@10 on SciFact against ~72).
         Its engines also rerank when this index reranks by default (settings ``rerank``), as
         :meth:`search` does; ``rerank=True|False`` to an engine overrides that
-        (:meth:`engine_defaults`). A retriever alone returns the fused hits."""
-        index = _index_with_defaults().from_vector_store(self.vector_store, embed_model=self.embedding)
+        (:meth:`engine_defaults`). A retriever alone returns the fused hits.
+
+        Documents inserted through it are split as ingest splits them: at the node size the
+        index recorded, counting the encoder's tokens. LlamaIndex's default splitter made nodes
+        of 1,024 of its own tokens, which the encoder cut to its window (its vector then stood
+        for a node's beginning only)."""
+        from pipelines.chunking import default_chunk_size, make_splitter
+
+        recorded = self.store.splitting or {}
+        splitter = make_splitter(self.encoder.tokenize, int(recorded.get("chunk_size") or default_chunk_size(self.encoder)),
+                                 int(recorded.get("chunk_overlap", 32)))
+        index = _index_with_defaults().from_vector_store(self.vector_store, embed_model=self.embedding,
+                                                         transformations=[splitter])
         index.retriever_defaults = self.retriever_defaults
         index.engine_defaults = self.engine_defaults
         return index

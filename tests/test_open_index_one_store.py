@@ -129,3 +129,22 @@ def test_rebuild_from_a_source_counts_or_keeps_documents_written_through_as_inde
         assert stats.deleted == 0 and rebuilt.store.count == len(DOCS) + 2 and {"zymurgy", "loose"} <= found
     else:
         assert stats.deleted == 2 and rebuilt.store.count == len(DOCS) and not {"zymurgy", "loose"} & found
+
+
+def test_a_document_inserted_through_as_index_is_split_as_ingest_splits_it(tmp_path, embedding):
+    """as_index().insert used LlamaIndex's default splitter (1,024 of its own tokens a node),
+    not the node size the index recorded, so nodes ran past the encoder's window."""
+    from pipeline_helpers import long_doc, write_docs
+
+    from pipelines.ingest import ingest
+
+    settings = settings_for(embedding).model_copy(update={"chunk_size": 48})
+    text = long_doc(30, seed=9)
+    ingest(write_docs(tmp_path / "src", {"long.txt": text}), tmp_path / "idx", settings, embedding=embedding)
+    index = open_index(tmp_path / "idx", settings, embedding=embedding)
+    by_ingest = len(index.store.ref_doc_node_ids("long.txt"))
+    index.as_index().insert(Document(text=text, id_="same-text"))
+    inserted = index.store.ref_doc_node_ids("same-text")
+    assert by_ingest > 2 and len(inserted) == by_ingest
+    tokens = [len(embedding.encoder.tokenize(node.get_content())) for node in index.store.get_nodes(node_ids=inserted)]
+    assert max(tokens) <= 48
