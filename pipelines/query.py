@@ -450,4 +450,14 @@ def _index_with_defaults() -> type[VectorStoreIndex]:
             defaults = self.engine_defaults
             return super().as_chat_engine(*args, **(defaults(kwargs) if defaults is not None else kwargs))
 
+        def insert(self, document: Any, **insert_kwargs: Any) -> None:
+            """Insert ``document``, replacing the nodes of a document of the same id the store
+            already holds. LlamaIndex's insert added them beside the old ones, and its
+            ``refresh_ref_docs``, whose hashes live in memory only, inserts every document
+            again after a reopen: each refresh doubled the documents."""
+            doc_id = document.get_doc_id()
+            if self._vector_store.ref_doc_node_ids(doc_id):
+                self.delete_ref_doc(doc_id, delete_from_docstore=True)
+            super().insert(document, **insert_kwargs)
+
     return IndexWithDefaults

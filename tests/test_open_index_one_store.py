@@ -148,3 +148,24 @@ def test_a_document_inserted_through_as_index_is_split_as_ingest_splits_it(tmp_p
     assert by_ingest > 2 and len(inserted) == by_ingest
     tokens = [len(embedding.encoder.tokenize(node.get_content())) for node in index.store.get_nodes(node_ids=inserted)]
     assert max(tokens) <= 48
+
+
+def test_insert_and_refresh_through_as_index_replace_a_document_they_meet_again(index_dir, embedding):
+    """After a reopen, LlamaIndex's refresh_ref_docs (its hashes are in memory) inserted every
+    document again, and an insert of an id the index held added a second copy."""
+    settings = settings_for(embedding)
+    index = open_index(index_dir, settings, embedding=embedding)
+    count = index.store.count
+    note = Document(text="zymurgy kettles ferment quietly .", id_="zymurgy")
+    assert index.as_index().refresh_ref_docs([note]) == [True]
+    index.store.persist()
+    for _ in range(2):  # reopened each time: LlamaIndex's own hashes are gone
+        index = open_index(index_dir, settings, embedding=embedding)
+        index.as_index().refresh_ref_docs([note])
+        index.store.persist()
+    index.as_index().insert(Document(text="the cat sat on the zymurgy mat .", id_="cats.txt"))
+    index.store.persist()
+    reopened = open_index(index_dir, settings, embedding=embedding)
+    assert reopened.store.count == count + 1
+    assert [hit["doc_id"] for hit in reopened.search("zymurgy", 10, mode="sparse")].count("zymurgy") == 1
+    assert len(reopened.store.ref_doc_node_ids("cats.txt")) == 1
