@@ -163,9 +163,13 @@ def test_insert_and_refresh_through_as_index_replace_a_document_they_meet_again(
         index = open_index(index_dir, settings, embedding=embedding)
         index.as_index().refresh_ref_docs([note])
         index.store.persist()
+    from pipeline_helpers import long_doc
+
+    index.as_index().insert(Document(text=long_doc(80, seed=2), id_="cats.txt"))  # several nodes
+    assert len(index.store.ref_doc_node_ids("cats.txt")) > 1
     index.as_index().insert(Document(text="the cat sat on the zymurgy mat .", id_="cats.txt"))
     index.store.persist()
     reopened = open_index(index_dir, settings, embedding=embedding)
     assert reopened.store.count == count + 1
     assert [hit["doc_id"] for hit in reopened.search("zymurgy", 10, mode="sparse")].count("zymurgy") == 1
-    assert len(reopened.store.ref_doc_node_ids("cats.txt")) == 1
+    assert len(reopened.store.ref_doc_node_ids("cats.txt")) == 1  # no node of the longer text left
