@@ -46,6 +46,8 @@ from .spec import IndexSpec, Manifest, NamedFile
 logger = logging.getLogger(__name__)
 
 #: LlamaIndex's query modes and the engine's.
+#: The search knobs ``query`` passes on to :meth:`SegmentStore.retrieve` (``fusion`` besides).
+_KNOBS = ("nprobe", "ef_search", "k_factor")
 _MODES: dict[VectorStoreQueryMode, SearchMode] = {
     VectorStoreQueryMode.DEFAULT: "dense",
     VectorStoreQueryMode.TEXT_SEARCH: "sparse",
@@ -123,7 +125,11 @@ class FaissVectorStore(SegmentStore, BasePydanticVectorStore):
                 raise ValueError("hybrid queries need query_embedding as well as query_str")
             logger.warning("query without query_embedding: returning no results")
             return VectorStoreQueryResult(nodes=[], similarities=[], ids=[])
-        knobs = {k: v for k, v in kwargs.items() if k in ("nprobe", "ef_search", "k_factor")}
+        unknown = sorted(set(kwargs) - {*_KNOBS, "fusion"})
+        if unknown:  # a misspelled knob ("nprob") was dropped, and the default used without a word
+            raise TypeError(f"unknown store option(s) {', '.join(map(repr, unknown))}; FaissVectorStore.query "
+                            f"takes {', '.join(sorted({*_KNOBS, 'fusion'}))}")
+        knobs = {k: v for k, v in kwargs.items() if k in _KNOBS}
         # LlamaIndex's retriever sends node_ids=[] for every store that keeps the text (its own
         # node list is empty then), meaning no restriction; [] from retrieve() allows nothing.
         found = self.retrieve(

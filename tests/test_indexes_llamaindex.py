@@ -104,6 +104,10 @@ def test_retriever_passes_search_knobs_through(tmp_path):
     index, _ = build(tmp_path, "hnsw")
     retriever = index.as_retriever(similarity_top_k=1, vector_store_kwargs={"ef_search": 8})
     assert retriever.retrieve("rockets and astronauts")[0].node.ref_doc_id == "space"
+    # a misspelled knob is refused, not dropped in favour of the default
+    for misspelled in ({"ef_serch": 8}, {"fusion_method": "rrf"}):
+        with pytest.raises(TypeError, match="unknown store option"):
+            index.as_retriever(similarity_top_k=1, vector_store_kwargs=misspelled).retrieve("rockets")
 
 
 def test_storage_context_persist_writes_a_new_version_and_a_pointer_that_reopens(tmp_path):
