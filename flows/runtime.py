@@ -26,7 +26,8 @@ _ENCODERS_LOCK = threading.Lock()
 _LOADS = 0  # models this process has loaded: a worker that loads per task is a bug
 
 # Retries per step: reading a source and embedding may hit passing trouble (a network share,
-# a worker lost); applying is retried once, which is safe since nothing is live until persist.
+# a worker lost); applying is retried once, which is safe since nothing is live until persist
+# and the retry opens the index afresh (IndexSession.apply), not the store the failure changed.
 STEP_RETRIES = {"plan": 2, "split": 1, "apply-and-persist": 1, "plan-rebuild": 1, "write-verify-switch": 1}
 
 

@@ -222,6 +222,7 @@ class IndexSession:
         self._load_encoder = load_encoder
         self._store: FaissVectorStore | None = None
         self._live: FaissVectorStore | None = None
+        self._applying = False  # an apply began and has not finished (a task retry runs it again)
 
     @classmethod
     @contextmanager
@@ -440,7 +441,16 @@ class IndexSession:
 
     def apply(self, plan: IngestPlan, split: SplitNodes, embedded: Iterable[EmbeddedBatch]) -> RunStats:
         """Check the vectors came from the index's encoder, replace changed documents' nodes,
-        add new ones, remove deleted ones, record hashes, and persist a new version."""
+        add new ones, remove deleted ones, record hashes, and persist a new version.
+
+        A retry after a failure part-way (the flows retry this step) starts from the index as
+        committed: the store the failed attempt changed is dropped and opened again. It was
+        reused, and an attempt that had fitted the correction, taking the earlier nodes out to
+        write them back corrected, left them out for good on the retry (a run that ended
+        Completed with 6 documents gone)."""
+        if self._applying:
+            self._store = None  # nothing of it is live: persist is the last step
+        self._applying = True
         store = self.store
         if self.manifest is None and store.splitting is None:  # a new index records its splitting
             store.record_splitting(self.splitting)
@@ -463,6 +473,7 @@ class IndexSession:
         first = store.manifest is None
         stats.version = store.persist(force=first) if plan.changes_anything or first else store.version
         stats.count = store.count
+        self._applying = False
         return stats
 
     def fill(

@@ -234,3 +234,62 @@ def test_query_settings_asking_for_another_encoder_are_named_in_a_warning(index_
     with caplog.at_level("WARNING", logger="pipelines.query"):
         open_index(index_dir, settings_for(embedding), embedding=embedding)
     assert "rebuild" not in caplog.text
+
+
+def test_a_retried_apply_starts_from_the_index_as_committed(tmp_path, embedding, monkeypatch):
+    """The flows retry a failed apply step. The retry reused the store the failed attempt had
+    changed: an attempt that fitted the correction (taking the earlier nodes out to write them
+    back corrected) failed on its first write, and the retry, seeing a correction set, never
+    wrote them back; the run ended Completed with the first ingest's documents gone."""
+    from pipelines.engine import IndexSession, embed_batch
+
+    settings, index_dir = settings_for(embedding), tmp_path / "idx"
+    source = write_docs(tmp_path / "src", DOCS)
+    ingest(source, index_dir, settings, embedding=embedding)  # too few nodes for a correction
+    write_docs(source, {k: v for k, v in MANY.items() if k not in DOCS})
+    real_add, failures = FaissVectorStore.add, iter([OSError("a passing write error")])
+
+    def flaky_add(self, *args, **kwargs):
+        failure = next(failures, None) if self.correction is not None else None
+        if failure is not None:
+            raise failure
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(FaissVectorStore, "add", flaky_add)
+    with IndexSession.open(index_dir, settings, encoder=embedding.encoder) as session:
+        plan = session.plan(source)
+        split = session.split(plan.to_embed)
+        embedded = [embed_batch(batch, session.encoder) for batch in split.batches(8)]
+        with pytest.raises(OSError, match="passing write error"):
+            session.apply(plan, split, embedded)
+        stats = session.apply(plan, split, embedded)  # the task's retry
+    index = open_index(index_dir, settings, embedding=embedding)
+    assert (stats.added, stats.unchanged) == (len(MANY) - len(DOCS), len(DOCS))
+    assert set(index.store.doc_hashes()) == set(MANY) and index.store.correction is not None
+    assert stats.count == index.store.count == len(index.store.all_nodes()) >= len(MANY)
+
+
+def test_a_retried_apply_of_a_new_index_writes_it_once(tmp_path, embedding, monkeypatch):
+    from pipelines.engine import IndexSession, embed_batch
+
+    settings, index_dir = settings_for(embedding), tmp_path / "idx"
+    source = write_docs(tmp_path / "src", MANY)
+    real_add, failures = FaissVectorStore.add, iter([OSError("a passing write error")])
+
+    def flaky_add(self, *args, **kwargs):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(FaissVectorStore, "add", flaky_add)
+    with IndexSession.open(index_dir, settings, encoder=embedding.encoder) as session:
+        plan = session.plan(source)
+        split = session.split(plan.to_embed)
+        embedded = [embed_batch(batch, session.encoder) for batch in split.batches(8)]
+        with pytest.raises(OSError, match="passing write error"):
+            session.apply(plan, split, embedded)
+        stats = session.apply(plan, split, embedded)
+    index = open_index(index_dir, settings, embedding=embedding)
+    assert stats.added == len(MANY) and stats.version == index.version == 1
+    assert set(index.store.doc_hashes()) == set(MANY) and index.store.count == len(index.store.all_nodes())
