@@ -32,8 +32,11 @@ def ingest_deployment_kwargs(
 ) -> dict[str, Any]:
     """Arguments of ``ingest_flow_body.serve`` for one scheduled index.
 
-    ``global_limit=1`` is a deployment concurrency limit on the server: two scheduled runs of
-    the same deployment never overlap (the file lock also covers ad-hoc runs).
+    ``limit=1``: the serving process runs one flow run at a time, and every writer holds the
+    index's file lock (ad-hoc runs and other processes too), so two ingests never write one
+    index at once. No deployment concurrency limit on the server (``global_limit``): its slot
+    was held forever by a run whose process tree was killed (a reboot, a container stop), and
+    after a restart every scheduled run was skipped "at capacity", with INFO lines only.
     """
     return {
         "name": name or deployment_name(index_dir),
@@ -44,7 +47,6 @@ def ingest_deployment_kwargs(
             "index_dir": str(Path(index_dir).resolve()),
             "settings": settings.to_transport(),
         },
-        "global_limit": 1,
         "limit": 1,
         "tags": ["htp-index"],
         "description": f"Incremental ingest of {source} into {index_dir}",

@@ -75,9 +75,10 @@ def test_ingest_flow_publishes_a_stats_artifact(harness, tmp_path, settings):
     assert any("| added | 2 |" in artifact.data for artifact in found)
 
 
-def test_deployment_has_a_concurrency_limit_and_schedule(tmp_path, settings):
+def test_deployment_runs_one_at_a_time_without_a_server_slot_a_killed_run_could_keep(tmp_path, settings):
     kwargs = ingest_deployment_kwargs(tmp_path / "src", tmp_path / "idx", settings, cron="0 3 * * *")
-    assert kwargs["global_limit"] == 1 and kwargs["cron"] == "0 3 * * *"
+    assert kwargs["limit"] == 1 and kwargs["cron"] == "0 3 * * *"
+    assert "global_limit" not in kwargs  # held forever by a run whose process was killed
     assert kwargs["name"] == deployment_name(tmp_path / "idx")
     assert kwargs["parameters"]["settings"]["encoder"]["model"] == settings.encoder.model
 
