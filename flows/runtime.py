@@ -57,13 +57,28 @@ def embed_batch_task(batch: list[TextNode], encoder: EncoderConfig) -> EmbeddedB
     return embed_batch(batch, cached_encoder(encoder))
 
 
+def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Whether a failed step is retried: passing trouble (a share not mounted yet, a file
+    being copied, a lost worker) may be gone, but an error about the request itself (options
+    that conflict with the index, no index to rebuild, an encoder unlike the index's) says the
+    same again: two retries cost ~10 s of waiting and tracebacks for nothing."""
+    from indexes import EncoderMismatchError, IndexNotFoundError
+    from pipelines.errors import EncoderDriftError, OptionConflictError
+
+    try:
+        failure = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - no exception to judge: retry as configured
+        return True
+    return not isinstance(failure, OptionConflictError | IndexNotFoundError | EncoderDriftError | EncoderMismatchError)
+
+
 class PrefectSteps:
     """Runs each step of a session as a Prefect task (retried, visible in the UI) in the flow's
     process, and fans the embedding batches out through the flow's task runner."""
 
     def run(self, name: str, step: Callable[..., T], *args: Any) -> T:
         return task(step, name=name, retries=STEP_RETRIES.get(name, 0), retry_delay_seconds=5,
-                    cache_policy=NO_CACHE)(*args)
+                    retry_condition_fn=worth_retrying, cache_policy=NO_CACHE)(*args)
 
     def embed(self, batches: list[list[TextNode]], session: IndexSession) -> list[EmbeddedBatch]:
         return embed_batch_task.map(batches, encoder=unmapped(session.settings.encoder)).result()

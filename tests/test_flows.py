@@ -75,6 +75,19 @@ def test_ingest_flow_publishes_a_stats_artifact(harness, tmp_path, settings):
     assert any("| added | 2 |" in artifact.data for artifact in found)
 
 
+def test_a_step_is_retried_for_passing_trouble_not_for_an_error_about_the_request():
+    from prefect.states import Failed
+
+    from flows.runtime import worth_retrying
+    from indexes import IndexNotFoundError
+    from pipelines.errors import SplittingMismatchError
+
+    assert worth_retrying(None, None, Failed(data=OSError("the share is not mounted yet")))
+    assert worth_retrying(None, None, Failed(data=FileNotFoundError("a file being copied")))
+    assert not worth_retrying(None, None, Failed(data=SplittingMismatchError("another chunk size")))
+    assert not worth_retrying(None, None, Failed(data=IndexNotFoundError("no index to rebuild")))
+
+
 def test_deployment_runs_one_at_a_time_without_a_server_slot_a_killed_run_could_keep(tmp_path, settings):
     kwargs = ingest_deployment_kwargs(tmp_path / "src", tmp_path / "idx", settings, cron="0 3 * * *")
     assert kwargs["limit"] == 1 and kwargs["cron"] == "0 3 * * *"
