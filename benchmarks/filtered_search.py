@@ -27,18 +27,13 @@ import numpy as np
 from llama_index.core.schema import TextNode
 from llama_index.core.vector_stores.types import FilterOperator, MetadataFilter, MetadataFilters
 from machine import cpu_model
+from store_scale import clustered
 
 from indexes import FaissVectorStore, vectors
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DIM, CLUSTERS, TENANTS = 64, 128, 4
 VARIANTS = {"this code": vectors._ascending_unique, "np.unique": np.unique}
-
-
-def clustered(n: int, seed: int, centres: np.ndarray) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.standard_normal((n, DIM)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def main() -> None:
@@ -48,7 +43,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200, help="queries per setting")
     args = parser.parse_args()
     centres = np.random.default_rng(0).standard_normal((CLUSTERS, DIM)).astype(np.float32)
-    x, queries = clustered(args.rows, 1, centres), clustered(args.queries, 2, centres)
+    x, queries = (clustered(np.random.default_rng(seed), n, centres, spread=0.5) for seed, n in ((1, args.rows), (2, args.queries)))
     tenant = np.arange(args.rows) % TENANTS
     one_tenant = MetadataFilters(filters=[MetadataFilter(key="tenant", value="t1", operator=FilterOperator.EQ)])
     rows = []

@@ -63,10 +63,10 @@ def queries(n: int) -> list[str]:
     return [pool[i * 7 % len(pool)] for i in range(n)]
 
 
-def clustered(rng: np.random.Generator, n: int, centres: np.ndarray) -> np.ndarray:
-    """Unit vectors around random centres: clustered like real embeddings."""
+def clustered(rng: np.random.Generator, n: int, centres: np.ndarray, spread: float = 0.35) -> np.ndarray:
+    """Unit vectors around random centres (of their width): clustered like real embeddings."""
     labels = rng.integers(0, len(centres), size=n)
-    x = centres[labels] + 0.35 * rng.standard_normal((n, DIM)).astype(np.float32)
+    x = centres[labels] + spread * rng.standard_normal((n, centres.shape[1])).astype(np.float32)
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 

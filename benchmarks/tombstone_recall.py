@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from llama_index.core.schema import TextNode
 from machine import cpu_model
+from store_scale import clustered
 
 from indexes import FaissVectorStore, MergePolicy, kinds
 from indexes.vectors import VectorIndex
@@ -43,19 +44,13 @@ DELETED = (0.0, 0.5, 0.8, 0.9, 0.98)
 RULES = ("this code", "calibrated probe", "code before")
 
 
-def clustered(n: int, seed: int, centres: np.ndarray) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.standard_normal((n, DIM)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=40_000, help="rows of the segment")
     parser.add_argument("--queries", type=int, default=200, help="queries per setting")
     args = parser.parse_args()
     centres = np.random.default_rng(0).standard_normal((CLUSTERS, DIM)).astype(np.float32)
-    x, queries = clustered(args.rows, 1, centres), clustered(args.queries, 2, centres)
+    x, queries = (clustered(np.random.default_rng(seed), n, centres, spread=0.5) for seed, n in ((1, args.rows), (2, args.queries)))
     share_rule = kinds.probes_for
 
     kept_selector = VectorIndex._live_selector

@@ -236,21 +236,16 @@ def test_query_settings_asking_for_another_encoder_are_named_in_a_warning(index_
     assert "rebuild" not in caplog.text
 
 
-def test_a_retried_apply_starts_from_the_index_as_committed(tmp_path, embedding, monkeypatch):
-    """The flows retry a failed apply step. The retry reused the store the failed attempt had
-    changed: an attempt that fitted the correction (taking the earlier nodes out to write them
-    back corrected) failed on its first write, and the retry, seeing a correction set, never
-    wrote them back; the run ended Completed with the first ingest's documents gone."""
+def _apply_failing_once(index_dir, source, settings, embedding, monkeypatch, fails_when):
+    """An ingest run step by step as the flows run it, whose first store write for which
+    ``fails_when(store)`` holds raises, and whose apply step is then run again (the task's
+    retry); returns the retry's stats."""
     from pipelines.engine import IndexSession, embed_batch
 
-    settings, index_dir = settings_for(embedding), tmp_path / "idx"
-    source = write_docs(tmp_path / "src", DOCS)
-    ingest(source, index_dir, settings, embedding=embedding)  # too few nodes for a correction
-    write_docs(source, {k: v for k, v in MANY.items() if k not in DOCS})
     real_add, failures = FaissVectorStore.add, iter([OSError("a passing write error")])
 
     def flaky_add(self, *args, **kwargs):
-        failure = next(failures, None) if self.correction is not None else None
+        failure = next(failures, None) if fails_when(self) else None
         if failure is not None:
             raise failure
         return real_add(self, *args, **kwargs)
@@ -262,7 +257,20 @@ def test_a_retried_apply_starts_from_the_index_as_committed(tmp_path, embedding,
         embedded = [embed_batch(batch, session.encoder) for batch in split.batches(8)]
         with pytest.raises(OSError, match="passing write error"):
             session.apply(plan, split, embedded)
-        stats = session.apply(plan, split, embedded)  # the task's retry
+        return session.apply(plan, split, embedded)
+
+
+def test_a_retried_apply_starts_from_the_index_as_committed(tmp_path, embedding, monkeypatch):
+    """The flows retry a failed apply step. The retry reused the store the failed attempt had
+    changed: an attempt that fitted the correction (taking the earlier nodes out to write them
+    back corrected) failed on its first write, and the retry, seeing a correction set, never
+    wrote them back; the run ended Completed with the first ingest's documents gone."""
+    settings, index_dir = settings_for(embedding), tmp_path / "idx"
+    source = write_docs(tmp_path / "src", DOCS)
+    ingest(source, index_dir, settings, embedding=embedding)  # too few nodes for a correction
+    write_docs(source, {k: v for k, v in MANY.items() if k not in DOCS})
+    stats = _apply_failing_once(index_dir, source, settings, embedding, monkeypatch,
+                                fails_when=lambda store: store.correction is not None)
     index = open_index(index_dir, settings, embedding=embedding)
     assert (stats.added, stats.unchanged) == (len(MANY) - len(DOCS), len(DOCS))
     assert set(index.store.doc_hashes()) == set(MANY) and index.store.correction is not None
@@ -270,26 +278,9 @@ def test_a_retried_apply_starts_from_the_index_as_committed(tmp_path, embedding,
 
 
 def test_a_retried_apply_of_a_new_index_writes_it_once(tmp_path, embedding, monkeypatch):
-    from pipelines.engine import IndexSession, embed_batch
-
     settings, index_dir = settings_for(embedding), tmp_path / "idx"
-    source = write_docs(tmp_path / "src", MANY)
-    real_add, failures = FaissVectorStore.add, iter([OSError("a passing write error")])
-
-    def flaky_add(self, *args, **kwargs):
-        failure = next(failures, None)
-        if failure is not None:
-            raise failure
-        return real_add(self, *args, **kwargs)
-
-    monkeypatch.setattr(FaissVectorStore, "add", flaky_add)
-    with IndexSession.open(index_dir, settings, encoder=embedding.encoder) as session:
-        plan = session.plan(source)
-        split = session.split(plan.to_embed)
-        embedded = [embed_batch(batch, session.encoder) for batch in split.batches(8)]
-        with pytest.raises(OSError, match="passing write error"):
-            session.apply(plan, split, embedded)
-        stats = session.apply(plan, split, embedded)
+    stats = _apply_failing_once(index_dir, write_docs(tmp_path / "src", MANY), settings, embedding, monkeypatch,
+                                fails_when=lambda store: True)
     index = open_index(index_dir, settings, embedding=embedding)
     assert stats.added == len(MANY) and stats.version == index.version == 1
     assert set(index.store.doc_hashes()) == set(MANY) and index.store.count == len(index.store.all_nodes())
