@@ -1169,7 +1169,14 @@ class SegmentStore:
         for row, vector in self._iter_rows_with_vectors(batch_size):
             yield row.to_node(), vector
 
-    def _iter_rows_with_vectors(self, batch_size: int) -> Iterator[tuple[NodeRow, np.ndarray]]:
+    def iter_nodes(self, batch_size: int = 1024) -> Iterator[BaseNode]:
+        """Every node (no embedding) in the order of `iter_embeddings`, read a batch at a time
+        and without reading any vector (what a pass over the documents needs)."""
+        for row, _ in self._iter_rows_with_vectors(batch_size, vectors=False):
+            yield row.to_node()
+
+    def _iter_rows_with_vectors(self, batch_size: int, *, vectors: bool = True) -> Iterator[tuple[NodeRow, np.ndarray | None]]:
+        """Live rows with their vectors (None each with ``vectors`` False: none is read)."""
         with self._lock:
             sources: list[Any] = [*self._segments, self._pending]
         for source in sources:
@@ -1184,8 +1191,8 @@ class SegmentStore:
                 block = ids[start : start + batch_size]
                 with self._lock:
                     rows = self._rows(block.tolist())
-                    vectors = reconstruct(block)
-                for faiss_id, vector in zip(block, vectors, strict=True):
+                    read = reconstruct(block) if vectors else [None] * len(block)
+                for faiss_id, vector in zip(block, read, strict=True):
                     row = rows.get(int(faiss_id))
                     if row is not None:
                         yield row, vector

@@ -603,7 +603,7 @@ class IndexSession:
         # recorded hash: they were left out of the new version without a word, even with
         # --keep-missing. They count as indexed documents that this source may not hold.
         unrecorded: dict[str, list[str]] = {}
-        for node, _ in live.iter_nodes_with_embeddings():
+        for node in live.iter_nodes():  # rows only: no vector is read
             if doc_id_of(node) not in indexed:
                 unrecorded.setdefault(doc_id_of(node), []).append(node.node_id)
         indexed.update(dict.fromkeys(unrecorded, ""))
