@@ -87,7 +87,8 @@ class EncoderConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="'auto' = bfloat16 on cuda; on a CPU whichever a short probe shaped like the model's "
-        "layers measured faster (bfloat16 only at >= 1.15x; cached per CPU model and torch version); "
+        "layers measured faster (bfloat16 only at >= 1.15x on documents and >= 0.90x on queries; cached per CPU "
+        "model and torch version); "
         "'float32' is the exact reference",
     )
     k: KPolicy = Field(default_factory=KPolicy, description="sentences per HTP block")
