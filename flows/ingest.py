@@ -11,10 +11,16 @@ import time
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 from flows.dask_runner import prefect_api_for_local_workers
-from flows.runtime import PrefectSteps, cached_encoder, finished, settings_from, task_runner_for
+from flows.runtime import (
+    PrefectSteps,
+    cached_encoder,
+    finished,
+    publish_stats,
+    settings_from,
+    task_runner_for,
+)
 from pipelines.engine import IndexSession
 
 
@@ -26,10 +32,7 @@ def ingest_flow_body(source: str, index_dir: str, settings: dict[str, Any] | Non
     with IndexSession.open(index_dir, settings_from(settings), load_encoder=cached_encoder) as session:
         stats = session.ingest(source, PrefectSteps())
     stats.seconds = time.perf_counter() - began
-    create_markdown_artifact(
-        markdown=stats.to_markdown(f"Ingest {source} -> {index_dir}"),
-        key="ingest-stats", description="documents added/updated/deleted/unchanged/failed",
-    )
+    publish_stats(stats, "ingest", f"Ingest {source} -> {index_dir}", index_dir)
     return finished(stats)
 
 

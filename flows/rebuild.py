@@ -7,10 +7,16 @@ import time
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 from flows.dask_runner import prefect_api_for_local_workers
-from flows.runtime import PrefectSteps, cached_encoder, finished, settings_from, task_runner_for
+from flows.runtime import (
+    PrefectSteps,
+    cached_encoder,
+    finished,
+    publish_stats,
+    settings_from,
+    task_runner_for,
+)
 from pipelines.engine import IndexSession
 
 
@@ -26,7 +32,7 @@ def rebuild_flow_body(
     ) as session:
         stats = session.rebuild(index_kind=index_kind, source=source, runner=PrefectSteps())
     stats.seconds = time.perf_counter() - began
-    create_markdown_artifact(markdown=stats.to_markdown(f"Rebuild {index_dir}"), key="rebuild-stats")
+    publish_stats(stats, "rebuild", f"Rebuild {index_dir}", index_dir)
     return finished(stats)
 
 

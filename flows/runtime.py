@@ -112,6 +112,28 @@ def process_report() -> dict[str, Any]:
     }
 
 
+def publish_stats(stats: RunStats, run: str, title: str, index_dir: str) -> None:
+    """Publish a run's statistics as a Markdown artifact keyed by the run and the index
+    (:func:`artifact_key`), so each index keeps its own series in the Prefect UI's Artifacts."""
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown=stats.to_markdown(title), key=artifact_key(run, index_dir),
+                             description=f"documents added/updated/deleted/unchanged/failed in {index_dir}")
+
+
+def artifact_key(run: str, index_dir: str) -> str:
+    """``<run>-stats-<index folder name>-<6 hex digits of its absolute path>``: one key shared
+    by every index mixed their runs into one series, whose "latest" was whichever index ran
+    last. Prefect keys take lowercase letters, digits and dashes only."""
+    import hashlib
+    import re
+    from pathlib import Path
+
+    path = Path(index_dir).expanduser().resolve()
+    name = re.sub(r"[^a-z0-9]+", "-", path.name.lower()).strip("-")[:40] or "index"
+    return f"{run}-stats-{name}-{hashlib.sha256(str(path).encode()).hexdigest()[:6]}"
+
+
 def finished(stats: RunStats) -> Any:
     """A flow's end: its statistics, as a ``Completed`` state named ``Partial`` when documents
     failed (the command line exits 3 then; a plain Completed showed a good run in the UI, in

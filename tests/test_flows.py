@@ -64,15 +64,23 @@ def test_ingest_flow_publishes_a_stats_artifact(harness, tmp_path, settings):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    from flows.runtime import artifact_key
+
     two_docs = {"a.txt": "the cat sat .", "b.txt": "fish swam ."}
-    ingest_flow(str(write_docs(tmp_path / "src", two_docs)), str(tmp_path / "idx"), settings.model_dump(mode="json"))
+    source = write_docs(tmp_path / "src", two_docs)
+    ingest_flow(str(source), str(tmp_path / "idx"), settings.model_dump(mode="json"))
+    ingest_flow(str(source), str(tmp_path / "other" / "idx"), settings.model_dump(mode="json"))
 
-    async def artifacts():
+    async def artifacts(key):
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-stats"])))
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
-    found = asyncio.run(artifacts())
-    assert any("| added | 2 |" in artifact.data for artifact in found)
+    # each index its own series: the second index's run is not the first one's latest
+    key, other = artifact_key("ingest", str(tmp_path / "idx")), artifact_key("ingest", str(tmp_path / "other" / "idx"))
+    assert key != other and key.startswith("ingest-stats-idx-")
+    found, found_other = asyncio.run(artifacts(key)), asyncio.run(artifacts(other))
+    assert len(found) == len(found_other) == 1
+    assert "| added | 2 |" in found[0].data and str(tmp_path / "idx") in found[0].data
 
 
 def test_a_step_is_retried_for_passing_trouble_not_for_an_error_about_the_request():
