@@ -594,8 +594,9 @@ class IndexSession:
         live = self.live_store
         if source is None:  # the stored nodes as they were split
             self._check_splitting(live.splitting, "a rebuild from the stored nodes")
-            return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), SplitNodes(stored_documents(live)),
-                               live.doc_hashes(), splitting=live.splitting)
+            stored = stored_documents(live)
+            return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), SplitNodes(stored),
+                               live.doc_hashes(), splitting=live.splitting, indexed=frozenset(stored))
         items = list(iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20)))
         readable = [item for item in items if isinstance(item, SourceDocument)]
         indexed = live.doc_hashes()
@@ -640,7 +641,7 @@ class IndexSession:
             log.info("rebuild: %d indexed document(s) are gone from the source and are left out "
                      "(keep them with --keep-missing), e.g. %s", len(deleted), deleted[0])
         return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), split, hashes, errors, self.splitting,
-                           deleted=sorted(deleted))
+                           deleted=sorted(deleted), indexed=frozenset(indexed))
 
     def _rebuild_kind(self, asked: str | None, live_kind: str) -> str:
         """The kind a rebuild writes: the one asked for, else one the settings set explicitly
@@ -675,7 +676,10 @@ class IndexSession:
             )
         expected = sum(len(plan.nodes.by_doc[doc_id]) for doc_id in written)
         verify(new, expected, self.encoder.encode_queries(["probe"])[0] if expected else None)
-        stats.added = len(written)
+        # "added" for every document read as if the index had been empty (a rebuild printed
+        # "added 5183" for an index of 5,183): re-embedded documents it held are updated
+        stats.updated = len(written & plan.indexed)
+        stats.added = len(written) - stats.updated
         stats.deleted = len(plan.deleted)
         stats.version = new.persist(force=True)
         stats.count = new.count
@@ -721,7 +725,7 @@ class IndexSession:
                             corrected=corrected)
         stats.nodes_embedded = 0  # nothing was embedded: the vectors are the stored ones
         verify(new, old.count, None)
-        stats.added = len(written)
+        stats.unchanged = len(written)  # carried over as they were, vectors and all
         stats.version = new.persist(force=True)
         stats.count = new.count
         return stats

@@ -143,3 +143,5 @@ class RebuildPlan:
     splitting: dict[str, int] | None = None
     #: indexed documents the new version leaves out (gone from the re-read source)
     deleted: list[str] = field(default_factory=list)
+    #: the live version's documents: a re-embedded one of them counts as updated, not added
+    indexed: frozenset[str] = frozenset()

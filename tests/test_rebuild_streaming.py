@@ -80,3 +80,19 @@ def test_keep_vectors_fits_a_missing_correction_on_stored_vectors_spanning_many_
     ids = sorted(raw)
     expected = store.correction.documents(np.stack([raw[i] for i in ids]))
     assert np.allclose(np.stack([upgraded[i] for i in ids]), expected, atol=1e-5)
+
+
+def test_a_rebuild_counts_what_it_did_to_each_document(tmp_path, embedding):
+    # it printed "added N" for an index of N documents, as if it had been empty
+    settings = settings_for(embedding)
+    source = write_docs(tmp_path / "src", DOCS)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    stats = rebuild(tmp_path / "idx", settings, embedding=embedding)
+    assert (stats.added, stats.updated, stats.deleted, stats.unchanged) == (0, len(DOCS), 0, 0)
+    kept = rebuild(tmp_path / "idx", settings, keep_vectors=True, embedding=embedding)
+    assert (kept.added, kept.updated, kept.unchanged, kept.nodes_embedded) == (0, 0, len(DOCS), 0)
+    gone, *_ = sorted(DOCS)
+    (source / gone).unlink()
+    (source / "new.txt").write_text("A new document arrives. It has two sentences.")
+    from_source = rebuild(tmp_path / "idx", settings, source=source, embedding=embedding)
+    assert (from_source.added, from_source.updated, from_source.deleted) == (1, len(DOCS) - 1, 1)
