@@ -56,7 +56,13 @@ from pipelines.identity_check import expected_identity, index_accepts
 from pipelines.lock import index_lock
 from pipelines.runs import IngestPlan, RebuildPlan, RunStats, SplitNodes, plan_ingest
 from pipelines.settings import Settings, load_settings
-from pipelines.sources import SourceDocument, SourceError, iter_source, single_document
+from pipelines.sources import (
+    SUPPORTED_SUFFIXES,
+    SourceDocument,
+    SourceError,
+    iter_source,
+    single_document,
+)
 
 log = logging.getLogger(__name__)
 #: A node's overlap with the next is at most this share of its size (as the splitter caps it).
@@ -397,6 +403,9 @@ class IndexSession:
         self._replace_unrecorded(plan)
         if plan.deleted and not (plan.new or plan.changed or plan.unchanged):
             raise self._empty_source(source, len(plan.deleted), plan.errors)
+        if not (plan.new or plan.changed or plan.unchanged or plan.errors or self.store.count):
+            log.warning("the source %s holds no documents: the index stays empty (files read: %s; names "
+                        "starting with '.' are left out)", source, ", ".join(sorted(SUPPORTED_SUFFIXES)))
         log.info("plan: %d new, %d changed, %d deleted, %d unchanged, %d unreadable",
                  len(plan.new), len(plan.changed), len(plan.deleted), len(plan.unchanged), len(plan.errors))
         return plan

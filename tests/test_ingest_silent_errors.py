@@ -366,3 +366,14 @@ def test_rebuild_from_a_source_with_an_unlistable_folder_keeps_its_documents(tmp
     stats = rebuild(tmp_path / "idx", settings, source=source, embedding=embedding)
     monkeypatch.undo()
     assert "team/notes.txt" in indexed(tmp_path / "idx") and stats.failed == 1
+
+
+def test_a_first_ingest_of_a_source_without_documents_says_so(tmp_path, embedding, caplog):
+    # it wrote an empty index and printed zeros, without a word about why
+    empty = tmp_path / "src"
+    empty.mkdir()
+    (empty / ".hidden.txt").write_text("left out by design")
+    stats = ingest(empty, tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    assert stats.count == 0
+    assert any("holds no documents" in record.getMessage() and ".jsonl" in record.getMessage()
+               for record in caplog.records if record.levelname == "WARNING")
