@@ -68,13 +68,20 @@ class LiveSegment:
 
     def delete(self, faiss_ids: np.ndarray) -> int:
         """Tombstone those of ``faiss_ids`` the segment holds; returns how many were live."""
-        held = self.reader.holds(faiss_ids)
+        held = np.unique(self.reader.holds(faiss_ids))
         if len(held) == 0:
             return 0
-        fresh = np.setdiff1d(held, self.deleted)
+        # Binary search in the sorted tombstones, and one insertion: np.setdiff1d and union1d
+        # re-sorted every tombstone of the segment at each call, so deleting D documents one
+        # by one (as ingest does) cost ~D x the tombstones held (37,495 deletions at 500k
+        # nodes: 115 s, the last 5,000 four times slower than the first).
+        at = np.searchsorted(self.deleted, held)
+        known = at < len(self.deleted)
+        known[known] = self.deleted[at[known]] == held[known]
+        fresh = held[~known]
         if len(fresh) == 0:
             return 0
-        self.deleted = np.union1d(self.deleted, fresh)
+        self.deleted = np.insert(self.deleted, at[~known], fresh)
         self.changed = True
         self._kw_mask = None
         assert self.view is not None

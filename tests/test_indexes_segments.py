@@ -356,3 +356,29 @@ def test_a_merge_streams_the_rows_of_a_segment_whose_file_is_gone(tmp_path):
     assert store.compact(everything=True) == 1
     assert _merged_rows(store) == expected
     assert not list((store.path / "segments").glob("*/nodes.sqlite-journal"))
+
+
+def test_tombstones_stay_a_sorted_set_however_deletions_arrive(tmp_path):
+    # deletions arrive one document at a time, repeated, across segments and pending rows;
+    # the tombstones are kept sorted by insertion now, not re-sorted whole at each call
+    rng = np.random.default_rng(5)
+    store = FaissVectorStore.create(tmp_path / "index", dim=DIM, encoder=ENCODER)
+    for round_ in range(3):
+        store.add(texts_nodes(rng, 60, prefix=f"r{round_}_", docs=20))
+        store.persist()
+    store.add(texts_nodes(rng, 12, prefix="p_", docs=4))  # pending, not persisted
+    doc_of = {row.faiss_id: row.ref_doc_id for s in store._segments for row in s.reader.rows.iter_rows()}
+    docs = sorted(set(doc_of.values()))
+    gone: set[str] = set()
+    for doc in rng.choice(docs, size=40):  # with repeats
+        store.delete(str(doc))
+        gone.add(str(doc))
+        for segment in store._segments:
+            expected = sorted(i for i in segment.reader.ids.tolist() if doc_of[i] in gone)
+            assert segment.deleted.tolist() == expected
+    store.persist()
+    reopened = FaissVectorStore.open(tmp_path / "index")
+    hits = reopened.query(VectorStoreQuery(query_embedding=unit_rows(rng, 1, DIM)[0].tolist(), similarity_top_k=500))
+    returned = {node.ref_doc_id for node in hits.nodes}
+    live = sum(doc_of[i] not in gone for i in doc_of) + sum(f"doc{i % 4}" not in gone for i in range(12))
+    assert not returned & gone and len(hits.nodes) == live
