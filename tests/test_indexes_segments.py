@@ -193,6 +193,11 @@ def test_merge_policy_merges_neighbours_of_one_level_and_rewrites_deleted_heavy_
     assert inline.due([level_two] * 3) == [[0, 1, 2]]
     assert inline.select([level_two] * 3) == []  # 2,700 rows: too big to rewrite inside a commit
     assert inline.deferred([level_two] * 3) == [[0, 1, 2]]
+    # a deferred merge does not keep its deleted-heavy members from being rewritten alone
+    thinned = SegmentSize(rows=1000, deleted=250, outgrown=False)  # 3 x 750 live: deferred
+    assert inline.deferred([thinned] * 3) == [[0, 1, 2]]
+    assert inline.select([thinned] * 3) == [[0], [1], [2]]
+    assert inline.select([thinned, level_two, thinned]) == [[0], [2]]
     outgrown = SegmentSize(rows=500, deleted=0, outgrown=True)
     assert policy.select([big, outgrown, tiny]) == [[1]]  # rewritten alone, as IVF
     assert policy.select([outgrown, outgrown, outgrown]) == [[0, 1, 2]]  # a level merge rewrites it anyway
