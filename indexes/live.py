@@ -24,7 +24,7 @@ from . import gpu, keywords
 from .docstore import NodeRow, NodeStore
 from .segments import SegmentReader
 from .spec import IndexSpec, NamedFile, SegmentRecord
-from .vectors import VectorIndex
+from .vectors import VectorIndex, members
 
 
 @dataclass
@@ -90,15 +90,20 @@ class LiveSegment:
         self.view._replica_stale = True
         return len(fresh)
 
-    def live_ids(self, candidates: np.ndarray | None = None) -> np.ndarray:
-        """The segment's live ids (or those of ``candidates`` it holds and has not deleted)."""
-        ids = np.asarray(self.reader.ids) if candidates is None else self.reader.holds(candidates)
+    def live_ids(self, candidates: np.ndarray | None = None, *, ascending: bool = False) -> np.ndarray:
+        """The segment's live ids (or those of ``candidates`` it holds and has not deleted;
+        ``ascending``: they are sorted, so only their part in the segment's id range is read)."""
+        if candidates is None:
+            ids = np.asarray(self.reader.ids)
+        else:
+            ids = self.reader.holds(self.reader.within(candidates) if ascending else candidates)
         if len(self.deleted):
-            ids = ids[~np.isin(ids, self.deleted)]
+            ids = ids[~members(self.deleted, ids)]
         return ids
 
     def keyword_mask(self, allowed: np.ndarray | None) -> np.ndarray | None:
-        """Rows a keyword query may return: not deleted, and in ``allowed`` when given."""
+        """Rows a keyword query may return: not deleted, and in ``allowed`` (ascending) when
+        given."""
         if allowed is None:
             if not len(self.deleted):
                 return None
@@ -108,7 +113,7 @@ class LiveSegment:
                 self._kw_mask = mask
             return self._kw_mask
         mask = np.zeros(self.reader.record.rows, dtype=bool)
-        mask[self.reader.positions(allowed)] = True
+        mask[self.reader.positions(self.reader.within(allowed))] = True
         if len(self.deleted):
             mask[self.reader.positions(self.deleted)] = False
         return mask

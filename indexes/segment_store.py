@@ -1035,7 +1035,7 @@ class SegmentStore:
         if self._pending.count:
             parts.append(self._pending.search(xq, k, allowed, knobs))
         for segment in self._segments:
-            subset = None if allowed is None else segment.live_ids(allowed)
+            subset = None if allowed is None else segment.live_ids(allowed, ascending=True)
             if subset is not None and len(subset) == 0:
                 continue
             assert segment.view is not None
@@ -1091,11 +1091,10 @@ class SegmentStore:
             )
         ]
         for segment in self._segments:
-            with segment.reader.rows_lock:
-                found = segment.reader.rows.select_faiss_ids(
-                    where, params, node_ids=node_ids, ref_doc_ids=doc_ids
-                )
-            parts.append(segment.live_ids(found) if len(segment.deleted) else found)
+            # each segment's answer to a metadata filter is kept by its reader for every later
+            # version (at 500k nodes a new filter, or the first after a write, scanned them all)
+            found = segment.reader.select(where, params, key=key, node_ids=node_ids, ref_doc_ids=doc_ids)
+            parts.append(segment.live_ids(found, ascending=True) if len(segment.deleted) else found)
         ids = np.sort(np.concatenate(parts))
         if key is not None:
             if len(self._filter_cache) >= _FILTER_CACHE_SIZE:

@@ -31,9 +31,11 @@ import socket
 import tempfile
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -238,6 +240,10 @@ class SegmentReader:
         self.rows = rows
         self.keywords = kw
         self.rows_lock = threading.Lock()
+        # metadata filter -> matching ids: the segment never changes, so an answer holds for
+        # every version that names it (a store's own cache is emptied by each write)
+        self._selected: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._selected_ids = 0
 
     @property
     def name(self) -> str:
@@ -279,6 +285,33 @@ class SegmentReader:
             spec, self.index, trained=self.record.trained, tombstones=deleted, placement=placement
         )
 
+    def select(self, where: str, params: Sequence[Any], *, key: str | None = None,
+               node_ids: Sequence[str] | None = None, ref_doc_ids: Sequence[str] | None = None) -> np.ndarray:
+        """Ascending faiss ids of this segment's rows matching a compiled filter (deleted rows
+        included: tombstones belong to a version). With ``key`` (the filter's, without id
+        restrictions) the answer is kept, within ``SELECTED_IDS_PER_ROW`` ids per row of the
+        segment, least recently used first out."""
+        with self.rows_lock:
+            if key is not None and key in self._selected:
+                self._selected.move_to_end(key)
+                return self._selected[key]
+            found = self.rows.select_faiss_ids(where, params, node_ids=node_ids, ref_doc_ids=ref_doc_ids)
+            if key is not None:
+                found.setflags(write=False)
+                self._selected[key] = found
+                self._selected_ids += len(found)
+                budget = SELECTED_IDS_PER_ROW * max(self.record.rows, 1)
+                while len(self._selected) > 1 and (self._selected_ids > budget or len(self._selected) > SELECTED_KEYS):
+                    _, dropped = self._selected.popitem(last=False)
+                    self._selected_ids -= len(dropped)
+            return found
+
+    def within(self, ascending: np.ndarray) -> np.ndarray:
+        """The part of ``ascending`` (sorted ids) inside this segment's id range: two binary
+        searches, where a mask over all of them cost O(all) in every segment."""
+        lo, hi = np.searchsorted(ascending, (self.record.min_id, self.record.max_id + 1))
+        return ascending[lo:hi]
+
     def positions(self, faiss_ids: np.ndarray) -> np.ndarray:
         """Local rows of those of ``faiss_ids`` this segment holds."""
         faiss_ids = np.asarray(faiss_ids, dtype=np.int64)
@@ -306,6 +339,11 @@ class SegmentReader:
             return np.empty((0, self.index.d), dtype=np.float32)
         return self.index.reconstruct_batch(faiss_ids)
 
+
+#: Metadata-filter answers a segment reader keeps: ids per row of the segment (8 bytes each)
+#: and filters at most.
+SELECTED_IDS_PER_ROW = 4
+SELECTED_KEYS = 256
 
 _READERS: weakref.WeakValueDictionary[str, SegmentReader] = weakref.WeakValueDictionary()
 _READERS_LOCK = threading.Lock()

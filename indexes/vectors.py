@@ -165,7 +165,7 @@ class VectorIndex:
     def _is_dead(self, ids: np.ndarray) -> np.ndarray:
         """Which of ``ids`` are tombstoned: a binary search each, not a pass over every
         tombstone as ``np.isin`` makes (a search checks its k hits)."""
-        return _members(self._dead_array(), ids)
+        return members(self._dead_array(), ids)
 
     def _live_selector(self) -> faiss.IDSelector:
         """An IDSelector passing every id but the tombstoned ones, built once per set of
@@ -431,7 +431,7 @@ class VectorIndex:
         # those rows are redone exactly too, as filtered ones are.
         found = ids >= 0
         if allowed is not None:
-            outside = found & ~_members(allowed, ids)
+            outside = found & ~members(allowed, ids)
             short = found.sum(axis=1) < min(k, len(allowed))
         else:
             outside = found & self._is_dead(ids) if self._dead else np.zeros_like(found)
@@ -505,8 +505,9 @@ def _ascending_unique(ids: np.ndarray) -> np.ndarray:
     return np.unique(ids)
 
 
-def _members(ascending: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Which of ``ids`` are in ``ascending`` (sorted, unique): a binary search each."""
+def members(ascending: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which of ``ids`` are in ``ascending`` (sorted, unique): a binary search each (np.isin
+    sorts both)."""
     if len(ascending) == 0:
         return np.zeros(np.shape(ids), dtype=bool)
     at = np.minimum(np.searchsorted(ascending, ids), len(ascending) - 1)
