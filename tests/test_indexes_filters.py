@@ -14,9 +14,8 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQueryMode,
 )
 
-from indexes.docstore import NodeStore
-
 from indexes import FaissVectorStore, UnsupportedFilterError
+from indexes.docstore import NodeStore
 
 DIM = 16
 N = 600
