@@ -244,6 +244,11 @@ class SegmentReader:
         # every version that names it (a store's own cache is emptied by each write)
         self._selected: OrderedDict[str, np.ndarray] = OrderedDict()
         self._selected_ids = 0
+        # A sqlite3 connection that has run a statement sits in a reference cycle (its statement
+        # cache), so only a full garbage collection closed it: a service that switched versions
+        # for hours kept a handle on every segment it had served, deleted files included, and
+        # compaction gave no disk space back. Closed as soon as the last version lets go.
+        weakref.finalize(self, rows.close)
 
     @property
     def name(self) -> str:

@@ -387,3 +387,30 @@ def test_tombstones_stay_a_sorted_set_however_deletions_arrive(tmp_path):
     returned = {node.ref_doc_id for node in hits.nodes}
     live = sum(doc_of[i] not in gone for i in doc_of) + sum(f"doc{i % 4}" not in gone for i in range(12))
     assert not returned & gone and len(hits.nodes) == live
+
+
+def test_a_segment_no_version_serves_lets_go_of_its_rows_file(tmp_path):
+    # only the cycle collector closed a reader's SQLite connection: a long-running service held
+    # every segment file it had ever served open, those compaction deleted included
+    import gc
+
+    def open_rows_files() -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if "nodes.sqlite" in os.path.realpath(fd))
+
+    rng = np.random.default_rng(9)
+    store = FaissVectorStore.create(tmp_path / "index", dim=DIM, encoder=ENCODER)
+    store.add(texts_nodes(rng, 30))
+    store.persist()
+    del store
+    gc.collect()
+    before = open_rows_files()
+    gc.disable()
+    try:
+        opened = FaissVectorStore.open(tmp_path / "index")
+        assert opened.get_nodes(node_ids=["n3"])  # reads rows: the connection runs a statement
+        assert open_rows_files() == before + 1
+        del opened
+        assert open_rows_files() == before
+    finally:
+        gc.enable()
