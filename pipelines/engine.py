@@ -46,6 +46,7 @@ from pipelines.chunking import default_chunk_size, embed_text, make_splitter, sp
 from pipelines.correction import MIN_DOCUMENTS, fit_correction
 from pipelines.encoder_check import record_check, require_same_vectors
 from pipelines.errors import (
+    CorrectionMismatchError,
     EmptySourceError,
     IndexKindMismatchError,
     MetricMismatchError,
@@ -295,7 +296,24 @@ class IndexSession:
                 f"with metric = {settings.metric!r} (no re-embedding), or drop the setting"
             )
         self._check_splitting(store.splitting, "ingest --chunk-size …")
+        self._check_correction(store)
         return store
+
+    def _check_correction(self, store: FaissVectorStore) -> None:
+        """Refuse a correction set explicitly that differs from the one the index's vectors
+        have: it was applied to nothing (``eval --pipeline --index-dir`` with ``correction =
+        "none"`` scored a kept, centred index 92.3 where a fresh one scores 79.8). An index
+        still too small for one (fewer than `MIN_DOCUMENTS` nodes) may get the one asked for."""
+        if "correction" not in self.settings.model_fields_set:
+            return
+        stored = store.correction.kind if store.correction is not None else "none"
+        if self.settings.correction == stored or (store.correction is None and store.count < MIN_DOCUMENTS):
+            return
+        raise CorrectionMismatchError(
+            f"the index at {self.index_dir} holds vectors with correction {stored!r}; to use correction "
+            f"{self.settings.correction!r}, run `htp-index rebuild --index {self.index_dir}` with it (re-embeds), "
+            "or drop the setting"
+        )
 
     # ---------------------------------------------------------------- splitting
     @property

@@ -37,6 +37,11 @@ class MetricMismatchError(OptionConflictError):
     """An option asks an existing index for another distance than it was built with."""
 
 
+class CorrectionMismatchError(OptionConflictError):
+    """An option asks an existing index for another vector correction than its vectors have
+    (the correction is fitted when a version is first filled; only a rebuild changes it)."""
+
+
 class SplittingMismatchError(OptionConflictError):
     """An option asks an existing index to split documents otherwise than its nodes were split
     (only a rebuild from the source re-splits them all)."""
