@@ -89,11 +89,15 @@ def eval_command(
         "(default: settings' rerank)")] = None,
     index_dir: Annotated[Path | None, typer.Option(
         help="with --pipeline: build (or reuse, incrementally) the index here instead of a temporary "
-        "directory, so other modes can be scored without embedding again")] = None,
+        "directory, so other modes can be scored without embedding again. It holds the dataset alone: "
+        "documents of a later sample replace an earlier one's, and an index holding other documents "
+        "(one of your own) is refused")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="with --pipeline: TOML settings file (default: ./htp-index.toml)")] = None,
     json_output: Annotated[bool, typer.Option(
-        "--json", help="print one JSON object with the metrics on stdout, nothing else")] = False,
+        "--json", help="print one JSON object with the metrics on stdout, nothing else (with "
+        "--pipeline also what made them: alpha, fusion, rerank, index kind, correction, splitting; and "
+        "the dataset's notes: judgements or records dropped)")] = False,
     cache_dir: Annotated[Path | None, typer.Option(
         help="embedding cache (default: $HTP_INDEX_CACHE/eval or the user cache dir)")] = None,
 ) -> None:
@@ -126,7 +130,7 @@ def eval_command(
             cache_dir=cache_dir, fuse_bm25=fuse_bm25,
         )
     if json_output:
-        typer.echo(json.dumps({key: result[key] for key in JSON_KEYS}))
+        typer.echo(json.dumps({**{key: result[key] for key in JSON_KEYS}, "sample": result["sample"]}))
         return
     _print_table(result)
 
@@ -148,8 +152,11 @@ def _run_pipeline(
             max_docs=max_docs, max_queries=max_queries, seed=seed, rerank=rerank,
         )
     if json_output:
-        typer.echo(json.dumps({**{key: result[key] for key in JSON_KEYS}, "mode": mode,
-                               "alpha": result["pipeline"]["alpha"], "rerank": result["pipeline"]["rerank"]}))
+        # what made the figure, so that rows of several runs can be told apart
+        made_by = {key: result["pipeline"][key] for key in
+                   ("alpha", "fusion", "rerank", "index_kind", "correction", "splitting")}
+        typer.echo(json.dumps({**{key: result[key] for key in JSON_KEYS}, "mode": mode, **made_by,
+                               "sample": result["sample"]}))
         return
     _print_table(result)
 
@@ -167,6 +174,16 @@ def _print_table(result: dict[str, Any]) -> None:
     )
     console = Console()
     console.print(table)
+    pipeline = result.get("pipeline")
+    if pipeline is not None:
+        correction = (pipeline["correction"] or {}).get("kind", "none")
+        console.print(f"[dim]index: {pipeline['index_kind']}, correction {correction}, "
+                      f"splitting {pipeline['splitting']}[/dim]")
+    dropped = {key: value for key, value in result.get("sample", {}).items()
+               if key in ("repeated_doc_ids", "dropped_judgements_missing_docs", "dropped_judged_queries_missing")}
+    if dropped:  # the figure is over what was left: say what was not
+        console.print("[yellow]dataset: " + ", ".join(f"{key.replace('_', ' ')}: {value}"
+                                                      for key, value in dropped.items()) + "[/yellow]")
     cache = result.get("cache")
     if cache is not None:
         console.print(f"[dim]cache: {cache['hits']} hit(s), {cache['misses']} miss(es) in {cache['dir']}; "

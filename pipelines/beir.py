@@ -11,10 +11,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 Qrels = dict[str, dict[str, int]]
 """query id -> {document id -> graded relevance}, as pytrec_eval takes it."""
@@ -110,12 +113,18 @@ def read_qrels(path: Path) -> Qrels:
             if len(row) < 3:
                 continue
             try:
-                score = int(float(row[2]))
+                value = float(row[2])
             except ValueError:
                 if number == 0:
                     continue  # the header
                 raise ValueError(f"{path}:{number + 1}: score {row[2]!r} is not a number") from None
-            qrels.setdefault(row[0], {})[row[1]] = score
+            if not value.is_integer():
+                # int() turned 0.5 into "not relevant" without a word; BEIR refuses such a row too
+                raise ValueError(f"{path}:{number + 1}: score {row[2]!r} is not a whole number (relevance "
+                                 "grades are integers: 0 not relevant, 1, 2, ... more relevant)")
+            # ids as ingest reads them (sources._record_id strips an _id): ' d4 ' judged a hit
+            # the product returns as 'd4' a miss
+            qrels.setdefault(row[0].strip(), {})[row[1].strip()] = int(value)
     return qrels
 
 
@@ -130,13 +139,22 @@ def load_beir(dataset_dir: str | Path, split: str = "test") -> BeirDataset:
     if not qrels_path.exists():
         available = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
         raise FileNotFoundError(f"no qrels for split {split!r} in {root} (available: {available})")
-    corpus = {
-        str(row["_id"]): Document(str(row.get("title") or ""), str(row.get("text") or ""))
-        for row in read_jsonl(root / "corpus.jsonl")
-    }
-    all_queries = {str(row["_id"]): str(row["text"]) for row in read_jsonl(root / "queries.jsonl")}
+    corpus: dict[str, Document] = {}
+    repeated = 0
+    for row in read_jsonl(root / "corpus.jsonl"):
+        # the id as ingest reads it, and the first of two records with one id, as ingest keeps
+        # it (a dict kept the last: eval scored another corpus than the product indexes)
+        doc_id = str(row["_id"]).strip()
+        if doc_id in corpus:
+            repeated += 1
+            continue
+        corpus[doc_id] = Document(str(row.get("title") or ""), str(row.get("text") or ""))
+    all_queries: dict[str, str] = {}
+    for row in read_jsonl(root / "queries.jsonl"):
+        all_queries.setdefault(str(row["_id"]).strip(), str(row["text"]))
     qrels = read_qrels(qrels_path)
     missing = sum(1 for judged in qrels.values() for d in judged if d not in corpus)
+    unasked = sum(1 for q in qrels if q not in all_queries)
     qrels = {
         q: {d: s for d, s in judged.items() if d in corpus}
         for q, judged in qrels.items()
@@ -148,7 +166,15 @@ def load_beir(dataset_dir: str | Path, split: str = "test") -> BeirDataset:
         # Scoring nothing would report 0.0 everywhere, as if retrieval had failed.
         raise ValueError(f"no query of {root / 'queries.jsonl'} has a judgement in {qrels_path} that "
                          "points into the corpus (do the query and document ids match?)")
-    notes: dict[str, object] = {"dropped_judgements_missing_docs": missing} if missing else {}
+    if repeated or missing or unasked:
+        log.warning("%s: %s", root, "; ".join(text for count, text in (
+            (repeated, f"{repeated} corpus record(s) repeat an _id (the first is kept, as ingest keeps it)"),
+            (missing, f"{missing} judgement(s) name documents missing from the corpus and are dropped"),
+            (unasked, f"{unasked} judged quer(ies) are missing from queries.jsonl and are dropped"),
+        ) if count))
+    counts = {"repeated_doc_ids": repeated, "dropped_judgements_missing_docs": missing,
+              "dropped_judged_queries_missing": unasked}
+    notes: dict[str, object] = {key: count for key, count in counts.items() if count}
     return BeirDataset(root.name, split, corpus, queries, qrels, notes)
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from htp_embed.llama_index import HTPEmbedding
 from indexes.fusion import DEFAULT_ALPHA
 from pipelines.beir import BeirDataset
+from pipelines.errors import OptionConflictError
 from pipelines.evaluation import Run, prepare_dataset, score_run
 from pipelines.query import QueryMode, SearchRequest, open_index
 from pipelines.settings import Settings, load_settings
@@ -64,11 +65,13 @@ def _to_documents_deep(index: Any, texts: list[str], hits: list[list[dict[str, A
     deeper search finds): ``top_k`` nodes name fewer documents when one has several nodes,
     and Recall@100 was then measured over fewer than 100 documents. The first list stays as
     it is (a deeper hybrid search fuses more candidates and could reorder it); the deeper
-    search's further documents follow it."""
+    search's further documents follow it. The depth grows 4x a round until the index has no
+    more nodes to give: a cap at 16x stopped at 80 documents for 20-node documents (small
+    chunks), and the judged documents ranked 81-100 counted as never found."""
     short = [i for i, found in enumerate(hits)
              if len(found) == top_k and len({hit["doc_id"] for hit in found}) < top_k]
     depth = top_k
-    while short and depth < 16 * top_k:
+    while short:
         depth *= 4
         deeper = index.search_many([SearchRequest(texts[i], depth, mode=mode, alpha=alpha, rerank=False)
                                     for i in short])
@@ -78,6 +81,23 @@ def _to_documents_deep(index: Any, texts: list[str], hits: list[list[dict[str, A
         short = [i for i, found in zip(short, deeper, strict=True)
                  if len(found) == depth and len({hit["doc_id"] for hit in hits[i]}) < top_k]
     return hits
+
+
+def _refuse_foreign_documents(index_dir: Path, dataset: BeirDataset, corpus_file: Path) -> None:
+    """Refuse an index that eval did not make (no corpus file of its own beside it) holding
+    documents outside the dataset: eval makes the index hold its sample alone, and deleted a
+    user's own documents from an ``--index-dir`` pointed at their index, exit 0, not a word."""
+    if corpus_file.is_file() or not (index_dir / "CURRENT").is_file():
+        return
+    from indexes import FaissVectorStore
+
+    foreign = sorted(set(FaissVectorStore.open(index_dir, use_gpu=False).doc_hashes()) - set(dataset.corpus))
+    if foreign:
+        raise OptionConflictError(
+            f"the index at {index_dir} holds {len(foreign)} document(s) that are not in the dataset "
+            f"(e.g. {foreign[0]!r}): eval makes its index hold the dataset alone and would delete them. "
+            "Give --index-dir a new folder, or leave it out for a temporary index"
+        )
 
 
 def reranked_on_top(reranked: list[dict[str, Any]], hits: list[dict[str, Any]], top_k: int) -> dict[str, float]:
@@ -109,10 +129,12 @@ def pipeline_run(
     ``embedding`` is the already loaded encoder to use (loaded from settings if None).
     ``rerank`` reranks each query's best ``settings.rerank_depth`` hits (see
     :func:`reranked_on_top`)."""
-    index_dir.mkdir(parents=True, exist_ok=True)
     from pipelines.ingest import ingest
 
-    corpus = write_corpus(dataset, index_dir.parent / f"{index_dir.name}.corpus.jsonl")
+    corpus_file = index_dir.parent / f"{index_dir.name}.corpus.jsonl"
+    _refuse_foreign_documents(index_dir, dataset, corpus_file)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    corpus = write_corpus(dataset, corpus_file)
     # A reused index must hold this sample alone, whatever the user's delete_missing says.
     stats = ingest(corpus, index_dir, settings.model_copy(update={"delete_missing": True}),
                    progress=progress, embedding=embedding)
@@ -142,6 +164,7 @@ def pipeline_run(
         "model": index.encoder.config.model,  # what embedded documents and queries: the index's
         "index_kind": index.store.index_kind,
         "correction": index.store.correction_summary(),
+        "splitting": index.store.splitting,
         "mode": mode,
         # what the hybrid search fused with (the tuned default when none was set); dense and
         # sparse runs use no fusion

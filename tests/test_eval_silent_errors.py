@@ -123,3 +123,61 @@ def test_qrels_without_a_header_keep_their_first_judgement(tmp_path):
     path = tmp_path / "test.tsv"
     path.write_text("q1\td1\t1\nq2\td2\t1\n", encoding="utf-8")
     assert read_qrels(path) == {"q1": {"d1": 1}, "q2": {"d2": 1}}
+
+
+def test_ids_are_read_as_ingest_reads_them_and_the_first_duplicate_is_kept(tmp_path):
+    # ' d4 ' in the corpus and qrels: ingest strips it, so a hit on 'd4' scored as a miss; a
+    # repeated _id kept the last record, where ingest keeps the first
+    from pipelines.beir import load_beir
+
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text('{"_id": " d4 ", "text": "first"}\n{"_id": "d4", "text": "second"}\n'
+                                       '{"_id": "d5", "text": "other"}\n')
+    (root / "queries.jsonl").write_text('{"_id": " q1", "text": "what"}\n')
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1 \t d4 \t1\nq9\td5\t1\nq1\tgone\t1\n")
+    data = load_beir(root, "test")
+    assert data.corpus["d4"].text == "first" and data.qrels == {"q1": {"d4": 1}}
+    assert data.notes == {"repeated_doc_ids": 1, "dropped_judgements_missing_docs": 1,
+                          "dropped_judged_queries_missing": 1}
+
+
+def test_a_fractional_relevance_grade_is_refused_not_truncated(tmp_path):
+    from pipelines.beir import read_qrels
+
+    path = tmp_path / "test.tsv"
+    path.write_text("query-id\tcorpus-id\tscore\nq1\td1\t0.5\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"test.tsv:2: score '0.5' is not a whole number"):
+        read_qrels(path)
+    path.write_text("q1\td1\t2.0\n", encoding="utf-8")
+    assert read_qrels(path) == {"q1": {"d1": 2}}
+
+
+def test_recall_at_k_is_over_k_documents_however_many_nodes_each_has(tmp_path, embedding):
+    # the deeper search stopped at 16x top_k nodes: with 20-node documents a top-10 searched
+    # 160 nodes, which named 8 documents, and the judged ones ranked 9-10 counted as missed
+    corpus = {f"d{i:02d}": Document("", " ".join(f"the cat number w{j} sat on the mat ." for j in range(64)))
+              for i in range(12)}
+    data = write_beir(tmp_path / "beir", corpus, {"q": "mat"}, {"q": {"d00": 1}}, split="train")
+    settings = settings_for(embedding, chunk_size=32)
+    run, info = pipeline_run(prepare_dataset(data, "train"), tmp_path / "idx", settings, mode="sparse", top_k=10,
+                             embedding=embedding)
+    assert info["ingest"]["nodes_embedded"] > 16 * len(corpus)  # more than 16 nodes a document
+    assert len(run["q"]) == 10
+
+
+def test_eval_refuses_an_index_dir_that_holds_other_documents(tmp_path, embedding):
+    # it made the user's index hold the dataset alone: their own documents deleted, exit 0
+    from pipeline_helpers import write_docs
+
+    from pipelines.errors import OptionConflictError
+    from pipelines.ingest import ingest
+
+    settings = settings_for(embedding)
+    ingest(write_docs(tmp_path / "mine"), tmp_path / "idx", settings, embedding=embedding)
+    data = write_beir(tmp_path / "beir", {"a": Document("", "the zebra sat .")}, {"q": "zebra"}, {"q": {"a": 1}},
+                      split="train")
+    with pytest.raises(OptionConflictError, match="not in the dataset"):
+        evaluate_pipeline(data, "train", mode="sparse", settings=settings, index_dir=tmp_path / "idx",
+                          embedding=embedding)
+    assert "cats.txt" in open_index(tmp_path / "idx", settings, embedding=embedding).store.doc_hashes()
