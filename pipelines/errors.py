@@ -42,6 +42,10 @@ class CorrectionMismatchError(OptionConflictError):
     (the correction is fitted when a version is first filled; only a rebuild changes it)."""
 
 
+class VersionNotKeptError(OptionConflictError):
+    """A version asked for (``restore --version N``) that the index does not keep."""
+
+
 class SplittingMismatchError(OptionConflictError):
     """An option asks an existing index to split documents otherwise than its nodes were split
     (only a rebuild from the source re-splits them all)."""

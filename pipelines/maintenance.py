@@ -11,6 +11,7 @@ from pathlib import Path
 
 from indexes import FaissVectorStore, IndexNotFoundError, persist, verify
 
+from .errors import VersionNotKeptError
 from .lock import index_lock
 from .settings import Settings, load_settings
 
@@ -63,6 +64,12 @@ def restore_index(index_dir: Path, version: int, settings: Settings | None = Non
     with index_lock(index_dir, settings.lock_timeout):
         if FaissVectorStore.current_version(index_dir) == version:
             return version
+        kept = persist.list_versions(index_dir)
+        if version not in kept:
+            # it was reported as a corrupted index ("the version directory is missing")
+            raise VersionNotKeptError(
+                f"the index at {index_dir} does not keep version {version}; it keeps "
+                f"{', '.join(map(str, kept)) or 'none'} (settings' keep_versions: the newest are kept)")
         return _open(index_dir, settings.keep_versions, version).restore()
 
 

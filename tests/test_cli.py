@@ -126,7 +126,9 @@ def test_verify_compact_and_migrate(env):
     assert sorted(p.name for p in (env / "idx" / "versions").iterdir()) == versions
     assert run_json("verify", "--index", "idx")["ok"]
     assert run_json("query", "the bird", "--index", "idx", "-k", "1")["results"][0]["doc_id"] == "more.txt"
-    assert runner.invoke(app, ["restore", "--index", "idx", "--version", "99"]).exit_code != 0
+    # a version not kept is bad usage naming the kept ones, not "corrupted: the version directory is missing"
+    gone = runner.invoke(app, ["restore", "--index", "idx", "--version", "99"])
+    assert gone.exit_code == 2 and "does not keep version 99" in gone.output and "corrupted" not in gone.output
 
     import numpy as np
 
