@@ -61,13 +61,17 @@ class IndexCorruptedError(HtpIndexError):
     @classmethod
     def for_file(cls, path: str | Path, problem: str) -> IndexCorruptedError:
         """The standard error naming the damaged file and the way out."""
-        return cls(
-            f"{path} is corrupted: {problem}. Open an older version with "
-            "FaissVectorStore.open(PATH, version=N) (see PATH/versions; `htp-index restore "
-            "--index PATH --version N` makes it live again), or rebuild the index with "
-            "`htp-index rebuild --index PATH`",
-            path=path,
-        )
+        return cls(f"{path} is corrupted: {problem}. {DAMAGE_ADVICE}", path=path)
+
+
+#: What to do about a damaged file, wherever one is reported. Not `htp-index rebuild`, which the
+#: message used to name: it reads the live version first, so it fails on the same file.
+DAMAGE_ADVICE = (
+    "Put the file back from a backup; or make a kept older version that does not name it live "
+    "again with `htp-index restore --index PATH --version N` (`htp-index verify --index PATH "
+    "--version N` checks one; versions share unchanged segments); or ingest the sources into a "
+    "new index directory"
+)
 
 
 class IndexConflictError(HtpIndexError):

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from htp_embed.rerank import RerankUnavailableError
 from indexes import HtpIndexError, SegmentStore, SparseIndexMissingError, persist
+from indexes.errors import DAMAGE_ADVICE
 from indexes.spec import Manifest
 from pipelines.encoder_check import EncoderCheck
 from pipelines.query import OpenIndex, QueryMode, SearchRequest, open_index
@@ -238,8 +239,8 @@ class IndexHolder:
         self.checked_at = self.clock()
         self.unsafe = damage is not None and "was deleted" not in damage
         if damage is not None and damage != self.damage:
-            log.error("%s; still serving version %s from memory. Restore the file, or run "
-                      "`htp-index rebuild --index %s`", damage, self.current.version, self.index_dir)
+            log.error("%s; still serving version %s from memory. %s", damage, self.current.version,
+                      DAMAGE_ADVICE.replace("PATH", str(self.index_dir)))
         self.damage = damage
         return damage
 
@@ -489,8 +490,8 @@ def create_app(
             await asyncio.to_thread(holder.check_served)
         if holder.unsafe and holder.current is index:
             raise HTTPException(status_code=503, detail=(
-                f"the index at {index.path} cannot answer: {holder.damage}; restore the file or "
-                "run `htp-index rebuild`"))
+                f"the index at {index.path} cannot answer: {holder.damage}. "
+                f"{DAMAGE_ADVICE.replace('PATH', str(index.path))}"))
         try:
             # refused before it joins a batch (a bad request in a batch makes it run one by one)
             index.check_request(request.search_request())
@@ -504,8 +505,8 @@ def create_app(
             damage = await asyncio.to_thread(holder.check_served)
             log.error("query failed on version %s: %s: %s", index.version, type(exc).__name__, exc)
             raise HTTPException(status_code=503, detail=(
-                f"the index at {index.path} cannot answer: {damage or f'{type(exc).__name__}: {exc}'}; "
-                "restore its files or run `htp-index rebuild`")) from exc
+                f"the index at {index.path} cannot answer: {damage or f'{type(exc).__name__}: {exc}'}. "
+                f"{DAMAGE_ADVICE.replace('PATH', str(index.path))}")) from exc
         warnings = await _query_warnings(holder, index, request)
         return QueryResponse(results=[QueryResult(**r) for r in results], version=index.version, warnings=warnings)
 
