@@ -330,11 +330,13 @@ def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_
 
 def _jsonl_records(path: Path, id_prefix: str, max_bytes: int) -> Iterator[SourceItem]:
     seen: set[str] = set()
+    lines = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(iter(lambda: handle.readline(max_bytes + 1), b""), start=1):
             where = f"{path.name}:{number}"
             if not raw.strip():
                 continue
+            lines += 1
             if len(raw) > max_bytes:
                 _skip_rest_of_line(handle, raw)
                 limit = f"line {number} is over the {max_bytes / 2**20:.3g} MiB limit"
@@ -391,6 +393,12 @@ def _jsonl_records(path: Path, id_prefix: str, max_bytes: int) -> Iterator[Sourc
                 yield SourceError(full_id, f"malformed record at {where}: {exc}")
                 continue
             yield SourceDocument(full_id, text, metadata)
+    if not lines and id_prefix:
+        # An emptied file in a folder (truncated before a rewrite) gave no item at all, and
+        # ingest deleted every record it had held without a word; an empty .txt beside it was
+        # reported and kept. (An emptied .jsonl source of its own is refused as empty.)
+        yield SourceError(id_prefix.removesuffix("#"), "empty JSONL file (no record in it): its indexed "
+                          "records are kept until it holds records again or is removed", covers=id_prefix)
 
 
 def _record_id(record: dict[str, Any]) -> str:

@@ -395,3 +395,19 @@ def test_a_correction_unlike_the_indexs_is_refused_not_ignored(tmp_path, embeddi
     assert "new.txt" not in indexed(tmp_path / "idx")
     stats = ingest(source, tmp_path / "idx", settings_for(embedding, correction="center"), embedding=embedding)
     assert isinstance(stats, RunStats) and "new.txt" in indexed(tmp_path / "idx")
+
+
+def test_an_emptied_jsonl_file_in_a_folder_keeps_its_records_and_is_reported(tmp_path, embedding):
+    # truncated before a rewrite, it gave no item at all: every record deleted, exit 0, no word
+    source = write_docs(tmp_path / "src")
+    records = tmp_path / "src" / "c.jsonl"
+    records.write_text('{"_id": "a", "text": "the zebra sat ."}\n{"_id": "b", "text": "the yak ran ."}\n')
+    settings = settings_for(embedding)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    records.write_text("\n  \n")
+    stats = ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert stats.deleted == 0 and {"c.jsonl#a", "c.jsonl#b"} <= indexed(tmp_path / "idx")
+    assert [e["doc_id"] for e in stats.errors] == ["c.jsonl"] and "empty JSONL" in stats.errors[0]["error"]
+    records.unlink()  # removed on purpose: its records go
+    stats = ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert stats.deleted == 2 and not {"c.jsonl#a", "c.jsonl#b"} & indexed(tmp_path / "idx")
