@@ -53,6 +53,7 @@ from pipelines.errors import (
     RebuildVerificationError,
     SplittingMismatchError,
 )
+from pipelines.file_stats import FileStatsCache
 from pipelines.identity_check import expected_identity, index_accepts
 from pipelines.lock import index_lock
 from pipelines.runs import IngestPlan, RebuildPlan, RunStats, SplitNodes, plan_ingest
@@ -63,6 +64,7 @@ from pipelines.sources import (
     SourceError,
     iter_source,
     single_document,
+    source_kind,
 )
 
 log = logging.getLogger(__name__)
@@ -412,12 +414,20 @@ class IndexSession:
 
     def plan(self, source: Any) -> IngestPlan:
         """Read ``source`` and diff it against the index's document hashes."""
-        items = iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20))
+        max_bytes = int(self.settings.max_document_mb * 2**20)
+        indexed = self.store.doc_hashes()
+        files = None
+        if self.settings.trust_file_stats and source_kind(source) == "folder":
+            files = FileStatsCache.for_source(self.index_dir, Path(source), max_bytes)
+            items = files.observe(iter_source(source, max_bytes=max_bytes, known=files.known(indexed)))
+        else:
+            items = iter_source(source, max_bytes=max_bytes)
         delete_missing = self.settings.delete_missing
         if delete_missing and single_document(source):
             log.info("%s is a single document: it is added or updated, the index's others are kept", source)
             delete_missing = False
-        plan = plan_ingest(items, self.store.doc_hashes(), delete_missing=delete_missing)
+        plan = plan_ingest(items, indexed, delete_missing=delete_missing)
+        plan.files = files.records if files is not None else None
         self._replace_unrecorded(plan)
         if plan.deleted and not (plan.new or plan.changed or plan.unchanged):
             raise self._empty_source(source, len(plan.deleted), plan.errors)
@@ -500,6 +510,8 @@ class IndexSession:
         first = store.manifest is None
         stats.version = store.persist(force=first) if plan.changes_anything or first else store.version
         stats.count = store.count
+        if plan.files is not None:  # committed: the files whose documents it holds need no reading next run
+            plan.files.save(store.doc_hashes())
         self._applying = False
         return stats
 

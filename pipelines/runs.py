@@ -13,7 +13,8 @@ from typing import Any
 
 from llama_index.core.schema import TextNode
 
-from pipelines.sources import SourceDocument, SourceError, SourceItem
+from pipelines.file_stats import FileRecords
+from pipelines.sources import SourceDocument, SourceError, SourceItem, SourceUnchanged
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class IngestPlan:
     deleted: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     errors: list[SourceError] = field(default_factory=list)
+    #: the folder's files as this run saw them, recorded once their documents are indexed
+    files: FileRecords | None = None
 
     @property
     def to_embed(self) -> list[SourceDocument]:
@@ -96,6 +99,12 @@ def plan_ingest(items: Iterable[SourceItem], known: dict[str, str], *, delete_mi
         seen.add(item.doc_id)
         if isinstance(item, SourceError):
             plan.errors.append(item)
+        elif isinstance(item, SourceUnchanged):
+            if known.get(item.doc_id) == item.content_hash:
+                plan.unchanged.append(item.doc_id)
+            else:  # vouched for against these very hashes: cannot happen, and must not delete it
+                plan.errors.append(SourceError(item.doc_id, "its file was taken as unchanged but the index "
+                                               "holds another version; it is read again next run"))
         elif item.doc_id not in known:
             plan.new.append(item)
         elif known[item.doc_id] != item.content_hash:

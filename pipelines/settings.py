@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     delete_missing: bool = Field(True, description="remove documents that vanished from the source")
     lock_timeout: float = Field(600.0, ge=0, description="seconds to wait for another ingest to finish")
     max_document_mb: float = Field(20.0, gt=0, description="larger files are reported and skipped")
+    trust_file_stats: bool = Field(
+        True, description="a folder's file whose size, mtime, ctime and inode are those it had when the "
+        "last ingest read and indexed it is not read again; false reads every file every run")
     nodes_per_batch: int = Field(256, ge=1, description="nodes per embedding task (the unit of fan-out)")
     keep_versions: int = Field(3, ge=2, description="index versions kept on disk")
     correction: Literal["center", "adapter", "none"] = Field(

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -26,6 +26,20 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES | {".jsonl"}
 DEFAULT_MAX_BYTES = 20 * 2**20
 
 
+#: A file as the disk describes it: size, mtime_ns, ctime_ns, inode. A file whose stat is what
+#: the last run recorded may be taken as unchanged without reading it (`pipelines.file_stats`).
+FileStat = tuple[int, int, int, int]
+#: ``(file id, stat) -> {doc id: content hash}`` of the file's documents where they may be taken
+#: as indexed without reading the file, else None (read it).
+KnownFiles = Callable[[str, FileStat], Mapping[str, str] | None]
+
+
+def file_stat(path: Path) -> FileStat:
+    """``path``'s :data:`FileStat` (following links, as reading does)."""
+    st = path.stat()
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
 @dataclass(frozen=True)
 class SourceDocument:
     """One document read from a source, ready to diff and split."""
@@ -33,6 +47,8 @@ class SourceDocument:
     doc_id: str
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: the folder's file it was read from (its id) and that file's stat before it was read
+    file: tuple[str, FileStat] | None = field(default=None, compare=False)
 
     @property
     def content_hash(self) -> str:
@@ -55,7 +71,18 @@ class SourceError:
     covers: str | None = None
 
 
-SourceItem = SourceDocument | SourceError
+@dataclass(frozen=True)
+class SourceUnchanged:
+    """A document of a file whose stat is the one recorded when the file was last read and
+    indexed: taken as indexed with ``content_hash``, the file not read (an unchanged folder of
+    PDFs was parsed whole on every scheduled run)."""
+
+    doc_id: str
+    content_hash: str
+    file: tuple[str, FileStat]
+
+
+SourceItem = SourceDocument | SourceError | SourceUnchanged
 
 
 def decode_text(data: bytes) -> str:
@@ -211,7 +238,7 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, dict
     return _require_text(text), metadata
 
 
-def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:
+def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, known: KnownFiles | None = None) -> Iterator[SourceItem]:
     """Every supported file below ``root`` (recursively, sorted), as documents or errors.
 
     Symbolic links to directories are not followed (no loops) and are reported; links to
@@ -224,11 +251,14 @@ def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[S
     named so (``c.jsonl#x.txt``) also has. The first document read keeps the id and the
     other is reported; before, the index silently held one of them while the run counted
     both as added, and every later run re-embedded the loser as "updated".
+
+    ``known``: files it vouches for unchanged are not read; their documents come as
+    :class:`SourceUnchanged`.
     """
     read: dict[str, str] = {}
-    for item in _folder_items(root.resolve(), max_bytes):
-        if isinstance(item, SourceDocument):
-            origin = "a JSONL record" if "source_path" not in item.metadata else "a file"
+    for item in _folder_items(root.resolve(), max_bytes, known):
+        if isinstance(item, SourceDocument | SourceUnchanged):
+            origin = "a file" if item.file is not None and item.file[0] == item.doc_id else "a JSONL record"
             if item.doc_id in read:
                 yield SourceError(item.doc_id, f"{origin} has the id of {read[item.doc_id]} read before "
                                   "(a file's path and a JSONL record's <file>#<_id> can coincide); the "
@@ -238,7 +268,7 @@ def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[S
         yield item
 
 
-def _folder_items(root: Path, max_bytes: int) -> Iterator[SourceItem]:
+def _folder_items(root: Path, max_bytes: int, known: KnownFiles | None) -> Iterator[SourceItem]:
     """:func:`iter_folder`'s items before ids are made unique."""
     unlisted: list[OSError] = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
@@ -275,14 +305,20 @@ def _folder_items(root: Path, max_bytes: int) -> Iterator[SourceItem]:
                     raise DocumentRejected(f"symbolic link loop ({exc})") from exc
                 if not resolved.is_relative_to(root):
                     raise DocumentRejected(f"links outside the source root (to {printable_id(str(resolved))})")
+                stat = file_stat(resolved)
+                vouched = known(doc_id, stat) if known is not None else None
+                if vouched is not None:
+                    for known_id, content_hash in vouched.items():
+                        yield SourceUnchanged(known_id, content_hash, (doc_id, stat))
+                    continue
                 if suffix == ".jsonl":  # a collection: its records are the documents
-                    yield from iter_jsonl(resolved, id_prefix=doc_id + "#", max_bytes=max_bytes)
+                    yield from iter_jsonl(resolved, id_prefix=doc_id + "#", max_bytes=max_bytes, file=(doc_id, stat))
                     continue
                 text, metadata = read_file(resolved, max_bytes)
             except (DocumentRejected, OSError) as exc:
                 yield SourceError(doc_id, str(exc), covers=doc_id + "#" if suffix == ".jsonl" else None)
                 continue
-            yield SourceDocument(doc_id, text, {**metadata, "source_path": doc_id})
+            yield SourceDocument(doc_id, text, {**metadata, "source_path": doc_id}, file=(doc_id, stat))
     yield from _unlisted_folders(root, unlisted)
 
 
@@ -315,20 +351,21 @@ def _is_index(folder: Path) -> bool:
     return (folder / "CURRENT").is_file() and (folder / "versions").is_dir()
 
 
-def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:
+def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_BYTES,
+               file: tuple[str, FileStat] | None = None) -> Iterator[SourceItem]:
     """BEIR-style records ``{"_id", "title", "text", ...}``; one bad line is one error.
 
     A line is read up to ``max_bytes``: a longer one is never held whole. Its record is refused
     under its ``_id`` when that lies within the part read (:func:`record_id_in_prefix`), so the
     version indexed before is kept, as for any other document that fails."""
     try:
-        yield from _jsonl_records(path, id_prefix, max_bytes)
+        yield from _jsonl_records(path, id_prefix, max_bytes, file)
     except OSError as exc:  # cannot be opened (a dangling link, permissions) or read (a share)
         yield SourceError(id_prefix.removesuffix("#") or path.name, f"could not read this file ({exc}); "
                           "none of its indexed records is deleted", covers=id_prefix)
 
 
-def _jsonl_records(path: Path, id_prefix: str, max_bytes: int) -> Iterator[SourceItem]:
+def _jsonl_records(path: Path, id_prefix: str, max_bytes: int, file: tuple[str, FileStat] | None) -> Iterator[SourceItem]:
     seen: set[str] = set()
     lines = 0
     with path.open("rb") as handle:
@@ -392,7 +429,7 @@ def _jsonl_records(path: Path, id_prefix: str, max_bytes: int) -> Iterator[Sourc
             except DocumentRejected as exc:
                 yield SourceError(full_id, f"malformed record at {where}: {exc}")
                 continue
-            yield SourceDocument(full_id, text, metadata)
+            yield SourceDocument(full_id, text, metadata, file=file)
     if not lines and id_prefix:
         # An emptied file in a folder (truncated before a rewrite) gave no item at all, and
         # ingest deleted every record it had held without a word; an empty .txt beside it was
@@ -531,14 +568,16 @@ def source_kind(source: Any) -> str:
     return "missing"
 
 
-def iter_source(source: str | Path | Iterable[str] | Mapping[str, str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:
-    """Dispatch on the kind of source: folder, .jsonl file, single file, or texts."""
+def iter_source(source: str | Path | Iterable[str] | Mapping[str, str], *, max_bytes: int = DEFAULT_MAX_BYTES,
+                known: KnownFiles | None = None) -> Iterator[SourceItem]:
+    """Dispatch on the kind of source: folder, .jsonl file, single file, or texts. ``known``
+    (a folder's files only): see :func:`iter_folder`."""
     kind = source_kind(source)
     if kind == "texts":
         return iter_texts(source)  # type: ignore[arg-type]
     path = Path(source).expanduser()  # type: ignore[arg-type]
     if kind == "folder":
-        return iter_folder(path, max_bytes=max_bytes)
+        return iter_folder(path, max_bytes=max_bytes, known=known)
     if kind == "jsonl":
         return iter_jsonl(path, max_bytes=max_bytes)
     if kind == "file":

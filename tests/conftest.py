@@ -23,6 +23,16 @@ import pytest  # noqa: E402
 from data_paths import SCIFACT  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _file_stats_kept_in_the_test_tree(tmp_path_factory, monkeypatch):
+    """Ingest records which files it read under the cache directory (``pipelines.file_stats``):
+    the tests' records go to their temporary tree, not the user's cache (the model cache stays)."""
+    import pipelines.file_stats
+
+    folder = tmp_path_factory.getbasetemp() / "file-stats-cache"
+    monkeypatch.setattr(pipelines.file_stats, "default_cache_dir", lambda: folder)
+
+
 @pytest.fixture(scope="module")
 def embedding():
     """The tiny encoder as a LlamaIndex embedding, one per test module (modules may define

@@ -1,0 +1,138 @@
+"""Which files of a folder source a scheduled ingest need not read again.
+
+Every run used to read, decode and parse every file of the folder to hash it: planning an
+unchanged folder cost as much as its size (5,183 small text files: 0.6 s; a folder of PDFs is
+parsed page by page). Like git's index for a working tree, each run records, per file, the
+stat it had when it was read (size, mtime, ctime, inode) and the content hashes of the
+documents it gave. A later run takes a file as unchanged without opening it when
+
+* its stat is exactly the recorded one (ctime moves on any write or rename, and cannot be set
+  back as mtime can),
+* it had not been touched for ``RACY_NS`` when it was recorded (a write in the same clock tick
+  as the read could leave the stat unchanged: git's "racy" rule), and
+* the index holds every one of its documents with exactly the recorded hash (a failed run, a
+  rebuild or another writer invalidates the record by itself).
+
+The record lives in the cache directory, keyed by the index, the source folder, the size limit
+and this package's version; losing it only means the next run reads everything. A file that
+gave an error is never recorded. ``trust_file_stats = false`` reads every file every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from htp_embed.packaged_models import default_cache_dir
+from pipelines.sources import FileStat, KnownFiles, SourceError, SourceItem, SourceUnchanged
+
+log = logging.getLogger(__name__)
+
+#: A file touched less than this before the run that read it is read again next time.
+RACY_NS = 2_000_000_000
+FORMAT = 1
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("htp-index")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class FileRecords:
+    """The files a run read (or took as unchanged), to record once its documents are indexed:
+    plain data that crosses task boundaries with the plan."""
+
+    path: str  # the record file in the cache directory
+    started_ns: int  # wall clock when the run began to look at the folder
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # file id -> entry
+    broken: set[str] = field(default_factory=set)  # file ids an error was reported under
+
+    def observe(self, items: Iterable[SourceItem], previous: Mapping[str, dict[str, Any]]) -> Iterator[SourceItem]:
+        """``items`` as they are, noting each document's file, stat and hash on the way."""
+        for item in items:
+            if isinstance(item, SourceError):
+                self.broken.add(item.doc_id.split("#", 1)[0])
+                if item.covers:
+                    self.broken.add(item.covers.rstrip("#/"))
+            elif item.file is not None:
+                file_id, stat = item.file
+                seen = (previous[file_id]["seen_ns"] if isinstance(item, SourceUnchanged) and file_id in previous
+                        else self.started_ns)
+                entry = self.files.setdefault(file_id, {"stat": list(stat), "seen_ns": seen, "docs": {}})
+                entry["docs"][item.doc_id] = item.content_hash
+            yield item
+
+    def save(self, indexed: Mapping[str, str]) -> int:
+        """Record the files whose documents the index now holds with the hashes read; returns
+        how many. Files not seen this run are forgotten (gone from the folder)."""
+        kept = {
+            file_id: entry for file_id, entry in self.files.items()
+            if file_id not in self.broken and entry["docs"]
+            and all(indexed.get(doc_id) == content_hash for doc_id, content_hash in entry["docs"].items())
+        }
+        path = Path(self.path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"format": FORMAT, "files": kept}))
+            os.replace(tmp, path)
+        except OSError as exc:  # a read-only cache: every file is read next time
+            log.debug("cannot record file stats in %s: %s", path, exc)
+        return len(kept)
+
+
+class FileStatsCache:
+    """The recorded files of one index and folder source (see the module docstring)."""
+
+    def __init__(self, path: Path, entries: dict[str, dict[str, Any]]) -> None:
+        self.path = path
+        self.entries = entries
+        self.records = FileRecords(str(path), time.time_ns())
+
+    @classmethod
+    def for_source(cls, index_dir: Path, source: Path, max_bytes: int, cache_dir: Path | None = None) -> FileStatsCache:
+        """The record of ``index_dir`` and the folder ``source`` (empty when there is none yet,
+        or it cannot be read)."""
+        identity = "\n".join((str(Path(index_dir).resolve()), str(Path(source).expanduser().resolve()),
+                              str(max_bytes), _package_version(), str(FORMAT)))
+        name = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        path = Path(cache_dir or default_cache_dir()) / "file-stats" / f"{name}.json"
+        try:
+            data = json.loads(path.read_text())
+            entries = data["files"] if data.get("format") == FORMAT and isinstance(data.get("files"), dict) else {}
+        except (OSError, ValueError, AttributeError):
+            entries = {}
+        return cls(path, entries)
+
+    def known(self, indexed: Mapping[str, str]) -> KnownFiles:
+        """The :data:`KnownFiles` callback for a run against an index holding ``indexed``."""
+
+        def vouch(file_id: str, stat: FileStat) -> Mapping[str, str] | None:
+            entry = self.entries.get(file_id)
+            if not isinstance(entry, dict) or tuple(entry.get("stat", ())) != tuple(stat):
+                return None
+            if max(stat[1], stat[2]) >= int(entry.get("seen_ns", 0)) - RACY_NS:
+                return None  # touched too close to the read that recorded it
+            docs = entry.get("docs")
+            if not isinstance(docs, dict) or not docs or any(indexed.get(d) != h for d, h in docs.items()):
+                return None
+            return docs
+
+        return vouch
+
+    def observe(self, items: Iterable[SourceItem]) -> Iterator[SourceItem]:
+        """``items``, noted in :attr:`records` on the way."""
+        return self.records.observe(items, self.entries)
+
