@@ -8,7 +8,8 @@ flight finish on the version they started with and none is dropped.
 Faults a real machine meets: a new version that fails to load (a file still being copied, a
 disk hiccup) is retried with back-off and reported as ``stale`` meanwhile; files of the served
 version deleted under the service leave it serving what it holds open (an unlinked file lives
-on while open), with ``/health`` answering 503 ``unhealthy`` and naming the file; a file
+on while open), with ``/health`` answering 503 ``unhealthy`` and naming the file (``stale``, 200,
+when a newer version is live: retention removed them, and the next reload loads it); a file
 truncated or overwritten in place changes what the mapped segment reads, so queries are refused
 with a 503 naming it (never a wrong answer) until a good version is switched in.
 """
@@ -463,7 +464,14 @@ def create_app(
         index = holder.current
         await asyncio.to_thread(holder.check_served)
         drifted = holder.encoder_check is not None and not holder.encoder_check.passed
-        status = "unhealthy" if holder.damage else "stale" if holder.failure else "degraded" if drifted else "ok"
+        # Files of the served version removed by retention while a newer version is live: the
+        # service is behind (it answers from the files it holds open, and loads the newer one
+        # at its next reload), not broken; a 503 took it out of a load balancer for that.
+        superseded = (holder.damage is not None and not holder.unsafe
+                      and (persist.current_version(holder.index_dir) or 0) > index.version)
+        damaged = holder.damage is not None and not superseded
+        status = ("unhealthy" if damaged else "stale" if holder.failure or superseded
+                  else "degraded" if drifted else "ok")
         body: dict[str, Any] = {
             "status": status,
             "index": str(index.path),
@@ -480,8 +488,10 @@ def create_app(
             body["newer_version_error"] = holder.failure
             body["retry_in_s"] = round(max(holder.next_retry - holder.clock(), 0.0), 1)
         if holder.damage is not None:
-            body["reason"] = holder.damage
-        return JSONResponse(body, status_code=503 if holder.damage else 200)
+            body["reason"] = holder.damage + (
+                f"; version {persist.current_version(holder.index_dir)} is live and is loaded at the next reload"
+                if superseded else "")
+        return JSONResponse(body, status_code=503 if damaged else 200)
 
     @app.post("/query", response_model=QueryResponse, dependencies=[Depends(authorise)])
     async def query(request: QueryRequest) -> QueryResponse:

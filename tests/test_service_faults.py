@@ -13,6 +13,7 @@ from pipeline_helpers import settings_for
 import pipelines.service
 from indexes import FaissVectorStore
 from pipelines.ingest import ingest
+from pipelines.maintenance import compact_index
 from pipelines.query import open_index
 from pipelines.service import IndexHolder, create_app, version_files
 
@@ -137,3 +138,25 @@ def test_damaged_files_of_the_served_version_make_it_unhealthy_and_never_answer_
             assert "restore --index" in after.json()["detail"] and "rebuild" not in after.json()["detail"]
         holder.refresh()
     assert sum("still serving version" in r.getMessage() for r in caplog.records) == 1  # said once
+
+
+def test_files_removed_by_retention_while_a_newer_version_is_live_make_it_stale_not_unhealthy(
+        index_dir, embedding, tmp_path):
+    # a service behind by a few commits (a long reload interval) found its version's files gone
+    # to retention and said 503 "unhealthy", which takes it out of a load balancer, while it
+    # answered right from the files it holds open and would load the live version next
+    holder = holder_for(index_dir, embedding, Clock())
+    with TestClient(create_app(index_dir, holder=holder, reload_interval=0)) as client:
+        before = client.post("/query", json={"query": "the cat sat", "top_k": 3}).json()
+        served = served_files(index_dir)
+        new_version(index_dir, embedding, tmp_path)
+        latest = compact_index(index_dir, settings_for(embedding)).version  # one merged segment
+        named = set(version_files(index_dir, FaissVectorStore.read_manifest(index_dir)))
+        victim = next(path for path in served if path not in named)
+        victim.unlink()  # as retention removes what no kept version names
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "stale"
+        assert str(victim) in health.json()["reason"] and f"version {latest} is live" in health.json()["reason"]
+        assert same_answers(client.post("/query", json={"query": "the cat sat", "top_k": 3}).json(), before)
+        assert holder.refresh() is True
+        assert client.get("/health").json() | {"status": "ok"} == client.get("/health").json()
