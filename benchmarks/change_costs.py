@@ -17,6 +17,9 @@ builds one (SciFact sentences as texts, four nodes per document, ``doc_id`` meta
   segment). Both a filter asked before (a tenant's) and a new one (one document's).
 * **keyword query, broad filter**: ``doc_id != ...`` allows nearly every row. ``before``:
   each segment looked up every allowed id of the whole index.
+* **keyword query over tombstones**: after the deletions, keyword queries on the index whose
+  statistics leave deleted rows out (``this code``: their postings counted per query token,
+  once per version) against statistics over every row, deleted or not (``before``).
 
 Results: benchmarks/results/change_costs.{json,md}.
 """
@@ -35,13 +38,14 @@ import numpy as np
 from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
 from llama_index.core.vector_stores.types import FilterOperator, MetadataFilter, MetadataFilters
 from machine import cpu_model
-from store_scale import DIM, build
+from store_scale import DIM, build, sentences
 
 from indexes import FaissVectorStore, segments
 from indexes.live import LiveSegment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NEW_DELETE, NEW_SELECT, NEW_MASK = LiveSegment.delete, segments.SegmentReader.select, LiveSegment.keyword_mask
+NEW_TOMBSTONES = LiveSegment.keyword_tombstones
 
 
 def delete_before(self: LiveSegment, faiss_ids: np.ndarray) -> int:
@@ -84,6 +88,7 @@ def use(variant: str) -> None:
     LiveSegment.delete = delete_before if before else NEW_DELETE
     segments.SegmentReader.select = select_before if before else NEW_SELECT
     LiveSegment.keyword_mask = keyword_mask_before if before else NEW_MASK
+    LiveSegment.keyword_tombstones = (lambda self: None) if before else NEW_TOMBSTONES
 
 
 def forget_kept_answers(store: FaissVectorStore) -> None:
@@ -95,7 +100,7 @@ def eq(key: str, value: str, operator: FilterOperator = FilterOperator.EQ) -> Me
     return MetadataFilters(filters=[MetadataFilter(key=key, value=value, operator=operator)])
 
 
-def measure_deletes(path: Path, share: float, chunk: int) -> list[dict]:
+def measure_deletes(path: Path, share: float, chunk: int) -> tuple[list[dict], FaissVectorStore]:
     """ms per document deleted, chunk by chunk, the two variants on copies of the index."""
     copies = {}
     for variant in ("this code", "before"):
@@ -119,7 +124,24 @@ def measure_deletes(path: Path, share: float, chunk: int) -> list[dict]:
                          "ms_per_delete": round(1000 * spent / len(part), 3)})
             print(rows[-1], flush=True)
     use("this code")
-    return rows
+    return rows, copies["this code"]
+
+
+def measure_keywords_over_tombstones(store: FaissVectorStore, queries: list[str]) -> list[dict]:
+    """Keyword query latency on a store holding tombstones, the two statistics alternating:
+    the first pass (each query token's deleted postings counted) and later ones (kept)."""
+    times: dict[tuple[str, str], list[float]] = {}
+    for rep, label in ((0, "first time for its tokens"), (1, "tokens seen before")):
+        for qi, text in enumerate(queries):
+            for variant in (("this code", "before") if (qi + rep) % 2 == 0 else ("before", "this code")):
+                use(variant)
+                began = time.perf_counter()
+                store.retrieve("sparse", 10, text=text)
+                times.setdefault((label, variant), []).append(time.perf_counter() - began)
+    use("this code")
+    return [{"query": f"keyword query, 30% deleted ({label})", "variant": variant,
+             "p50_ms": round(1000 * statistics.median(t), 2), "max_ms": round(1000 * max(t), 2)}
+            for (label, variant), t in times.items()]
 
 
 def measure_filters(path: Path, rounds: int) -> list[dict]:
@@ -168,7 +190,9 @@ def main() -> None:
         shutil.copy(path / "centres.npy", Path(tmp) / "centres.npy")
         structures = sorted({s["structure"] for s in FaissVectorStore.open(path).segment_summary()})
         filters = measure_filters(path, args.rounds)
-        deletes = measure_deletes(path, args.delete_share, args.chunk)
+        deletes, deleted_store = measure_deletes(path, args.delete_share, args.chunk)
+        pool = sentences()
+        filters += measure_keywords_over_tombstones(deleted_store, [pool[(37 * i) % len(pool)] for i in range(60)])
     result = {"cpu": cpu_model(), "rows": args.rows, "segments": args.segments, "dim": DIM,
               "structures": structures, "filters": filters, "deletes": deletes}
     args.out.mkdir(exist_ok=True)
@@ -176,7 +200,8 @@ def main() -> None:
     lines = [f"# Costs that follow the change ({result['cpu']})", "",
              f"{args.rows:,} nodes in {args.segments} segments ({', '.join(structures)}), {DIM}-d; the two "
              "variants alternating in one process.", "",
-             f"Filtered queries, {args.rounds} writes of one node, each followed by the queries:", "",
+             f"Queries ({args.rounds} writes of one node, each followed by the filtered ones; 60 keyword "
+             "queries over the index after the deletions below):", "",
              "| query | this code p50 / max | before p50 / max | before / this |", "|---|---|---|---|"]
     for label in dict.fromkeys(row["query"] for row in filters):
         this, before = (next(r for r in filters if (r["query"], r["variant"]) == (label, v))

@@ -19,8 +19,10 @@ Analysis and scoring are FTS5's own, so quality is unchanged:
   tokens count as separate terms (the only known difference);
 * BM25 is FTS5's ``bm25()``: k1 = 1.2, b = 0.75, idf = ln((N - n + 0.5) / (n + 0.5)) floored
   at 1e-6, avgdl = total tokens / N; returned positive. N, avgdl and n are global over every
-  row of every given segment, masked or not (Lucene's rule: deleted rows count until merged),
-  so a score never depends on how rows fall into segments or on filters.
+  row of every given segment that is not deleted (`Tombstones`), masked by a filter or not, so
+  a score never depends on how rows fall into segments, on filters, or on deletions not yet
+  merged away. (Lucene's rule, deleted rows counting until merged, made a just-updated document
+  score lower than in a fresh index: its old text made its own words look commoner.)
 
 Files of one segment (`KEYWORD_FILES`), all little-endian ``.npy`` but the JSON header:
 
@@ -481,6 +483,30 @@ class KeywordSegment:
         return int(self.post_offsets[term_id + 1] - self.post_offsets[term_id])
 
 
+class Tombstones:
+    """A segment's deleted rows as the statistics see them: how many, their tokens, and per
+    token how many of them hold it (counted from the token's postings the first time a query
+    asks, then kept: the set of deleted rows is fixed for this object's life)."""
+
+    def __init__(self, segment: KeywordSegment, positions: np.ndarray) -> None:
+        self._segment = segment
+        self.dead = np.zeros(segment.rows, dtype=bool)
+        self.dead[positions] = True
+        self.rows = int(np.count_nonzero(self.dead))
+        self.tokens = int(segment.doclen[self.dead].sum(dtype=np.int64))
+        self._df: dict[int, int] = {}
+
+    def df(self, term_id: int) -> int:
+        """Deleted rows containing the token."""
+        found = self._df.get(term_id)
+        if found is None:
+            start, end = int(self._segment.post_offsets[term_id]), int(self._segment.post_offsets[term_id + 1])
+            found = int(np.count_nonzero(self.dead[self._segment.docs[start:end]]))
+            if len(self._df) < 65_536:
+                self._df[term_id] = found
+        return found
+
+
 # --------------------------------------------------------------------------------- search
 
 
@@ -500,20 +526,23 @@ class _Stats:
     avgdl: float
 
 
-def _stats(segments: Sequence[KeywordSegment], text: str) -> _Stats | None:
-    """Tokens, their global idf-weights and per-segment term ids; None if nothing can match."""
+def _stats(segments: Sequence[KeywordSegment], text: str,
+           deleted: Sequence[Tombstones | None] | None = None) -> _Stats | None:
+    """Tokens, their global idf-weights and per-segment term ids, over the rows not
+    ``deleted``; None if nothing can match."""
     counted = analyse_query(text)
     if not counted or not segments:
         return None
     tokens = list(counted)
     ids = [[segment.term_id(token) for token in tokens] for segment in segments]
-    n = sum(segment.rows for segment in segments)
-    total = sum(segment.total_tokens for segment in segments)
+    gone = list(deleted) if deleted is not None else [None] * len(segments)
+    n = sum(segment.rows - (dead.rows if dead else 0) for segment, dead in zip(segments, gone, strict=True))
+    total = sum(segment.total_tokens - (dead.tokens if dead else 0) for segment, dead in zip(segments, gone, strict=True))
     df = np.zeros(len(tokens), np.float64)
-    for segment, seg_ids in zip(segments, ids, strict=True):
+    for segment, seg_ids, dead in zip(segments, ids, gone, strict=True):
         for j, tid in enumerate(seg_ids):
             if tid >= 0:
-                df[j] += segment.df(tid)
+                df[j] += segment.df(tid) - (dead.df(tid) if dead else 0)
     if n == 0 or total == 0 or not df.any():
         return None
     idf = np.log((n - df + 0.5) / (df + 0.5))
@@ -854,15 +883,16 @@ def _check(segments: Sequence[KeywordSegment], live: Sequence[np.ndarray | None]
 
 def search(
     segments: Sequence[KeywordSegment], live: Sequence[np.ndarray | None], text: str, k: int,
-    ids: Sequence[np.ndarray] | None = None,
+    ids: Sequence[np.ndarray] | None = None, deleted: Sequence[Tombstones | None] | None = None,
 ) -> list[tuple[int, int, float]]:
     """Top-k (segment position, local row, BM25 score) best first, exact, over all segments.
 
-    Rows masked False are never returned but still count in N, avgdl and df. Equal scores
-    are ordered by ``ids`` (each segment's stable row ids) when given, else by position.
+    Rows masked False are never returned; they count in N, avgdl and df unless ``deleted``
+    (each segment's `Tombstones`) says they are gone (the caller masks those too). Equal
+    scores are ordered by ``ids`` (each segment's stable row ids) when given, else by position.
     """
     _check(segments, live)
-    stats = _stats(segments, text) if k > 0 else None
+    stats = _stats(segments, text, deleted) if k > 0 else None
     if stats is None:
         return []
     top = _TopK(k, ids)
@@ -880,11 +910,11 @@ def search(
 
 def search_exhaustive(
     segments: Sequence[KeywordSegment], live: Sequence[np.ndarray | None], text: str, k: int,
-    ids: Sequence[np.ndarray] | None = None,
+    ids: Sequence[np.ndarray] | None = None, deleted: Sequence[Tombstones | None] | None = None,
 ) -> list[tuple[int, int, float]]:
     """The same answer as `search` by scoring every matching row (reference for tests)."""
     _check(segments, live)
-    stats = _stats(segments, text) if k > 0 else None
+    stats = _stats(segments, text, deleted) if k > 0 else None
     if stats is None:
         return []
     top = _TopK(k, ids)

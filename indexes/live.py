@@ -38,6 +38,7 @@ class LiveSegment:
     staging: Path | None = None
     view: VectorIndex | None = None
     _kw_mask: np.ndarray | None = field(default=None, repr=False)
+    _kw_dead: keywords.Tombstones | None = field(default=None, repr=False)
 
     @classmethod
     def of(
@@ -83,7 +84,7 @@ class LiveSegment:
             return 0
         self.deleted = np.insert(self.deleted, at[~known], fresh)
         self.changed = True
-        self._kw_mask = None
+        self._kw_mask = self._kw_dead = None
         assert self.view is not None
         self.view._dead.update(int(i) for i in fresh)
         self.view._dead_arr = None
@@ -117,6 +118,14 @@ class LiveSegment:
         if len(self.deleted):
             mask[self.reader.positions(self.deleted)] = False
         return mask
+
+    def keyword_tombstones(self) -> keywords.Tombstones | None:
+        """The deleted rows as the keyword statistics leave them out (None: none deleted)."""
+        if not len(self.deleted):
+            return None
+        if self._kw_dead is None:
+            self._kw_dead = keywords.Tombstones(self.reader.keywords, self.reader.positions(self.deleted))
+        return self._kw_dead
 
     def record(self) -> SegmentRecord:
         """The manifest entry of the segment in the version being committed."""

@@ -1055,9 +1055,10 @@ class SegmentStore:
         pending_mask = None if allowed is None else np.isin(pending_ids, allowed)
         masks = [pending_mask] + [s.keyword_mask(allowed) for s in self._segments]
         id_maps = [pending_ids] + [s.reader.ids for s in self._segments]
+        deleted = [None] + [s.keyword_tombstones() for s in self._segments]
         return [
             (int(id_maps[part][row]), score)
-            for part, row, score in keywords.search(parts, masks, text, k, id_maps)
+            for part, row, score in keywords.search(parts, masks, text, k, id_maps, deleted)
         ]
 
     def _similarities(self, scores: np.ndarray) -> np.ndarray:

@@ -328,3 +328,26 @@ def test_a_query_with_the_documents_own_word_finds_it_whatever_its_combining_mar
             "the q\u0307uery word"]
     segment = keywords.KeywordSegment.from_texts(docs)
     assert [row for _, row, _ in keywords.search([segment], [None], query, 5)] == [expected_row]
+
+
+def test_deleted_rows_leave_the_statistics_scores_as_a_fresh_index_of_the_live_rows() -> None:
+    # they counted until merged (Lucene's rule): an updated document's old text made its own
+    # words look commoner, and it ranked below where a fresh build ranks it
+    texts = synthetic_texts(900, seed=21)
+    segments = split(texts, 3)
+    rng = np.random.default_rng(22)
+    live = [rng.random(s.rows) > 0.3 for s in segments]
+    deleted = [keywords.Tombstones(s, np.flatnonzero(~mask)) for s, mask in zip(segments, live, strict=True)]
+    kept = [text for s_texts, mask in zip(np.array_split(np.array(texts, dtype=object), 3), live, strict=True)
+            for text, alive in zip(s_texts, mask, strict=True) if alive]
+    assert [s.rows for s in segments] == [len(part) for part in np.array_split(np.array(texts, dtype=object), 3)]
+    fresh = [keywords.KeywordSegment.from_texts(kept)]
+    conn = fts5(kept)
+    for query in synthetic_queries(50, seed=23):
+        got = keywords.search(segments, live, query, 20, deleted=deleted)
+        assert got == keywords.search_exhaustive(segments, live, query, 20, deleted=deleted)
+        assert sorted(score for *_, score in got) == pytest.approx(
+            sorted(score for *_, score in keywords.search(fresh, [None], query, 20)), rel=1e-9)
+        if not any("_" in term for term in keywords.query_terms(query)):
+            assert sorted(score for *_, score in got) == pytest.approx(
+                sorted(score for _, score in sparse.search(conn, query, 20)), rel=1e-5)
