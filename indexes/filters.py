@@ -23,6 +23,7 @@ raise `UnsupportedFilterError` rather than being silently ignored.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from llama_index.core.vector_stores.types import (
@@ -66,9 +67,11 @@ def compile_filters(filters: MetadataFilters, column: str = "metadata") -> tuple
     return sql, params
 
 
-def filters_key(filters: MetadataFilters | None) -> str:
-    """A stable text key for caching the id set a filter selects."""
-    return "" if filters is None else filters.model_dump_json()
+def filters_key(where: str, params: Sequence[Any]) -> str:
+    """A key for the id set a compiled filter selects: its SQL and the exact values bound to it.
+    (The filter's JSON wrote inf, -inf and NaN all as null, so ``x < -inf`` was answered from
+    ``x < inf``'s kept ids, and ``delete_nodes`` with it deleted every row.)"""
+    return repr((where, [(type(value).__name__, repr(value)) for value in params]))
 
 
 def _group(filters: MetadataFilters, column: str, params: list[Any]) -> str:

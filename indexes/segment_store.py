@@ -1082,10 +1082,10 @@ class SegmentStore:
         # LlamaIndex's filter types are imported when there is something to filter
         from .filters import compile_filters, filters_key
 
-        key = filters_key(filters) if node_ids is None and doc_ids is None else None
+        where, params = compile_filters(filters) if filters is not None else ("1", [])
+        key = filters_key(where, params) if node_ids is None and doc_ids is None else None
         if key is not None and key in self._filter_cache:
             return self._filter_cache[key]
-        where, params = compile_filters(filters) if filters is not None else ("1", [])
         parts = [
             self._pending.nodes.select_faiss_ids(
                 where, params, node_ids=node_ids, ref_doc_ids=doc_ids

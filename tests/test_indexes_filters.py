@@ -273,3 +273,20 @@ def test_unsupported_filters_raise_a_clear_error(filtered_store, bad):
     store, _, _ = filtered_store
     with pytest.raises(UnsupportedFilterError):
         store.query(VectorStoreQuery(query_embedding=[1.0] * DIM, similarity_top_k=3, filters=bad))
+
+
+@pytest.mark.parametrize("asked_first", [float("inf"), float("nan"), None])
+def test_filters_with_values_json_writes_alike_are_answered_apart(tmp_path, asked_first):
+    # inf, -inf, NaN and None were one cache key (their JSON is null): with answers kept per
+    # segment across stores, x < -inf returned x < inf's rows and deleting by it deleted all
+    root = tmp_path / "index"
+    store = FaissVectorStore.create(root, dim=DIM, encoder=ENCODER)
+    store.add(make_nodes(unit_rows(np.random.default_rng(6), 5, DIM), metadata=[{"x": i} for i in range(5)]))
+    store.persist()
+    first = F("x", asked_first, Op.LT) if asked_first is not None else F("x", 0, Op.GTE)
+    store.get_nodes(filters=group(first))
+    reopened = FaissVectorStore.open(root)
+    below_everything = group(F("x", float("-inf"), Op.LT))
+    assert reopened.get_nodes(filters=below_everything) == []
+    reopened.delete_nodes(filters=below_everything)
+    assert reopened.count == 5
