@@ -7,14 +7,16 @@ stat it had when it was read (size, mtime, ctime, inode) and the content hashes 
 documents it gave. A later run takes a file as unchanged without opening it when
 
 * its stat is exactly the recorded one (ctime moves on any write or rename, and cannot be set
-  back as mtime can),
+  back as mtime can; not so for a write through a shared memory map into a page already
+  dirty, which Linux does not time-stamp, nor on filesystems without ctime or with cached
+  attributes such as NFS: ``trust_file_stats = false`` there),
 * it had not been touched for ``RACY_NS`` when it was recorded (a write in the same clock tick
   as the read could leave the stat unchanged: git's "racy" rule), and
 * the index holds every one of its documents with exactly the recorded hash (a failed run, a
   rebuild or another writer invalidates the record by itself).
 
 The record lives in the cache directory, keyed by the index, the source folder, the size limit
-and this package's version; losing it only means the next run reads everything. A file that
+and the versions of this package and of the PDF reader; losing it only means the next run reads everything. A file that
 gave an error is never recorded. ``trust_file_stats = false`` reads every file every run.
 """
 
@@ -40,13 +42,17 @@ RACY_NS = 2_000_000_000
 FORMAT = 1
 
 
-def _package_version() -> str:
+def _readers_version() -> str:
+    """This package's version and that of the PDF reader: either may read a file otherwise."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version("htp-index")
-    except PackageNotFoundError:
-        return "unknown"
+    found = []
+    for name in ("htp-index", "pypdf"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} unknown")
+    return ", ".join(found)
 
 
 @dataclass
@@ -63,7 +69,11 @@ class FileRecords:
         """``items`` as they are, noting each document's file, stat and hash on the way."""
         for item in items:
             if isinstance(item, SourceError):
-                self.broken.add(item.doc_id.split("#", 1)[0])
+                # the file it came from, whatever '#' its path holds: every prefix before a '#'
+                # (splitting at the first '#' named "C" for "C#/notes.jsonl#3", and that file was
+                # then recorded without its failing record, which the next run deleted)
+                self.broken.add(item.doc_id)
+                self.broken.update(item.doc_id[:at] for at, char in enumerate(item.doc_id) if char == "#")
                 if item.covers:
                     self.broken.add(item.covers.rstrip("#/"))
             elif item.file is not None:
@@ -106,7 +116,7 @@ class FileStatsCache:
         """The record of ``index_dir`` and the folder ``source`` (empty when there is none yet,
         or it cannot be read)."""
         identity = "\n".join((str(Path(index_dir).resolve()), str(Path(source).expanduser().resolve()),
-                              str(max_bytes), _package_version(), str(FORMAT)))
+                              str(max_bytes), _readers_version(), str(FORMAT)))
         name = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:32]
         path = Path(cache_dir or default_cache_dir()) / "file-stats" / f"{name}.json"
         try:

@@ -120,3 +120,20 @@ def test_trust_file_stats_false_reads_every_file(tmp_path, embedding, reads):
     reads.clear()
     ingest(source, tmp_path / "idx", settings, embedding=embedding)
     assert sorted(reads) == sorted([*DOCS, "c.jsonl"])
+
+
+def test_a_failing_record_of_a_jsonl_whose_path_holds_a_hash_keeps_its_version(tmp_path, embedding, reads):
+    # the file was taken to be "C" (split at the first '#'), recorded without its failing
+    # record, and the next run skipped it and deleted that record as gone
+    source = write_docs(tmp_path / "src")
+    (source / "C#").mkdir()
+    records = source / "C#" / "notes.jsonl"
+    records.write_text('{"_id": "1", "text": "the zebra sat ."}\n{"_id": "3", "text": "the yak ran ."}\n')
+    settings = settings_for(embedding)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    records.write_text('{"_id": "1", "text": "the zebra sat ."}\n{"_id": "3", "text": ""}\n')
+    for _ in range(2):
+        reads.clear()
+        stats = ingest(source, tmp_path / "idx", settings, embedding=embedding)
+        assert "notes.jsonl" in reads and stats.failed == 1 and stats.deleted == 0
+        assert "C#/notes.jsonl#3" in hashes(tmp_path / "idx")
