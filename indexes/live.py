@@ -108,15 +108,13 @@ class LiveSegment:
         if allowed is None:
             if not len(self.deleted):
                 return None
-            if self._kw_mask is None:
-                mask = np.ones(self.reader.record.rows, dtype=bool)
-                mask[self.reader.positions(self.deleted)] = False
-                self._kw_mask = mask
+            if self._kw_mask is None:  # the rows the statistics' tombstones leave
+                self._kw_mask = ~self.keyword_tombstones().dead
             return self._kw_mask
         mask = np.zeros(self.reader.record.rows, dtype=bool)
         mask[self.reader.positions(self.reader.within(allowed))] = True
         if len(self.deleted):
-            mask[self.reader.positions(self.deleted)] = False
+            mask &= ~self.keyword_tombstones().dead
         return mask
 
     def keyword_tombstones(self) -> keywords.Tombstones | None:

@@ -16,8 +16,9 @@ documents it gave. A later run takes a file as unchanged without opening it when
   rebuild or another writer invalidates the record by itself).
 
 The record lives in the cache directory, keyed by the index, the source folder, the size limit
-and the versions of this package and of the PDF reader; losing it only means the next run reads everything. A file that
-gave an error is never recorded. ``trust_file_stats = false`` reads every file every run.
+and the versions of this package and of the PDF reader; losing it only means the next run
+reads everything. A file that gave an error is never recorded. ``trust_file_stats = false``
+reads every file every run.
 """
 
 from __future__ import annotations

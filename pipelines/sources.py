@@ -35,10 +35,9 @@ FileStat = tuple[int, int, int, int]
 KnownFiles = Callable[[str, FileStat], Mapping[str, str] | None]
 
 
-def file_stat(path: Path) -> FileStat:
-    """``path``'s :data:`FileStat` (following links, as reading does)."""
-    st = path.stat()
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+def file_stat(found: os.stat_result) -> FileStat:
+    """The :data:`FileStat` of a stat result."""
+    return (found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino)
 
 
 @dataclass(frozen=True)
@@ -311,9 +310,9 @@ def _folder_items(root: Path, max_bytes: int, known: KnownFiles | None) -> Itera
                         raise DocumentRejected(f"symbolic link loop ({exc})") from exc
                     if not resolved.is_relative_to(root):
                         raise DocumentRejected(f"links outside the source root (to {printable_id(str(resolved))})")
-                    stat = file_stat(resolved)
+                    stat = file_stat(resolved.stat())  # of the target, as reading follows the link
                 else:
-                    resolved, stat = path, (found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino)
+                    resolved, stat = path, file_stat(found)
                 vouched = known(doc_id, stat) if known is not None else None
                 if vouched is not None:
                     for known_id, content_hash in vouched.items():
