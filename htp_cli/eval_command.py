@@ -100,6 +100,9 @@ def eval_command(
         "the dataset's notes: judgements or records dropped)")] = False,
     cache_dir: Annotated[Path | None, typer.Option(
         help="embedding cache (default: $HTP_INDEX_CACHE/eval or the user cache dir)")] = None,
+    keep_identical_ids: Annotated[bool, typer.Option(
+        "--keep-identical-ids", help="score a query's hit on the document of its own id (BEIR leaves it out, "
+        "as here by default: ArguAna and Quora hold each query in the corpus)")] = False,
 ) -> None:
     """Score a retriever on a BEIR dataset: NDCG@10, Recall@10/100, MRR@10 over all judgements.
 
@@ -117,7 +120,7 @@ def eval_command(
                                  f"{'with' if pipeline else 'without'} --pipeline")
     if pipeline:
         _run_pipeline(dataset_dir, split, mode, alpha, rerank, index_dir, config, max_docs, max_queries, seed,
-                      json_output)
+                      json_output, not keep_identical_ids)
         return
     if method not in ALL_METHODS:
         raise typer.BadParameter(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
@@ -127,7 +130,7 @@ def eval_command(
     with contextlib.redirect_stdout(sys.stderr):
         result = evaluate(
             dataset_dir, split, settings, max_docs=max_docs, max_queries=max_queries, seed=seed,
-            cache_dir=cache_dir, fuse_bm25=fuse_bm25,
+            cache_dir=cache_dir, fuse_bm25=fuse_bm25, ignore_identical_ids=not keep_identical_ids,
         )
     if json_output:
         typer.echo(json.dumps({**{key: result[key] for key in JSON_KEYS}, "sample": result["sample"]}))
@@ -138,6 +141,7 @@ def eval_command(
 def _run_pipeline(
     dataset_dir: Path, split: str, mode: str, alpha: float | None, rerank: bool | None, index_dir: Path | None,
     config: Path | None, max_docs: int | None, max_queries: int | None, seed: int, json_output: bool,
+    ignore_identical_ids: bool,
 ) -> None:
     from pipelines.eval_pipeline import evaluate_pipeline
     from pipelines.query import QUERY_MODES
@@ -150,6 +154,7 @@ def _run_pipeline(
         result = evaluate_pipeline(
             dataset_dir, split, mode=mode, alpha=alpha, settings=settings, index_dir=index_dir,  # type: ignore[arg-type]
             max_docs=max_docs, max_queries=max_queries, seed=seed, rerank=rerank,
+            ignore_identical_ids=ignore_identical_ids,
         )
     if json_output:
         # what made the figure, so that rows of several runs can be told apart
@@ -180,7 +185,8 @@ def _print_table(result: dict[str, Any]) -> None:
         console.print(f"[dim]index: {pipeline['index_kind']}, correction {correction}, "
                       f"splitting {pipeline['splitting']}[/dim]")
     dropped = {key: value for key, value in result.get("sample", {}).items()
-               if key in ("repeated_doc_ids", "dropped_judgements_missing_docs", "dropped_judged_queries_missing")}
+               if key in ("repeated_doc_ids", "dropped_judgements_missing_docs", "dropped_judged_queries_missing",
+                          "identical_ids_dropped")}
     if dropped:  # the figure is over what was left: say what was not
         console.print("[yellow]dataset: " + ", ".join(f"{key.replace('_', ' ')}: {value}"
                                                       for key, value in dropped.items()) + "[/yellow]")

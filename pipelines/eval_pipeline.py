@@ -28,7 +28,7 @@ from htp_embed.llama_index import HTPEmbedding
 from indexes.fusion import DEFAULT_ALPHA
 from pipelines.beir import BeirDataset
 from pipelines.errors import OptionConflictError
-from pipelines.evaluation import Run, prepare_dataset, score_run
+from pipelines.evaluation import Run, prepare_dataset, scored
 from pipelines.query import QueryMode, SearchRequest, open_index
 from pipelines.settings import Settings, load_settings
 
@@ -190,8 +190,10 @@ def evaluate_pipeline(
     per_query: bool = False,
     embedding: HTPEmbedding | None = None,
     rerank: bool | None = None,
+    ignore_identical_ids: bool = True,
 ) -> dict[str, Any]:
-    """Score the product's retrieval on a BEIR dataset; same metrics and keys as `evaluate`."""
+    """Score the product's retrieval on a BEIR dataset; same metrics and keys as `evaluate`
+    (``ignore_identical_ids`` as there)."""
     began = time.perf_counter()
     dataset = prepare_dataset(dataset_dir, split, max_docs=max_docs, max_queries=max_queries, seed=seed)
     settings = settings or load_settings()
@@ -203,13 +205,13 @@ def evaluate_pipeline(
     else:
         run, info = pipeline_run(dataset, Path(index_dir), settings, mode=mode, alpha=alpha,
                                  embedding=embedding, rerank=rerank)
-    means, queries = score_run(dataset.qrels, run)
+    means, queries, sample = scored(dataset, run, ignore_identical_ids)
     result: dict[str, Any] = {
         "dataset": dataset.name, "split": dataset.split, "method": f"pipeline:{mode}{'+rerank' if rerank else ''}",
         "model": info["model"], **means,
         "queries": len(dataset.queries), "docs": len(dataset.corpus),
         "describe": f"htp-index pipeline, {mode}{' reranked' if rerank else ''} ({info['encoder']})",
-        "sample": dict(dataset.notes), "pipeline": info,
+        "sample": sample, "pipeline": info,
         "seconds": round(time.perf_counter() - began, 2),
     }
     if per_query:

@@ -74,6 +74,36 @@ def score_run(qrels: Qrels, run: Run) -> tuple[dict[str, float], dict[str, dict[
     return means, per_query
 
 
+def without_identical_ids(run: Run) -> tuple[Run, int]:
+    """``run`` without any query's hit on a document of the query's own id, and how many left.
+
+    BEIR's evaluator does this by default (``ignore_identical_ids=True``): in ArguAna and Quora
+    each query is also a document, finds itself first, and is not judged relevant to itself, so
+    scoring that hit ranks every judged document one place lower than in published figures.
+    The ranking is not refilled (BEIR does not either)."""
+    kept: Run = {}
+    dropped = 0
+    for query_id, docs in run.items():
+        if query_id in docs:
+            docs = {doc_id: score for doc_id, score in docs.items() if doc_id != query_id}
+            dropped += 1
+        kept[query_id] = docs
+    return kept, dropped
+
+
+def scored(dataset: BeirDataset, run: Run, ignore_identical_ids: bool
+           ) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, object]]:
+    """:func:`score_run` of ``run`` on ``dataset``, and the dataset's notes with what scoring
+    left out (``identical_ids_dropped``) added, so the figure says what it is over."""
+    notes = dict(dataset.notes)
+    if ignore_identical_ids:
+        run, dropped = without_identical_ids(run)
+        if dropped:
+            notes["identical_ids_dropped"] = dropped
+    means, per_query = score_run(dataset.qrels, run)
+    return means, per_query, notes
+
+
 def _ranked(docs: Mapping[str, float]) -> list[tuple[str, float]]:
     """trec_eval's ranking order: score descending, ties by document id descending."""
     return sorted(docs.items(), key=lambda item: (item[1], item[0]), reverse=True)
@@ -344,6 +374,7 @@ def evaluate(
     fuse_bm25: bool = False,
     rrf_k: int = 60,
     per_query: bool = False,
+    ignore_identical_ids: bool = True,
 ) -> dict[str, Any]:
     """Score one retriever on a BEIR dataset (optionally subsampled).
 
@@ -352,7 +383,8 @@ def evaluate(
     ``HTPEncoder`` settings. ``fuse_bm25`` scores the reciprocal-rank fusion of BM25 with the
     dense run (``rrf_k``) instead of the dense run alone. Returns the four metrics (0-1 floats),
     the sample sizes, what ran, and with ``per_query`` the per-query metrics (for paired
-    comparisons between settings).
+    comparisons between settings). ``ignore_identical_ids`` leaves a query's hit on the
+    document of its own id out, as BEIR does (:func:`without_identical_ids`).
     """
     start = time.perf_counter()
     dataset = prepare_dataset(dataset_dir, split, max_docs=max_docs, max_queries=max_queries, seed=seed)
@@ -379,14 +411,14 @@ def evaluate(
             assert lexical is not None
             run = reciprocal_rank_fusion([lexical, run], k=rrf_k, top_k=top_k)
             method = f"rrf(bm25,{method})"
-    means, queries = score_run(dataset.qrels, run)
+    means, queries, sample = scored(dataset, run, ignore_identical_ids)
     result: dict[str, Any] = {
         "dataset": dataset.name, "split": dataset.split, "method": method, "model": model,
         **means,
         "queries": len(dataset.queries), "docs": len(dataset.corpus),
         "identity": identity,
         "describe": encoder.describe() if not is_bm25 and hasattr(encoder, "describe") else method,
-        "sample": dict(dataset.notes),
+        "sample": sample,
         "rrf_k": rrf_k if fuse_bm25 else None,
         "cache": {"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root)},
         "seconds": round(time.perf_counter() - start, 2),

@@ -181,3 +181,18 @@ def test_eval_refuses_an_index_dir_that_holds_other_documents(tmp_path, embeddin
         evaluate_pipeline(data, "train", mode="sparse", settings=settings, index_dir=tmp_path / "idx",
                           embedding=embedding)
     assert "cats.txt" in open_index(tmp_path / "idx", settings, embedding=embedding).store.doc_hashes()
+
+
+def test_pipeline_eval_leaves_a_query_hit_on_its_own_id_out_as_beir_does(tmp_path, embedding):
+    """ArguAna-like: the query is also a document of its id, unjudged for itself, and the
+    product finds it first. BEIR's evaluator leaves that hit out; scored, it halves MRR."""
+    corpus = {"q": Document("", "zebra sat on the mat ."), "a": Document("", "a zebra and a mat ."),
+              "c": Document("", "fish swam in the sea .")}
+    data = write_beir(tmp_path / "beir", corpus, {"q": "zebra sat on the mat ."}, {"q": {"a": 1}}, split="train")
+    settings = settings_for(embedding)
+    beir_like = evaluate_pipeline(data, "train", mode="sparse", settings=settings, index_dir=tmp_path / "idx",
+                                  embedding=embedding)
+    assert beir_like["mrr@10"] == 1.0 and beir_like["sample"]["identical_ids_dropped"] == 1
+    kept = evaluate_pipeline(data, "train", mode="sparse", settings=settings, index_dir=tmp_path / "idx",
+                             embedding=embedding, ignore_identical_ids=False)
+    assert kept["mrr@10"] == 0.5 and "identical_ids_dropped" not in kept["sample"]

@@ -21,6 +21,7 @@ from pipelines.evaluation import (
     exact_search,
     reciprocal_rank_fusion,
     score_run,
+    without_identical_ids,
 )
 
 
@@ -137,6 +138,32 @@ def test_bm25_on_the_mini_dataset(mini_beir):
     assert result["queries"] == 5 and result["docs"] == 11
     assert result["per_query"]["q1"]["mrr@10"] == 1.0
     assert set(result) >= set(JSON_KEYS)
+
+
+def test_a_query_hit_on_its_own_id_is_left_out_as_in_beir(tmp_path):
+    """ArguAna-like: each query is also a document (same id), unjudged for itself. BEIR's
+    evaluator leaves that hit out by default; scoring it ranks the judged document second."""
+    corpus = {"a1": Document("", "cats purr loudly when fed fish"),
+              "a2": Document("", "dogs bark loudly at the postman"),
+              "r1": Document("", "a cat purrs when it is fed"),
+              "r2": Document("", "a dog barks at a postman")}
+    queries = {"a1": "cats purr loudly when fed fish", "a2": "dogs bark loudly at the postman"}
+    root = write_beir(tmp_path / "argu", corpus, queries, {"a1": {"r1": 1}, "a2": {"r2": 1}}, split="test")
+
+    run, dropped = without_identical_ids({"a1": ranked("a1", "r1"), "a2": ranked("r2", "x"), "a3": {}})
+    assert dropped == 1 and list(run["a1"]) == ["r1"] and run["a2"] == ranked("r2", "x") and run["a3"] == {}
+
+    beir_like = evaluate(root, "test", "bm25")
+    assert beir_like["mrr@10"] == 1.0 and beir_like["sample"]["identical_ids_dropped"] == 2
+    kept = evaluate(root, "test", "bm25", ignore_identical_ids=False)
+    assert kept["mrr@10"] == 0.5 and "identical_ids_dropped" not in kept["sample"]
+
+    app = typer.Typer()
+    app.command()(eval_command)
+    for flags, mrr in (([], 1.0), (["--keep-identical-ids"], 0.5)):
+        result = CliRunner().invoke(app, [str(root), "--split", "test", "--method", "bm25", "--json", *flags])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["mrr@10"] == mrr
 
 
 # --------------------------------------------------------------------------- cache
