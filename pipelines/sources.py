@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from stat import S_ISLNK
+from stat import S_ISBLK, S_ISCHR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
 from typing import Any
 
 from pipelines.errors import DocumentRejected
@@ -216,9 +216,23 @@ def printable_id(doc_id: str) -> str:
     return doc_id.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def require_regular_file(found: os.stat_result) -> None:
+    """Refuse what is not a regular file before it is opened: opening a named pipe waits for a
+    writer that may never come (a scheduled ingest held its lock for good), and a device or
+    socket is no document."""
+    if S_ISREG(found.st_mode):
+        return
+    kinds = ((S_ISFIFO, "a named pipe"), (S_ISSOCK, "a socket"), (S_ISCHR, "a character device"),
+             (S_ISBLK, "a block device"))
+    kind = next((name for test, name in kinds if test(found.st_mode)), "not a regular file")
+    raise DocumentRejected(f"{kind}, not a regular file: not read")
+
+
 def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, dict[str, Any]]:
     """Text and metadata of one file, by its suffix."""
-    size = path.stat().st_size
+    found = path.stat()
+    require_regular_file(found)
+    size = found.st_size
     if size > max_bytes:
         raise DocumentRejected(
             f"file is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.3g} MiB limit "
@@ -310,9 +324,11 @@ def _folder_items(root: Path, max_bytes: int, known: KnownFiles | None) -> Itera
                         raise DocumentRejected(f"symbolic link loop ({exc})") from exc
                     if not resolved.is_relative_to(root):
                         raise DocumentRejected(f"links outside the source root (to {printable_id(str(resolved))})")
-                    stat = file_stat(resolved.stat())  # of the target, as reading follows the link
+                    found = resolved.stat()  # of the target, as reading follows the link
                 else:
-                    resolved, stat = path, file_stat(found)
+                    resolved = path
+                require_regular_file(found)
+                stat = file_stat(found)
                 vouched = known(doc_id, stat) if known is not None else None
                 if vouched is not None:
                     for known_id, content_hash in vouched.items():
@@ -589,6 +605,8 @@ def iter_source(source: str | Path | Iterable[str] | Mapping[str, str], *, max_b
         return iter_jsonl(path, max_bytes=max_bytes)
     if kind == "file":
         return iter_folder_single(path, max_bytes=max_bytes)
+    if path.exists():  # a named pipe, socket or device: reading it could wait for good
+        raise FileNotFoundError(f"source {path} is neither a folder nor a regular file")
     raise FileNotFoundError(f"source {path} does not exist (expected a folder or a .jsonl file)")
 
 

@@ -81,6 +81,39 @@ def test_symlink_loops_and_links_outside_the_root_are_safe(tmp_path):
     assert isinstance(items["loop"], SourceError) and "a link to a folder" in items["loop"].error
 
 
+def _within(seconds, read):
+    """``read()``'s result, or a failure if it has not returned in ``seconds`` (a named pipe
+    blocks its reader until a writer comes: the test must fail, not hang)."""
+    import threading
+
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(read()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert done, f"still reading after {seconds} s: a named pipe was opened"
+    return done[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_is_refused_not_opened(tmp_path):
+    """A FIFO named like a document (``pipe.txt``, ``feed.jsonl``) was opened and read: the
+    scan waited for a writer for good, holding the index's lock, and no run ever ended."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.txt").write_text("A document.", encoding="utf-8")
+    os.mkfifo(root / "pipe.txt")
+    os.mkfifo(root / "feed.jsonl")
+    os.symlink(root / "pipe.txt", root / "link.md")
+    items = _within(10, lambda: by_id(iter_folder(root)))
+    assert isinstance(items["a.txt"], SourceDocument)
+    for name in ("pipe.txt", "feed.jsonl", "link.md"):
+        assert isinstance(items[name], SourceError) and "a named pipe, not a regular file" in items[name].error
+    assert items["feed.jsonl"].covers == "feed.jsonl#"  # its indexed records are kept
+    for name in ("pipe.txt", "feed.jsonl"):  # the source itself: refused before anything is opened
+        with pytest.raises(FileNotFoundError, match="neither a folder nor a regular file"):
+            iter_source(root / name)
+
+
 def test_html_keeps_visible_text_and_title():
     text, title = html_to_text(
         "<html><head><title>T</title><style>p{}</style></head>"
