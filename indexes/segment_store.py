@@ -151,6 +151,7 @@ class SegmentStore:
         persist_now: bool = True,
         merge_policy: MergePolicy | None = None,
         flush_rows: int | None = None,
+        replaces: int | None = None,
     ) -> Self:
         """A new, empty store bound to `path`, persisted at once as version 1.
 
@@ -159,10 +160,16 @@ class SegmentStore:
         replaced by a new empty version (older versions are kept per `keep_versions`).
         ``overwrite=True, persist_now=False`` stages a replacement: the live version keeps
         serving until this store's first :meth:`persist` switches to it (used by rebuild).
+        ``replaces`` is then the live version the replacement was made from: if another writer
+        commits before the switch (a program writing through the API takes no lock), the
+        switch raises `IndexConflictError` instead of dropping that change without a word.
         """
         root = Path(path)
         if persist.exists(root) and not overwrite:
             raise IndexExistsError.at(root)
+        if replaces is not None and (persist_now or not overwrite):
+            raise ValueError("replaces names the version a staged replacement was made from: "
+                             "it needs overwrite=True and persist_now=False")
         if not isinstance(encoder, dict):
             raise TypeError("encoder must be a dict describing the encoder (model, method, ...)")
         json.dumps(encoder)  # fail now, not at persist, on something JSON cannot hold
@@ -179,7 +186,8 @@ class SegmentStore:
             merge_policy=merge_policy,
             flush_rows=flush_rows,
         )
-        store._replace_live = True
+        store._replace_live = replaces is None
+        store._base = replaces
         store._docs_reset = True
         if persist_now:
             store.persist(force=True)
@@ -338,18 +346,26 @@ class SegmentStore:
                 self._write_pointer(Path(persist_path), version)
             return version
 
-    def restore(self) -> int:
+    def restore(self, over: int | None = None) -> int:
         """Make the version this store opened live again (a roll-back): commits a new version
         equal to it, with this store's changes if any; returns its number. The versions after
         it stay on disk as ``keep_versions`` allows.
 
         The one way to write over versions committed after the one opened: a plain
         :meth:`persist` of changes made against an older version raises `IndexConflictError`
-        rather than dropping those versions silently.
+        rather than dropping those versions silently. ``over`` is the live version the caller
+        decided to roll back: a version committed after it raises `IndexConflictError` too (a
+        change acknowledged while the restore ran was dropped without a word); None rolls back
+        whatever is live.
         """
         with self._lock:
-            self._replace_live = True
-            return self._commit(force=True)
+            before = self._replace_live, self._base
+            self._replace_live, self._base = (True, self._base) if over is None else (False, over)
+            try:
+                return self._commit(force=True)
+            except BaseException:
+                self._replace_live, self._base = before
+                raise
 
     @classmethod
     def from_persist_path(cls, persist_path: str | Path, **open_kwargs: Any) -> Self:

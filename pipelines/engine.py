@@ -37,6 +37,7 @@ from htp_embed.fingerprint import accepts
 from indexes import (
     EncoderMismatchError,
     FaissVectorStore,
+    IndexConflictError,
     IndexNotFoundError,
     VectorCorrection,
     same_encoder,
@@ -362,16 +363,32 @@ class IndexSession:
         index_accepts(self.index_dir, recorded, identity)
         return expected_identity(recorded, identity)
 
-    def _create_store(self, index_kind: str, *, dim: int | None = None, encoder: dict[str, Any] | None = None) -> FaissVectorStore:
+    def _create_store(self, index_kind: str, *, dim: int | None = None, encoder: dict[str, Any] | None = None,
+                      replaces: int | None = None) -> FaissVectorStore:
         """An empty store at the index directory; nothing is written (and a live version keeps
-        serving) until its first persist."""
+        serving) until its first persist. ``replaces``: the live version a rebuild read (see
+        `FaissVectorStore.create`)."""
         if self.manifest is None:
             log.info("creating a new %s index at %s", index_kind, self.index_dir)
         return FaissVectorStore.create(
             self.index_dir, dim=dim or self.encoder.dim, encoder=encoder or self.encoder.identity(),
             metric=self._metric(), index_kind=index_kind, keep_versions=self.settings.keep_versions,
-            overwrite=self.manifest is not None, persist_now=False, **self.settings.faiss_placement(),
+            overwrite=self.manifest is not None, persist_now=False, replaces=replaces,
+            **self.settings.faiss_placement(),
         )
+
+    def _switch_to_rebuilt(self, new: FaissVectorStore, read: int | None) -> int:
+        """Commit a rebuilt version; a version another writer committed since the rebuild read
+        the live one is kept live, and the rebuild says so (it used to be dropped silently)."""
+        try:
+            return new.persist(force=True)
+        except IndexConflictError as exc:
+            raise IndexConflictError(
+                f"another writer committed to {self.index_dir} after this rebuild read version {read} "
+                "(a program writing through the Python API, which takes no lock): the rebuild was not "
+                "switched to, and that writer's change stays live. Run the rebuild again",
+                path=self.index_dir,
+            ) from exc
 
     def _metric(self) -> str:
         """The distance a new version uses: one set explicitly, else the live index's (a rebuild
@@ -635,7 +652,8 @@ class IndexSession:
             self._check_splitting(live.splitting, "a rebuild from the stored nodes")
             stored = stored_documents(live)
             return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), SplitNodes(stored),
-                               live.doc_hashes(), splitting=live.splitting, indexed=frozenset(stored))
+                               live.doc_hashes(), splitting=live.splitting, indexed=frozenset(stored),
+                               base_version=live.version)
         items = list(iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20)))
         readable = [item for item in items if isinstance(item, SourceDocument)]
         indexed = live.doc_hashes()
@@ -680,7 +698,7 @@ class IndexSession:
             log.info("rebuild: %d indexed document(s) are gone from the source and are left out "
                      "(keep them with --keep-missing), e.g. %s", len(deleted), deleted[0])
         return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), split, hashes, errors, self.splitting,
-                           deleted=sorted(deleted), indexed=frozenset(indexed))
+                           deleted=sorted(deleted), indexed=frozenset(indexed), base_version=live.version)
 
     def _rebuild_kind(self, asked: str | None, live_kind: str) -> str:
         """The kind a rebuild writes: the one asked for, else one the settings set explicitly
@@ -695,7 +713,7 @@ class IndexSession:
     def write_rebuild(self, plan: RebuildPlan, embedded: Iterable[EmbeddedBatch]) -> RunStats:
         """Build the new version beside the live one as batches arrive, verify it, and switch
         to it atomically."""
-        new = self._create_store(plan.index_kind)
+        new = self._create_store(plan.index_kind, replaces=plan.base_version)
         if plan.splitting:
             new.record_splitting(plan.splitting)
         new.record_encoder_check(record_check(self.encoder))  # re-embedded by this encoder
@@ -720,7 +738,7 @@ class IndexSession:
         stats.updated = len(written & plan.indexed)
         stats.added = len(written) - stats.updated
         stats.deleted = len(plan.deleted)
-        stats.version = new.persist(force=True)
+        stats.version = self._switch_to_rebuilt(new, plan.base_version)
         stats.count = new.count
         return stats
 
@@ -732,7 +750,8 @@ class IndexSession:
         pseudo-queries of a new correction."""
         old = self.live_store
         self._check_splitting(old.splitting, "a rebuild keeping the vectors")
-        new = self._create_store(self._rebuild_kind(index_kind, old.index_kind), dim=old.dim, encoder=old.encoder)
+        new = self._create_store(self._rebuild_kind(index_kind, old.index_kind), dim=old.dim, encoder=old.encoder,
+                                 replaces=old.version)
         if old.splitting:
             new.record_splitting(old.splitting)
         new.record_encoder_check(old.encoder_check)  # the vectors, and so their encoder, stay
@@ -765,7 +784,7 @@ class IndexSession:
         stats.nodes_embedded = 0  # nothing was embedded: the vectors are the stored ones
         verify(new, old.count, None)
         stats.unchanged = len(written)  # carried over as they were, vectors and all
-        stats.version = new.persist(force=True)
+        stats.version = self._switch_to_rebuilt(new, old.version)
         stats.count = new.count
         return stats
 

@@ -62,7 +62,8 @@ def restore_index(index_dir: Path, version: int, settings: Settings | None = Non
     nothing, and the oldest kept version, a real restore point, would make room for it."""
     settings = settings or load_settings()
     with index_lock(index_dir, settings.lock_timeout):
-        if FaissVectorStore.current_version(index_dir) == version:
+        live = FaissVectorStore.current_version(index_dir)
+        if live == version:
             return version
         kept = persist.list_versions(index_dir)
         if version not in kept:
@@ -70,7 +71,9 @@ def restore_index(index_dir: Path, version: int, settings: Settings | None = Non
             raise VersionNotKeptError(
                 f"the index at {index_dir} does not keep version {version}; it keeps "
                 f"{', '.join(map(str, kept)) or 'none'} (settings' keep_versions: the newest are kept)")
-        return _open(index_dir, settings.keep_versions, version).restore()
+        # the version the user rolls back: one a program commits meanwhile (the API takes no
+        # lock) is refused, not dropped
+        return _open(index_dir, settings.keep_versions, version).restore(over=live)
 
 
 def migrate_index(index_dir: Path, settings: Settings | None = None) -> int | None:

@@ -154,3 +154,5 @@ class RebuildPlan:
     deleted: list[str] = field(default_factory=list)
     #: the live version's documents: a re-embedded one of them counts as updated, not added
     indexed: frozenset[str] = frozenset()
+    #: the live version read: a version another writer commits meanwhile stops the switch
+    base_version: int | None = None
