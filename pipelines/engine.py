@@ -81,9 +81,14 @@ T = TypeVar("T")
 CORRECTION_SAMPLE_NODES = 20_000
 NodesOf = Callable[["EmbeddedBatch"], list[TextNode]]
 
-# Layer settings are per model: a rebuild onto another model takes that model's defaults
-# unless layers are given too.
-_LAYER_RESET = {"rewire_start": None, "rewire_stop": None, "exit_layer": "default"}
+# Settings whose value follows the model (layers, and whether its tokenizer needs a sink
+# token) or the method (a sink only matters to htp/tp, so a vanilla index records none): an
+# encoder onto another model or method takes their defaults for each one not given too. A
+# recorded "no sink" used to carry over, so a Gemma index rebuilt onto SmolLM2 ran HTP
+# without the sink it needs (15 NDCG@10 lost), and an environment or file model kept Gemma's
+# layers.
+_MODEL_DEFAULTS = {"rewire_start": None, "rewire_stop": None, "exit_layer": "default", "attention_sink": "auto"}
+_METHOD_DEFAULTS = {"attention_sink": "auto"}
 
 
 # --------------------------------------------------------------------------- embedding
@@ -202,14 +207,18 @@ def resolve_encoder(
     settings'), with the encoder settings given explicitly (file, environment, option) and then
     ``overrides`` (a rebuild's new model, method…) applied on top. Runtime settings (device,
     batch size) always come from ``settings``."""
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
     if manifest is None:
         base = settings.encoder
     else:
-        recorded = config_from_identity(manifest.encoder, **settings.runtime_encoder_settings())
-        base = EncoderConfig(**{**recorded.model_dump(), **settings.explicit_encoder_settings()})
-    given = {key: value for key, value in (overrides or {}).items() if value is not None}
-    if "model" in given and not set(_LAYER_RESET) & set(given):
-        given = {**_LAYER_RESET, **given}
+        base = config_from_identity(manifest.encoder, **settings.runtime_encoder_settings())
+        given = {**settings.explicit_encoder_settings(), **given}
+    defaults: dict[str, Any] = {}
+    if given.get("model", base.model) != base.model:
+        defaults |= _MODEL_DEFAULTS
+    if given.get("method", base.method) != base.method:
+        defaults |= _METHOD_DEFAULTS
+    given = {**{key: value for key, value in defaults.items() if key not in given}, **given}
     return EncoderConfig(**{**base.model_dump(), **given}) if given else base
 
 

@@ -99,3 +99,31 @@ def test_every_configurable_method_has_a_strategy():
     assert [method_for(name).name for name in METHODS] == list(METHODS)
     with pytest.raises(ValueError, match="unknown method"):
         method_for("mean")
+
+
+def _resolved(record, overrides=None, **encoder_settings):
+    from types import SimpleNamespace
+
+    from pipelines.engine import resolve_encoder
+    from pipelines.settings import Settings
+
+    settings = Settings(encoder=encoder_settings) if encoder_settings else Settings()
+    return resolve_encoder(SimpleNamespace(encoder=record), settings, overrides)
+
+
+def test_an_encoder_onto_another_model_or_method_takes_their_defaults_not_the_records():
+    """A Gemma HTP index records no sink token (its tokenizer adds BOS) and its layers. Rebuilt
+    onto SmolLM2 (option or environment), the record's "no sink" and Gemma's layers were kept:
+    HTP on SmolLM2 without the sink it needs. So was a vanilla SmolLM2 index rebuilt as htp."""
+    for onto in (_resolved(OLD_HTP_RECORD, {"model": "smollm2-135m"}),
+                 _resolved(OLD_HTP_RECORD, model="smollm2-135m")):  # HTP_INDEX_ENCODER__MODEL
+        assert onto.model == "smollm2-135m" and onto.attention_sink == "auto"
+        assert (onto.rewire_start, onto.rewire_stop, onto.exit_layer) == (None, None, "default")
+        assert onto.k == config_from_identity(OLD_HTP_RECORD).k  # not per model: kept
+    given = _resolved(OLD_HTP_RECORD, {"model": "smollm2-135m", "exit_layer": 20, "attention_sink": "off"})
+    assert (given.exit_layer, given.attention_sink, given.rewire_start) == (20, "off", None)
+    as_htp = _resolved(OLD_VANILLA_RECORD, {"method": "htp"})
+    assert as_htp.attention_sink == "auto" and as_htp.model == "smollm2-135m"
+    # the same model and method: the record as it is (an old index without a sink reopens so)
+    same = _resolved(OLD_HTP_RECORD, {"model": "gemma3-270m"})
+    assert (same.attention_sink, same.rewire_start, same.rewire_stop, same.exit_layer) == ("off", 1, 7, 13)
