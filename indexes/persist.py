@@ -106,6 +106,12 @@ def current_version(root: str | Path) -> int | None:
     return int(match.group(1))
 
 
+def is_damaged_pointer(root: str | Path, error: IndexCorruptedError) -> bool:
+    """Whether ``error`` is about ``CURRENT`` itself: then no version is known to be live, and
+    only making a kept version live (a restore) can mend the index."""
+    return error.path == Path(root) / CURRENT_FILE
+
+
 def manifest_stamp(root: str | Path, version: int) -> tuple[int, int] | None:
     """(inode, mtime) of a version's manifest file, None when it is gone: tells an index
     removed and created again (which starts at version 1 again) from the one a reader loaded."""
@@ -272,7 +278,12 @@ def commit(
     root = Path(root)
     (root / VERSIONS_DIR).mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / LOCK_FILE)):
-        live = current_version(root)
+        try:
+            live = current_version(root)
+        except IndexCorruptedError as exc:
+            if expected_live is not None or not is_damaged_pointer(root, exc):
+                raise
+            live = None  # replacing whatever is live (a restore): the pointer is written anew
         if expected_live is not None and live != expected_live:
             raise IndexConflictError.overtaken(root, expected_live, live)
         listed = list_versions(root)

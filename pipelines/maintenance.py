@@ -6,14 +6,17 @@ they never race one; `verify` only reads. None of them loads the encoder.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexes import FaissVectorStore, IndexNotFoundError, persist, verify
+from indexes import FaissVectorStore, IndexCorruptedError, IndexNotFoundError, persist, verify
 
 from .errors import VersionNotKeptError
 from .lock import index_lock
 from .settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,14 @@ def restore_index(index_dir: Path, version: int, settings: Settings | None = Non
     nothing, and the oldest kept version, a real restore point, would make room for it."""
     settings = settings or load_settings()
     with index_lock(index_dir, settings.lock_timeout):
-        live = FaissVectorStore.current_version(index_dir)
+        try:
+            live = FaissVectorStore.current_version(index_dir)
+        except IndexCorruptedError as exc:
+            if not persist.is_damaged_pointer(index_dir, exc):
+                raise
+            # what the damage advice says to do: a kept version made live writes CURRENT anew
+            log.warning("%s is damaged; making version %d live writes it anew", exc.path, version)
+            live = None
         if live == version:
             return version
         kept = persist.list_versions(index_dir)

@@ -350,3 +350,30 @@ def test_a_commit_fsyncs_the_folders_its_renamed_tombstone_and_docs_files_live_i
     assert (path / store.manifest.segments[0].deletes.path).exists()
     missing = [d for d in (seg_dir, path / doclog.DOCS_DIR) if d.resolve() not in synced]
     assert not missing, f"directories never fsynced after a rename into them: {missing}"
+
+
+def test_a_damaged_current_pointer_is_mended_by_the_restore_its_message_advises(tmp_path):
+    """Every command named the damaged CURRENT and advised `restore --version N`, and restore
+    failed with the same message: it read the live version first. Restore now makes N live."""
+    from pipelines.maintenance import restore_index
+    from pipelines.settings import Settings
+
+    rng = np.random.default_rng(3)
+    store = _store(tmp_path / "idx")
+    store.add(_nodes(rng, 3, "a"))
+    first = store.persist()
+    store.add(_nodes(rng, 2, "b"))
+    store.persist()
+    (tmp_path / "idx" / "CURRENT").write_text("v000")
+    with pytest.raises(IndexCorruptedError, match="CURRENT is corrupted") as damaged:
+        FaissVectorStore.open(tmp_path / "idx")
+    assert "htp-index restore" in str(damaged.value)
+    version = restore_index(tmp_path / "idx", first, Settings())
+    reopened = FaissVectorStore.open(tmp_path / "idx")
+    assert reopened.version == version > first + 1 and reopened.count == 3
+    assert persist.verify(tmp_path / "idx")["files"] > 0
+    # a store that expects a live version still refuses a pointer it cannot read
+    (tmp_path / "idx" / "CURRENT").write_text("garbage")
+    reopened.add(_nodes(rng, 1, "c"))
+    with pytest.raises(IndexCorruptedError, match="CURRENT"):
+        reopened.persist()
