@@ -433,12 +433,11 @@ def _forward_pass(recorded: dict[str, Any]) -> str:
 def _manifest_correction(index: Path, manifest: Any) -> dict[str, Any] | None:
     """The correction summary from the version's small correction.json (no vectors read)."""
     from indexes import persist
-    from indexes.correction import VectorCorrection
+    from indexes.segment_store import read_correction
 
-    path = persist.version_dir(index, manifest.version) / persist.CORRECTION_NAME
-    if manifest.correction is None and persist.CORRECTION_NAME not in manifest.files:
-        return None
-    return VectorCorrection.load(path).summary()
+    # read as opening reads it: a damaged file is named (a raw pydantic error named nothing)
+    correction = read_correction(persist.version_dir(index, manifest.version), manifest)
+    return None if correction is None else correction.summary()
 
 
 @app.command()

@@ -261,7 +261,7 @@ class SegmentStore:
             # versions committed after it.
             base=manifest.version,
             keep_versions=keep_versions,
-            correction=_read_correction(vdir, manifest),
+            correction=read_correction(vdir, manifest),
             merge_policy=merge_policy,
             flush_rows=flush_rows,
         )
@@ -1345,8 +1345,9 @@ def _discard_staging(segment: LiveSegment) -> None:
     segment.staging = None
 
 
-def _read_correction(vdir: Path, manifest: Manifest) -> VectorCorrection | None:
-    """The version's correction (format 2: listed in the manifest; format 1: in ``files``)."""
+def read_correction(vdir: Path, manifest: Manifest) -> VectorCorrection | None:
+    """The version's correction (format 2: listed in the manifest; format 1: in ``files``); a
+    missing or unreadable file is `IndexCorruptedError` naming it (opening and `info` both)."""
     listed = manifest.correction is not None or persist.CORRECTION_NAME in manifest.files
     if not listed:
         return None

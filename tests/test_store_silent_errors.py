@@ -377,3 +377,25 @@ def test_a_damaged_current_pointer_is_mended_by_the_restore_its_message_advises(
     reopened.add(_nodes(rng, 1, "c"))
     with pytest.raises(IndexCorruptedError, match="CURRENT"):
         reopened.persist()
+
+
+def test_info_names_a_damaged_correction_file(tmp_path):
+    """`htp-index info` read correction.json itself and printed a raw pydantic error naming no
+    file; it now reads it as opening does."""
+    from typer.testing import CliRunner
+
+    from htp_cli.main import app
+    from indexes.correction import VectorCorrection
+
+    rng = np.random.default_rng(4)
+    store = _store(tmp_path / "idx")
+    rows = unit_rows(rng, 12, DIM)
+    store.set_correction(VectorCorrection.fit(rows, unit_rows(rng, 12, DIM)))
+    store.add(make_nodes(rows, prefix="d"))
+    version = store.persist()
+    assert CliRunner().invoke(app, ["info", "--index", str(tmp_path / "idx")]).exit_code == 0
+    path = persist.version_dir(tmp_path / "idx", version) / persist.CORRECTION_NAME
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    result = CliRunner().invoke(app, ["info", "--index", str(tmp_path / "idx")])
+    assert result.exit_code == 1
+    assert "correction.json is corrupted" in result.output and "htp-index restore" in result.output
