@@ -1042,6 +1042,9 @@ class SegmentStore:
                 f"query embedding has shape {tuple(xq.shape)}; the index at {self._root} holds "
                 f"{self._spec.dim}-dimensional vectors"
             )
+        # FAISS and the merge size their results by k: a k of 10**9 over 65 rows asked for
+        # gigabytes (MemoryError, or the process killed) where it means "every row"
+        k = min(k, self._live_rows())
         if k <= 0:
             return [[] for _ in range(len(xq))]
         if self._correction is not None:

@@ -399,3 +399,17 @@ def test_info_names_a_damaged_correction_file(tmp_path):
     result = CliRunner().invoke(app, ["info", "--index", str(tmp_path / "idx")])
     assert result.exit_code == 1
     assert "correction.json is corrupted" in result.output and "htp-index restore" in result.output
+
+
+@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+def test_a_k_far_above_the_index_size_returns_every_row(tmp_path, mode):
+    """FAISS and the merge sized their results by k: k = 10**8 over 65 rows raised MemoryError
+    (763 MiB), 10**9 got the process killed. The CLI and HTTP cap k; the API did not."""
+    rng = np.random.default_rng(5)
+    store = _store(tmp_path / "idx")
+    rows = unit_rows(rng, 20, DIM)
+    store.add(make_nodes(rows, prefix="d"))
+    store.persist()
+    store.add(_nodes(rng, 3, "pending"))  # pending rows are searched too
+    hits = store.retrieve(mode, 10**12, embedding=rows[0], text="node")
+    assert len(hits) == 23 and len({row.node_id for row, _ in hits}) == 23
