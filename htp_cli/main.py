@@ -251,17 +251,25 @@ def _parse_filters(pairs: list[str]):
         parsed: Any = value
         with contextlib.suppress(json.JSONDecodeError):
             parsed = json.loads(value)
+        if isinstance(parsed, bool):
+            # LlamaIndex's filters take no booleans (public=true was a traceback, exit 1); the
+            # store compares a stored boolean as 0/1, so true is 1
+            parsed = int(parsed)
         # ~= is LlamaIndex's "contains": a list value (a JSONL record's tags) holding the value;
         # = compares the whole value, so tags=pets matches no list, as in LlamaIndex
         key, operator = match["key"].strip(), {"=": "==", "~=": "contains"}.get(op, op)
-        if operator in ("==", "!=", "contains") and not isinstance(parsed, str) and _scalar(parsed):
-            # title=1984 must find the text "1984" (JSONL and file metadata are text) as well
-            # as the number: == and contains match either, != neither.
-            both = [MetadataFilter(key=key, value=parsed, operator=operator),
-                    MetadataFilter(key=key, value=value, operator=operator)]
-            filters.append(MetadataFilters(filters=both, condition="and" if operator == "!=" else "or"))
-        else:
-            filters.append(MetadataFilter(key=key, value=parsed, operator=operator))
+        try:
+            if operator in ("==", "!=", "contains") and not isinstance(parsed, str) and _scalar(parsed):
+                # title=1984 must find the text "1984" (JSONL and file metadata are text) as
+                # well as the number: == and contains match either, != neither.
+                both = [MetadataFilter(key=key, value=parsed, operator=operator),
+                        MetadataFilter(key=key, value=value, operator=operator)]
+                filters.append(MetadataFilters(filters=both, condition="and" if operator == "!=" else "or"))
+            else:
+                filters.append(MetadataFilter(key=key, value=parsed, operator=operator))
+        except ValueError as exc:  # pydantic's ValidationError: a value LlamaIndex's filters cannot hold
+            raise typer.BadParameter(f"filter {pair!r}: its value must be text, a number, or a list of "
+                                     f"one of them ({exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc})") from exc
     return MetadataFilters(filters=filters) if filters else None
 
 

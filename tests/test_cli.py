@@ -309,7 +309,7 @@ def test_query_refuses_an_empty_query_and_an_alpha_that_its_mode_would_ignore(en
 def test_a_list_value_such_as_tags_is_filtered_with_contains(env):
     (env / "src").mkdir()
     records = [{"_id": "p", "text": "the cat sat on the mat .", "metadata": {"tags": ["pets", "home"]}},
-               {"_id": "w", "text": "the wolf ran in the woods .", "metadata": {"tags": ["wild"]}},
+               {"_id": "w", "text": "the wolf ran in the woods .", "metadata": {"tags": ["wild"], "public": True}},
                {"_id": "n", "text": "the fish swam in the sea .", "metadata": {"year": 2020}}]
     (env / "src" / "c.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     run_json("ingest", "src", "--index", "idx")
@@ -317,3 +317,8 @@ def test_a_list_value_such_as_tags_is_filtered_with_contains(env):
     assert [hit["doc_id"] for hit in found] == ["c.jsonl#p"]
     others = run_json("query", "animal", "--index", "idx", "-k", "3", "--filter", "tags!=pets")["results"]
     assert len(others) == 3  # != compares the whole value, as = does: no list equals "pets"
+    # a boolean: LlamaIndex's filters hold none (a traceback, exit 1); the store's true is 1
+    public = run_json("query", "animal", "--index", "idx", "-k", "3", "--filter", "public=true")["results"]
+    assert [hit["doc_id"] for hit in public] == ["c.jsonl#w"]
+    mixed = runner.invoke(app, ["query", "animal", "--index", "idx", "--filter", 'tags~=[1, "a"]'])
+    assert mixed.exit_code == 2 and "its value must be" in mixed.output and "Traceback" not in mixed.output
