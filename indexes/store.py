@@ -123,8 +123,11 @@ class FaissVectorStore(SegmentStore, BasePydanticVectorStore):
         if mode != "sparse" and query.query_embedding is None:
             if mode == "hybrid":
                 raise ValueError("hybrid queries need query_embedding as well as query_str")
-            logger.warning("query without query_embedding: returning no results")
-            return VectorStoreQueryResult(nodes=[], similarities=[], ids=[])
+            # an empty query text reaches here unembedded: it was answered [] (with a log line)
+            # where every other query path refuses it
+            raise ValueError("a dense query needs query_embedding: the query is empty or only whitespace"
+                             if query.query_str is not None and not query.query_str.strip()
+                             else "a dense query needs query_embedding (none was given)")
         unknown = sorted(set(kwargs) - {*_KNOBS, "fusion"})
         if unknown:  # a misspelled knob ("nprob") was dropped, and the default used without a word
             raise TypeError(f"unknown store option(s) {', '.join(map(repr, unknown))}; FaissVectorStore.query "

@@ -270,6 +270,22 @@ def test_as_retriever_with_vector_store_kwargs_keeps_the_index_fusion(index_dir,
     assert got == searched  # convex scores come back: the rrf setting was silently replaced
 
 
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_the_retriever_refuses_an_empty_dense_query_as_every_other_path_does(index_dir, embedding, blank):
+    """An empty query reached the store unembedded and was answered [] with a log line; the
+    API, the CLI and HTTP refuse it."""
+    from pipeline_helpers import settings_for
+
+    from pipelines.query import open_index
+
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    with pytest.raises(ValueError, match="empty"):
+        index.as_retriever(vector_store_query_mode="default").retrieve(blank)
+    store = index.store
+    with pytest.raises(ValueError, match="needs query_embedding"):
+        store.query(VectorStoreQuery(query_embedding=None, similarity_top_k=2))
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. The CLI's filter parser turned a numeric-looking value into a number, so string metadata
 #    such as a title "1984" could never be matched with --filter title=1984 (0 results, exit 0).
