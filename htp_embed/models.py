@@ -181,9 +181,49 @@ def _load_hf_dir(path: Path, dtype: torch.dtype, tokenizer: Any | None = None):
     from transformers import AutoModel, AutoTokenizer
 
     _quiet_transformers()
-    tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(path))
+    if tokenizer is None:
+        tokenizer = _user_dir_tokenizer(path, AutoTokenizer)
     model = AutoModel.from_pretrained(str(path), dtype=dtype)
     return model, tokenizer
+
+
+#: Files one of which a saved tokenizer has (fast, SentencePiece, BPE or WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _user_dir_tokenizer(path: Path, auto_tokenizer: Any) -> Any:
+    """The tokenizer of a user's model directory, refused unless the directory is a decoder LM
+    with a tokenizer of its own. Without tokenizer files transformers builds a 5-token
+    tokenizer, every text one ``<unk>``, and all vectors came out equal without a word; a
+    bidirectional encoder (ModernBERT) was run as if it were causal."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    config = AutoConfig.from_pretrained(str(path))
+    kind = config.model_type
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False) or (
+        kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    ):
+        raise ModelNotAvailableError(
+            f"the model in {path} ({kind}) is not a decoder-only language model; htp-index embeds with "
+            "decoders such as Llama, Qwen2/3, Mistral, Gemma 2/3"
+        )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotAvailableError(
+            f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): save the model's tokenizer beside "
+            "its weights (tokenizer.save_pretrained(DIR))"
+        )
+    tokenizer = auto_tokenizer.from_pretrained(str(path))
+    rows = config.get_text_config().vocab_size
+    if rows and not rows // 2 <= len(tokenizer) <= rows:
+        raise ModelNotAvailableError(
+            f"the tokenizer in {path} has {len(tokenizer):,} tokens and the model {rows:,} embedding rows: "
+            "they belong to different models (a model pads its rows a little, never by half)"
+        )
+    return tokenizer
 
 
 def _load_packaged_tokenizer(path: Path):
