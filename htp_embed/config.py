@@ -6,6 +6,9 @@ produced it (`EncoderConfig.identity()`), and refuse vectors from any other.
 
 from __future__ import annotations
 
+import contextlib
+import operator
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +21,9 @@ DEFAULT_MODEL = "gemma3-270m"
 DEFAULT_QUERY_INSTRUCTION = "Retrieve relevant document. Text: "
 
 
+_K_SPELLING = re.compile(r"(?P<fixed>\d+)|adaptive(?::(?P<bound>\d+))?")
+
+
 class KPolicy(BaseModel):
     """How many sentences go into one HTP block (K).
 
@@ -28,7 +34,7 @@ class KPolicy(BaseModel):
     ``<B-PST>`` hurt; bounding M is the simplest rule that does both.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["fixed", "adaptive"] = "adaptive"
     k: int = Field(1, ge=1, description="sentences per block when kind='fixed'")
@@ -39,17 +45,18 @@ class KPolicy(BaseModel):
         """Accept ``4``, ``"4"``, ``"adaptive"`` or ``"adaptive:12"`` as well as a KPolicy."""
         if isinstance(value, KPolicy):
             return value
-        if isinstance(value, dict):
-            return cls(**value)
-        if isinstance(value, int):
-            return cls(kind="fixed", k=value)
-        text = str(value).strip().lower()
-        if text.startswith("adaptive"):
-            _, _, bound = text.partition(":")
-            return cls(kind="adaptive", max_blocks=int(bound)) if bound else cls(kind="adaptive")
-        if text.isdigit():
-            return cls(kind="fixed", k=int(text))
-        raise ValueError(f"K policy must be an integer or 'adaptive[:MAX_BLOCKS]', got {value!r}")
+        if isinstance(value, dict):  # a misspelled key is refused, not dropped for a default
+            return cls.model_validate(value)
+        if not isinstance(value, str | bool):  # k = true was K = 1
+            with contextlib.suppress(TypeError):
+                return cls(kind="fixed", k=operator.index(value))  # any whole number (numpy's too)
+        # exactly these spellings: "adaptive8" or "adaptive-12" were read as adaptive:8
+        match = _K_SPELLING.fullmatch(str(value).strip().lower()) if isinstance(value, str) else None
+        if match is None:
+            raise ValueError(f"K policy must be an integer or 'adaptive[:MAX_BLOCKS]', got {value!r}")
+        if match["fixed"]:
+            return cls(kind="fixed", k=int(match["fixed"]))
+        return cls(kind="adaptive", max_blocks=int(match["bound"])) if match["bound"] else cls(kind="adaptive")
 
     def sentences_per_block(self, n_sentences: int) -> int:
         """K for a text of ``n_sentences`` sentences."""

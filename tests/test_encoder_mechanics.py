@@ -84,8 +84,14 @@ def test_k_policy_parsing():
     assert KPolicy.parse("adaptive:12") == KPolicy(kind="adaptive", max_blocks=12)
     assert KPolicy.parse(8) == KPolicy(kind="fixed", k=8)
     assert EncoderConfig(k="4").k.k == 4
-    with pytest.raises(ValueError):
-        KPolicy.parse("many")
+    assert KPolicy.parse(" Adaptive ") == KPolicy() and KPolicy.parse({"kind": "fixed", "k": 2}).k == 2
+    # each was read as another policy without a word: adaptive:8 for the spellings, K = 1 for true
+    for wrong in ("many", "adaptive8", "adaptive-12", "adaptive;4", "adaptive:", "4.5", True,
+                  {"kind": "adaptive", "max_block": 3}):
+        with pytest.raises(ValueError):
+            KPolicy.parse(wrong)
+        with pytest.raises(ValueError):
+            EncoderConfig(k=wrong)
 
 
 def test_literal_placeholder_text_stays_text():
