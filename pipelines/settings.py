@@ -24,12 +24,13 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
-from htp_embed import EncoderConfig
+from htp_embed import EncoderConfig, KPolicy
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_file = _CHOSEN_CONFIG.get() or config_file()
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, _EnvironmentSource(settings_cls)]
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
@@ -175,12 +176,29 @@ def config_file() -> Path | None:
     return local if local.is_file() else None
 
 
+class _EnvironmentSource(EnvSettingsSource):
+    """The environment, where a setting that is an object (K) may be written as the file
+    writes it: ``HTP_INDEX_ENCODER__K=adaptive:4`` was "error parsing value for field
+    'encoder'", since pydantic-settings reads such a variable as JSON only. Text that is not
+    JSON goes to the setting's own validation, which reads the spelling or names the field."""
+
+    def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            if isinstance(value, str):
+                return value
+            raise
+
+
 def unknown_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str | None]:
     """The ``HTP_INDEX_*`` variables that name no setting, each with the closest one that does
     (None: nothing close). pydantic-settings ignores them, so a misspelling
     (``HTP_INDEX_QUERYMODE``) would silently leave the default in force."""
     known = {f"HTP_INDEX_{name}".upper() for name in Settings.model_fields}
     known |= {f"HTP_INDEX_ENCODER__{name}".upper() for name in EncoderConfig.model_fields}
+    # K's parts are settings too (HTP_INDEX_ENCODER__K__MAX_BLOCKS=4 was said to be ignored)
+    known |= {f"HTP_INDEX_ENCODER__K__{name}".upper() for name in KPolicy.model_fields}
     known |= OTHER_ENV
     suffixes = {name.removeprefix("HTP_INDEX_"): name for name in known}
     unknown = {}
@@ -196,8 +214,11 @@ def _warn_unknown_environment() -> None:
     for name, close in unknown_environment().items():
         if name not in _warned_env:
             _warned_env.add(name)
-            log.warning("%s is not a setting and is ignored%s", name,
-                        f" (did you mean {close}?)" if close else "")
+            # pydantic-settings drops an unknown top-level name, but an unknown name inside
+            # the encoder's settings is refused with them (it was said to be ignored)
+            fate = "the encoder settings are refused with it" if name.upper().startswith(
+                "HTP_INDEX_ENCODER__") else "it is ignored"
+            log.warning("%s is not a setting: %s%s", name, fate, f" (did you mean {close}?)" if close else "")
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:

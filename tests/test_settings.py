@@ -40,7 +40,27 @@ def test_a_misspelled_variable_is_named_with_the_setting_it_was_probably_meant_f
         assert load_settings().keep_versions == 3  # ignored, as before, but said
         load_settings()
     said = [r.getMessage() for r in caplog.records if "HTP_INDEX_KEEPVERSIONS" in r.getMessage()]
-    assert said == ["HTP_INDEX_KEEPVERSIONS is not a setting and is ignored (did you mean HTP_INDEX_KEEP_VERSIONS?)"]
+    assert said == ["HTP_INDEX_KEEPVERSIONS is not a setting: it is ignored (did you mean HTP_INDEX_KEEP_VERSIONS?)"]
+
+
+def test_k_is_written_in_the_environment_as_in_the_file_and_its_parts_are_settings(monkeypatch, caplog):
+    """HTP_INDEX_ENCODER__K=adaptive:4 (the README's spelling) was "error parsing value for field
+    'encoder'" (only JSON was read); K's parts were said to be ignored and were applied, and an
+    unknown encoder variable was said to be ignored and then refused the settings."""
+    for text, expected in (("adaptive:4", "adaptive:4"), ("3", "3"), ('"adaptive:2"', "adaptive:2")):
+        monkeypatch.setenv("HTP_INDEX_ENCODER__K", text)
+        assert str(Settings().encoder.k) == expected
+    monkeypatch.setenv("HTP_INDEX_ENCODER__K", "adaptive8")
+    with pytest.raises(ValueError, match="K policy must be"):
+        Settings()
+    monkeypatch.delenv("HTP_INDEX_ENCODER__K")
+    assert unknown_environment({"HTP_INDEX_ENCODER__K__MAX_BLOCKS": "4"}) == {}
+    monkeypatch.setenv("HTP_INDEX_ENCODER__METOD", "vanilla")
+    with caplog.at_level("WARNING", logger="pipelines.settings"), pytest.raises(ValueError):
+        load_settings()
+    assert [r.getMessage() for r in caplog.records if "METOD" in r.getMessage()] == [
+        "HTP_INDEX_ENCODER__METOD is not a setting: the encoder settings are refused with it "
+        "(did you mean HTP_INDEX_ENCODER__METHOD?)"]
 
 
 @pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False), ("auto", "auto")])
