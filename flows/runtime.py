@@ -15,6 +15,7 @@ from prefect import task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.runner_spec import check_task_runner
 from htp_embed import EncoderConfig, HTPEncoder
 from pipelines.engine import EmbeddedBatch, IndexSession, embed_batch
 from pipelines.runs import RunStats
@@ -153,12 +154,9 @@ def task_runner_for(name: str | None):
     or 'dask' / 'dask=N' / 'dask=ADDRESS' (see :mod:`flows.dask_runner`)."""
     if name in (None, "", "thread"):
         return ThreadPoolTaskRunner(max_workers=1)
+    check_task_runner(name)
     if name.startswith("thread="):
         return ThreadPoolTaskRunner(max_workers=int(name.split("=", 1)[1]))
-    if name == "dask" or name.startswith("dask="):
-        from flows.dask_runner import dask_task_runner
+    from flows.dask_runner import dask_task_runner
 
-        return dask_task_runner(name)
-    raise ValueError(
-        f"unknown task runner {name!r}; use 'thread', 'thread=N', 'dask', 'dask=N' or 'dask=ADDRESS'"
-    )
+    return dask_task_runner(name)

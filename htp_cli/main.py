@@ -60,6 +60,21 @@ KindOpt = Annotated[str | None, typer.Option("--index-kind", help="flat, hnsw, i
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
 
 
+def _task_runner(value: str | None) -> str | None:
+    """A misspelled runner is a usage error before any work (exit 2, not a failed run's 1)."""
+    from flows.runner_spec import check_task_runner
+
+    try:
+        return None if value is None else check_task_runner(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+TaskRunnerOpt = Annotated[str | None, typer.Option(
+    callback=_task_runner, help="run as a Prefect flow with this task runner: 'thread', 'thread=N', 'dask' (local "
+    "worker processes), 'dask=N' (N of them) or 'dask=tcp://HOST:8786' (a running cluster)")]
+
+
 class Mode(StrEnum):
     """Query modes, as the command line spells them."""
 
@@ -148,7 +163,7 @@ def ingest(
     index_kind: KindOpt = None,
     chunk_size: Annotated[int | None, typer.Option(help="tokens per node (default: what the index recorded, else fill the encoder window; another size than the index's needs rebuild --source)")] = None,
     keep_missing: Annotated[bool, typer.Option("--keep-missing", help="append-only: keep documents that vanished from the source")] = False,
-    task_runner: Annotated[str | None, typer.Option(help="run as a Prefect flow with this task runner: 'thread', 'dask' (local worker processes), 'dask=N' (N of them) or 'dask=tcp://HOST:8786' (a running cluster)")] = None,
+    task_runner: TaskRunnerOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -193,7 +208,7 @@ def rebuild(
     source: Annotated[str | None, typer.Option(help="re-read and re-split this source instead of re-embedding the stored nodes")] = None,
     keep_vectors: Annotated[bool, typer.Option("--keep-vectors", help="re-use the stored vectors instead of re-embedding: adds the keyword index (and a vector correction) to an index written by an older htp-index, or changes --index-kind; cannot change the encoder")] = False,
     keep_missing: Annotated[bool, typer.Option("--keep-missing", help="with --source: keep (re-embedded) the indexed documents the source no longer holds, as ingest --keep-missing does; otherwise they are left out and counted as deleted")] = False,
-    task_runner: Annotated[str | None, typer.Option(help="run as a Prefect flow with this task runner: 'thread', 'dask' (local worker processes), 'dask=N' (N of them) or 'dask=tcp://HOST:8786' (a running cluster)")] = None,
+    task_runner: TaskRunnerOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:

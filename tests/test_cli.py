@@ -322,3 +322,12 @@ def test_a_list_value_such_as_tags_is_filtered_with_contains(env):
     assert [hit["doc_id"] for hit in public] == ["c.jsonl#w"]
     mixed = runner.invoke(app, ["query", "animal", "--index", "idx", "--filter", 'tags~=[1, "a"]'])
     assert mixed.exit_code == 2 and "its value must be" in mixed.output and "Traceback" not in mixed.output
+
+
+@pytest.mark.parametrize("spelling", ["bogus", "thread=abc", "thread=0", "dask=0", "dask="])
+def test_a_misspelled_task_runner_is_a_usage_error_before_any_work(tmp_path, spelling):
+    """It was a ValueError from inside the run: exit 1, 'the run failed', after the plan ran."""
+    for command in (["ingest", str(tmp_path)], ["rebuild"]):
+        result = runner.invoke(app, [*command, "--index", str(tmp_path / "idx"), "--task-runner", spelling])
+        assert result.exit_code == 2 and "--task-runner" in result.output
+    assert not (tmp_path / "idx").exists()
