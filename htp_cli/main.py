@@ -570,6 +570,7 @@ def schedule(
     _setup(verbose)
     if (cron is None) == (interval is None):
         raise typer.BadParameter("give exactly one of --cron or --interval")
+    _check_cadence(cron, interval)
     settings = _settings(config, encoder_show_progress=False)
     from flows.schedule import serve_ingest_deployment
 
@@ -577,6 +578,23 @@ def schedule(
         serve_ingest_deployment(source, index, settings, cron=cron, interval=interval, name=name)
     except Exception as exc:
         raise _fail(exc) from exc
+
+
+def _check_cadence(cron: str | None, interval: float | None) -> None:
+    """A usage error for a cadence Prefect would refuse (its pydantic dump, exit 1, and only
+    once a server answered) or take: --interval 0.001 was a schedule of a run a millisecond."""
+    import math
+
+    if interval is not None and not (math.isfinite(interval) and interval >= 1):
+        raise typer.BadParameter(f"--interval is seconds between runs, at least 1, not {interval}")
+    if cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=cron)
+        except ValueError as exc:
+            raise typer.BadParameter(f"--cron {cron!r} is not a cron schedule (minute hour day month weekday, "
+                                     "in UTC, e.g. '0 3 * * *')") from exc
 
 
 @app.command()

@@ -331,3 +331,11 @@ def test_a_misspelled_task_runner_is_a_usage_error_before_any_work(tmp_path, spe
         result = runner.invoke(app, [*command, "--index", str(tmp_path / "idx"), "--task-runner", spelling])
         assert result.exit_code == 2 and "--task-runner" in result.output
     assert not (tmp_path / "idx").exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--cron", "not a cron"), ("--cron", "61 * * * *"),
+                                             ("--interval", "0"), ("--interval", "-5"), ("--interval", "nan"),
+                                             ("--interval", "inf"), ("--interval", "0.001")])
+def test_a_cadence_prefect_would_refuse_or_run_every_millisecond_is_a_usage_error(tmp_path, flag, value):
+    result = runner.invoke(app, ["schedule", str(tmp_path), "--index", str(tmp_path / "idx"), flag, value])
+    assert result.exit_code == 2 and flag in result.output
