@@ -131,12 +131,14 @@ def test_wrong_dimension_and_missing_embedding_are_refused(tmp_path):
     assert store.count == 0
 
 
-def test_queries_on_empty_store_or_without_embedding_return_nothing(tmp_path):
+def test_a_query_on_an_empty_store_returns_nothing_and_one_without_embedding_is_refused(tmp_path):
     store = new_store(tmp_path, DIM, index_kind="hnsw")
     empty = query(store, np.ones(DIM, dtype=np.float32))
     assert (empty.ids, empty.nodes, empty.similarities) == ([], [], [])
-    nothing = store.query(VectorStoreQuery(query_embedding=None, similarity_top_k=3))
-    assert nothing.ids == []
+    # it answered [] with a log line, so an empty query through as_retriever() found nothing
+    # where every other query path refuses it
+    with pytest.raises(ValueError, match="needs query_embedding"):
+        store.query(VectorStoreQuery(query_embedding=None, similarity_top_k=3))
     store.add(make_nodes(unit_rows(np.random.default_rng(6), 3, DIM)))
     assert len(query(store, np.ones(DIM, dtype=np.float32), k=10).ids) == 3
 
