@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -198,16 +199,26 @@ def test_queries_keep_working_through_a_rebuild_and_switch_to_the_new_encoder(tm
         assert {before["version"], stats.version} <= served
 
 
-def test_a_corrupt_new_version_is_reported_and_the_old_one_keeps_serving(index_dir, embedding, tmp_path, caplog):
+def test_a_corrupt_new_version_is_reported_and_the_old_one_keeps_serving(index_dir, embedding, tmp_path, caplog,
+                                                                        monkeypatch):
+    from indexes import persist
+
+    real_switch = persist.switch_current
+
+    def switch_to_a_damaged_version(root, version):
+        # damaged before it goes live: damaging it after the ingest raced the service's watcher,
+        # which could load the version first (then a damaged file it serves is 'unhealthy')
+        newest = persist.read_manifest(root, version).segments[-1]  # the segment this ingest wrote
+        damaged = Path(root) / "segments" / newest.name / "vectors.faiss"
+        damaged.write_bytes(damaged.read_bytes()[:-10])
+        real_switch(root, version)
+
     with make_client(index_dir, embedding, reload_interval=0.1) as client:
         first = client.get("/health").json()
         (tmp_path / "src" / "new.txt").write_text("protein binds receptor .")
+        monkeypatch.setattr(persist, "switch_current", switch_to_a_damaged_version)
         stats = ingest(tmp_path / "src", index_dir, settings_for(embedding), embedding=embedding)
-        from indexes import read_manifest
-
-        newest = read_manifest(index_dir).segments[-1]  # the segment this ingest wrote
-        damaged = index_dir / "segments" / newest.name / "vectors.faiss"
-        damaged.write_bytes(damaged.read_bytes()[:-10])
+        monkeypatch.undo()
         deadline = time.time() + 10
         while client.get("/health").json()["status"] == "ok" and time.time() < deadline:
             time.sleep(0.05)
