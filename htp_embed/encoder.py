@@ -527,7 +527,10 @@ class HTPEncoder:
             return self._forward(layouts, prefix, is_query=is_query)
         # First use: the pass that reuses the prefix must give the plain pass's vectors (a
         # model with bidirectional attention, or one that takes no cache, would not); kept
-        # only if it does, checked once per encoder.
+        # only if it does, checked once per encoder. Kept, its vectors are the answer: every
+        # later query gets the reused pass's, and in bfloat16 the two differ in the last bits
+        # (cosine ~0.999996), enough to swap a near-tie between a process's first query (a
+        # one-shot `htp-index query`) and the same query asked of the service.
         plain = self._forward(layouts, 0, is_query=is_query)
         try:
             reused = self._forward(layouts, prefix, is_query=is_query)
@@ -539,9 +542,9 @@ class HTPEncoder:
         if agreement >= PREFIX_AGREEMENT:
             assert cache is not None
             cache.verified = True
-        else:
-            log.info("not reusing the query prefix's keys and values for %s (%s)", self.config.model, reason)
-            self._prefix_cache = None
+            return reused
+        log.info("not reusing the query prefix's keys and values for %s (%s)", self.config.model, reason)
+        self._prefix_cache = None
         return plain
 
     def _forward(self, layouts: list[Layout], prefix: int, *, is_query: bool = False) -> np.ndarray:

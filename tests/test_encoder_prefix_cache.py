@@ -88,3 +88,15 @@ def test_the_shared_prefix_ends_before_placeholders_and_pooled_positions():
     assert shared_prefix_length([layout([1, 5, -2, -1, 8, 9], [4, 5])]) == 2  # a placeholder at 2
     assert shared_prefix_length([layout([1, 5, 6, 7, 8, 9], [3, 4, 5])]) == 3  # pooled from 3 on
     assert shared_prefix_length([layout([1, 5, 6, 7, 8, 9], [5], copies=[(5, 2)])]) == 2  # rewired at 2
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_the_first_query_gets_the_vectors_every_later_one_gets(decoder):
+    """In bfloat16 the reused-prefix pass and the plain pass differ in the last bits; the
+    process's first query (the one that checks the reuse) must answer with the vectors later
+    queries get, or a one-shot `htp-index query` and the service rank a near-tie differently."""
+    encoder = tiny_encoder("right", False, decoder, dtype="bfloat16")
+    first = encoder.encode_queries(QUERIES)
+    assert encoder._prefix_cache is not None and encoder._prefix_cache.verified
+    assert not np.array_equal(first, plain_queries(encoder, QUERIES))  # bfloat16 tells them apart
+    np.testing.assert_array_equal(first, encoder.encode_queries(QUERIES))
