@@ -60,8 +60,18 @@ class IndexCorruptedError(HtpIndexError):
 
     @classmethod
     def for_file(cls, path: str | Path, problem: str) -> IndexCorruptedError:
-        """The standard error naming the damaged file and the way out."""
-        return cls(f"{path} is corrupted: {problem}. {DAMAGE_ADVICE}", path=path)
+        """The standard error naming the damaged file and the way out, with the commands
+        spelled for the index that holds it (the service and apps show the message as it is)."""
+        return cls(f"{path} is corrupted: {problem}. {damage_advice(_index_dir_of(Path(path)))}", path=path)
+
+
+def _index_dir_of(path: Path) -> Path | None:
+    """The index directory holding ``path``: the nearest folder (``path`` itself included) with
+    a ``CURRENT`` pointer or a ``versions`` folder (persist's names; a legacy index has both)."""
+    for folder in (path, *path.parents):
+        if (folder / "CURRENT").is_file() or (folder / "versions").is_dir():
+            return folder
+    return None
 
 
 #: What to do about a damaged file, wherever one is reported. Not `htp-index rebuild`, which the
@@ -72,6 +82,11 @@ DAMAGE_ADVICE = (
     "--version N` checks one; versions share unchanged segments); or ingest the sources into a "
     "new index directory"
 )
+
+
+def damage_advice(index_dir: str | Path | None) -> str:
+    """:data:`DAMAGE_ADVICE` with the commands naming ``index_dir`` (``PATH`` when unknown)."""
+    return DAMAGE_ADVICE if index_dir is None else DAMAGE_ADVICE.replace("PATH", str(index_dir))
 
 
 class IndexConflictError(HtpIndexError):

@@ -14,10 +14,14 @@ Semantics follow LlamaIndex's reference implementation (``build_metadata_filter_
 * ``CONTAINS`` matches a list value holding the scalar (same type rules as ``EQ``), ``ANY``
   one holding at least one of a list of scalars, ``ALL`` one holding every one of them (lists
   such as a JSONL record's ``tags``);
-* conditions ``AND`` and ``OR`` nest to any depth; ``NOT`` matches when no sub-filter matches.
+* conditions ``AND`` and ``OR`` nest up to `MAX_DEPTH` groups deep; ``NOT`` matches when no
+  sub-filter matches. A group of many conditions is any length: its SQL is a balanced tree
+  (SQLite refuses an expression over 1,000 levels deep, as a flat chain of 999 ORs was).
 
-Operators outside that set (``TEXT_MATCH``, ``IS_EMPTY``…)
-raise `UnsupportedFilterError` rather than being silently ignored.
+Operators outside that set (``TEXT_MATCH``, ``IS_EMPTY``…), groups nested deeper than SQLite's
+parser goes, integers outside SQLite's 64 bits and filters binding more values than a SQLite
+statement takes raise `UnsupportedFilterError` (a usage error: the service's 422), rather than
+being silently ignored or failing inside SQLite as if the index were damaged.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ _COMPARE = {
     FilterOperator.GT: ">",
     FilterOperator.GTE: ">=",
 }
+#: Groups nested deeper than this are refused: SQLite's parser overflows its stack near 99.
+MAX_DEPTH = 32
+#: Values a compiled filter may bind (SQLite's limit is 32,766; each condition binds 3).
+MAX_PARAMS = 30_000
+_INT64 = (-(2**63), 2**63 - 1)
 _NUMERIC_TYPES = "('integer','real','true','false')"
 _SCALAR_TYPES = "('integer','real','text','true','false')"
 
@@ -63,7 +72,11 @@ _SCALAR_TYPES = "('integer','real','text','true','false')"
 def compile_filters(filters: MetadataFilters, column: str = "metadata") -> tuple[str, list[Any]]:
     """SQL boolean expression (never NULL) and its parameters for `filters`."""
     params: list[Any] = []
-    sql = _group(filters, column, params)
+    sql = _group(filters, column, params, depth=1)
+    if len(params) > MAX_PARAMS:
+        raise UnsupportedFilterError(
+            f"the filter has {len(params) // 3:,} conditions, more than one query can bind "
+            f"(~{MAX_PARAMS // 3:,}); put many values of one key into a single IN condition")
     return sql, params
 
 
@@ -74,23 +87,46 @@ def filters_key(where: str, params: Sequence[Any]) -> str:
     return repr((where, [(type(value).__name__, repr(value)) for value in params]))
 
 
-def _group(filters: MetadataFilters, column: str, params: list[Any]) -> str:
+def _group(filters: MetadataFilters, column: str, params: list[Any], depth: int) -> str:
+    if depth > MAX_DEPTH:
+        raise UnsupportedFilterError(
+            f"filter groups nest more than {MAX_DEPTH} deep; flatten them (a group holds any number of conditions)")
     condition = filters.condition or FilterCondition.AND
     parts = []
     for item in filters.filters:
         if isinstance(item, MetadataFilters):
-            parts.append(_group(item, column, params))
+            parts.append(_group(item, column, params, depth + 1))
         else:
             parts.append(_leaf(item, column, params))
     if not parts:
         return "1"
     if condition == FilterCondition.AND:
-        return "(" + " AND ".join(parts) + ")"
+        return _balanced(" AND ", parts)
     if condition == FilterCondition.OR:
-        return "(" + " OR ".join(parts) + ")"
+        return _balanced(" OR ", parts)
     if condition == FilterCondition.NOT:
-        return "(NOT (" + " OR ".join(parts) + "))"
+        return "(NOT " + _balanced(" OR ", parts) + ")"
     raise UnsupportedFilterError(f"filter condition {condition!r} is not supported")
+
+
+def _balanced(join: str, parts: Sequence[str]) -> str:
+    """``parts`` joined by ``join`` as a balanced tree of parentheses: the same condition, at a
+    depth that grows with the log of their number (a flat chain of n is n levels deep to SQLite)."""
+    if len(parts) == 1:
+        return "(" + parts[0] + ")"
+    if len(parts) <= 8:
+        return "(" + join.join(parts) + ")"
+    middle = len(parts) // 2
+    return "(" + _balanced(join, parts[:middle]) + join + _balanced(join, parts[middle:]) + ")"
+
+
+def _bound(key: str, value: Any) -> Any:
+    """A scalar to bind: Python's integers are unbounded, SQLite's are 64 bits."""
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+        raise UnsupportedFilterError(
+            f"the value {value} on key {key!r} is outside the 64-bit integers metadata holds; "
+            "compare with a float to mean a number that large")
+    return value
 
 
 def _path(key: str) -> str:
@@ -118,7 +154,7 @@ def _positive(key: str, op: FilterOperator, value: Any, column: str, params: lis
         if not isinstance(value, list) or not value:
             raise UnsupportedFilterError(f"{op.name} on key {key!r} needs a non-empty list of values")
         join = " OR " if op == FilterOperator.ANY else " AND "
-        return "(" + join.join(_contains(key, item, column, params) for item in value) + ")"
+        return _balanced(join, [_contains(key, item, column, params) for item in value])
     if op == FilterOperator.CONTAINS:
         return _contains(key, value, column, params)
     value_sql = f"json_extract({column}, ?)"
@@ -139,7 +175,7 @@ def _positive(key: str, op: FilterOperator, value: Any, column: str, params: lis
         return "0"  # a null value equals and orders against nothing (NE/NIN negate this)
     guard = "= 'text'" if isinstance(value, str) else f"IN {_NUMERIC_TYPES}"
     sql_op = "=" if op == FilterOperator.EQ else _COMPARE[op]
-    params.extend([path, path, value])
+    params.extend([path, path, _bound(key, value)])
     return f"coalesce(({type_sql} {guard} AND {value_sql} {sql_op} ?), 0)"
 
 
@@ -148,6 +184,6 @@ def _contains(key: str, value: Any, column: str, params: list[Any]) -> str:
     if isinstance(value, list | dict) or value is None:
         raise UnsupportedFilterError(f"CONTAINS on key {key!r} looks for one text or number")
     guard = "= 'text'" if isinstance(value, str) else f"IN {_NUMERIC_TYPES}"
-    params.extend([_path(key), _path(key), value])
+    params.extend([_path(key), _path(key), _bound(key, value)])
     return (f"coalesce((json_type({column}, ?) = 'array' AND EXISTS (SELECT 1 FROM "
             f"json_each({column}, ?) AS item WHERE item.type {guard} AND item.value = ?)), 0)")

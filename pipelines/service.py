@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from htp_embed.rerank import RerankUnavailableError
 from indexes import HtpIndexError, SegmentStore, SparseIndexMissingError, persist
-from indexes.errors import DAMAGE_ADVICE
+from indexes.errors import damage_advice
 from indexes.spec import Manifest
 from pipelines.encoder_check import EncoderCheck
 from pipelines.query import OpenIndex, QueryMode, SearchRequest, open_index
@@ -241,7 +241,7 @@ class IndexHolder:
         self.unsafe = damage is not None and "was deleted" not in damage
         if damage is not None and damage != self.damage:
             log.error("%s; still serving version %s from memory. %s", damage, self.current.version,
-                      DAMAGE_ADVICE.replace("PATH", str(self.index_dir)))
+                      damage_advice(self.index_dir))
         self.damage = damage
         return damage
 
@@ -266,6 +266,14 @@ def version_files(index_dir: Path, manifest: Manifest) -> dict[Path, int | None]
     if correction is not None:
         files[vdir / "correction.json"] = correction.bytes
     return files
+
+
+def token_matches(given: str, token: str) -> bool:
+    """Whether a request's bearer token is ``token``, in constant time. Compared as bytes: the
+    header arrives decoded as Latin-1 (its raw bytes) and the configured token is UTF-8, and
+    ``hmac.compare_digest`` raises on non-ASCII text (a 500 for a client's odd header, and no
+    client at all could pass a non-ASCII token)."""
+    return hmac.compare_digest(given.encode("latin-1", "replace"), token.encode("utf-8", "surrogateescape"))
 
 
 def damaged_file(index_dir: Path, manifest: Manifest) -> str | None:
@@ -407,7 +415,7 @@ def create_app(
     warm_up: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving ``index_dir``. ``api_token`` (or ``$HTP_INDEX_API_TOKEN``)
-    requires ``Authorization: Bearer <token>`` on /query. ``warm_up`` runs the query widths'
+    requires ``Authorization: Bearer <token>`` on /query (and for /health's details). ``warm_up`` runs the query widths'
     first passes before the app answers (see :func:`_warm_up`)."""
     model = model_thread()
     holder = holder or model.submit(IndexHolder, Path(index_dir), settings).result()
@@ -436,10 +444,11 @@ def create_app(
     app.state.holder = holder
     bearer = HTTPBearer(auto_error=False)
 
+    def authorised(credentials: HTTPAuthorizationCredentials | None) -> bool:
+        return token is None or (credentials is not None and token_matches(credentials.credentials, token))
+
     async def authorise(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if token is None:
-            return
-        if credentials is None or not hmac.compare_digest(credentials.credentials, token):
+        if not authorised(credentials):
             raise HTTPException(status_code=401, detail="missing or wrong bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -460,7 +469,10 @@ def create_app(
         return await call_next(request)
 
     @app.get("/health", responses={503: {"description": "the served version's files are damaged"}})
-    async def health() -> JSONResponse:
+    async def health(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> JSONResponse:
+        """The service's state. Open to load balancers' probes: with a token configured, a
+        request without it gets the status alone (the rest names the index's path, its files and
+        their errors)."""
         index = holder.current
         await asyncio.to_thread(holder.check_served)
         drifted = holder.encoder_check is not None and not holder.encoder_check.passed
@@ -491,6 +503,8 @@ def create_app(
             body["reason"] = holder.damage + (
                 f"; version {persist.current_version(holder.index_dir)} is live and is loaded at the next reload"
                 if superseded else "")
+        if not authorised(credentials):
+            body = {"status": status}
         return JSONResponse(body, status_code=503 if damaged else 200)
 
     @app.post("/query", response_model=QueryResponse, dependencies=[Depends(authorise)])
@@ -501,7 +515,7 @@ def create_app(
         if holder.unsafe and holder.current is index:
             raise HTTPException(status_code=503, detail=(
                 f"the index at {index.path} cannot answer: {holder.damage}. "
-                f"{DAMAGE_ADVICE.replace('PATH', str(index.path))}"))
+                f"{damage_advice(index.path)}"))
         try:
             # refused before it joins a batch (a bad request in a batch makes it run one by one)
             index.check_request(request.search_request())
@@ -516,7 +530,7 @@ def create_app(
             log.error("query failed on version %s: %s: %s", index.version, type(exc).__name__, exc)
             raise HTTPException(status_code=503, detail=(
                 f"the index at {index.path} cannot answer: {damage or f'{type(exc).__name__}: {exc}'}. "
-                f"{DAMAGE_ADVICE.replace('PATH', str(index.path))}")) from exc
+                f"{damage_advice(index.path)}")) from exc
         warnings = await _query_warnings(holder, index, request)
         return QueryResponse(results=[QueryResult(**r) for r in results], version=index.version, warnings=warnings)
 

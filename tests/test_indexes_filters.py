@@ -290,3 +290,50 @@ def test_filters_with_values_json_writes_alike_are_answered_apart(tmp_path, aske
     assert reopened.get_nodes(filters=below_everything) == []
     reopened.delete_nodes(filters=below_everything)
     assert reopened.count == 5
+
+
+@pytest.mark.parametrize("condition", [FilterCondition.OR, FilterCondition.AND, FilterCondition.NOT])
+def test_a_group_of_two_thousand_conditions_is_answered_like_a_small_one(filtered_store, condition):
+    """An app filtering by a long list of allowed values: a flat chain of 999 ORs was over
+    SQLite's expression depth ("Expression tree is too large"), which the service took for a
+    damaged index (503, "put the file back from a backup")."""
+    store, _, meta = filtered_store
+    years = [1990 + i % 40 for i in range(2000)] if condition != FilterCondition.AND else [2000] * 2000
+    filters = group(*[F("year", y) for y in years], condition=condition)
+    want = expected_ids(meta, filters)
+    assert want  # the filter selects something, and not everything
+    assert want != {f"n{i}" for i in range(N)}
+    assert {n.node_id for n in store.get_nodes(filters=filters)} == want
+    tags = group(F("tags", [f"t{i}" for i in range(1500)] + ["a"], FilterOperator.ANY))
+    assert {n.node_id for n in store.get_nodes(filters=tags)} == expected_ids(meta, tags)
+
+
+def test_groups_nested_past_the_limit_are_a_usage_error_and_within_it_answered(filtered_store):
+    from indexes.filters import MAX_DEPTH
+
+    store, _, meta = filtered_store
+    nested = group(F("lang", "en"))
+    for _ in range(MAX_DEPTH - 1):  # MAX_DEPTH groups in all
+        nested = group(nested, F("lang", "fr"), condition=FilterCondition.OR)
+    assert {n.node_id for n in store.get_nodes(filters=nested)} == expected_ids(meta, nested)
+    with pytest.raises(UnsupportedFilterError, match="nest more than"):
+        store.get_nodes(filters=group(nested))
+
+
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, 10**40])
+@pytest.mark.parametrize("op", [FilterOperator.LT, FilterOperator.EQ, FilterOperator.CONTAINS, FilterOperator.ANY])
+def test_an_integer_past_64_bits_is_a_usage_error_not_a_crash(filtered_store, value, op):
+    store, _, _ = filtered_store
+    bad = group(F("year", [value] if op == FilterOperator.ANY else value, op))
+    with pytest.raises(UnsupportedFilterError, match="64-bit"):
+        store.query(VectorStoreQuery(query_embedding=[1.0] * DIM, similarity_top_k=3, filters=bad))
+    # the float of that size is the way to say it
+    if op == FilterOperator.LT:
+        ok = group(F("year", float(value), op))
+        store.query(VectorStoreQuery(query_embedding=[1.0] * DIM, similarity_top_k=3, filters=ok))
+
+
+def test_a_filter_binding_more_values_than_sqlite_takes_is_a_usage_error(filtered_store):
+    store, _, _ = filtered_store
+    with pytest.raises(UnsupportedFilterError, match="single IN condition"):
+        store.get_nodes(filters=group(*[F("year", 1990 + i) for i in range(10_001)], condition=FilterCondition.OR))

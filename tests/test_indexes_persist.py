@@ -140,6 +140,8 @@ def test_open_detects_missing_and_truncated_files_naming_them(tmp_path, name, da
     with pytest.raises(IndexCorruptedError, match=says) as info:
         FaissVectorStore.open(store.path)
     assert name in str(info.value) and info.value.path == path
+    # the way out names this index (the service and apps show the message as it is)
+    assert f"restore --index {store.path} --version N" in str(info.value) and "PATH" not in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["vectors.faiss", "nodes.sqlite", "ids.npy"])

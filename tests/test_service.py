@@ -43,6 +43,27 @@ def test_filters_are_applied(index_dir, embedding):
         assert [r["doc_id"] for r in body["results"]] == ["sea.md"]
 
 
+def test_a_wide_filter_is_answered_and_an_impossible_one_is_a_422_not_a_damaged_index(index_dir, embedding):
+    """A thousand allowed values in an OR group was "Expression tree is too large" inside SQLite,
+    which the service answered as damage (503, "put the file back from a backup"); a value past
+    64 bits was a 500."""
+    def leaf(value, key="file_type"):
+        return {"key": key, "value": value, "operator": "=="}
+
+    with make_client(index_dir, embedding, reload_interval=0) as client:
+        wide = {"condition": "or", "filters": [leaf(f"t{i}") for i in range(999)] + [leaf("md")]}
+        body = client.post("/query", json={"query": "the cat", "top_k": 5, "filters": wide})
+        assert body.status_code == 200 and [r["doc_id"] for r in body.json()["results"]] == ["sea.md"]
+        nested: dict = {"filters": [leaf("md")]}
+        for _ in range(99):
+            nested = {"condition": "or", "filters": [nested, leaf("txt")]}
+        for bad in (nested, {"filters": [{"key": "size", "value": 2**63, "operator": "<"}]}):
+            refused = client.post("/query", json={"query": "the cat", "filters": bad})
+            assert refused.status_code == 422, refused.text
+            assert "backup" not in refused.text
+        assert client.get("/health").json()["status"] == "ok"
+
+
 def test_health_reports_the_version(index_dir, embedding):
     with make_client(index_dir, embedding, reload_interval=0) as client:
         health = client.get("/health").json()
@@ -117,6 +138,30 @@ def test_bearer_token_is_required_when_configured(index_dir, embedding):
         ok = client.post("/query", json={"query": "cat"}, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         assert client.get("/health").status_code == 200
+
+
+def test_health_without_the_token_says_the_status_alone(index_dir, embedding):
+    """A load balancer probes /health without a token; the details (the index's path, its
+    files and their errors) are for a caller holding it."""
+    with make_client(index_dir, embedding, reload_interval=0, api_token="s3cret") as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        wrong = client.get("/health", headers={"Authorization": "Bearer nope"}).json()
+        assert wrong == {"status": "ok"}
+        full = client.get("/health", headers={"Authorization": "Bearer s3cret"}).json()
+        assert full["status"] == "ok" and full["count"] == 3 and str(index_dir) in full["index"]
+
+
+@pytest.mark.parametrize("token", ["s3cret", "pässwort-ключ"])
+def test_a_token_or_header_outside_ascii_is_compared_not_a_500(index_dir, embedding, token):
+    """hmac.compare_digest raises on non-ASCII text: a client's odd header was a 500, and with a
+    non-ASCII token configured no client could ever pass."""
+    with make_client(index_dir, embedding, reload_interval=0, api_token=token) as client:
+        def status(header: bytes) -> int:
+            return client.post("/query", json={"query": "cat"}, headers={b"Authorization": header}).status_code
+
+        assert status(b"Bearer caf\xe9") == 401  # Latin-1 bytes
+        assert status("Bearer café".encode()) == 401
+        assert status(b"Bearer " + token.encode()) == 200  # the token as UTF-8, the way clients send it
 
 
 def test_openapi_docs_are_served(index_dir, embedding):
