@@ -29,6 +29,7 @@ from indexes.docstore import NodeRow
 from indexes.fusion import Fusion
 from pipelines.identity_check import index_accepts
 from pipelines.settings import Settings, load_settings
+from pipelines.sources import has_visible_text
 
 if TYPE_CHECKING:  # LlamaIndex is imported only by the parts that hand its objects out (~1 s)
     from llama_index.core import VectorStoreIndex
@@ -60,6 +61,9 @@ def check_query_text(text: str) -> str:
     ``TypeError`` or the encoder's word for a document ("text 0 is empty")."""
     if not text.strip():
         raise InvalidQueryError("the query is empty or only whitespace: there is nothing to search for")
+    if not has_visible_text(text):  # "\u200b", "\x00": ingest refuses such documents as empty
+        raise InvalidQueryError("the query holds only invisible characters (controls, zero-width or "
+                                "format characters): there is nothing to search for")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:

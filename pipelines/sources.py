@@ -190,9 +190,15 @@ def clean_text(text: str) -> str:
     return text.translate(_DROP_CONTROLS)
 
 
+def has_visible_text(text: str) -> bool:
+    """Whether ``text`` holds a character that is not a control, format (zero-width) or space
+    character: what a document, and a query, needs to be about anything."""
+    return any(unicodedata.category(ch) not in _INVISIBLE for ch in text)
+
+
 def _require_text(text: str) -> str:
     text = clean_text(text)
-    if not any(unicodedata.category(ch) not in _INVISIBLE for ch in text):
+    if not has_visible_text(text):
         raise DocumentRejected("empty document (no visible text after reading)")
     require_encodable(text, "text")
     return text

@@ -82,11 +82,22 @@ def test_health_reports_the_version(index_dir, embedding):
         ({"query": "cat", "top_k": 2.0}, 422),
         ({"query": "cat", "rerank": "yes"}, 422),  # not read as true
         ({"query": "cat", "alpha": "0.5"}, 422),
+        ({"query": "\u200b\u200b", "top_k": 3}, 422),  # zero-width only: ingest calls it empty
+        ({"query": "\x00\x01 \u2028", "top_k": 3}, 422),  # controls and separators only
     ],
 )
 def test_bad_requests_get_4xx(index_dir, embedding, payload, status):
     with make_client(index_dir, embedding, reload_interval=0) as client:
         assert client.post("/query", json=payload).status_code == status
+
+
+def test_a_query_of_invisible_characters_is_refused_by_name(index_dir, embedding):
+    """"\u200b" passed the whitespace check and was embedded as if it said something: every
+    query answered the same arbitrary top k, where a document of the same text is refused."""
+    with make_client(index_dir, embedding, reload_interval=0) as client:
+        refused = client.post("/query", json={"query": "\u200b\ufeff"})
+        assert refused.status_code == 422 and "invisible characters" in refused.json()["detail"]
+        assert client.post("/query", json={"query": "\u200bcat"}).status_code == 200
 
 
 def test_an_alpha_for_a_query_that_fuses_nothing_is_refused_not_ignored(index_dir, embedding):
