@@ -10,8 +10,11 @@ disk hiccup) is retried with back-off and reported as ``stale`` meanwhile; files
 version deleted under the service leave it serving what it holds open (an unlinked file lives
 on while open), with ``/health`` answering 503 ``unhealthy`` and naming the file (``stale``, 200,
 when a newer version is live: retention removed them, and the next reload loads it); a file
-truncated or overwritten in place changes what the mapped segment reads, so queries are refused
-with a 503 naming it (never a wrong answer) until a good version is switched in.
+cut short or overwritten in place to another size changes what the mapped segment reads, so
+queries are refused with a 503 naming it (never a wrong answer) until a good version is switched
+in. The check compares sizes with the manifest's: an overwrite that keeps a file's size is not
+seen here, since opening a version reads no checksums (so it opens in time that does not grow
+with the index); ``htp-index verify`` reads them all.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import logging
 import math
 import os
@@ -274,6 +278,16 @@ def token_matches(given: str, token: str) -> bool:
     ``hmac.compare_digest`` raises on non-ASCII text (a 500 for a client's odd header, and no
     client at all could pass a non-ASCII token)."""
     return hmac.compare_digest(given.encode("latin-1", "replace"), token.encode("utf-8", "surrogateescape"))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the service on this machine (``localhost``, 127.x, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def damaged_file(index_dir: Path, manifest: Manifest) -> str | None:
@@ -583,5 +597,8 @@ def serve(index_dir: str | Path, settings: Settings | None = None, *, host: str 
     """Run the service with uvicorn until interrupted."""
     import uvicorn
 
+    if not is_loopback(host) and not os.environ.get(TOKEN_ENV):
+        log.warning("serving %s on %s without %s: anyone who can reach this address can query the index "
+                    "and read its text; set the variable to require a bearer token", index_dir, host, TOKEN_ENV)
     app = create_app(index_dir, settings, reload_interval=reload_interval, max_batch=max_batch)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -381,3 +381,32 @@ def test_a_query_longer_than_the_encoder_window_is_answered_with_a_warning(index
     assert "keyword search used all of it" in hybrid["warnings"][0]
     assert len(dense["warnings"]) == 1 and "keyword" not in dense["warnings"][0]
     assert sparse["warnings"] == [] and short["warnings"] == []  # no vector, or nothing cut
+
+
+@pytest.mark.parametrize(("host", "loopback"), [("127.0.0.1", True), ("127.0.1.1", True), ("localhost", True),
+                                                 ("::1", True), ("[::1]", True), ("0.0.0.0", False),
+                                                 ("::", False), ("192.168.1.5", False), ("myhost", False)])
+def test_is_loopback(host, loopback):
+    from pipelines.service import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(("host", "token", "warned"), [("0.0.0.0", None, True), ("0.0.0.0", "s3cret", False),
+                                                       ("127.0.0.1", None, False)])
+def test_serving_beyond_this_machine_without_a_token_is_warned_about(monkeypatch, caplog, host, token, warned):
+    """``--host 0.0.0.0`` without a token serves every document's text to anyone on the
+    network: allowed (a private network, a proxy in front), but said at start."""
+    import uvicorn
+
+    import pipelines.service as service
+
+    monkeypatch.setattr(service, "create_app", lambda *args, **kwargs: object())
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    if token:
+        monkeypatch.setenv(service.TOKEN_ENV, token)
+    else:
+        monkeypatch.delenv(service.TOKEN_ENV, raising=False)
+    with caplog.at_level("WARNING", logger="pipelines.service"):
+        service.serve("some-index", host=host)
+    assert ("without HTP_INDEX_API_TOKEN" in caplog.text) is warned
