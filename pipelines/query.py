@@ -329,9 +329,12 @@ class OpenIndex:
 
         The queries that need a vector go through the encoder as one batch (one forward pass
         instead of one per request, what makes a busy service fast); each is then searched
-        in its mode. Results equal :meth:`search`'s, request by request. A reranked request
-        retrieves ``max(top_k, rerank_depth)`` hits and returns the reranker's best ``top_k``,
-        scored by the blend (:func:`htp_embed.rerank.blend_scores`).
+        in its mode. Results are :meth:`search`'s, request by request, up to the last bits of
+        the vectors: in bfloat16 a batch of several rows runs other kernels than a lone query
+        (least cosine ~0.9999 measured), so a near-tie may rank differently when a request
+        arrives with others than alone. A reranked request retrieves ``max(top_k,
+        rerank_depth)`` hits and returns the reranker's best ``top_k``, scored by the blend
+        (:func:`htp_embed.rerank.blend_scores`).
         """
         if not requests:
             return []
