@@ -67,17 +67,17 @@ def eval_command(
         help="layer whose output is pooled: -2 = second-to-last, 9 = 9th layer, "
              "'full' = all layers with the final norm, 'default' = per-model")] = "default",
     max_docs: Annotated[int | None, typer.Option(
-        help="subsample: every judged document of the evaluated queries plus N others (fixed seed)")] = None,
+        min=0, help="subsample: every judged document of the evaluated queries plus N others (fixed seed)")] = None,
     max_queries: Annotated[int | None, typer.Option(
-        help="subsample: score N judged queries chosen with a fixed seed")] = None,
+        min=1, help="subsample: score N judged queries chosen with a fixed seed")] = None,
     seed: Annotated[int, typer.Option(help="seed of the subsample")] = 0,
-    batch_size: Annotated[int, typer.Option(help="texts per forward pass")] = 8,
-    max_length: Annotated[int, typer.Option(help="tokens per text, placeholders included")] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="texts per forward pass")] = 8,
+    max_length: Annotated[int, typer.Option(min=8, help="tokens per text, placeholders included")] = 512,
     fuse_bm25: Annotated[bool, typer.Option(
         "--fuse-bm25", help="score the reciprocal-rank fusion (k=60) of BM25 and this method")] = False,
     pipeline: Annotated[bool, typer.Option(
         "--pipeline", help="measure the product itself: ingest the corpus into an index with the "
-        "product's settings (htp-index.toml, HTP_INDEX_*; the encoder options above are ignored) "
+        "product's settings (htp-index.toml, HTP_INDEX_*; the encoder options above are refused) "
         "and query it through the retriever in --mode")] = False,
     mode: Annotated[str, typer.Option(
         help="with --pipeline: dense, sparse (BM25 keywords) or hybrid")] = "hybrid",
@@ -108,30 +108,53 @@ def eval_command(
 
     Document embeddings are cached, so re-running a setting costs only the search.
     """
+    from htp_cli.failure import fail
     from pipelines.evaluation import evaluate
 
-    # Options of the other path are refused rather than dropped without a word.
-    not_here = ({"--fuse-bm25": fuse_bm25, "--cache-dir": cache_dir is not None} if pipeline else
-                {"--mode": mode != "hybrid", "--alpha": alpha is not None, "--rerank/--no-rerank": rerank is not None,
-                 "--index-dir": index_dir is not None, "--config": config is not None})
+    # Options of the other path, or of an encoder a reference method does not use, are refused
+    # rather than dropped without a word.
+    encoder_options = {"--model": model != DEFAULT_MODEL, "--k": k != "adaptive",
+                       "--rewire-start": rewire_start is not None, "--rewire-stop": rewire_stop is not None,
+                       "--exit-layer": exit_layer != "default", "--max-length": max_length != 512}
+    if pipeline:
+        not_here = {"--fuse-bm25": fuse_bm25, "--cache-dir": cache_dir is not None, "--method": method != "htp",
+                    **encoder_options}
+        where = "with --pipeline (its encoder is the settings' and the index's)"
+    elif method in REFERENCE_METHODS:
+        not_here = {"--mode": mode != "hybrid", "--alpha": alpha is not None, "--rerank/--no-rerank": rerank is not None,
+                    "--index-dir": index_dir is not None, "--config": config is not None,
+                    "--fuse-bm25": fuse_bm25 and method == "bm25",
+                    **encoder_options}
+        where = f"to --method {method} (a reference retriever, not the HTP encoder)"
+    else:
+        not_here = {"--mode": mode != "hybrid", "--alpha": alpha is not None, "--rerank/--no-rerank": rerank is not None,
+                    "--index-dir": index_dir is not None, "--config": config is not None}
+        where = "without --pipeline"
     ignored = [name for name, given in not_here.items() if given]
     if ignored:
-        raise typer.BadParameter(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply "
-                                 f"{'with' if pipeline else 'without'} --pipeline")
+        raise typer.BadParameter(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply {where}")
     if pipeline:
-        _run_pipeline(dataset_dir, split, mode, alpha, rerank, index_dir, config, max_docs, max_queries, seed,
-                      json_output, not keep_identical_ids)
+        try:
+            _run_pipeline(dataset_dir, split, mode, alpha, rerank, index_dir, config, max_docs, max_queries, seed,
+                          json_output, not keep_identical_ids)
+        except (typer.Exit, typer.BadParameter):
+            raise
+        except Exception as exc:
+            raise fail(exc) from exc
         return
     if method not in ALL_METHODS:
         raise typer.BadParameter(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = _settings(method, model, k, rewire_start, rewire_stop, exit_layer, batch_size, max_length)
     # Libraries that print would corrupt --json output: send their stdout to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
-        result = evaluate(
-            dataset_dir, split, settings, max_docs=max_docs, max_queries=max_queries, seed=seed,
-            cache_dir=cache_dir, fuse_bm25=fuse_bm25, ignore_identical_ids=not keep_identical_ids,
-        )
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = evaluate(
+                dataset_dir, split, settings, max_docs=max_docs, max_queries=max_queries, seed=seed,
+                cache_dir=cache_dir, fuse_bm25=fuse_bm25, ignore_identical_ids=not keep_identical_ids,
+            )
+    except Exception as exc:
+        raise fail(exc) from exc
     if json_output:
         typer.echo(json.dumps({**{key: result[key] for key in JSON_KEYS}, "sample": result["sample"]}))
         return
@@ -185,8 +208,8 @@ def _print_table(result: dict[str, Any]) -> None:
         console.print(f"[dim]index: {pipeline['index_kind']}, correction {correction}, "
                       f"splitting {pipeline['splitting']}[/dim]")
     dropped = {key: value for key, value in result.get("sample", {}).items()
-               if key in ("repeated_doc_ids", "dropped_judgements_missing_docs", "dropped_judged_queries_missing",
-                          "identical_ids_dropped")}
+               if key in ("repeated_doc_ids", "repeated_query_ids", "repeated_judgements",
+                          "dropped_judgements_missing_docs", "dropped_judged_queries_missing", "identical_ids_dropped")}
     if dropped:  # the figure is over what was left: say what was not
         console.print("[yellow]dataset: " + ", ".join(f"{key.replace('_', ' ')}: {value}"
                                                       for key, value in dropped.items()) + "[/yellow]")

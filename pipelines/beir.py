@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.errors import DatasetError
+
 log = logging.getLogger(__name__)
 
 Qrels = dict[str, dict[str, int]]
@@ -97,34 +99,64 @@ def _hash_pairs(pairs: Iterable[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
-def read_jsonl(path: Path) -> Iterable[dict]:
+def read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
+    """The records of a JSON Lines file with their line numbers (blank lines skipped)."""
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing: a BEIR dataset holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
-
-
-def read_qrels(path: Path) -> Qrels:
-    """Read ``qrels/<split>.tsv``: a header line (``query-id corpus-id score``) is skipped when
-    there is one, a file without one keeps its first judgement."""
-    qrels: Qrels = {}
-    with open(path, encoding="utf-8", newline="") as handle:
-        for number, row in enumerate(csv.reader(handle, delimiter="\t")):
-            if len(row) < 3:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
                 continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
+            if not isinstance(record, dict) or "_id" not in record:
+                raise DatasetError(f"{path}:{number}: a record needs an \"_id\" field")
+            yield number, record
+
+
+def read_qrels(path: Path, notes: dict[str, int] | None = None) -> Qrels:
+    """Read ``qrels/<split>.tsv``: a header line (``query-id corpus-id score``) is skipped when
+    there is one, a file without one keeps its first judgement.
+
+    A line that is not three tab-separated fields, or that grades a pair already graded
+    otherwise, is refused by line number: skipping it (as this did) or keeping the last grade
+    changed the figures without a word. A pair repeated with the same grade is counted in
+    ``notes["repeated_judgements"]``."""
+    qrels: Qrels = {}
+    where: dict[tuple[str, str], int] = {}
+    with open(path, encoding="utf-8", newline="") as handle:
+        for number, row in enumerate(csv.reader(handle, delimiter="\t"), 1):
+            if not any(cell.strip() for cell in row):
+                continue  # a blank line
+            if len(row) < 3:
+                raise DatasetError(f"{path}:{number}: {len(row)} tab-separated field(s) where a judgement has "
+                                   f"3 (query-id, corpus-id, score): {chr(9).join(row)[:80]!r}")
             try:
                 value = float(row[2])
             except ValueError:
-                if number == 0:
+                if number == 1:
                     continue  # the header
-                raise ValueError(f"{path}:{number + 1}: score {row[2]!r} is not a number") from None
+                raise DatasetError(f"{path}:{number}: score {row[2]!r} is not a number") from None
             if not value.is_integer():
                 # int() turned 0.5 into "not relevant" without a word; BEIR refuses such a row too
-                raise ValueError(f"{path}:{number + 1}: score {row[2]!r} is not a whole number (relevance "
-                                 "grades are integers: 0 not relevant, 1, 2, ... more relevant)")
+                raise DatasetError(f"{path}:{number}: score {row[2]!r} is not a whole number (relevance "
+                                   "grades are integers: 0 not relevant, 1, 2, ... more relevant)")
             # ids as ingest reads them (sources._record_id strips an _id): ' d4 ' judged a hit
             # the product returns as 'd4' a miss
-            qrels.setdefault(row[0].strip(), {})[row[1].strip()] = int(value)
+            query_id, doc_id = row[0].strip(), row[1].strip()
+            judged = qrels.setdefault(query_id, {})
+            if doc_id in judged:
+                if judged[doc_id] != int(value):
+                    raise DatasetError(f"{path}:{number}: query {query_id!r} grades document {doc_id!r} "
+                                       f"{int(value)}, where line {where[query_id, doc_id]} graded it "
+                                       f"{judged[doc_id]}; keep one of the two")
+                if notes is not None:
+                    notes["repeated_judgements"] = notes.get("repeated_judgements", 0) + 1
+                continue
+            judged[doc_id] = int(value)
+            where[query_id, doc_id] = number
     return qrels
 
 
@@ -138,10 +170,11 @@ def load_beir(dataset_dir: str | Path, split: str = "test") -> BeirDataset:
     qrels_path = root / "qrels" / f"{split}.tsv"
     if not qrels_path.exists():
         available = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
-        raise FileNotFoundError(f"no qrels for split {split!r} in {root} (available: {available})")
+        raise DatasetError(f"no qrels for split {split!r} in {root} (available: {', '.join(available) or 'none'}; "
+                           "choose one with --split)")
     corpus: dict[str, Document] = {}
     repeated = 0
-    for row in read_jsonl(root / "corpus.jsonl"):
+    for _, row in read_jsonl(root / "corpus.jsonl"):
         # the id as ingest reads it, and the first of two records with one id, as ingest keeps
         # it (a dict kept the last: eval scored another corpus than the product indexes)
         doc_id = str(row["_id"]).strip()
@@ -150,9 +183,18 @@ def load_beir(dataset_dir: str | Path, split: str = "test") -> BeirDataset:
             continue
         corpus[doc_id] = Document(str(row.get("title") or ""), str(row.get("text") or ""))
     all_queries: dict[str, str] = {}
-    for row in read_jsonl(root / "queries.jsonl"):
-        all_queries.setdefault(str(row["_id"]).strip(), str(row["text"]))
-    qrels = read_qrels(qrels_path)
+    repeated_queries = 0
+    queries_path = root / "queries.jsonl"
+    for number, row in read_jsonl(queries_path):
+        if not isinstance(row.get("text"), str):
+            raise DatasetError(f"{queries_path}:{number}: a query needs a \"text\" string")
+        query_id = str(row["_id"]).strip()
+        if query_id in all_queries:  # the first is kept, as for the corpus; said, not silent
+            repeated_queries += 1
+            continue
+        all_queries[query_id] = row["text"]
+    qrels_notes: dict[str, int] = {}
+    qrels = read_qrels(qrels_path, qrels_notes)
     missing = sum(1 for judged in qrels.values() for d in judged if d not in corpus)
     unasked = sum(1 for q in qrels if q not in all_queries)
     qrels = {
@@ -164,15 +206,19 @@ def load_beir(dataset_dir: str | Path, split: str = "test") -> BeirDataset:
     queries = {q: text for q, text in all_queries.items() if q in qrels}
     if not queries:
         # Scoring nothing would report 0.0 everywhere, as if retrieval had failed.
-        raise ValueError(f"no query of {root / 'queries.jsonl'} has a judgement in {qrels_path} that "
+        raise DatasetError(f"no query of {root / 'queries.jsonl'} has a judgement in {qrels_path} that "
                          "points into the corpus (do the query and document ids match?)")
-    if repeated or missing or unasked:
+    repeated_judgements = qrels_notes.get("repeated_judgements", 0)
+    if repeated or missing or unasked or repeated_queries or repeated_judgements:
         log.warning("%s: %s", root, "; ".join(text for count, text in (
             (repeated, f"{repeated} corpus record(s) repeat an _id (the first is kept, as ingest keeps it)"),
+            (repeated_queries, f"{repeated_queries} quer(ies) repeat an _id (the first is kept)"),
+            (repeated_judgements, f"{repeated_judgements} judgement line(s) repeat a pair with its grade"),
             (missing, f"{missing} judgement(s) name documents missing from the corpus and are dropped"),
             (unasked, f"{unasked} judged quer(ies) are missing from queries.jsonl and are dropped"),
         ) if count))
-    counts = {"repeated_doc_ids": repeated, "dropped_judgements_missing_docs": missing,
+    counts = {"repeated_doc_ids": repeated, "repeated_query_ids": repeated_queries,
+              "repeated_judgements": repeated_judgements, "dropped_judgements_missing_docs": missing,
               "dropped_judged_queries_missing": unasked}
     notes: dict[str, object] = {key: count for key, count in counts.items() if count}
     return BeirDataset(root.name, split, corpus, queries, qrels, notes)

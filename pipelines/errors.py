@@ -54,3 +54,9 @@ class SplittingMismatchError(OptionConflictError):
 class EncoderDriftError(HtpIndexError, RuntimeError):
     """The encoder in hand embeds an index's check texts unlike the encoder that built it
     (`pipelines.encoder_check`): its tokenizer, config or code changed unnamed by its identity."""
+
+
+class DatasetError(HtpIndexError, ValueError):
+    """An evaluation dataset that cannot be read as its format says (a judgement line without
+    three fields, a record without its text, two different grades for one pair): refused by
+    file and line, since dropping or guessing would change the figures without a word."""

@@ -142,6 +142,76 @@ def test_ids_are_read_as_ingest_reads_them_and_the_first_duplicate_is_kept(tmp_p
                           "dropped_judged_queries_missing": 1}
 
 
+def test_a_judgement_line_that_is_not_three_fields_is_refused_by_line_not_skipped(tmp_path):
+    """'q2 d3 1' with spaces was skipped without a word: query q2 left the evaluation and the
+    NDCG it reported rose (0.544 -> 0.815 on the trial's three queries)."""
+    from pipelines.beir import read_qrels
+    from pipelines.errors import DatasetError
+
+    path = tmp_path / "test.tsv"
+    path.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2 d3 1\n\nq3\td3\t1\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"test.tsv:3: 1 tab-separated field\(s\) where a judgement has 3"):
+        read_qrels(path)
+    path.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n\nq3\td3\t1\n", encoding="utf-8")
+    assert read_qrels(path) == {"q1": {"d1": 1}, "q3": {"d3": 1}}  # a blank line is nothing
+
+
+def test_a_pair_graded_twice_is_refused_when_the_grades_differ_and_noted_when_they_agree(tmp_path):
+    """The last grade won: 'q1 d1 1' then 'q1 d1 0' made q1's answer not relevant (NDCG
+    0.544 -> 0.210) and a repeated query _id kept its first text, both without a word."""
+    from pipelines.beir import load_beir
+    from pipelines.errors import DatasetError
+
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": "b"}\n')
+    (root / "queries.jsonl").write_text('{"_id": "q1", "text": "first"}\n{"_id": "q1", "text": "second"}\n')
+    (root / "qrels" / "test.tsv").write_text("q1\td1\t1\nq1\td2\t0\nq1\td1\t0\n")
+    with pytest.raises(DatasetError, match=r"test.tsv:3: query 'q1' grades document 'd1' 0, where line 1 graded it 1"):
+        load_beir(root, "test")
+    (root / "qrels" / "test.tsv").write_text("q1\td1\t1\nq1\td1\t1\n")
+    data = load_beir(root, "test")
+    assert data.queries == {"q1": "first"} and data.qrels == {"q1": {"d1": 1}}
+    assert data.notes == {"repeated_query_ids": 1, "repeated_judgements": 1}
+
+
+@pytest.mark.parametrize(("damage", "said"), [
+    (lambda root: (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": \n'),
+     "corpus.jsonl:2: not a JSON record"),
+    (lambda root: (root / "queries.jsonl").write_text('{"_id": "q1", "query": "no text field"}\n'),
+     'queries.jsonl:1: a query needs a "text" string'),
+    (lambda root: (root / "corpus.jsonl").unlink(), "corpus.jsonl is missing"),
+    (lambda root: (root / "qrels" / "test.tsv").rename(root / "qrels" / "dev.tsv"), "no qrels for split 'test'"),
+])
+def test_a_malformed_dataset_is_one_error_line_and_exit_2_not_a_traceback(tmp_path, damage, said):
+    from typer.testing import CliRunner
+
+    from htp_cli.main import app
+
+    data = write_beir(tmp_path / "beir", {"d1": Document("", "a cat"), "d2": Document("", "a dog")},
+                      {"q1": "cat"}, {"q1": {"d1": 1}}, split="test")
+    damage(data)
+    result = CliRunner().invoke(app, ["eval", str(data), "--split", "test", "--method", "bm25"])
+    assert result.exit_code == 2, result.output
+    assert said in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("options", [["--max-queries", "0"], ["--max-docs", "-1"], ["--batch-size", "0"],
+                                     ["--model", "nonexistent"], ["--k", "3"], ["--exit-layer", "4"],
+                                     ["--fuse-bm25"]])
+def test_options_a_bm25_evaluation_cannot_use_are_refused(tmp_path, options):
+    """'--method bm25 --model nonexistent --k foo' exited 0 having used none of them, and
+    '--max-queries 0' died unpacking an empty sample."""
+    from typer.testing import CliRunner
+
+    from htp_cli.main import app
+
+    data = write_beir(tmp_path / "beir", {"d1": Document("", "a cat")}, {"q1": "cat"}, {"q1": {"d1": 1}}, split="test")
+    result = CliRunner().invoke(app, ["eval", str(data), "--split", "test", "--method", "bm25", *options])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+
 def test_a_fractional_relevance_grade_is_refused_not_truncated(tmp_path):
     from pipelines.beir import read_qrels
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from htp_cli.eval_command import JSON_KEYS, eval_command
 from pipelines.beir import Document, load_beir, subsample, write_beir
+from pipelines.errors import DatasetError
 from pipelines.evaluation import (
     EmbeddingCache,
     evaluate,
@@ -117,7 +118,7 @@ def test_load_beir_formats_titles_and_drops_unjudged_queries(mini_beir):
     assert dataset.corpus["d0"].embedding_text() == "the cat. the cat sat on the mat . the cat ran"
     assert dataset.corpus["empty-title"].embedding_text() == "protein binds receptor"
     assert Document("Done.", "Text").embedding_text() == "Done. Text"
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DatasetError, match="no qrels for split 'test'.*available: train"):
         load_beir(mini_beir, "test")
 
 
