@@ -28,6 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from htp_cli.failure import fail as _fail
 from htp_embed.threads import default_openmp_waiting
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,8 +46,6 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2  # what was asked cannot be done as asked (typer's code for bad options too)
 EXIT_PARTIAL = 3
 
 IndexOpt = Annotated[Path, typer.Option("--index", "-i", help="index directory (created by ingest)")]
@@ -111,13 +110,6 @@ def _progress() -> Progress:
     )
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    """Print ``exc`` and exit: 2 where what was asked cannot be done as asked (bad usage), else 1."""
-    from pipelines.errors import OptionConflictError
-    from pipelines.query import InvalidQueryError
-
-    console.print(f"[red]error:[/red] {exc}")
-    return typer.Exit(EXIT_USAGE if isinstance(exc, OptionConflictError | InvalidQueryError) else EXIT_FAILED)
 
 
 def _print_stats(stats: dict[str, Any], as_json: bool, title: str) -> None:
@@ -353,8 +345,8 @@ def query(
 def serve(
     index: IndexOpt,
     host: Annotated[str, typer.Option(help="address to bind (loopback by default; 0.0.0.0 exposes it)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
-    reload_interval: Annotated[float, typer.Option(help="seconds between checks for a new index version (0: never)")] = 2.0,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port (0: any free one)")] = 8000,
+    reload_interval: Annotated[float, typer.Option(min=0.0, help="seconds between checks for a new index version (0: never)")] = 2.0,
     max_batch: Annotated[int, typer.Option(min=1, help="most concurrent queries embedded in one encoder pass (1: one at a time)")] = 32,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
@@ -419,7 +411,13 @@ def info(
         out.print("[yellow]no encoder check recorded[/yellow] (an index from an older htp-index): the next "
                   "ingest records one, so that an encoder changed unnamed by its identity is caught")
     if correction is None and manifest.count:
-        out.print(f"[yellow]no vector correction[/yellow]: fit one with `htp-index rebuild --index {index} --keep-vectors`")
+        from pipelines.correction import MIN_DOCUMENTS
+
+        if manifest.count < MIN_DOCUMENTS:  # a rebuild could not fit one either
+            out.print(f"[yellow]no vector correction yet[/yellow]: it needs {MIN_DOCUMENTS} nodes; the ingest that "
+                      "brings the index to them fits it")
+        else:
+            out.print(f"[yellow]no vector correction[/yellow]: fit one with `htp-index rebuild --index {index} --keep-vectors`")
 
 
 def _dtype_auto(dim: int) -> dict[str, Any]:
@@ -446,10 +444,14 @@ def _dtype_auto(dim: int) -> dict[str, Any]:
 
 def _forward_pass(recorded: dict[str, Any]) -> str:
     """Which code would run this index's decoder here, under this machine's settings."""
+    from htp_cli.failure import describe
     from htp_embed.models import forward_pass_plan
     from pipelines.settings import load_settings
 
-    runtime = load_settings().runtime_encoder_settings()
+    try:  # ./htp-index.toml and HTP_INDEX_*: info reads the index whatever they say
+        runtime = load_settings().runtime_encoder_settings()
+    except Exception as exc:
+        return f"unknown: this folder's settings are invalid ({describe(exc)})"
     return forward_pass_plan(str(recorded.get("model", "")), runtime["device"], runtime["implementation"])
 
 
@@ -477,6 +479,10 @@ def verify(
     try:
         checked = verify_index(index, version)
     except Exception as exc:
+        if as_json:  # a script reads the verdict from stdout either way
+            from htp_cli.failure import describe
+
+            out.print_json(json.dumps({"ok": False, "error": describe(exc)}))
         raise _fail(exc) from exc
     if as_json:
         out.print_json(json.dumps({"ok": True, **checked}))
@@ -541,7 +547,7 @@ def restore(
 
 
 @app.command()
-def migrate(index: IndexOpt, config: ConfigOpt = None, verbose: VerboseOpt = False) -> None:
+def migrate(index: IndexOpt, as_json: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = False) -> None:
     """Rewrite an index of the old layout (a full copy per version) as segments now; the next
     write would do it anyway. Older versions stay readable until they are collected."""
     _setup(verbose)
@@ -552,7 +558,10 @@ def migrate(index: IndexOpt, config: ConfigOpt = None, verbose: VerboseOpt = Fal
         version = migrate_index(index, settings)
     except Exception as exc:
         raise _fail(exc) from exc
-    out.print("already in the segment layout" if version is None else f"migrated: version {version} is live")
+    if as_json:
+        out.print_json(json.dumps({"migrated": version is not None, "version": version}))
+    else:
+        out.print("already in the segment layout" if version is None else f"migrated: version {version} is live")
 
 
 @app.command()

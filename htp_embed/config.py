@@ -24,6 +24,14 @@ DEFAULT_QUERY_INSTRUCTION = "Retrieve relevant document. Text: "
 _K_SPELLING = re.compile(r"(?P<fixed>\d+)|adaptive(?::(?P<bound>\d+))?")
 
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?")
+
+
+class EncoderSettingError(ValueError):
+    """A setting that only the loaded model can check (an exit layer past its depth): bad usage,
+    as a setting refused when it is read is, though found once the weights are loaded."""
+
+
 class KPolicy(BaseModel):
     """How many sentences go into one HTP block (K).
 
@@ -142,6 +150,14 @@ class EncoderConfig(BaseModel):
     )
     cache_dir: Path | None = Field(None, description="where converted model weights are cached")
     show_progress: bool = Field(True, description="progress bar for inputs longer than one batch")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        # torch's own message lists twenty device types; say the ones htp-index runs on
+        if not _DEVICE.fullmatch(value):
+            raise ValueError(f"device {value!r} is not one of 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
 
     @field_validator("k", mode="before")
     @classmethod

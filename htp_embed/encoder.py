@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from htp_embed import query_widths
 from htp_embed.attention import AttentionDecision, cpu_attention_decision
-from htp_embed.config import EncoderConfig
+from htp_embed.config import EncoderConfig, EncoderSettingError
 from htp_embed.gemma3_native import NativeGemma3
 from htp_embed.identity import EncoderIdentity, config_from_identity
 from htp_embed.layer_defaults import layer_defaults
@@ -214,7 +214,8 @@ class HTPEncoder:
         else:
             depth = exit_layer if exit_layer > 0 else n + 1 + exit_layer
             if not 1 <= depth <= n:
-                raise ValueError(f"exit_layer={exit_layer} is outside 1..{n} (or -{n}..-1)")
+                raise EncoderSettingError(f"exit_layer={exit_layer} is outside 1..{n} (or -{n}..-1): "
+                                          f"{self.config.model} has {n} layers")
             self.exit_after = depth - 1
         start = defaults.rewire_start if self.config.rewire_start is None else self.config.rewire_start
         stop = defaults.rewire_stop if self.config.rewire_stop is None else self.config.rewire_stop

@@ -21,6 +21,7 @@ from .errors import (
     IndexTrainingError,
     SparseIndexMissingError,
     UnsupportedFilterError,
+    UnsupportedIndexKindError,
 )
 from .gpu import GpuSelection, Placement, UseGpu
 from .merge_policy import MergePolicy
@@ -58,6 +59,7 @@ __all__ = [
     "SegmentStore",
     "SparseIndexMissingError",
     "UnsupportedFilterError",
+    "UnsupportedIndexKindError",
     "UseGpu",
     "VectorCorrection",
     "current_version",

@@ -172,6 +172,11 @@ class IndexTrainingError(HtpIndexError):
         )
 
 
+class UnsupportedIndexKindError(HtpIndexError, ValueError):
+    """An ``index_kind`` that is neither a named kind nor a factory string FAISS can build for
+    the index's width: bad usage, refused before anything is written."""
+
+
 class UnsupportedFilterError(HtpIndexError, ValueError):
     """A metadata filter uses an operator or value shape this store does not evaluate."""
 

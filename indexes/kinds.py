@@ -37,6 +37,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from .errors import UnsupportedIndexKindError
 from .spec import IndexParams, IndexSpec, Metric
 
 NAMED_KINDS = ("auto", "flat", "hnsw", "ivf_flat", "ivf_pq")
@@ -129,7 +130,7 @@ def _probe(spec: IndexSpec) -> faiss.Index:
         )
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        raise ValueError(
+        raise UnsupportedIndexKindError(
             f"index_kind {spec.index_kind!r} is neither a kind name ({', '.join(NAMED_KINDS)}) "
             f"nor a FAISS factory string valid for dim={spec.dim}: {first}"
         ) from exc
@@ -138,7 +139,7 @@ def _probe(spec: IndexSpec) -> faiss.Index:
 def validate_spec(spec: IndexSpec) -> None:
     """Fail early, with a clear message, on a factory string FAISS cannot build."""
     if spec.index_kind.lower() == "ivf_pq" and spec.params.pq_m and spec.dim % spec.params.pq_m:
-        raise ValueError(f"pq_m={spec.params.pq_m} must divide dim={spec.dim}")
+        raise UnsupportedIndexKindError(f"pq_m={spec.params.pq_m} must divide dim={spec.dim}")
     if not is_named(spec.index_kind):
         _probe(spec)
 

@@ -94,7 +94,7 @@ def current_version(root: str | Path) -> int | None:
     pointer = Path(root) / CURRENT_FILE
     try:
         text = pointer.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no folder, or a file where one should be
         return None
     except (OSError, UnicodeDecodeError) as exc:
         raise IndexCorruptedError.for_file(pointer, f"cannot read it ({exc})") from exc

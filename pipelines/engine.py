@@ -51,6 +51,7 @@ from pipelines.errors import (
     EmptySourceError,
     IndexKindMismatchError,
     MetricMismatchError,
+    OptionConflictError,
     RebuildVerificationError,
     SplittingMismatchError,
 )
@@ -260,7 +261,7 @@ class IndexSession:
         ``load_encoder`` loads one otherwise (a flow passes its per-process cache)."""
         settings = settings or load_settings()
         path = Path(index_dir)
-        with index_lock(path, settings.lock_timeout):
+        with index_lock(path, settings.lock_timeout, create=True):  # an ingest may start the index
             manifest = FaissVectorStore.read_manifest(path) if FaissVectorStore.exists(path) else None
             config = resolve_encoder(manifest, settings, encoder_overrides)
             yield cls(path, settings.model_copy(update={"encoder": config}), manifest, encoder, load_encoder)
@@ -341,7 +342,7 @@ class IndexSession:
         overlap = settings.chunk_overlap if "chunk_overlap" in explicit else recorded.get("chunk_overlap", settings.chunk_overlap)
         most = int(size) // MAX_OVERLAP_SHARE
         if "chunk_overlap" in explicit and overlap > most:
-            raise ValueError(f"chunk_overlap {overlap} is more than 1/{MAX_OVERLAP_SHARE} of chunk_size {size}: "
+            raise OptionConflictError(f"chunk_overlap {overlap} is more than 1/{MAX_OVERLAP_SHARE} of chunk_size {size}: "
                              f"at most {most}")
         # A default overlap is capped as the splitter caps it, so the index records what is used.
         return {"chunk_size": int(size), "chunk_overlap": min(int(overlap), most)}

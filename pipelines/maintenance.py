@@ -75,12 +75,7 @@ def restore_index(index_dir: Path, version: int, settings: Settings | None = Non
             live = None
         if live == version:
             return version
-        kept = persist.list_versions(index_dir)
-        if version not in kept:
-            # it was reported as a corrupted index ("the version directory is missing")
-            raise VersionNotKeptError(
-                f"the index at {index_dir} does not keep version {version}; it keeps "
-                f"{', '.join(map(str, kept)) or 'none'} (settings' keep_versions: the newest are kept)")
+        _require_kept(index_dir, version)
         # the version the user rolls back: one a program commits meanwhile (the API takes no
         # lock) is refused, not dropped
         return _open(index_dir, settings.keep_versions, version).restore(over=live)
@@ -99,4 +94,15 @@ def migrate_index(index_dir: Path, settings: Settings | None = None) -> int | No
 
 def verify_index(index_dir: Path, version: int | None = None) -> dict[str, int]:
     """Hash every file the live version (or ``version``) names against its manifest."""
+    if version is not None and FaissVectorStore.exists(index_dir) and version != persist.current_version(index_dir):
+        _require_kept(index_dir, version)  # not "corrupted: the version directory is missing"
     return verify(index_dir, version)
+
+
+def _require_kept(index_dir: Path, version: int) -> None:
+    kept = persist.list_versions(index_dir)
+    if version not in kept:
+        # it was reported as a corrupted index ("the version directory is missing")
+        raise VersionNotKeptError(
+            f"the index at {index_dir} does not keep version {version}; it keeps "
+            f"{', '.join(map(str, kept)) or 'none'} (settings' keep_versions: the newest are kept)")

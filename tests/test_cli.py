@@ -72,7 +72,7 @@ def test_rebuild_switches_method_and_index_kind(env):
 
 def test_missing_index_is_a_clear_error(env):
     result = runner.invoke(app, ["query", "x", "--index", "nowhere"])
-    assert result.exit_code == 1 and "no index at nowhere" in result.output
+    assert result.exit_code == 2 and "no index at nowhere" in result.output  # a wrong path: bad usage
 
 
 def test_every_option_is_documented():
@@ -339,3 +339,57 @@ def test_a_misspelled_task_runner_is_a_usage_error_before_any_work(tmp_path, spe
 def test_a_cadence_prefect_would_refuse_or_run_every_millisecond_is_a_usage_error(tmp_path, flag, value):
     result = runner.invoke(app, ["schedule", str(tmp_path), "--index", str(tmp_path / "idx"), flag, value])
     assert result.exit_code == 2 and flag in result.output
+
+
+def test_usage_errors_found_late_exit_2_and_a_mistyped_index_leaves_no_folder(env):
+    """An exit layer past the model's depth, an index kind FAISS cannot parse, an overlap over
+    a quarter of the node, a device torch does not know and rewire bounds the wrong way round
+    exited 1 (a failed run, as if a retry could pass), some with a raw pydantic or torch dump;
+    compact, restore and migrate given a mistyped --index made the folder, holding only a lock."""
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    (env / "overlap.toml").write_text("chunk_size = 100\nchunk_overlap = 60\n")
+    for args, said in [
+        (["rebuild", "--index", "idx", "--exit-layer", "99"], "exit_layer=99 is outside"),
+        (["ingest", "src", "--index", "new", "--index-kind", "bogus"], "index_kind 'bogus' is neither"),
+        (["ingest", "src", "--index", "new2", "--config", "overlap.toml"], "chunk_overlap 60 is more than 1/4"),
+        (["query", "cat", "--index", "idx", "--device", "bogus"], "device 'bogus' is not one of"),
+        (["rebuild", "--index", "idx", "--rewire-start", "5", "--rewire-stop", "2"], "rewire_stop must be >= rewire_start"),
+        (["compact", "--index", "nx"], "no index at nx"),
+        (["restore", "--index", "nx", "--version", "1"], "no index at nx"),
+        (["migrate", "--index", "nx"], "no index at nx"),
+        (["verify", "--index", "idx", "--version", "99"], "does not keep version 99"),
+        (["info", "--index", "src/cats.txt"], "no index at src/cats.txt"),
+        (["ingest", "src", "--index", "src/cats.txt"], "is a file, not an index folder"),
+    ]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert said in " ".join(result.output.split()), (args, result.output)
+        assert "input_value" not in result.output and "Traceback" not in result.output
+    assert not (env / "nx").exists()
+
+
+def test_info_reads_the_index_whatever_this_folders_settings_say(env, monkeypatch):
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    monkeypatch.setenv("HTP_INDEX_ALPHA", "5")  # invalid: info takes no settings, so it goes on
+    info = run_json("info", "--index", "idx")
+    assert info["count"] == 3 and "settings are invalid" in info["forward_pass"]
+    monkeypatch.delenv("HTP_INDEX_ALPHA")
+    shown = runner.invoke(app, ["info", "--index", "idx"])
+    assert "no vector correction yet" in shown.output and "--keep-vectors" not in shown.output  # 3 < 8 nodes
+
+
+def test_verify_and_migrate_answer_json_on_stdout(env):
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    assert run_json("migrate", "--index", "idx") == {"migrated": False, "version": None}
+    assert run_json("verify", "--index", "idx")["ok"] is True
+    failed = run_json("verify", "--index", "idx", "--version", "99", code=2)
+    assert failed["ok"] is False and "does not keep version 99" in failed["error"]
+
+
+@pytest.mark.parametrize("option", [["--port", "99999"], ["--port", "-1"], ["--reload-interval", "-1"]])
+def test_serve_refuses_a_port_or_interval_out_of_range_before_loading_anything(env, option):
+    result = runner.invoke(app, ["serve", "--index", "idx", *option])
+    assert result.exit_code == 2, result.output

@@ -1,0 +1,54 @@
+"""How the command line reports an error: one line, and the exit code that says whose it is.
+
+Exit 2 is bad usage: what was asked cannot be done as asked (an option, a setting, a filter,
+a path with no index, options that conflict with the index, a malformed evaluation dataset),
+so running it again unchanged fails again. Exit 1 is a run that failed (a damaged file, a busy
+index, a crash of a library): the index is unchanged and a retry may succeed.
+"""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2  # typer's code for bad options too
+
+console = Console(stderr=True)
+
+
+def is_usage_error(exc: BaseException) -> bool:
+    """Whether ``exc`` says the request itself was wrong (exit 2) rather than the run (exit 1)."""
+    from pydantic import ValidationError
+
+    from htp_embed.config import EncoderSettingError
+    from indexes.errors import (
+        EncoderMismatchError,
+        IndexNotFoundError,
+        UnsupportedFilterError,
+        UnsupportedIndexKindError,
+    )
+    from pipelines.errors import DatasetError, OptionConflictError
+    from pipelines.query import InvalidQueryError
+
+    return isinstance(exc, OptionConflictError | InvalidQueryError | IndexNotFoundError | EncoderMismatchError
+                      | UnsupportedFilterError | UnsupportedIndexKindError | EncoderSettingError
+                      | ValidationError | DatasetError)
+
+
+def describe(exc: BaseException) -> str:
+    """``exc`` as one readable message: a pydantic error as ``field: problem`` pairs, without
+    the echoed input and the documentation link it prints by default."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        problems = [f"{'.'.join(str(part) for part in error['loc']) or exc.title}: "
+                    f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors()]
+        return f"invalid {exc.title} setting: " + "; ".join(problems)
+    return str(exc) or type(exc).__name__
+
+
+def fail(exc: BaseException) -> typer.Exit:
+    """Print ``exc`` and return the exit to raise: 2 for bad usage, else 1."""
+    console.print(f"[red]error:[/red] {describe(exc)}", highlight=False, soft_wrap=True)  # one line, pasteable
+    return typer.Exit(EXIT_USAGE if is_usage_error(exc) else EXIT_FAILED)
