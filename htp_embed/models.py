@@ -9,11 +9,13 @@ weights a forward pass touches are ever read (most of the vocabulary's embedding
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -265,8 +267,25 @@ def _load_gguf(path: Path):
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def _copy_lock(target: Path) -> Iterator[bool]:
+    """Whether the cached copy ``target`` is still to be written, asked (and, if so, written)
+    under a lock beside it: two processes' first runs converted at once, and the second to
+    finish deleted the first one's copy while that one was writing into it or loading it
+    (an ingest failed with 'Directory not empty'). A complete copy is read without locking."""
+    if (target / "config.json").exists():
+        yield False
+        return
+    from filelock import FileLock
+
+    _ensure(target.parent)
+    with FileLock(str(target) + ".lock"):
+        yield not (target / "config.json").exists()  # another process may have written it meanwhile
+
+
 def _save_copy(model, tokenizer, target: Path) -> None:
-    """Write the dequantised model atomically, so a crash never leaves a half-written cache."""
+    """Write the dequantised model atomically, so a crash never leaves a half-written cache.
+    Called under :func:`_copy_lock`: a ``target`` already there is a crash's leftover."""
     # GGUF-loaded models carry a quantizer that refuses to serialise; the weights are plain
     # float32 by now, so dropping it is safe.
     model.hf_quantizer = None
@@ -296,26 +315,28 @@ def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if name in PACKAGED_MODELS:
         converted = converted_copy(name, "float32", cache)
-        if not (converted / "config.json").exists():
-            packaged = PACKAGED_MODELS[name]
-            log.info("first use of %s: converting its GGUF weights to %s", name, converted)
-            with tempfile.TemporaryDirectory(dir=_ensure(cache)) as work:
-                try:
-                    gguf = packaged.gguf(Path(work))
-                except ImportError as exc:
-                    raise ModelNotAvailableError(
-                        f"model {name!r} needs the package {packaged.package}: {exc}"
-                    ) from exc
-                model, tokenizer = _load_gguf(gguf)
-                _save_copy(model, tokenizer, converted)
+        with _copy_lock(converted) as missing:
+            if missing:
+                packaged = PACKAGED_MODELS[name]
+                log.info("first use of %s: converting its GGUF weights to %s", name, converted)
+                with tempfile.TemporaryDirectory(dir=_ensure(cache)) as work:
+                    try:
+                        gguf = packaged.gguf(Path(work))
+                    except ImportError as exc:
+                        raise ModelNotAvailableError(
+                            f"model {name!r} needs the package {packaged.package}: {exc}"
+                        ) from exc
+                    model, tokenizer = _load_gguf(gguf)
+                    _save_copy(model, tokenizer, converted)
         if dtype != torch.float32:
             # Casting a float32 copy reads all 1 GB and converts every tensor on each load
             # (about 4 s); a copy in the target dtype is memory-mapped as it is.
             typed = converted_copy(name, _dtype_name(dtype), cache)
-            if not (typed / "config.json").exists():
-                log.info("first use of %s in %s: writing %s", name, _dtype_name(dtype), typed)
-                model, tokenizer = _load_hf_dir(converted, dtype)
-                _save_copy(model, tokenizer, typed)
+            with _copy_lock(typed) as missing:
+                if missing:
+                    log.info("first use of %s in %s: writing %s", name, _dtype_name(dtype), typed)
+                    model, tokenizer = _load_hf_dir(converted, dtype)
+                    _save_copy(model, tokenizer, typed)
             converted = typed
         model, tokenizer = _load_packaged_copy(converted, dtype, native, tokenizer_dir(name, cache))
         _attach_mean_input_embedding(model, converted / MEAN_EMBEDDING_FILE)

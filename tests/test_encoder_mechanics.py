@@ -391,3 +391,36 @@ def test_whether_a_query_is_cut_is_known_without_embedding_it(config):
         assert encoder.truncates_query(text) == exact, text
         answers.append(exact)
     assert any(answers) and not all(answers)  # both cases were met
+
+
+def test_a_cached_model_copy_is_written_once_when_two_first_runs_race(tmp_path):
+    """Two processes' first runs converted the packaged model at once; the second to finish
+    deleted the first one's copy while that one wrote into it ('Directory not empty'). Under
+    the lock the second finds the copy written and leaves it alone."""
+    import threading
+    import time
+
+    from htp_embed.models import _copy_lock
+
+    target = tmp_path / "models" / "gemma3-270m-bfloat16"
+    asked, started = [], threading.Event()
+
+    def first_run(delay: float) -> None:
+        with _copy_lock(target) as missing:
+            asked.append(missing)
+            started.set()
+            if missing:
+                time.sleep(delay)  # the conversion
+                target.mkdir(parents=True)
+                (target / "config.json").write_text("{}")
+
+    writer = threading.Thread(target=first_run, args=(0.3,))
+    writer.start()
+    started.wait(5)
+    second = threading.Thread(target=first_run, args=(0.0,))
+    second.start()
+    writer.join(5)
+    second.join(5)
+    assert asked == [True, False]
+    with _copy_lock(target) as missing:  # a complete copy: read without the lock
+        assert missing is False
