@@ -81,3 +81,20 @@ def test_a_restore_refuses_a_version_committed_while_it_ran(index_dir, embedding
 def test_replaces_needs_a_staged_replacement(tmp_path):
     with pytest.raises(ValueError, match="overwrite=True and persist_now=False"):
         FaissVectorStore.create(tmp_path / "idx", dim=4, encoder={"model": "m"}, replaces=1)
+
+
+def test_a_restore_refuses_a_version_a_killed_write_left_past_the_live_one(index_dir, embedding):
+    """A write killed after its version folder was complete but before CURRENT named it leaves
+    a version that was never acknowledged nor served; restore made it live ('restored version
+    18: live version 19'), serving a document no ingest ever reported."""
+    import shutil
+
+    from indexes import persist
+    from pipelines.errors import VersionNotKeptError
+
+    settings = settings_for(embedding)
+    live = FaissVectorStore.current_version(index_dir)
+    shutil.copytree(persist.version_dir(index_dir, live), persist.version_dir(index_dir, live + 1))
+    with pytest.raises(VersionNotKeptError, match=f"version {live + 1} of .* was never live"):
+        restore_index(index_dir, live + 1, settings)
+    assert FaissVectorStore.current_version(index_dir) == live
