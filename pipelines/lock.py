@@ -1,12 +1,20 @@
 """The writer's lock on an index directory: one ingest or rebuild at a time.
 
 Readers never take it: they read the last persisted version, which writers never modify.
+The holder writes who it is beside the lock (process, host, command, since when), so a writer
+that has to wait says whom it waits for, and one that gives up names it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import socket
+import sys
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -14,7 +22,10 @@ from filelock import FileLock, Timeout
 from indexes.errors import IndexNotFoundError
 from pipelines.errors import IndexBusyError
 
+log = logging.getLogger(__name__)
+
 LOCK_NAME = ".ingest.lock"
+HOLDER_NAME = ".ingest.lock.holder"
 
 
 @contextmanager
@@ -30,13 +41,44 @@ def index_lock(index_dir: Path, timeout: float, *, create: bool = False) -> Iter
     index_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(index_dir / LOCK_NAME))
     try:
-        lock.acquire(timeout=timeout)
-    except Timeout as exc:
-        raise IndexBusyError(
-            f"another ingest or rebuild is writing {index_dir} (waited {timeout:.0f} s for "
-            f"{index_dir / LOCK_NAME}); try again when it has finished"
-        ) from exc
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting up to %.0f s for the writer lock on %s, held by %s", timeout, index_dir,
+                 lock_holder(index_dir))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout as exc:
+            raise IndexBusyError(
+                f"another writer holds {index_dir}: {lock_holder(index_dir)} (waited {timeout:.0f} s for "
+                f"{index_dir / LOCK_NAME}); try again when it has finished"
+            ) from exc
     try:
+        _write_holder(index_dir)
         yield
     finally:
+        with suppress(OSError):
+            (index_dir / HOLDER_NAME).unlink()
         lock.release()
+
+
+def lock_holder(index_dir: Path) -> str:
+    """Who holds the writer lock, as its holder recorded it ("an unknown process" when it did
+    not: an htp-index from before, or one that has only just taken the lock)."""
+    try:
+        holder = json.loads((index_dir / HOLDER_NAME).read_text(encoding="utf-8"))
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["since"])))
+        return f"process {holder['pid']} on {holder['host']} ({holder['command']}) since {since}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an unknown process"
+
+
+def _write_holder(index_dir: Path) -> None:
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200] if sys.argv else "python"}
+    tmp = index_dir / f"{HOLDER_NAME}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(holder), encoding="utf-8")
+        os.replace(tmp, index_dir / HOLDER_NAME)
+    except OSError:  # who holds the lock is a courtesy; the lock itself is what serialises
+        with suppress(OSError):
+            tmp.unlink()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
@@ -10,7 +11,7 @@ from crash_harness import Job, context, job_settings, run, run_job, snapshot, wr
 
 from pipelines.errors import IndexBusyError
 from pipelines.ingest import ingest
-from pipelines.lock import index_lock
+from pipelines.lock import HOLDER_NAME, index_lock
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,8 +59,9 @@ def test_a_second_writer_that_cannot_wait_fails_clearly_and_changes_nothing(tiny
     before = snapshot(index)
     shutil.copy(source / "doc000.txt", source / "copy.txt")
     settings = job_settings(str(tiny_model_dir)).model_copy(update={"lock_timeout": 0.5})
-    busy = pytest.raises(IndexBusyError, match="another ingest or rebuild is writing")
-    with index_lock(index, timeout=1), busy:  # another writer holds the index
+    busy = pytest.raises(IndexBusyError, match=rf"another writer holds .*: process {os.getpid()} on .* since ")
+    with index_lock(index, timeout=1), busy:  # another writer holds the index, and says who it is
         ingest(source, index, settings)
+    assert not (index / HOLDER_NAME).exists()  # the record goes with the lock
     after = snapshot(index)
     assert after.version == before.version and after.same_content(before)
