@@ -75,13 +75,13 @@ def restore_index(index_dir: Path, version: int, settings: Settings | None = Non
             live = None
         if live == version:
             return version
+        _require_kept(index_dir, version)
         if live is not None and version > live:
             # versions count up and a restore commits a new one, so a folder past the live
             # version is a write killed before its switch: never acknowledged, never served
             raise VersionNotKeptError(
                 f"version {version} of {index_dir} was never live: a write that stopped before its switch "
                 f"left it, and the next write removes it; the live version is {live}")
-        _require_kept(index_dir, version)
         # the version the user rolls back: one a program commits meanwhile (the API takes no
         # lock) is refused, not dropped
         return _open(index_dir, settings.keep_versions, version).restore(over=live)
