@@ -140,7 +140,7 @@ def eval_command(
         except (typer.Exit, typer.BadParameter):
             raise
         except Exception as exc:
-            raise fail(exc) from exc
+            raise fail(exc, as_json=json_output) from exc
         return
     if method not in ALL_METHODS:
         raise typer.BadParameter(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
@@ -154,7 +154,7 @@ def eval_command(
                 cache_dir=cache_dir, fuse_bm25=fuse_bm25, ignore_identical_ids=not keep_identical_ids,
             )
     except Exception as exc:
-        raise fail(exc) from exc
+        raise fail(exc, as_json=json_output) from exc
     if json_output:
         typer.echo(json.dumps({**{key: result[key] for key in JSON_KEYS}, "sample": result["sample"]}))
         return

@@ -8,6 +8,8 @@ index, a crash of a library): the index is unchanged and a retry may succeed.
 
 from __future__ import annotations
 
+import json
+
 import typer
 from rich.console import Console
 
@@ -48,7 +50,12 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def fail(exc: BaseException) -> typer.Exit:
-    """Print ``exc`` and return the exit to raise: 2 for bad usage, else 1."""
+def fail(exc: BaseException, *, as_json: bool = False) -> typer.Exit:
+    """Print ``exc`` and return the exit to raise: 2 for bad usage, else 1. With ``as_json`` a
+    script reading stdout gets ``{"ok": false, "error": ..., "exit_code": ...}`` there too, not
+    an empty stdout it cannot parse."""
+    code = EXIT_USAGE if is_usage_error(exc) else EXIT_FAILED
     console.print(f"[red]error:[/red] {describe(exc)}", highlight=False, soft_wrap=True)  # one line, pasteable
-    return typer.Exit(EXIT_USAGE if is_usage_error(exc) else EXIT_FAILED)
+    if as_json:
+        typer.echo(json.dumps({"ok": False, "error": describe(exc), "exit_code": code}))
+    return typer.Exit(code)

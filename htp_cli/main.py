@@ -179,7 +179,7 @@ def ingest(
                 "embedding nodes", not as_json,
             )
     except Exception as exc:
-        raise _fail(exc) from exc
+        raise _fail(exc, as_json=as_json) from exc
     _print_stats(stats, as_json, f"ingest {source} -> {index}")
     if stats["failed"]:
         raise typer.Exit(EXIT_PARTIAL)
@@ -236,7 +236,7 @@ def rebuild(
                 "re-embedding nodes", not as_json,
             )
     except Exception as exc:
-        raise _fail(exc) from exc
+        raise _fail(exc, as_json=as_json) from exc
     _print_stats(stats, as_json, f"rebuild {index}")
     if stats["failed"]:
         raise typer.Exit(EXIT_PARTIAL)
@@ -325,7 +325,7 @@ def query(
             text, top_k, filters, mode=mode.value if mode else None, alpha=alpha, rerank=rerank,
         )
     except Exception as exc:
-        raise _fail(exc) from exc
+        raise _fail(exc, as_json=as_json) from exc
     if as_json:  # the service's answer's fields (the log on stderr says the same to a person)
         warnings = opened.query_warnings(text, mode.value if mode else None)
         out.print_json(json.dumps({"results": results, "warnings": warnings}))
@@ -383,7 +383,7 @@ def info(
         store = SegmentStore.open(index, use_gpu=False) if drift else None
         correction = _manifest_correction(index, manifest)
     except Exception as exc:
-        raise _fail(exc) from exc
+        raise _fail(exc, as_json=as_json) from exc
     summary: dict[str, Any] = {
         "count": manifest.count, "dim": manifest.dim, "version": manifest.version,
         "index_kind": manifest.index_kind, "metric": manifest.metric, "encoder": manifest.encoder,
@@ -479,11 +479,7 @@ def verify(
     try:
         checked = verify_index(index, version)
     except Exception as exc:
-        if as_json:  # a script reads the verdict from stdout either way
-            from htp_cli.failure import describe
-
-            out.print_json(json.dumps({"ok": False, "error": describe(exc)}))
-        raise _fail(exc) from exc
+        raise _fail(exc, as_json=as_json) from exc
     if as_json:
         out.print_json(json.dumps({"ok": True, **checked}))
     else:
@@ -509,7 +505,7 @@ def compact(
     try:
         stats = compact_index(index, settings, everything=not due_only)
     except Exception as exc:
-        raise _fail(exc) from exc
+        raise _fail(exc, as_json=as_json) from exc
     if as_json:
         out.print_json(json.dumps(stats.__dict__))
     else:
@@ -537,7 +533,7 @@ def restore(
     try:
         live = restore_index(index, version, settings)
     except Exception as exc:
-        raise _fail(exc) from exc
+        raise _fail(exc, as_json=as_json) from exc
     if as_json:
         out.print_json(json.dumps({"restored": version, "version": live}))
     elif live == version:
@@ -557,7 +553,7 @@ def migrate(index: IndexOpt, as_json: JsonOpt = False, config: ConfigOpt = None,
     try:
         version = migrate_index(index, settings)
     except Exception as exc:
-        raise _fail(exc) from exc
+        raise _fail(exc, as_json=as_json) from exc
     if as_json:
         out.print_json(json.dumps({"migrated": version is not None, "version": version}))
     else:

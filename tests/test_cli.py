@@ -393,3 +393,11 @@ def test_verify_and_migrate_answer_json_on_stdout(env):
 def test_serve_refuses_a_port_or_interval_out_of_range_before_loading_anything(env, option):
     result = runner.invoke(app, ["serve", "--index", "idx", *option])
     assert result.exit_code == 2, result.output
+
+
+def test_a_failed_command_with_json_says_so_on_stdout(env):
+    """A script that reads --json from stdout got nothing to parse when a command failed."""
+    result = runner.invoke(app, ["query", "x", "--index", "nowhere", "--json"])
+    assert result.exit_code == 2
+    failed = json.loads(result.stdout)
+    assert failed["ok"] is False and failed["exit_code"] == 2 and "no index at nowhere" in failed["error"]
