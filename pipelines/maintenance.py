@@ -10,7 +10,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexes import FaissVectorStore, IndexCorruptedError, IndexNotFoundError, persist, verify
+from indexes import (
+    FaissVectorStore,
+    HtpIndexError,
+    IndexCorruptedError,
+    IndexNotFoundError,
+    persist,
+    verify,
+)
 
 from .errors import VersionNotKeptError
 from .lock import index_lock
@@ -82,9 +89,25 @@ def restore_index(index_dir: Path, version: int, settings: Settings | None = Non
             raise VersionNotKeptError(
                 f"version {version} of {index_dir} was never live: a write that stopped before its switch "
                 f"left it, and the next write removes it; the live version is {live}")
+        if live is not None and _same_content(index_dir, version, live):
+            # a restore asked again after it switched (it was killed, or run twice): another
+            # identical version would push a real restore point out of the kept ones
+            log.info("version %d of %s already holds version %d's content: nothing to restore", live, index_dir, version)
+            return live
         # the version the user rolls back: one a program commits meanwhile (the API takes no
         # lock) is refused, not dropped
         return _open(index_dir, settings.keep_versions, version).restore(over=live)
+
+
+def _same_content(index_dir: Path, version: int, other: int) -> bool:
+    """Whether two versions' manifests name the same segments, deletions, documents and
+    settings (all but their number, time and checksum): a restore's copy of a version does."""
+    try:
+        first, second = (persist.read_manifest(index_dir, v).to_dict() for v in (version, other))
+    except HtpIndexError:  # a damaged one is not the same; the restore reads and reports it
+        return False
+    own = ("version", "created_at", "checksum")
+    return {k: v for k, v in first.items() if k not in own} == {k: v for k, v in second.items() if k not in own}
 
 
 def migrate_index(index_dir: Path, settings: Settings | None = None) -> int | None:
