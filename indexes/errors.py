@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from tokenize import TokenError
 from typing import Any
 
+#: What ``np.load`` raises on a damaged ``.npy`` file: its header is a Python literal parsed with
+#: ``tokenize``/``ast``, so bytes flipped there raise ``TokenError`` or ``SyntaxError``, neither a
+#: ValueError (a query answered "('EOF in multi-line statement', (2, 0))" naming no file).
+UNREADABLE_ARRAY: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, TokenError, EOFError)
 
 class HtpIndexError(Exception):
     """Base class of every error raised by `indexes`."""

@@ -43,7 +43,7 @@ import numpy as np
 from . import ann, gpu, heap, keywords, kinds
 from .docstore import NodeRow, NodeStore
 from .durable import fsync_path
-from .errors import IndexCorruptedError
+from .errors import UNREADABLE_ARRAY, IndexCorruptedError
 from .spec import FileRecord, IndexSpec, SegmentRecord
 from .vectors import VectorIndex
 
@@ -271,7 +271,7 @@ class SegmentReader:
             raise IndexCorruptedError.for_file(path, f"it holds {index.d}-d vectors, not {spec.dim}-d")
         try:
             ids = np.load(folder / IDS_FILE, mmap_mode="r")
-        except (OSError, ValueError) as exc:
+        except UNREADABLE_ARRAY as exc:
             raise IndexCorruptedError.for_file(folder / IDS_FILE, f"unreadable ({exc})") from exc
         if len(ids) != record.rows or index.ntotal != record.rows:
             raise IndexCorruptedError.for_file(
@@ -279,7 +279,7 @@ class SegmentReader:
             )
         try:
             kw = keywords.KeywordSegment.open(folder)
-        except (OSError, ValueError) as exc:
+        except UNREADABLE_ARRAY as exc:
             raise IndexCorruptedError.for_file(folder, f"its keyword postings are unreadable ({exc})") from exc
         rows = NodeStore.open_readonly(folder / ROWS_FILE)
         return cls(folder, record, index, ids, rows, kw)
@@ -419,7 +419,7 @@ def read_deletes(path: Path, expected: int) -> np.ndarray:
     """Tombstones written by `write_deletes`; raises `IndexCorruptedError` when unreadable."""
     try:
         ids = np.load(path)
-    except (OSError, ValueError) as exc:
+    except UNREADABLE_ARRAY as exc:
         raise IndexCorruptedError.for_file(path, f"unreadable ({exc})") from exc
     if ids.dtype != np.int64 or ids.ndim != 1 or len(ids) != expected:
         raise IndexCorruptedError.for_file(path, f"it should hold {expected} int64 ids")

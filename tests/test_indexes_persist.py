@@ -144,6 +144,25 @@ def test_open_detects_missing_and_truncated_files_naming_them(tmp_path, name, da
     assert f"restore --index {store.path} --version N" in str(info.value) and "PATH" not in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["ids.npy", "kw_terms.npy", "kw_docs.npy", "kw_doclen.npy"])
+def test_an_array_whose_header_is_damaged_at_its_size_is_named_as_corrupted(tmp_path, name):
+    """Bytes 64-127 of an .npy file flipped in place (its size unchanged) broke the header's
+    Python literal: numpy raised tokenize's TokenError, which nothing caught, so a query said
+    "('EOF in multi-line statement', (2, 0))" and named no file."""
+    import gc
+
+    store = filled_store(tmp_path)
+    root, path = store.path, segment_file(store, name)
+    del store
+    gc.collect()  # a fresh process's view: no reader of the segment left open in this one
+    data = bytearray(path.read_bytes())
+    data[64:128] = bytes(b ^ 0xFF for b in data[64:128])
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexCorruptedError) as info:
+        FaissVectorStore.open(root)
+    assert str(path.parent) in str(info.value) and "restore --index" in str(info.value)
+
+
 @pytest.mark.parametrize("name", ["vectors.faiss", "nodes.sqlite", "ids.npy"])
 def test_verify_reads_every_byte_and_finds_a_flipped_bit(tmp_path, name):
     store = filled_store(tmp_path)
