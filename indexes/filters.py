@@ -71,6 +71,7 @@ _SCALAR_TYPES = "('integer','real','text','true','false')"
 
 def compile_filters(filters: MetadataFilters, column: str = "metadata") -> tuple[str, list[Any]]:
     """SQL boolean expression (never NULL) and its parameters for `filters`."""
+    require_metadata_filters(filters)
     params: list[Any] = []
     sql = _group(filters, column, params, depth=1)
     if len(params) > MAX_PARAMS:
@@ -78,6 +79,15 @@ def compile_filters(filters: MetadataFilters, column: str = "metadata") -> tuple
             f"the filter has {len(params) // 3:,} conditions, more than one query can bind "
             f"(~{MAX_PARAMS // 3:,}); put many values of one key into a single IN condition")
     return sql, params
+
+
+def require_metadata_filters(filters: object) -> None:
+    """Refuse, by name, filters that are not LlamaIndex's ``MetadataFilters`` (a dict failed
+    deep in the search with "'dict' object has no attribute 'filters'")."""
+    if not isinstance(filters, MetadataFilters):
+        raise UnsupportedFilterError(
+            f"filters must be LlamaIndex MetadataFilters, e.g. MetadataFilters(filters=[MetadataFilter("
+            f"key='file_type', value='md')]), not a {type(filters).__name__}")
 
 
 def filters_key(where: str, params: Sequence[Any]) -> str:

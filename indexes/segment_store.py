@@ -1094,8 +1094,12 @@ class SegmentStore:
         doc_ids: Sequence[str] | None = None,
     ) -> np.ndarray | None:
         """Allowed faiss ids (ascending), or None when nothing restricts the search."""
-        if filters is not None and not filters.filters:
-            filters = None
+        if filters is not None:
+            from .filters import require_metadata_filters
+
+            require_metadata_filters(filters)
+            if not filters.filters:
+                filters = None
         if filters is None and node_ids is None and doc_ids is None:
             return None
         # LlamaIndex's filter types are imported when there is something to filter

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,16 @@ _MODES: dict[VectorStoreQueryMode, SearchMode] = {
     VectorStoreQueryMode.SPARSE: "sparse",
     VectorStoreQueryMode.HYBRID: "hybrid",
 }
+
+
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # controls, format (zero-width), spaces
+
+
+def _visible(text: str) -> bool:
+    """Whether ``text`` holds a character that is not a space, control or zero-width one (as
+    ``pipelines.sources.has_visible_text`` judges documents; this layer cannot import it): a
+    sparse retriever answered a zero-width space with [], where every other path refuses it."""
+    return any(unicodedata.category(ch) not in _INVISIBLE for ch in text)
 
 
 class FaissVectorStore(SegmentStore, BasePydanticVectorStore):
@@ -118,8 +129,9 @@ class FaissVectorStore(SegmentStore, BasePydanticVectorStore):
                 f"query mode {asked.value!r} is not supported; FaissVectorStore "
                 "does 'default' (dense), 'sparse'/'text_search' (BM25) and 'hybrid'"
             )
-        if mode != "dense" and (query.query_str is None or not query.query_str.strip()):
-            raise ValueError(f"query mode {asked.value!r} needs query_str (the query text)")
+        if mode != "dense" and (query.query_str is None or not _visible(query.query_str)):
+            raise ValueError(f"query mode {asked.value!r} needs query_str (the query text), with a visible "
+                             "character: an empty or invisible one (zero-width, controls) searches for nothing")
         if mode != "sparse" and query.query_embedding is None:
             if mode == "hybrid":
                 raise ValueError("hybrid queries need query_embedding as well as query_str")

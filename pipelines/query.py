@@ -27,6 +27,7 @@ from htp_embed import HTPEncoder, config_from_identity
 from indexes import EncoderMismatchError, IndexNotFoundError, SegmentStore
 from indexes.docstore import NodeRow
 from indexes.fusion import Fusion
+from pipelines.errors import DocumentRejected
 from pipelines.identity_check import index_accepts
 from pipelines.settings import Settings, load_settings
 from pipelines.sources import has_visible_text
@@ -200,6 +201,9 @@ class OpenIndex:
         when none is named, its alpha (used by hybrid queries) and its fusion, under the
         caller's own store options (e.g. nprobe)."""
         kwargs = dict(kwargs)
+        if "rerank" in kwargs:  # engines take it out first; LlamaIndex's retriever drops it unread
+            raise TypeError("a retriever returns the fused hits and does not rerank: pass rerank= to "
+                            "as_query_engine / as_chat_engine, or use OpenIndex.search(..., rerank=True)")
         if "vector_store_query_mode" not in kwargs:
             kwargs["vector_store_query_mode"] = _STORE_MODES[self.resolve_mode(None)]
         kwargs.setdefault("alpha", self.default_alpha)
@@ -463,6 +467,10 @@ def _index_with_defaults() -> type[VectorStoreIndex]:
             ``refresh_ref_docs``, whose hashes live in memory only, inserts every document
             again after a reopen: each refresh doubled the documents."""
             doc_id = document.get_doc_id()
+            if not has_visible_text(document.get_content()):
+                # ingest refuses it; inserted, a zero-width space became a node every query
+                # could rank, and whitespace returned without storing anything
+                raise DocumentRejected(f"document {doc_id!r} is empty (no visible text): nothing to index")
             if self._vector_store.ref_doc_node_ids(doc_id):
                 self.delete_ref_doc(doc_id, delete_from_docstore=True)
             super().insert(document, **insert_kwargs)

@@ -312,3 +312,56 @@ def test_cli_filter_on_a_number_still_matches_numbers_and_not_equal_excludes_bot
     assert ids(["year!=1984"]) == ["b2"]
     assert ids(["year>2000"]) == ["b2"]
     assert ids(['year="1984"']) == ["b1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Trial of the Python API (stop 45): inputs the CLI and the service refuse, the LlamaIndex
+# paths took without a word.
+def test_a_sparse_retriever_refuses_an_invisible_query_as_the_other_modes_do(index_dir, embedding):
+    from pipeline_helpers import settings_for
+
+    from pipelines.query import open_index
+
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    with pytest.raises(ValueError, match="needs query_str .* with a visible character"):
+        index.as_retriever(vector_store_query_mode="sparse").retrieve("\u200b")
+
+
+def test_a_retriever_given_rerank_refuses_it_instead_of_returning_unreranked_hits(index_dir, embedding):
+    from pipeline_helpers import settings_for
+
+    from pipelines.query import open_index
+
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    with pytest.raises(TypeError, match="does not rerank: pass rerank= to as_query_engine"):
+        index.as_retriever(similarity_top_k=3, rerank=True)
+
+
+@pytest.mark.parametrize("filters", [{"file_type": "md"}, []])
+def test_filters_that_are_not_metadata_filters_are_refused_by_name(index_dir, embedding, filters):
+    """A dict failed deep inside with "'dict' object has no attribute 'filters'"."""
+    from pipeline_helpers import settings_for
+
+    from indexes import UnsupportedFilterError
+    from pipelines.query import open_index
+
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    with pytest.raises(UnsupportedFilterError, match="filters must be LlamaIndex MetadataFilters"):
+        index.search("the cat", 3, filters=filters)
+
+
+@pytest.mark.parametrize("text", ["\u200b\u200b", "   \n "])
+def test_inserting_a_document_without_visible_text_is_refused_as_ingest_refuses_it(index_dir, embedding, text):
+    """Inserted, a zero-width document became a node every query could rank; whitespace
+    returned without storing anything and without a word."""
+    from llama_index.core import Document as LlamaDocument
+    from pipeline_helpers import settings_for
+
+    from pipelines.errors import DocumentRejected
+    from pipelines.query import open_index
+
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    before = index.store.count
+    with pytest.raises(DocumentRejected, match="document 'zw' is empty"):
+        index.as_index().insert(LlamaDocument(text=text, id_="zw"))
+    assert index.store.count == before
