@@ -110,8 +110,6 @@ def _progress() -> Progress:
     )
 
 
-
-
 def _print_stats(stats: dict[str, Any], as_json: bool, title: str) -> None:
     keys = ("added", "updated", "deleted", "unchanged", "failed", "nodes_embedded", "seconds")
     if as_json:  # every figure the run produced, the version it made live included
