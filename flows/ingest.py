@@ -17,6 +17,7 @@ from flows.runtime import (
     PrefectSteps,
     cached_encoder,
     finished,
+    own_logs_in_the_run,
     publish_stats,
     settings_from,
     task_runner_for,
@@ -29,7 +30,7 @@ def ingest_flow_body(source: str, index_dir: str, settings: dict[str, Any] | Non
     """Incrementally ingest ``source`` into the index at ``index_dir``; ``settings`` as
     :meth:`Settings.to_transport` writes them."""
     began = time.perf_counter()
-    with IndexSession.open(index_dir, settings_from(settings), load_encoder=cached_encoder) as session:
+    with own_logs_in_the_run(), IndexSession.open(index_dir, settings_from(settings), load_encoder=cached_encoder) as session:
         stats = session.ingest(source, PrefectSteps())
     stats.seconds = time.perf_counter() - began
     publish_stats(stats, "ingest", f"Ingest {source} -> {index_dir}", index_dir)

@@ -13,6 +13,7 @@ from flows.runtime import (
     PrefectSteps,
     cached_encoder,
     finished,
+    own_logs_in_the_run,
     publish_stats,
     settings_from,
     task_runner_for,
@@ -27,7 +28,7 @@ def rebuild_flow_body(
 ) -> Any:
     """Re-embed every node of ``index_dir`` into a new version, then switch to it."""
     began = time.perf_counter()
-    with IndexSession.open(
+    with own_logs_in_the_run(), IndexSession.open(
         index_dir, settings_from(settings), encoder_overrides=encoder_overrides, load_encoder=cached_encoder
     ) as session:
         stats = session.rebuild(index_kind=index_kind, source=source, runner=PrefectSteps())

@@ -4,10 +4,12 @@ Prefect tasks."""
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from llama_index.core.schema import TextNode
@@ -160,3 +162,50 @@ def task_runner_for(name: str | None):
     from flows.dask_runner import dask_task_runner
 
     return dask_task_runner(name)
+
+
+#: The packages whose log lines a flow run carries (plan counts, "waiting for the writer lock
+#: held by …", the encoder's decisions).
+OWN_LOGGERS = ("pipelines", "indexes", "htp_embed", "flows")
+
+
+class _ToRunLogger(logging.Handler):
+    """Hands a record to the flow run's logger: Prefect then stores it with the run (the UI's
+    log tab) and prints it on the serving process's console."""
+
+    def __init__(self, run_logger: logging.LoggerAdapter) -> None:
+        super().__init__(logging.INFO)
+        self.run_logger = run_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.run_logger.log(record.levelno, "%s: %s", record.name, record.getMessage())
+        except Exception:  # a log line must never fail the run
+            self.handleError(record)
+
+
+@contextmanager
+def own_logs_in_the_run() -> Iterator[None]:
+    """htp-index's own INFO lines in the flow run's log. A scheduled run is a process Prefect
+    starts, whose logging nobody configured: they fell below the root logger's WARNING and no
+    operator ever saw them, not even the wait for a busy index. Where a command configured
+    logging already (an ad-hoc ``--task-runner`` run prints them itself), nothing changes."""
+    loggers = [logging.getLogger(name) for name in OWN_LOGGERS]
+    if all(logger.getEffectiveLevel() <= logging.INFO for logger in loggers):
+        yield
+        return
+    from prefect.logging import get_run_logger
+
+    handler = _ToRunLogger(get_run_logger())
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:  # not propagated too: a warning would be printed twice
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger, (level, propagate) in zip(loggers, saved, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
