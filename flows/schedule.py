@@ -63,6 +63,8 @@ def serve_ingest_deployment(
             "schedules need a Prefect server: run `prefect server start` and set "
             "PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
+    if not Path(source).exists():  # allowed (a share mounted later), but not without a word
+        log.warning("the source %s does not exist now: each scheduled run fails until it does", source)
     kwargs = ingest_deployment_kwargs(source, index_dir, settings, cron=cron, interval=interval, name=name)
     log.info("serving deployment %s (%s)", kwargs["name"], f"cron {cron}" if cron else f"every {interval} s")
     ingest_flow_body.serve(**kwargs)
