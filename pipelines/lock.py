@@ -75,10 +75,8 @@ def lock_holder(index_dir: Path) -> str:
 def _write_holder(index_dir: Path) -> None:
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
               "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200] if sys.argv else "python"}
-    tmp = index_dir / f"{HOLDER_NAME}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(json.dumps(holder), encoding="utf-8")
-        os.replace(tmp, index_dir / HOLDER_NAME)
-    except OSError:  # who holds the lock is a courtesy; the lock itself is what serialises
-        with suppress(OSError):
-            tmp.unlink()
+    # Written in place, not renamed in: only the holder writes it, a reader that catches it
+    # half-written says "an unknown process", and a rename here would be one more step among
+    # the commit's own (the crash tests kill at the first os.replace, the switch of CURRENT).
+    with suppress(OSError):  # who holds the lock is a courtesy; the lock itself is what serialises
+        (index_dir / HOLDER_NAME).write_text(json.dumps(holder), encoding="utf-8")
