@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from .live import LiveSegment, PendingRows
 from .merge_policy import MergePolicy
 from .segment_store import FLUSH_ROWS, SearchMode, SegmentStore
 from .spec import IndexSpec, Manifest, NamedFile
+from .text import has_visible_text
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +55,6 @@ _MODES: dict[VectorStoreQueryMode, SearchMode] = {
     VectorStoreQueryMode.SPARSE: "sparse",
     VectorStoreQueryMode.HYBRID: "hybrid",
 }
-
-
-_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})  # controls, format (zero-width), spaces
-
-
-def _visible(text: str) -> bool:
-    """Whether ``text`` holds a character that is not a space, control or zero-width one (as
-    ``pipelines.sources.has_visible_text`` judges documents; this layer cannot import it): a
-    sparse retriever answered a zero-width space with [], where every other path refuses it."""
-    return any(unicodedata.category(ch) not in _INVISIBLE for ch in text)
 
 
 class FaissVectorStore(SegmentStore, BasePydanticVectorStore):
@@ -129,7 +119,8 @@ class FaissVectorStore(SegmentStore, BasePydanticVectorStore):
                 f"query mode {asked.value!r} is not supported; FaissVectorStore "
                 "does 'default' (dense), 'sparse'/'text_search' (BM25) and 'hybrid'"
             )
-        if mode != "dense" and (query.query_str is None or not _visible(query.query_str)):
+        # an invisible query (a zero-width space) was answered [] here, where every path refuses it
+        if mode != "dense" and (query.query_str is None or not has_visible_text(query.query_str)):
             raise ValueError(f"query mode {asked.value!r} needs query_str (the query text), with a visible "
                              "character: an empty or invisible one (zero-width, controls) searches for nothing")
         if mode != "sparse" and query.query_embedding is None:

@@ -27,10 +27,10 @@ from htp_embed import HTPEncoder, config_from_identity
 from indexes import EncoderMismatchError, IndexNotFoundError, SegmentStore
 from indexes.docstore import NodeRow
 from indexes.fusion import Fusion
+from indexes.text import has_visible_text
 from pipelines.errors import DocumentRejected
 from pipelines.identity_check import index_accepts
 from pipelines.settings import Settings, load_settings
-from pipelines.sources import has_visible_text
 
 if TYPE_CHECKING:  # LlamaIndex is imported only by the parts that hand its objects out (~1 s)
     from llama_index.core import VectorStoreIndex

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -18,6 +17,7 @@ from pathlib import Path
 from stat import S_ISBLK, S_ISCHR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
 from typing import Any
 
+from indexes.text import has_visible_text
 from pipelines.errors import DocumentRejected
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text"}
@@ -171,7 +171,6 @@ def pdf_to_text(path: Path) -> str:
 
 # Unicode category Cc is exactly U+0000-001F and U+007F-009F; tabs and line breaks stay.
 _DROP_CONTROLS = {c: None for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n\r\f\v"}
-_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
 
 
 def clean_text(text: str) -> str:
@@ -188,12 +187,6 @@ def clean_text(text: str) -> str:
         raise DocumentRejected(f"binary content ({controls} control characters in the first {len(sample)}); "
                                "not a text document")
     return text.translate(_DROP_CONTROLS)
-
-
-def has_visible_text(text: str) -> bool:
-    """Whether ``text`` holds a character that is not a control, format (zero-width) or space
-    character: what a document, and a query, needs to be about anything."""
-    return any(unicodedata.category(ch) not in _INVISIBLE for ch in text)
 
 
 def _require_text(text: str) -> str:
