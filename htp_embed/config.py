@@ -22,8 +22,6 @@ DEFAULT_QUERY_INSTRUCTION = "Retrieve relevant document. Text: "
 
 
 _K_SPELLING = re.compile(r"(?P<fixed>\d+)|adaptive(?::(?P<bound>\d+))?")
-
-
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?")
 
 
@@ -156,7 +154,7 @@ class EncoderConfig(BaseModel):
     def _check_device(cls, value: str) -> str:
         # torch's own message lists twenty device types; say the ones htp-index runs on
         if not _DEVICE.fullmatch(value):
-            raise ValueError(f"device {value!r} is not one of 'auto', 'cpu', 'cuda' or 'cuda:N'")
+            raise ValueError(f"device {value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu[:N]'")
         return value
 
     @field_validator("k", mode="before")

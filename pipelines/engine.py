@@ -342,8 +342,8 @@ class IndexSession:
         overlap = settings.chunk_overlap if "chunk_overlap" in explicit else recorded.get("chunk_overlap", settings.chunk_overlap)
         most = int(size) // MAX_OVERLAP_SHARE
         if "chunk_overlap" in explicit and overlap > most:
-            raise OptionConflictError(f"chunk_overlap {overlap} is more than 1/{MAX_OVERLAP_SHARE} of chunk_size {size}: "
-                             f"at most {most}")
+            raise OptionConflictError(
+                f"chunk_overlap {overlap} is more than 1/{MAX_OVERLAP_SHARE} of chunk_size {size}: at most {most}")
         # A default overlap is capped as the splitter caps it, so the index records what is used.
         return {"chunk_size": int(size), "chunk_overlap": min(int(overlap), most)}
 

@@ -429,8 +429,8 @@ def create_app(
     warm_up: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving ``index_dir``. ``api_token`` (or ``$HTP_INDEX_API_TOKEN``)
-    requires ``Authorization: Bearer <token>`` on /query (and for /health's details). ``warm_up`` runs the query widths'
-    first passes before the app answers (see :func:`_warm_up`)."""
+    requires ``Authorization: Bearer <token>`` on /query (and for /health's details).
+    ``warm_up`` runs the query widths' first passes before the app answers (see :func:`_warm_up`)."""
     model = model_thread()
     holder = holder or model.submit(IndexHolder, Path(index_dir), settings).result()
     if warm_up:
