@@ -159,8 +159,12 @@ def test_scheduled_deployment_runs_on_a_real_server(tmp_path, tiny_model_dir):
         assert FaissVectorStore.read_manifest(index).count == 3
         # htp-index's own lines are in the run's log: a served run's process had no logging
         # configured, so the plan's counts and any wait for a busy index were never seen
-        logs = httpx.post(f"http://127.0.0.1:{port}/api/logs/filter",
-                          json={"logs": {"flow_run_id": {"any_": [completed[0]["id"]]}}}, timeout=10).json()
+        # (Prefect ships a run's log lines in batches, some after the run reports completed)
+        deadline, logs = time.time() + 60, []
+        while time.time() < deadline and not any("pipelines.engine: plan:" in line["message"] for line in logs):
+            time.sleep(2)
+            logs = httpx.post(f"http://127.0.0.1:{port}/api/logs/filter",
+                              json={"logs": {"flow_run_id": {"any_": [completed[0]["id"]]}}}, timeout=10).json()
         assert any("pipelines.engine: plan:" in line["message"] for line in logs), [line["message"] for line in logs]
     finally:
         for process in (worker, server):
