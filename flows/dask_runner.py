@@ -22,8 +22,6 @@ workers without it, and sets thread counts in the workers alone, not in the call
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,28 +120,3 @@ def dask_task_runner(name: str):
     if spec.address:
         return DaskTaskRunner(address=spec.address)
     return DaskTaskRunner(cluster_class=encoder_cluster, cluster_kwargs=local_cluster_kwargs(spec.n_workers))
-
-
-@contextmanager
-def prefect_api_for_local_workers(name: str | None) -> Iterator[None]:
-    """Run a flow so that a local cluster's workers report to the flow's Prefect API.
-
-    Without ``PREFECT_API_URL`` Prefect starts a temporary server in each process that needs
-    one, so every worker process would start its own: seconds each, and task runs that the
-    flow's server never sees. Starting the flow's temporary server first and naming it in the
-    settings, which Prefect sends with every task, gives the workers the flow's server. Remote
-    workers cannot reach a temporary server on 127.0.0.1; for them set ``PREFECT_API_URL`` to a
-    server they can reach.
-    """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    local_dask = bool(name) and (name == "dask" or name.startswith("dask=")) and not parse_dask_spec(name).address
-    if not local_dask or PREFECT_API_URL.value():
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the instance Prefect's own client would start (and stop at exit)
-    server.start()
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        yield

@@ -12,7 +12,6 @@ from typing import Any
 
 from prefect import flow
 
-from flows.dask_runner import prefect_api_for_local_workers
 from flows.runtime import (
     PrefectSteps,
     cached_encoder,
@@ -22,6 +21,7 @@ from flows.runtime import (
     settings_from,
     task_runner_for,
 )
+from flows.temporary_server import temporary_prefect_api
 from pipelines.engine import IndexSession
 
 
@@ -39,5 +39,5 @@ def ingest_flow_body(source: str, index_dir: str, settings: dict[str, Any] | Non
 
 def ingest_flow(source: str, index_dir: str, settings: dict[str, Any] | None = None, *, task_runner: str | None = None) -> dict[str, Any]:
     """Run the ingest flow with the chosen task runner ('thread' by default, or 'dask[=ADDRESS]')."""
-    with prefect_api_for_local_workers(task_runner):
+    with temporary_prefect_api(task_runner):
         return ingest_flow_body.with_options(task_runner=task_runner_for(task_runner))(source, index_dir, settings)

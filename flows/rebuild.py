@@ -8,7 +8,6 @@ from typing import Any
 
 from prefect import flow
 
-from flows.dask_runner import prefect_api_for_local_workers
 from flows.runtime import (
     PrefectSteps,
     cached_encoder,
@@ -18,6 +17,7 @@ from flows.runtime import (
     settings_from,
     task_runner_for,
 )
+from flows.temporary_server import temporary_prefect_api
 from pipelines.engine import IndexSession
 
 
@@ -40,7 +40,7 @@ def rebuild_flow_body(
 def rebuild_flow(index_dir: str, settings: dict[str, Any] | None = None, *, encoder_overrides: dict[str, Any] | None = None,
                  index_kind: str | None = None, source: str | None = None, task_runner: str | None = None) -> dict[str, Any]:
     """Run the rebuild flow with the chosen task runner."""
-    with prefect_api_for_local_workers(task_runner):
+    with temporary_prefect_api(task_runner):
         return rebuild_flow_body.with_options(task_runner=task_runner_for(task_runner))(
             index_dir, settings, encoder_overrides, index_kind, source
         )

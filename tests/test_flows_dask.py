@@ -22,7 +22,6 @@ from flows.dask_runner import (
     encoder_cluster,
     local_cluster_kwargs,
     parse_dask_spec,
-    prefect_api_for_local_workers,
 )
 from flows.ingest import ingest_flow
 from indexes import FaissVectorStore
@@ -96,28 +95,6 @@ def test_local_cluster_splits_the_cores_between_single_threaded_worker_processes
     assert isinstance(runner, DaskTaskRunner) and runner.cluster_kwargs["n_workers"] == 2
     assert runner.cluster_class is encoder_cluster
     assert runtime.task_runner_for("dask=tcp://127.0.0.1:8786").address == "tcp://127.0.0.1:8786"
-
-
-def test_local_workers_are_given_the_flows_temporary_prefect_server(monkeypatch):
-    from prefect.server.api import server as prefect_server
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    class FakeServer:
-        api_url = "http://127.0.0.1:9/api"
-
-        def start(self) -> None:
-            pass
-
-    monkeypatch.setattr(prefect_server, "SubprocessASGIServer", FakeServer)
-    with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        for name in ("dask", "dask=2"):
-            with prefect_api_for_local_workers(name):
-                assert PREFECT_API_URL.value() == FakeServer.api_url
-        for name in ("thread", None, "dask=tcp://10.0.0.5:8786"):  # remote workers could not reach it
-            with prefect_api_for_local_workers(name):
-                assert not PREFECT_API_URL.value()
-    with temporary_settings(updates={PREFECT_API_URL: "http://prefect:4200/api"}), prefect_api_for_local_workers("dask"):
-        assert PREFECT_API_URL.value() == "http://prefect:4200/api"  # a real server is kept
 
 
 def test_two_local_workers_build_the_same_index_as_one_process(harness, tmp_path, settings):
