@@ -38,7 +38,12 @@ def index_lock(index_dir: Path, timeout: float, *, create: bool = False) -> Iter
         raise IndexNotFoundError(f"{index_dir} is a file, not an index folder", path=index_dir)
     if not create and not index_dir.is_dir():
         raise IndexNotFoundError.at(index_dir)
-    index_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        index_dir.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError) as exc:  # a file where a folder above it must be
+        blocker = next((p for p in index_dir.parents if p.exists() and not p.is_dir()), exc.filename)
+        raise IndexNotFoundError(f"cannot make the index folder {index_dir}: {blocker} is a file, not a folder",
+                                 path=index_dir) from exc
     lock = FileLock(str(index_dir / LOCK_NAME))
     try:
         lock.acquire(timeout=0)

@@ -361,6 +361,7 @@ def test_usage_errors_found_late_exit_2_and_a_mistyped_index_leaves_no_folder(en
         (["verify", "--index", "idx", "--version", "99"], "does not keep version 99"),
         (["info", "--index", "src/cats.txt"], "no index at src/cats.txt"),
         (["ingest", "src", "--index", "src/cats.txt"], "is a file, not an index folder"),
+        (["ingest", "src", "--index", "src/cats.txt/idx"], "src/cats.txt is a file, not a folder"),
     ]:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
