@@ -191,9 +191,10 @@ def _run_pipeline(
 
 def _print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{result['dataset']} ({result['split']}): {result['describe']}")
+    table = Table(title=escape(f"{result['dataset']} ({result['split']}): {result['describe']}"))
     for column in ("queries", "docs", *METRICS):
         table.add_column(column, justify="right")
     table.add_row(
@@ -215,7 +216,7 @@ def _print_table(result: dict[str, Any]) -> None:
                                                       for key, value in dropped.items()) + "[/yellow]")
     cache = result.get("cache")
     if cache is not None:
-        console.print(f"[dim]cache: {cache['hits']} hit(s), {cache['misses']} miss(es) in {cache['dir']}; "
+        console.print(f"[dim]cache: {cache['hits']} hit(s), {cache['misses']} miss(es) in {escape(str(cache['dir']))}; "
                       f"{result['seconds']} s[/dim]")
     else:
         console.print(f"[dim]{result['seconds']} s[/dim]")

@@ -12,6 +12,7 @@ import json
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2  # typer's code for bad options too
@@ -55,7 +56,7 @@ def fail(exc: BaseException, *, as_json: bool = False) -> typer.Exit:
     script reading stdout gets ``{"ok": false, "error": ..., "exit_code": ...}`` there too, not
     an empty stdout it cannot parse."""
     code = EXIT_USAGE if is_usage_error(exc) else EXIT_FAILED
-    console.print(f"[red]error:[/red] {describe(exc)}", highlight=False, soft_wrap=True)  # one line, pasteable
+    console.print(f"[red]error:[/red] {escape(describe(exc))}", highlight=False, soft_wrap=True)  # one line, pasteable
     if as_json:
         typer.echo(json.dumps({"ok": False, "error": describe(exc), "exit_code": code}))
     return typer.Exit(code)

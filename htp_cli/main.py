@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -99,7 +100,7 @@ def _settings(config: Path | None, **overrides: Any):
     try:
         return load_settings(config, **overrides)
     except Exception as exc:
-        console.print(f"[red]invalid settings:[/red] {exc}")
+        console.print(f"[red]invalid settings:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
 
 
@@ -115,7 +116,7 @@ def _print_stats(stats: dict[str, Any], as_json: bool, title: str) -> None:
     if as_json:  # every figure the run produced, the version it made live included
         out.print_json(json.dumps(stats))
         return
-    table = Table(title=title, show_header=False)
+    table = Table(title=escape(title), show_header=False)
     table.add_column("stat", style="bold")
     table.add_column("value", justify="right")
     for key in (*keys, "tokens", "version", "count"):
@@ -123,7 +124,7 @@ def _print_stats(stats: dict[str, Any], as_json: bool, title: str) -> None:
         table.add_row(key.replace("_", " "), f"{value:.1f}" if isinstance(value, float) else str(value))
     out.print(table)
     for error in stats["errors"][:20]:
-        out.print(f"[yellow]failed[/yellow] {error['doc_id']}: {error['error']}")
+        out.print(f"[yellow]failed[/yellow] {escape(str(error['doc_id']))}: {escape(str(error['error']))}")
     if len(stats["errors"]) > 20:
         out.print(f"… and {len(stats['errors']) - 20} more failures (use --json for all)")
 
@@ -328,14 +329,15 @@ def query(
         warnings = opened.query_warnings(text, mode.value if mode else None)
         out.print_json(json.dumps({"results": results, "warnings": warnings}))
         return
-    table = Table(title=f"{text!r} in {index}")
+    table = Table(title=escape(f"{text!r} in {index}"))  # stored and typed text is shown, never read as markup
     table.add_column("#", justify="right")
     table.add_column("score", justify="right")
     table.add_column("document")
     table.add_column("text")
     for rank, hit in enumerate(results, start=1):
         snippet = " ".join(hit["text"].split())
-        table.add_row(str(rank), f"{hit['score']:.4f}", str(hit["doc_id"]), snippet[:160] + ("…" if len(snippet) > 160 else ""))
+        table.add_row(str(rank), f"{hit['score']:.4f}", escape(str(hit["doc_id"])),
+                      escape(snippet[:160] + ("…" if len(snippet) > 160 else "")))
     out.print(table)
 
 
@@ -399,12 +401,12 @@ def info(
     if as_json:
         out.print_json(json.dumps(summary))
         return
-    table = Table(title=str(index), show_header=False)
+    table = Table(title=escape(str(index)), show_header=False)
     for key, value in summary.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
+        table.add_row(key, escape(json.dumps(value) if isinstance(value, dict | list) else str(value)))
     out.print(table)
     if manifest.format_version < 2:
-        out.print(f"[yellow]old layout[/yellow] (a full copy per version): `htp-index migrate --index {index}` rewrites it as segments")
+        out.print(f"[yellow]old layout[/yellow] (a full copy per version): `htp-index migrate --index {escape(str(index))}` rewrites it as segments")
     if manifest.encoder_check is None and manifest.count:
         out.print("[yellow]no encoder check recorded[/yellow] (an index from an older htp-index): the next "
                   "ingest records one, so that an encoder changed unnamed by its identity is caught")
@@ -415,7 +417,7 @@ def info(
             out.print(f"[yellow]no vector correction yet[/yellow]: it needs {MIN_DOCUMENTS} nodes; the ingest that "
                       "brings the index to them fits it")
         else:
-            out.print(f"[yellow]no vector correction[/yellow]: fit one with `htp-index rebuild --index {index} --keep-vectors`")
+            out.print(f"[yellow]no vector correction[/yellow]: fit one with `htp-index rebuild --index {escape(str(index))} --keep-vectors`")
 
 
 def _dtype_auto(dim: int) -> dict[str, Any]:
@@ -613,9 +615,9 @@ def demo(
     from pipelines.sample_corpus import sample_dir
 
     index = workdir / "index"
-    console.print(f"[bold]1/2[/bold] ingesting the bundled sample corpus ({sample_dir()}) into {index}")
+    console.print(f"[bold]1/2[/bold] ingesting the bundled sample corpus ({escape(str(sample_dir()))}) into {escape(str(index))}")
     ingest(str(sample_dir()), index)
-    console.print(f"[bold]2/2[/bold] query: {question!r}")
+    console.print(f"[bold]2/2[/bold] query: {escape(repr(question))}")
     query(question, index, top_k=3)
     command = time.perf_counter() - began
     try:  # the process's age includes starting Python and importing, which users wait for too

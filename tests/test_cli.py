@@ -57,6 +57,25 @@ def test_partial_failure_exits_3_and_lists_errors(env):
     assert {e["doc_id"] for e in stats["errors"]} == {"bad.txt", "empty.md"}
 
 
+def test_text_and_names_that_look_like_rich_markup_are_printed_as_they_are(env):
+    """A closing tag in a document ("[/quote]" in a forum dump) crashed the results table with
+    a MarkupError, and in an ingest's failure list after the version was committed (exit 1,
+    where the run had only partly failed); "[red]" in a file name vanished from what was shown."""
+    write_docs(env / "src", {"notes[red]v2.txt": "the cat sat [/bold] on the mat [b]here[/b]."})
+    (env / "src" / "empty[red].md").write_text("")
+    (env / "src" / "forum.jsonl").write_text('{"_id": "post[/quote]", "text": ""}\n')
+    ingested = runner.invoke(app, ["ingest", "src", "--index", "idx"])
+    assert ingested.exit_code == 3, ingested.output
+    shown = "".join(ingested.output.split())
+    assert "failedempty[red].md:" in shown and "[/quote]" in shown and "Traceback" not in ingested.output
+    for question in ("the cat", "list[/index] cat"):
+        answered = runner.invoke(app, ["query", question, "--index", "idx", "--mode", "sparse"])
+        assert answered.exit_code == 0, answered.output
+        shown = "".join(answered.output.split())
+        assert "notes[red]v2.txt" in shown and "[/bold]onthemat[b]here[/b]" in shown
+        assert "".join(question.split()) in shown
+
+
 def test_rebuild_switches_method_and_index_kind(env):
     write_docs(env / "src")
     run_json("ingest", "src", "--index", "idx")
