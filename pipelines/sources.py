@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
@@ -156,15 +157,20 @@ def html_to_text(html: str) -> tuple[str, str]:
     return "\n".join(line for line in lines if line), parser.title.strip()
 
 
+# Typeset PDFs (LaTeX above all) draw "fi", "ffi", "st" as one ligature glyph, which pypdf
+# extracts as U+FB00-FB06: the model and the reader see "ﬁnancial", not "financial".
+_LIGATURES = {cp: unicodedata.normalize("NFKC", chr(cp)) for cp in range(0xFB00, 0xFB07)}
+
+
 def pdf_to_text(path: Path) -> str:
-    """Text of a PDF's pages, through pypdf."""
+    """Text of a PDF's pages, through pypdf, its Latin ligatures spelled out."""
     try:
         from pypdf import PdfReader
     except ImportError as exc:  # pragma: no cover - pypdf is a dependency
         raise DocumentRejected("PDF support needs pypdf: pip install pypdf") from exc
     try:
         reader = PdfReader(str(path))
-        return "\n\n".join((page.extract_text() or "") for page in reader.pages)
+        return "\n\n".join((page.extract_text() or "") for page in reader.pages).translate(_LIGATURES)
     except Exception as exc:  # pypdf raises many types for broken files
         raise DocumentRejected(f"unreadable PDF: {exc}") from exc
 
@@ -174,7 +180,9 @@ _DROP_CONTROLS = {c: None for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) 
 
 
 def clean_text(text: str) -> str:
-    """``text`` without control characters (tabs and line breaks kept), or a rejection.
+    """``text`` without control characters (tabs and line breaks kept) and soft hyphens, or a
+    rejection. A soft hyphen (HTML's ``&shy;``) is a line-breaking hint, invisible in the text,
+    but it cut "docu\u00admentation" in two for the model and the keyword index alike.
 
     Controls carry no meaning for retrieval and break tokenizers' and terminals' output; a
     text that is mostly controls is a binary file that escaped the NUL check. Zero-width
@@ -186,7 +194,7 @@ def clean_text(text: str) -> str:
     if controls > 0.1 * len(sample):
         raise DocumentRejected(f"binary content ({controls} control characters in the first {len(sample)}); "
                                "not a text document")
-    return text.translate(_DROP_CONTROLS)
+    return text.translate(_DROP_CONTROLS).replace("\u00ad", "")
 
 
 def _require_text(text: str) -> str:

@@ -122,6 +122,43 @@ def test_html_keeps_visible_text_and_title():
     assert title == "T" and text == "Hello world\nBye"
 
 
+def one_page_pdf(text: bytes, to_unicode: dict[int, int]) -> bytes:
+    """A PDF drawing ``text`` in Helvetica, whose ToUnicode map reads printable ASCII as itself
+    and each byte in ``to_unicode`` as that code point (as a LaTeX PDF maps its ligatures)."""
+    chars = "".join(f"<{byte:02X}> <{cp:04X}>\n" for byte, cp in to_unicode.items())
+    cmap = (f"/CIDInit /ProcSet findresource begin 12 dict begin begincmap /CMapName /Adobe-Identity-UCS def "
+            f"/CMapType 2 def 1 begincodespacerange <00> <FF> endcodespacerange {len(to_unicode)} beginbfchar\n"
+            f"{chars}endbfchar 1 beginbfrange <20> <7E> <0020> endbfrange endcmap CMapName currentdict "
+            "/defineresource pop end end").encode()
+    content = b"BT /F1 12 Tf 72 720 Td (" + text + b") Tj ET"
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(content), content),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /ToUnicode 6 0 R >>",
+        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(cmap), cmap),
+    ]
+    out, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+
+
+def test_a_pdfs_ligatures_and_a_soft_hyphen_are_read_as_the_words_they_draw(tmp_path):
+    """pypdf gives a LaTeX PDF's "fi" and "ffi" as U+FB01 and U+FB03, and HTML's &shy; is a
+    U+00AD inside the word: the model and the keyword index saw "\ufb01nancial" and "docu", "mentation"."""
+    (tmp_path / "report.pdf").write_bytes(one_page_pdf(b"The \x01nancial report of the o\x02ce", {1: 0xFB01, 2: 0xFB03}))
+    (tmp_path / "page.html").write_text("<p>The docu&shy;mentation of the tele\u00adscope</p>", encoding="utf-8")
+    read = by_id(iter_folder(tmp_path))
+    assert read["report.pdf"].text == "The financial report of the office"
+    assert read["page.html"].text == "The documentation of the telescope"
+
+
 def test_jsonl_records_bad_lines_and_duplicates(tmp_path):
     path = tmp_path / "corpus.jsonl"
     lines = [
