@@ -97,7 +97,8 @@ def overlap(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def fts5_build(folder: Path, texts: Sequence[str]) -> Path:
-    """Today's FTS5 table (contentless here: the index alone, as the node texts live beside)."""
+    """FTS5's own table over the texts folded as the engine folds them (contentless here: the
+    index alone, as the node texts live beside)."""
     path = folder / "fts.sqlite"
     conn = sqlite3.connect(path)
     conn.execute(
@@ -106,7 +107,8 @@ def fts5_build(folder: Path, texts: Sequence[str]) -> Path:
     )
     with conn:
         conn.executemany(
-            f"INSERT INTO {sparse.FTS_TABLE}(rowid, text) VALUES (?, ?)", enumerate(texts)
+            f"INSERT INTO {sparse.FTS_TABLE}(rowid, text) VALUES (?, ?)",
+            ((row, sparse.fold_text(text)) for row, text in enumerate(texts)),
         )
     conn.execute(f"INSERT INTO {sparse.FTS_TABLE}({sparse.FTS_TABLE}) VALUES ('optimize')")
     conn.commit()

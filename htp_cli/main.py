@@ -325,10 +325,12 @@ def query(
         )
     except Exception as exc:
         raise _fail(exc, as_json=as_json) from exc
-    if as_json:  # the service's answer's fields (the log on stderr says the same to a person)
-        warnings = opened.query_warnings(text, mode.value if mode else None)
+    warnings = opened.query_warnings(text, mode.value if mode else None)
+    if as_json:  # the service's answer's fields
         out.print_json(json.dumps({"results": results, "warnings": warnings}))
         return
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     table = Table(title=escape(f"{text!r} in {index}"))  # stored and typed text is shown, never read as markup
     table.add_column("#", justify="right")
     table.add_column("score", justify="right")

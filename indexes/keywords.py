@@ -10,9 +10,11 @@ scanned in one pass instead, which costs less than pruning it (`SCAN_POSTINGS`).
 
 Analysis and scoring are FTS5's own, so quality is unchanged:
 
-* documents are tokenized by SQLite itself (an in-memory FTS5 table with tokenizer
-  ``porter unicode61 remove_diacritics 2`` and an ``fts5vocab`` 'instance' table), so tokens,
-  term frequencies and document lengths (every token, stop words included) are FTS5's;
+* documents are folded as queries are (`indexes.sparse.fold_text`: NFKC, and the format
+  characters inside words dropped), then tokenized by SQLite itself (an in-memory FTS5 table
+  with tokenizer ``porter unicode61 remove_diacritics 2`` and an ``fts5vocab`` 'instance'
+  table), so tokens, term frequencies and document lengths (every token, stop words included)
+  are FTS5's over the folded text;
 * a query is cut by `query_terms` (as `indexes.sparse` does), each term is tokenized the same
   way, and every resulting token counts once per term that produced it (FTS5 sums over the
   OR'ed phrases). A term the tokenizer splits (``foo_bar``) is a phrase in FTS5; here its
@@ -51,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sparse import TOKENIZER, query_terms
+from .sparse import TOKENIZER, fold_text, query_terms
 
 __all__ = [
     "KEYWORD_FILES",
@@ -152,7 +154,7 @@ def _analyse_batch(texts: Sequence[str], first_row: int) -> _Part:
         with conn:
             conn.executemany(
                 "INSERT INTO t(rowid, text) VALUES (?, ?)",
-                ((i + 1, _clean(text)) for i, text in enumerate(texts)),
+                ((i + 1, _clean(fold_text(text))) for i, text in enumerate(texts)),
             )
         vocab = conn.execute("SELECT term, cnt FROM v_row").fetchall()
         joined = conn.execute("SELECT group_concat(doc) FROM v_inst").fetchone()[0]

@@ -17,6 +17,7 @@ tokens OR-joined (FTS5's default is AND, which finds nothing for most natural-la
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 import unicodedata
@@ -28,7 +29,8 @@ TOKENIZER = "porter unicode61 remove_diacritics 2"
 """English (Porter) stemming over Unicode word splitting; measured against plain unicode61."""
 
 MAX_QUERY_TERMS = 64
-"""Distinct terms used from one query: bounds the work of a 4,000-character query."""
+"""Distinct terms used from one query, the first ones: bounds the work of a 4,000-character
+query (the query path warns when a query has more, `terms_left_out`)."""
 
 # Lucene's English stop words (what bm25s and Elasticsearch use): terms this common carry no
 # ranking signal, but an OR query over them would have to score almost every row.
@@ -36,6 +38,33 @@ STOP_WORDS = frozenset(
     "a an and are as at be but by for if in into is it no not of on or such that the their "
     "then there these they this to was will with".split()
 )
+
+# Format characters that sit inside words without ending them, which FTS5's unicode61 takes for
+# separators: the soft hyphen (HTML's &shy;), joiners (ZWJ, ZWNJ, the word joiner), bidi marks
+# and the BOM. Every Unicode Cf character but U+200B, the zero-width *space*, which does end a
+# word (Thai and Khmer text marks word breaks with it).
+# The blocks that hold every Cf character (Unicode 14-16); reading the category of all 1.1M code
+# points took 0.2 s, these take milliseconds. tests/test_keywords.py checks the two agree.
+_FORMAT_BLOCKS = ((0x0000, 0x3000), (0xFE00, 0x10000), (0x11000, 0x14000), (0x1BC00, 0x1BD00),
+                  (0x1D100, 0x1D200), (0xE0000, 0xE0100))
+
+
+@functools.cache
+def _ignorable() -> dict[int, None]:
+    """The characters above, as a ``str.translate`` table (built on first use)."""
+    return {cp: None for start, stop in _FORMAT_BLOCKS for cp in range(start, stop)
+            if unicodedata.category(chr(cp)) == "Cf" and cp != 0x200B}
+
+
+def fold_text(text: str) -> str:
+    """``text`` as keyword search reads it, documents and queries alike: compatibility forms
+    composed (NFKC: a PDF's "\ufb01nancial" ligature is "financial", full-width "ＡＢＣ" is "ABC",
+    and NFD Hangul or accents are composed as FTS5 needs them), and the format characters inside
+    words dropped ("docu\u00admentation" is one word). Case and diacritics are FTS5's to fold."""
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFKC", text.translate(_ignorable()))
+
 
 #: A word: ``\w`` characters and the combining diacritical marks inside one (U+0300-036F and the
 #: supplement and extended blocks), as FTS5's unicode61 keeps them (see :func:`query_terms`).
@@ -61,7 +90,8 @@ END;
 def query_terms(text: str) -> list[str]:
     """The distinct, lower-cased word tokens of ``text`` that are not stop words, in order.
 
-    Cut where FTS5 cuts a document's words: the text is composed first (NFC) and split before
+    Cut where FTS5 cuts a document's words: the text is folded first (:func:`fold_text`, which
+    composes it as NFC would, and as documents are folded) and split before
     lower-casing, since ``\\w`` stops at a combining mark that FTS5's tokenizer keeps inside a
     word: an NFD "nai\\u0308ve" or "İstanbul" (lower-cased, an ``i`` and a combining dot)
     became two terms that match nothing. A word also runs on through the combining marks of
@@ -69,12 +99,22 @@ def query_terms(text: str) -> list[str]:
     ("q\\u0307uery"). Scripts whose words FTS5 itself splits at their marks (Devanagari) are
     cut the same on both sides.
     """
+    return _distinct_terms(text, MAX_QUERY_TERMS)
+
+
+def terms_left_out(text: str) -> int:
+    """How many distinct terms of ``text`` keyword search leaves out: those past the first
+    `MAX_QUERY_TERMS` (a pasted paragraph as a query), which a caller should be told of."""
+    return max(len(_distinct_terms(text, None)) - MAX_QUERY_TERMS, 0)
+
+
+def _distinct_terms(text: str, limit: int | None) -> list[str]:
     seen: dict[str, None] = {}
-    for word in _TOKEN.findall(unicodedata.normalize("NFC", text)):
+    for word in _TOKEN.findall(fold_text(text)):
         token = word.lower()
         if token not in STOP_WORDS and token not in seen:
             seen[token] = None
-            if len(seen) == MAX_QUERY_TERMS:
+            if len(seen) == limit:
                 break
     return list(seen)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from htp_embed import HTPEncoder, config_from_identity
-from indexes import EncoderMismatchError, IndexNotFoundError, SegmentStore
+from indexes import EncoderMismatchError, IndexNotFoundError, SegmentStore, sparse
 from indexes.docstore import NodeRow
 from indexes.fusion import Fusion
 from indexes.text import has_visible_text
@@ -273,6 +273,7 @@ class OpenIndex:
         """What a caller should know about how ``query`` is answered in ``mode``, said with the
         answer (the log alone reaches an operator, not the app that asked):
 
+        * the query has more distinct words than keyword search uses (`sparse.MAX_QUERY_TERMS`);
         * the query is cut to fit the encoder's window: its vector stands for its beginning;
         * :meth:`check_encoder` found that this encoder embeds unlike the one that built the
           index: the dense side ranks by a different embedding than the stored vectors'.
@@ -281,10 +282,15 @@ class OpenIndex:
         is tokenised (run it off an event loop then: :meth:`HTPEncoder.may_truncate_query`).
         """
         mode = self.resolve_mode(mode)
-        if mode == "sparse":
-            return []  # no vector: neither applies
-        keywords = "; keyword search used all of it" if mode == "hybrid" else ""
         warnings = []
+        left_out = sparse.terms_left_out(query) if mode != "dense" else 0
+        if left_out:
+            warnings.append(
+                f"keyword search used the query's first {sparse.MAX_QUERY_TERMS} distinct words; "
+                f"{left_out} more were left out")
+        if mode == "sparse":
+            return warnings  # no vector: the rest does not apply
+        keywords = "; keyword search used all of it" if mode == "hybrid" and not left_out else ""
         encoder = self.encoder
         if encoder.truncates_query(query):
             warnings.append(

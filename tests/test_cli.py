@@ -314,6 +314,33 @@ def test_query_json_says_when_the_query_was_cut_to_the_encoder_window(env):
     assert sparse["warnings"] == []  # no vector to cut
 
 
+def test_a_query_with_more_distinct_words_than_keyword_search_uses_says_so(env):
+    """Keyword search uses a query's first 64 distinct words: a word past them was left out
+    without a word (results [] and warnings []), and hybrid's warning said "used all of it"."""
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    padded = " ".join(f"w{i}" for i in range(64)) + " cat"
+    sparse = run_json("query", padded, "--index", "idx", "--mode", "sparse")
+    assert sparse["warnings"] == ["keyword search used the query's first 64 distinct words; 1 more were left out"]
+    assert run_json("query", "cat " * 70, "--index", "idx", "--mode", "sparse")["warnings"] == []  # one word
+    assert run_json("query", padded, "--index", "idx", "--mode", "dense")["warnings"] == []
+    shown = runner.invoke(app, ["query", padded, "--index", "idx", "--mode", "hybrid"])
+    assert shown.exit_code == 0 and "1 more were left out" in " ".join(shown.output.split())
+
+
+def test_rebuild_keep_vectors_folds_the_keyword_postings_of_an_index_from_before_folding(env, monkeypatch):
+    from indexes import keywords
+
+    write_docs(env / "src", {"report.txt": "the \ufb01nancial report of the cat"})
+    with monkeypatch.context() as before_folding:  # postings as htp-index wrote them before
+        before_folding.setattr(keywords, "fold_text", lambda text: text)
+        run_json("ingest", "src", "--index", "idx")
+    assert run_json("query", "financial", "--index", "idx", "--mode", "sparse")["results"] == []
+    run_json("rebuild", "--index", "idx", "--keep-vectors")
+    assert [hit["doc_id"] for hit in run_json("query", "financial", "--index", "idx", "--mode", "sparse")["results"]] == [
+        "report.txt"]
+
+
 def test_query_refuses_an_empty_query_and_an_alpha_that_its_mode_would_ignore(env):
     write_docs(env / "src")
     run_json("ingest", "src", "--index", "idx")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +69,13 @@ def scifact_texts(limit: int) -> tuple[list[str], list[str]]:
 
 
 def fts5(texts: list[str]) -> sqlite3.Connection:
-    """Today's keyword table (as `indexes.sparse` builds it) over texts, rowid = row."""
+    """FTS5's own keyword table over texts folded as the engine folds them, rowid = row."""
     conn = sqlite3.connect(":memory:")
     conn.execute(
         f"CREATE VIRTUAL TABLE {sparse.FTS_TABLE} USING fts5(text, tokenize='{sparse.TOKENIZER}')"
     )
-    conn.executemany(f"INSERT INTO {sparse.FTS_TABLE}(rowid, text) VALUES (?, ?)", enumerate(texts))
+    conn.executemany(f"INSERT INTO {sparse.FTS_TABLE}(rowid, text) VALUES (?, ?)",
+                     ((row, sparse.fold_text(text)) for row, text in enumerate(texts)))
     return conn
 
 
@@ -351,3 +353,34 @@ def test_deleted_rows_leave_the_statistics_scores_as_a_fresh_index_of_the_live_r
         if not any("_" in term for term in keywords.query_terms(query)):
             assert sorted(score for *_, score in got) == pytest.approx(
                 sorted(score for _, score in sparse.search(conn, query, 20)), rel=1e-5)
+
+
+FOLDED_DOCS = [
+    unicodedata.normalize("NFD", "한국어 문서 검색 시스템"),  # Hangul as macOS writes it: jamo
+    "The quarterly \ufb01nancial report of the o\ufb03ce",  # a PDF's ligatures
+    "Part number ＡＢＣ１２３ in full-width letters",
+    "The docu\u00admentation of the tele\u00adscope",  # HTML's &shy;
+    "A super\u200dconductor and a word\u2060joiner",
+    "ภาษา\u200bไทย",  # a zero-width space ends a word
+    "Bread recipes for beginners",
+]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected_row"),
+    [("한국어 검색", 0), (unicodedata.normalize("NFD", "한국어"), 0), ("financial office", 1), ("\ufb01nancial", 1),
+     ("ABC123", 2), ("ＡＢＣ１２３", 2), ("documentation telescope", 3), ("tele\u00adscope", 3),
+     ("superconductor", 4), ("wordjoiner", 4), ("ไทย", 5)],
+)
+def test_a_word_is_found_whatever_its_compatibility_form_or_the_format_characters_inside_it(query, expected_row):
+    """Documents were tokenized as written and queries NFC-composed only: an NFD Korean document
+    was not found even by its own bytes, and a PDF's "ﬁ" ligature, a full-width word, a soft
+    hyphen or a joiner inside a word hid it from keyword search."""
+    segment = keywords.KeywordSegment.from_texts(FOLDED_DOCS)
+    assert [row for _, row, _ in keywords.search([segment], [None], query, 5)] == [expected_row]
+
+
+def test_the_format_characters_dropped_are_every_cf_character_but_the_zero_width_space() -> None:
+    every = {cp for cp in range(0x110000) if unicodedata.category(chr(cp)) == "Cf"}
+    assert set(sparse._ignorable()) == every - {0x200B}
+    assert sparse.fold_text("plain ascii, kept as is") == "plain ascii, kept as is"
