@@ -29,6 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from htp_cli.failure import describe
 from htp_cli.failure import fail as _fail
 from htp_embed.threads import default_openmp_waiting
 
@@ -100,7 +101,8 @@ def _settings(config: Path | None, **overrides: Any):
     try:
         return load_settings(config, **overrides)
     except Exception as exc:
-        console.print(f"[red]invalid settings:[/red] {escape(str(exc))}")
+        # one line (pydantic's own rendering echoes the input and a documentation link)
+        console.print(f"[red]error:[/red] {escape(describe(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from exc
 
 
