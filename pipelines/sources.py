@@ -381,6 +381,22 @@ def _is_index(folder: Path) -> bool:
     return (folder / "CURRENT").is_file() and (folder / "versions").is_dir()
 
 
+def _record_field(record: dict[str, Any], key: str) -> str:
+    """A record's ``title`` or ``text``: a string (or absent / null). A list or an object was
+    indexed as its Python repr ("['First', 'Second']"), a number or a boolean as "5" or "True"."""
+    value = record.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DocumentRejected(f'"{key}" is a JSON {_json_kind(value)}, not a string')
+    return value.strip()
+
+
+def _json_kind(value: Any) -> str:
+    return ("boolean" if isinstance(value, bool) else "number" if isinstance(value, int | float)
+            else "array" if isinstance(value, list) else "object" if isinstance(value, dict) else type(value).__name__)
+
+
 def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_BYTES,
                file: tuple[str, FileStat] | None = None) -> Iterator[SourceItem]:
     """BEIR-style records ``{"_id", "title", "text", ...}``; one bad line is one error.
@@ -399,6 +415,12 @@ def _jsonl_records(path: Path, id_prefix: str, max_bytes: int, file: tuple[str, 
     seen: set[str] = set()
     lines = 0
     with path.open("rb") as handle:
+        if handle.read(2) in (b"\xff\xfe", b"\xfe\xff"):  # read by lines of bytes, UTF-16 is cut apart
+            yield SourceError(id_prefix.removesuffix("#") or path.name, "a JSONL file must be UTF-8 (JSON Lines "
+                              "is), this one is UTF-16; convert it, e.g. iconv -f utf-16 -t utf-8; none of "
+                              "its indexed records is deleted", covers=id_prefix)
+            return
+        handle.seek(0)
         for number, raw in enumerate(iter(lambda: handle.readline(max_bytes + 1), b""), start=1):
             where = f"{path.name}:{number}"
             if not raw.strip():
@@ -444,9 +466,8 @@ def _jsonl_records(path: Path, id_prefix: str, max_bytes: int, file: tuple[str, 
             seen.add(full_id)
             # From here on a failure is the record's, under its own id: the plan then keeps
             # the version indexed before instead of deleting it as gone from the source.
-            title = str(record.get("title") or "").strip()
-            body = str(record.get("text") or "").strip()
             try:
+                title, body = _record_field(record, "title"), _record_field(record, "text")
                 text = _require_text(f"{title}\n\n{body}" if title and body else title or body)
             except DocumentRejected as exc:
                 yield SourceError(full_id, f"malformed record at {where}: {exc}")

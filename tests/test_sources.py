@@ -184,6 +184,31 @@ def test_jsonl_records_bad_lines_and_duplicates(tmp_path):
     assert [e.covers for e in errors if e.doc_id == "corpus.jsonl:2"] == [""]
 
 
+def test_a_jsonl_text_or_title_that_is_not_a_string_is_refused_by_name(tmp_path):
+    """A list, an object, a number or a boolean was indexed as its Python repr ("['First',
+    'Second']", "True") with no report."""
+    path = tmp_path / "corpus.jsonl"
+    records = [{"_id": "list", "text": ["First.", "Second."]}, {"_id": "object", "text": {"body": "x"}},
+               {"_id": "flag", "text": True}, {"_id": "count", "title": 5, "text": "Body."},
+               {"_id": "fine", "title": None, "text": "Body."}]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    items = by_id(iter_jsonl(path))
+    assert isinstance(items["fine"], SourceDocument) and items["fine"].text == "Body."
+    for doc_id, kind in [("list", '"text" is a JSON array'), ("object", '"text" is a JSON object'),
+                         ("flag", '"text" is a JSON boolean'), ("count", '"title" is a JSON number')]:
+        assert isinstance(items[doc_id], SourceError) and kind in items[doc_id].error
+
+
+def test_a_utf16_jsonl_file_is_refused_whole_and_none_of_its_records_deleted(tmp_path):
+    """Read line by line as bytes, a UTF-16 file gave one "truncated data" or "NUL bytes" error
+    per line, though README says UTF-16 with a BOM is read (it is, for a text file)."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(json.dumps({"_id": "d1", "text": "Body one."}).encode("utf-16") + "\n".encode("utf-16-le"))
+    items = list(iter_jsonl(path, id_prefix="corpus.jsonl#"))
+    assert len(items) == 1 and isinstance(items[0], SourceError)
+    assert "must be UTF-8" in items[0].error and items[0].covers == "corpus.jsonl#"
+
+
 def test_texts_through_the_api():
     items = list(iter_texts({"x": "Some text.", "y": "  "}))
     assert isinstance(items[0], SourceDocument) and items[0].doc_id == "x"
