@@ -273,7 +273,8 @@ class OpenIndex:
         """What a caller should know about how ``query`` is answered in ``mode``, said with the
         answer (the log alone reaches an operator, not the app that asked):
 
-        * the query has more distinct words than keyword search uses (`sparse.MAX_QUERY_TERMS`);
+        * the query has no keyword term, or more distinct words than keyword search uses
+          (`sparse.MAX_QUERY_TERMS`);
         * the query is cut to fit the encoder's window: its vector stands for its beginning;
         * :meth:`check_encoder` found that this encoder embeds unlike the one that built the
           index: the dense side ranks by a different embedding than the stored vectors'.
@@ -284,6 +285,9 @@ class OpenIndex:
         mode = self.resolve_mode(mode)
         warnings = []
         left_out = sparse.terms_left_out(query) if mode != "dense" else 0
+        if mode != "dense" and not sparse.query_terms(query):
+            warnings.append("the query has no keyword term (only stop words, punctuation or symbols): keyword "
+                            "search found nothing" + ("; the dense side alone ranked the results" if mode == "hybrid" else ""))
         if left_out:
             warnings.append(
                 f"keyword search used the query's first {sparse.MAX_QUERY_TERMS} distinct words; "

@@ -314,9 +314,10 @@ def test_query_json_says_when_the_query_was_cut_to_the_encoder_window(env):
     assert sparse["warnings"] == []  # no vector to cut
 
 
-def test_a_query_with_more_distinct_words_than_keyword_search_uses_says_so(env):
+def test_a_query_with_more_distinct_words_than_keyword_search_uses_or_none_says_so(env):
     """Keyword search uses a query's first 64 distinct words: a word past them was left out
-    without a word (results [] and warnings []), and hybrid's warning said "used all of it"."""
+    without a word (results [] and warnings []), and hybrid's warning said "used all of it".
+    A query of stop words alone found nothing by keyword, also without a word."""
     write_docs(env / "src")
     run_json("ingest", "src", "--index", "idx")
     padded = " ".join(f"w{i}" for i in range(64)) + " cat"
@@ -326,6 +327,9 @@ def test_a_query_with_more_distinct_words_than_keyword_search_uses_says_so(env):
     assert run_json("query", padded, "--index", "idx", "--mode", "dense")["warnings"] == []
     shown = runner.invoke(app, ["query", padded, "--index", "idx", "--mode", "hybrid"])
     assert shown.exit_code == 0 and "1 more were left out" in " ".join(shown.output.split())
+    for mode in ("sparse", "hybrid"):  # an empty keyword side is said too
+        said = run_json("query", "the of and ?!", "--index", "idx", "--mode", mode)["warnings"]
+        assert len(said) == 1 and said[0].startswith("the query has no keyword term")
 
 
 def test_rebuild_keep_vectors_folds_the_keyword_postings_of_an_index_from_before_folding(env, monkeypatch):
