@@ -14,6 +14,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
+from itertools import groupby
 from pathlib import Path
 from stat import S_ISBLK, S_ISCHR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
 from typing import Any
@@ -118,9 +119,10 @@ class _TextExtractor(HTMLParser):
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
+        self.parts: list[tuple[str, bool]] = []  # (text, inside <pre>: its spacing is kept)
         self.title = ""
         self._skipping = 0
+        self._preformatted = 0
         self._in_title = False
         self._titled = False  # the page's first <title> only (an <svg>'s has its own)
 
@@ -130,7 +132,8 @@ class _TextExtractor(HTMLParser):
         elif tag == "title" and not self._titled:
             self._in_title = True
         elif tag in self._BLOCK:
-            self.parts.append("\n")
+            self.parts.append(("\n", False))
+            self._preformatted += tag == "pre"
 
     def handle_endtag(self, tag: str) -> None:
         if tag in self._SKIP and self._skipping:
@@ -139,22 +142,41 @@ class _TextExtractor(HTMLParser):
             self._in_title = False
             self._titled = True
         elif tag in self._BLOCK:
-            self.parts.append("\n")
+            self._preformatted -= tag == "pre" and self._preformatted > 0
+            self.parts.append(("\n", False))
 
     def handle_data(self, data: str) -> None:
         if self._in_title:
             self.title += data
         elif not self._skipping:
-            self.parts.append(data)
+            self.parts.append((data, self._preformatted > 0))
 
 
 def html_to_text(html: str) -> tuple[str, str]:
-    """(visible text, title) of an HTML document."""
+    """(visible text, title) of an HTML document. Runs of spaces and blank lines are collapsed,
+    as a browser shows them, but inside ``<pre>`` (code) the lines and their indentation are
+    kept, as a browser keeps them."""
     parser = _TextExtractor()
     parser.feed(html)
     parser.close()
-    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
-    return "\n".join(line for line in lines if line), parser.title.strip()
+    lines: list[str] = []
+    for preformatted, run in groupby(parser.parts, key=lambda part: part[1]):
+        text = "".join(chunk for chunk, _ in run)
+        lines.extend(_pre_lines(text) if preformatted else _flowed_lines(text))
+    return "\n".join(lines), parser.title.strip()
+
+
+def _flowed_lines(text: str) -> list[str]:
+    return [line for line in (" ".join(line.split()) for line in text.splitlines()) if line]
+
+
+def _pre_lines(text: str) -> list[str]:
+    lines = [line.rstrip() for line in text.splitlines()]
+    while lines and not lines[0]:
+        lines.pop(0)
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
 
 
 # Typeset PDFs (LaTeX above all) draw "fi", "ffi", "st" as one ligature glyph, which pypdf

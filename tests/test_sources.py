@@ -122,6 +122,12 @@ def test_html_keeps_visible_text_and_title():
     assert title == "T" and text == "Hello world\nBye"
 
 
+def test_html_keeps_the_lines_and_indentation_of_code_in_pre():
+    """Whitespace was collapsed everywhere, so a code block lost its indentation."""
+    text, _ = html_to_text("<p>Call   it\n  so:</p><pre>\ndef f(x):\n    return  <b>x</b>\n\n</pre><p>Done</p>")
+    assert text == "Call it\nso:\ndef f(x):\n    return  x\nDone"
+
+
 def one_page_pdf(text: bytes, to_unicode: dict[int, int]) -> bytes:
     """A PDF drawing ``text`` in Helvetica, whose ToUnicode map reads printable ASCII as itself
     and each byte in ``to_unicode`` as that code point (as a LaTeX PDF maps its ligatures)."""
