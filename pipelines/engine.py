@@ -760,21 +760,21 @@ class IndexSession:
         pseudo-queries of a new correction."""
         old = self.live_store
         self._check_splitting(old.splitting, "a rebuild keeping the vectors")
-        new = self._create_store(self._rebuild_kind(index_kind, old.index_kind), dim=old.dim, encoder=old.encoder,
-                                 replaces=old.version)
-        if old.splitting:
-            new.record_splitting(old.splitting)
-        new.record_encoder_check(old.encoder_check)  # the vectors, and so their encoder, stay
         corrected = old.correction is not None
         stored_kind = old.correction.kind if old.correction is not None else "none"
         if "correction" in self.settings.model_fields_set and corrected and self.settings.correction != stored_kind:
             # The stored vectors come with their correction; it used to be copied over a
             # different explicit setting without a word.
-            raise RebuildVerificationError(
+            raise CorrectionMismatchError(  # bad usage: a retry fails the same way
                 f"the index at {self.index_dir} holds vectors corrected with {stored_kind!r}; a rebuild "
                 f"keeping them keeps that. To use correction {self.settings.correction!r}, run "
                 f"`htp-index rebuild --index {self.index_dir}` without --keep-vectors (it re-embeds)"
             )
+        new = self._create_store(self._rebuild_kind(index_kind, old.index_kind), dim=old.dim, encoder=old.encoder,
+                                 replaces=old.version)
+        if old.splitting:
+            new.record_splitting(old.splitting)
+        new.record_encoder_check(old.encoder_check)  # the vectors, and so their encoder, stay
         if corrected:
             new.set_correction(old.correction)
         elif self.settings.correction != "none" and old.count and (

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from pipeline_helpers import cli_env, settings_for, write_docs
 
 from indexes import FaissVectorStore
-from pipelines.errors import RebuildVerificationError
+from pipelines.errors import CorrectionMismatchError
 from pipelines.ingest import ingest
 from pipelines.query import open_index
 from pipelines.service import IndexHolder, create_app
@@ -89,7 +89,8 @@ def test_eval_pipeline_refuses_options_it_does_not_apply(tiny_model_dir, tmp_pat
 
 def test_rebuild_keeping_vectors_applies_the_correction_setting(tmp_path, embedding):
     """`rebuild --keep-vectors` keeps the stored vectors and their correction; with another
-    `correction` set explicitly it used to copy the old one and report success: refused now."""
+    `correction` set explicitly it used to copy the old one and report success: refused now,
+    as bad usage (exit 2, as ingest refuses it), not as a failed run a retry might pass."""
     from pipelines.rebuild import rebuild
 
     docs = {f"d{i}.txt": f"the cat {i} sat on the mat near the dog {i} ." for i in range(12)}
@@ -97,7 +98,7 @@ def test_rebuild_keeping_vectors_applies_the_correction_setting(tmp_path, embedd
     ingest(write_docs(tmp_path / "src", docs), index_dir, settings_for(embedding), embedding=embedding)
     assert open_index(index_dir, settings_for(embedding), embedding=embedding).store.correction is not None
     version = FaissVectorStore.read_manifest(index_dir).version
-    with pytest.raises(RebuildVerificationError, match="without --keep-vectors"):
+    with pytest.raises(CorrectionMismatchError, match="without --keep-vectors"):
         rebuild(index_dir, settings_for(embedding, correction="none"), keep_vectors=True, embedding=embedding)
     assert FaissVectorStore.read_manifest(index_dir).version == version
 
