@@ -516,7 +516,14 @@ class IndexSession:
             self._store = None  # nothing of it is live: persist is the last step
         self._applying = True
         store = self.store
-        if self.manifest is None and store.splitting is None:  # a new index records its splitting
+        if store.splitting is None:  # a new index records its splitting
+            if self.manifest is not None and store.count:
+                # Written before htp-index recorded it: any --chunk-size was taken without a word
+                # and the index mixed node sizes. From this run on its size holds.
+                log.warning("the index at %s records no node size (written by an older htp-index); recording "
+                            "this run's (%s) so that later runs split new documents the same way. To split "
+                            "every document anew, run `htp-index rebuild --index %s --source SOURCE`",
+                            self.index_dir, ", ".join(f"{k} {v}" for k, v in self.splitting.items()), self.index_dir)
             store.record_splitting(self.splitting)
         if store.encoder_check is None:  # a new index, or one written before checks were recorded
             store.record_encoder_check(record_check(self.encoder))

@@ -303,6 +303,25 @@ def test_an_index_keeps_one_node_size_and_refuses_another_without_a_rebuild(env,
     run_json("ingest", "src", "--index", "idx")  # the recorded size now: nothing to refuse
 
 
+def test_an_index_from_before_node_sizes_were_recorded_records_one_at_its_next_write(env):
+    """Such an index took any --chunk-size, forever, and mixed node sizes without a word."""
+    from indexes import persist
+    from indexes.spec import Manifest
+
+    write_docs(env / "src")
+    version = run_json("ingest", "src", "--index", "idx")["version"]
+    path = persist.version_dir(env / "idx", version) / "manifest.json"
+    older = Manifest.model_validate_json(path.read_text()).model_copy(update={"splitting": None})
+    path.write_text(older.sealed().model_dump_json())  # as an older htp-index wrote it
+    assert run_json("info", "--index", "idx")["splitting"] is None
+    (env / "src" / "new.txt").write_text("the dog ran in the park.")
+    recorded = runner.invoke(app, ["ingest", "src", "--index", "idx"])
+    assert recorded.exit_code == 0 and "records no node size" in " ".join(recorded.output.split())
+    assert run_json("info", "--index", "idx")["splitting"]["chunk_size"] == 48
+    refused = runner.invoke(app, ["ingest", "src", "--index", "idx", "--chunk-size", "400", "--json"])
+    assert refused.exit_code == 2 and "two sizes" in refused.output
+
+
 def test_query_json_says_when_the_query_was_cut_to_the_encoder_window(env):
     write_docs(env / "src")
     run_json("ingest", "src", "--index", "idx")
