@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from htp_embed.fingerprint import FINGERPRINT_KEY, accepts, upgradable
+from htp_embed.identity import config_from_identity
+from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,27 @@ def index_accepts(index_dir: str | Path, recorded: dict[str, Any], current: dict
     if upgradable(recorded, current):
         _announce_upgrade(index_dir, recorded[FINGERPRINT_KEY], current[FINGERPRINT_KEY])
     return True
+
+
+def warn_ignored_encoder_settings(path: Path, recorded: dict[str, Any], settings: Settings, done: str,
+                                  advice: str) -> None:
+    """Say so when the settings (options, ``htp-index.toml``, ``HTP_INDEX_*``) ask for another
+    encoder than the index records, where the recorded one is used regardless (``done``: what
+    is done with it; ``advice``: how to get the settings' encoder)."""
+    explicit = settings.explicit_encoder_settings()
+    if not explicit:
+        return
+    recorded_config = config_from_identity(recorded)
+    differing = {name: value for name, value in explicit.items() if getattr(recorded_config, name, value) != value}
+    if differing:
+        asked = ", ".join(f"{name}={_shown(value)}" for name, value in sorted(differing.items()))
+        log.warning("%s was built with encoder %s; %s, not as the settings ask (%s): %s",
+                    path, recorded_config.model, done, asked, advice)
+
+
+def _shown(value: Any) -> str:
+    """A setting as a user writes it (K as "3" or "adaptive:8", not its model's repr)."""
+    return repr(value) if value is None or isinstance(value, str | int | float | bool) else str(value)
 
 
 def expected_identity(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from indexes.docstore import NodeRow
 from indexes.fusion import Fusion
 from indexes.text import has_visible_text
 from pipelines.errors import DocumentRejected
-from pipelines.identity_check import index_accepts
+from pipelines.identity_check import index_accepts, warn_ignored_encoder_settings
 from pipelines.settings import Settings, load_settings
 
 if TYPE_CHECKING:  # LlamaIndex is imported only by the parts that hand its objects out (~1 s)
@@ -417,7 +417,8 @@ def open_index(
     placement = settings.faiss_placement()
     store = SegmentStore.open(path, keep_versions=settings.keep_versions, **placement)
     recorded = store.encoder
-    _warn_ignored_encoder_settings(path, recorded, settings)
+    warn_ignored_encoder_settings(path, recorded, settings, "queries are embedded with it",
+                                  f"run `htp-index rebuild --index {path}` with them to change the index's encoder")
     if encoder is None or not index_accepts(path, recorded, encoder.identity()):
         # Loaded from the record, the encoder can still differ: other weights saved under the
         # model's name (a fine-tune in the same directory) have another fingerprint.
@@ -431,22 +432,6 @@ def open_index(
     if check_encoder:
         index.check_encoder()
     return index
-
-
-def _warn_ignored_encoder_settings(path: Path, recorded: dict[str, Any], settings: Settings) -> None:
-    """Say so when the settings ask for another encoder than the index records: queries are
-    embedded by the recorded one (as the documents were), so those settings do nothing here;
-    only a rebuild changes the encoder."""
-    explicit = settings.explicit_encoder_settings()
-    if not explicit:
-        return
-    recorded_config = config_from_identity(recorded)
-    differing = {name: value for name, value in explicit.items() if getattr(recorded_config, name, value) != value}
-    if differing:
-        asked = ", ".join(f"{name}={value!r}" for name, value in sorted(differing.items()))
-        log.warning("%s was built with encoder %s; queries are embedded with it, not as the settings ask "
-                    "(%s): run `htp-index rebuild --index %s` with them to change the index's encoder",
-                    path, recorded_config.model, asked, path)
 
 
 @cache

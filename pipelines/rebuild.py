@@ -17,6 +17,7 @@ from htp_embed.llama_index import HTPEmbedding
 from indexes import FaissVectorStore, IndexNotFoundError
 from pipelines.engine import IndexSession, InProcess, Progress
 from pipelines.errors import OptionConflictError
+from pipelines.identity_check import warn_ignored_encoder_settings
 from pipelines.runs import RunStats
 from pipelines.settings import Settings, load_settings
 
@@ -54,6 +55,11 @@ def rebuild(
     encoder = embedding.encoder if embedding is not None else None
     with IndexSession.open(index_dir, settings, encoder_overrides=overrides, encoder=encoder) as session:
         if keep_vectors:
+            # An encoder asked by flag is refused above; one from the settings file or the
+            # environment (ambient, as for a query) is said, not silently passed over.
+            warn_ignored_encoder_settings(Path(index_dir), session.live_store.encoder, settings,
+                                          "its stored vectors are kept as that encoder made them",
+                                          "drop --keep-vectors to re-embed with them")
             stats = session.rebuild_keeping_vectors(index_kind)
         else:
             stats = session.rebuild(index_kind=index_kind, source=source, runner=InProcess(progress, on_total))

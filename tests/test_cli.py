@@ -322,6 +322,25 @@ def test_an_index_from_before_node_sizes_were_recorded_records_one_at_its_next_w
     assert refused.exit_code == 2 and "two sizes" in refused.output
 
 
+def test_encoder_settings_the_index_cannot_follow_are_said_by_query_and_rebuild_keep_vectors(env, monkeypatch):
+    """`rebuild --keep-vectors` refused --method as a flag but passed over the same setting from
+    the environment or the settings file without a word; query's warning showed K as
+    "KPolicy(kind='fixed', k=3, max_blocks=8)"."""
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    monkeypatch.setenv("HTP_INDEX_ENCODER__K", "3")
+    queried = runner.invoke(app, ["query", "the cat", "--index", "idx"])
+    said = " ".join(queried.output.split())
+    assert queried.exit_code == 0 and "queries are embedded with it, not as the settings ask (k=3)" in said
+    monkeypatch.delenv("HTP_INDEX_ENCODER__K")
+    monkeypatch.setenv("HTP_INDEX_ENCODER__METHOD", "vanilla")
+    rebuilt = runner.invoke(app, ["rebuild", "--index", "idx", "--keep-vectors"])
+    said = " ".join(rebuilt.output.split())
+    assert rebuilt.exit_code == 0 and "its stored vectors are kept as that encoder made them" in said
+    assert "method='vanilla'" in said and "drop --keep-vectors" in said
+    assert run_json("info", "--index", "idx")["encoder"]["method"] == "htp"
+
+
 def test_query_json_says_when_the_query_was_cut_to_the_encoder_window(env):
     write_docs(env / "src")
     run_json("ingest", "src", "--index", "idx")
