@@ -46,9 +46,21 @@ def describe(exc: BaseException) -> str:
 
     if isinstance(exc, ValidationError):
         problems = [f"{'.'.join(str(part) for part in error['loc']) or exc.title}: "
-                    f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors()]
+                    f"{error['msg'].removeprefix('Value error, ')}{_misplaced(error, exc.title)}"
+                    for error in exc.errors()]
         return f"invalid {exc.title} setting: " + "; ".join(problems)
     return str(exc) or type(exc).__name__
+
+
+def _misplaced(error: dict, model: str) -> str:
+    """Where an encoder setting written at the settings' top level belongs ("method = ..." above
+    any section: "Extra inputs are not permitted" alone did not say)."""
+    from htp_embed import EncoderConfig
+
+    loc = error.get("loc", ())
+    if model == "Settings" and error.get("type") == "extra_forbidden" and len(loc) == 1 and loc[0] in EncoderConfig.model_fields:
+        return f" ({loc[0]} is an encoder setting: put it under [encoder] in the settings file, or set HTP_INDEX_ENCODER__{str(loc[0]).upper()})"
+    return ""
 
 
 def fail(exc: BaseException, *, as_json: bool = False) -> typer.Exit:

@@ -15,6 +15,10 @@ class OptionConflictError(HtpIndexError, ValueError):
     changes: bad usage, which the command line reports with exit code 2, not as a failed run."""
 
 
+class SettingsFileError(OptionConflictError):
+    """The settings file is not valid TOML (named, with the line and column TOML gives)."""
+
+
 class IndexKindMismatchError(OptionConflictError):
     """An option asks an existing index for a kind it was not built as (only rebuild changes it)."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -31,6 +32,7 @@ from pydantic_settings import (
 )
 
 from htp_embed import EncoderConfig, KPolicy
+from pipelines.errors import SettingsFileError
 
 log = logging.getLogger(__name__)
 
@@ -227,12 +229,19 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     ``overrides``."""
     _warn_unknown_environment()
     if config is None:
-        return Settings().with_overrides(**overrides)
+        return _read(config_file(), overrides)
     if not Path(config).expanduser().is_file():
         raise FileNotFoundError(f"--config {config} does not name a file")
     # Only for this call: one --config must not leak into later settings of the process.
     token = _CHOSEN_CONFIG.set(Path(config).expanduser())
     try:
-        return Settings().with_overrides(**overrides)
+        return _read(Path(config).expanduser(), overrides)
     finally:
         _CHOSEN_CONFIG.reset(token)
+
+
+def _read(file: Path | None, overrides: dict[str, Any]) -> Settings:
+    try:
+        return Settings().with_overrides(**overrides)
+    except tomllib.TOMLDecodeError as exc:  # "Invalid value (at line 1, column 9)": of which file?
+        raise SettingsFileError(f"the settings file {file} is not valid TOML: {exc}") from exc

@@ -341,6 +341,19 @@ def test_encoder_settings_the_index_cannot_follow_are_said_by_query_and_rebuild_
     assert run_json("info", "--index", "idx")["encoder"]["method"] == "htp"
 
 
+def test_a_settings_file_error_names_the_file_or_where_the_key_belongs(env):
+    """"Invalid value (at line 1, column 9)" named no file, and a top-level "method = ..." said
+    only "Extra inputs are not permitted"."""
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    (env / "broken.toml").write_text("alpha = = 3\n")
+    (env / "flat.toml").write_text('method = "vanilla"\n')
+    for config, said in [("broken.toml", "the settings file broken.toml is not valid TOML: Invalid value (at line 1"),
+                         ("flat.toml", "method is an encoder setting: put it under [encoder]")]:
+        result = runner.invoke(app, ["query", "cat", "--index", "idx", "--config", config])
+        assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+
+
 def test_query_json_says_when_the_query_was_cut_to_the_encoder_window(env):
     write_docs(env / "src")
     run_json("ingest", "src", "--index", "idx")
