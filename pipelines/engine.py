@@ -308,7 +308,7 @@ class IndexSession:
                 f"{settings.metric!r}, run `htp-index rebuild --index {self.index_dir} --keep-vectors` "
                 f"with metric = {settings.metric!r} (no re-embedding), or drop the setting"
             )
-        self._check_splitting(store.splitting, "ingest --chunk-size …")
+        self._check_splitting(store.splitting, "this ingest")
         self._check_correction(store)
         return store
 
@@ -362,8 +362,9 @@ class IndexSession:
             raise SplittingMismatchError(
                 f"the index at {self.index_dir} was split with {now}; {asked_by} asks for {wanted}, "
                 "which would give it nodes of two sizes. To split every document anew, run "
-                f"`htp-index rebuild --index {self.index_dir} --source SOURCE` with that setting "
-                "(HTP_INDEX_CHUNK_SIZE / chunk_size in htp-index.toml), or drop the setting"
+                f"`htp-index rebuild --index {self.index_dir} --source SOURCE` with that setting, or drop "
+                "the setting (" + ", ".join(f"--{name.replace('_', '-')}, HTP_INDEX_{name.upper()} or {name} in "
+                                             "htp-index.toml" for name in differing) + ")"
             )
 
     def _expected_encoder(self, recorded: dict[str, Any]) -> dict[str, Any]:
