@@ -65,9 +65,9 @@ def _ignorable_lookup() -> np.ndarray:
 
 def fold_text(text: str) -> str:
     """``text`` as keyword search reads it, documents and queries alike: compatibility forms
-    composed (NFKC: a PDF's "\ufb01nancial" ligature is "financial", full-width "\uff21\uff22" is
+    composed (NFKC: a PDF's "\\ufb01nancial" ligature is "financial", full-width "\\uff21\\uff22" is
     "AB", and NFD Hangul or accents are composed as FTS5 needs them), and the format characters
-    inside words dropped ("docu\u00admentation" is one word). Case and diacritics are FTS5's to
+    inside words dropped ("docu\\u00admentation" is one word). Case and diacritics are FTS5's to
     fold.
 
     Documents are folded at every segment write, so the search for format characters is done

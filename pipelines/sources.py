@@ -133,7 +133,8 @@ class _TextExtractor(HTMLParser):
             self._in_title = True
         elif tag in self._BLOCK:
             self.parts.append(("\n", False))
-            self._preformatted += tag == "pre"
+            if tag == "pre":
+                self._preformatted += 1
 
     def handle_endtag(self, tag: str) -> None:
         if tag in self._SKIP and self._skipping:
@@ -142,7 +143,8 @@ class _TextExtractor(HTMLParser):
             self._in_title = False
             self._titled = True
         elif tag in self._BLOCK:
-            self._preformatted -= tag == "pre" and self._preformatted > 0
+            if tag == "pre" and self._preformatted:
+                self._preformatted -= 1
             self.parts.append(("\n", False))
 
     def handle_data(self, data: str) -> None:
