@@ -41,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 from pydantic import ValidationError
@@ -127,6 +128,17 @@ def exists(root: str | Path) -> bool:
     return (Path(root) / CURRENT_FILE).is_file()
 
 
+def _sealed_as_written(raw: Any) -> bool:
+    """Whether a manifest's JSON object matches its own checksum, by the rule every release so
+    far has sealed with (all fields but the checksum and the optional ones left null)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("checksum"), str):
+        return False
+    body = {key: value for key, value in raw.items()
+            if key != "checksum" and not (key in ("splitting", "encoder_check") and value is None)}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest() == raw["checksum"]
+
+
 def read_manifest(root: str | Path, version: int | None = None) -> Manifest:
     """The manifest of the live version (or of `version`), its own checksum verified."""
     root = Path(root)
@@ -152,6 +164,14 @@ def read_manifest(root: str | Path, version: int | None = None) -> Manifest:
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
+        unknown = [".".join(str(part) for part in error["loc"]) for error in exc.errors()]
+        if all(error["type"] == "extra_forbidden" for error in exc.errors()) and _sealed_as_written(raw):
+            # Intact, with fields added since this release: a newer htp-index wrote it (such a
+            # file was called corrupted, with advice to restore, which undoes the newer writes).
+            raise HtpIndexError(
+                f"{path} was written by a newer htp-index (its fields {', '.join(unknown)} are unknown "
+                "to this one); upgrade htp-index to open it. The index is not damaged"
+            ) from exc
         raise IndexCorruptedError.for_file(
             path, f"fields are missing or invalid ({exc.errors()[0]})"
         ) from exc

@@ -13,6 +13,7 @@ from indexes_fixtures import ENCODER, HashingEmbedding, make_nodes, new_store, u
 from indexes import (
     EncoderMismatchError,
     FaissVectorStore,
+    HtpIndexError,
     IndexCorruptedError,
     IndexExistsError,
     IndexNotFoundError,
@@ -371,6 +372,29 @@ def test_a_manifest_written_before_the_splitting_field_still_opens(tmp_path):
     store.record_splitting({"chunk_size": 48, "chunk_overlap": 0})
     store.persist()
     assert FaissVectorStore.open(store.path).splitting == {"chunk_size": 48, "chunk_overlap": 0}
+
+
+def test_a_manifest_from_a_newer_release_asks_for_an_upgrade_not_a_restore(tmp_path):
+    """A field added by a later release made an intact manifest "corrupted", with advice to
+    restore an older version, which would undo what the newer release wrote."""
+    store = new_store(tmp_path)
+    store.add(make_nodes(unit_rows(np.random.default_rng(0), 4, store.dim)))
+    version = store.persist()
+    path = persist_module.version_dir(store.path, version) / "manifest.json"
+    body = json.loads(path.read_text())
+    assert persist_module._sealed_as_written(body)  # the rule every release has sealed with
+    body["params"]["a_later_field"] = 1
+    body["checksum"] = hashlib.sha256(json.dumps(
+        {key: value for key, value in body.items()
+         if key != "checksum" and not (key in ("splitting", "encoder_check") and value is None)},
+        sort_keys=True, separators=(",", ":")).encode()).hexdigest()  # sealed as a release seals
+    path.write_text(json.dumps(body))
+    with pytest.raises(HtpIndexError, match="written by a newer htp-index .*params.a_later_field.* not damaged"):
+        FaissVectorStore.open(store.path)
+    body["count"] = 5  # the same unknown field in a file changed since: damage, as before
+    path.write_text(json.dumps(body))
+    with pytest.raises(IndexCorruptedError):
+        FaissVectorStore.open(store.path)
 
 
 def test_a_manifest_written_before_a_params_field_existed_still_opens(tmp_path):
