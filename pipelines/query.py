@@ -263,7 +263,7 @@ class OpenIndex:
         check_query_text(request.query)
         mode = self.resolve_mode(request.mode)
         if request.alpha is not None and mode != "hybrid":
-            asked = f"mode {mode}" if request.mode else f"this index's default mode ({mode})"
+            asked = f"mode {mode}" if request.mode else f"the default mode ({mode}: query_mode in the settings, or dense for an index without keywords)"
             raise InvalidQueryError(
                 f"alpha weighs the dense side of a hybrid query; {asked} fuses nothing, so it would be "
                 "ignored: leave alpha out, or ask for mode hybrid")
