@@ -33,11 +33,20 @@ def node_id_for(index: int, document: BaseNode) -> str:
     return f"{document.id_}#{index}"
 
 
+# LlamaIndex's fallback for a sentence longer than a node (CHUNKING_REGEX: cut after , . ; and
+# their CJK forms), with line breaks and tabs as cut points too. Without them a list of one word
+# a line (hashes, identifiers, a log) or tab-separated text with no space went on to the
+# splitter's last resort, single characters, and a word across a node boundary was cut in two:
+# neither node held it, and keyword search could not find it.
+SENTENCE_PIECES = "[^,.;。？！\n\t]+[,.;。？！\n\t]?|[,.;。？！\n\t]"
+
+
 def make_splitter(
     tokenize: Callable[[str], list[int]], chunk_size: int, chunk_overlap: int
 ) -> SentenceSplitter:
     """A LlamaIndex sentence splitter counting tokens with the encoder's own tokenizer."""
     return SentenceSplitter(
+        secondary_chunking_regex=SENTENCE_PIECES,
         chunk_size=chunk_size,
         chunk_overlap=min(chunk_overlap, chunk_size // 4),  # engine.MAX_OVERLAP_SHARE; old manifests may record more
         tokenizer=tokenize,
