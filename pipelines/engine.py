@@ -337,8 +337,19 @@ class IndexSession:
         defaults are."""
         settings, explicit = self.settings, self.settings.model_fields_set
         recorded = (self.manifest.splitting if self.manifest is not None else None) or {}
+        fits = default_chunk_size(self.encoder)
         size = ((settings.chunk_size if "chunk_size" in explicit else None) or recorded.get("chunk_size")
-                or settings.chunk_size or default_chunk_size(self.encoder))
+                or settings.chunk_size or fits)
+        if size > fits:  # each node's vector would stand for its beginning only
+            if "chunk_size" in explicit:
+                raise OptionConflictError(
+                    f"chunk_size {size} is more than the encoder's window holds ({fits} tokens of text at "
+                    f"max_length {self.encoder.config.max_length} with method {self.encoder.config.method}): each "
+                    f"node's vector would stand for its beginning only. Use at most {fits}, or leave it out")
+            log.warning("nodes of %d tokens (as %s recorded) are more than encoder %s (method %s) holds: "
+                        "splitting at %d tokens, so that no node is embedded from its beginning only",
+                        size, self.index_dir, self.encoder.config.model, self.encoder.config.method, fits)
+            size = fits
         overlap = settings.chunk_overlap if "chunk_overlap" in explicit else recorded.get("chunk_overlap", settings.chunk_overlap)
         most = int(size) // MAX_OVERLAP_SHARE
         if "chunk_overlap" in explicit and overlap > most:
@@ -668,6 +679,13 @@ class IndexSession:
         live = self.live_store
         if source is None:  # the stored nodes as they were split
             self._check_splitting(live.splitting, "a rebuild from the stored nodes")
+            stored_size, fits = (live.splitting or {}).get("chunk_size"), default_chunk_size(self.encoder)
+            if stored_size and stored_size > fits:
+                raise SplittingMismatchError(
+                    f"the index at {self.index_dir} holds nodes of up to {stored_size} tokens; encoder "
+                    f"{self.encoder.config.model} with method {self.encoder.config.method} holds {fits}, so "
+                    "their vectors would stand for their beginnings only. Run `htp-index rebuild --index "
+                    f"{self.index_dir} --source SOURCE` (re-splits every document to fit)")
             stored = stored_documents(live)
             return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), SplitNodes(stored),
                                live.doc_hashes(), splitting=live.splitting, indexed=frozenset(stored),

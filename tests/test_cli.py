@@ -354,6 +354,27 @@ def test_a_settings_file_error_names_the_file_or_where_the_key_belongs(env):
         assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
 
 
+def test_a_node_size_past_the_encoders_window_is_refused_or_refitted(env, monkeypatch):
+    """--chunk-size 2000 was taken and every node's vector stood for its first ~500 tokens; a
+    rebuild to a method with a smaller window (echo) kept the recorded size, and 14 of 15 nodes
+    were embedded from their beginnings only, with one log line and exit 0."""
+    from pipeline_helpers import long_doc
+
+    write_docs(env / "src", {"long.txt": long_doc(200), "other.txt": long_doc(120, seed=2)})
+    refused = runner.invoke(app, ["ingest", "src", "--index", "idx", "--chunk-size", "5000", "--json"])
+    assert refused.exit_code == 2 and "more than the encoder's window holds" in refused.output
+    monkeypatch.setenv("HTP_INDEX_CHUNK_SIZE", "400")  # fits htp's window, not echo's
+    run_json("ingest", "src", "--index", "idx")
+    stored = runner.invoke(app, ["rebuild", "--index", "idx", "--method", "echo", "--json"])
+    assert stored.exit_code == 2 and "--source" in stored.output
+    assert run_json("info", "--index", "idx")["encoder"]["method"] == "htp"  # nothing switched
+    monkeypatch.delenv("HTP_INDEX_CHUNK_SIZE")
+    resplit = runner.invoke(app, ["rebuild", "--index", "idx", "--method", "echo", "--source", "src"])
+    assert resplit.exit_code == 0 and "splitting at" in " ".join(resplit.output.split())
+    info = run_json("info", "--index", "idx")
+    assert info["encoder"]["method"] == "echo" and info["splitting"]["chunk_size"] < 400
+
+
 def test_query_json_says_when_the_query_was_cut_to_the_encoder_window(env):
     write_docs(env / "src")
     run_json("ingest", "src", "--index", "idx")
