@@ -121,7 +121,7 @@ def _print_stats(stats: dict[str, Any], as_json: bool, title: str) -> None:
     table = Table(title=escape(title), show_header=False)
     table.add_column("stat", style="bold")
     table.add_column("value", justify="right")
-    for key in (*keys, "tokens", "version", "count"):
+    for key in (*keys, *(["nodes_truncated"] if stats.get("nodes_truncated") else []), "tokens", "version", "count"):
         value = stats[key]
         table.add_row(key.replace("_", " "), f"{value:.1f}" if isinstance(value, float) else str(value))
     out.print(table)

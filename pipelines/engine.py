@@ -96,13 +96,15 @@ _METHOD_DEFAULTS = {"attention_sink": "auto"}
 @dataclass(frozen=True)
 class EmbeddedBatch:
     """Vectors of a batch of nodes (row i is ``node_ids[i]``), the documents that could not be
-    embedded (id -> why), the tokens the encoder ran, and the identity of that encoder."""
+    embedded (id -> why), the tokens the encoder ran, the nodes it had to cut to its window,
+    and the identity of that encoder."""
 
     node_ids: list[str]
     vectors: np.ndarray
     identity: dict[str, Any]
     errors: dict[str, str] = field(default_factory=dict)
     tokens: int = 0
+    truncated: int = 0
 
     @cached_property
     def _row(self) -> dict[str, int]:
@@ -139,7 +141,8 @@ def _embed(nodes: Sequence[TextNode], encoder: HTPEncoder, progress: Progress | 
     encoded = encoder.encode_with_stats([embed_text(node) for node in nodes])
     if progress:
         progress(len(nodes))
-    return EmbeddedBatch([node.node_id for node in nodes], encoded.vectors, encoder.identity(), tokens=encoded.tokens)
+    return EmbeddedBatch([node.node_id for node in nodes], encoded.vectors, encoder.identity(), tokens=encoded.tokens,
+                         truncated=encoded.truncated)
 
 
 def combine(
@@ -159,7 +162,7 @@ def combine(
     return EmbeddedBatch(
         [node_id for batch in batches for node_id in batch.node_ids],
         np.concatenate(vectors).astype(np.float32, copy=False) if vectors else np.zeros((0, dim), np.float32),
-        identity, merged, sum(batch.tokens for batch in batches),
+        identity, merged, sum(batch.tokens for batch in batches), sum(batch.truncated for batch in batches),
     )
 
 
@@ -590,6 +593,7 @@ class IndexSession:
                     f"encoder is {store.encoder}; nothing was written"
                 )
             stats.tokens += batch.tokens
+            stats.nodes_truncated += batch.truncated
             stats.fail_all(batch.errors)
             docs: dict[str, list[TextNode]] = {}
             for node in nodes_of(batch):

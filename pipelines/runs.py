@@ -29,6 +29,9 @@ class RunStats:
     unchanged: int = 0
     failed: int = 0
     nodes_embedded: int = 0
+    #: nodes cut to the encoder's window: their vectors stand for their beginnings only (fixed K
+    #: with many short sentences makes more blocks than the window budgets)
+    nodes_truncated: int = 0
     tokens: int = 0
     seconds: float = 0.0
     version: int | None = None
@@ -48,7 +51,7 @@ class RunStats:
         return {
             "added": self.added, "updated": self.updated, "deleted": self.deleted,
             "unchanged": self.unchanged, "failed": self.failed,
-            "nodes_embedded": self.nodes_embedded, "tokens": self.tokens,
+            "nodes_embedded": self.nodes_embedded, "nodes_truncated": self.nodes_truncated, "tokens": self.tokens,
             "seconds": round(self.seconds, 3), "version": self.version, "count": self.count,
             "errors": self.errors,
         }

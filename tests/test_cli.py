@@ -375,6 +375,18 @@ def test_a_node_size_past_the_encoders_window_is_refused_or_refitted(env, monkey
     assert info["encoder"]["method"] == "echo" and info["splitting"]["chunk_size"] < 400
 
 
+def test_an_ingest_counts_the_nodes_it_had_to_cut_to_the_encoders_window(env, monkeypatch):
+    """Fixed K = 1 makes a block of every sentence; a node of many short sentences needs more
+    placeholders than the window budgets, and its tail was cut with one log line, nothing in
+    the run's figures."""
+    write_docs(env / "src", {"short.txt": " ".join(["Cat sat."] * 300), "plain.txt": "the cat sat on the mat."})
+    monkeypatch.setenv("HTP_INDEX_ENCODER__K", "1")
+    monkeypatch.delenv("HTP_INDEX_CHUNK_SIZE")  # nodes that fill the window
+    stats = run_json("ingest", "src", "--index", "idx")
+    assert 0 < stats["nodes_truncated"] < stats["nodes_embedded"]
+    assert "nodes truncated" in runner.invoke(app, ["ingest", "src", "--index", "idx2"]).output
+
+
 def test_query_json_says_when_the_query_was_cut_to_the_encoder_window(env):
     write_docs(env / "src")
     run_json("ingest", "src", "--index", "idx")
