@@ -266,8 +266,8 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, dict
     size = found.st_size
     if size > max_bytes:
         raise DocumentRejected(
-            f"file is {size / 2**20:.1f} MiB, over the {max_bytes / 2**20:.3g} MiB limit "
-            "(raise max_document_mb to index it)"
+            f"file is {size:,} bytes, over the {max_bytes / 2**20:.3g} MiB limit ({max_bytes:,} bytes; "
+            "raise max_document_mb to index it)"
         )
     suffix = path.suffix.lower()
     metadata: dict[str, Any] = {"file_name": path.name, "file_type": suffix.lstrip(".")}
@@ -452,7 +452,7 @@ def _jsonl_records(path: Path, id_prefix: str, max_bytes: int, file: tuple[str, 
             lines += 1
             if len(raw) > max_bytes:
                 _skip_rest_of_line(handle, raw)
-                limit = f"line {number} is over the {max_bytes / 2**20:.3g} MiB limit"
+                limit = f"line {number} is over the {max_bytes / 2**20:.3g} MiB limit ({max_bytes:,} bytes)"
                 doc_id = record_id_in_prefix(raw)
                 if doc_id is None or id_prefix + doc_id in seen:
                     yield SourceError(id_prefix + where, f"{limit}; no record of {path.name} is deleted until "
