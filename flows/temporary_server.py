@@ -62,6 +62,10 @@ def _server_class() -> type:
                     "--host", "127.0.0.1", "--port", str(self.port),
                     "--log-level", "error", "--lifespan", "on",
                 ],
+                # Its own session: a terminal's Ctrl-C goes to the command's process group, and
+                # the server, killed with it, left the flow retrying its reports for ~140 s
+                # before exiting 1. The command stops it at exit, or the kernel at its death.
+                start_new_session=True,
                 env={
                     **os.environ,
                     "PREFECT_UI_ENABLED": "0",

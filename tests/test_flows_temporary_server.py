@@ -1,5 +1,6 @@
 """The temporary Prefect server of an ad-hoc flow run: local Dask workers are told where it is,
-and a real one dies with the process that started it, even under SIGKILL."""
+and a real one dies with the process that started it, even under SIGKILL, and outlives a
+Ctrl-C only as long as the command does."""
 
 from __future__ import annotations
 
@@ -80,24 +81,29 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.server
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
-def test_a_killed_ad_hoc_run_takes_its_temporary_server_with_it(tmp_path):
+def test_a_killed_or_interrupted_ad_hoc_run_takes_its_temporary_server_with_it(tmp_path):
     import httpx
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=os.pathsep.join(sys.path))
-    run = subprocess.Popen([sys.executable, "-c", FLOW_THEN_WAIT], env=env, cwd=tmp_path,
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = run.stdout.readline().split()
-        assert line and line[0] == "ParentBoundServer", f"the flow did not start: {line}"
-        server_pid, api_url = int(line[1]), line[2]
-        assert httpx.get(f"{api_url}/health", timeout=10).status_code == 200  # a real server, in use
-        run.send_signal(signal.SIGKILL)
-        run.wait(timeout=10)
-        deadline = time.monotonic() + 30
-        while _alive(server_pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(server_pid), "the temporary server outlived the run killed with SIGKILL"
-    finally:
-        run.kill()
-        run.wait()
+    for stop in (signal.SIGKILL, signal.SIGINT):
+        # its own process group, as a command in a terminal has: Ctrl-C goes to the whole group
+        run = subprocess.Popen([sys.executable, "-c", FLOW_THEN_WAIT], env=env, cwd=tmp_path, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            line = run.stdout.readline().split()
+            assert line and line[0] == "ParentBoundServer", f"the flow did not start: {line}"
+            server_pid, api_url = int(line[1]), line[2]
+            assert httpx.get(f"{api_url}/health", timeout=10).status_code == 200  # a real server, in use
+            # Ctrl-C reached the server too, in the command's group: the flow then retried its
+            # reports to a dead server for ~140 s before it exited
+            assert os.getsid(server_pid) != os.getsid(run.pid)
+            os.killpg(run.pid, stop)
+            run.wait(timeout=30)
+            deadline = time.monotonic() + 30
+            while _alive(server_pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not _alive(server_pid), f"the temporary server outlived the run stopped with {stop.name}"
+        finally:
+            run.kill()
+            run.wait()
