@@ -55,31 +55,57 @@ def _ignorable() -> frozenset[int]:
                      if unicodedata.category(chr(cp)) == "Cf" and cp != 0x200B)
 
 
+# Compatibility forms that keep their own form: NFKC makes "½" the digits 1 and 2, "①" and "²"
+# the digit, so a query for "½ teaspoon" ranked "1 teaspoon and 2 eggs" first. Ligatures,
+# full-width and other presentation forms are folded. These lie in the blocks below (tests check
+# them against every code point).
+_KEPT_FORMS = ("<fraction>", "<circle>", "<super>", "<sub>")
+_KEPT_BLOCKS = ((0x0000, 0x4000), (0xA000, 0xB000), (0x10000, 0x11000), (0x1F000, 0x20000))
+_DROP, _KEEP = 1, 2
+
+
 @functools.cache
-def _ignorable_lookup() -> np.ndarray:
-    """A boolean per code point (1.1 MB): is it one of the characters above."""
-    lookup = np.zeros(0x110000, bool)
-    lookup[sorted(_ignorable())] = True
+def _kept_forms() -> frozenset[int]:
+    """The code points of the compatibility forms above."""
+    return frozenset(cp for start, stop in _KEPT_BLOCKS for cp in range(start, stop)
+                     if unicodedata.decomposition(chr(cp)).startswith(_KEPT_FORMS))
+
+
+@functools.cache
+def _special() -> np.ndarray:
+    """Per code point (1.1 MB): `_DROP` for the format characters above, `_KEEP` for the kept
+    compatibility forms, else 0."""
+    lookup = np.zeros(0x110000, np.uint8)
+    lookup[sorted(_ignorable())] = _DROP
+    lookup[sorted(_kept_forms())] = _KEEP
     return lookup
 
 
 def fold_text(text: str) -> str:
     """``text`` as keyword search reads it, documents and queries alike: compatibility forms
     composed (NFKC: a PDF's "\\ufb01nancial" ligature is "financial", full-width "\\uff21\\uff22" is
-    "AB", and NFD Hangul or accents are composed as FTS5 needs them), and the format characters
-    inside words dropped ("docu\\u00admentation" is one word). Case and diacritics are FTS5's to
-    fold.
+    "AB", and NFD Hangul or accents are composed as FTS5 needs them) but for fractions, circled
+    numbers and super/subscripts, and the format characters inside words dropped
+    ("docu\\u00admentation" is one word). Case and diacritics are FTS5's to fold.
 
-    Documents are folded at every segment write, so the search for format characters is done
-    on the text's code points as an array (~25 ns a character; ``str.translate`` took ~250).
+    Documents are folded at every segment write, so the text is looked at as an array of code
+    points (~25 ns a character; ``str.translate`` took ~250).
     """
     if text.isascii():
         return text
     points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)  # lone ones too
-    dropped = _ignorable_lookup()[points]
-    if dropped.any():
-        text = points[~dropped].tobytes().decode("utf-32-le", "surrogatepass")
-    return text if unicodedata.is_normalized("NFKC", text) else unicodedata.normalize("NFKC", text)
+    special = _special()[points]
+    if (special == _DROP).any():
+        points = points[special != _DROP]
+        special = special[special != _DROP]
+        text = points.tobytes().decode("utf-32-le", "surrogatepass")
+    if unicodedata.is_normalized("NFKC", text):
+        return text
+    if not (special == _KEEP).any():
+        return unicodedata.normalize("NFKC", text)
+    kept = _special()
+    return unicodedata.normalize("NFC", "".join(
+        ch if kept[ord(ch)] == _KEEP else unicodedata.normalize("NFKC", ch) for ch in text))
 
 
 #: A word: ``\w`` characters and the combining diacritical marks inside one (U+0300-036F and the

@@ -27,6 +27,7 @@ from htp_embed import HTPEncoder, config_from_identity
 from indexes import EncoderMismatchError, IndexNotFoundError, SegmentStore, sparse
 from indexes.docstore import NodeRow
 from indexes.fusion import Fusion
+from indexes.keywords import analyse_query
 from indexes.text import has_visible_text
 from pipelines.errors import DocumentRejected
 from pipelines.identity_check import index_accepts, warn_ignored_encoder_settings
@@ -285,9 +286,9 @@ class OpenIndex:
         mode = self.resolve_mode(mode)
         warnings = []
         left_out = sparse.terms_left_out(query) if mode != "dense" else 0
-        if mode != "dense" and not sparse.query_terms(query):
+        if mode != "dense" and not analyse_query(query):  # FTS5's own tokens: "___" has none
             warnings.append("the query has no keyword term (only stop words, punctuation or symbols): keyword "
-                            "search found nothing" + ("; the dense side alone ranked the results" if mode == "hybrid" else ""))
+                            "search found nothing")
         if left_out:
             warnings.append(
                 f"keyword search used the query's first {sparse.MAX_QUERY_TERMS} distinct words; "

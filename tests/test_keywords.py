@@ -363,6 +363,8 @@ FOLDED_DOCS = [
     "A super\u200dconductor and a word\u2060joiner",
     "ภาษา\u200bไทย",  # a zero-width space ends a word
     "Bread recipes for beginners",
+    "Add ½ teaspoon of salt to the CO₂ flask",
+    "Use 1 teaspoon of vanilla and 2 eggs",
 ]
 
 
@@ -370,17 +372,20 @@ FOLDED_DOCS = [
     ("query", "expected_row"),
     [("한국어 검색", 0), (unicodedata.normalize("NFD", "한국어"), 0), ("financial office", 1), ("\ufb01nancial", 1),
      ("ABC123", 2), ("ＡＢＣ１２３", 2), ("documentation telescope", 3), ("tele\u00adscope", 3),
-     ("superconductor", 4), ("wordjoiner", 4), ("ไทย", 5)],
+     ("superconductor", 4), ("wordjoiner", 4), ("ไทย", 5), ("½", 7), ("CO₂", 7)],
 )
 def test_a_word_is_found_whatever_its_compatibility_form_or_the_format_characters_inside_it(query, expected_row):
     """Documents were tokenized as written and queries NFC-composed only: an NFD Korean document
     was not found even by its own bytes, and a PDF's "ﬁ" ligature, a full-width word, a soft
-    hyphen or a joiner inside a word hid it from keyword search."""
+    hyphen or a joiner inside a word hid it from keyword search. Fractions, circled numbers and
+    super/subscripts keep their form: NFKC made "½" the digits 1 and 2, found in any text with them."""
     segment = keywords.KeywordSegment.from_texts(FOLDED_DOCS)
     assert [row for _, row, _ in keywords.search([segment], [None], query, 5)] == [expected_row]
 
 
-def test_the_format_characters_dropped_are_every_cf_character_but_the_zero_width_space() -> None:
+def test_the_characters_dropped_and_kept_are_found_in_every_block_that_holds_them() -> None:
     every = {cp for cp in range(0x110000) if unicodedata.category(chr(cp)) == "Cf"}
-    assert set(sparse._ignorable()) == every - {0x200B}
+    assert set(sparse._ignorable()) == every - {0x200B}  # all format characters but the ZW space
+    kept = {cp for cp in range(0x110000) if unicodedata.decomposition(chr(cp)).startswith(sparse._KEPT_FORMS)}
+    assert set(sparse._kept_forms()) == kept
     assert sparse.fold_text("plain ascii, kept as is") == "plain ascii, kept as is"
