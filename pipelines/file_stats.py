@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from htp_embed.packaged_models import default_cache_dir
-from pipelines.sources import FileStat, KnownFiles, SourceError, SourceItem, SourceUnchanged
+from pipelines.sources import (
+    READERS_REVISION,
+    FileStat,
+    KnownFiles,
+    SourceError,
+    SourceItem,
+    SourceUnchanged,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +51,11 @@ FORMAT = 1
 
 
 def _readers_version() -> str:
-    """This package's version and that of the PDF reader: either may read a file otherwise."""
+    """The readers' revision, this package's version and that of the PDF reader: any may read a
+    file otherwise."""
     from importlib.metadata import PackageNotFoundError, version
 
-    found = []
+    found = [f"readers {READERS_REVISION}"]
     for name in ("htp-index", "pypdf"):
         try:
             found.append(f"{name} {version(name)}")

@@ -181,6 +181,11 @@ def _pre_lines(text: str) -> list[str]:
     return lines
 
 
+#: Bump when a reader gives other text for the same bytes: unchanged files are otherwise taken
+#: from the last run's record without being read (`pipelines.file_stats`), and kept the old
+#: reader's text (2: soft hyphens dropped, PDF ligatures spelled out, <pre> kept).
+READERS_REVISION = 2
+
 # Typeset PDFs (LaTeX above all) draw "fi", "ffi", "st" as one ligature glyph, which pypdf
 # extracts as U+FB00-FB06: the model and the reader see "ﬁnancial", not "financial".
 _LIGATURES = {cp: unicodedata.normalize("NFKC", chr(cp)) for cp in range(0xFB00, 0xFB07)}

@@ -137,3 +137,18 @@ def test_a_failing_record_of_a_jsonl_whose_path_holds_a_hash_keeps_its_version(t
         stats = ingest(source, tmp_path / "idx", settings, embedding=embedding)
         assert "notes.jsonl" in reads and stats.failed == 1 and stats.deleted == 0
         assert "C#/notes.jsonl#3" in hashes(tmp_path / "idx")
+
+
+def test_a_new_readers_revision_reads_every_file_once(tmp_path, embedding, reads, monkeypatch):
+    """The record was keyed by the package's version, which readers' changes do not move:
+    after an upgrade that reads HTML's soft hyphens away, an unchanged page kept the old text."""
+    source = source_with_records(tmp_path)
+    settings = settings_for(embedding)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    reads.clear()
+    monkeypatch.setattr(file_stats, "READERS_REVISION", pipelines.sources.READERS_REVISION + 1)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert sorted(reads) == sorted([*DOCS, "c.jsonl"])
+    reads.clear()
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert reads == []
