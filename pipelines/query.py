@@ -462,11 +462,19 @@ def _index_with_defaults() -> type[VectorStoreIndex]:
             already holds. LlamaIndex's insert added them beside the old ones, and its
             ``refresh_ref_docs``, whose hashes live in memory only, inserts every document
             again after a reopen: each refresh doubled the documents."""
+            from pipelines.sources import clean_text, require_encodable
+
             doc_id = document.get_doc_id()
-            if not has_visible_text(document.get_content()):
+            text = document.get_content()
+            cleaned = clean_text(text)  # as a file's text is read: controls and soft hyphens go
+            if not has_visible_text(cleaned):
                 # ingest refuses it; inserted, a zero-width space became a node every query
                 # could rank, and whitespace returned without storing anything
                 raise DocumentRejected(f"document {doc_id!r} is empty (no visible text): nothing to index")
+            require_encodable(cleaned, f"document {doc_id!r}")  # was a TypeError from the tokenizer
+            if cleaned != text:
+                document = document.model_copy()  # the caller's document stays as it was given
+                document.set_content(cleaned)
             if self._vector_store.ref_doc_node_ids(doc_id):
                 self.delete_ref_doc(doc_id, delete_from_docstore=True)
             super().insert(document, **insert_kwargs)

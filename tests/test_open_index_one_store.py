@@ -173,3 +173,18 @@ def test_insert_and_refresh_through_as_index_replace_a_document_they_meet_again(
     assert reopened.store.count == count + 1
     assert [hit["doc_id"] for hit in reopened.search("zymurgy", 10, mode="sparse")].count("zymurgy") == 1
     assert len(reopened.store.ref_doc_node_ids("cats.txt")) == 1  # no node of the longer text left
+
+
+def test_a_document_inserted_through_as_index_is_cleaned_as_a_file_is_read(index_dir, embedding):
+    """Soft hyphens and controls stayed in an inserted text (the dense side saw 15 tokens for
+    10, cosine 0.992 to the clean text), and a lone surrogate raised the tokenizer's TypeError."""
+    from pipelines.errors import DocumentRejected
+
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    given = Document(text="Zymurgy docu\u00admentation\x07 of kettles.", id_="zymurgy")
+    index.as_index().insert(given)
+    hits = index.search("zymurgy documentation", top_k=1, mode="sparse")
+    assert hits[0]["text"] == "Zymurgy documentation of kettles."
+    assert given.get_content() == "Zymurgy docu\u00admentation\x07 of kettles."  # the caller's own is kept
+    with pytest.raises(DocumentRejected, match="surrogate"):
+        index.as_index().insert(Document(text="broken \ud83d half emoji", id_="broken"))
