@@ -140,9 +140,16 @@ def _bound(key: str, value: Any) -> Any:
 
 
 def _path(key: str) -> str:
+    """The JSON path of a top-level metadata key.
+
+    The key goes in as JSON writes it (the docstore's ``json.dumps(..., ensure_ascii=False)``):
+    SQLite before 3.45 compares a path's label with a key's escaped text as stored, and 3.45 on
+    unescapes both, so the escaped form finds ``a\\b``, a tab or a newline in a key on either.
+    Written raw, such a key never matched: ``==`` found nothing and ``!=`` every row.
+    """
     if '"' in key:
         raise UnsupportedFilterError(f"metadata key {key!r} contains a double quote")
-    return f'$."{key}"'
+    return '$."' + json.dumps(key, ensure_ascii=False)[1:-1] + '"'
 
 
 def _leaf(f: MetadataFilter, column: str, params: list[Any]) -> str:

@@ -275,6 +275,20 @@ def test_unsupported_filters_raise_a_clear_error(filtered_store, bad):
         store.query(VectorStoreQuery(query_embedding=[1.0] * DIM, similarity_top_k=3, filters=bad))
 
 
+@pytest.mark.parametrize("key", ["dir\\path", "a\tb", "line\nbreak", "bell\x07", "a/b", "é.ü"])
+def test_a_key_json_escapes_is_found_by_its_filters(tmp_path, key):
+    # A backslash, tab, newline or control character in a key is escaped in the stored JSON;
+    # the path named it raw, so == found nothing and != every row, without an error
+    store = FaissVectorStore.create(tmp_path / "index", dim=DIM, encoder=ENCODER)
+    store.add(make_nodes(unit_rows(np.random.default_rng(8), 3, DIM),
+                         metadata=[{key: "x"}, {key: "y"}, {"other": "x"}]))
+    store.persist()
+    equal = FaissVectorStore.open(tmp_path / "index").get_nodes(filters=group(F(key, "x")))
+    assert [node.metadata for node in equal] == [{key: "x"}]
+    unequal = store.get_nodes(filters=group(F(key, "x", Op.NE)))
+    assert sorted(node.metadata.get(key, "-") for node in unequal) == ["-", "y"]
+
+
 @pytest.mark.parametrize("asked_first", [float("inf"), float("nan"), None])
 def test_filters_with_values_json_writes_alike_are_answered_apart(tmp_path, asked_first):
     # inf, -inf, NaN and None were one cache key (their JSON is null): with answers kept per
