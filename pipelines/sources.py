@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -498,14 +499,7 @@ def _jsonl_records(path: Path, id_prefix: str, max_bytes: int, file: tuple[str, 
             try:
                 title, body = _record_field(record, "title"), _record_field(record, "text")
                 text = _require_text(f"{title}\n\n{body}" if title and body else title or body)
-            except DocumentRejected as exc:
-                yield SourceError(full_id, f"malformed record at {where}: {exc}")
-                continue
-            metadata = _record_metadata(record.get("metadata"))
-            if title:
-                metadata["title"] = title
-            try:
-                require_encodable(json.dumps(metadata, ensure_ascii=False), "the metadata")
+                metadata = _record_metadata(record.get("metadata"), title)
             except DocumentRejected as exc:
                 yield SourceError(full_id, f"malformed record at {where}: {exc}")
                 continue
@@ -533,18 +527,44 @@ def _record_id(record: dict[str, Any]) -> str:
     return doc_id
 
 
-def _record_metadata(metadata: Any) -> dict[str, Any]:
-    """The record's metadata that filters can read: scalars and lists of scalars (tags); an
-    object inside is kept as its JSON text rather than dropped without a word."""
-    if not isinstance(metadata, dict):
-        return {}
+#: Metadata keys htp-index sets on every node (`chunking.to_llama_document`): a record's own
+#: value under one would be overwritten without a word, and a filter on it find nothing.
+RESERVED_METADATA_KEYS = ("doc_id",)
+
+
+def _record_metadata(metadata: Any, title: str) -> dict[str, Any]:
+    """The record's metadata that filters can read, with its title: scalars and lists of
+    scalars (tags); an object inside is kept as its JSON text rather than dropped without a
+    word. Refused (the record alone): a reserved key, a ``title`` other than the record's own,
+    NaN or an infinity (no JSON, so the docstore failed the whole ingest on one record), text
+    that cannot be stored."""
     kept: dict[str, Any] = {}
-    for key, value in metadata.items():
+    for key, value in (metadata.items() if isinstance(metadata, dict) else ()):
+        if key in RESERVED_METADATA_KEYS:
+            raise DocumentRejected(f"metadata key {key!r} is reserved: htp-index sets it to the "
+                                   "document's id on every node; rename it")
         if _scalar(value) or (isinstance(value, list) and all(_scalar(item) for item in value)):
             kept[str(key)] = value
         else:
             kept[str(key)] = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    if title:
+        if kept.get("title", title) != title:
+            raise DocumentRejected("metadata \"title\" differs from the record's \"title\", which "
+                                   "would replace it; give the title once")
+        kept["title"] = title
+    try:
+        stored = json.dumps(kept, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        bad = next(key for key, value in kept.items() if not _finite(value))
+        raise DocumentRejected(f"metadata {bad!r} holds NaN or an infinity, which JSON cannot "
+                               "store; write null or a number") from None
+    require_encodable(stored, "the metadata")
     return kept
+
+
+def _finite(value: Any) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return not any(isinstance(v, float) and not math.isfinite(v) for v in values)
 
 
 def _skip_rest_of_line(handle: Any, read: bytes) -> None:

@@ -205,6 +205,24 @@ def test_a_jsonl_text_or_title_that_is_not_a_string_is_refused_by_name(tmp_path)
         assert isinstance(items[doc_id], SourceError) and kind in items[doc_id].error
 
 
+def test_jsonl_metadata_that_cannot_be_kept_as_written_refuses_its_record_alone(tmp_path):
+    """NaN/Infinity (Python's JSON reads them) failed the docstore's strict JSON, so the whole
+    ingest stopped on one record; a metadata "doc_id" or a second "title" was overwritten."""
+    path = tmp_path / "corpus.jsonl"
+    lines = ['{"_id": "nan", "text": "Body.", "metadata": {"score": NaN}}',
+             '{"_id": "inf", "text": "Body.", "metadata": {"scores": [1, -Infinity]}}',
+             '{"_id": "mine", "text": "Body.", "metadata": {"doc_id": "my-id"}}',
+             '{"_id": "titles", "title": "One", "text": "Body.", "metadata": {"title": "Two"}}',
+             '{"_id": "same", "title": "One", "text": "Body.", "metadata": {"title": "One", "n": 1.5}}']
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = by_id(iter_jsonl(path))
+    assert isinstance(items["same"], SourceDocument)
+    assert items["same"].metadata == {"title": "One", "n": 1.5}
+    for doc_id, said in [("nan", "'score' holds NaN"), ("inf", "'scores' holds NaN or an infinity"),
+                         ("mine", "'doc_id' is reserved"), ("titles", 'differs from the record')]:
+        assert isinstance(items[doc_id], SourceError) and said in items[doc_id].error, doc_id
+
+
 def test_a_utf16_jsonl_file_is_refused_whole_and_none_of_its_records_deleted(tmp_path):
     """Read line by line as bytes, a UTF-16 file gave one "truncated data" or "NUL bytes" error
     per line, though README says UTF-16 with a BOM is read (it is, for a text file)."""
