@@ -255,7 +255,9 @@ def _parse_filters(pairs: list[str]):
         match = _FILTER.match(pair)
         if match is None or not match["key"].strip():
             raise typer.BadParameter(f"filter {pair!r} must look like key=value, key!=value, key>3, key~=value …")
-        op, value = match["op"], match["value"]
+        # Spaces around an unquoted value are the command line's ("s = a" meant "a" and found
+        # nothing); a value with spaces of its own is quoted: s=" a"
+        op, value = match["op"], match["value"].strip()
         parsed: Any = value
         with contextlib.suppress(json.JSONDecodeError):
             parsed = json.loads(value)
@@ -270,7 +272,10 @@ def _parse_filters(pairs: list[str]):
             if operator in ("==", "!=", "contains") and not isinstance(parsed, str) and _scalar(parsed):
                 # title=1984 must find the text "1984" (JSONL and file metadata are text) as
                 # well as the number: == and contains match either, != neither.
-                both = [MetadataFilter(key=key, value=parsed, operator=operator),
+                # A whole number past 64 bits (a long id such as 123456789012345678901234) is
+                # no integer metadata holds: its numeric half is the float a stored one reads as.
+                number = float(parsed) if isinstance(parsed, int) and not -(2**63) <= parsed < 2**63 else parsed
+                both = [MetadataFilter(key=key, value=number, operator=operator),
                         MetadataFilter(key=key, value=value, operator=operator)]
                 filters.append(MetadataFilters(filters=both, condition="and" if operator == "!=" else "or"))
             else:

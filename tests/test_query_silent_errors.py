@@ -314,6 +314,22 @@ def test_cli_filter_on_a_number_still_matches_numbers_and_not_equal_excludes_bot
     assert ids(['year="1984"']) == ["b1"]
 
 
+def test_cli_filter_on_a_long_digit_id_or_with_spaces_finds_what_it_names(tmp_path):
+    # A 24-digit id stored as text was refused as "outside the 64-bit integers" (its numeric
+    # half); "s = a" looked for " a" and found nothing, exit 0
+    from htp_cli.main import _parse_filters
+
+    store = FaissVectorStore.create(tmp_path / "idx", dim=_EMB.dim, encoder=ENCODER)
+    big = 123456789012345678901234
+    store.add(_text_nodes("b", ["novel one", "novel two", "novel three"],
+                          [{"oid": str(big), "s": "a"}, {"oid": big, "s": " a"}, {"oid": 7, "s": "b"}]))
+    ids = lambda f: sorted(r.node_id for r, _ in store.retrieve("sparse", 5, text="novel", filters=_parse_filters(f)))  # noqa: E731
+    assert ids([f"oid={big}"]) == ["b0", "b1"]
+    assert ids([f"oid!={big}"]) == ["b2"]
+    assert ids(["s = a"]) == ["b0"]
+    assert ids(['s=" a"']) == ["b1"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Trial of the Python API (stop 45): inputs the CLI and the service refuse, the LlamaIndex
 # paths took without a word.
