@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 4096
 MAX_TOP_K = 100
-MAX_BODY_BYTES = 64 * 1024
+# Room for the widest filter the store answers (~10,000 or'ed conditions, ~250 KB of JSON)
+MAX_BODY_BYTES = 2**20
 TOKEN_ENV = "HTP_INDEX_API_TOKEN"
 # A version that failed to load is retried after RETRY_BASE_S, then twice as long each time,
 # at most RETRY_MAX_S apart: a temporary fault heals by itself, a lasting one costs little.
@@ -81,6 +82,24 @@ def _check_filter_fields(value: Any, where: str = "filters") -> None:
                          f"{', '.join(sorted(MetadataFilters.model_fields))}")
     if group:
         _check_filter_fields(value.get("filters"), f"{where}.filters")
+
+
+def _booleans_as_numbers(value: Any) -> Any:
+    """Filter values ``true``/``false`` as 1/0, as the CLI reads ``-f public=true``: the store
+    compares a stored boolean as 0/1, but LlamaIndex's filter model takes no booleans (a 422
+    with a long union error)."""
+    if isinstance(value, list):
+        return [_booleans_as_numbers(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "filters" in value:
+        return {**value, "filters": _booleans_as_numbers(value["filters"])}
+    given = value.get("value")
+    if isinstance(given, bool):
+        return {**value, "value": int(given)}
+    if isinstance(given, list) and any(isinstance(item, bool) for item in given):
+        return {**value, "value": [int(item) if isinstance(item, bool) else item for item in given]}
+    return value
 
 
 class QueryRequest(BaseModel):
@@ -112,7 +131,7 @@ class QueryRequest(BaseModel):
     @classmethod
     def _known_filter_fields(cls, value: Any) -> Any:
         _check_filter_fields(value)
-        return value
+        return _booleans_as_numbers(value)
 
     def search_request(self) -> SearchRequest:
         """This request as the query path takes it."""

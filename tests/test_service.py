@@ -64,6 +64,21 @@ def test_a_wide_filter_is_answered_and_an_impossible_one_is_a_422_not_a_damaged_
         assert client.get("/health").json()["status"] == "ok"
 
 
+def test_boolean_filter_values_and_a_filter_past_64_kib_are_answered(index_dir, embedding):
+    """``"value": true`` was a 422 (LlamaIndex's filter takes no booleans) though the CLI's
+    public=true works; 3,000 or'ed conditions (74 KB) were a 413 at a 64 KiB body limit."""
+    with make_client(index_dir, embedding, reload_interval=0) as client:
+        for value, operator in ((True, "=="), ([True, False], "in"), (False, "!=")):
+            flag = {"filters": [{"key": "public", "value": value, "operator": operator}]}
+            answer = client.post("/query", json={"query": "the cat", "top_k": 5, "filters": flag})
+            assert answer.status_code == 200, answer.text
+            assert len(answer.json()["results"]) == (3 if operator == "!=" else 0)
+        wide = {"condition": "or", "filters": [{"key": "file_type", "value": f"type-{i}", "operator": "=="}
+                                               for i in range(3000)] + [{"key": "file_type", "value": "md"}]}
+        answer = client.post("/query", json={"query": "the cat", "top_k": 5, "filters": wide})
+        assert answer.status_code == 200 and [r["doc_id"] for r in answer.json()["results"]] == ["sea.md"]
+
+
 def test_health_reports_the_version(index_dir, embedding):
     with make_client(index_dir, embedding, reload_interval=0) as client:
         health = client.get("/health").json()
@@ -133,8 +148,8 @@ def test_malformed_json_and_huge_bodies_are_refused(index_dir, embedding):
     with make_client(index_dir, embedding, reload_interval=0) as client:
         bad = client.post("/query", content=b"{not json", headers={"content-type": "application/json"})
         assert bad.status_code == 422 and "JSON" in str(bad.json()["detail"])
-        huge = client.post("/query", content=b"x" * 100_000, headers={"content-type": "application/json"})
-        assert huge.status_code == 413 and "over 65536 bytes" in huge.json()["detail"]
+        huge = client.post("/query", content=b"x" * 1_100_000, headers={"content-type": "application/json"})
+        assert huge.status_code == 413 and "over 1048576 bytes" in huge.json()["detail"]
 
         def chunks():  # no Content-Length: the size cannot be checked up front
             yield b'{"query": "cat"}'
