@@ -261,6 +261,9 @@ def _parse_filters(pairs: list[str]):
         parsed: Any = value
         with contextlib.suppress(json.JSONDecodeError):
             parsed = json.loads(value)
+        if isinstance(parsed, dict):
+            # an object in a JSONL record's metadata is kept as its JSON text (sources), written so
+            parsed = json.dumps(parsed, ensure_ascii=False, sort_keys=True)
         if isinstance(parsed, bool):
             # LlamaIndex's filters take no booleans (public=true was a traceback, exit 1); the
             # store compares a stored boolean as 0/1, so true is 1

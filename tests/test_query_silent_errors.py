@@ -4,6 +4,7 @@ setting and numeric-looking CLI filter values. Each test failed before its fix."
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -328,6 +329,8 @@ def test_cli_filter_on_a_long_digit_id_or_with_spaces_finds_what_it_names(tmp_pa
     assert ids([f"oid!={big}"]) == ["b2"]
     assert ids(["s = a"]) == ["b0"]
     assert ids(['s=" a"']) == ["b1"]
+    store.add(_text_nodes("c", ["novel four"], [{"obj": json.dumps({"a": 1, "b": "x"}, sort_keys=True)}]))
+    assert ids(['obj={"b": "x", "a": 1}']) == ["c0"]  # an object is kept as its JSON text
 
 
 # ---------------------------------------------------------------------------------------------
