@@ -43,6 +43,7 @@ from indexes import (
     same_encoder,
 )
 from indexes.spec import Manifest
+from pipelines.adapter import MIN_PAIRS
 from pipelines.chunking import default_chunk_size, embed_text, make_splitter, split_documents
 from pipelines.correction import MIN_DOCUMENTS, fit_correction
 from pipelines.encoder_check import record_check, require_same_vectors
@@ -324,6 +325,14 @@ class IndexSession:
             return
         stored = store.correction.kind if store.correction is not None else "none"
         if self.settings.correction == stored or (store.correction is None and store.count < MIN_DOCUMENTS):
+            return
+        if self.settings.correction == "adapter" and stored == "center" and store.correction.pseudo_queries < MIN_PAIRS:
+            # What "adapter" fits from a corpus of too few sentences: its centring alone (the same
+            # pairs a centring samples). Refused, every later ingest failed until a rebuild of
+            # a corpus large enough, which fell back again at the same size.
+            log.info("%s: correction 'center': its corpus gave %d pseudo-query pairs when fitted, fewer than "
+                     "the adapter's %d; `htp-index rebuild` fits one once the corpus is large enough",
+                     self.index_dir, store.correction.pseudo_queries, MIN_PAIRS)
             return
         raise CorrectionMismatchError(
             f"the index at {self.index_dir} holds vectors with correction {stored!r}; to use correction "

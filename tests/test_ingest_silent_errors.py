@@ -397,6 +397,24 @@ def test_a_correction_unlike_the_indexs_is_refused_not_ignored(tmp_path, embeddi
     assert isinstance(stats, RunStats) and "new.txt" in indexed(tmp_path / "idx")
 
 
+def test_an_adapter_asked_of_a_corpus_too_small_for_one_does_not_block_later_ingests(tmp_path, embedding):
+    # The adapter fell back to the centring (too few pseudo-query pairs), then the next ingest
+    # with the same setting was refused as a correction mismatch, and so was every one after
+    # a rebuild (which fell back again): a scheduled ingest failed for good
+    from pipelines.errors import CorrectionMismatchError
+
+    many = {f"d{i}.txt": f"the cat number {i} sat on mat {i} . the dog ran far ." for i in range(10)}
+    source = write_docs(tmp_path / "src", many)
+    adapter = settings_for(embedding, correction="adapter")
+    ingest(source, tmp_path / "idx", adapter, embedding=embedding)
+    assert FaissVectorStore.open(tmp_path / "idx").correction.kind == "center"
+    (source / "new.txt").write_text("a new text arrives .")
+    ingest(source, tmp_path / "idx", adapter, embedding=embedding)
+    assert "new.txt" in indexed(tmp_path / "idx")
+    with pytest.raises(CorrectionMismatchError):  # a centring is still not "none"
+        ingest(source, tmp_path / "idx", settings_for(embedding, correction="none"), embedding=embedding)
+
+
 def test_an_emptied_jsonl_file_in_a_folder_keeps_its_records_and_is_reported(tmp_path, embedding):
     # truncated before a rewrite, it gave no item at all: every record deleted, exit 0, no word
     source = write_docs(tmp_path / "src")
