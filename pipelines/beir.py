@@ -130,9 +130,12 @@ def read_qrels(path: Path, notes: dict[str, int] | None = None) -> Qrels:
         for number, row in enumerate(csv.reader(handle, delimiter="\t"), 1):
             if not any(cell.strip() for cell in row):
                 continue  # a blank line
-            if len(row) < 3:
+            if len(row) != 3:
+                # BEIR's own loader reads the first three of more; a TREC line (query-id, 0,
+                # corpus-id, score) was then a judgement of the document "0" without a word
+                trec = " (a TREC qrels line: drop its second column)" if len(row) == 4 else ""
                 raise DatasetError(f"{path}:{number}: {len(row)} tab-separated field(s) where a judgement has "
-                                   f"3 (query-id, corpus-id, score): {chr(9).join(row)[:80]!r}")
+                                   f"3 (query-id, corpus-id, score){trec}: {chr(9).join(row)[:80]!r}")
             try:
                 value = float(row[2])
             except ValueError:
@@ -173,21 +176,33 @@ def load_beir(dataset_dir: str | Path, split: str = "test") -> BeirDataset:
         raise DatasetError(f"no qrels for split {split!r} in {root} (available: {', '.join(available) or 'none'}; "
                            "choose one with --split)")
     corpus: dict[str, Document] = {}
-    repeated = 0
-    for _, row in read_jsonl(root / "corpus.jsonl"):
+    repeated = empty = 0
+    corpus_path = root / "corpus.jsonl"
+    for number, row in read_jsonl(corpus_path):
         # the id as ingest reads it, and the first of two records with one id, as ingest keeps
         # it (a dict kept the last: eval scored another corpus than the product indexes)
         doc_id = str(row["_id"]).strip()
         if doc_id in corpus:
             repeated += 1
             continue
-        corpus[doc_id] = Document(str(row.get("title") or ""), str(row.get("text") or ""))
+        # "text" was read as "" when missing and as "12345" when a number: refused as ingest
+        # refuses them, by line rather than after an ingest (--pipeline) or never (--method)
+        title, text = row.get("title"), row.get("text")
+        if not isinstance(text, str) or not isinstance(title, str | None):
+            field = "text" if not isinstance(text, str) else "title"
+            raise DatasetError(f"{corpus_path}:{number}: a document needs a \"text\" string (and a "
+                               f"\"title\" string or none); its \"{field}\" is {json.dumps(row.get(field))[:40]}")
+        if not (title or "").strip() and not text.strip():
+            empty += 1  # ingest skips an empty document: no run can retrieve it
+            continue
+        corpus[doc_id] = Document(title or "", text)
     all_queries: dict[str, str] = {}
     repeated_queries = 0
     queries_path = root / "queries.jsonl"
     for number, row in read_jsonl(queries_path):
-        if not isinstance(row.get("text"), str):
-            raise DatasetError(f"{queries_path}:{number}: a query needs a \"text\" string")
+        if not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise DatasetError(f"{queries_path}:{number}: a query needs a \"text\" string that is not "
+                               "empty or only whitespace")
         query_id = str(row["_id"]).strip()
         if query_id in all_queries:  # the first is kept, as for the corpus; said, not silent
             repeated_queries += 1
@@ -202,6 +217,7 @@ def load_beir(dataset_dir: str | Path, split: str = "test") -> BeirDataset:
         for q, judged in qrels.items()
         if q in all_queries
     }
+    emptied = sum(1 for judged in qrels.values() if not judged)  # every judged document missing
     qrels = {q: judged for q, judged in qrels.items() if judged}
     queries = {q: text for q, text in all_queries.items() if q in qrels}
     if not queries:
@@ -209,16 +225,19 @@ def load_beir(dataset_dir: str | Path, split: str = "test") -> BeirDataset:
         raise DatasetError(f"no query of {root / 'queries.jsonl'} has a judgement in {qrels_path} that "
                          "points into the corpus (do the query and document ids match?)")
     repeated_judgements = qrels_notes.get("repeated_judgements", 0)
-    if repeated or missing or unasked or repeated_queries or repeated_judgements:
+    if repeated or empty or missing or emptied or unasked or repeated_queries or repeated_judgements:
         log.warning("%s: %s", root, "; ".join(text for count, text in (
             (repeated, f"{repeated} corpus record(s) repeat an _id (the first is kept, as ingest keeps it)"),
+            (empty, f"{empty} corpus record(s) have no text or title (left out, as ingest leaves them out)"),
             (repeated_queries, f"{repeated_queries} quer(ies) repeat an _id (the first is kept)"),
             (repeated_judgements, f"{repeated_judgements} judgement line(s) repeat a pair with its grade"),
             (missing, f"{missing} judgement(s) name documents missing from the corpus and are dropped"),
+            (emptied, f"{emptied} quer(ies) judge only missing documents and are dropped"),
             (unasked, f"{unasked} judged quer(ies) are missing from queries.jsonl and are dropped"),
         ) if count))
-    counts = {"repeated_doc_ids": repeated, "repeated_query_ids": repeated_queries,
+    counts = {"repeated_doc_ids": repeated, "empty_docs": empty, "repeated_query_ids": repeated_queries,
               "repeated_judgements": repeated_judgements, "dropped_judgements_missing_docs": missing,
+              "dropped_queries_all_judged_docs_missing": emptied,
               "dropped_judged_queries_missing": unasked}
     notes: dict[str, object] = {key: count for key, count in counts.items() if count}
     return BeirDataset(root.name, split, corpus, queries, qrels, notes)

@@ -175,11 +175,34 @@ def test_a_pair_graded_twice_is_refused_when_the_grades_differ_and_noted_when_th
     assert data.notes == {"repeated_query_ids": 1, "repeated_judgements": 1}
 
 
+def test_empty_documents_and_queries_left_without_judgements_are_counted(tmp_path):
+    # an empty record was scored by --method (ingest leaves it out), and a query whose judged
+    # documents were all missing left the evaluation with only its judgements counted
+    from pipelines.beir import load_beir
+
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "title": "", "text": " "}\n')
+    (root / "queries.jsonl").write_text('{"_id": "q1", "text": "a"}\n{"_id": "q2", "text": "b"}\n')
+    (root / "qrels" / "test.tsv").write_text("q1\td1\t1\nq2\td2\t1\nq2\td9\t1\n")
+    data = load_beir(root, "test")
+    assert set(data.corpus) == {"d1"} and data.qrels == {"q1": {"d1": 1}}
+    assert data.notes == {"empty_docs": 1, "dropped_judgements_missing_docs": 2,
+                          "dropped_queries_all_judged_docs_missing": 1}
+
+
 @pytest.mark.parametrize(("damage", "said"), [
     (lambda root: (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": \n'),
      "corpus.jsonl:2: not a JSON record"),
     (lambda root: (root / "queries.jsonl").write_text('{"_id": "q1", "query": "no text field"}\n'),
      'queries.jsonl:1: a query needs a "text" string'),
+    (lambda root: (root / "queries.jsonl").write_text('{"_id": "q1", "text": "   "}\n'),
+     'queries.jsonl:1: a query needs a "text" string that is not empty'),
+    (lambda root: (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "title": "t"}\n'),
+     'corpus.jsonl:2: a document needs a "text" string'),
+    (lambda root: (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": 12345}\n'),
+     'its "text" is 12345'),
+    (lambda root: (root / "qrels" / "test.tsv").write_text("q1\t0\td1\t1\n"), "a TREC qrels line"),
     (lambda root: (root / "corpus.jsonl").unlink(), "corpus.jsonl is missing"),
     (lambda root: (root / "qrels" / "test.tsv").rename(root / "qrels" / "dev.tsv"), "no qrels for split 'test'"),
 ])
