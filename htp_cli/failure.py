@@ -9,10 +9,12 @@ index, a crash of a library): the index is unchanged and a retry may succeed.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2  # typer's code for bad options too
@@ -61,6 +63,30 @@ def _misplaced(error: dict, model: str) -> str:
     if model == "Settings" and error.get("type") == "extra_forbidden" and len(loc) == 1 and loc[0] in EncoderConfig.model_fields:
         return f" ({loc[0]} is an encoder setting: put it under [encoder] in the settings file, or set HTP_INDEX_ENCODER__{str(loc[0]).upper()})"
     return ""
+
+
+# Click's UsageError as this typer raises it (typer 0.29 carries its own copy of Click, whose
+# exceptions are not the click package's)
+_USAGE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class JsonFailureGroup(TyperGroup):
+    """The command group that keeps ``--json``'s promise for bad usage Click itself reports (an
+    option out of range, a ``typer.BadParameter`` raised by a command): the help box went to
+    stderr and stdout stayed empty, which a script parsing stdout could not read."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        given = args[: args.index("--")] if "--" in args else args
+        ctx.meta["htp_index.json"] = "--json" in given
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _USAGE_ERROR as exc:
+            if ctx.meta.get("htp_index.json"):
+                typer.echo(json.dumps({"ok": False, "error": exc.format_message(), "exit_code": exc.exit_code}))
+            raise
 
 
 def fail(exc: BaseException, *, as_json: bool = False) -> typer.Exit:

@@ -29,7 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from htp_cli.failure import describe
+from htp_cli.failure import JsonFailureGroup, describe
 from htp_cli.failure import fail as _fail
 from htp_embed.threads import default_openmp_waiting
 
@@ -40,6 +40,7 @@ default_openmp_waiting()  # must precede loading OpenMP (faiss, torch)
 
 app = typer.Typer(
     name="htp-index",
+    cls=JsonFailureGroup,
     help="Index documents for retrieval-augmented generation with the HTP encoder and FAISS.",
     no_args_is_help=True,
     add_completion=False,
@@ -95,7 +96,7 @@ def _setup(verbose: bool, quiet: bool = False) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def _settings(config: Path | None, **overrides: Any):
+def _settings(config: Path | None, *, as_json: bool = False, **overrides: Any):
     from pipelines.settings import load_settings
 
     try:
@@ -103,6 +104,8 @@ def _settings(config: Path | None, **overrides: Any):
     except Exception as exc:
         # one line (pydantic's own rendering echoes the input and a documentation link)
         console.print(f"[red]error:[/red] {escape(describe(exc))}", highlight=False, soft_wrap=True)
+        if as_json:  # stdout was empty: a script reading --json output had nothing to parse
+            typer.echo(json.dumps({"ok": False, "error": describe(exc), "exit_code": 2}))
         raise typer.Exit(2) from exc
 
 
@@ -163,7 +166,7 @@ def ingest(
     """Add new, update changed and remove deleted documents; unchanged ones cost nothing."""
     _setup(verbose, quiet=as_json)
     settings = _settings(
-        config, encoder_model=model, encoder_method=method, encoder_k=k, encoder_device=device,
+        config, as_json=as_json, encoder_model=model, encoder_method=method, encoder_k=k, encoder_device=device,
         encoder_show_progress=False, index_kind=index_kind, chunk_size=chunk_size,
         delete_missing=False if keep_missing else None,
     )
@@ -210,7 +213,7 @@ def rebuild(
     _setup(verbose, quiet=as_json)
     if keep_missing and not source:
         raise typer.BadParameter("--keep-missing goes with --source (a rebuild from the stored nodes keeps every one)")
-    settings = _settings(config, encoder_device=device, encoder_show_progress=False,
+    settings = _settings(config, as_json=as_json, encoder_device=device, encoder_show_progress=False,
                          delete_missing=False if keep_missing else None)
     overrides = {
         "model": model, "method": method, "k": k, "rewire_start": rewire_start,
@@ -316,7 +319,7 @@ def query(
 ) -> None:
     """Search an index and print ranked results with scores."""
     _setup(verbose, quiet=True)
-    settings = _settings(config, encoder_device=device, encoder_show_progress=False)
+    settings = _settings(config, as_json=as_json, encoder_device=device, encoder_show_progress=False)
     filters = _parse_filters(filter_ or [])
     if (mode.value if mode else settings.query_mode) != "sparse":
         from htp_embed.text_ahead import prepare_query
@@ -511,7 +514,7 @@ def compact(
     Versions are kept and the writer lock waited for as the settings say (`keep_versions`,
     `lock_timeout`)."""
     _setup(verbose)
-    settings = _settings(config)
+    settings = _settings(config, as_json=as_json)
     from pipelines.maintenance import compact_index
 
     try:
@@ -539,7 +542,7 @@ def restore(
     versions after it stay on disk as long as versions are kept). For a live version whose
     files are damaged (`verify` names them), or an ingest to undo."""
     _setup(verbose)
-    settings = _settings(config)
+    settings = _settings(config, as_json=as_json)
     from pipelines.maintenance import restore_index
 
     try:
@@ -559,7 +562,7 @@ def migrate(index: IndexOpt, as_json: JsonOpt = False, config: ConfigOpt = None,
     """Rewrite an index of the old layout (a full copy per version) as segments now; the next
     write would do it anyway. Older versions stay readable until they are collected."""
     _setup(verbose)
-    settings = _settings(config)
+    settings = _settings(config, as_json=as_json)
     from pipelines.maintenance import migrate_index
 
     try:

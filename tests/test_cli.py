@@ -536,3 +536,18 @@ def test_a_failed_command_with_json_says_so_on_stdout(env):
     assert result.exit_code == 2
     failed = json.loads(result.stdout)
     assert failed["ok"] is False and failed["exit_code"] == 2 and "no index at nowhere" in failed["error"]
+
+
+@pytest.mark.parametrize("args", [
+    ["query", "hi", "--index", "{idx}", "--filter", "nokey", "--json"],  # typer.BadParameter in the command
+    ["ingest", "{src}", "--index", "{idx}", "--chunk-size", "10", "--json"],  # a setting out of range
+    ["query", "hi", "--index", "{idx}", "-k", "0", "--json"],  # Click's own range check
+    ["eval", "{src}", "--split", "test", "--method", "bm25", "--mode", "sparse", "--json"],
+])
+def test_json_commands_print_their_usage_errors_on_stdout_too(tmp_path, args):
+    # each printed only the help box on stderr: a script parsing stdout got nothing
+    src = write_docs(tmp_path / "src")
+    result = CliRunner().invoke(app, [a.format(src=src, idx=tmp_path / "idx") for a in args])
+    assert result.exit_code == 2, result.output
+    failure = json.loads(result.stdout.strip().splitlines()[-1])
+    assert failure["ok"] is False and failure["exit_code"] == 2 and failure["error"]
