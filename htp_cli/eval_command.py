@@ -79,8 +79,9 @@ def eval_command(
         "--pipeline", help="measure the product itself: ingest the corpus into an index with the "
         "product's settings (htp-index.toml, HTP_INDEX_*; the encoder options above are refused) "
         "and query it through the retriever in --mode")] = False,
-    mode: Annotated[str, typer.Option(
-        help="with --pipeline: dense, sparse (BM25 keywords) or hybrid")] = "hybrid",
+    mode: Annotated[str | None, typer.Option(
+        help="with --pipeline: dense, sparse (BM25 keywords) or hybrid (default: the settings' "
+        "query_mode, as `htp-index query` searches)")] = None,
     alpha: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="with --pipeline and hybrid: weight of the dense side (default: tuned)")] = None,
     rerank: Annotated[bool | None, typer.Option(
@@ -121,13 +122,13 @@ def eval_command(
                     **encoder_options}
         where = "with --pipeline (its encoder is the settings' and the index's)"
     elif method in REFERENCE_METHODS:
-        not_here = {"--mode": mode != "hybrid", "--alpha": alpha is not None, "--rerank/--no-rerank": rerank is not None,
+        not_here = {"--mode": mode is not None, "--alpha": alpha is not None, "--rerank/--no-rerank": rerank is not None,
                     "--index-dir": index_dir is not None, "--config": config is not None,
                     "--fuse-bm25": fuse_bm25 and method == "bm25",
                     **encoder_options}
         where = f"to --method {method} (a reference retriever, not the HTP encoder)"
     else:
-        not_here = {"--mode": mode != "hybrid", "--alpha": alpha is not None, "--rerank/--no-rerank": rerank is not None,
+        not_here = {"--mode": mode is not None, "--alpha": alpha is not None, "--rerank/--no-rerank": rerank is not None,
                     "--index-dir": index_dir is not None, "--config": config is not None}
         where = "without --pipeline"
     ignored = [name for name, given in not_here.items() if given]
@@ -162,7 +163,7 @@ def eval_command(
 
 
 def _run_pipeline(
-    dataset_dir: Path, split: str, mode: str, alpha: float | None, rerank: bool | None, index_dir: Path | None,
+    dataset_dir: Path, split: str, mode: str | None, alpha: float | None, rerank: bool | None, index_dir: Path | None,
     config: Path | None, max_docs: int | None, max_queries: int | None, seed: int, json_output: bool,
     ignore_identical_ids: bool,
 ) -> None:
@@ -170,9 +171,10 @@ def _run_pipeline(
     from pipelines.query import QUERY_MODES
     from pipelines.settings import load_settings
 
-    if mode not in QUERY_MODES:
+    if mode is not None and mode not in QUERY_MODES:
         raise typer.BadParameter(f"unknown mode {mode!r}; choose from {', '.join(QUERY_MODES)}")
     settings = load_settings(config)
+    mode = mode or settings.query_mode  # scored "hybrid" where the product's queries search another
     with contextlib.redirect_stdout(sys.stderr):
         result = evaluate_pipeline(
             dataset_dir, split, mode=mode, alpha=alpha, settings=settings, index_dir=index_dir,  # type: ignore[arg-type]

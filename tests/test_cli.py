@@ -225,6 +225,11 @@ def test_eval_pipeline_reports_the_model_that_built_the_index(env, tiny_model_di
     again = runner.invoke(app, ["eval", str(data), "--pipeline", "--index-dir", "idx", "--json"])
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["model"] == run_json("info", "--index", "idx")["encoder"]["model"] == str(tiny_model_dir)
+    # the settings' query_mode is the mode scored, as `htp-index query` searches (was hybrid)
+    monkeypatch.setenv("HTP_INDEX_QUERY_MODE", "sparse")
+    sparse = runner.invoke(app, ["eval", str(data), "--pipeline", "--index-dir", "idx", "--json"])
+    assert sparse.exit_code == 0, sparse.output
+    assert json.loads(sparse.stdout)["mode"] == "sparse" and json.loads(again.stdout)["mode"] == "hybrid"
 
 
 def test_an_empty_source_does_not_delete_the_whole_index(env):
