@@ -23,6 +23,7 @@ from flows.runtime import (
 )
 from flows.temporary_server import temporary_prefect_api
 from pipelines.engine import IndexSession
+from pipelines.sources import require_source
 
 
 @flow(name="htp-index-ingest", log_prints=True)
@@ -30,6 +31,7 @@ def ingest_flow_body(source: str, index_dir: str, settings: dict[str, Any] | Non
     """Incrementally ingest ``source`` into the index at ``index_dir``; ``settings`` as
     :meth:`Settings.to_transport` writes them."""
     began = time.perf_counter()
+    require_source(source)
     with own_logs_in_the_run(), IndexSession.open(index_dir, settings_from(settings), load_encoder=cached_encoder) as session:
         stats = session.ingest(source, PrefectSteps())
     stats.seconds = time.perf_counter() - began

@@ -15,6 +15,7 @@ from htp_embed.llama_index import HTPEmbedding
 from pipelines.engine import IndexSession, InProcess, Progress
 from pipelines.runs import RunStats
 from pipelines.settings import Settings
+from pipelines.sources import require_source
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def ingest(
     statistics. ``embedding`` reuses a loaded model; ``progress``/``on_total`` report nodes
     embedded and the total to embed."""
     began = time.perf_counter()
+    require_source(source)
     encoder = embedding.encoder if embedding is not None else None
     with IndexSession.open(index_dir, settings, encoder=encoder) as session:
         stats = session.ingest(source, InProcess(progress, on_total))

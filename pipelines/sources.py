@@ -682,9 +682,20 @@ def iter_source(source: str | Path | Iterable[str] | Mapping[str, str], *, max_b
         return iter_jsonl(path, max_bytes=max_bytes)
     if kind == "file":
         return iter_folder_single(path, max_bytes=max_bytes)
+    raise _not_readable(path)
+
+
+def require_source(source: Any) -> None:
+    """Raise what reading ``source`` would for a path that is not there, before an ingest
+    creates the index folder (a mistyped source left a new, empty index folder with its lock)."""
+    if source_kind(source) == "missing":
+        raise _not_readable(Path(source).expanduser())
+
+
+def _not_readable(path: Path) -> FileNotFoundError:
     if path.exists():  # a named pipe, socket or device: reading it could wait for good
-        raise FileNotFoundError(f"source {path} is neither a folder nor a regular file")
-    raise FileNotFoundError(f"source {path} does not exist (expected a folder or a .jsonl file)")
+        return FileNotFoundError(f"source {path} is neither a folder nor a regular file")
+    return FileNotFoundError(f"source {path} does not exist (expected a folder or a .jsonl file)")
 
 
 def iter_folder_single(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:

@@ -94,6 +94,12 @@ def test_missing_index_is_a_clear_error(env):
     assert result.exit_code == 2 and "no index at nowhere" in result.output  # a wrong path: bad usage
 
 
+def test_a_missing_source_leaves_no_index_folder_behind(env):
+    # a mistyped source left a new, empty index folder holding its lock file
+    failure = run_json("ingest", "nosuchsrc", "--index", "idx", code=1)
+    assert "does not exist" in failure["error"] and not (env / "idx").exists()
+
+
 def test_every_option_is_documented():
     import typer.main
 
