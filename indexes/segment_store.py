@@ -79,6 +79,10 @@ FLUSH_ROWS = 50_000
 
 Hit = tuple[str, float]
 
+#: The hash recorded for a document some of whose nodes `delete_nodes` removed: it matches no
+#: content, so the next ingest of its source replaces the document whole (or deletes it).
+NODES_DELETED_HASH = "nodes-deleted"
+
 
 #: Opens of the live version tried while commits keep replacing it.
 OPEN_ATTEMPTS = 3
@@ -684,7 +688,13 @@ class SegmentStore:
         with self._lock:
             ids = self._select(filters, node_ids=node_ids)
             if ids is not None and len(ids):
+                touched = {row.ref_doc_id for row in self._rows(ids).values() if row.ref_doc_id}
                 self._remove(ids)
+                hashes = self._merged_docs()
+                for ref_doc_id in touched & hashes.keys():
+                    # Its recorded hash still matched the source, so every later ingest took
+                    # the document as unchanged and never put the deleted nodes back
+                    self.set_doc_hash(ref_doc_id, NODES_DELETED_HASH)
                 self._touch()
 
     def clear(self) -> None:

@@ -7,6 +7,7 @@ import pytest
 from llama_index.core.schema import Document
 from pipeline_helpers import settings_for
 
+from indexes import FaissVectorStore
 from pipelines.query import open_index
 
 
@@ -188,3 +189,27 @@ def test_a_document_inserted_through_as_index_is_cleaned_as_a_file_is_read(index
     assert given.get_content() == "Zymurgy docu\u00admentation\x07 of kettles."  # the caller's own is kept
     with pytest.raises(DocumentRejected, match="surrogate"):
         index.as_index().insert(Document(text="broken \ud83d half emoji", id_="broken"))
+
+
+def test_a_documents_nodes_deleted_through_the_api_come_back_at_the_next_ingest(tmp_path, embedding):
+    # delete_nodes left the document's hash, so every later ingest took the unchanged file as
+    # indexed and its nodes stayed gone (only a rebuild cleared it)
+    from pipeline_helpers import write_docs
+
+    from pipelines.ingest import ingest
+
+    source, settings = write_docs(tmp_path / "src"), settings_for(embedding)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    index = open_index(tmp_path / "idx", settings, embedding=embedding)
+    index.store.delete_nodes(["cats.txt#0"])
+    index.store.persist()
+    stats = ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert (stats.updated, stats.unchanged, stats.count) == (1, 2, 3)
+    hits = open_index(tmp_path / "idx", settings, embedding=embedding).search("cat mat", top_k=1, mode="sparse")
+    assert hits[0]["node_id"] == "cats.txt#0"
+    (source / "cats.txt").unlink()  # and a file removed after such a delete is deleted as gone
+    index = open_index(tmp_path / "idx", settings, embedding=embedding)
+    index.store.delete_nodes(["cats.txt#0"])
+    index.store.persist()
+    assert ingest(source, tmp_path / "idx", settings, embedding=embedding).deleted == 1
+    assert "cats.txt" not in FaissVectorStore.open(tmp_path / "idx").doc_hashes()
