@@ -554,13 +554,13 @@ class IndexSession:
         stats = RunStats()
         stats.fail_all({error.doc_id: error.error for error in plan.errors})
         stats.fail_all(split.errors)
+        for doc_id in plan.deleted:  # first: a correction fitted by this run must not count them
+            store.delete(doc_id)
         written = self.fill(
             store, nodes_by_id(split.by_doc), embedded, stats,
             hashes={doc.doc_id: doc.content_hash for doc in plan.to_embed},
             replace={doc.doc_id for doc in plan.changed},
         )
-        for doc_id in plan.deleted:
-            store.delete(doc_id)
         stats.added = sum(1 for doc in plan.new if doc.doc_id in written)
         stats.updated = sum(1 for doc in plan.changed if doc.doc_id in written)
         stats.deleted = len(plan.deleted)
@@ -594,7 +594,7 @@ class IndexSession:
         through one batch at a time (the store writes a segment every ``flush_rows`` rows), so
         memory does not grow with the corpus. Returns the documents written."""
         written: set[str] = set()
-        pending = self._correction_sample(store, nodes_of, embedded, corrected)
+        pending = self._correction_sample(store, nodes_of, embedded, corrected, replace)
         for batch in pending:
             if not accepts(store.encoder, batch.identity):
                 raise EncoderMismatchError(
@@ -625,6 +625,7 @@ class IndexSession:
         nodes_of: NodesOf,
         embedded: Iterable[EmbeddedBatch],
         corrected: bool,
+        replace: Collection[str] = (),
     ) -> Iterable[EmbeddedBatch]:
         """``embedded`` again, after fitting the correction of a store filled for the first time
         on the first batches (up to `CORRECTION_SAMPLE_NODES` nodes, held meanwhile).
@@ -633,7 +634,10 @@ class IndexSession:
         fewer than `MIN_DOCUMENTS` nodes) counts as filled for the first time too: its nodes
         join the sample and are written again corrected. Before, such an index never got a
         correction from later ingests (dense NDCG@10 on the development split: 34.4 without, 45.7
-        with, ``benchmarks/results/quality/pseudo_queries.md``), unless someone ran a rebuild."""
+        with, ``benchmarks/results/quality/pseudo_queries.md``), unless someone ran a rebuild.
+        The stored nodes of documents this run replaces are left out of the sample (their new
+        version is in it; the old one was counted twice, and fitted the correction one node
+        early), though written back corrected until their replacement lands."""
         if (store.count >= MIN_DOCUMENTS or store.correction is not None or corrected
                 or self._correction_kind() == "none"):
             return embedded
@@ -644,8 +648,10 @@ class IndexSession:
             held.append(batch)
             if sum(len(b.node_ids) for b in held) >= CORRECTION_SAMPLE_NODES:
                 break
+        if not held:  # nothing new: the stored nodes alone were too few before, and still are
+            return stream
         good = [(batch, [n for n in nodes_of(batch) if doc_id_of(n) not in batch.errors]) for batch in held]
-        good += [(batch, batch.nodes) for batch in stored]
+        good += [(batch, [n for n in batch.nodes if doc_id_of(n) not in replace]) for batch in stored]
         nodes = [node for _, batch_nodes in good for node in batch_nodes]
         if not nodes:
             return itertools.chain(held, stream)

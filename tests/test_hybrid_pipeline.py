@@ -48,6 +48,25 @@ def test_the_correction_is_fitted_at_first_ingest_and_applied_alike_to_documents
     assert np.allclose([h["score"] for h in hits], np.sort(scores)[::-1][:4], atol=1e-4)
 
 
+def test_a_correction_is_fitted_on_the_live_nodes_only(tmp_path, embedding):
+    # A changed document's old vector and a deleted document's were counted with the new ones:
+    # seven live nodes got a correction "fitted_on 8", the stale vector in its means
+    settings = settings_for(embedding)
+    seven = {f"f{i}.txt": f"document number {i} mentions the river garden ." for i in range(7)}
+    source = write_docs(tmp_path / "src", seven)
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    (source / "f0.txt").write_text("document one was rewritten about copper .")
+    (source / "f1.txt").unlink()
+    (source / "new.txt").write_text("a new document about the harbour .")
+    stats = ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    assert (stats.added, stats.updated, stats.deleted, stats.count) == (1, 1, 1, 7)
+    assert FaissVectorStore.open(tmp_path / "idx").correction is None  # 7 live nodes: too few
+    (source / "eighth.txt").write_text("the eighth document arrives at last .")
+    ingest(source, tmp_path / "idx", settings, embedding=embedding)
+    store = FaissVectorStore.open(tmp_path / "idx")
+    assert store.correction is not None and store.correction.fitted_on == store.count == 8
+
+
 def test_an_index_too_small_for_a_correction_gets_one_from_the_ingest_that_grows_it(tmp_path, embedding, caplog):
     """A first ingest of a few documents fits no correction (too few vectors for a mean); the
     next ingest that brings enough fits it and writes the earlier nodes again corrected. Before,
