@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import unicodedata
@@ -22,6 +23,8 @@ from typing import Any
 
 from indexes.text import has_visible_text
 from pipelines.errors import DocumentRejected
+
+log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text"}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
@@ -327,7 +330,10 @@ def _folder_items(root: Path, max_bytes: int, known: KnownFiles | None) -> Itera
         here = Path(dirpath)
         kept_dirs = []
         for name in sorted(dirnames):
-            if name.startswith(".") or _is_index(here / name):
+            if name.startswith("."):
+                continue
+            if _is_index(here / name):
+                log.info("%s holds an htp-index index: left out of the source", here / name)
                 continue
             if (here / name).is_symlink():
                 yield _folder_link_error(root, here / name)
@@ -407,8 +413,18 @@ def _folder_link_error(root: Path, link: Path) -> SourceError:
 
 
 def _is_index(folder: Path) -> bool:
-    """Whether ``folder`` holds an htp-index index (its ``CURRENT`` pointer and versions)."""
-    return (folder / "CURRENT").is_file() and (folder / "versions").is_dir()
+    """Whether ``folder`` holds an htp-index index: a ``CURRENT`` pointer naming a version
+    folder that exists. A file named CURRENT beside a ``versions`` folder (an API's docs) was
+    enough, and the folder's documents left the index without a word; a folder that cannot be
+    searched raised PermissionError there and stopped the whole ingest."""
+    from indexes import persist
+    from indexes.errors import IndexCorruptedError
+
+    try:
+        version = persist.current_version(folder) if (folder / persist.CURRENT_FILE).is_file() else None
+        return version is not None and persist.version_dir(folder, version).is_dir()
+    except (OSError, IndexCorruptedError):
+        return False
 
 
 def _record_field(record: dict[str, Any], key: str) -> str:

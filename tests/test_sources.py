@@ -81,6 +81,42 @@ def test_symlink_loops_and_links_outside_the_root_are_safe(tmp_path):
     assert isinstance(items["loop"], SourceError) and "a link to a folder" in items["loop"].error
 
 
+def test_only_a_real_index_inside_the_source_is_left_out(tmp_path):
+    # A file named CURRENT beside a versions/ folder (an API's docs) made the folder "an index":
+    # skipped without a word, so its indexed documents were deleted as gone
+    root = tmp_path / "root"
+    (root / "api" / "versions").mkdir(parents=True)
+    (root / "api" / "CURRENT").write_text("v2\n", encoding="utf-8")
+    (root / "api" / "versions" / "v1.md").write_text("Version one.", encoding="utf-8")
+    (root / "api" / "guide.md").write_text("The guide.", encoding="utf-8")
+    (root / "idx" / "versions" / "v000003").mkdir(parents=True)  # an index's layout
+    (root / "idx" / "CURRENT").write_text("v000003\n", encoding="ascii")
+    (root / "idx" / "versions" / "v000003" / "manifest.json").write_text("{}", encoding="ascii")
+    ids = set(by_id(iter_folder(root)))
+    assert {"api/CURRENT", "api/versions/v1.md", "api/guide.md"} <= ids
+    assert not any(doc_id.startswith("idx/") for doc_id in ids)
+
+
+def test_a_folder_whose_pointer_cannot_be_read_is_listed_or_reported_not_fatal(tmp_path, monkeypatch):
+    # (root/sub/CURRENT).is_file() raised PermissionError in a folder that cannot be searched,
+    # outside any handler: the whole ingest stopped (exit 1) instead of reporting the folder
+    from pathlib import Path
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.txt").write_text("A.", encoding="utf-8")
+    (root / "b.txt").write_text("B.", encoding="utf-8")
+    real = Path.is_file
+
+    def denied(path):
+        if path.name == "CURRENT":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    assert {"sub/a.txt", "b.txt"} <= set(by_id(iter_folder(root)))
+
+
 def _within(seconds, read):
     """``read()``'s result, or a failure if it has not returned in ``seconds`` (a named pipe
     blocks its reader until a writer comes: the test must fail, not hang)."""
