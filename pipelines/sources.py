@@ -352,8 +352,7 @@ def _folder_items(root: Path, max_bytes: int, known: KnownFiles | None) -> Itera
                 continue
             suffix = path.suffix.lower()
             if suffix not in SUPPORTED_SUFFIXES:
-                yield SourceError(doc_id, f"unsupported file type {suffix or '(none)'!r}; "
-                                  f"supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}")
+                yield SourceError(doc_id, _unsupported(suffix))
                 continue
             try:
                 # One lstat for a plain file: its folders were walked without following links
@@ -407,7 +406,8 @@ def _folder_link_error(root: Path, link: Path) -> SourceError:
     return SourceError(
         printable_id(relative),
         f"a link to a folder (to {printable_id(os.readlink(link))}) is not followed: its documents are not read; "
-        "ingest the folder it points to as a source of its own, or copy it here",
+        "copy it here, or ingest the folder it points to into an index of its own (into this one, "
+        "it would replace this source: documents missing from a source are deleted)",
         covers=f"{relative}/",
     )
 
@@ -714,9 +714,16 @@ def _not_readable(path: Path) -> FileNotFoundError:
     return FileNotFoundError(f"source {path} does not exist (expected a folder or a .jsonl file)")
 
 
+def _unsupported(suffix: str) -> str:
+    return f"unsupported file type {suffix or '(none)'!r}; supported: {', '.join(sorted(SUPPORTED_SUFFIXES))}"
+
+
 def iter_folder_single(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[SourceItem]:
-    """A single file as a source: its id is its file name."""
+    """A single file as a source: its id is its file name. Its type is checked as a folder's
+    files are (a .csv or .docx named alone was read as plain text)."""
     try:
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise DocumentRejected(_unsupported(path.suffix.lower()))
         text, metadata = read_file(path, max_bytes)
         yield SourceDocument(path.name, text, {**metadata, "source_path": path.name})
     except (DocumentRejected, OSError) as exc:

@@ -117,6 +117,15 @@ def test_a_folder_whose_pointer_cannot_be_read_is_listed_or_reported_not_fatal(t
     assert {"sub/a.txt", "b.txt"} <= set(by_id(iter_folder(root)))
 
 
+def test_a_single_file_source_is_read_only_if_a_folder_would_read_it(tmp_path):
+    # a .csv named alone was indexed as text, where a folder reports it as unsupported
+    (tmp_path / "data.csv").write_text("name,fruit\nann,apple\n", encoding="utf-8")
+    (tmp_path / "notes.MD").write_text("# Notes\n\nApples.", encoding="utf-8")
+    refused = list(iter_source(tmp_path / "data.csv"))
+    assert isinstance(refused[0], SourceError) and "unsupported file type '.csv'" in refused[0].error
+    assert isinstance(list(iter_source(tmp_path / "notes.MD"))[0], SourceDocument)
+
+
 def _within(seconds, read):
     """``read()``'s result, or a failure if it has not returned in ``seconds`` (a named pipe
     blocks its reader until a writer comes: the test must fail, not hang)."""
