@@ -20,6 +20,7 @@ from .errors import (
     IndexNotFoundError,
     IndexTrainingError,
     SparseIndexMissingError,
+    SystemLimitError,
     UnsupportedFilterError,
     UnsupportedIndexKindError,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "Placement",
     "SegmentStore",
     "SparseIndexMissingError",
+    "SystemLimitError",
     "UnsupportedFilterError",
     "UnsupportedIndexKindError",
     "UseGpu",

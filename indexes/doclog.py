@@ -34,7 +34,7 @@ def replay(root: Path, files: list[NamedFile]) -> dict[str, str]:
         except FileNotFoundError as exc:
             raise IndexCorruptedError.for_file(path, "the file is missing") from exc
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise IndexCorruptedError.for_file(path, f"it is not valid JSON ({exc})") from exc
+            raise IndexCorruptedError.unreadable(path, f"it is not valid JSON ({exc})", exc) from exc
         if entry.get("base"):
             docs = {}
         docs.update(entry.get("set", {}))

@@ -8,7 +8,9 @@ messages and fill the structured attributes.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from tokenize import TokenError
 from typing import Any
@@ -68,6 +70,35 @@ class IndexCorruptedError(HtpIndexError):
         """The standard error naming the damaged file and the way out, with the commands
         spelled for the index that holds it (the service and apps show the message as it is)."""
         return cls(f"{path} is corrupted: {problem}. {damage_advice(_index_dir_of(Path(path)))}", path=path)
+
+    @classmethod
+    def unreadable(cls, path: str | Path, problem: str, exc: BaseException) -> HtpIndexError:
+        """`for_file`, unless the system refused the read for want of file descriptors or
+        memory: that says nothing of the file, and the advice to restore a backup or an older
+        version would undo a healthy index (``ulimit -n 32`` made every segment "corrupted")."""
+        limit = _SYSTEM_LIMITS.get(getattr(exc, "errno", None)) or next(
+            (advice for text, advice in _SYSTEM_LIMIT_TEXTS if text in str(exc)), None)
+        if limit is not None:
+            return SystemLimitError(f"could not read {path}: {limit}; the index is not damaged, "
+                                    "run the command again once the limit is raised", path=path)
+        return cls.for_file(path, problem)
+
+
+class SystemLimitError(HtpIndexError, OSError):
+    """A file of the index could not be read because the process ran out of a system resource
+    (open files, memory); the index itself is intact and a retry within a higher limit works."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+
+_OPEN_FILES = ("the process may open no more files (raise `ulimit -n`: each segment of an index keeps a "
+               "few files open)")
+_SYSTEM_LIMITS = {errno.EMFILE: _OPEN_FILES, errno.ENFILE: "the system may open no more files",
+                  errno.ENOMEM: "out of memory"}
+# FAISS and SQLite report them as text, without an errno
+_SYSTEM_LIMIT_TEXTS = ((os.strerror(errno.EMFILE), _OPEN_FILES), (os.strerror(errno.ENOMEM), "out of memory"))
 
 
 def _index_dir_of(path: Path) -> Path | None:

@@ -98,7 +98,7 @@ def current_version(root: str | Path) -> int | None:
     except (FileNotFoundError, NotADirectoryError):  # no folder, or a file where one should be
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        raise IndexCorruptedError.for_file(pointer, f"cannot read it ({exc})") from exc
+        raise IndexCorruptedError.unreadable(pointer, f"cannot read it ({exc})", exc) from exc
     match = _VERSION_RE.match(text)
     if not match:
         raise IndexCorruptedError.for_file(
@@ -155,7 +155,7 @@ def read_manifest(root: str | Path, version: int | None = None) -> Manifest:
     except FileNotFoundError as exc:
         raise IndexCorruptedError.for_file(path, "the file is missing") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IndexCorruptedError.for_file(path, f"it is not valid JSON ({exc})") from exc
+        raise IndexCorruptedError.unreadable(path, f"it is not valid JSON ({exc})", exc) from exc
     if isinstance(raw, dict) and int(raw.get("format_version", 0)) > FORMAT_VERSION:
         raise HtpIndexError(
             f"{path} has format {raw['format_version']}, newer than this htp-index reads "

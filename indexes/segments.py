@@ -266,13 +266,13 @@ class SegmentReader:
             except RuntimeError:  # kinds whose codes FAISS cannot map are read whole
                 index = faiss.read_index(str(path))
         except RuntimeError as exc:
-            raise IndexCorruptedError.for_file(path, f"FAISS cannot read it ({_last_line(exc)})") from exc
+            raise IndexCorruptedError.unreadable(path, f"FAISS cannot read it ({_last_line(exc)})", exc) from exc
         if index.d != spec.dim:
             raise IndexCorruptedError.for_file(path, f"it holds {index.d}-d vectors, not {spec.dim}-d")
         try:
             ids = np.load(folder / IDS_FILE, mmap_mode="r")
         except UNREADABLE_ARRAY as exc:
-            raise IndexCorruptedError.for_file(folder / IDS_FILE, f"unreadable ({exc})") from exc
+            raise IndexCorruptedError.unreadable(folder / IDS_FILE, f"unreadable ({exc})", exc) from exc
         if len(ids) != record.rows or index.ntotal != record.rows:
             raise IndexCorruptedError.for_file(
                 folder, f"it holds {len(ids)} ids and {index.ntotal} vectors, the manifest {record.rows}"
@@ -280,7 +280,7 @@ class SegmentReader:
         try:
             kw = keywords.KeywordSegment.open(folder)
         except UNREADABLE_ARRAY as exc:
-            raise IndexCorruptedError.for_file(folder, f"its keyword postings are unreadable ({exc})") from exc
+            raise IndexCorruptedError.unreadable(folder, f"its keyword postings are unreadable ({exc})", exc) from exc
         rows = NodeStore.open_readonly(folder / ROWS_FILE)
         return cls(folder, record, index, ids, rows, kw)
 
@@ -420,7 +420,7 @@ def read_deletes(path: Path, expected: int) -> np.ndarray:
     try:
         ids = np.load(path)
     except UNREADABLE_ARRAY as exc:
-        raise IndexCorruptedError.for_file(path, f"unreadable ({exc})") from exc
+        raise IndexCorruptedError.unreadable(path, f"unreadable ({exc})", exc) from exc
     if ids.dtype != np.int64 or ids.ndim != 1 or len(ids) != expected:
         raise IndexCorruptedError.for_file(path, f"it should hold {expected} int64 ids")
     return ids

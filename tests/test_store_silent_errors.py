@@ -413,3 +413,32 @@ def test_a_k_far_above_the_index_size_returns_every_row(tmp_path, mode):
     store.add(_nodes(rng, 3, "pending"))  # pending rows are searched too
     hits = store.retrieve(mode, 10**12, embedding=rows[0], text="node")
     assert len(hits) == 23 and len({row.node_id for row, _ in hits}) == 23
+
+
+@pytest.mark.parametrize("refusal", [
+    OSError(24, "Too many open files"),  # the keyword postings' open
+    RuntimeError("Error: 'f' failed: could not open vectors.faiss for reading: Too many open files"),  # FAISS
+])
+def test_running_out_of_file_descriptors_is_not_called_damage(tmp_path, monkeypatch, refusal):
+    """Under `ulimit -n 32` every segment was "corrupted", with advice to restore a backup or
+    an older version: it would undo a healthy index."""
+    from indexes import SystemLimitError, keywords
+
+    path = tmp_path / "idx"
+    store = _store(path)
+    store.add(_nodes(np.random.default_rng(11), 10, "a"))
+    store.persist()
+
+    def refuse(*args, **kwargs):
+        raise refusal
+
+    monkeypatch.setattr(segments, "_READERS", {})  # as a new process: no reader held open
+    if isinstance(refusal, OSError):
+        monkeypatch.setattr(keywords.KeywordSegment, "open", refuse)
+    else:
+        monkeypatch.setattr(segments.faiss, "read_index", refuse)
+    with pytest.raises(SystemLimitError, match=r"ulimit -n.*not damaged") as raised:
+        FaissVectorStore.open(path)
+    assert "restore" not in str(raised.value) and not isinstance(raised.value, IndexCorruptedError)
+    monkeypatch.undo()
+    assert FaissVectorStore.open(path).count == 10
