@@ -697,6 +697,19 @@ class SegmentStore:
                     self.set_doc_hash(ref_doc_id, NODES_DELETED_HASH)
                 self._touch()
 
+    def discard_uncommitted(self) -> None:
+        """Remove the segment folders this store wrote and never committed, for a writer that
+        gives up (a failed ingest or rebuild): a failed commit puts its segments back into
+        their staging folders so that a caller may retry, but a command that exits left them
+        until some later commit, and on a full disk they held the room its retry needed. The
+        store is not to be used afterwards."""
+        with self._lock:
+            for segment in self._segments:
+                if segment.staging is not None and not segment.staging.is_dir():
+                    segment.staging = None  # renamed into segments/ by a commit that then failed: kept
+                _discard_staging(segment)
+            self._pending.reset()
+
     def clear(self) -> None:
         """Delete every node and document hash (ids already given out stay used)."""
         with self._lock:

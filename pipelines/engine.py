@@ -246,6 +246,7 @@ class IndexSession:
         self._load_encoder = load_encoder
         self._store: FaissVectorStore | None = None
         self._live: FaissVectorStore | None = None
+        self._writers: list[FaissVectorStore] = []  # stores this session writes: see abandon()
         self._applying = False  # an apply began and has not finished (a task retry runs it again)
 
     @classmethod
@@ -268,7 +269,22 @@ class IndexSession:
         with index_lock(path, settings.lock_timeout, create=True):  # an ingest may start the index
             manifest = FaissVectorStore.read_manifest(path) if FaissVectorStore.exists(path) else None
             config = resolve_encoder(manifest, settings, encoder_overrides)
-            yield cls(path, settings.model_copy(update={"encoder": config}), manifest, encoder, load_encoder)
+            session = cls(path, settings.model_copy(update={"encoder": config}), manifest, encoder, load_encoder)
+            try:
+                yield session
+            except BaseException:
+                session.abandon()
+                raise
+
+    def abandon(self) -> None:
+        """Remove what the session's stores wrote and did not commit (see
+        `SegmentStore.discard_uncommitted`); the live version is untouched."""
+        for store in self._writers:
+            try:
+                store.discard_uncommitted()
+            except OSError as exc:  # the next commit collects what is left
+                log.warning("could not remove the uncommitted segments of %s: %s", self.index_dir, exc)
+        self._writers.clear()
 
     # ---------------------------------------------------------------- what it holds
     @property
@@ -294,6 +310,7 @@ class IndexSession:
             keep_versions=settings.keep_versions,
             **settings.faiss_placement(),
         )
+        self._writers.append(store)
         current = self.encoder.identity()
         if not same_encoder(store.encoder, current):  # an older record it upgrades (checked above)
             store.upgrade_encoder(current)
@@ -404,12 +421,14 @@ class IndexSession:
         `FaissVectorStore.create`)."""
         if self.manifest is None:
             log.info("creating a new %s index at %s", index_kind, self.index_dir)
-        return FaissVectorStore.create(
+        store = FaissVectorStore.create(
             self.index_dir, dim=dim or self.encoder.dim, encoder=encoder or self.encoder.identity(),
             metric=self._metric(), index_kind=index_kind, keep_versions=self.settings.keep_versions,
             overwrite=self.manifest is not None, persist_now=False, replaces=replaces,
             **self.settings.faiss_placement(),
         )
+        self._writers.append(store)
+        return store
 
     def _switch_to_rebuilt(self, new: FaissVectorStore, read: int | None) -> int:
         """Commit a rebuilt version; a version another writer committed since the rebuild read
@@ -537,6 +556,7 @@ class IndexSession:
         write them back corrected, left them out for good on the retry (a run that ended
         Completed with 6 documents gone)."""
         if self._applying:
+            self.abandon()
             self._store = None  # nothing of it is live: persist is the last step
         self._applying = True
         store = self.store

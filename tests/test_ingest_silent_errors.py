@@ -429,3 +429,32 @@ def test_an_emptied_jsonl_file_in_a_folder_keeps_its_records_and_is_reported(tmp
     records.unlink()  # removed on purpose: its records go
     stats = ingest(source, tmp_path / "idx", settings, embedding=embedding)
     assert stats.deleted == 2 and not {"c.jsonl#a", "c.jsonl#b"} & indexed(tmp_path / "idx")
+
+
+@pytest.mark.parametrize("command", ["ingest", "rebuild"])
+def test_a_commit_that_fails_on_a_full_disk_leaves_no_segment_behind(tmp_path, embedding, monkeypatch, command):
+    # The failed commit put its segments back into their staging folders for a retry, but the
+    # command exited: they stayed until a later commit, holding the room the retry needed
+    import errno
+
+    from indexes import persist
+
+    source = write_docs(tmp_path / "src")
+    ingest(source, tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    before = FaissVectorStore.open(tmp_path / "idx").version
+    (source / "more.txt").write_text("a further text about the harbour and its boats .")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(persist, "_write_text_durably", full)
+    with pytest.raises(OSError, match="No space left"):
+        if command == "ingest":
+            ingest(source, tmp_path / "idx", settings_for(embedding), embedding=embedding)
+        else:
+            rebuild(tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    monkeypatch.undo()
+    segments_dir = tmp_path / "idx" / "segments"
+    assert [p.name for p in segments_dir.iterdir() if p.name.startswith(".tmp")] == []
+    assert FaissVectorStore.open(tmp_path / "idx").version == before
+    assert ingest(source, tmp_path / "idx", settings_for(embedding), embedding=embedding).count == 4
