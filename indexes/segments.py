@@ -23,11 +23,13 @@ A segment is written into a staging folder (``.tmp-<pid>@<host>~…``) and publi
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
 import shutil
 import socket
+import sqlite3
 import tempfile
 import threading
 import weakref
@@ -118,8 +120,16 @@ def write_segment(
         record = _write_files(
             staging, spec, ids, vectors, rows, texts, keyword_parts, shared_centroids, row_files, index_rows
         )
-    except BaseException:
+    except (OSError, sqlite3.OperationalError) as exc:
         shutil.rmtree(staging, ignore_errors=True)  # a failed write leaves nothing behind
+        # SQLite's "disk I/O error" and a write's "[Errno 28]" named neither file nor index
+        code = getattr(exc, "errno", None) or errno.EIO
+        room = code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)
+        raise OSError(code, f"could not write a segment of the index at {root} ({exc})"
+                      + (". Is the disk full, or a file-size limit (ulimit -f) set?" if room else "")
+                      + " Nothing was committed.") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     reader = SegmentReader.open(staging, record, spec)
     return WrittenSegment(staging=staging, record=record, reader=reader)

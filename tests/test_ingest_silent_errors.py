@@ -458,3 +458,18 @@ def test_a_commit_that_fails_on_a_full_disk_leaves_no_segment_behind(tmp_path, e
     assert [p.name for p in segments_dir.iterdir() if p.name.startswith(".tmp")] == []
     assert FaissVectorStore.open(tmp_path / "idx").version == before
     assert ingest(source, tmp_path / "idx", settings_for(embedding), embedding=embedding).count == 4
+
+
+def test_a_segment_that_cannot_be_written_names_the_index(tmp_path, embedding, monkeypatch):
+    # SQLite's bare "disk I/O error" (under ulimit -f) named neither the file nor the index
+    import sqlite3
+
+    from indexes import docstore
+
+    def refuse(path):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(docstore, "_new_file", refuse)
+    with pytest.raises(OSError, match=r"could not write a segment of the index at .*idx \(disk I/O error\)"):
+        ingest(write_docs(tmp_path / "src"), tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    assert not (tmp_path / "idx" / "CURRENT").exists()
