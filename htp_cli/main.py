@@ -159,6 +159,9 @@ def ingest(
     index_kind: KindOpt = None,
     chunk_size: Annotated[int | None, typer.Option(help="tokens per node (default: what the index recorded, else fill the encoder window; another size than the index's needs rebuild --source)")] = None,
     keep_missing: Annotated[bool, typer.Option("--keep-missing", help="append-only: keep documents that vanished from the source")] = False,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="a glob pattern of files or folders of a source folder to leave out "
+        "without a report, as .gitignore writes it ('*.png', 'drafts/', 'notes/*.md'); repeat for more (default: the "
+        "settings' exclude). An indexed document under one is deleted")] = None,
     task_runner: TaskRunnerOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -168,7 +171,7 @@ def ingest(
     settings = _settings(
         config, as_json=as_json, encoder_model=model, encoder_method=method, encoder_k=k, encoder_device=device,
         encoder_show_progress=False, index_kind=index_kind, chunk_size=chunk_size,
-        delete_missing=False if keep_missing else None,
+        delete_missing=False if keep_missing else None, exclude=exclude or None,
     )
     try:
         if task_runner:

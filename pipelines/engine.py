@@ -489,9 +489,10 @@ class IndexSession:
         files = None
         if self.settings.trust_file_stats and source_kind(source) == "folder":
             files = FileStatsCache.for_source(self.index_dir, Path(source), max_bytes)
-            items = files.observe(iter_source(source, max_bytes=max_bytes, known=files.known(indexed)))
+            items = files.observe(iter_source(source, max_bytes=max_bytes, known=files.known(indexed),
+                                              exclude=self.settings.exclude))
         else:
-            items = iter_source(source, max_bytes=max_bytes)
+            items = iter_source(source, max_bytes=max_bytes, exclude=self.settings.exclude)
         delete_missing = self.settings.delete_missing
         if delete_missing and single_document(source):
             log.info("%s is a single document: it is added or updated, the index's others are kept", source)
@@ -729,7 +730,8 @@ class IndexSession:
             return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), SplitNodes(stored),
                                live.doc_hashes(), splitting=live.splitting, indexed=frozenset(stored),
                                base_version=live.version)
-        items = list(iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20)))
+        items = list(iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20),
+                                 exclude=self.settings.exclude))
         readable = [item for item in items if isinstance(item, SourceDocument)]
         indexed = live.doc_hashes()
         # Documents written outside ingest (LlamaIndex's as_index(), the store API) have no

@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     delete_missing: bool = Field(True, description="remove documents that vanished from the source")
     lock_timeout: float = Field(600.0, ge=0, description="seconds to wait for another ingest to finish")
     max_document_mb: float = Field(20.0, gt=0, description="larger files are reported and skipped")
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="glob patterns of what a source folder's ingest leaves out without a report, as "
+        ".gitignore writes them: a pattern without '/' matches a file or folder name at any depth "
+        "('*.png', 'README'), one with '/' the path from the source root ('drafts/*.md'), a trailing "
+        "'/' folders only ('build/'). A document already indexed under one is deleted at the next ingest",
+    )
     trust_file_stats: bool = Field(
         True, description="a folder's file whose size, mtime, ctime and inode are those it had when the "
         "last ingest read and indexed it is not read again; false reads every file every run")

@@ -7,13 +7,14 @@ becomes a :class:`SourceError` with a message saying what is wrong; it never sto
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
 import math
 import os
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from itertools import groupby
@@ -292,7 +293,8 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, dict
     return _require_text(text), metadata
 
 
-def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, known: KnownFiles | None = None) -> Iterator[SourceItem]:
+def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, known: KnownFiles | None = None,
+                exclude: Sequence[str] = ()) -> Iterator[SourceItem]:
     """Every supported file below ``root`` (recursively, sorted), as documents or errors.
 
     Symbolic links to directories are not followed (no loops) and are reported; links to
@@ -310,7 +312,7 @@ def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, known: KnownF
     :class:`SourceUnchanged`.
     """
     read: dict[str, str] = {}
-    for item in _folder_items(root.resolve(), max_bytes, known):
+    for item in _folder_items(root.resolve(), max_bytes, known, tuple(exclude)):
         if isinstance(item, SourceDocument | SourceUnchanged):
             origin = "a file" if item.file is not None and item.file[0] == item.doc_id else "a JSONL record"
             if item.doc_id in read:
@@ -322,7 +324,21 @@ def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, known: KnownF
         yield item
 
 
-def _folder_items(root: Path, max_bytes: int, known: KnownFiles | None) -> Iterator[SourceItem]:
+def excluded(relative: str, is_folder: bool, patterns: Sequence[str]) -> bool:
+    """Whether the path ``relative`` (to the source root, with '/') matches one of the settings'
+    ``exclude`` patterns, read as .gitignore reads them (without its negations)."""
+    name = relative.rsplit("/", 1)[-1]
+    for pattern in patterns:
+        folders_only, anchored = pattern.endswith("/"), "/" in pattern.rstrip("/")
+        if folders_only and not is_folder:
+            continue
+        if fnmatch.fnmatchcase(relative if anchored else name, pattern.strip("/")):
+            return True
+    return False
+
+
+def _folder_items(root: Path, max_bytes: int, known: KnownFiles | None,
+                  exclude: tuple[str, ...] = ()) -> Iterator[SourceItem]:
     """:func:`iter_folder`'s items before ids are made unique."""
     unlisted: list[OSError] = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
@@ -330,7 +346,7 @@ def _folder_items(root: Path, max_bytes: int, known: KnownFiles | None) -> Itera
         here = Path(dirpath)
         kept_dirs = []
         for name in sorted(dirnames):
-            if name.startswith("."):
+            if name.startswith(".") or excluded((here / name).relative_to(root).as_posix(), True, exclude):
                 continue
             if _is_index(here / name):
                 log.info("%s holds an htp-index index: left out of the source", here / name)
@@ -345,6 +361,8 @@ def _folder_items(root: Path, max_bytes: int, known: KnownFiles | None) -> Itera
                 continue
             path = here / name
             doc_id = path.relative_to(root).as_posix()
+            if excluded(doc_id, False, exclude):
+                continue
             try:
                 require_encodable(doc_id, "the file's path")
             except DocumentRejected as exc:
@@ -685,15 +703,15 @@ def source_kind(source: Any) -> str:
 
 
 def iter_source(source: str | Path | Iterable[str] | Mapping[str, str], *, max_bytes: int = DEFAULT_MAX_BYTES,
-                known: KnownFiles | None = None) -> Iterator[SourceItem]:
+                known: KnownFiles | None = None, exclude: Sequence[str] = ()) -> Iterator[SourceItem]:
     """Dispatch on the kind of source: folder, .jsonl file, single file, or texts. ``known``
-    (a folder's files only): see :func:`iter_folder`."""
+    and ``exclude`` (a folder's files only): see :func:`iter_folder`."""
     kind = source_kind(source)
     if kind == "texts":
         return iter_texts(source)  # type: ignore[arg-type]
     path = Path(source).expanduser()  # type: ignore[arg-type]
     if kind == "folder":
-        return iter_folder(path, max_bytes=max_bytes, known=known)
+        return iter_folder(path, max_bytes=max_bytes, known=known, exclude=exclude)
     if kind == "jsonl":
         return iter_jsonl(path, max_bytes=max_bytes)
     if kind == "file":

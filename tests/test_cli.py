@@ -100,6 +100,16 @@ def test_a_missing_source_leaves_no_index_folder_behind(env):
     assert "does not exist" in failure["error"] and not (env / "idx").exists()
 
 
+def test_exclude_leaves_files_out_and_deletes_them_once_excluded(env):
+    src = write_docs(env / "src")
+    (src / "logo.png").write_bytes(b"\x89PNG not text")
+    failed = runner.invoke(app, ["ingest", "src", "--index", "idx", "--json"])
+    assert failed.exit_code == 3  # an unsupported file is reported...
+    stats = run_json("ingest", "src", "--index", "idx", "--exclude", "*.png", "--exclude", "night.txt")
+    assert (stats["failed"], stats["deleted"], stats["count"]) == (0, 1, 2)  # ...unless excluded
+    assert run_json("ingest", "src", "--index", "idx", "--exclude", "*.png")["added"] == 1
+
+
 def test_every_option_is_documented():
     import typer.main
 

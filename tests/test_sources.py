@@ -126,6 +126,23 @@ def test_a_single_file_source_is_read_only_if_a_folder_would_read_it(tmp_path):
     assert isinstance(list(iter_source(tmp_path / "notes.MD"))[0], SourceDocument)
 
 
+def test_exclude_patterns_leave_files_and_folders_out_as_gitignore_reads_them(tmp_path):
+    # a docs folder's images and README (no suffix) were reported as failed on every run
+    root = tmp_path / "root"
+    for path in ("a.md", "fig.png", "README", "drafts/b.md", "sub/drafts/c.md", "sub/d.md", "build/e.md",
+                 "notes/f.md", "notes/g.txt"):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text("Some text.", encoding="utf-8")
+    read = lambda *patterns: sorted(by_id(iter_folder(root, exclude=patterns)))  # noqa: E731
+    every = read()
+    assert {"fig.png", "README"} <= set(every)
+    assert read("*.png", "README") == sorted(set(every) - {"fig.png", "README"})
+    assert read("drafts/") == sorted(set(every) - {"drafts/b.md", "sub/drafts/c.md"})  # a name, any depth
+    assert read("/drafts") == sorted(set(every) - {"drafts/b.md"})  # anchored at the root
+    assert read("notes/*.md", "build") == sorted(set(every) - {"notes/f.md", "build/e.md"})
+    assert read("*.md/") == every  # folders only: no folder is named so
+
+
 def _within(seconds, read):
     """``read()``'s result, or a failure if it has not returned in ``seconds`` (a named pipe
     blocks its reader until a writer comes: the test must fail, not hang)."""
