@@ -340,6 +340,15 @@ def excluded(relative: str, is_folder: bool, patterns: Sequence[str]) -> bool:
 def _folder_items(root: Path, max_bytes: int, known: KnownFiles | None,
                   exclude: tuple[str, ...] = ()) -> Iterator[SourceItem]:
     """:func:`iter_folder`'s items before ids are made unique."""
+    try:
+        yield from _walk_items(root, max_bytes, known, exclude)
+    except RecursionError:  # Python 3.11's os.walk recurses: ~1,000 nested folders end it
+        raise OSError(f"{root} nests folders deeper than can be walked (about 1,000 levels); leave the "
+                      "deepest out with the exclude setting") from None
+
+
+def _walk_items(root: Path, max_bytes: int, known: KnownFiles | None,
+                exclude: tuple[str, ...]) -> Iterator[SourceItem]:
     unlisted: list[OSError] = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=False):
         yield from _unlisted_folders(root, unlisted)

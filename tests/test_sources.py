@@ -305,3 +305,16 @@ def test_texts_through_the_api():
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         iter_source(tmp_path / "nope")
+
+
+def test_a_folder_nested_past_what_can_be_walked_is_a_clear_error(tmp_path, monkeypatch):
+    # ~1,100 nested folders ended the ingest with a bare "maximum recursion depth exceeded"
+    import pipelines.sources as sources
+
+    def too_deep(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+        yield  # a generator, as os.walk is
+
+    monkeypatch.setattr(sources.os, "walk", too_deep)
+    with pytest.raises(OSError, match="nests folders deeper than can be walked"):
+        list(iter_folder(tmp_path))
