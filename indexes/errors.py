@@ -76,12 +76,18 @@ class IndexCorruptedError(HtpIndexError):
         """`for_file`, unless the system refused the read for want of file descriptors or
         memory: that says nothing of the file, and the advice to restore a backup or an older
         version would undo a healthy index (``ulimit -n 32`` made every segment "corrupted")."""
-        limit = _SYSTEM_LIMITS.get(getattr(exc, "errno", None)) or next(
-            (advice for text, advice in _SYSTEM_LIMIT_TEXTS if text in str(exc)), None)
+        limit = system_limit(exc)
         if limit is not None:
             return SystemLimitError(f"could not read {path}: {limit}; the index is not damaged, "
                                     "run the command again once the limit is raised", path=path)
         return cls.for_file(path, problem)
+
+
+def system_limit(exc: BaseException) -> str | None:
+    """What to do when ``exc`` is the system refusing a resource (file descriptors, memory), as
+    an errno or, from FAISS and SQLite, as text; None for any other error."""
+    return _SYSTEM_LIMITS.get(getattr(exc, "errno", None)) or next(
+        (advice for text, advice in _SYSTEM_LIMIT_TEXTS if text in str(exc)), None)
 
 
 class SystemLimitError(HtpIndexError, OSError):

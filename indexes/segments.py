@@ -23,6 +23,7 @@ A segment is written into a staging folder (``.tmp-<pid>@<host>~…``) and publi
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
@@ -45,7 +46,7 @@ import numpy as np
 from . import ann, gpu, heap, keywords, kinds
 from .docstore import NodeRow, NodeStore
 from .durable import fsync_path
-from .errors import UNREADABLE_ARRAY, IndexCorruptedError
+from .errors import UNREADABLE_ARRAY, IndexCorruptedError, SystemLimitError, system_limit
 from .spec import FileRecord, IndexSpec, SegmentRecord
 from .vectors import VectorIndex
 
@@ -120,19 +121,33 @@ def write_segment(
         record = _write_files(
             staging, spec, ids, vectors, rows, texts, keyword_parts, shared_centroids, row_files, index_rows
         )
-    except (OSError, sqlite3.OperationalError) as exc:
+        reader = SegmentReader.open(staging, record, spec)
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)  # a failed write leaves nothing behind
-        # SQLite's "disk I/O error" and a write's "[Errno 28]" named neither file nor index
-        code = getattr(exc, "errno", None) or errno.EIO
-        room = code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)
-        raise OSError(code, f"could not write a segment of the index at {root} ({exc})"
-                      + (". Is the disk full, or a file-size limit (ulimit -f) set?" if room else "")
-                      + " Nothing was committed.") from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging.exists():  # out of file descriptors, rmtree cannot list it: once they are freed
+            atexit.register(shutil.rmtree, staging, True)
+        if isinstance(exc, OSError | sqlite3.OperationalError):
+            raise _write_failure(root, exc) from exc
         raise
-    reader = SegmentReader.open(staging, record, spec)
     return WrittenSegment(staging=staging, record=record, reader=reader)
+
+
+def _write_failure(root: Path, exc: BaseException) -> OSError:
+    """A failed segment write said with the index it was for and what to do: SQLite's bare
+    "disk I/O error" and a write's "[Errno 28]" named neither, and running out of file
+    descriptors came out as "could not read" a temporary folder."""
+    cause = exc.__cause__ if isinstance(exc, SystemLimitError) and exc.__cause__ is not None else exc
+    limit = system_limit(cause) or (str(exc) if isinstance(exc, SystemLimitError) else None)
+    if limit is not None:
+        return SystemLimitError(f"could not write a segment of the index at {root}: {limit}. Nothing was "
+                                "committed; the index is not damaged")
+    code = getattr(cause, "errno", None) or errno.EIO
+    room = code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)
+    failure = OSError(f"could not write a segment of the index at {root} ({getattr(cause, 'strerror', None) or cause})"
+                      + (". Is the disk full, or a file-size limit (ulimit -f) set?" if room else "")
+                      + " Nothing was committed.")
+    failure.errno = code
+    return failure
 
 
 def _check_vector_count(ids: np.ndarray, vectors: np.ndarray | ann.VectorSource) -> None:

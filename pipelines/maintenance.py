@@ -56,8 +56,12 @@ def compact_index(
         store = _open(index_dir, keep_versions)
         before = store.segment_count
         deleted = store.manifest.tombstones if store.manifest else 0
-        merges = store.compact(everything=everything)
-        version = store.persist() if merges else store.version
+        try:
+            merges = store.compact(everything=everything)
+            version = store.persist() if merges else store.version
+        except BaseException:
+            store.discard_uncommitted()  # a failed commit put its merged segments back in staging
+            raise
         if not merges:  # nothing to commit: still remove what a crashed writer left behind
             persist.collect_garbage_now(index_dir, keep_versions)
         after_deleted = store.manifest.tombstones if store.manifest else 0

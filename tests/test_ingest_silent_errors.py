@@ -473,3 +473,25 @@ def test_a_segment_that_cannot_be_written_names_the_index(tmp_path, embedding, m
     with pytest.raises(OSError, match=r"could not write a segment of the index at .*idx \(disk I/O error\)"):
         ingest(write_docs(tmp_path / "src"), tmp_path / "idx", settings_for(embedding), embedding=embedding)
     assert not (tmp_path / "idx" / "CURRENT").exists()
+
+
+def test_a_compaction_whose_commit_fails_leaves_no_segment_behind(tmp_path, embedding, monkeypatch):
+    import errno
+
+    from indexes import persist
+    from pipelines.maintenance import compact_index
+
+    source = write_docs(tmp_path / "src")
+    ingest(source, tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    (source / "more.txt").write_text("a further text about the harbour and its boats .")
+    ingest(source, tmp_path / "idx", settings_for(embedding), embedding=embedding)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(persist, "_write_text_durably", full)
+    with pytest.raises(OSError, match="No space left"):
+        compact_index(tmp_path / "idx", settings_for(embedding))
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "idx" / "segments").iterdir() if p.name.startswith(".tmp")] == []
+    assert compact_index(tmp_path / "idx", settings_for(embedding)).merges >= 1

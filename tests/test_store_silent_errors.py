@@ -442,3 +442,25 @@ def test_running_out_of_file_descriptors_is_not_called_damage(tmp_path, monkeypa
     assert "restore" not in str(raised.value) and not isinstance(raised.value, IndexCorruptedError)
     monkeypatch.undo()
     assert FaissVectorStore.open(path).count == 10
+
+
+def test_a_segment_write_out_of_file_descriptors_says_so_and_leaves_no_folder(tmp_path, monkeypatch):
+    """Opening the segment just written ran out of descriptors: "could not read" its temporary
+    folder, which stayed (each compact retry added one)."""
+    from indexes import SystemLimitError
+
+    path = tmp_path / "idx"
+    store = _store(path)
+    store.add(_nodes(np.random.default_rng(12), 10, "a"))
+    store.persist()
+    store.add(_nodes(np.random.default_rng(13), 10, "b"))
+    store.persist()
+
+    def out_of_files(*args, **kwargs):  # as SegmentReader.open raises it
+        refused = OSError(24, "Too many open files")
+        raise IndexCorruptedError.unreadable(path, "unreadable", refused) from refused
+
+    monkeypatch.setattr(segments.SegmentReader, "open", out_of_files)
+    with pytest.raises(SystemLimitError, match=r"could not write a segment of the index at .*ulimit -n.*not damaged"):
+        store.compact(everything=True)
+    assert [p.name for p in (path / "segments").iterdir() if p.name.startswith(".tmp")] == []
