@@ -472,9 +472,17 @@ def _index_with_defaults() -> type[VectorStoreIndex]:
                 # could rank, and whitespace returned without storing anything
                 raise DocumentRejected(f"document {doc_id!r} is empty (no visible text): nothing to index")
             require_encodable(cleaned, f"document {doc_id!r}")  # was a TypeError from the tokenizer
-            if cleaned != text:
+            if document.metadata.get("doc_id", doc_id) != doc_id:  # as a JSONL record's is refused
+                raise DocumentRejected(f"document {doc_id!r}: metadata key 'doc_id' is reserved: htp-index sets "
+                                       "it to the document's id on every node; rename it")
+            if cleaned != text or "doc_id" not in document.metadata:
                 document = document.model_copy()  # the caller's document stays as it was given
                 document.set_content(cleaned)
+                # as ingest tags every node (a doc_id filter found no inserted document), kept
+                # out of the text the encoder and the LLM see
+                document.metadata = {**document.metadata, "doc_id": doc_id}
+                document.excluded_embed_metadata_keys = [*document.excluded_embed_metadata_keys, "doc_id"]
+                document.excluded_llm_metadata_keys = [*document.excluded_llm_metadata_keys, "doc_id"]
             if self._vector_store.ref_doc_node_ids(doc_id):
                 self.delete_ref_doc(doc_id, delete_from_docstore=True)
             super().insert(document, **insert_kwargs)

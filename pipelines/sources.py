@@ -23,7 +23,7 @@ from stat import S_ISBLK, S_ISCHR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
 from typing import Any
 
 from indexes.text import has_visible_text
-from pipelines.errors import DocumentRejected
+from pipelines.errors import DocumentRejected, OptionConflictError
 
 log = logging.getLogger(__name__)
 
@@ -729,10 +729,15 @@ def iter_source(source: str | Path | Iterable[str] | Mapping[str, str], *, max_b
 
 
 def require_source(source: Any) -> None:
-    """Raise what reading ``source`` would for a path that is not there, before an ingest
-    creates the index folder (a mistyped source left a new, empty index folder with its lock)."""
-    if source_kind(source) == "missing":
+    """Raise what reading ``source`` would for a path that is not there, or a single file of a
+    type no folder's ingest reads (bad usage), before an ingest creates the index folder: a
+    mistyped source left a new, empty index folder with its lock, and a refused file an empty
+    index bound to the encoder that happened to be asked."""
+    kind = source_kind(source)
+    if kind == "missing":
         raise _not_readable(Path(source).expanduser())
+    if kind == "file" and Path(source).suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise OptionConflictError(f"source {source}: {_unsupported(Path(source).suffix.lower())}")
 
 
 def _not_readable(path: Path) -> FileNotFoundError:

@@ -98,6 +98,9 @@ def test_a_missing_source_leaves_no_index_folder_behind(env):
     # a mistyped source left a new, empty index folder holding its lock file
     failure = run_json("ingest", "nosuchsrc", "--index", "idx", code=1)
     assert "does not exist" in failure["error"] and not (env / "idx").exists()
+    (env / "data.csv").write_text("name,fruit\nann,apple\n")  # nor does a file of a type no ingest reads
+    refused = run_json("ingest", "data.csv", "--index", "idx", code=2)
+    assert "unsupported file type '.csv'" in refused["error"] and not (env / "idx").exists()
 
 
 def test_exclude_leaves_files_out_and_deletes_them_once_excluded(env):

@@ -213,3 +213,21 @@ def test_a_documents_nodes_deleted_through_the_api_come_back_at_the_next_ingest(
     index.store.persist()
     assert ingest(source, tmp_path / "idx", settings, embedding=embedding).deleted == 1
     assert "cats.txt" not in FaissVectorStore.open(tmp_path / "idx").doc_hashes()
+
+
+def test_an_inserted_document_carries_its_doc_id_as_ingested_ones_do(index_dir, embedding):
+    # ingest tags every node with metadata doc_id; an inserted document got none (a doc_id
+    # filter never found it), and a doc_id of the caller's own was kept, unlike a JSONL record's
+    from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters
+
+    from pipelines.errors import DocumentRejected
+
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    document = Document(text="Guava orchards line the quiet valley road.", id_="g1", metadata={"k": "v"})
+    index.as_index().insert(document)
+    assert document.metadata == {"k": "v"}  # the caller's document is left as given
+    found = index.store.get_nodes(filters=MetadataFilters(filters=[MetadataFilter(key="doc_id", value="g1")]))
+    assert [node.metadata for node in found] == [{"k": "v", "doc_id": "g1"}]
+    assert "g1" not in found[0].get_content(metadata_mode="embed")  # the encoder sees the text alone
+    with pytest.raises(DocumentRejected, match="'doc_id' is reserved"):
+        index.as_index().insert(Document(text="Another text.", id_="g2", metadata={"doc_id": "mine"}))
