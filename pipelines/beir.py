@@ -103,7 +103,7 @@ def read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
     """The records of a JSON Lines file with their line numbers (blank lines skipped)."""
     if not path.is_file():
         raise DatasetError(f"{path} is missing: a BEIR dataset holds corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # a BOM (Windows editors) as ingest takes it
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -126,7 +126,7 @@ def read_qrels(path: Path, notes: dict[str, int] | None = None) -> Qrels:
     ``notes["repeated_judgements"]``."""
     qrels: Qrels = {}
     where: dict[tuple[str, str], int] = {}
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
         for number, row in enumerate(csv.reader(handle, delimiter="\t"), 1):
             if not any(cell.strip() for cell in row):
                 continue  # a blank line

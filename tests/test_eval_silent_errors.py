@@ -191,6 +191,18 @@ def test_empty_documents_and_queries_left_without_judgements_are_counted(tmp_pat
                           "dropped_queries_all_judged_docs_missing": 1}
 
 
+def test_a_dataset_written_with_byte_order_marks_is_read_as_ingest_reads_it(tmp_path):
+    from pipelines.beir import load_beir
+
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_bytes(b'\xef\xbb\xbf{"_id": "d1", "text": "a cat"}\r\n')
+    (root / "queries.jsonl").write_bytes(b'\xef\xbb\xbf{"_id": "q1", "text": "cat"}\r\n')
+    (root / "qrels" / "test.tsv").write_bytes(b"\xef\xbb\xbfquery-id\tcorpus-id\tscore\r\nq1\td1\t1\r\n")
+    data = load_beir(root, "test")
+    assert data.qrels == {"q1": {"d1": 1}} and data.queries == {"q1": "cat"} and set(data.corpus) == {"d1"}
+
+
 @pytest.mark.parametrize(("damage", "said"), [
     (lambda root: (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": \n'),
      "corpus.jsonl:2: not a JSON record"),
