@@ -85,8 +85,14 @@ class JsonFailureGroup(TyperGroup):
             return super().invoke(ctx)
         except _USAGE_ERROR as exc:
             if ctx.meta.get("htp_index.json"):
-                typer.echo(json.dumps({"ok": False, "error": exc.format_message(), "exit_code": exc.exit_code}))
+                print_json_failure(exc.format_message(), exc.exit_code)
             raise
+
+
+def print_json_failure(error: str, code: int) -> None:
+    """What ``--json`` prints on stdout for a command that fails: one object, the same shape
+    whoever reports the failure."""
+    typer.echo(json.dumps({"ok": False, "error": error, "exit_code": code}))
 
 
 def fail(exc: BaseException, *, as_json: bool = False) -> typer.Exit:
@@ -96,5 +102,5 @@ def fail(exc: BaseException, *, as_json: bool = False) -> typer.Exit:
     code = EXIT_USAGE if is_usage_error(exc) else EXIT_FAILED
     console.print(f"[red]error:[/red] {escape(describe(exc))}", highlight=False, soft_wrap=True)  # one line, pasteable
     if as_json:
-        typer.echo(json.dumps({"ok": False, "error": describe(exc), "exit_code": code}))
+        print_json_failure(describe(exc), code)
     return typer.Exit(code)

@@ -29,7 +29,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from htp_cli.failure import JsonFailureGroup, describe
+from htp_cli.failure import JsonFailureGroup, describe, print_json_failure
 from htp_cli.failure import fail as _fail
 from htp_embed.threads import default_openmp_waiting
 
@@ -105,7 +105,7 @@ def _settings(config: Path | None, *, as_json: bool = False, **overrides: Any):
         # one line (pydantic's own rendering echoes the input and a documentation link)
         console.print(f"[red]error:[/red] {escape(describe(exc))}", highlight=False, soft_wrap=True)
         if as_json:  # stdout was empty: a script reading --json output had nothing to parse
-            typer.echo(json.dumps({"ok": False, "error": describe(exc), "exit_code": 2}))
+            print_json_failure(describe(exc), 2)
         raise typer.Exit(2) from exc
 
 
