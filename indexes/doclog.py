@@ -25,10 +25,14 @@ MAX_DELTAS = 16
 
 
 def replay(root: Path, files: list[NamedFile]) -> dict[str, str]:
-    """The map the log ``files`` describe."""
+    """The map the log ``files`` describe. Each file is checked against its record first: a
+    new base is written from this map, and damage copied into it would pass `verify`."""
+    from .persist import check_file  # persist imports this module
+
     docs: dict[str, str] = {}
     for record in files:
         path = Path(root) / record.path
+        check_file(path, record)
         try:
             entry = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:

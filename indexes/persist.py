@@ -198,7 +198,10 @@ def file_record(path: Path) -> FileRecord:
     return FileRecord(sha256=sha256_file(path), bytes=path.stat().st_size)
 
 
-def _check_hash(path: Path, record: FileRecord | NamedFile) -> None:
+def check_file(path: Path, record: FileRecord | NamedFile) -> None:
+    """Size and sha256 of one file against its record; `IndexCorruptedError` naming it. The
+    small files a commit carries into the next version (correction, tombstones, document log)
+    are checked when read, or the copy would get a fresh checksum and `verify` pass the damage."""
     if not path.is_file():
         raise IndexCorruptedError.for_file(path, "the file is missing")
     size = path.stat().st_size
@@ -206,7 +209,10 @@ def _check_hash(path: Path, record: FileRecord | NamedFile) -> None:
         raise IndexCorruptedError.for_file(
             path, f"it has {size} bytes but the manifest recorded {record.bytes} (truncated?)"
         )
-    actual = sha256_file(path)
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        raise IndexCorruptedError.unreadable(path, f"unreadable ({exc})", exc) from exc
     if actual != record.sha256:
         raise IndexCorruptedError.for_file(
             path, f"sha256 {actual[:12]}… differs from the manifest's {record.sha256[:12]}…"
@@ -221,13 +227,13 @@ def check_segment_files(folder: Path, files: Mapping[str, FileRecord]) -> None:
     holds) cannot be hashed by name and is passed over."""
     for name, record in sorted(files.items()):
         if (folder / name).exists():
-            _check_hash(folder / name, record)
+            check_file(folder / name, record)
 
 
 def verify_files(vdir: Path, manifest: Manifest) -> None:
     """Check every file a format-1 version lists; raise IndexCorruptedError naming the first bad one."""
     for name, record in sorted(manifest.files.items()):
-        _check_hash(vdir / name, record)
+        check_file(vdir / name, record)
 
 
 def verify(root: str | Path, version: int | None = None) -> dict[str, int]:
@@ -242,7 +248,7 @@ def verify(root: str | Path, version: int | None = None) -> dict[str, int]:
     checked = {"files": 0, "bytes": 0}
 
     def check(path: Path, record: FileRecord | NamedFile) -> None:
-        _check_hash(path, record)
+        check_file(path, record)
         checked["files"] += 1
         checked["bytes"] += record.bytes
 

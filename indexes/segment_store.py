@@ -276,7 +276,7 @@ class SegmentStore:
             reader = segments.open_segment(root, record, manifest.spec)
             deleted = None
             if record.deletes is not None:
-                segments.check_sizes(root, {record.deletes.path: record.deletes})
+                persist.check_file(root / record.deletes.path, record.deletes)
                 deleted = segments.read_deletes(root / record.deletes.path, record.deleted)
             store._segments.append(
                 LiveSegment.of(
@@ -1377,11 +1377,16 @@ def _discard_staging(segment: LiveSegment) -> None:
 
 def read_correction(vdir: Path, manifest: Manifest) -> VectorCorrection | None:
     """The version's correction (format 2: listed in the manifest; format 1: in ``files``); a
-    missing or unreadable file is `IndexCorruptedError` naming it (opening and `info` both)."""
+    missing, unreadable or changed file is `IndexCorruptedError` naming it (opening and `info`
+    both)."""
     listed = manifest.correction is not None or persist.CORRECTION_NAME in manifest.files
     if not listed:
         return None
     path = vdir / persist.CORRECTION_NAME
+    record = manifest.correction or manifest.files[persist.CORRECTION_NAME]
+    # Applied to every query, and copied into each later version: a changed digit would shift
+    # every answer without a word and pass `verify` once copied (~2 MB at most: a few ms).
+    persist.check_file(path, record)
     try:
         return VectorCorrection.load(path)
     except FileNotFoundError as exc:

@@ -464,3 +464,69 @@ def test_a_segment_write_out_of_file_descriptors_says_so_and_leaves_no_folder(tm
     with pytest.raises(SystemLimitError, match=r"could not write a segment of the index at .*ulimit -n.*not damaged"):
         store.compact(everything=True)
     assert [p.name for p in (path / "segments").iterdir() if p.name.startswith(".tmp")] == []
+
+
+# ------------------------------------------- small files a commit carries into the next version
+
+
+def _flip_same_size(path: Path, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    assert old in data and len(old) == len(new)
+    path.write_bytes(data.replace(old, new, 1))
+
+
+def test_a_changed_digit_in_the_correction_is_refused_not_copied_into_the_next_version(tmp_path):
+    """Open checked only that correction.json parsed: a digit changed in place (same size)
+    shifted every query's vector, and the next commit wrote it again with a fresh sha256, so
+    `verify` passed from then on (a trial: the top score fell from 0.326 to 0.213)."""
+    from indexes.correction import VectorCorrection
+
+    rng = np.random.default_rng(6)
+    path = tmp_path / "idx"
+    store = _store(path)
+    rows = unit_rows(rng, 12, DIM)
+    store.set_correction(VectorCorrection.fit(rows, unit_rows(rng, 12, DIM)))
+    store.add(make_nodes(rows, prefix="d"))
+    version = store.persist()
+    correction = persist.version_dir(path, version) / persist.CORRECTION_NAME
+    text = correction.read_text()
+    digit = next(c for c in text if c in "12345678")
+    _flip_same_size(correction, digit.encode(), b"9")
+    with pytest.raises(IndexCorruptedError, match="correction.json"):
+        FaissVectorStore.open(path)
+
+
+def test_a_changed_tombstone_is_refused_not_copied_into_the_next_version(tmp_path):
+    """Tombstones were checked by size at open: a deleted row's id changed in place brought the
+    row back and hid another, and the next delete in that segment rewrote the file with it."""
+    rng = np.random.default_rng(7)
+    path = tmp_path / "idx"
+    store = _store(path)
+    store.add(_nodes(rng, 20, "a"))
+    store.persist()
+    store.delete_nodes(["a3"])
+    store.persist()
+    deletes = path / store.manifest.segments[0].deletes.path
+    ids = np.load(deletes)
+    changed = ids.copy()
+    changed[0] = (int(ids[0]) + 1) % 20
+    np.save(deletes, changed)
+    assert deletes.stat().st_size == store.manifest.segments[0].deletes.bytes
+    with pytest.raises(IndexCorruptedError, match=deletes.name):
+        FaissVectorStore.open(path)
+
+
+def test_a_changed_document_log_entry_is_refused_before_a_new_base_copies_it(tmp_path):
+    """The document log was replayed without its checksums, and a new base is written from
+    the replayed map: a changed hash or id became part of the index's record for good."""
+    path = tmp_path / "idx"
+    store = _store(path)
+    store.add(_nodes(np.random.default_rng(8), 4, "a"))
+    store.set_doc_hash("doc-a", "1111")
+    store.persist()
+    log = path / store.manifest.docs[-1].path
+    _flip_same_size(log, b"1111", b"2222")
+    reopened = FaissVectorStore.open(path)
+    with pytest.raises(IndexCorruptedError, match=log.name):
+        reopened.doc_hashes()
+
