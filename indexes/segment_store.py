@@ -1065,6 +1065,9 @@ class SegmentStore:
                 f"query embedding has shape {tuple(xq.shape)}; the index at {self._root} holds "
                 f"{self._spec.dim}-dimensional vectors"
             )
+        if not np.isfinite(xq).all():
+            # FAISS ranks nothing against NaN: dense answered [] and hybrid keyword hits alone
+            raise ValueError("query embedding has NaN or infinite values")
         # FAISS and the merge size their results by k: a k of 10**9 over 65 rows asked for
         # gigabytes (MemoryError, or the process killed) where it means "every row"
         k = min(k, self._live_rows())

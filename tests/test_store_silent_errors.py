@@ -530,3 +530,14 @@ def test_a_changed_document_log_entry_is_refused_before_a_new_base_copies_it(tmp
     with pytest.raises(IndexCorruptedError, match=log.name):
         reopened.doc_hashes()
 
+
+@pytest.mark.parametrize("mode", ["dense", "hybrid"])
+def test_a_nan_query_embedding_is_refused_not_answered_empty(tmp_path, mode):
+    """Adding a NaN vector was refused; searching with one answered [] in dense mode and the
+    keyword hits alone in hybrid mode, as if the index held nothing closer."""
+    store = _store(tmp_path / "idx")
+    store.add(_nodes(np.random.default_rng(9), 5, "a"))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        store.retrieve(mode, 3, embedding=np.full(DIM, np.nan), text="text")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        store.search(np.full((1, DIM), np.inf), 3)
