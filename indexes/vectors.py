@@ -18,8 +18,9 @@ dropped by a rebuild from the reconstructed live vectors once they exceed
 
 Filters arrive as the set of allowed ids. Sets of at most ``exact_filter_threshold`` ids are
 searched exactly over their reconstructed vectors (cheaper than walking a graph for a handful of
-ids, and always complete); larger sets go through the ANN index with an ``IDSelectorBatch``
-inside the search. A post-check re-runs exactly any row where the ANN search came back short
+ids, and always complete), as are sets an IVF search would scan more rows than to answer (its
+probe grows with the share of rows a filter leaves out); larger sets go through the ANN index
+with an ``IDSelectorBatch`` inside the search. A post-check re-runs exactly any row where the ANN search came back short
 or with an id outside the allowed set, so a filtered or deleted vector is never returned.
 
 Small query batches (an HTTP request) run FAISS on a single OpenMP thread: see
@@ -341,9 +342,14 @@ class VectorIndex:
                 allowed = allowed[~self._is_dead(allowed)]
             if len(allowed) == 0:
                 return self._empty(nq, k)
-            if len(allowed) <= self.spec.params.exact_filter_threshold or replica is not None:
+            if (
+                len(allowed) <= self.spec.params.exact_filter_threshold
+                or replica is not None
+                or (knobs["nprobe"] is None and len(allowed) <= self._rows_probed(k, len(allowed)))
+            ):
                 # Small sets: exact is cheaper than an ANN walk and never misses. GPU indexes
                 # take no IDSelector: search the subset exactly from the CPU master instead.
+                # An IVF probe grown for a selective filter would scan more rows than it allows.
                 return self.exact_search(xq, k, allowed)
             sel: faiss.IDSelector | None = faiss.IDSelectorBatch(allowed)
         elif self._dead:
@@ -356,14 +362,25 @@ class VectorIndex:
                 return self._verified(xq, k, scores, ids, None)
         if knobs["nprobe"] is None:
             ivf, _ = kinds.approximate_parts(self.index)
-            if ivf is not None:  # tombstones leave a share of each list live
-                knobs["nprobe"] = kinds.probes_for(ivf, k, self.count / max(self.ntotal, 1) if allowed is None else 1.0)
+            if ivf is not None:  # tombstones or a filter leave a share of each list searchable
+                searchable = self.count if allowed is None else len(allowed)
+                knobs["nprobe"] = kinds.probes_for(ivf, k, searchable / max(self.ntotal, 1))
         params, held = kinds.search_parameters(self.index, sel, **knobs)
         keep.extend(held)
         scores, ids = self.index.search(xq, k, params=params)
         if allowed is None:
             scores, ids = self._widened(xq, k, scores, ids, sel, knobs)
         return self._verified(xq, k, scores, ids, allowed)
+
+    def _rows_probed(self, k: int, searchable: int) -> float:
+        """Rows an IVF search for top ``k`` scans when ``searchable`` rows may be returned (the
+        probe grows as they get fewer: `kinds.probes_for`); 0 for other structures, whose
+        filtered search keeps its usual path."""
+        ivf, _ = kinds.approximate_parts(self.index)
+        if ivf is None or ivf.nlist <= 0:
+            return 0.0
+        probe = kinds.probes_for(ivf, k, searchable / max(self.ntotal, 1))
+        return probe * ivf.ntotal / ivf.nlist
 
     def _widened(
         self, xq: np.ndarray, k: int, scores: np.ndarray, ids: np.ndarray,
