@@ -147,3 +147,17 @@ def test_few_tombstones_survive_a_reload_and_stay_hidden(tmp_path):
 def test_unknown_factory_string_is_refused_early(tmp_path):
     with pytest.raises(ValueError, match="neither a kind name"):
         new_store(tmp_path, 16, index_kind="NotAnIndex123")
+
+
+@pytest.mark.parametrize("kind", ["PQ8", "IVF16,PQ8", "OPQ8,IVF16,PQ8", "SQ4", "HNSW16_PQ8", "PCA8,Flat"])
+def test_a_factory_string_that_keeps_only_codes_is_refused(tmp_path, kind):
+    """PQ8 stored vectors at cosine 0.93 to the originals; a compaction below its training
+    floor rebuilt the segment as Flat over those decoded vectors (recall@10 0.54), and
+    `rebuild --keep-vectors` carried them into any new kind: the originals were gone."""
+    with pytest.raises(ValueError, match="keeps only compressed codes.*ivf_pq"):
+        new_store(tmp_path, 16, index_kind=kind)
+
+
+@pytest.mark.parametrize("kind", ["PQ8,RFlat", "IVF16,PQ8,RFlat", "IVF16,SQ8", "SQfp16", "HNSW16", "HNSW16_SQ8"])
+def test_a_factory_string_that_keeps_the_vectors_is_accepted(tmp_path, kind):
+    assert new_store(tmp_path, 16, index_kind=kind).count == 0
