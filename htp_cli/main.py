@@ -390,7 +390,8 @@ def info(
     drift: Annotated[bool, typer.Option("--drift", help="also read up to 100,000 stored vectors to measure how far they drifted from the vector correction")] = False,
 ) -> None:
     """Show an index's live version, size, kind, encoder (and whether it records an encoder
-    check), segments and vector correction, read
+    check), segments with their FAISS structures (a kind that needs training serves exact search
+    until a segment can train it) and vector correction, read
     from its manifest alone (nothing else is loaded; --drift reads stored vectors too), and how
     this machine would run its encoder: the dtype, Linear packing and attention kernel measured here, and which
     code runs the decoder (htp-index's own Gemma 3 forward pass or transformers' class)."""
@@ -406,7 +407,8 @@ def info(
         "count": manifest.count, "dim": manifest.dim, "version": manifest.version,
         "index_kind": manifest.index_kind, "metric": manifest.metric, "encoder": manifest.encoder,
         "created_at": manifest.created_at, "format": manifest.format_version,
-        "segments": len(manifest.segments), "deleted_rows": manifest.tombstones,
+        "segments": len(manifest.segments), "structures": _structures(manifest),
+        "deleted_rows": manifest.tombstones,
         "query_modes": ["dense", "sparse", "hybrid"], "correction": correction,
         "splitting": manifest.splitting,
         "encoder_check": None if manifest.encoder_check is None else {
@@ -471,6 +473,20 @@ def _forward_pass(recorded: dict[str, Any]) -> str:
     except Exception as exc:
         return f"unknown: this folder's settings are invalid ({describe(exc)})"
     return forward_pass_plan(str(recorded.get("model", "")), runtime["device"], runtime["implementation"])
+
+
+def _structures(manifest: Any) -> dict[str, dict[str, int]]:
+    """FAISS structure -> its segments and rows: a kind that needs training (ivf_flat, ivf_pq,
+    a PQ factory string) serves exact search (a Flat structure) until a segment holds enough
+    rows to train it, which the kind's name alone did not show."""
+    if manifest.format_version < 2:  # one structure for the whole index
+        return {manifest.index_structure: {"segments": 1, "rows": manifest.count}}
+    structures: dict[str, dict[str, int]] = {}
+    for segment in manifest.segments:
+        entry = structures.setdefault(segment.structure, {"segments": 0, "rows": 0})
+        entry["segments"] += 1
+        entry["rows"] += segment.rows
+    return structures
 
 
 def _manifest_correction(index: Path, manifest: Any) -> dict[str, Any] | None:

@@ -541,3 +541,21 @@ def test_a_nan_query_embedding_is_refused_not_answered_empty(tmp_path, mode):
         store.retrieve(mode, 3, embedding=np.full(DIM, np.nan), text="text")
     with pytest.raises(ValueError, match="NaN or infinite"):
         store.search(np.full((1, DIM), np.inf), 3)
+
+
+def test_info_shows_that_a_kind_needing_training_still_serves_exact_search(tmp_path):
+    """`rebuild --keep-vectors --index-kind ivf_flat` of a few nodes kept a Flat structure
+    (exact search until 624 rows can train it); `info` showed only the kind's name."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from htp_cli.main import app
+
+    store = _store(tmp_path / "idx", index_kind="ivf_flat")
+    store.add(_nodes(np.random.default_rng(10), 6, "a"))
+    store.persist()
+    result = CliRunner().invoke(app, ["info", "--index", str(tmp_path / "idx"), "--json"])
+    info = json.loads(result.output)
+    assert info["index_kind"] == "ivf_flat"
+    assert info["structures"] == {"IndexIDMap2 > IndexFlat": {"segments": 1, "rows": 6}}
