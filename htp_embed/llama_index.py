@@ -19,6 +19,7 @@ from pydantic import Field, PrivateAttr
 
 from htp_embed.config import EncoderConfig
 from htp_embed.encoder import HTPEncoder
+from htp_embed.models import _dtype_name
 from htp_embed.rerank import (
     DEFAULT_PASSAGE_TOKENS,
     DEFAULT_WEIGHT,
@@ -32,11 +33,24 @@ class HTPEmbedding(BaseEmbedding):
 
     ``HTPEmbedding()`` loads the default offline model with the default HTP settings;
     ``HTPEmbedding(encoder=existing)`` wraps an encoder already loaded; keyword arguments are
-    :class:`~htp_embed.config.EncoderConfig` fields (``method="vanilla"``, ``k=8``…).
+    :class:`~htp_embed.config.EncoderConfig` fields (``method="vanilla"``, ``k=8``…) or
+    ``BaseEmbedding``'s own (``num_workers``, ``callback_manager``…).
     ``model_name`` names the model and the HTP settings, e.g.
     ``gemma3-270m/htp[k=adaptive:8,rewire=1-7,exit=13]``.
+
+    ``to_dict()`` carries ``encoder_identity`` (everything that decides the vectors, the
+    weights' fingerprint and dtype included): LlamaIndex's ``IngestionCache`` keys on it, so two
+    differently configured embeddings never share cached vectors. It also carries
+    ``encoder_config``, from which ``from_dict``, pickling (``IngestionPipeline`` workers) and
+    ``deepcopy`` rebuild the same encoder.
     """
 
+    encoder_config: dict[str, Any] = Field(
+        default_factory=dict, description="the EncoderConfig (dtype resolved) that rebuilds the encoder"
+    )
+    encoder_identity: dict[str, Any] = Field(
+        default_factory=dict, description="what decides the vectors: the index identity and the dtype"
+    )
     _encoder: HTPEncoder = PrivateAttr()
 
     def __init__(
@@ -45,17 +59,59 @@ class HTPEmbedding(BaseEmbedding):
         *,
         config: EncoderConfig | None = None,
         embed_batch_size: int | None = None,
+        encoder_config: dict[str, Any] | None = None,
+        encoder_identity: dict[str, Any] | None = None,
+        model_name: str | None = None,
         **settings: Any,
     ):
-        if encoder is None:
+        # BaseEmbedding's own fields go to the base class; the rest are the encoder's settings.
+        # model_name is derived from the encoder (from_dict passes it back, and it is dropped).
+        del model_name
+        base = {key: settings.pop(key) for key in list(settings) if key in _BASE_FIELDS}
+        if encoder_config is not None:
+            if encoder is not None or config is not None or settings:
+                raise ValueError("HTPEmbedding: pass encoder_config alone, not with an encoder")
+            encoder = _rebuild_encoder(encoder_config)
+        elif encoder is None:
             encoder = HTPEncoder(config, **settings)
         elif settings or config is not None:
             raise ValueError("pass either an encoder or settings, not both")
+        identity = {**encoder.identity(), "dtype": _dtype_name(encoder.dtype)}
+        if encoder_identity is not None and encoder_identity != identity:
+            raise ValueError(
+                f"HTPEmbedding: the encoder its settings load now ({identity}) is not the one "
+                f"recorded ({encoder_identity}); were the model's weights changed?"
+            )
+        default_batch = max(encoder.config.batch_size * 4, 10)
         super().__init__(
             model_name=encoder.describe(),
-            embed_batch_size=embed_batch_size or max(encoder.config.batch_size * 4, 10),
+            embed_batch_size=default_batch if embed_batch_size is None else embed_batch_size,
+            encoder_config=encoder.config.model_dump(mode="json") | {"dtype": identity["dtype"]},
+            encoder_identity=identity,
+            **base,
         )
         self._encoder = encoder
+
+    def _rebuild_arguments(self) -> dict[str, Any]:
+        return {
+            "encoder_config": self.encoder_config,
+            "encoder_identity": self.encoder_identity,
+            "embed_batch_size": self.embed_batch_size,
+            "num_workers": self.num_workers,
+        }
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as the settings, not the loaded weights: the copy loads the same encoder again
+        (BaseComponent's default dropped the encoder, and the copy failed on first use)."""
+        return (_rebuild_embedding, (self._rebuild_arguments(),))
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> HTPEmbedding:
+        """A copy sharing the loaded encoder: encoding does not change it, and copying the
+        weights would only cost memory."""
+        return type(self)(
+            self._encoder, embed_batch_size=self.embed_batch_size, num_workers=self.num_workers,
+            callback_manager=self.callback_manager,
+        )
 
     @classmethod
     def class_name(cls) -> str:
@@ -90,6 +146,26 @@ class HTPEmbedding(BaseEmbedding):
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return await asyncio.to_thread(self._get_text_embeddings, texts)
+
+
+_BASE_FIELDS = frozenset(BaseEmbedding.model_fields) - {"model_name", "embed_batch_size"}
+
+
+def _rebuild_encoder(encoder_config: dict[str, Any]) -> HTPEncoder:
+    """The encoder an HTPEmbedding's serialised settings name, or an error saying why not."""
+    try:
+        return HTPEncoder(EncoderConfig(**encoder_config))
+    except Exception as error:
+        raise ValueError(
+            f"HTPEmbedding cannot be rebuilt from its settings (model {encoder_config.get('model')!r}): "
+            f"{error}. An embedding over a decoder passed in memory cannot be copied to another "
+            "process or restored from to_dict(); load it from a packaged model or a model folder"
+        ) from error
+
+
+def _rebuild_embedding(arguments: dict[str, Any]) -> HTPEmbedding:
+    """Unpickle an HTPEmbedding: rebuild it from its settings."""
+    return HTPEmbedding(**arguments)
 
 
 class QueryLikelihoodRerank(BaseNodePostprocessor):
