@@ -180,17 +180,45 @@ def _quiet_transformers() -> None:
 def _load_hf_dir(path: Path, dtype: torch.dtype, tokenizer: Any | None = None):
     """The model in ``path`` through transformers, with ``tokenizer`` (one already loaded, a
     packaged copy's) or else ``AutoTokenizer``'s from ``path``."""
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoTokenizer
 
     _quiet_transformers()
     if tokenizer is None:
         tokenizer = _user_dir_tokenizer(path, AutoTokenizer)
-    model = AutoModel.from_pretrained(str(path), dtype=dtype)
+    try:
+        model, info = AutoModel.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise ModelNotAvailableError(
+            f"the weights in {path} ({_weight_files(path)}) are not a readable checkpoint of its "
+            f"config.json: {error}; save the model again (model.save_pretrained(DIR))"
+        ) from error
+    # transformers initialises missing tensors at random and only logs a report: vectors then
+    # differed per process under one cached fingerprint. Unexpected keys (an LM head beside the
+    # base decoder) change no weight the encoder uses, and mismatched shapes already raise.
+    missing = list(info.get("missing_keys", [])) + list(info.get("error_msgs", []))
+    if missing:
+        raise ModelNotAvailableError(
+            f"the checkpoint in {path} ({_weight_files(path)}) lacks {len(missing)} of the model's "
+            f"tensors ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): it is not "
+            "a readable checkpoint of its config.json; save the model again (model.save_pretrained(DIR))"
+        )
     return model, tokenizer
+
+
+def _weight_files(path: Path) -> str:
+    """The weight files in a model folder, for an error message."""
+    names = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "") if names else "no weight files"
 
 
 #: Files one of which a saved tokenizer has (fast, SentencePiece, BPE or WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+SUPPORTED_DECODERS = "Llama, Qwen2/3, Mistral, Gemma 2/3 families"
+#: What the encoder reads from a decoder's configuration (the dtype probe, packing, layers).
+_DECODER_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers")
 
 
 def _user_dir_tokenizer(path: Path, auto_tokenizer: Any) -> Any:
@@ -204,7 +232,10 @@ def _user_dir_tokenizer(path: Path, auto_tokenizer: Any) -> Any:
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    config = AutoConfig.from_pretrained(str(path))
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelNotAvailableError(f"{path / 'config.json'} is not a readable model configuration: {error}") from error
     kind = config.model_type
     if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False) or (
         kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
@@ -212,6 +243,15 @@ def _user_dir_tokenizer(path: Path, auto_tokenizer: Any) -> Any:
         raise ModelNotAvailableError(
             f"the model in {path} ({kind}) is not a decoder-only language model; htp-index embeds with "
             "decoders such as Llama, Qwen2/3, Mistral, Gemma 2/3"
+        )
+    text = config.get_text_config()
+    lacking = [key for key in _DECODER_FIELDS if getattr(text, key, None) is None]
+    if lacking:
+        # GPT-2 names its MLP width n_inner (None by default): the encoder failed later with
+        # "'GPT2Config' object has no attribute 'intermediate_size'".
+        raise ModelNotAvailableError(
+            f"the model in {path} ({kind}) is not a supported decoder (architectures supported: "
+            f"{SUPPORTED_DECODERS}): its configuration has no {', '.join(lacking)}"
         )
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ModelNotAvailableError(
