@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -156,6 +157,18 @@ class EncoderConfig(BaseModel):
         if not _DEVICE.fullmatch(value):
             raise ValueError(f"device {value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu[:N]'")
         return value
+
+    @field_validator("model")
+    @classmethod
+    def _absolute_model_path(cls, value: str) -> str:
+        # A local folder or file is recorded as one absolute path: "./mymodel" recorded as typed
+        # could not be found from another working directory, and "mymodel/" or "/abs/mymodel"
+        # for the same folder read as another encoder.
+        from htp_embed.packaged_models import PACKAGED_MODELS
+
+        if value in PACKAGED_MODELS or not Path(value).expanduser().exists():
+            return value
+        return os.path.abspath(Path(value).expanduser())
 
     @field_validator("k", mode="before")
     @classmethod

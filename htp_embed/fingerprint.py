@@ -128,10 +128,37 @@ def upgradable(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
     return _canonical({**recorded, FINGERPRINT_KEY: new}) == _canonical(current)
 
 
+def relocated(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether ``current`` is ``recorded``'s encoder with its local model folder at another path
+    (moved, or spelled "./m" where "/abs/m" was recorded): the weights fingerprint is the same,
+    and so is every other setting.
+
+    The path is only where the weights were found; the fingerprint says which weights they are.
+    Packaged models and architecture-only fingerprints (which cannot tell weights apart) are
+    never relocated.
+    """
+    from htp_embed.packaged_models import PACKAGED_MODELS
+
+    old, new = recorded.get("model"), current.get("model")
+    fingerprint = recorded.get(FINGERPRINT_KEY)
+    if old == new or not isinstance(old, str) or not isinstance(new, str):
+        return False
+    if old in PACKAGED_MODELS or new in PACKAGED_MODELS:
+        return False
+    if not isinstance(fingerprint, str) or is_architecture_only(fingerprint):
+        return False
+    return _canonical({**recorded, "model": new}) == _canonical(current)
+
+
 def accepts(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
     """Whether vectors of encoder ``current`` may join (or query) an index recording ``recorded``:
-    the same identity, or an old record that :func:`upgradable` accepts."""
-    return _canonical(recorded) == _canonical(current) or upgradable(recorded, current)
+    the same identity, an old record that :func:`upgradable` accepts, or the same weights in a
+    local folder at another path (:func:`relocated`)."""
+    return (
+        _canonical(recorded) == _canonical(current)
+        or upgradable(recorded, current)
+        or relocated(recorded, current)
+    )
 
 
 def _canonical(identity: Mapping[str, Any]) -> str:

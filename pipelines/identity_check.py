@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from htp_embed.fingerprint import FINGERPRINT_KEY, accepts, upgradable
+from htp_embed.fingerprint import FINGERPRINT_KEY, accepts, relocated, upgradable
 from htp_embed.identity import config_from_identity
 from pipelines.settings import Settings
 
@@ -55,8 +55,9 @@ def _shown(value: Any) -> str:
 
 def expected_identity(recorded: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
     """The identity to check a store against: ``recorded`` itself when it is an older record
-    that ``current`` upgrades (the store compares exactly), else ``current``."""
-    return recorded if upgradable(recorded, current) else current
+    that ``current`` upgrades, or names the same weights at another folder path (the store
+    compares exactly, and the record takes ``current``'s at the next write), else ``current``."""
+    return recorded if upgradable(recorded, current) or relocated(recorded, current) else current
 
 
 def _announce_upgrade(index_dir: str | Path, old: str, new: str) -> None:

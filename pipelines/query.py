@@ -418,12 +418,14 @@ def open_index(
     placement = settings.faiss_placement()
     store = SegmentStore.open(path, keep_versions=settings.keep_versions, **placement)
     recorded = store.encoder
-    warn_ignored_encoder_settings(path, recorded, settings, "queries are embedded with it",
-                                  f"run `htp-index rebuild --index {path}` with them to change the index's encoder")
+    folder = _moved_model_folder(path, recorded, settings) if encoder is None else {}
+    if not folder:
+        warn_ignored_encoder_settings(path, recorded, settings, "queries are embedded with it",
+                                      f"run `htp-index rebuild --index {path}` with them to change the index's encoder")
     if encoder is None or not index_accepts(path, recorded, encoder.identity()):
         # Loaded from the record, the encoder can still differ: other weights saved under the
         # model's name (a fine-tune in the same directory) have another fingerprint.
-        encoder = HTPEncoder(config_from_identity(recorded, **settings.runtime_encoder_settings()))
+        encoder = HTPEncoder(config_from_identity(recorded, **settings.runtime_encoder_settings(), **folder))
         if not index_accepts(path, recorded, encoder.identity()):
             raise EncoderMismatchError.between(path, recorded, encoder.identity())
     index = OpenIndex(path, store, encoder, default_mode=settings.query_mode,
@@ -433,6 +435,27 @@ def open_index(
     if check_encoder:
         index.check_encoder()
     return index
+
+
+def _moved_model_folder(path: Path, recorded: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """``{"model": folder}`` when the index's recorded model folder is not where it was recorded
+    (moved, or a relative path recorded by an older version, seen from another directory) and
+    the settings name the folder; ``{}`` when the record is found as it is. The weights must
+    still be the same: the fingerprint is checked when the encoder is loaded."""
+    from htp_embed.packaged_models import PACKAGED_MODELS, ModelNotAvailableError
+
+    model = str(recorded.get("model", ""))
+    if model in PACKAGED_MODELS or Path(model).expanduser().exists():
+        return {}
+    given = settings.explicit_encoder_settings().get("model")
+    if given is not None:
+        return {"model": given}
+    raise ModelNotAvailableError(
+        f"the index at {path} was built with the model folder {model!r}, which is not there "
+        f"(seen from {Path.cwd()}); name the folder holding the same weights "
+        f"({recorded.get('model_fingerprint')}) in the settings: model = \"/path/to/folder\" under "
+        "[encoder] in htp-index.toml, or HTP_INDEX_ENCODER__MODEL=/path/to/folder"
+    )
 
 
 @cache
