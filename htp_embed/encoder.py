@@ -387,6 +387,13 @@ class HTPEncoder:
                 raise TypeError(f"text {i} is {type(text).__name__}, not str")
             if not text.strip():
                 raise EmptyTextError(f"text {i} is empty or whitespace-only; there is nothing to embed")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # the tokenizer's own word was a bare TypeError
+                raise ValueError(
+                    f"text {i} holds a lone surrogate ({ascii(text[exc.start])}) at character "
+                    f"{exc.start}, which is not a character; pass valid UTF-8 text"
+                ) from None
         layouts = self.layouts(texts, is_query=is_query)
         truncated = sum(layout.truncated for layout in layouts)
         if truncated:

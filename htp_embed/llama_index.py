@@ -10,6 +10,7 @@ worker thread so an event loop (e.g. the HTTP service) stays responsive while it
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
@@ -130,13 +131,13 @@ class HTPEmbedding(BaseEmbedding):
         return self._encoder.identity()
 
     def _get_query_embedding(self, query: str) -> Embedding:
-        return self._encoder.encode_queries([query])[0].tolist()
+        return self._encoder.encode_queries(_visible([query]))[0].tolist()
 
     def _get_text_embedding(self, text: str) -> Embedding:
-        return self._encoder.encode_documents([text])[0].tolist()
+        return self._encoder.encode_documents(_visible([text]))[0].tolist()
 
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        return self._encoder.encode_documents(texts).tolist()
+        return self._encoder.encode_documents(_visible(texts)).tolist()
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
         return await asyncio.to_thread(self._get_query_embedding, query)
@@ -146,6 +147,26 @@ class HTPEmbedding(BaseEmbedding):
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return await asyncio.to_thread(self._get_text_embeddings, texts)
+
+
+# As indexes.text.INVISIBLE_CATEGORIES (htp_embed sits below indexes and may not import it):
+# controls, format characters (zero-width spaces, BOMs) and space separators.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def _visible(texts: list[str]) -> list[str]:
+    """``texts`` unchanged, or a ValueError for one holding only invisible characters
+    ("\u200b", "\x00\x01"): the index refuses such documents and queries, and embedded here
+    they were vectors of nothing."""
+    for i, text in enumerate(texts):
+        if isinstance(text, str) and text.strip() and not any(
+            unicodedata.category(ch) not in _INVISIBLE_CATEGORIES for ch in text
+        ):
+            raise ValueError(
+                f"text {i} holds only invisible characters (controls, zero-width or format "
+                "characters): there is nothing to embed"
+            )
+    return texts
 
 
 _BASE_FIELDS = frozenset(BaseEmbedding.model_fields) - {"model_name", "embed_batch_size"}

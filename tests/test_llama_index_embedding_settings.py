@@ -86,3 +86,18 @@ def test_an_embedding_over_an_in_memory_decoder_refuses_to_pickle_by_name():
 def test_a_batch_size_of_zero_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="embed_batch_size"):
         embedding(tiny_model_dir, embed_batch_size=0)
+
+
+@pytest.mark.parametrize("text", ["\u200b", "\x00\x01", "\ufeff \u200d"])
+def test_a_text_of_only_invisible_characters_is_refused(text):
+    built = HTPEmbedding(tiny_encoder(k=1))
+    with pytest.raises(ValueError, match="only invisible characters"):
+        built.get_text_embedding(text)
+    with pytest.raises(ValueError, match="only invisible characters"):
+        built.get_query_embedding(text)
+
+
+def test_a_lone_surrogate_is_refused_clearly():
+    built = HTPEmbedding(tiny_encoder(k=1))
+    with pytest.raises(ValueError, match=r"lone surrogate \('\\ud800'\) at character 4"):
+        built.get_text_embedding("the \ud800 cat")
