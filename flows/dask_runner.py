@@ -22,6 +22,7 @@ workers without it, and sets thread counts in the workers alone, not in the call
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +53,22 @@ def parse_dask_spec(name: str) -> DaskSpec:
         return DaskSpec(n_workers=int(value))
     if not value:
         raise ValueError("'dask=' needs a worker count or a scheduler address (tcp://host:8786)")
+    if not _looks_like_scheduler_address(value):
+        # Dask refused these only once it connected, after the server, the model and the plan
+        raise ValueError(
+            f"{name!r}: {value!r} is neither a worker count (a whole number, at least 1) nor a "
+            "scheduler address (SCHEME://HOST:PORT such as tcp://host:8786, or HOST:PORT)"
+        )
     return DaskSpec(address=value)
+
+
+def _looks_like_scheduler_address(value: str) -> bool:
+    """``scheme://rest`` or ``host:port`` with a numeric port: the forms Dask's Client connects to."""
+    scheme, sep, rest = value.partition("://")
+    if sep:
+        return bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme)) and bool(rest.strip())
+    host, colon, port = value.rpartition(":")
+    return bool(colon and host.strip("[]") and port.isdigit() and " " not in value)
 
 
 def available_cores() -> int:

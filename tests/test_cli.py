@@ -482,7 +482,8 @@ def test_a_list_value_such_as_tags_is_filtered_with_contains(env):
     assert mixed.exit_code == 2 and "its value must be" in mixed.output and "Traceback" not in mixed.output
 
 
-@pytest.mark.parametrize("spelling", ["bogus", "thread=abc", "thread=0", "dask=0", "dask="])
+@pytest.mark.parametrize("spelling", ["bogus", "thread=abc", "thread=0", "dask=0", "dask=", "dask=-1", "dask=abc",
+                                      "dask=2.5", "dask=+2"])
 def test_a_misspelled_task_runner_is_a_usage_error_before_any_work(tmp_path, spelling):
     """It was a ValueError from inside the run: exit 1, 'the run failed', after the plan ran."""
     for command in (["ingest", str(tmp_path)], ["rebuild"]):

@@ -87,6 +87,15 @@ def test_task_runner_names_parse():
             parse_dask_spec(bad)
 
 
+def test_a_dask_address_is_checked_before_any_work():
+    """'-1', 'abc', '2.5' and '+2' were taken as addresses; Dask refused them 25-35 s later."""
+    for good in ("h:8786", "tls://h:8786", "[::1]:8786", "inproc://x"):
+        assert parse_dask_spec(f"dask={good}") == DaskSpec(address=good)
+    for bad in ("-1", "abc", "2.5", "+2", ":8786", "tcp://", "h:port"):
+        with pytest.raises(ValueError, match="worker count .* scheduler address"):
+            parse_dask_spec(f"dask={bad}")
+
+
 def test_local_cluster_splits_the_cores_between_single_threaded_worker_processes():
     kwargs = local_cluster_kwargs(2, cores=8)
     assert kwargs["processes"] and kwargs["n_workers"] == 2 and kwargs["threads_per_worker"] == 1
