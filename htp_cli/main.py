@@ -147,6 +147,12 @@ def _run_with_progress(run, description: str, show: bool):
         )
 
 
+ExcludeOpt = Annotated[list[str] | None, typer.Option("--exclude", help="a glob pattern of files or folders of a source folder to "
+    "leave out without a report, as .gitignore writes it ('*.png', 'drafts/', 'notes/*.md'); repeat for more (default: "
+    "the settings' exclude). An indexed document under one is treated as a missing one: deleted, or kept with "
+    "--keep-missing")]
+
+
 @app.command()
 def ingest(
     source: Annotated[str, typer.Argument(help="a folder (txt, md, rst, html, pdf, jsonl; recursive) or a BEIR-style .jsonl file: documents missing from it are deleted (see --keep-missing); or one document file, added or updated beside the others")],
@@ -159,9 +165,7 @@ def ingest(
     index_kind: KindOpt = None,
     chunk_size: Annotated[int | None, typer.Option(help="tokens per node (default: what the index recorded, else fill the encoder window; another size than the index's needs rebuild --source)")] = None,
     keep_missing: Annotated[bool, typer.Option("--keep-missing", help="append-only: keep documents that vanished from the source")] = False,
-    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="a glob pattern of files or folders of a source folder to leave out "
-        "without a report, as .gitignore writes it ('*.png', 'drafts/', 'notes/*.md'); repeat for more (default: the "
-        "settings' exclude). An indexed document under one is deleted")] = None,
+    exclude: ExcludeOpt = None,
     task_runner: TaskRunnerOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,

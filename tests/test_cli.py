@@ -113,6 +113,15 @@ def test_exclude_leaves_files_out_and_deletes_them_once_excluded(env):
     assert run_json("ingest", "src", "--index", "idx", "--exclude", "*.png")["added"] == 1
 
 
+def test_an_excluded_document_is_kept_with_keep_missing_as_ingest_help_says(env):
+    """--help and README said an excluded document "is deleted"; --keep-missing keeps it."""
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    kept = run_json("ingest", "src", "--index", "idx", "--exclude", "night.txt", "--keep-missing")
+    assert (kept["deleted"], kept["count"]) == (0, 3)
+    said = " ".join(runner.invoke(app, ["ingest", "--help"]).output.replace("│", " ").split())
+    assert "deleted, or kept with --keep-missing" in said
+
 def test_every_option_is_documented():
     import typer.main
 
