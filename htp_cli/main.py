@@ -147,10 +147,10 @@ def _run_with_progress(run, description: str, show: bool):
         )
 
 
-ExcludeOpt = Annotated[list[str] | None, typer.Option("--exclude", help="a glob pattern of files or folders of a source folder to "
-    "leave out without a report, as .gitignore writes it ('*.png', 'drafts/', 'notes/*.md'); repeat for more (default: "
-    "the settings' exclude). An indexed document under one is treated as a missing one: deleted, or kept with "
-    "--keep-missing")]
+EXCLUDE_HELP = ("a glob pattern of files or folders of a source folder to leave out without a report, as .gitignore "
+                "writes it ('*.png', 'drafts/', 'notes/*.md'); repeat for more (default: the settings' exclude). An "
+                "indexed document under one is treated as a missing one: deleted, or kept with --keep-missing")
+ExcludeOpt = Annotated[list[str] | None, typer.Option("--exclude", help=EXCLUDE_HELP)]
 
 
 @app.command()
@@ -211,6 +211,7 @@ def rebuild(
     source: Annotated[str | None, typer.Option(help="re-read and re-split this source instead of re-embedding the stored nodes")] = None,
     keep_vectors: Annotated[bool, typer.Option("--keep-vectors", help="re-use the stored vectors instead of re-embedding: adds the keyword index (and a vector correction) to an index written by an older htp-index, or changes --index-kind; cannot change the encoder")] = False,
     keep_missing: Annotated[bool, typer.Option("--keep-missing", help="with --source: keep (re-embedded) the indexed documents the source no longer holds, as ingest --keep-missing does; otherwise they are left out and counted as deleted")] = False,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="with --source: " + EXCLUDE_HELP)] = None,
     task_runner: TaskRunnerOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -220,8 +221,10 @@ def rebuild(
     _setup(verbose, quiet=as_json)
     if keep_missing and not source:
         raise typer.BadParameter("--keep-missing goes with --source (a rebuild from the stored nodes keeps every one)")
+    if exclude and not source:
+        raise typer.BadParameter("--exclude goes with --source (a rebuild from the stored nodes reads no folder)")
     settings = _settings(config, as_json=as_json, encoder_device=device, encoder_show_progress=False,
-                         delete_missing=False if keep_missing else None)
+                         delete_missing=False if keep_missing else None, exclude=exclude or None)
     overrides = {
         "model": model, "method": method, "k": k, "rewire_start": rewire_start,
         "rewire_stop": rewire_stop, "exit_layer": exit_layer,

@@ -122,6 +122,15 @@ def test_an_excluded_document_is_kept_with_keep_missing_as_ingest_help_says(env)
     said = " ".join(runner.invoke(app, ["ingest", "--help"]).output.replace("│", " ").split())
     assert "deleted, or kept with --keep-missing" in said
 
+def test_rebuild_from_source_leaves_out_what_exclude_names_as_ingest_does(env):
+    """rebuild had no --exclude: a rebuild from the folder brought excluded files back."""
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx", "--exclude", "night.txt")
+    rebuilt = run_json("rebuild", "--index", "idx", "--source", "src", "--exclude", "night.txt")
+    assert run_json("info", "--index", "idx")["count"] == 2 and rebuilt["failed"] == 0
+    alone = runner.invoke(app, ["rebuild", "--index", "idx", "--exclude", "night.txt"])
+    assert alone.exit_code == 2 and "--exclude goes with --source" in " ".join(alone.output.split())
+
 def test_every_option_is_documented():
     import typer.main
 
