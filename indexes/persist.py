@@ -96,6 +96,11 @@ def current_version(root: str | Path) -> int | None:
     try:
         text = pointer.read_text(encoding="ascii").strip()
     except (FileNotFoundError, NotADirectoryError):  # no folder, or a file where one should be
+        kept = _versions_with_manifest(root)
+        if kept:
+            # a pointer lost with versions kept is damage a restore mends, as an empty one is: the
+            # advice to ingest afresh dropped the kept versions
+            raise IndexCorruptedError(_missing_pointer_advice(root, kept), path=pointer) from None
         return None
     except (OSError, UnicodeDecodeError) as exc:
         raise IndexCorruptedError.unreadable(pointer, f"cannot read it ({exc})", exc) from exc
@@ -105,6 +110,26 @@ def current_version(root: str | Path) -> int | None:
             pointer, f"it should name a version like v000001, not {text!r}"
         )
     return int(match.group(1))
+
+
+def _versions_with_manifest(root: str | Path) -> list[int]:
+    """Version folders of ``root`` that hold a manifest file, ascending."""
+    return [v for v in list_versions(root) if (version_dir(root, v) / MANIFEST_FILE).is_file()]
+
+
+def _missing_pointer_advice(root: str | Path, kept: list[int]) -> str:
+    """What to say of a folder whose CURRENT is gone while versions are kept: restore the newest
+    one whose manifest reads (not a fresh ingest, which would start over those versions)."""
+    intact = []
+    for version in kept:
+        try:
+            read_manifest(root, version)
+        except HtpIndexError:
+            continue
+        intact.append(version)
+    newest = (intact or kept)[-1]
+    return (f"CURRENT is missing from {root} but versions {', '.join(map(str, kept))} exist; "
+            f"`htp-index restore --index {root} --version {newest}` makes one live")
 
 
 def is_damaged_pointer(root: str | Path, error: IndexCorruptedError) -> bool:
@@ -124,8 +149,9 @@ def manifest_stamp(root: str | Path, version: int) -> tuple[int, int] | None:
 
 
 def exists(root: str | Path) -> bool:
-    """Whether `root` holds an index (a CURRENT pointer)."""
-    return (Path(root) / CURRENT_FILE).is_file()
+    """Whether `root` holds an index: a CURRENT pointer, or kept versions whose pointer is lost
+    (opening one says how to restore it; creating an index over them is refused)."""
+    return (Path(root) / CURRENT_FILE).is_file() or bool(_versions_with_manifest(root))
 
 
 def _sealed_as_written(raw: Any) -> bool:

@@ -131,6 +131,23 @@ def test_rebuild_from_source_leaves_out_what_exclude_names_as_ingest_does(env):
     alone = runner.invoke(app, ["rebuild", "--index", "idx", "--exclude", "night.txt"])
     assert alone.exit_code == 2 and "--exclude goes with --source" in " ".join(alone.output.split())
 
+def test_a_lost_current_file_with_kept_versions_is_mended_by_restore_not_a_fresh_ingest(env):
+    """With CURRENT gone, every command said "no index ... create one with ingest", which would
+    have started over the kept versions; ingest did start a new index over them."""
+    src = write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    (src / "more.txt").write_text("the bird sang in the tree .")
+    live = run_json("ingest", "src", "--index", "idx")["version"]
+    (env / "idx" / "CURRENT").unlink()
+    hint = f"`htp-index restore --index idx --version {live}` makes one live"
+    for args in (["info"], ["verify"], ["query", "bird"], ["ingest", "src"]):
+        result = runner.invoke(app, [*args, "--index", "idx", "--json"])
+        said = json.loads(result.stdout)["error"]
+        assert result.exit_code != 0 and "CURRENT is missing" in said and hint in said, (args, said)
+    assert sorted(p.name for p in (env / "idx" / "versions").iterdir())[-1] == f"v{live:06d}"
+    run_json("restore", "--index", "idx", "--version", str(live))
+    assert run_json("info", "--index", "idx")["count"] == 4
+
 def test_every_option_is_documented():
     import typer.main
 
