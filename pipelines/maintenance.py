@@ -138,4 +138,5 @@ def _require_kept(index_dir: Path, version: int) -> None:
         # it was reported as a corrupted index ("the version directory is missing")
         raise VersionNotKeptError(
             f"the index at {index_dir} does not keep version {version}; it keeps "
-            f"{', '.join(map(str, kept)) or 'none'} (settings' keep_versions: the newest are kept)")
+            f"{', '.join(map(str, kept)) or 'none'} (settings' keep_versions: the newest are kept; a restore "
+            "of the oldest kept version pushes it out, so the live version may already hold its content)")

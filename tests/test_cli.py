@@ -148,6 +148,20 @@ def test_a_lost_current_file_with_kept_versions_is_mended_by_restore_not_a_fresh
     run_json("restore", "--index", "idx", "--version", str(live))
     assert run_json("info", "--index", "idx")["count"] == 4
 
+def test_a_repeated_restore_of_the_oldest_kept_version_says_why_it_is_gone(env):
+    """The restore pushed the version out (keep_versions 3); asked again, the refusal named the
+    kept versions only, though no record says the live one holds its content."""
+    src = write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    for n in (1, 2):
+        (src / f"more{n}.txt").write_text(f"the bird {n} sang in the tree .")
+        run_json("ingest", "src", "--index", "idx")
+    oldest = min(int(p.name[1:]) for p in (env / "idx" / "versions").iterdir())
+    run_json("restore", "--index", "idx", "--version", str(oldest))
+    again = runner.invoke(app, ["restore", "--index", "idx", "--version", str(oldest)])
+    said = " ".join(again.output.replace("│", " ").split())
+    assert again.exit_code == 2 and "may already hold its content" in said, said
+
 def test_every_option_is_documented():
     import typer.main
 
