@@ -74,7 +74,8 @@ def _task_runner(value: str | None) -> str | None:
 
 TaskRunnerOpt = Annotated[str | None, typer.Option(
     callback=_task_runner, help="run as a Prefect flow with this task runner: 'thread', 'thread=N', 'dask' (local "
-    "worker processes), 'dask=N' (N of them) or 'dask=tcp://HOST:8786' (a running cluster)")]
+    "worker processes), 'dask=N' (N of them, at least 1) or 'dask=tcp://HOST:8786' (a running cluster: "
+    "SCHEME://HOST:PORT or HOST:PORT; anything else is refused before any work)")]
 
 
 class Mode(StrEnum):
