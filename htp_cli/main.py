@@ -515,7 +515,8 @@ def verify(
 ) -> None:
     """Read every file of the live version (segments, tombstones, document log, correction)
     and check it against the sha256 its manifest recorded when it was written. Opening an
-    index checks only sizes; run this after a disk or copy problem. Exit 1 names a bad file."""
+    index checks sizes (and hashes only the small correction and tombstone files); run this after
+    a disk or copy problem. Exit 1 names a bad file."""
     from pipelines.maintenance import verify_index
 
     try:
