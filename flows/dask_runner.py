@@ -126,6 +126,45 @@ def encoder_cluster(**kwargs: Any):
         return LocalCluster(**kwargs)
 
 
+#: How long a run waits for a scheduler to answer, and then for its first worker.
+CONNECT_SECONDS = 15.0
+WORKER_WAIT_SECONDS = 120.0
+
+
+def wait_for_scheduler(
+    address: str, connect_seconds: float = CONNECT_SECONDS, worker_seconds: float = WORKER_WAIT_SECONDS
+) -> None:
+    """Check, before a run plans anything, that a scheduler answers at ``address`` and has a
+    worker, waiting up to ``worker_seconds`` for one (logged). Why: with nothing listening the
+    run failed 30 s after loading the model and planning; with a scheduler but no workers it
+    waited without a word, forever, holding the index's writer lock."""
+    import logging
+
+    from distributed import Client
+
+    log = logging.getLogger(__name__)
+    try:
+        client = Client(address, timeout=connect_seconds, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise RuntimeError(
+            f"no Dask scheduler answers at {address} within {connect_seconds:.0f} s ({exc}); "
+            f"start one with `dask scheduler` and workers with `dask worker {address}`"
+        ) from exc
+    try:
+        if not client.scheduler_info().get("workers"):
+            log.warning("the Dask scheduler at %s has no workers; waiting up to %.0f s for one "
+                        "(start them with `dask worker %s`)", address, worker_seconds, address)
+            try:
+                client.wait_for_workers(1, timeout=worker_seconds)
+            except TimeoutError as exc:
+                raise RuntimeError(
+                    f"the Dask scheduler at {address} had no workers for {worker_seconds:.0f} s; "
+                    f"start them with `dask worker {address}`"
+                ) from exc
+    finally:
+        client.close()
+
+
 def dask_task_runner(name: str):
     """A ``prefect_dask.DaskTaskRunner`` for ``dask``, ``dask=N`` or ``dask=ADDRESS``."""
     spec = parse_dask_spec(name)

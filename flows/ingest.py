@@ -18,8 +18,8 @@ from flows.runtime import (
     finished,
     own_logs_in_the_run,
     publish_stats,
+    ready_task_runner,
     settings_from,
-    task_runner_for,
 )
 from flows.temporary_server import temporary_prefect_api
 from pipelines.engine import IndexSession
@@ -42,4 +42,4 @@ def ingest_flow_body(source: str, index_dir: str, settings: dict[str, Any] | Non
 def ingest_flow(source: str, index_dir: str, settings: dict[str, Any] | None = None, *, task_runner: str | None = None) -> dict[str, Any]:
     """Run the ingest flow with the chosen task runner ('thread' by default, or 'dask[=ADDRESS]')."""
     with temporary_prefect_api(task_runner):
-        return ingest_flow_body.with_options(task_runner=task_runner_for(task_runner))(source, index_dir, settings)
+        return ingest_flow_body.with_options(task_runner=ready_task_runner(task_runner))(source, index_dir, settings)

@@ -14,8 +14,8 @@ from flows.runtime import (
     finished,
     own_logs_in_the_run,
     publish_stats,
+    ready_task_runner,
     settings_from,
-    task_runner_for,
 )
 from flows.temporary_server import temporary_prefect_api
 from pipelines.engine import IndexSession
@@ -41,6 +41,6 @@ def rebuild_flow(index_dir: str, settings: dict[str, Any] | None = None, *, enco
                  index_kind: str | None = None, source: str | None = None, task_runner: str | None = None) -> dict[str, Any]:
     """Run the rebuild flow with the chosen task runner."""
     with temporary_prefect_api(task_runner):
-        return rebuild_flow_body.with_options(task_runner=task_runner_for(task_runner))(
+        return rebuild_flow_body.with_options(task_runner=ready_task_runner(task_runner))(
             index_dir, settings, encoder_overrides, index_kind, source
         )

@@ -164,6 +164,19 @@ def task_runner_for(name: str | None):
     return dask_task_runner(name)
 
 
+def ready_task_runner(name: str | None):
+    """:func:`task_runner_for`, with an existing Dask scheduler checked first: it answers and
+    has a worker (see :func:`flows.dask_runner.wait_for_scheduler`)."""
+    runner = task_runner_for(name)
+    if name and name.startswith("dask="):
+        from flows.dask_runner import parse_dask_spec, wait_for_scheduler
+
+        address = parse_dask_spec(name).address
+        if address:
+            wait_for_scheduler(address)
+    return runner
+
+
 #: The packages whose log lines a flow run carries (plan counts, "waiting for the writer lock
 #: held by …", the encoder's decisions).
 OWN_LOGGERS = ("pipelines", "indexes", "htp_embed", "flows")

@@ -138,3 +138,19 @@ def test_each_worker_loads_the_model_once_with_its_share_of_the_cores(harness, t
     assert len({r["pid"] for r in reports.values()}) == 2
     # Dask's eager malloc trimming (25% slower encoding) is not in the workers' environment
     assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
+
+
+def test_a_scheduler_that_does_not_answer_or_has_no_workers_is_named_before_any_work():
+    """Nothing listening failed 30 s after the model load and the plan; a scheduler without
+    workers made the run wait without a word, forever, holding the index's writer lock."""
+    from distributed import LocalCluster
+
+    from flows.dask_runner import wait_for_scheduler
+
+    with pytest.raises(RuntimeError, match="no Dask scheduler answers at tcp://127.0.0.1:1"):
+        wait_for_scheduler("tcp://127.0.0.1:1", connect_seconds=1)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as empty:
+        with pytest.raises(RuntimeError, match="had no workers for 1 s.*dask worker"):
+            wait_for_scheduler(empty.scheduler_address, worker_seconds=1)
+        empty.scale(1)
+        wait_for_scheduler(empty.scheduler_address, worker_seconds=30)  # a worker: ready
