@@ -1,7 +1,9 @@
 """How the command line reports an error: one line, and the exit code that says whose it is.
 
 Exit 2 is bad usage: what was asked cannot be done as asked (an option, a setting, a filter,
-a path with no index, options that conflict with the index, a malformed evaluation dataset),
+a path with no index, options that conflict with the index, a malformed evaluation dataset, a
+model that is neither packaged nor a readable model folder, or a moved model folder not named
+again),
 so running it again unchanged fails again. Exit 1 is a run that failed (a damaged file, a busy
 index, a crash of a library): the index is unchanged and a retry may succeed.
 """
@@ -27,6 +29,7 @@ def is_usage_error(exc: BaseException) -> bool:
     from pydantic import ValidationError
 
     from htp_embed.config import EncoderSettingError
+    from htp_embed.packaged_models import ModelNotAvailableError
     from indexes.errors import (
         EncoderMismatchError,
         IndexNotFoundError,
@@ -38,7 +41,7 @@ def is_usage_error(exc: BaseException) -> bool:
 
     return isinstance(exc, OptionConflictError | InvalidQueryError | IndexNotFoundError | EncoderMismatchError
                       | UnsupportedFilterError | UnsupportedIndexKindError | EncoderSettingError
-                      | ValidationError | DatasetError)
+                      | ValidationError | DatasetError | ModelNotAvailableError)
 
 
 def describe(exc: BaseException) -> str:

@@ -68,7 +68,16 @@ def test_a_moved_folder_is_named_again_by_the_user(work, monkeypatch):
     run_json("ingest", "src", "--index", "idx")
     (work / "mymodel").rename(work / "moved")
     monkeypatch.delenv("HTP_INDEX_ENCODER__MODEL")
-    failure = run_json("query", "the cat sat", "--index", "idx", code=1)
+    failure = run_json("query", "the cat sat", "--index", "idx", code=2)  # fails again unchanged
     assert str(work / "mymodel") in json.dumps(failure) and "HTP_INDEX_ENCODER__MODEL" in json.dumps(failure)
     monkeypatch.setenv("HTP_INDEX_ENCODER__MODEL", "moved")
     assert len(run_json("query", "the cat sat", "--index", "idx", "-k", "2")["results"]) == 2
+
+
+def test_a_model_that_cannot_be_loaded_is_bad_usage(work):
+    """Neither packaged nor a model folder, or a folder that is not a model: asking again
+    unchanged fails again, so exit 2 (it was 1, the code of a run a retry may mend)."""
+    for model in ("no-such-model", str(work / "src")):
+        failure = run_json("ingest", "src", "--index", "idx", "--model", model, code=2)
+        assert failure["ok"] is False and model in failure["error"]
+    assert "no index at idx" in run_json("query", "cat", "--index", "idx", code=2)["error"]
