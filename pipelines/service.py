@@ -499,6 +499,15 @@ def create_app(
             return JSONResponse({"detail": "a Content-Length header is required"}, status_code=411)
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        if request.method == "POST":
+            # FastAPI answers a body that is not UTF-8 with a bare 400 "There was an error
+            # parsing the body"; say what is wrong, with the 422 other malformed bodies get
+            body = await request.body()  # at most MAX_BODY_BYTES; kept for the endpoint
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return JSONResponse({"detail": f"request body is not UTF-8 (byte {body[exc.start]:#04x} at offset "
+                                               f"{exc.start}); send the JSON as UTF-8"}, status_code=422)
         return await call_next(request)
 
     @app.get("/health", responses={503: {"description": "the served version's files are damaged"}})

@@ -148,6 +148,10 @@ def test_malformed_json_and_huge_bodies_are_refused(index_dir, embedding):
     with make_client(index_dir, embedding, reload_interval=0) as client:
         bad = client.post("/query", content=b"{not json", headers={"content-type": "application/json"})
         assert bad.status_code == 422 and "JSON" in str(bad.json()["detail"])
+        latin1 = client.post("/query", content=b'{"query": "caf\xe9"}', headers={"content-type": "application/json"})
+        assert latin1.status_code == 422 and "not UTF-8 (byte 0xe9 at offset 14)" in latin1.json()["detail"]
+        fine = client.post("/query", content='{"query": "café", "top_k": 1}'.encode(), headers={"content-type": "application/json"})
+        assert fine.status_code == 200 and len(fine.json()["results"]) == 1  # the body still reaches the endpoint
         huge = client.post("/query", content=b"x" * 1_100_000, headers={"content-type": "application/json"})
         assert huge.status_code == 413 and "over 1048576 bytes" in huge.json()["detail"]
 
