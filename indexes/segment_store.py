@@ -915,7 +915,8 @@ class SegmentStore:
         Modes: ``dense`` searches ``embedding``; ``sparse`` runs BM25 keyword search for
         ``text``; ``hybrid`` does both and fuses them (see `indexes.fusion`): ``alpha`` weighs
         the dense side (1 = dense only, None = the tuned default), ``sparse_k`` keyword
-        candidates (default ``max(k, fusion.CANDIDATES)``), ``fusion_method`` ``convex`` or
+        candidates fused (default ``fusion.CANDIDATES``; a larger ``k`` searches deeper, but
+        what ranks above the windows stays as it is), ``fusion_method`` ``convex`` or
         ``rrf``. Dense similarities are inner products for ``ip`` and ``1 / (1 + squared L2
         distance)`` for ``l2``, keyword scores are BM25, hybrid scores the fused value in
         [0, 1]; higher is better everywhere. ``knobs``: ``nprobe``, ``ef_search``, ``k_factor``.
@@ -925,6 +926,10 @@ class SegmentStore:
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
             # hybrid slices its fused list with k: a negative k returned all but the last hits
             raise ValueError(f"k must be a whole number >= 0, not {k!r}")
+        if sparse_k is not None and (isinstance(sparse_k, bool) or not isinstance(sparse_k, int | np.integer)
+                                     or sparse_k < 1):
+            # a negative one searched no keywords (hybrid was dense alone), 0 meant the default
+            raise ValueError(f"sparse_k must be a whole number >= 1 (or None: the default), not {sparse_k!r}")
         unknown = set(knobs) - set(_SEARCH_KNOBS)
         if unknown:
             raise TypeError(f"unknown search options {sorted(unknown)}; use {', '.join(_SEARCH_KNOBS)}")
@@ -939,10 +944,14 @@ class SegmentStore:
             elif mode == "sparse":
                 hits = self._keyword_hits(text or "", k, allowed)
             else:
+                # each side is fused within its window (see `indexes.fusion`); a deeper list,
+                # for a k past the window, extends the ranking below it
                 depth = max(k, fusion.CANDIDATES)
+                sparse_window = int(sparse_k or fusion.CANDIDATES)
                 dense = self._dense_hits(np.asarray([embedding], dtype=np.float32), depth, allowed, knobs)[0]
-                sparse_hits = self._keyword_hits(text or "", sparse_k or depth, allowed)
-                hits = fusion.fuse(dense, sparse_hits, method=fusion_method, alpha=alpha)[:k]
+                sparse_hits = self._keyword_hits(text or "", max(sparse_window, int(k)), allowed)
+                hits = fusion.fuse(dense, sparse_hits, method=fusion_method, alpha=alpha,
+                                   dense_window=fusion.CANDIDATES, sparse_window=sparse_window)[:k]
             rows = self._rows([faiss_id for faiss_id, _ in hits])
         return [(rows[i], score) for i, score in hits if i in rows]
 
@@ -1070,7 +1079,7 @@ class SegmentStore:
             raise ValueError("query embedding has NaN or infinite values")
         # FAISS and the merge size their results by k: a k of 10**9 over 65 rows asked for
         # gigabytes (MemoryError, or the process killed) where it means "every row"
-        k = min(k, self._live_rows())
+        k = min(int(k), self._live_rows())  # int: FAISS's SWIG wrapper refuses numpy integers
         if k <= 0:
             return [[] for _ in range(len(xq))]
         if self._correction is not None:

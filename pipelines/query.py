@@ -28,7 +28,7 @@ from indexes import EncoderMismatchError, IndexNotFoundError, SegmentStore, spar
 from indexes.docstore import NodeRow
 from indexes.fusion import Fusion
 from indexes.keywords import analyse_query
-from indexes.text import has_visible_text
+from indexes.text import drop_controls, has_visible_text, lone_surrogate_at
 from pipelines.errors import DocumentRejected
 from pipelines.identity_check import index_accepts, warn_ignored_encoder_settings
 from pipelines.settings import Settings, load_settings
@@ -58,22 +58,22 @@ class InvalidQueryError(ValueError):
 
 
 def check_query_text(text: str) -> str:
-    """``text`` unchanged if it is valid Unicode text with something in it; else an
-    :class:`InvalidQueryError` saying what is wrong, instead of the tokenizer's bare
+    """``text`` as it is searched, if it is valid Unicode text with something in it: without
+    control characters and soft hyphens, as ingest reads every document (`drop_controls`);
+    else an :class:`InvalidQueryError` saying what is wrong, instead of the tokenizer's bare
     ``TypeError`` or the encoder's word for a document ("text 0 is empty")."""
     if not text.strip():
         raise InvalidQueryError("the query is empty or only whitespace: there is nothing to search for")
     if not has_visible_text(text):  # "\u200b", "\x00": ingest refuses such documents as empty
         raise InvalidQueryError("the query holds only invisible characters (controls, zero-width or "
                                 "format characters): there is nothing to search for")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
+    at = lone_surrogate_at(text)
+    if at is not None:
         raise InvalidQueryError(
-            f"the query holds a lone surrogate ({ascii(text[exc.start])}) at character {exc.start}, "
+            f"the query holds a lone surrogate ({ascii(text[at])}) at character {at}, "
             "which is not a character; send the query as valid UTF-8 text"
-        ) from None
-    return text
+        )
+    return drop_controls(text)
 
 
 @dataclass(frozen=True)
@@ -354,29 +354,30 @@ class OpenIndex:
         if not requests:
             return []
         modes = [self.check_request(request) for request in requests]
+        texts = [check_query_text(request.query) for request in requests]  # as documents are read
         needs_vector = [i for i, mode in enumerate(modes) if mode != "sparse"]
-        vectors = self.encoder.encode_queries([requests[i].query for i in needs_vector])
+        vectors = self.encoder.encode_queries([texts[i] for i in needs_vector])
         by_request = dict(zip(needs_vector, vectors, strict=True))
         out = []
-        for i, (request, mode) in enumerate(zip(requests, modes, strict=True)):
+        for i, (request, mode, text) in enumerate(zip(requests, modes, texts, strict=True)):
             rerank = self.reranks(request.rerank)
             found = self.store.retrieve(
                 mode, max(request.top_k, self.rerank_depth) if rerank else request.top_k,
-                embedding=by_request.get(i), text=request.query, filters=request.filters,
+                embedding=by_request.get(i), text=text, filters=request.filters,
                 alpha=self.default_alpha if request.alpha is None else request.alpha, fusion_method=self.fusion,
             )
             if rerank:
-                found = self._reranked(request, found)
+                found = self._reranked(text, request.top_k, found)
             out.append([result_dict(row, score) for row, score in found])
         return out
 
-    def _reranked(self, request: SearchRequest, found: list[tuple[NodeRow, float]]) -> list[tuple[NodeRow, float]]:
+    def _reranked(self, query: str, top_k: int, found: list[tuple[NodeRow, float]]) -> list[tuple[NodeRow, float]]:
         """The reranker's best ``top_k`` of ``found`` (it reads LlamaIndex nodes), with its scores."""
         from llama_index.core.schema import NodeWithScore
 
         rows = {row.node_id: row for row, _ in found}
-        hits = self.reranker.rerank(request.query, [NodeWithScore(node=row.to_node(), score=score)
-                                                    for row, score in found], request.top_k)
+        hits = self.reranker.rerank(query, [NodeWithScore(node=row.to_node(), score=score)
+                                            for row, score in found], top_k)
         return [(rows[hit.node.node_id], hit.score) for hit in hits]
 
 

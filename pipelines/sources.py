@@ -22,7 +22,7 @@ from pathlib import Path
 from stat import S_ISBLK, S_ISCHR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
 from typing import Any
 
-from indexes.text import has_visible_text
+from indexes.text import count_controls, drop_controls, has_visible_text
 from pipelines.errors import DocumentRejected, OptionConflictError
 
 log = logging.getLogger(__name__)
@@ -209,10 +209,6 @@ def pdf_to_text(path: Path) -> str:
         raise DocumentRejected(f"unreadable PDF: {exc}") from exc
 
 
-# Unicode category Cc is exactly U+0000-001F and U+007F-009F; tabs and line breaks stay.
-_DROP_CONTROLS = {c: None for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n\r\f\v"}
-
-
 def clean_text(text: str) -> str:
     """``text`` without control characters (tabs and line breaks kept) and soft hyphens, or a
     rejection. A soft hyphen (HTML's ``&shy;``) is a line-breaking hint, invisible in the text,
@@ -221,14 +217,14 @@ def clean_text(text: str) -> str:
     Controls carry no meaning for retrieval and break tokenizers' and terminals' output; a
     text that is mostly controls is a binary file that escaped the NUL check. Zero-width
     characters are kept (ZWJ/ZWNJ matter in emoji and Indic scripts), but a text made only of
-    invisible characters counts as empty. ``str.translate`` keeps this cheap on 20 MB files.
+    invisible characters counts as empty.
     """
     sample = text[:8192]
-    controls = len(sample) - len(sample.translate(_DROP_CONTROLS))
+    controls = count_controls(sample)
     if controls > 0.1 * len(sample):
         raise DocumentRejected(f"binary content ({controls} control characters in the first {len(sample)}); "
                                "not a text document")
-    return text.translate(_DROP_CONTROLS).replace("\u00ad", "")
+    return drop_controls(text)
 
 
 def _require_text(text: str) -> str:

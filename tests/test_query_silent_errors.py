@@ -17,6 +17,7 @@ from llama_index.core.vector_stores.types import (
     MetadataFilter,
     MetadataFilters,
     VectorStoreQuery,
+    VectorStoreQueryMode,
 )
 
 from indexes import FaissVectorStore, keywords, kinds
@@ -412,3 +413,90 @@ def test_inserting_a_document_without_visible_text_is_refused_as_ingest_refuses_
     with pytest.raises(DocumentRejected, match="document 'zw' is empty"):
         index.as_index().insert(LlamaDocument(text=text, id_="zw"))
     assert index.store.count == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Trial of query semantics at the edges (stop 49).
+def test_fused_ranking_above_the_window_does_not_move_when_more_results_are_asked():
+    """Each side is normalised by its top `CANDIDATES` window: a list deepened for a larger k
+    (160 instead of 100) lowered the sparse side's bottom score and reordered the first ten."""
+    from indexes import fusion
+
+    rng = np.random.default_rng(7)
+    dense = sorted(((i, float(s)) for i, s in enumerate(rng.uniform(0.2, 0.9, 400))), key=lambda h: -h[1])
+    sparse = sorted(((int(i), float(s)) for i, s in zip(rng.permutation(400), rng.exponential(3.0, 400), strict=True)),
+                    key=lambda h: -h[1])
+    for method in ("convex", "rrf"):
+        window = fusion.fuse(dense[:100], sparse[:100], method=method)
+        for depth in (101, 160, 400):
+            deeper = fusion.fuse(dense[:depth], sparse[:depth], method=method)
+            assert deeper[: len(window)] == window, (method, depth)  # scores included
+            assert len(deeper) > len(window) or depth == 101
+            assert all(a[1] >= b[1] for a, b in zip(deeper, deeper[1:], strict=False))  # scores never rise
+    # without windows (a caller's choice) the whole lists count, as before
+    assert fusion.fuse(dense, sparse, dense_window=None, sparse_window=None)[:10] != fusion.fuse(dense, sparse)[:10]
+
+
+def test_hybrid_top_hits_are_the_same_for_any_k_past_the_fusion_window(tmp_path):
+    store = FaissVectorStore.create(tmp_path / "idx", dim=_EMB.dim, encoder=ENCODER)
+    rng = np.random.default_rng(3)
+    words = "red train quick station bridge river engine track signal yard".split()
+    store.add(_text_nodes("r", [" ".join(rng.choice(words, 6)) for _ in range(260)]))
+    store.persist()
+    text = "quick red train"
+
+    def top(k: int) -> list[tuple[str, float]]:
+        return [(row.node_id, score) for row, score in
+                store.retrieve("hybrid", k, embedding=_EMB._vector(text), text=text)]
+
+    first = top(10)
+    for k in (100, 101, 160, 260):
+        assert top(k)[:10] == first, k
+
+
+def test_numpy_integers_are_counts_in_every_mode(small_store):
+    """``np.int64(3)`` passed the k check and reached FAISS, whose wrapper refused it (dense,
+    and hybrid past the fusion window)."""
+    vector = _EMB._vector("apple")
+    for mode, k in (("dense", 3), ("hybrid", 3), ("hybrid", 150), ("sparse", 3)):
+        hits = small_store.retrieve(mode, np.int64(k), embedding=vector, text="apple pie")
+        assert hits and len(hits) <= 3
+    query = VectorStoreQuery(query_embedding=vector, similarity_top_k=np.int64(2))
+    assert len(small_store.query(query).ids) == 2
+
+
+@pytest.mark.parametrize("sparse_k", [-1, 0, 2.5, True])
+def test_a_sparse_k_that_is_not_a_positive_count_is_refused(small_store, sparse_k):
+    """-1 searched no keywords (hybrid answered the dense side alone), 0 meant the default, 2.5
+    failed deep in numpy."""
+    vector = _EMB._vector("apple")
+    with pytest.raises(ValueError, match="sparse_k must be a whole number >= 1"):
+        small_store.retrieve("hybrid", 3, embedding=vector, text="apple", sparse_k=sparse_k)
+    query = VectorStoreQuery(query_embedding=vector, query_str="apple", similarity_top_k=3,
+                             mode=VectorStoreQueryMode.HYBRID, sparse_top_k=sparse_k)
+    with pytest.raises(ValueError, match="sparse_k must be"):
+        small_store.query(query)
+
+
+def test_a_keyword_query_holding_a_lone_surrogate_is_refused_as_every_other_path_refuses_it(small_store):
+    query = VectorStoreQuery(query_str="apple \ud800", similarity_top_k=3, mode=VectorStoreQueryMode.SPARSE)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        small_store.query(query)
+
+
+def test_a_query_is_searched_as_documents_are_read_without_controls_and_soft_hyphens(index_dir, embedding):
+    """Ingest drops controls and soft hyphens from every document; a query kept them, so
+    "light\\u00adhouse" was embedded unlike "lighthouse" (the keyword side folds them)."""
+    from pipeline_helpers import settings_for
+
+    from pipelines.query import check_query_text, open_index
+
+    assert check_query_text("light\u00adhouse \x00keeper\x07\t") == "lighthouse keeper\t"
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    for mode in ("dense", "hybrid", "sparse"):
+        plain = index.search("the cat sat", 3, mode=mode)
+        marked = index.search("the c\u00adat\x00 sat", 3, mode=mode)
+        assert [(r["node_id"], r["score"]) for r in marked] == [(r["node_id"], r["score"]) for r in plain], mode
+    retriever = index.as_retriever(similarity_top_k=3)
+    assert ([(n.node.node_id, n.score) for n in retriever.retrieve("the c\u00adat sat")]
+            == [(n.node.node_id, n.score) for n in retriever.retrieve("the cat sat")])
