@@ -64,3 +64,12 @@ class DatasetError(HtpIndexError, ValueError):
     """An evaluation dataset that cannot be read as its format says (a judgement line without
     three fields, a record without its text, two different grades for one pair): refused by
     file and line, since dropping or guessing would change the figures without a word."""
+
+
+class ServiceAddressError(OptionConflictError):
+    """``serve`` cannot listen where it is told: a port below 1024 without the right, or an
+    address this machine does not have (bad usage; a port in use is a failed run instead)."""
+
+
+class PortInUseError(HtpIndexError, RuntimeError):
+    """``serve``'s port is taken (a failed run: it may be free later)."""

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import ipaddress
 import logging
 import math
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -46,6 +48,7 @@ from indexes import HtpIndexError, SegmentStore, SparseIndexMissingError, persis
 from indexes.errors import damage_advice
 from indexes.spec import Manifest
 from pipelines.encoder_check import EncoderCheck
+from pipelines.errors import PortInUseError, ServiceAddressError
 from pipelines.query import OpenIndex, QueryMode, SearchRequest, open_index
 from pipelines.settings import Settings
 
@@ -620,6 +623,35 @@ async def _watch(holder: IndexHolder, interval: float, model: Executor | None = 
             log.exception("could not check %s for a new version; still serving %s", holder.index_dir, holder.current.version)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The service's socket, bound before the index and the encoder load: uvicorn bound it
+    after them, so a port in use failed seconds later with uvicorn's exit code 3 (the code
+    htp-index gives a run where some documents failed). A port in use is a failed run (exit
+    1, it may be free later); an address this machine lacks, or a port it may not take, is bad
+    usage (`ServiceAddressError`, exit 2)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except socket.gaierror as exc:
+        sock.close()
+        raise ServiceAddressError(f"cannot listen on {host}:{port}: {host!r} is not an address or host name "
+                                  f"this machine resolves ({exc.strerror})") from exc
+    except OSError as exc:
+        sock.close()
+        where = f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(f"cannot listen on {where}: the port is in use (another service, or an "
+                                 "htp-index serve still running); choose another with --port") from exc
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EACCES:
+            reason += " (a port below 1024 needs the right to bind it)"
+        raise ServiceAddressError(f"cannot listen on {where}: {reason}; choose another --host or --port") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(index_dir: str | Path, settings: Settings | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           reload_interval: float = 2.0, max_batch: int = 32) -> None:
     """Run the service with uvicorn until interrupted."""
@@ -628,5 +660,12 @@ def serve(index_dir: str | Path, settings: Settings | None = None, *, host: str 
     if not is_loopback(host) and not os.environ.get(TOKEN_ENV):
         log.warning("serving %s on %s without %s: anyone who can reach this address can query the index "
                     "and read its text; set the variable to require a bearer token", index_dir, host, TOKEN_ENV)
-    app = create_app(index_dir, settings, reload_interval=reload_interval, max_batch=max_batch)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    sock = listening_socket(host, port)
+    try:
+        bound_host, bound_port = sock.getsockname()[:2]
+        log.info("listening on http://%s:%d (answers once %s and its encoder are loaded)",
+                 f"[{bound_host}]" if ":" in bound_host else bound_host, bound_port, index_dir)
+        app = create_app(index_dir, settings, reload_interval=reload_interval, max_batch=max_batch)
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    finally:
+        sock.close()

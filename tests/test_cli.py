@@ -625,3 +625,56 @@ def test_json_commands_print_their_usage_errors_on_stdout_too(tmp_path, args):
     assert result.exit_code == 2, result.output
     failure = json.loads(result.stdout.strip().splitlines()[-1])
     assert failure["ok"] is False and failure["exit_code"] == 2 and failure["error"]
+
+
+def test_serve_says_a_port_in_use_at_once_and_not_with_uvicorn_s_exit_code_3(env):
+    """uvicorn bound the port after the index and model had loaded, and exited 3 (htp-index's
+    code for "some documents failed") with its own log line; the port is now bound first."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        failed = runner.invoke(app, ["serve", "--index", "idx", "--port", str(port)])
+    assert failed.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}: the port is in use" in failed.output
+    # an address this machine does not have fails again unchanged: bad usage
+    failed = runner.invoke(app, ["serve", "--index", "idx", "--host", "192.0.2.1", "--port", "0"])
+    assert failed.exit_code == 2 and "cannot listen on 192.0.2.1:0" in failed.output
+
+
+def test_serve_answers_on_the_socket_it_bound_first(env):
+    """The service runs on the socket bound before loading (port 0: the log names the port)."""
+    import re
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    server = subprocess.Popen([sys.executable, "-m", "htp_cli", "serve", "--index", "idx", "--port", "0"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        deadline = time.monotonic() + 120
+        while port is None and time.monotonic() < deadline:
+            line = server.stderr.readline()
+            assert line or server.poll() is None, "serve exited"
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            port = int(found.group(1)) if found else None
+        assert port, "serve never said where it listens"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    assert json.loads(response.read())["status"] == "ok"
+                    break
+            except OSError:
+                time.sleep(0.2)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/query", data=b'{"query": "cat", "top_k": 2}',
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert len(json.loads(response.read())["results"]) == 2
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
