@@ -33,13 +33,15 @@ def is_usage_error(exc: BaseException) -> bool:
     from indexes.errors import (
         EncoderMismatchError,
         IndexNotFoundError,
+        IndexPathTooLongError,
         UnsupportedFilterError,
         UnsupportedIndexKindError,
     )
     from pipelines.errors import DatasetError, OptionConflictError
     from pipelines.query import InvalidQueryError
 
-    return isinstance(exc, OptionConflictError | InvalidQueryError | IndexNotFoundError | EncoderMismatchError
+    return isinstance(exc, OptionConflictError | InvalidQueryError | IndexNotFoundError | IndexPathTooLongError
+                      | EncoderMismatchError
                       | UnsupportedFilterError | UnsupportedIndexKindError | EncoderSettingError
                       | ValidationError | DatasetError | ModelNotAvailableError)
 

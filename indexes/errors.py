@@ -131,6 +131,11 @@ def damage_advice(index_dir: str | Path | None) -> str:
     return DAMAGE_ADVICE if index_dir is None else DAMAGE_ADVICE.replace("PATH", str(index_dir))
 
 
+class IndexPathTooLongError(HtpIndexError, ValueError):
+    """An index file's path is longer than SQLite can open: bad usage (a shorter path works),
+    where SQLite said only "unable to open database file", and an ingest blamed the disk."""
+
+
 class IndexConflictError(HtpIndexError):
     """Another writer committed a version since this store read the one it changed."""
 

@@ -678,3 +678,23 @@ def test_serve_answers_on_the_socket_it_bound_first(env):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_an_index_at_a_path_too_long_for_sqlite_is_named_as_such(env):
+    """SQLite opens files by paths of at most 504 bytes: an index copied deep into folders was
+    refused as "unable to open database file" (exit 1; info and verify said ok), and an ingest
+    there blamed a full disk."""
+    import shutil
+
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    deep = env / ("d" * 200) / ("e" * 200) / ("f" * 40)
+    deep.mkdir(parents=True)
+    shutil.copytree(env / "idx", deep / "idx")
+    failed = run_json("query", "cat", "--index", str(deep / "idx"), "--mode", "sparse", code=2)
+    assert "SQLite opens files by paths of at most 504 bytes" in failed["error"]
+    room = int(failed["error"].split("absolute path is at most ")[1].split()[0])
+    assert room == 504 - len("/segments/seg-000000000000-00000000/nodes.sqlite")
+    failed = run_json("ingest", "src", "--index", str(deep / "new"), code=2)
+    assert "SQLite opens files by paths of at most 504 bytes" in failed["error"]
+    assert not list((deep / "new").glob("segments/*/nodes.sqlite"))  # nothing half-written
