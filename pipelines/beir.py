@@ -17,7 +17,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipelines.errors import DatasetError
+from indexes.text import has_visible_text
+from pipelines.errors import DatasetError, DocumentRejected
+from pipelines.sources import require_text
 
 log = logging.getLogger(__name__)
 
@@ -192,17 +194,19 @@ def load_beir(dataset_dir: str | Path, split: str = "test") -> BeirDataset:
             field = "text" if not isinstance(text, str) else "title"
             raise DatasetError(f"{corpus_path}:{number}: a document needs a \"text\" string (and a "
                                f"\"title\" string or none); its \"{field}\" is {json.dumps(row.get(field))[:40]}")
-        if not (title or "").strip() and not text.strip():
-            empty += 1  # ingest skips an empty document: no run can retrieve it
+        try:  # ingest leaves out what it cannot read (empty, invisible only, binary): so does eval
+            require_text(f"{title or ''}\n\n{text}")
+        except DocumentRejected:
+            empty += 1  # no run can retrieve it; --pipeline failed on it, --method scored it
             continue
         corpus[doc_id] = Document(title or "", text)
     all_queries: dict[str, str] = {}
     repeated_queries = 0
     queries_path = root / "queries.jsonl"
     for number, row in read_jsonl(queries_path):
-        if not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise DatasetError(f"{queries_path}:{number}: a query needs a \"text\" string that is not "
-                               "empty or only whitespace")
+        if not isinstance(row.get("text"), str) or not has_visible_text(row["text"]):
+            raise DatasetError(f"{queries_path}:{number}: a query needs a \"text\" string with a visible "
+                               "character (not empty, whitespace, controls or zero-width characters only)")
         query_id = str(row["_id"]).strip()
         if query_id in all_queries:  # the first is kept, as for the corpus; said, not silent
             repeated_queries += 1
@@ -225,20 +229,26 @@ def load_beir(dataset_dir: str | Path, split: str = "test") -> BeirDataset:
         raise DatasetError(f"no query of {root / 'queries.jsonl'} has a judgement in {qrels_path} that "
                          "points into the corpus (do the query and document ids match?)")
     repeated_judgements = qrels_notes.get("repeated_judgements", 0)
-    if repeated or empty or missing or emptied or unasked or repeated_queries or repeated_judgements:
+    # judged, but nothing relevant (every grade 0 or below): scored 0 on every metric, as BEIR's
+    # own evaluator scores them; said, so that a low mean is not read as poor retrieval alone
+    unanswerable = sum(1 for judged in qrels.values() if max(judged.values()) <= 0)
+    if repeated or empty or missing or emptied or unasked or repeated_queries or repeated_judgements or unanswerable:
         log.warning("%s: %s", root, "; ".join(text for count, text in (
             (repeated, f"{repeated} corpus record(s) repeat an _id (the first is kept, as ingest keeps it)"),
-            (empty, f"{empty} corpus record(s) have no text or title (left out, as ingest leaves them out)"),
+            (empty, f"{empty} corpus record(s) have no readable text (empty, invisible characters only, or binary; "
+                    "left out, as ingest leaves them out)"),
             (repeated_queries, f"{repeated_queries} quer(ies) repeat an _id (the first is kept)"),
             (repeated_judgements, f"{repeated_judgements} judgement line(s) repeat a pair with its grade"),
             (missing, f"{missing} judgement(s) name documents missing from the corpus and are dropped"),
             (emptied, f"{emptied} quer(ies) judge only missing documents and are dropped"),
             (unasked, f"{unasked} judged quer(ies) are missing from queries.jsonl and are dropped"),
+            (unanswerable, f"{unanswerable} quer(ies) judge no document relevant (grades 0 or below): each "
+                           "scores 0 on every metric, as in BEIR's evaluator"),
         ) if count))
     counts = {"repeated_doc_ids": repeated, "empty_docs": empty, "repeated_query_ids": repeated_queries,
               "repeated_judgements": repeated_judgements, "dropped_judgements_missing_docs": missing,
               "dropped_queries_all_judged_docs_missing": emptied,
-              "dropped_judged_queries_missing": unasked}
+              "dropped_judged_queries_missing": unasked, "queries_without_relevant_docs": unanswerable}
     notes: dict[str, object] = {key: count for key, count in counts.items() if count}
     return BeirDataset(root.name, split, corpus, queries, qrels, notes)
 

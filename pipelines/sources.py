@@ -227,7 +227,9 @@ def clean_text(text: str) -> str:
     return drop_controls(text)
 
 
-def _require_text(text: str) -> str:
+def require_text(text: str) -> str:
+    """``text`` as ingest indexes it (`clean_text`), or `DocumentRejected`: empty, invisible
+    only, binary, or holding a lone surrogate."""
     text = clean_text(text)
     if not has_visible_text(text):
         raise DocumentRejected("empty document (no visible text after reading)")
@@ -278,7 +280,7 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, dict
     suffix = path.suffix.lower()
     metadata: dict[str, Any] = {"file_name": path.name, "file_type": suffix.lstrip(".")}
     if suffix in PDF_SUFFIXES:
-        return _require_text(pdf_to_text(path)), metadata
+        return require_text(pdf_to_text(path)), metadata
     text = decode_text(path.read_bytes())
     if suffix in HTML_SUFFIXES:
         text, title = html_to_text(text)
@@ -286,7 +288,7 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, dict
             # Searchable, as a JSONL record's title is: metadata reaches neither side.
             metadata["title"] = title
             text = f"{title}\n\n{text}" if text.strip() else title
-    return _require_text(text), metadata
+    return require_text(text), metadata
 
 
 def iter_folder(root: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, known: KnownFiles | None = None,
@@ -537,7 +539,7 @@ def _jsonl_records(path: Path, id_prefix: str, max_bytes: int, file: tuple[str, 
             # the version indexed before instead of deleting it as gone from the source.
             try:
                 title, body = _record_field(record, "title"), _record_field(record, "text")
-                text = _require_text(f"{title}\n\n{body}" if title and body else title or body)
+                text = require_text(f"{title}\n\n{body}" if title and body else title or body)
                 metadata = _record_metadata(record.get("metadata"), title)
             except DocumentRejected as exc:
                 yield SourceError(full_id, f"malformed record at {where}: {exc}")
@@ -689,7 +691,7 @@ def iter_texts(texts: Iterable[str] | Mapping[str, str]) -> Iterator[SourceItem]
             yield SourceError(str(doc_id), f"not a text but a {type(text).__name__}")
             continue
         try:
-            yield SourceDocument(str(doc_id), _require_text(text))
+            yield SourceDocument(str(doc_id), require_text(text))
         except DocumentRejected as exc:
             yield SourceError(str(doc_id), str(exc))
 

@@ -5,6 +5,8 @@ another order, empty splits scored 0, a header-less qrels file, the reported spl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pipeline_helpers import settings_for
 
@@ -209,7 +211,7 @@ def test_a_dataset_written_with_byte_order_marks_is_read_as_ingest_reads_it(tmp_
     (lambda root: (root / "queries.jsonl").write_text('{"_id": "q1", "query": "no text field"}\n'),
      'queries.jsonl:1: a query needs a "text" string'),
     (lambda root: (root / "queries.jsonl").write_text('{"_id": "q1", "text": "   "}\n'),
-     'queries.jsonl:1: a query needs a "text" string that is not empty'),
+     'queries.jsonl:1: a query needs a "text" string with a visible character'),
     (lambda root: (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "title": "t"}\n'),
      'corpus.jsonl:2: a document needs a "text" string'),
     (lambda root: (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d2", "text": 12345}\n'),
@@ -301,3 +303,39 @@ def test_pipeline_eval_leaves_a_query_hit_on_its_own_id_out_as_beir_does(tmp_pat
     kept = evaluate_pipeline(data, "train", mode="sparse", settings=settings, index_dir=tmp_path / "idx",
                              embedding=embedding, ignore_identical_ids=False)
     assert kept["mrr@10"] == 0.5 and "identical_ids_dropped" not in kept["sample"]
+
+
+def test_corpus_records_ingest_cannot_read_are_left_out_as_empty_ones_are(tmp_path):
+    """A record of zero-width or control characters only passed as a document: `eval --method`
+    scored it as relevant and retrievable, `eval --pipeline` failed outright (exit 1, naming its
+    own temporary file) when ingest refused it. Both leave it out now, counted."""
+    from pipelines.beir import load_beir
+
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    records = [{"_id": "d1", "text": "a cat sat"}, {"_id": "d2", "text": "\u200b"},
+               {"_id": "d3", "text": "\u0001\u0002\u0003"}, {"_id": "d4", "title": "\u00ad", "text": "\u0000 "},
+               {"_id": "d5", "text": "soft\u00adhyphen dog"}]
+    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (root / "queries.jsonl").write_text('{"_id": "q1", "text": "cat"}\n{"_id": "q2", "text": "dog"}\n'
+                                        '{"_id": "q3", "text": "bird"}\n')
+    (root / "qrels" / "test.tsv").write_text("q1\td1\t1\nq1\td2\t1\nq2\td5\t1\nq3\td1\t0\n")
+    data = load_beir(root, "test")
+    assert set(data.corpus) == {"d1", "d5"}
+    assert data.notes["empty_docs"] == 3
+    # a query judging nothing relevant stays in (BEIR's evaluator averages it in at 0), counted
+    assert set(data.queries) == {"q1", "q2", "q3"} and data.notes["queries_without_relevant_docs"] == 1
+
+
+@pytest.mark.parametrize("text", ["\u200b", "\u0000\u0001", "\u00ad"])
+def test_a_query_without_visible_text_is_refused_by_line(tmp_path, text):
+    from pipelines.beir import load_beir
+    from pipelines.errors import DatasetError
+
+    root = tmp_path / "beir"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text('{"_id": "d1", "text": "a cat"}\n')
+    (root / "queries.jsonl").write_text('{"_id": "q1", "text": "cat"}\n' + json.dumps({"_id": "q2", "text": text}) + "\n")
+    (root / "qrels" / "test.tsv").write_text("q1\td1\t1\n")
+    with pytest.raises(DatasetError, match=r"queries.jsonl:2: a query needs a \"text\" string with a visible"):
+        load_beir(root, "test")
