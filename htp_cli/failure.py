@@ -2,8 +2,8 @@
 
 Exit 2 is bad usage: what was asked cannot be done as asked (an option, a setting, a filter,
 a path with no index, options that conflict with the index, a malformed evaluation dataset, a
-model that is neither packaged nor a readable model folder, or a moved model folder not named
-again),
+model that is neither packaged nor a readable model folder, a moved model folder not named
+again, or a model cache folder this user cannot write),
 so running it again unchanged fails again. Exit 1 is a run that failed (a damaged file, a busy
 index, a crash of a library): the index is unchanged and a retry may succeed.
 """

