@@ -1,9 +1,9 @@
 """How the command line reports an error: one line, and the exit code that says whose it is.
 
 Exit 2 is bad usage: what was asked cannot be done as asked (an option, a setting, a filter,
-a path with no index, options that conflict with the index, a malformed evaluation dataset, a
-model that is neither packaged nor a readable model folder, a moved model folder not named
-again, or a model cache folder this user cannot write),
+a path with no index or an index folder a writer cannot write, options that conflict with the
+index, a malformed evaluation dataset, a model that is neither packaged nor a readable model
+folder, a moved model folder not named again, or a model cache folder this user cannot write),
 so running it again unchanged fails again. Exit 1 is a run that failed (a damaged file, a busy
 index, a crash of a library): the index is unchanged and a retry may succeed.
 """
@@ -37,13 +37,13 @@ def is_usage_error(exc: BaseException) -> bool:
         UnsupportedFilterError,
         UnsupportedIndexKindError,
     )
-    from pipelines.errors import DatasetError, OptionConflictError
+    from pipelines.errors import DatasetError, IndexNotWritableError, OptionConflictError
     from pipelines.query import InvalidQueryError
 
     return isinstance(exc, OptionConflictError | InvalidQueryError | IndexNotFoundError | IndexPathTooLongError
                       | EncoderMismatchError
                       | UnsupportedFilterError | UnsupportedIndexKindError | EncoderSettingError
-                      | ValidationError | DatasetError | ModelNotAvailableError)
+                      | ValidationError | DatasetError | ModelNotAvailableError | IndexNotWritableError)
 
 
 def describe(exc: BaseException) -> str:

@@ -179,6 +179,9 @@ def ingest(
         delete_missing=False if keep_missing else None, exclude=exclude or None,
     )
     try:
+        from pipelines.lock import check_writable
+
+        check_writable(Path(index))  # before the progress bar, not after it
         if task_runner:
             from flows.ingest import ingest_flow
 
@@ -233,6 +236,9 @@ def rebuild(
     if keep_vectors and task_runner:
         raise typer.BadParameter("--keep-vectors embeds nothing, so it takes no --task-runner")
     try:
+        from pipelines.lock import check_writable
+
+        check_writable(Path(index))  # before the progress bar, not after it
         if task_runner:
             from flows.rebuild import rebuild_flow
 

@@ -10,6 +10,12 @@ class IndexBusyError(HtpIndexError, RuntimeError):
     """Another ingest or rebuild holds the index's writer lock."""
 
 
+class IndexNotWritableError(HtpIndexError, PermissionError):
+    """A writer (ingest, rebuild, compact, restore, migrate) cannot take the writer lock in the
+    index folder: the folder is read-only, another user's, or on a read-only file system. Asking
+    again unchanged fails again: bad usage (exit 2), where a busy index is a retry's (exit 1)."""
+
+
 class OptionConflictError(HtpIndexError, ValueError):
     """Options that cannot go together, or that ask an existing index for what only a rebuild
     changes: bad usage, which the command line reports with exit code 2, not as a failed run."""

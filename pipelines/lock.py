@@ -7,6 +7,7 @@ that has to wait says whom it waits for, and one that gives up names it.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from indexes.errors import IndexNotFoundError
-from pipelines.errors import IndexBusyError
+from pipelines.errors import IndexBusyError, IndexNotWritableError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,12 @@ def index_lock(index_dir: Path, timeout: float, *, create: bool = False) -> Iter
         blocker = next((p for p in index_dir.parents if p.exists() and not p.is_dir()), exc.filename)
         raise IndexNotFoundError(f"cannot make the index folder {index_dir}: {blocker} is a file, not a folder",
                                  path=index_dir) from exc
+    except OSError as exc:
+        if exc.errno not in _UNWRITABLE:
+            raise
+        raise IndexNotWritableError(
+            f"cannot make the index folder {index_dir}: {exc.strerror} ({exc.filename}); choose an "
+            "--index folder this user can write") from exc
     lock = FileLock(str(index_dir / LOCK_NAME))
     try:
         lock.acquire(timeout=0)
@@ -57,6 +64,11 @@ def index_lock(index_dir: Path, timeout: float, *, create: bool = False) -> Iter
                 f"another writer holds {index_dir}: {lock_holder(index_dir)} (waited {timeout:.0f} s for "
                 f"{index_dir / LOCK_NAME}); try again when it has finished"
             ) from exc
+    except OSError as exc:  # after Timeout, itself an OSError
+        # A bare "[Errno 13] Permission denied: '.../.ingest.lock'" (exit 1) was all it said.
+        if exc.errno not in _UNWRITABLE:
+            raise
+        raise _not_writable(index_dir, exc) from exc
     try:
         _write_holder(index_dir)
         yield
@@ -64,6 +76,31 @@ def index_lock(index_dir: Path, timeout: float, *, create: bool = False) -> Iter
         with suppress(OSError):
             (index_dir / HOLDER_NAME).unlink()
         lock.release()
+
+
+#: What creating the lock file raises in a folder this user cannot write.
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _not_writable(index_dir: Path, exc: OSError) -> IndexNotWritableError:
+    return IndexNotWritableError(
+        f"cannot take the writer lock on {index_dir}: the index folder is not writable by this user "
+        f"({exc.strerror}: {exc.filename or index_dir / LOCK_NAME}); writing to it needs a user who "
+        "may write the folder, or a copy of the index elsewhere (queries only read it)")
+
+
+def check_writable(index_dir: Path) -> None:
+    """Raise :func:`index_lock`'s :class:`IndexNotWritableError` for an existing index folder
+    whose lock file this user cannot open, before a writer loads a model and shows progress
+    (a rebuild drew its bar, then failed on the lock). Takes no lock."""
+    if not index_dir.is_dir():
+        return
+    try:
+        with open(index_dir / LOCK_NAME, "a"):  # what FileLock opens; another's flock is no matter
+            pass
+    except OSError as exc:
+        if exc.errno in _UNWRITABLE:
+            raise _not_writable(index_dir, exc) from exc
 
 
 def lock_holder(index_dir: Path) -> str:
