@@ -59,7 +59,7 @@ ModelOpt = Annotated[str | None, typer.Option("--model", help="'gemma3-270m', 's
 MethodOpt = Annotated[str | None, typer.Option("--method", help="htp, vanilla, last, echo, tp or prompteol")]
 KOpt = Annotated[str | None, typer.Option("--k", help="HTP sentences per block: an integer or 'adaptive[:MAX_BLOCKS]'")]
 KindOpt = Annotated[str | None, typer.Option("--index-kind", help="flat, hnsw, ivf_flat, ivf_pq or a FAISS factory string")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto (cuda if a GPU is visible, else cpu), cpu, cuda, cuda:N, mps, xpu or xpu:N; one this PyTorch cannot run on is refused (exit 2)")]
 
 
 def _task_runner(value: str | None) -> str | None:
@@ -479,6 +479,7 @@ def _dtype_auto(dim: int) -> dict[str, Any]:
 def _forward_pass(recorded: dict[str, Any]) -> str:
     """Which code would run this index's decoder here, under this machine's settings."""
     from htp_cli.failure import describe
+    from htp_embed.config import EncoderSettingError
     from htp_embed.models import forward_pass_plan
     from pipelines.settings import load_settings
 
@@ -486,7 +487,10 @@ def _forward_pass(recorded: dict[str, Any]) -> str:
         runtime = load_settings().runtime_encoder_settings()
     except Exception as exc:
         return f"unknown: this folder's settings are invalid ({describe(exc)})"
-    return forward_pass_plan(str(recorded.get("model", "")), runtime["device"], runtime["implementation"])
+    try:
+        return forward_pass_plan(str(recorded.get("model", "")), runtime["device"], runtime["implementation"])
+    except EncoderSettingError as exc:  # a device this PyTorch cannot run on: info still reads the index
+        return f"none: {describe(exc)}"
 
 
 def _structures(manifest: Any) -> dict[str, dict[str, int]]:

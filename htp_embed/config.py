@@ -97,7 +97,7 @@ class EncoderConfig(BaseModel):
         "Hugging Face model directory, or a .gguf file",
     )
     method: Method = "htp"
-    device: str = Field("auto", description="'auto' (cuda if visible, else cpu), 'cpu', 'cuda', 'cuda:1'…")
+    device: str = Field("auto", description="'auto' (cuda if visible, else cpu), 'cpu', 'cuda', 'cuda:N', 'mps', 'xpu' or 'xpu:N'; one this PyTorch cannot run on is refused when the encoder loads")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="'auto' = bfloat16 on cuda; on a CPU whichever a short probe shaped like the model's "

@@ -39,10 +39,47 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' means the first CUDA device when one is visible, else the CPU."""
+    """'auto' means the first CUDA device when one is visible, else the CPU. A device asked for
+    that this PyTorch cannot run on is bad usage (:class:`~htp_embed.config.EncoderSettingError`,
+    exit 2): torch's own "Torch not compiled with CUDA enabled" came later, as a failed run."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    missing = _device_missing(resolved)
+    if missing is not None:
+        from htp_embed.config import EncoderSettingError
+
+        raise EncoderSettingError(
+            f"device {device!r} asked for, but {missing}; use --device cpu or auto "
+            "(HTP_INDEX_ENCODER__DEVICE=cpu or auto in the environment or settings file)"
+        )
+    return resolved
+
+
+def _device_missing(device: torch.device) -> str | None:
+    """Why this PyTorch cannot run on ``device`` (None when it can)."""
+    build = f"this PyTorch ({torch.__version__})"
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            return f"{build} is built without CUDA"
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not visible:
+            return f"{build} sees no CUDA GPU (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        if device.index is not None and device.index >= visible:
+            return f"{build} sees {visible} CUDA GPU{'s' if visible > 1 else ''} (cuda:0 to cuda:{visible - 1})"
+    elif device.type == "mps":
+        if not torch.backends.mps.is_built():
+            return f"{build} is built without MPS (Apple GPUs)"
+        if not torch.backends.mps.is_available():
+            return f"{build} finds no MPS device (an Apple GPU on macOS 12.3 or later)"
+    elif device.type == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        visible = xpu.device_count() if xpu is not None and xpu.is_available() else 0
+        if not visible:
+            return f"{build} has no XPU support or sees no Intel GPU"
+        if device.index is not None and device.index >= visible:
+            return f"{build} sees {visible} XPU device{'s' if visible > 1 else ''} (xpu:0 to xpu:{visible - 1})"
+    return None
 
 
 # /proc/cpuinfo flags of x86 instructions that multiply bfloat16 matrices natively. Without
