@@ -513,12 +513,15 @@ def _jsonl_records(path: Path, id_prefix: str, max_bytes: int, file: tuple[str, 
             except (DocumentRejected, json.JSONDecodeError) as exc:
                 # A line cut short (the file rewritten while it was read) or damaged: filed under
                 # its _id when the start of the line still gives it, else under its line number,
-                # covering every record of this file, so no indexed record is deleted as gone.
+                # and covering every record of this file either way, so no indexed record is
+                # deleted as gone: a file caught mid-rewrite ends at the cut, and the records
+                # after it were deleted when the cut line still gave its _id.
                 recovered = record_id_in_prefix(raw)
                 if recovered is not None and id_prefix + recovered not in seen:
                     seen.add(id_prefix + recovered)
-                    yield SourceError(id_prefix + recovered, f"malformed record at {where}: {exc}; "
-                                      "its indexed version is kept")
+                    yield SourceError(id_prefix + recovered, f"malformed record at {where}: {exc}; its indexed "
+                                      f"version is kept, and no record of {path.name} is deleted until this "
+                                      "line is fixed", covers=id_prefix)
                 else:
                     yield SourceError(id_prefix + where, f"malformed record: {exc}; no record of "
                                       f"{path.name} is deleted until this line is fixed", covers=id_prefix)

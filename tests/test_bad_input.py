@@ -157,6 +157,36 @@ def test_a_jsonl_line_over_the_size_limit_keeps_its_previously_indexed_version(t
     assert "indexed version is kept" in error["error"]
 
 
+@pytest.mark.parametrize("folder", [False, True])
+def test_a_jsonl_file_caught_mid_rewrite_keeps_the_records_after_the_cut(tmp_path, embedding, folder):
+    """A file cut inside a line whose ``_id`` still reads (a writer caught mid-rewrite) kept
+    that record but deleted every record after the cut (7 of 10); a cut before the ``_id``
+    already kept them all. Both keep them all now, until the file reads whole again."""
+    from pipeline_helpers import settings_for
+
+    from pipelines.ingest import ingest
+
+    records = [{"_id": f"id{i}", "title": f"T{i}", "text": f"Record {i} mentions token v{i} here."} for i in range(1, 11)]
+    whole = "".join(json.dumps(r) + "\n" for r in records)
+    source = tmp_path / "src" / "corpus.jsonl"
+    source.parent.mkdir()
+    source.write_text(whole, encoding="utf-8")
+    settings = settings_for(embedding)
+    where = source.parent if folder else source
+    assert ingest(where, tmp_path / "idx", settings, embedding=embedding).added == 10
+    source.write_text("".join(json.dumps(r) + "\n" for r in records[:2]) + '{"_id": "id3", "title": "T3", "te',
+                      encoding="utf-8")
+    cut = ingest(where, tmp_path / "idx", settings, embedding=embedding)
+    assert (cut.deleted, cut.unchanged, cut.failed) == (0, 2, 1)
+    [error] = cut.errors
+    assert error["doc_id"].endswith("id3") and "no record of corpus.jsonl is deleted until this line is fixed" in error["error"]
+    source.write_text(whole.replace("v10", "v10 again"), encoding="utf-8")  # whole again, one record changed
+    healed = ingest(where, tmp_path / "idx", settings, embedding=embedding)
+    assert (healed.deleted, healed.unchanged, healed.updated, healed.failed) == (0, 9, 1, 0)
+    source.write_text("".join(json.dumps(r) + "\n" for r in records[:9]), encoding="utf-8")
+    assert ingest(where, tmp_path / "idx", settings, embedding=embedding).deleted == 1  # a record removed is
+
+
 @pytest.mark.parametrize(
     ("line", "expected"),
     [

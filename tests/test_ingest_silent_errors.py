@@ -289,8 +289,13 @@ def test_a_jsonl_caught_mid_rewrite_does_not_empty_the_index(tmp_path, embedding
     settings = settings_for(embedding)
     ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
     corpus.write_text(rows[0][:15], encoding="utf-8")  # the rewrite, caught after 15 bytes
-    with pytest.raises(EmptySourceError, match="no document that could be read"):
-        ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    # the cut line names record "0": refused under it, and no record of the file is deleted
+    stats = ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    assert stats.deleted == 0 and [e["doc_id"] for e in stats.errors] == ["0"]
+    assert {"0", "1", "2"} <= indexed(tmp_path / "idx")
+    corpus.write_text(rows[0][:5], encoding="utf-8")  # caught before its _id: by line, none deleted
+    stats = ingest(corpus, tmp_path / "idx", settings, embedding=embedding)
+    assert stats.deleted == 0 and [e["doc_id"] for e in stats.errors] == ["corpus.jsonl:1"]
     assert {"0", "1", "2"} <= indexed(tmp_path / "idx")
     # Caught later, with whole records before the cut: the cut one is refused, none deleted.
     corpus.write_text("\n".join(rows[:2]) + "\n" + rows[2][:15], encoding="utf-8")
