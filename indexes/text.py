@@ -7,6 +7,11 @@ import unicodedata
 
 # Unicode category Cc is exactly U+0000-001F and U+007F-009F; tabs and line breaks stay.
 _DROP_CONTROLS = {c: None for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n\r\f\v"}
+# Controls that separate what they stand between: NEL (U+0085, a line break in EBCDIC-born and
+# some cp1252-misread text) and the file, group and record separators are line breaks to
+# str.splitlines, the unit separator (U+001F) a field separator. Deleted, they glued the words
+# on either side into one ("zqxone\x85zqxtwo" found by neither word).
+_CLEAN_CONTROLS = {**_DROP_CONTROLS, 0x85: "\n", 0x1C: "\n", 0x1D: "\n", 0x1E: "\n", 0x1F: " "}
 
 #: Unicode categories that carry nothing to search for: controls, format characters
 #: (zero-width spaces and joiners, BOMs) and space separators.
@@ -30,11 +35,11 @@ def lone_surrogate_at(text: str) -> int | None:
 
 
 def drop_controls(text: str) -> str:
-    """``text`` without control characters (tabs and line breaks kept) and soft hyphens: how
-    ingest reads every document, and so how a query is searched, or "light\u00adhouse" and
-    "cat\x00purrs" would be embedded unlike the same words in a document.
-    ``str.translate`` keeps this cheap on 20 MB files."""
-    return text.translate(_DROP_CONTROLS).replace("\u00ad", "")
+    """``text`` without control characters (tabs and line breaks kept, the separators among them
+    made line breaks or a space) and soft hyphens: how ingest reads every document, and so how a
+    query is searched, or "light\u00adhouse" and "cat\x00purrs" would be embedded unlike the
+    same words in a document. ``str.translate`` keeps this cheap on 20 MB files."""
+    return text.translate(_CLEAN_CONTROLS).replace("\u00ad", "")
 
 
 def count_controls(text: str) -> int:

@@ -120,7 +120,11 @@ class _TextExtractor(HTMLParser):
     _SKIP = {"script", "style", "noscript", "template"}
     _BLOCK = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "section", "article",
               "td", "th", "dt", "dd", "blockquote", "pre", "table", "ul", "ol", "dl", "header", "footer",
-              "nav", "aside", "main", "figure", "figcaption", "caption", "hr"}
+              "nav", "aside", "main", "figure", "figcaption", "caption", "hr",
+              # shown as blocks too (HTML's rendering section); without them a minified FAQ of
+              # <details><summary> read "Shipping questionFreeshipping answerReturns..."
+              "details", "summary", "address", "center", "form", "fieldset", "legend", "option",
+              "optgroup", "dialog", "menu", "search", "hgroup", "tbody", "thead", "tfoot"}
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -188,8 +192,9 @@ def _pre_lines(text: str) -> list[str]:
 
 #: Bump when a reader gives other text for the same bytes: unchanged files are otherwise taken
 #: from the last run's record without being read (`pipelines.file_stats`), and kept the old
-#: reader's text (2: soft hyphens dropped, PDF ligatures spelled out, <pre> kept).
-READERS_REVISION = 2
+#: reader's text (2: soft hyphens dropped, PDF ligatures spelled out, <pre> kept; 3: separator
+#: controls read as line breaks, <details>/<summary>/<option> and other HTML blocks as blocks).
+READERS_REVISION = 3
 
 # Typeset PDFs (LaTeX above all) draw "fi", "ffi", "st" as one ligature glyph, which pypdf
 # extracts as U+FB00-FB06: the model and the reader see "ﬁnancial", not "financial".

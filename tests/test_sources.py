@@ -318,3 +318,28 @@ def test_a_folder_nested_past_what_can_be_walked_is_a_clear_error(tmp_path, monk
     monkeypatch.setattr(sources.os, "walk", too_deep)
     with pytest.raises(OSError, match="nests folders deeper than can be walked"):
         list(iter_folder(tmp_path))
+
+
+# Trial of long and odd documents (stop 49): readers glued words across separators.
+def test_separator_controls_are_read_as_breaks_not_deleted(tmp_path):
+    """NEL and the file/group/record/unit separators were deleted with the other controls, so
+    "zqxone\\x85zqxtwo" was one word neither half of which keyword search found."""
+    from indexes.sparse import query_terms
+    from indexes.text import count_controls, drop_controls
+
+    assert drop_controls("one\x85two\x1cthree\x1dfour\x1efive\x1fsix\x00seven\x07") == "one\ntwo\nthree\nfour\nfive sixseven"
+    assert count_controls("a\x85b\x1fc") == 2  # still controls to the binary check
+    (tmp_path / "ctl.txt").write_text("First zqxnelone\x85zqxneltwo pair. Unit zqxusone\x1fzqxustwo.", encoding="utf-8")
+    [doc] = [d for d in iter_source(tmp_path) if isinstance(d, SourceDocument)]
+    assert {"zqxnelone", "zqxneltwo", "zqxusone", "zqxustwo"} <= set(query_terms(doc.text))
+
+
+def test_html_blocks_beyond_paragraphs_keep_their_words_apart():
+    """<details>/<summary>, <address>, <center>, <form>/<fieldset>/<legend>, <option> ran their
+    texts together: a minified FAQ read "Shipping questionFreeshipping answerReturns..."."""
+    text, _ = html_to_text("<html><body><details><summary>Shipping question</summary>Free shipping</details>"
+                           "<details><summary>Returns</summary>Thirty days</details><address>Main Street</address>"
+                           "<center>Welcome</center><form><fieldset><legend>Login</legend>Username</fieldset></form>"
+                           "<select><option>Red</option><option>Blue</option></select></body></html>")
+    assert text.split("\n") == ["Shipping question", "Free shipping", "Returns", "Thirty days", "Main Street",
+                                "Welcome", "Login", "Username", "Red", "Blue"]
