@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -372,8 +372,11 @@ class HTPEncoder:
         """Embed ``texts``; the caller's order is kept although batches are length-sorted."""
         return self.encode_with_stats(texts, is_query=is_query).vectors
 
-    def encode_with_stats(self, texts: Sequence[str], *, is_query: bool = False) -> Encoded:
-        """Embed ``texts`` like :meth:`encode`, with this call's token and truncation counts.
+    def encode_with_stats(self, texts: Sequence[str], *, is_query: bool = False,
+                          on_batch: Callable[[int], None] | None = None) -> Encoded:
+        """Embed ``texts`` like :meth:`encode`, with this call's token and truncation counts;
+        ``on_batch`` is told how many texts each forward pass embedded (a caller's progress bar:
+        one long document's nodes are one call, which held a bar at 0 for minutes).
 
         Safe for threads sharing the encoder: the counts are this call's alone.
         """
@@ -430,6 +433,8 @@ class HTPEncoder:
                 out[chunk] = vectors
                 position += len(chunk)
                 bar.update(len(chunk))
+                if on_batch is not None:
+                    on_batch(len(chunk))
         encoded = Encoded(out, len(texts), sum(len(layout.pool) for layout in layouts), truncated)
         with self._stats_lock:
             self.stats.texts += encoded.texts

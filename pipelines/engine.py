@@ -119,29 +119,46 @@ class EmbeddedBatch:
 def embed_batch(batch: Sequence[TextNode], encoder: HTPEncoder, progress: Progress | None = None) -> EmbeddedBatch:
     """Embed a batch of nodes; if the batch fails, retry it document by document so one bad
     document costs only itself. This is the unit a task runner fans out."""
+    shown = 0  # of this batch on the caller's bar, reported pass by pass
+
+    def advance(count: int) -> None:
+        nonlocal shown
+        shown += count
+        if progress:
+            progress(count)
+
     try:
-        return _embed(batch, encoder, progress)
+        return _embed(batch, encoder, advance)
     except Exception as exc:  # isolate the culprit, whatever broke
         log.warning("embedding batch failed (%s); retrying its documents one by one", exc)
+    counted = shown  # the retry first covers what the bar already shows
+    given = 0  # of the document being retried
+
+    def advance_again(count: int) -> None:
+        nonlocal counted, given
+        given += count
+        taken = min(count, counted)
+        counted -= taken
+        if progress and count > taken:
+            progress(count - taken)
+
     groups: dict[str, list[TextNode]] = {}
     for node in batch:
         groups.setdefault(doc_id_of(node), []).append(node)
     parts: list[EmbeddedBatch] = []
     errors: dict[str, str] = {}
     for doc_id, nodes in groups.items():
+        given = 0
         try:
-            parts.append(_embed(nodes, encoder, progress))
+            parts.append(_embed(nodes, encoder, advance_again))
         except Exception as exc:
             errors[doc_id] = f"could not embed: {type(exc).__name__}: {exc}"
-            if progress:
-                progress(len(nodes))
+            advance_again(len(nodes) - given)  # what its failed passes did not show
     return combine(parts, encoder.identity(), encoder.dim, errors)
 
 
 def _embed(nodes: Sequence[TextNode], encoder: HTPEncoder, progress: Progress | None) -> EmbeddedBatch:
-    encoded = encoder.encode_with_stats([embed_text(node) for node in nodes])
-    if progress:
-        progress(len(nodes))
+    encoded = encoder.encode_with_stats([embed_text(node) for node in nodes], on_batch=progress or None)
     return EmbeddedBatch([node.node_id for node in nodes], encoded.vectors, encoder.identity(), tokens=encoded.tokens,
                          truncated=encoded.truncated)
 

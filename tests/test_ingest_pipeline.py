@@ -117,3 +117,50 @@ def test_an_explicitly_different_encoder_is_refused(tmp_path, embedding):
 
     with pytest.raises(EncoderMismatchError, match="rebuild"):
         ingest(source, tmp_path / "idx", settings_for(embedding), embedding=HTPEmbedding(other))
+
+
+def _nodes(doc_id: str, texts: list[str]):
+    from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
+
+    return [TextNode(id_=f"{doc_id}#{i}", text=text, relationships={NodeRelationship.SOURCE: RelatedNodeInfo(node_id=doc_id)})
+            for i, text in enumerate(texts)]
+
+
+def test_one_long_document_moves_the_progress_bar_pass_by_pass():
+    """A document of 1,155 nodes is one call to the encoder: the bar read 0 for minutes, then
+    all at once. It now moves with each forward pass."""
+    from tiny_decoder import tiny_encoder
+
+    from pipelines.engine import embed_batch
+
+    encoder = tiny_encoder(batch_size=2)
+    calls: list[int] = []
+    embedded = embed_batch(_nodes("long", [f"Sentence number {i} of a long text. " * 30 for i in range(7)]), encoder, calls.append)
+    assert len(embedded.node_ids) == 7 and sum(calls) == 7 and len(calls) >= 3
+
+
+def test_a_batch_that_fails_part_way_counts_every_node_once_on_the_bar():
+    """The retry document by document covers what the failed attempt's passes already showed."""
+    import numpy as np
+
+    from htp_embed.encoder import Encoded
+    from pipelines.engine import embed_batch
+
+    class OneTextAPass:
+        dim = 4
+
+        def identity(self):
+            return {"model": "fake", "dim": 4}
+
+        def encode_with_stats(self, texts, *, is_query=False, on_batch=None):
+            for text in texts:
+                if "boom" in text:
+                    raise RuntimeError("simulated failure")
+                on_batch(1)
+            return Encoded(np.ones((len(texts), 4), np.float32) / 2, len(texts), len(texts), 0)
+
+    calls: list[int] = []
+    batch = _nodes("a", ["one", "two", "three"]) + _nodes("b", ["four", "boom five"]) + _nodes("c", ["six"])
+    embedded = embed_batch(batch, OneTextAPass(), calls.append)
+    assert sum(calls) == len(batch)  # 4 shown before the failure, then only the 2 not yet shown
+    assert len(embedded.node_ids) == 4 and set(embedded.errors) == {"b"}
