@@ -97,6 +97,21 @@ class FaissVectorStore(SegmentStore, BasePydanticVectorStore):
         SegmentStore.__init__(self, **engine)
 
     @classmethod
+    def serving(cls, store: SegmentStore) -> FaissVectorStore:
+        """``store`` as LlamaIndex's vector store: the same engine state taken over (segments,
+        pending rows, caches), nothing opened again. Reopened by path and version number, the
+        adapter failed as "corrupted" once retention had removed that version (which ``store``
+        still serves from its open files), and after the folder was replaced it read another
+        index's version of that number. ``store`` itself should not be used afterwards."""
+        if isinstance(store, cls):
+            return store
+        adapter = cls.__new__(cls)
+        BasePydanticVectorStore.__init__(adapter)
+        for name, value in vars(store).items():
+            setattr(adapter, name, value)
+        return adapter
+
+    @classmethod
     def class_name(cls) -> str:
         """Name LlamaIndex uses when it serialises components."""
         return "HtpFaissVectorStore"

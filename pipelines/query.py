@@ -143,25 +143,17 @@ class OpenIndex:
         """This index's store as LlamaIndex's vector store (:class:`indexes.FaissVectorStore`,
         a `SegmentStore` LlamaIndex can drive), what ``as_index``/``as_retriever`` use.
 
-        Opened on first use (the query path never imports LlamaIndex) at :attr:`store`'s
-        version, and from then on it *is* :attr:`store`: nodes LlamaIndex inserts through
-        ``as_index()`` are what :meth:`search` finds, and the other way round. (Two store
-        objects over one version would each miss the other's writes, silently.) Writes made
-        through :attr:`store` before must be persisted first, or they would be left behind.
+        Made on first use (the query path never imports LlamaIndex) from :attr:`store` itself,
+        whose open version it takes over, and from then on it *is* :attr:`store`: nodes
+        LlamaIndex inserts through ``as_index()`` are what :meth:`search` finds, and the other
+        way round (two store objects over one version would each miss the other's writes,
+        silently), and it answers from the version :meth:`search` answers from even once
+        retention has removed it or the folder was replaced.
         """
         from indexes import FaissVectorStore
 
-        if isinstance(self.store, FaissVectorStore):
-            return self.store
-        if self.store.dirty:
-            raise RuntimeError(
-                f"{self.path}: the open store has changes that are not persisted; call "
-                "`store.persist()` before using the index through LlamaIndex (as_index/as_retriever)"
-            )
-        adapter = FaissVectorStore.open(self.path, version=self.store.version, keep_versions=self.keep_versions,
-                                        **self.placement)
-        self.store = adapter
-        return adapter
+        self.store = FaissVectorStore.serving(self.store)
+        return self.store
 
     def as_index(self) -> VectorStoreIndex:
         """A LlamaIndex VectorStoreIndex over this store (for query engines, chat engines…).

@@ -500,3 +500,52 @@ def test_a_query_is_searched_as_documents_are_read_without_controls_and_soft_hyp
     retriever = index.as_retriever(similarity_top_k=3)
     assert ([(n.node.node_id, n.score) for n in retriever.retrieve("the c\u00adat sat")]
             == [(n.node.node_id, n.score) for n in retriever.retrieve("the cat sat")])
+
+
+# ---------------------------------------------------------------------------------------------
+# Trial of the library in a long-running app (stop 49): LlamaIndex's store was reopened by
+# path and version number on first use, not made from the version the OpenIndex serves.
+def _ids(nodes) -> list[str]:
+    return sorted(n.node.ref_doc_id for n in nodes)
+
+
+def test_as_retriever_serves_the_held_version_after_retention_removed_it(tmp_path, index_dir, embedding):
+    import shutil
+
+    from pipeline_helpers import settings_for
+
+    from pipelines.ingest import ingest
+    from pipelines.query import open_index
+
+    settings = settings_for(embedding).model_copy(update={"keep_versions": 2})
+    index = open_index(index_dir, settings, embedding=embedding)
+    held = index.version
+    for i in range(3):  # three commits elsewhere: the held version is no longer kept
+        (tmp_path / "src" / f"new{i}.txt").write_text(f"a parrot number {i} sang .", encoding="utf-8")
+        ingest(tmp_path / "src", index_dir, settings, embedding=embedding)
+    assert not (index_dir / "versions" / f"v{held:06d}").exists()
+    found = index.as_retriever(similarity_top_k=5, vector_store_query_mode="sparse").retrieve("parrot cat")
+    assert _ids(found) == ["cats.txt"]  # the held version's answer, not "corrupted"
+    assert index.version == held and [r["doc_id"] for r in index.search("parrot cat", 5, mode="sparse")] == ["cats.txt"]
+    # the folder replaced by another index: still one version answering, the held one
+    shutil.rmtree(index_dir)
+    ingest(write_docs_other(tmp_path / "other"), index_dir, settings, embedding=embedding)
+    assert _ids(index.as_retriever(similarity_top_k=5, vector_store_query_mode="sparse").retrieve("cat")) == ["cats.txt"]
+
+
+def write_docs_other(folder):
+    from pipeline_helpers import write_docs
+
+    return write_docs(folder, {"cats.txt": "a cat of another index .", "x.txt": "cat cat cat ."})
+
+
+def test_a_fresh_open_index_hands_its_own_store_to_llamaindex(index_dir, embedding):
+    from pipeline_helpers import settings_for
+
+    from pipelines.query import open_index
+
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    store = index.store
+    adapter = index.vector_store
+    assert adapter is index.store and adapter._segments is store._segments  # taken over, not reopened
+    assert index.search("cat", 1, mode="sparse")[0]["doc_id"] == "cats.txt"  # search answers through it
