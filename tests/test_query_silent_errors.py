@@ -531,6 +531,14 @@ def test_as_retriever_serves_the_held_version_after_retention_removed_it(tmp_pat
     shutil.rmtree(index_dir)
     ingest(write_docs_other(tmp_path / "other"), index_dir, settings, embedding=embedding)
     assert _ids(index.as_retriever(similarity_top_k=5, vector_store_query_mode="sparse").retrieve("cat")) == ["cats.txt"]
+    # a write through the held version cannot land in the index now in its folder
+    from indexes import IndexConflictError
+
+    index.as_index().delete_ref_doc("sea.md")
+    with pytest.raises(IndexConflictError, match="names files that are gone"):
+        index.store.persist()
+    other = open_index(index_dir, settings, embedding=embedding)
+    assert sorted(r["doc_id"] for r in other.search("cat", 5, mode="sparse")) == ["cats.txt", "x.txt"]
 
 
 def write_docs_other(folder):
