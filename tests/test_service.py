@@ -416,12 +416,15 @@ def test_is_loopback(host, loopback):
 def test_serving_beyond_this_machine_without_a_token_is_warned_about(monkeypatch, caplog, host, token, warned):
     """``--host 0.0.0.0`` without a token serves every document's text to anyone on the
     network: allowed (a private network, a proxy in front), but said at start."""
+    import socket
+
     import uvicorn
 
     import pipelines.service as service
 
     monkeypatch.setattr(service, "create_app", lambda *args, **kwargs: object())
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(service, "listening_socket", lambda host, port: socket.socket())  # binds nothing
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
     if token:
         monkeypatch.setenv(service.TOKEN_ENV, token)
     else:
