@@ -88,6 +88,11 @@ NODES_DELETED_HASH = "nodes-deleted"
 OPEN_ATTEMPTS = 3
 
 
+def _is_count(value: Any, least: int) -> bool:
+    """Whether ``value`` is a whole number (a numpy one too, never a bool) of at least ``least``."""
+    return not isinstance(value, bool) and isinstance(value, int | np.integer) and value >= least
+
+
 class SegmentStore:
     """Segments of FAISS vectors, node rows and keyword postings; see the module docstring."""
 
@@ -923,11 +928,10 @@ class SegmentStore:
         """
         if mode not in SEARCH_MODES:
             raise ValueError(f"unknown search mode {mode!r}; use one of {', '.join(SEARCH_MODES)}")
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+        if not _is_count(k, 0):
             # hybrid slices its fused list with k: a negative k returned all but the last hits
             raise ValueError(f"k must be a whole number >= 0, not {k!r}")
-        if sparse_k is not None and (isinstance(sparse_k, bool) or not isinstance(sparse_k, int | np.integer)
-                                     or sparse_k < 1):
+        if sparse_k is not None and not _is_count(sparse_k, 1):
             # a negative one searched no keywords (hybrid was dense alone), 0 meant the default
             raise ValueError(f"sparse_k must be a whole number >= 1 (or None: the default), not {sparse_k!r}")
         unknown = set(knobs) - set(_SEARCH_KNOBS)
@@ -951,7 +955,7 @@ class SegmentStore:
                 dense = self._dense_hits(np.asarray([embedding], dtype=np.float32), depth, allowed, knobs)[0]
                 sparse_hits = self._keyword_hits(text or "", max(sparse_window, int(k)), allowed)
                 hits = fusion.fuse(dense, sparse_hits, method=fusion_method, alpha=alpha,
-                                   dense_window=fusion.CANDIDATES, sparse_window=sparse_window)[:k]
+                                   sparse_window=sparse_window)[:k]
             rows = self._rows([faiss_id for faiss_id, _ in hits])
         return [(rows[i], score) for i, score in hits if i in rows]
 

@@ -42,7 +42,7 @@ from .live import LiveSegment, PendingRows
 from .merge_policy import MergePolicy
 from .segment_store import FLUSH_ROWS, SearchMode, SegmentStore
 from .spec import IndexSpec, Manifest, NamedFile
-from .text import has_visible_text, lone_surrogate_at
+from .text import has_visible_text, lone_surrogate_problem
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +138,9 @@ class FaissVectorStore(SegmentStore, BasePydanticVectorStore):
         if mode != "dense" and (query.query_str is None or not has_visible_text(query.query_str)):
             raise ValueError(f"query mode {asked.value!r} needs query_str (the query text), with a visible "
                              "character: an empty or invisible one (zero-width, controls) searches for nothing")
-        at = None if query.query_str is None else lone_surrogate_at(query.query_str)
-        if at is not None:  # the keyword side answered one; the encoder refuses it
-            raise ValueError(f"query_str holds a lone surrogate ({ascii(query.query_str[at])}) at character {at}, "
-                             "which is not a character; send the query as valid UTF-8 text")
+        problem = None if query.query_str is None else lone_surrogate_problem(query.query_str, "query_str")
+        if problem is not None:  # the keyword side answered one; the encoder refuses it
+            raise ValueError(problem)
         if mode != "sparse" and query.query_embedding is None:
             if mode == "hybrid":
                 raise ValueError("hybrid queries need query_embedding as well as query_str")

@@ -34,6 +34,16 @@ def lone_surrogate_at(text: str) -> int | None:
     return None
 
 
+def lone_surrogate_problem(text: str, what: str) -> str | None:
+    """Why a query ``text`` (called ``what``) cannot be searched when it holds a lone surrogate,
+    or None: the one wording of every query path's refusal."""
+    at = lone_surrogate_at(text)
+    if at is None:
+        return None
+    return (f"{what} holds a lone surrogate ({ascii(text[at])}) at character {at}, which is not a "
+            "character; send the query as valid UTF-8 text")
+
+
 def drop_controls(text: str) -> str:
     """``text`` without control characters (tabs and line breaks kept, the separators among them
     made line breaks or a space) and soft hyphens: how ingest reads every document, and so how a

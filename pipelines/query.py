@@ -28,7 +28,7 @@ from indexes import EncoderMismatchError, IndexNotFoundError, SegmentStore, spar
 from indexes.docstore import NodeRow
 from indexes.fusion import Fusion
 from indexes.keywords import analyse_query
-from indexes.text import drop_controls, has_visible_text, lone_surrogate_at
+from indexes.text import drop_controls, has_visible_text, lone_surrogate_problem
 from pipelines.errors import DocumentRejected
 from pipelines.identity_check import index_accepts, warn_ignored_encoder_settings
 from pipelines.settings import Settings, load_settings
@@ -67,12 +67,9 @@ def check_query_text(text: str) -> str:
     if not has_visible_text(text):  # "\u200b", "\x00": ingest refuses such documents as empty
         raise InvalidQueryError("the query holds only invisible characters (controls, zero-width or "
                                 "format characters): there is nothing to search for")
-    at = lone_surrogate_at(text)
-    if at is not None:
-        raise InvalidQueryError(
-            f"the query holds a lone surrogate ({ascii(text[at])}) at character {at}, "
-            "which is not a character; send the query as valid UTF-8 text"
-        )
+    problem = lone_surrogate_problem(text, "the query")
+    if problem is not None:
+        raise InvalidQueryError(problem)
     return drop_controls(text)
 
 
@@ -346,7 +343,7 @@ class OpenIndex:
         if not requests:
             return []
         modes = [self.check_request(request) for request in requests]
-        texts = [check_query_text(request.query) for request in requests]  # as documents are read
+        texts = [drop_controls(request.query) for request in requests]  # checked above; read as documents are
         needs_vector = [i for i, mode in enumerate(modes) if mode != "sparse"]
         vectors = self.encoder.encode_queries([texts[i] for i in needs_vector])
         by_request = dict(zip(needs_vector, vectors, strict=True))

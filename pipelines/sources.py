@@ -22,7 +22,7 @@ from pathlib import Path
 from stat import S_ISBLK, S_ISCHR, S_ISFIFO, S_ISLNK, S_ISREG, S_ISSOCK
 from typing import Any
 
-from indexes.text import count_controls, drop_controls, has_visible_text
+from indexes.text import count_controls, drop_controls, has_visible_text, lone_surrogate_at
 from pipelines.errors import DocumentRejected, OptionConflictError
 
 log = logging.getLogger(__name__)
@@ -246,13 +246,12 @@ def require_encodable(value: str, what: str) -> None:
     """Refuse a string holding a lone surrogate (half of a UTF-16 pair: JSON text cut inside an
     emoji by JavaScript, or a file name that is not UTF-8): no UTF-8 file, hash or database
     can hold it, and it used to stop the whole run."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
+    at = lone_surrogate_at(value)
+    if at is not None:
         raise DocumentRejected(
-            f"{what} holds {value[exc.start:exc.end]!r} at character {exc.start}, half of a UTF-16 "
-            "surrogate pair (text cut inside an emoji, or a name that is not UTF-8); repair it"
-        ) from exc
+            f"{what} holds {value[at]!r} at character {at}, half of a UTF-16 surrogate pair (text "
+            "cut inside an emoji, or a name that is not UTF-8); repair it"
+        )
 
 
 def printable_id(doc_id: str) -> str:
