@@ -220,8 +220,9 @@ def rebuild(
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Re-embed everything into a new index version (new model, method, K or index kind);
-    the old version keeps serving until the new one is complete and verified."""
+    """Re-embed everything into a new index version (new model, method, K or index kind).
+
+    The old version keeps serving until the new one is complete and verified."""
     _setup(verbose, quiet=as_json)
     if keep_missing and not source:
         raise typer.BadParameter("--keep-missing goes with --source (a rebuild from the stored nodes keeps every one)")
@@ -385,6 +386,7 @@ def serve(
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve POST /query and GET /health over HTTP (OpenAPI docs at /docs).
+
     Set HTP_INDEX_API_TOKEN to require a bearer token. On a CPU it first embeds a made-up
     query at each short query width (~0.5 s), so that its first queries are as fast as the rest."""
     _setup(verbose)
@@ -403,12 +405,14 @@ def info(
     as_json: JsonOpt = False,
     drift: Annotated[bool, typer.Option("--drift", help="also read up to 100,000 stored vectors to measure how far they drifted from the vector correction")] = False,
 ) -> None:
-    """Show an index's live version, size, kind, encoder (and whether it records an encoder
-    check), segments with their FAISS structures (a kind that needs training serves exact search
-    until a segment can train it) and vector correction, read
-    from its manifest alone (nothing else is loaded; --drift reads stored vectors too), and how
-    this machine would run its encoder: the dtype, Linear packing and attention kernel measured here, and which
-    code runs the decoder (htp-index's own Gemma 3 forward pass or transformers' class)."""
+    """Show an index's version, size, kind, encoder and segments, and how this machine runs it.
+
+    Read from the manifest alone (nothing else is loaded; --drift reads stored vectors too):
+    the live version, size, kind, encoder (and whether it records an encoder check), segments
+    with their FAISS structures (a kind that needs training serves exact search until a segment
+    can train it) and vector correction; and how this machine would run the encoder: the dtype,
+    Linear packing and attention kernel measured here, and which code runs the decoder
+    (htp-index's own Gemma 3 forward pass or transformers' class)."""
     from indexes import SegmentStore
 
     try:
@@ -523,8 +527,9 @@ def verify(
     version: Annotated[int | None, typer.Option(help="check this version instead of the live one")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Read every file of the live version (segments, tombstones, document log, correction)
-    and check it against the sha256 its manifest recorded when it was written. Opening an
+    """Check every file of the live version against the sha256 its manifest recorded.
+
+    Reads the segments, tombstones, document log and correction of the live version. Opening an
     index checks sizes (and hashes only the small correction and tombstone files); run this after
     a disk or copy problem. Exit 1 names a bad file."""
     from pipelines.maintenance import verify_index
@@ -547,8 +552,9 @@ def compact(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Merge the index's segments and drop deleted rows, as one new version (the old one
-    serves until the switch). Ingest already merges small segments when the policy asks.
+    """Merge the index's segments and drop deleted rows, as one new version.
+
+    The old version serves until the switch. Ingest already merges small segments when the policy asks.
     Versions are kept and the writer lock waited for as the settings say (`keep_versions`,
     `lock_timeout`)."""
     _setup(verbose)
@@ -576,8 +582,9 @@ def restore(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Roll the index back to a kept older version: a new version equal to it becomes live (the
-    versions after it stay on disk as long as versions are kept). For a live version whose
+    """Roll the index back to a kept older version.
+
+    A new version equal to it becomes live (the versions after it stay on disk as long as versions are kept). For a live version whose
     files are damaged (`verify` names them), or an ingest to undo."""
     _setup(verbose)
     settings = _settings(config, as_json=as_json)
@@ -597,8 +604,9 @@ def restore(
 
 @app.command()
 def migrate(index: IndexOpt, as_json: JsonOpt = False, config: ConfigOpt = None, verbose: VerboseOpt = False) -> None:
-    """Rewrite an index of the old layout (a full copy per version) as segments now; the next
-    write would do it anyway. Older versions stay readable until they are collected."""
+    """Rewrite an index of the old layout (a full copy per version) as segments now.
+
+    The next write would do it anyway. Older versions stay readable until they are collected."""
     _setup(verbose)
     settings = _settings(config, as_json=as_json)
     from pipelines.maintenance import migrate_index
@@ -623,8 +631,9 @@ def schedule(
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Serve a scheduled ingest deployment against a Prefect server (PREFECT_API_URL); runs
-    until interrupted. Start a server first: prefect server start."""
+    """Serve a scheduled ingest deployment against a Prefect server (PREFECT_API_URL).
+
+    Runs until interrupted. Start a server first: prefect server start."""
     _setup(verbose)
     if (cron is None) == (interval is None):
         raise typer.BadParameter("give exactly one of --cron or --interval")
@@ -691,6 +700,19 @@ def _register_eval() -> None:
 
 
 _register_eval()
+
+
+def _reflow_help(doc: str) -> str:
+    """A command's docstring as its help: each paragraph on one line. Rich help keeps a
+    docstring's line breaks as written, so the source's wrap at 100 columns broke lines again,
+    mid-sentence, in an 80-column terminal."""
+    import inspect
+
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _command in app.registered_commands:
+    _command.help = _reflow_help(_command.help or _command.callback.__doc__ or "")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -180,6 +180,29 @@ def test_every_option_is_documented():
     assert undocumented == []
 
 
+def test_help_fills_an_80_column_terminal_without_breaking_sentences():
+    """Rich help keeps a docstring's line breaks: the source's 100-column wrap showed as a
+    line cut mid-sentence every line or two at 80 columns, and the command list showed each
+    command's first paragraph cut the same way. Each paragraph is one flowing text now, and
+    the list gives a one-line summary."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name in group.commands:
+        output = runner.invoke(app, [name, "--help"], terminal_width=80, env={"COLUMNS": "80"}).output
+        prose = output.split("╭", 1)[0].splitlines()[3:]  # the description, before the first box
+        paragraphs = "\n".join(line.strip() for line in prose).strip().split("\n\n")
+        for paragraph in paragraphs:
+            lines = paragraph.splitlines()
+            short = [line for line in lines[:-1] if len(line) < 60]  # only a paragraph's last line ends early
+            assert not short, (name, short)
+    listing = runner.invoke(app, ["--help"], terminal_width=80, env={"COLUMNS": "80"}).output
+    for name in group.commands:
+        summary = group.commands[name].help.split("\n\n")[0]
+        assert len(summary) < 140, (name, summary)  # at most two lines beside the name
+        assert "\n" not in summary
+
+
 def test_verify_compact_and_migrate(env):
     from indexes_fixtures import make_nodes, unit_rows, write_format1_index
 
