@@ -349,8 +349,9 @@ def query(
     try:
         from pipelines.query import open_index
 
-        # no encoder check on this cold path: it would load spaCy here (ingest and serve check)
-        opened = open_index(index, settings, check_encoder=False)
+        # no encoder check on this cold path: it would load spaCy here (ingest and serve check);
+        # the encoder loads when the query needs it (a keyword-only query does not)
+        opened = open_index(index, settings, check_encoder=False, lazy_encoder=True)
         results = opened.search(
             text, top_k, filters, mode=mode.value if mode else None, alpha=alpha, rerank=rerank,
         )

@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from htp_embed import HTPEncoder, config_from_identity
 from indexes import EncoderMismatchError, IndexNotFoundError, SegmentStore, sparse
 from indexes.docstore import NodeRow
 from indexes.fusion import Fusion
 from indexes.keywords import analyse_query
 from indexes.text import drop_controls, has_visible_text, lone_surrogate_problem
 from pipelines.errors import DocumentRejected
-from pipelines.identity_check import index_accepts, warn_ignored_encoder_settings
 from pipelines.settings import Settings, load_settings
 
 if TYPE_CHECKING:  # LlamaIndex is imported only by the parts that hand its objects out (~1 s)
@@ -38,6 +37,7 @@ if TYPE_CHECKING:  # LlamaIndex is imported only by the parts that hand its obje
     from llama_index.core.retrievers import BaseRetriever
     from llama_index.core.vector_stores.types import MetadataFilters
 
+    from htp_embed import HTPEncoder
     from htp_embed.llama_index import HTPEmbedding, QueryLikelihoodRerank
     from indexes import FaissVectorStore
     from pipelines.encoder_check import EncoderCheck
@@ -93,11 +93,14 @@ class SearchRequest:
 
 @dataclass
 class OpenIndex:
-    """A loaded index version with the encoder that built it."""
+    """A loaded index version with the encoder that built it.
+
+    The encoder is loaded on first use (:attr:`encoder`), by ``load_encoder``: a keyword-only
+    query never needs it, and loading a model takes seconds from a cold process."""
 
     path: Path
     store: SegmentStore
-    encoder: HTPEncoder
+    load_encoder: Callable[[], HTPEncoder] = field(repr=False)
     default_mode: QueryMode = "hybrid"
     default_alpha: float | None = None
     fusion: Fusion = "convex"
@@ -111,6 +114,23 @@ class OpenIndex:
     #: the last :meth:`check_encoder` result (None: not run, or the index records no check)
     encoder_check: EncoderCheck | None = None
     _warned: bool = field(default=False, repr=False)
+    _encoder: HTPEncoder | None = field(default=None, repr=False)
+    _encoder_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def encoder(self) -> HTPEncoder:
+        """The encoder that built this index, loaded on first use (once, whichever thread asks
+        first); an error loading it (model missing, other weights) is raised here, each time."""
+        if self._encoder is None:
+            with self._encoder_lock:
+                if self._encoder is None:
+                    self._encoder = self.load_encoder()
+        return self._encoder
+
+    @property
+    def encoder_loaded(self) -> bool:
+        """Whether :attr:`encoder` has been loaded (a keyword-only caller never loads it)."""
+        return self._encoder is not None
 
     @property
     def version(self) -> int | None:
@@ -345,7 +365,7 @@ class OpenIndex:
         modes = [self.check_request(request) for request in requests]
         texts = [drop_controls(request.query) for request in requests]  # checked above; read as documents are
         needs_vector = [i for i, mode in enumerate(modes) if mode != "sparse"]
-        vectors = self.encoder.encode_queries([texts[i] for i in needs_vector])
+        vectors = self.encoder.encode_queries([texts[i] for i in needs_vector]) if needs_vector else []
         by_request = dict(zip(needs_vector, vectors, strict=True))
         out = []
         for i, (request, mode, text) in enumerate(zip(requests, modes, texts, strict=True)):
@@ -386,7 +406,7 @@ def result_dict(row: NodeRow, score: float | None) -> dict[str, Any]:
 
 def open_index(
     index_dir: str | Path, settings: Settings | None = None, *, encoder: HTPEncoder | None = None,
-    embedding: HTPEmbedding | None = None, check_encoder: bool = True,
+    embedding: HTPEmbedding | None = None, check_encoder: bool = True, lazy_encoder: bool = False,
 ) -> OpenIndex:
     """Open the live version of an index with the encoder recorded in its manifest.
 
@@ -396,6 +416,9 @@ def open_index(
     ``settings``. The service passes the encoder it serves with: switching versions builds no
     LlamaIndex object. ``check_encoder`` compares the encoder with the index's recorded check
     (:meth:`OpenIndex.check_encoder`; it loads the model and embeds four short texts).
+    ``lazy_encoder`` leaves loading the encoder to its first use (a keyword-only query never
+    loads it; a model that cannot be loaded is then reported by the first query that needs
+    it); otherwise it is loaded here, and such errors are raised here.
     """
     if encoder is None and embedding is not None:
         encoder = embedding.encoder
@@ -408,6 +431,24 @@ def open_index(
     placement = settings.faiss_placement()
     store = SegmentStore.open(path, keep_versions=settings.keep_versions, **placement)
     recorded = store.encoder
+    index = OpenIndex(path, store, lambda: _encoder_for(path, recorded, settings, encoder),
+                      default_mode=settings.query_mode,
+                      default_alpha=settings.alpha, fusion=settings.fusion, default_rerank=settings.rerank,
+                      rerank_depth=settings.rerank_depth, rerank_passage_tokens=settings.rerank_passage_tokens,
+                      placement=placement, keep_versions=settings.keep_versions)
+    if check_encoder:
+        index.check_encoder()
+    elif not lazy_encoder:
+        index.encoder  # noqa: B018 - loaded now, so that a model that cannot load fails the open
+    return index
+
+
+def _encoder_for(path: Path, recorded: dict[str, Any], settings: Settings, encoder: HTPEncoder | None) -> HTPEncoder:
+    """The encoder recorded for the index at ``path``: ``encoder`` when it is that one, else
+    loaded from the record with the settings' runtime options (device, batch size)."""
+    from htp_embed import HTPEncoder, config_from_identity
+    from pipelines.identity_check import index_accepts, warn_ignored_encoder_settings
+
     folder = _moved_model_folder(path, recorded, settings) if encoder is None else {}
     if not folder:
         warn_ignored_encoder_settings(path, recorded, settings, "queries are embedded with it",
@@ -418,13 +459,7 @@ def open_index(
         encoder = HTPEncoder(config_from_identity(recorded, **settings.runtime_encoder_settings(), **folder))
         if not index_accepts(path, recorded, encoder.identity()):
             raise EncoderMismatchError.between(path, recorded, encoder.identity())
-    index = OpenIndex(path, store, encoder, default_mode=settings.query_mode,
-                      default_alpha=settings.alpha, fusion=settings.fusion, default_rerank=settings.rerank,
-                      rerank_depth=settings.rerank_depth, rerank_passage_tokens=settings.rerank_passage_tokens,
-                      placement=placement, keep_versions=settings.keep_versions)
-    if check_encoder:
-        index.check_encoder()
-    return index
+    return encoder
 
 
 def _moved_model_folder(path: Path, recorded: dict[str, Any], settings: Settings) -> dict[str, Any]:

@@ -74,6 +74,19 @@ def test_a_moved_folder_is_named_again_by_the_user(work, monkeypatch):
     assert len(run_json("query", "the cat sat", "--index", "idx", "-k", "2")["results"]) == 2
 
 
+def test_a_keyword_query_needs_no_model(work, monkeypatch):
+    """A keyword-only query reads the keyword index alone: it answers when the model folder is
+    gone (it used to fail as the dense query does), and the dense query still says what is missing."""
+    monkeypatch.setenv("HTP_INDEX_ENCODER__MODEL", "mymodel")
+    run_json("ingest", "src", "--index", "idx")
+    (work / "mymodel").rename(work / "moved")
+    monkeypatch.delenv("HTP_INDEX_ENCODER__MODEL")
+    hits = run_json("query", "cat", "--index", "idx", "--mode", "sparse", "-k", "2")["results"]
+    assert hits and all("cat" in hit["text"].lower() for hit in hits)
+    for mode in ("dense", "hybrid"):
+        assert str(work / "mymodel") in run_json("query", "cat", "--index", "idx", "--mode", mode, code=2)["error"]
+
+
 def test_a_model_that_cannot_be_loaded_is_bad_usage(work):
     """Neither packaged nor a model folder, or a folder that is not a model: asking again
     unchanged fails again, so exit 2 (it was 1, the code of a run a retry may mend)."""

@@ -66,6 +66,15 @@ def test_a_query_imports_no_orchestration_or_server(indexes, method):
     assert not modules & set(NEVER_ON_THE_QUERY_PATH)
 
 
+def test_a_keyword_query_loads_no_model(indexes):
+    # A keyword-only query needs no vector: neither torch, transformers nor spaCy (seconds and
+    # ~900 MB from a cold process with the packaged model; it loaded them all to embed nothing).
+    work, env = indexes
+    modules = imported_by(["query", "cat", "--index", "htp", "-k", "2", "--mode", "sparse", "--json"], env, work)
+    assert "indexes" in modules  # the probe saw a real query
+    assert not modules & {"torch", "transformers", "spacy", *NEVER_ON_THE_QUERY_PATH}
+
+
 def test_an_htp_query_segments_in_a_side_process_with_the_same_results(indexes):
     # The query's text is segmented by a second interpreter while this one loads the model
     # (htp_embed.text_ahead): spaCy stays out of the command's process, and the hits equal
