@@ -8,10 +8,13 @@ the encoder adds around a text (HTP: one <PST> and one <B-PST> per block, at mos
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
+from functools import partial
 
 from llama_index.core import Document
 from llama_index.core.node_parser import SentenceSplitter
+from llama_index.core.node_parser.text.utils import split_by_sentence_tokenizer
 from llama_index.core.schema import BaseNode, MetadataMode, TextNode
 
 from htp_embed import HTPEncoder
@@ -41,15 +44,64 @@ def node_id_for(index: int, document: BaseNode) -> str:
 SENTENCE_PIECES = "[^,.;。？！\n\t]+[,.;。？！\n\t]?|[,.;。？！\n\t]"
 
 
+# A text longer than this is tokenised, and split into sentences, a piece of at most this many
+# characters at a time. The splitter tokenised a whole document to learn that it is longer than a
+# node (~400 MiB for 1 MB of text: a 20 MB document, the readers' default limit, needed ~8 GB),
+# and ran punkt's sentence regex over it in one pass, which nltk stops after 5 s: on a busy
+# 2-core machine a 20 MB document failed with "regular-expression match exceeded its 5.0s time
+# limit ... (catastrophic backtracking / ReDoS)". Texts this short, nearly every document and
+# every paragraph of one, are split exactly as before.
+PIECE_CHARS = 1 << 16
+# Where a piece ends, best first: after a sentence's end, at a line break, at a space.
+_PIECE_ENDS = (re.compile(r"[.!?][\"')\]]*\s+"), re.compile(r"\n+"), re.compile(r"\s+"))
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """``text`` cut into consecutive pieces of at most ``size`` characters that join back to it,
+    each ending after a sentence's end where the second half of the piece has one, else at a
+    line break or a space (a run of one unbroken word is cut where it must be)."""
+    out = []
+    start = 0
+    while len(text) - start > size:
+        window = text[start + size // 2:start + size]
+        cut = size
+        for pattern in _PIECE_ENDS:
+            ends = [match.end() for match in pattern.finditer(window)]
+            if ends:
+                cut = size // 2 + ends[-1]
+                break
+        out.append(text[start:start + cut])
+        start += cut
+    out.append(text[start:])
+    return out
+
+
+def _token_count(tokenize: Callable[[str], list[int]], text: str) -> range:
+    """As many items as ``tokenize`` makes tokens of ``text`` (the splitter only takes the
+    length), a piece at a time for a long text: summed over pieces cut at spaces, the count is
+    the whole text's but for a token or so per cut, where the text is far longer than a node."""
+    if len(text) <= PIECE_CHARS:
+        return range(len(tokenize(text)))
+    return range(sum(len(tokenize(piece)) for piece in pieces(text)))
+
+
+def _sentences(text: str) -> list[str]:
+    """LlamaIndex's sentences (punkt), found a piece of a long text at a time."""
+    split = split_by_sentence_tokenizer()
+    return [sentence for piece in pieces(text) for sentence in split(piece)]
+
+
 def make_splitter(
     tokenize: Callable[[str], list[int]], chunk_size: int, chunk_overlap: int
 ) -> SentenceSplitter:
-    """A LlamaIndex sentence splitter counting tokens with the encoder's own tokenizer."""
+    """A LlamaIndex sentence splitter counting tokens with the encoder's own tokenizer, which
+    reads a long text a piece at a time (:data:`PIECE_CHARS`)."""
     return SentenceSplitter(
         secondary_chunking_regex=SENTENCE_PIECES,
         chunk_size=chunk_size,
         chunk_overlap=min(chunk_overlap, chunk_size // 4),  # engine.MAX_OVERLAP_SHARE; old manifests may record more
-        tokenizer=tokenize,
+        tokenizer=partial(_token_count, tokenize),
+        chunking_tokenizer_fn=_sentences,
         id_func=node_id_for,
         include_metadata=True,
         include_prev_next_rel=True,
