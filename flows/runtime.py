@@ -36,8 +36,9 @@ STEP_RETRIES = {"plan": 2, "split": 1, "apply-and-persist": 1, "plan-rebuild": 1
 
 def settings_from(data: dict[str, Any] | None) -> Settings:
     """Settings arrive as :meth:`Settings.to_transport` JSON (a deployment's parameters are
-    JSON); no data means this process's own settings."""
-    return Settings.model_validate(data) if data else Settings()
+    JSON), which is all the run uses (``{}``: every default); None means this process's own
+    settings (its ``htp-index.toml`` and environment)."""
+    return Settings.from_data(data) if data is not None else Settings()
 
 
 def cached_encoder(config: EncoderConfig) -> HTPEncoder:

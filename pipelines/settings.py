@@ -44,6 +44,8 @@ RUNTIME_ENCODER_FIELDS = ("device", "dtype", "packed_linear", "implementation", 
                           "cache_dir", "show_progress")
 DEFAULT_CONFIG_FILE = "htp-index.toml"
 _CHOSEN_CONFIG: ContextVar[Path | None] = ContextVar("htp_index_config", default=None)
+# Set while settings are built from data alone (Settings.from_data): no file, no environment.
+_DATA_ONLY: ContextVar[bool] = ContextVar("htp_index_settings_data_only", default=False)
 
 
 class Settings(BaseSettings):
@@ -127,6 +129,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if _DATA_ONLY.get():
+            return (init_settings,)
         toml_file = _CHOSEN_CONFIG.get() or config_file()
         sources: list[PydanticBaseSettingsSource] = [init_settings, _EnvironmentSource(settings_cls)]
         if toml_file is not None:
@@ -145,7 +149,20 @@ class Settings(BaseSettings):
         data.update(top)
         if enc or "encoder" in data:
             data["encoder"] = {**self.encoder.model_dump(exclude_unset=True), **enc}
-        return Settings.model_validate(data)
+        return Settings.from_data(data)
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> Settings:
+        """Settings from ``data`` alone (what :meth:`to_transport` wrote, or a copy's fields),
+        the rest defaults. Validating through the usual sources read ``./htp-index.toml`` and
+        the environment again under ``data``: a flow run, or a copy made with
+        :meth:`with_overrides`, of settings loaded with ``--config prod.toml`` took the current
+        folder's file's ``index_kind`` where prod.toml named none."""
+        token = _DATA_ONLY.set(True)
+        try:
+            return cls(**data)
+        finally:
+            _DATA_ONLY.reset(token)
 
     def to_transport(self) -> dict[str, Any]:
         """The settings as JSON for a flow run or a deployment: only what was set explicitly,

@@ -26,6 +26,27 @@ def test_a_config_file_applies_to_its_call_only(tmp_path, monkeypatch):
         load_settings(tmp_path / "missing.toml")
 
 
+def test_copies_and_transported_settings_read_no_file_or_environment_again(tmp_path, monkeypatch):
+    """with_overrides and a flow run's settings (settings_from) validated through the usual
+    sources: ./htp-index.toml and the environment were read again under what --config gave,
+    so `ingest --config prod.toml --task-runner thread` built the local file's hnsw index."""
+    from flows.runtime import settings_from
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    (tmp_path / "htp-index.toml").write_text('index_kind = "hnsw"\ncorrection = "none"\n')
+    prod = tmp_path / "prod.toml"
+    prod.write_text("chunk_size = 128\n")
+    chosen = load_settings(prod)
+    monkeypatch.setenv("HTP_INDEX_QUERY_MODE", "sparse")  # set after loading: not theirs
+    for settings in (chosen, chosen.with_overrides(rerank=True), settings_from(chosen.to_transport())):
+        assert (settings.index_kind, settings.correction, settings.chunk_size) == ("auto", "center", 128)
+        assert settings.query_mode == "hybrid"
+    assert chosen.with_overrides(rerank=True).rerank is True
+    assert settings_from({}).index_kind == "auto"  # nothing explicit: every default, not the local file
+    assert settings_from(None).index_kind == "hnsw"  # no settings sent: this process's own
+
+
 def test_a_misspelled_variable_is_named_with_the_setting_it_was_probably_meant_for(monkeypatch, caplog):
     """pydantic-settings ignores an unknown HTP_INDEX_* variable: the default stayed in force."""
     found = unknown_environment({
