@@ -357,7 +357,7 @@ def query(
         )
     except Exception as exc:
         raise _fail(exc, as_json=as_json) from exc
-    warnings = opened.query_warnings(text, mode.value if mode else None)
+    warnings = opened.query_warnings(text, mode.value if mode else None, rerank)
     if as_json:  # the service's answer's fields
         out.print_json(json.dumps({"results": results, "warnings": warnings}))
         return

@@ -224,6 +224,10 @@ class QueryLikelihoodRerank(BaseNodePostprocessor):
             raise ValueError("QueryLikelihoodRerank needs the query: pass query_bundle or query_str")
         return self.rerank(query_bundle.query_str, nodes, self.top_n)
 
+    def cuts_query(self, query: str) -> bool:
+        """Whether only the query's first `htp_embed.rerank.MAX_QUERY_TOKENS` tokens are scored."""
+        return self._scorer.cuts_query(query)
+
     def rerank(self, query: str, nodes: list[NodeWithScore], top_n: int) -> list[NodeWithScore]:
         """The best ``top_n`` of ``nodes`` for ``query``, scored by the blend (thread-safe: the
         query path calls this with each request's own ``top_n``)."""

@@ -59,6 +59,10 @@ class ScoredPassage:
 #: (benchmarks/results/quality/rerank_best64_depth10.md, rerank_start256_depth10.md).
 DEFAULT_PASSAGE_TOKENS = 64
 PassageWindow = Literal["best", "start"]
+#: Query tokens scored: the likelihood of a query's first tokens. Read whole, a 4,096-character
+#: query took 16 s to rerank ten hits (its logits alone are query tokens x hits x vocabulary)
+#: and held up every plain query the service answered meanwhile; queries are ~10-30 tokens.
+MAX_QUERY_TOKENS = 128
 #: Rows of the output head's logits turned into log-probabilities at once: the float32 copy of
 #: a few rows stays in the cache (all rows at once: ~150 MB written and read back, 0.1 s a query).
 LOGIT_ROWS = 16
@@ -99,9 +103,16 @@ class QueryLikelihoodScorer:
         self._after = tokenizer(PROMPT_AFTER, add_special_tokens=False)["input_ids"]
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    def cuts_query(self, query: str) -> bool:
+        """Whether only the first `MAX_QUERY_TOKENS` tokens of ``query`` are scored (a token
+        is at least a byte, so a short query is not tokenised to tell)."""
+        return (len(query.encode("utf-8", "surrogatepass")) > MAX_QUERY_TOKENS
+                and len(self.tokenizer(query, add_special_tokens=False)["input_ids"]) > MAX_QUERY_TOKENS)
+
     def score(self, query: str, passages: Sequence[str]) -> list[ScoredPassage]:
-        """Each passage's query likelihood, in the order given. An empty query scores 0."""
-        query_ids = self.tokenizer(query, add_special_tokens=False)["input_ids"]
+        """Each passage's query likelihood, in the order given (of the query's first
+        `MAX_QUERY_TOKENS` tokens). An empty query scores 0."""
+        query_ids = self.tokenizer(query, add_special_tokens=False)["input_ids"][:MAX_QUERY_TOKENS]
         if not passages:
             return []
         if self.window == "best":

@@ -24,6 +24,7 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 from indexes import EncoderMismatchError, IndexNotFoundError, SegmentStore, sparse
 from indexes.docstore import NodeRow
 from indexes.fusion import Fusion
@@ -239,6 +240,8 @@ class OpenIndex:
                 isinstance(postprocessor, QueryLikelihoodRerank) for postprocessor in postprocessors):
             return kwargs
         top_k = int(kwargs.get("similarity_top_k") or DEFAULT_SIMILARITY_TOP_K)
+        if top_k < 0:  # the copy below skips the reranker's own check, and max() hid it from the store's
+            raise ValueError(f"similarity_top_k must be a whole number >= 0, not {top_k}")
         kwargs["similarity_top_k"] = max(top_k, self.rerank_depth)
         # a copy sharing the reranker's scorer (pydantic copies private attributes shallowly)
         kwargs["node_postprocessors"] = [self.reranker.model_copy(update={"top_n": top_k}), *postprocessors]
@@ -271,6 +274,10 @@ class OpenIndex:
         cannot be answered as asked: a query that is not text, or an ``alpha`` (the dense side's
         weight in hybrid fusion) for a query that fuses nothing, which would be ignored."""
         check_query_text(request.query)
+        if isinstance(request.top_k, bool) or not isinstance(request.top_k, int | np.integer) or request.top_k < 0:
+            # the store refuses it, but a reranked request retrieves max(top_k, rerank_depth):
+            # top_k -1 returned rerank_depth - 1 hits
+            raise InvalidQueryError(f"top_k must be a whole number >= 0, not {request.top_k!r}")
         mode = self.resolve_mode(request.mode)
         if request.alpha is not None and mode != "hybrid":
             asked = f"mode {mode}" if request.mode else f"the default mode ({mode}: query_mode in the settings, or dense for an index without keywords)"
@@ -279,7 +286,7 @@ class OpenIndex:
                 "ignored: leave alpha out, or ask for mode hybrid")
         return mode
 
-    def query_warnings(self, query: str, mode: QueryMode | None = None) -> list[str]:
+    def query_warnings(self, query: str, mode: QueryMode | None = None, rerank: bool | None = None) -> list[str]:
         """What a caller should know about how ``query`` is answered in ``mode``, said with the
         answer (the log alone reaches an operator, not the app that asked):
 
@@ -287,7 +294,9 @@ class OpenIndex:
           (`sparse.MAX_QUERY_TERMS`);
         * the query is cut to fit the encoder's window: its vector stands for its beginning;
         * :meth:`check_encoder` found that this encoder embeds unlike the one that built the
-          index: the dense side ranks by a different embedding than the stored vectors'.
+          index: the dense side ranks by a different embedding than the stored vectors';
+        * reranking (``rerank``; None: the index's default) scored the query's first
+          `htp_embed.rerank.MAX_QUERY_TOKENS` tokens only.
 
         Costs nothing for a usual query; a query longer than the window's text budget in bytes
         is tokenised (run it off an event loop then: :meth:`HTPEncoder.may_truncate_query`).
@@ -302,6 +311,10 @@ class OpenIndex:
             warnings.append(
                 f"keyword search used the query's first {sparse.MAX_QUERY_TERMS} distinct words; "
                 f"{left_out} more were left out")
+        if self.reranks(rerank) and self.reranker.cuts_query(query):
+            from htp_embed.rerank import MAX_QUERY_TOKENS
+
+            warnings.append(f"reranking scored the likelihood of the query's first {MAX_QUERY_TOKENS} tokens only")
         if mode == "sparse":
             return warnings  # no vector: the rest does not apply
         keywords = "; keyword search used all of it" if mode == "hybrid" and not left_out else ""
@@ -369,7 +382,7 @@ class OpenIndex:
         by_request = dict(zip(needs_vector, vectors, strict=True))
         out = []
         for i, (request, mode, text) in enumerate(zip(requests, modes, texts, strict=True)):
-            rerank = self.reranks(request.rerank)
+            rerank = self.reranks(request.rerank) and request.top_k > 0
             found = self.store.retrieve(
                 mode, max(request.top_k, self.rerank_depth) if rerank else request.top_k,
                 embedding=by_request.get(i), text=text, filters=request.filters,

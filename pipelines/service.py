@@ -588,9 +588,9 @@ async def _query_warnings(holder: IndexHolder, index: OpenIndex, request: QueryR
     the answer comes from an older version than the one published when a newer one failed to load:
     ``/health`` said all this, but an app that only queries was told nothing."""
     if index.encoder.may_truncate_query(request.query):  # tokenising a long query is work
-        warnings = await asyncio.to_thread(index.query_warnings, request.query, request.mode)
+        warnings = await asyncio.to_thread(index.query_warnings, request.query, request.mode, request.rerank)
     else:
-        warnings = index.query_warnings(request.query, request.mode)  # the usual query: no work
+        warnings = index.query_warnings(request.query, request.mode, request.rerank)  # the usual query: no work
     failed = holder.failed_version
     if failed is not None and index.version is not None and failed > index.version:
         warnings.append(f"answered from version {index.version}: version {failed} is published but could not "

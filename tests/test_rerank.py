@@ -74,6 +74,21 @@ def test_no_passages_and_empty_queries(tiny) -> None:
     assert [s.log_likelihood for s in scorer.score("", PASSAGES[:2])] == [0.0, 0.0]
 
 
+def test_only_the_first_query_tokens_are_scored(tiny) -> None:
+    """A 4,096-character query took 16 s to rerank ten hits and held up every plain query of
+    the service meanwhile: its likelihood is that of its first MAX_QUERY_TOKENS tokens."""
+    from htp_embed.rerank import MAX_QUERY_TOKENS
+
+    model, tokenizer = tiny
+    scorer = QueryLikelihoodScorer(model, tokenizer)
+    words = "the cat sat on the mat and the dog ran in the park".split()
+    long = " ".join(words[i % len(words)] for i in range(MAX_QUERY_TOKENS * 3))
+    first = tokenizer.decode(tokenizer(long, add_special_tokens=False)["input_ids"][:MAX_QUERY_TOKENS])
+    assert scorer.cuts_query(long) and not scorer.cuts_query(first) and not scorer.cuts_query("the cat")
+    assert [s.log_likelihood for s in scorer.score(long, PASSAGES)] == pytest.approx(
+        [s.log_likelihood for s in scorer.score(first, PASSAGES)], abs=1e-5)
+
+
 def test_a_model_with_an_untied_output_head_is_refused_with_the_reason(tiny) -> None:
     _, tokenizer = tiny
     model = build_model(len(tokenizer))
@@ -124,6 +139,28 @@ def test_a_reranked_query_returns_the_best_of_the_wider_candidate_list(index_dir
     assert len(plain) == 3 and index.search(QUERY, 2) == plain[:2]
     # On this query the reranker promotes the plain third hit (so the checks above can tell).
     assert [hit["node_id"] for hit in reranked] != [hit["node_id"] for hit in plain[:2]]
+
+
+def test_a_reranked_request_refuses_a_negative_top_k_and_says_when_the_query_was_cut(index_dir, embedding) -> None:
+    """top_k -1 with rerank returned rerank_depth - 1 hits (a reranked request retrieves
+    max(top_k, depth), which hid it from the store's check); the plain request refused it."""
+    from pipeline_helpers import settings_for
+
+    from htp_embed.rerank import MAX_QUERY_TOKENS
+    from pipelines.query import InvalidQueryError, open_index
+
+    index = open_index(index_dir, settings_for(embedding), embedding=embedding)
+    for rerank in (False, True):
+        with pytest.raises(InvalidQueryError, match="top_k must be a whole number >= 0"):
+            index.search(QUERY, -1, rerank=rerank)
+    assert index.search(QUERY, 0, rerank=True) == []
+    with pytest.raises(ValueError, match="similarity_top_k"):
+        index.as_index().as_query_engine(llm=None, similarity_top_k=-1, rerank=True)
+    long = " ".join([QUERY] * MAX_QUERY_TOKENS)
+    said = "reranking scored the likelihood of the query's first"
+    assert any(said in warning for warning in index.query_warnings(long, "sparse", rerank=True))
+    assert not any(said in warning for warning in index.query_warnings(long, "sparse", rerank=False))
+    assert not any(said in warning for warning in index.query_warnings(QUERY, "sparse", rerank=True))
 
 
 def test_the_settings_default_and_the_http_field_turn_reranking_on(index_dir, embedding) -> None:
