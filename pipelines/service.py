@@ -455,6 +455,10 @@ def create_app(
     ``warm_up`` runs the query widths' first passes before the app answers (see :func:`_warm_up`)."""
     model = model_thread()
     holder = holder or model.submit(IndexHolder, Path(index_dir), settings).result()
+    if holder.current.default_rerank:
+        # Every default query reranks: a model that cannot (an untied output head) is refused
+        # here, not with a 409 on each query of a service whose /health said "ok".
+        model.submit(lambda: holder.current.reranker).result()
     if warm_up:
         model.submit(_warm_up, holder.current).result()
     token = api_token if api_token is not None else os.environ.get(TOKEN_ENV) or None

@@ -284,3 +284,26 @@ def test_a_slow_reranked_request_does_not_hold_up_the_plain_queries_behind_it(in
         release.set()
         assert slow.result().status_code == 200
         assert [r["node_id"] for r in slow.result().json()["results"]] == [n for n, _ in expected_rerank(index, QUERY, 2)]
+
+
+def test_a_service_that_reranks_every_query_refuses_a_model_that_cannot(tmp_path) -> None:
+    """With rerank = true and a model whose output head is not its embeddings, the service
+    started, /health said "ok", and every default query got a 409."""
+    from pipeline_helpers import write_docs
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipelines.ingest import ingest
+    from pipelines.service import create_app
+    from pipelines.settings import EncoderConfig, Settings
+
+    tokenizer = build_tokenizer(bos=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "untied")
+    tokenizer.save_pretrained(tmp_path / "untied")
+    settings = Settings(encoder=EncoderConfig(model=str(tmp_path / "untied"), segmenter="sentencizer",
+                                              show_progress=False), chunk_size=48, chunk_overlap=0)
+    ingest(write_docs(tmp_path / "src"), tmp_path / "idx", settings)
+    create_app(tmp_path / "idx", settings, reload_interval=0, warm_up=False)  # not reranking: serves
+    with pytest.raises(RerankUnavailableError, match="tied embeddings"):
+        create_app(tmp_path / "idx", settings.with_overrides(rerank=True), reload_interval=0, warm_up=False)
