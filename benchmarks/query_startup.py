@@ -6,7 +6,10 @@ commit before a change, exported with `git archive`), so both see the same machi
 compare the ratio, not the seconds, when the cores are shared. ``-X importtime`` of one more
 run of each gives the biggest imports. Writes benchmarks/results/query_startup.{json,md}.
 
-    python benchmarks/query_startup.py --index DIR [--runs 3] [--compare OLD_CHECKOUT]
+    python benchmarks/query_startup.py --index DIR [--runs 3] [--compare OLD_CHECKOUT] [--mode sparse]
+
+``--mode`` times that query mode (default: the settings' default, hybrid) and writes
+query_startup_<mode>.{json,md}.
 """
 
 from __future__ import annotations
@@ -39,14 +42,14 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def cold_query(tree: Path, index: Path, importtime: bool = False) -> dict:
-    """One `python -m htp_cli query` in a fresh process run from ``tree``."""
+def cold_query(tree: Path, index: Path, importtime: bool = False, mode: str | None = None) -> dict:
+    """One `python -m htp_cli query` in a fresh process run from ``tree`` (in ``mode``, if given)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     flags = ["-X", "importtime"] if importtime else []
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
     done = subprocess.run([sys.executable, *flags, "-m", "htp_cli", "query", QUERY, "--index", str(index),
-                           "-k", "3", "--json"], capture_output=True, text=True, env=env, cwd=tree)
+                           "-k", "3", "--json", *(["--mode", mode] if mode else [])], capture_output=True, text=True, env=env, cwd=tree)
     wall = time.perf_counter() - began
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--index", type=Path, required=True, help="a small index (htp-index demo makes one)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--compare", type=Path, help="another checkout to alternate with (the 'before')")
+    parser.add_argument("--mode", choices=("dense", "sparse", "hybrid"), help="query mode (default: the settings')")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     trees = {"this checkout": ROOT}
@@ -82,9 +86,10 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     for _ in range(args.runs):
         for name, tree in trees.items():
-            runs[name].append(cold_query(tree, args.index.resolve()))
+            runs[name].append(cold_query(tree, args.index.resolve(), mode=args.mode))
             print(f"{name}: {runs[name][-1]}", flush=True)
-    imports = {name: cold_query(tree, args.index.resolve(), importtime=True)["imports"] for name, tree in trees.items()}
+    imports = {name: cold_query(tree, args.index.resolve(), importtime=True, mode=args.mode)["imports"]
+               for name, tree in trees.items()}
     summary = {
         name: {"median_wall_s": statistics.median(r["wall_s"] for r in rs),
                "median_cpu_s": statistics.median(r["cpu_s"] for r in rs), "runs": rs,
@@ -93,11 +98,12 @@ def main() -> None:
     }
     result = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "index": str(args.index), "query": QUERY, "trees": {k: str(v) for k, v in trees.items()},
+              "index": str(args.index), "query": QUERY, "mode": args.mode or "default (settings)", "trees": {k: str(v) for k, v in trees.items()},
               "results": summary}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "query_startup.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "query_startup.md").write_text(markdown(result))
+    stem = f"query_startup_{args.mode}" if args.mode else "query_startup"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
 
 
@@ -110,7 +116,7 @@ def markdown(result: dict) -> str:
     )
     return (
         f"# Cold `htp-index query` ({result['cpu']}, {result['cores']} cores, Python {result['python']})\n\n"
-        f"Query {result['query']!r} on {result['index']}, warm model cache, a fresh process per run, the "
+        f"Query {result['query']!r} (mode: {result.get('mode', 'default (settings)')}) on {result['index']}, warm model cache, a fresh process per run, the "
         f"checkouts alternating run by run; load average {result['load_average_before'][0]:.1f} before, "
         f"{result['load_average_after'][0]:.1f} after (the cores are shared: compare within a row set).\n\n"
         "| checkout | median wall s | median CPU s (user+sys) | cumulative import s (-X importtime, one run) |\n"
