@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ log = logging.getLogger(__name__)
 #: A file touched less than this before the run that read it is read again next time.
 RACY_NS = 2_000_000_000
 FORMAT = 1
+#: A record no run has written for this long is removed when another is saved: its index was
+#: moved or deleted, its size limit changed, or an upgrade renamed it (records are keyed by
+#: all of these, so the folder only grew). Every run of a live index rewrites its own; one
+#: idle for longer only reads its files once again.
+STALE_AFTER_S = 90 * 24 * 3600
 
 
 def _readers_version() -> str:
@@ -109,7 +115,18 @@ class FileRecords:
             os.replace(tmp, path)
         except OSError as exc:  # a read-only cache: every file is read next time
             log.debug("cannot record file stats in %s: %s", path, exc)
+        _remove_stale(path.parent, time.time())
         return len(kept)
+
+
+def _remove_stale(folder: Path, now: float) -> None:
+    """Remove the records (and temporary files of crashed saves) in ``folder`` that no run has
+    written for `STALE_AFTER_S` (best effort: the cache is a cache)."""
+    for pattern in ("*.json", ".*.tmp"):
+        for record in folder.glob(pattern):
+            with suppress(OSError):
+                if now - record.stat().st_mtime > STALE_AFTER_S:
+                    record.unlink()
 
 
 class FileStatsCache:

@@ -152,3 +152,21 @@ def test_a_new_readers_revision_reads_every_file_once(tmp_path, embedding, reads
     reads.clear()
     ingest(source, tmp_path / "idx", settings, embedding=embedding)
     assert reads == []
+
+
+def test_records_no_run_has_written_for_months_are_removed(tmp_path):
+    """Records are keyed by index, folder, size limit and versions, and nothing removed them:
+    each deleted or moved index and each upgrade left one for good (1,095 on a test machine)."""
+    import time
+
+    folder = tmp_path / "cache" / "file-stats"
+    folder.mkdir(parents=True)
+    now = time.time()
+    ages = {"gone.json": 100, "idle.json": 30, ".gone.json.123.tmp": 100}
+    for name, days in ages.items():
+        (folder / name).write_text("{}")
+        os.utime(folder / name, (now - days * 86400, now - days * 86400))
+    cache = file_stats.FileStatsCache.for_source(tmp_path / "idx", tmp_path / "src", 1 << 20, cache_dir=tmp_path / "cache")
+    cache.records.save({})
+    left = sorted(path.name for path in folder.iterdir())
+    assert left == sorted(["idle.json", cache.path.name])
