@@ -429,6 +429,7 @@ def info(
         "segments": len(manifest.segments), "structures": _structures(manifest),
         "deleted_rows": manifest.tombstones,
         "query_modes": ["dense", "sparse", "hybrid"], "correction": correction,
+        "correction_kind": manifest.correction_kind,
         "splitting": manifest.splitting,
         "encoder_check": None if manifest.encoder_check is None else {
             "documents": len(manifest.encoder_check["documents"]), "queries": len(manifest.encoder_check["queries"])},
@@ -449,7 +450,10 @@ def info(
     if manifest.encoder_check is None and manifest.count:
         out.print("[yellow]no encoder check recorded[/yellow] (an index from an older htp-index): the next "
                   "ingest records one, so that an encoder changed unnamed by its identity is caught")
-    if correction is None and manifest.count:
+    if correction is None and manifest.correction_kind == "none":
+        out.print("no vector correction, as chosen (correction 'none'); a rebuild with another "
+                  "correction setting fits one")
+    elif correction is None and manifest.count:
         from pipelines.correction import MIN_DOCUMENTS
 
         if manifest.count < MIN_DOCUMENTS:  # a rebuild could not fit one either

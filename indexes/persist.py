@@ -56,7 +56,7 @@ from .segments import (
     segments_dir,
     staging_prefix,
 )
-from .spec import FORMAT_VERSION, FileRecord, Manifest, NamedFile
+from .spec import FORMAT_VERSION, OPTIONAL_FIELDS, FileRecord, Manifest, NamedFile
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def _sealed_as_written(raw: Any) -> bool:
     if not isinstance(raw, dict) or not isinstance(raw.get("checksum"), str):
         return False
     body = {key: value for key, value in raw.items()
-            if key != "checksum" and not (key in ("splitting", "encoder_check") and value is None)}
+            if key != "checksum" and not (key in OPTIONAL_FIELDS and value is None)}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest() == raw["checksum"]
 
@@ -364,7 +364,7 @@ def commit(
             sealed = manifest.model_copy(update={"version": version}).sealed()
             _require_named_files(root, sealed)
             _write_text_durably(
-                staged / MANIFEST_FILE, json.dumps(sealed.model_dump(mode="json"), indent=2)
+                staged / MANIFEST_FILE, json.dumps(sealed.to_dict(), indent=2)
             )
             fsync_path(staged)
             final_vdir = version_dir(root, version)

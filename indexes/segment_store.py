@@ -134,6 +134,7 @@ class SegmentStore:
         self._correction = correction
         self._splitting = dict(manifest.splitting) if manifest is not None and manifest.splitting else None
         self._encoder_check = manifest.encoder_check if manifest is not None else None
+        self._correction_kind = manifest.correction_kind if manifest is not None else None
         self._policy = merge_policy or MergePolicy()
         flush_rows = FLUSH_ROWS if flush_rows is None else flush_rows
         if flush_rows < 1:
@@ -486,6 +487,7 @@ class SegmentStore:
             docs=self._docs_log(version),
             splitting=self._splitting,
             encoder_check=self._encoder_check,
+            correction_kind=self._correction_kind,
             faiss_version=faiss.__version__,
         )
 
@@ -1004,6 +1006,19 @@ class SegmentStore:
         with self._lock:
             if check != self._encoder_check:
                 self._encoder_check = check
+                self._dirty = True
+
+    @property
+    def correction_kind(self) -> str | None:
+        """The vector correction the pipeline chose for this index ('none' included), as it
+        recorded it (None: not recorded). Kept from version to version; the store does not read it."""
+        return self._correction_kind
+
+    def record_correction_kind(self, kind: str | None) -> None:
+        """Record the correction kind the next persist writes (None: drop it)."""
+        with self._lock:
+            if kind != self._correction_kind:
+                self._correction_kind = kind
                 self._dirty = True
 
     def set_correction(self, correction: VectorCorrection | None) -> None:

@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 Metric = Literal["ip", "l2"]
 TrainFallback = Literal["exact", "raise"]
 
+OPTIONAL_FIELDS = ("splitting", "encoder_check", "correction_kind")
+"""Manifest fields left out of the checksum while null, so that a manifest written before one
+existed still verifies (it has no such key; the model fills in null)."""
+
 FORMAT_VERSION = 2
 """2: a version names immutable segments (see `indexes.segments`); 1: one full copy per version."""
 
@@ -159,6 +163,12 @@ class Manifest(BaseModel):
         "pipeline's `pipelines.encoder_check`); the store keeps it from version to version. None: "
         "not recorded (an index written before it was)"
     )
+    correction_kind: str | None = Field(
+        None, description="the vector correction the pipeline chose for the index ('center', 'adapter' "
+        "or 'none'), kept from version to version so that a later run under other defaults keeps it "
+        "(an index built with 'none', or too small for one yet, holds no correction.json to say so). "
+        "None: not recorded (an index written before it was)"
+    )
     faiss_version: str
     checksum: str = ""
 
@@ -171,7 +181,7 @@ class Manifest(BaseModel):
         older manifest, whose checksum then failed, so no index written before it opened).
         """
         exclude = {"checksum"}
-        for optional in ("splitting", "encoder_check"):
+        for optional in OPTIONAL_FIELDS:
             if getattr(self, optional) is None:  # written as null: not part of the checksum
                 exclude.add(optional)
         if self.format_version < 2:  # fields format 1 did not have are not part of its checksum
@@ -194,8 +204,10 @@ class Manifest(BaseModel):
         return self.to_dict().get(key, default)
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest as the JSON object written to disk."""
-        return self.model_dump(mode="json")
+        """The manifest as the JSON object written to disk. A ``correction_kind`` of None is
+        left out: releases before it count a null one into the checksum, and would call the
+        file corrupted (``splitting`` and ``encoder_check`` came with the rule that skips them)."""
+        return self.model_dump(mode="json", exclude=None if self.correction_kind else {"correction_kind"})
 
     @property
     def spec(self) -> IndexSpec:

@@ -88,6 +88,7 @@ class FaissVectorStore(SegmentStore, BasePydanticVectorStore):
     _correction: VectorCorrection | None = PrivateAttr(default=None)
     _splitting: dict[str, int] | None = PrivateAttr(default=None)
     _encoder_check: dict[str, Any] | None = PrivateAttr(default=None)
+    _correction_kind: str | None = PrivateAttr(default=None)
     _policy: MergePolicy = PrivateAttr(default_factory=MergePolicy)
     _flush_rows: int = PrivateAttr(default=FLUSH_ROWS)
 

@@ -469,14 +469,18 @@ class IndexSession:
 
     def _correction_kind(self) -> str:
         """The correction a version filled for the first time fits: one set explicitly, else
-        the live version's kind (a rebuild under other settings used to turn an ``adapter``
-        index into a ``center`` one without a word), else the settings' default. A live
-        version without a correction gets the default: it may predate corrections, which is
-        what ``rebuild`` adds to such an index."""
+        the one the index recorded, else the live version's kind (a rebuild under other
+        settings used to turn an ``adapter`` index into a ``center`` one without a word), else
+        the settings' default. The record matters where no correction says it: an index built
+        with ``none`` (or too small for one yet) was given the default ``center`` by the next
+        ingest or rebuild under default settings. A live version with neither gets the
+        default: it may predate corrections, which is what ``rebuild`` adds to such an index."""
         if "correction" in self.settings.model_fields_set or self.manifest is None:
             return self.settings.correction
-        live = self.live_store.correction
-        return live.kind if live is not None else self.settings.correction
+        live = self.live_store
+        if live.correction_kind is not None:
+            return live.correction_kind
+        return live.correction.kind if live.correction is not None else self.settings.correction
 
     @property
     def live_store(self) -> FaissVectorStore:
@@ -589,6 +593,10 @@ class IndexSession:
             store.record_splitting(self.splitting)
         if store.encoder_check is None:  # a new index, or one written before checks were recorded
             store.record_encoder_check(record_check(self.encoder))
+        if self.manifest is None or "correction" in self.settings.model_fields_set:
+            # A new index records the correction it was built with, and so does one still too
+            # small for it that a setting asks another of (`_check_correction` refuses the rest)
+            store.record_correction_kind(self._correction_kind())
         stats = RunStats()
         stats.fail_all({error.doc_id: error.error for error in plan.errors})
         stats.fail_all(split.errors)
@@ -811,6 +819,7 @@ class IndexSession:
         if plan.splitting:
             new.record_splitting(plan.splitting)
         new.record_encoder_check(record_check(self.encoder))  # re-embedded by this encoder
+        new.record_correction_kind(self._correction_kind())
         stats = RunStats()
         stats.fail_all(plan.errors)
         stats.fail_all(plan.nodes.errors)
@@ -859,16 +868,18 @@ class IndexSession:
         if old.splitting:
             new.record_splitting(old.splitting)
         new.record_encoder_check(old.encoder_check)  # the vectors, and so their encoder, stay
+        kind = self._correction_kind()  # an index built with "none" keeps it unless one is set
+        new.record_correction_kind(kind)
         if corrected:
             new.set_correction(old.correction)
-        elif self.settings.correction != "none" and old.count and (
+        elif kind != "none" and old.count and (
             self._encoder is None or not accepts(old.encoder, self._encoder.identity())
         ):
             # The pseudo-queries must come from the encoder that made the stored vectors: reuse
             # a given encoder only if it is that one, else load exactly that one (once).
             self._encoder = self._load_encoder(
                     config_from_identity(old.encoder, **self.settings.runtime_encoder_settings()))
-        if not corrected and self.settings.correction != "none" and old.count:
+        if not corrected and kind != "none" and old.count:
             # ... and it must still embed as that one did, or the fitted correction would be off
             require_same_vectors(self.encoder, old.encoder_check, str(self.index_dir))
         stored = StoredBatches(old, self.settings.nodes_per_batch)

@@ -399,6 +399,24 @@ def test_an_index_keeps_one_node_size_and_refuses_another_without_a_rebuild(env,
     run_json("ingest", "src", "--index", "idx")  # the recorded size now: nothing to refuse
 
 
+def test_correction_none_chosen_at_creation_survives_a_run_without_the_setting(env, monkeypatch):
+    """`info` showed correction null and nothing else; the next ingest without the setting
+    fitted 'center' once the index held 8 nodes, then refused HTP_INDEX_CORRECTION=none."""
+    from pipeline_helpers import long_doc
+
+    monkeypatch.setenv("HTP_INDEX_CORRECTION", "none")
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    monkeypatch.delenv("HTP_INDEX_CORRECTION")
+    write_docs(env / "src", {f"more{i}.txt": long_doc(2, seed=i) for i in range(7)})
+    run_json("ingest", "src", "--index", "idx")
+    info = run_json("info", "--index", "idx")
+    assert info["count"] >= 8 and info["correction"] is None and info["correction_kind"] == "none"
+    monkeypatch.setenv("HTP_INDEX_CORRECTION", "none")
+    (env / "src" / "last.txt").write_text("the last text about the hill .")
+    assert run_json("ingest", "src", "--index", "idx")["added"] == 1
+
+
 def test_an_index_from_before_node_sizes_were_recorded_records_one_at_its_next_write(env):
     """Such an index took any --chunk-size, forever, and mixed node sizes without a word."""
     from indexes import persist

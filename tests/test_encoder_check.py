@@ -120,7 +120,7 @@ def test_a_rebuild_keeping_vectors_fits_no_correction_with_an_encoder_that_drift
     swap_tokens(model_dir)
     fresh_loads(monkeypatch)
     with pytest.raises(EncoderDriftError):  # its pseudo-queries would not be the stored vectors' kind
-        rebuild(index, settings, keep_vectors=True)
+        rebuild(index, settings.model_copy(update={"correction": "center"}), keep_vectors=True)
     assert SegmentStore.read_manifest(index).version == before.version
     # changing only the index kind embeds nothing, so it needs no check
     rebuild(index, settings.model_copy(update={"correction": "none"}), keep_vectors=True, index_kind="flat")

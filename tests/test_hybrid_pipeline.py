@@ -115,10 +115,43 @@ def test_too_few_documents_or_correction_none_fit_nothing(tmp_path, embedding):
     assert FaissVectorStore.open(tmp_path / "plain").correction is None
 
 
+def test_an_index_built_with_correction_none_keeps_it_until_a_setting_changes_it(tmp_path, embedding):
+    """``correction = "none"`` left nothing on disk to say so: the next ingest under default
+    settings that brought the index to 8 nodes fitted ``center`` (and then refused "none" as
+    unlike the index's), and so did a rebuild, with or without --keep-vectors."""
+    source = write_docs(tmp_path / "src", DOCS)
+    ingest(source, tmp_path / "idx", settings_for(embedding, correction="none"), embedding=embedding)
+    write_docs(source, {k: v for k, v in MANY.items() if k not in DOCS})
+    ingest(source, tmp_path / "idx", settings_for(embedding), embedding=embedding)  # no correction set
+    grown = FaissVectorStore.open(tmp_path / "idx")
+    assert grown.count >= 8 and grown.correction is None
+    assert grown.correction_kind == "none"
+    (source / "more.txt").write_text("a later text about the harbour .")
+    ingest(source, tmp_path / "idx", settings_for(embedding, correction="none"), embedding=embedding)
+    rebuild(tmp_path / "idx", settings_for(embedding, index_kind="flat"), keep_vectors=True, embedding=embedding)
+    rebuild(tmp_path / "idx", settings_for(embedding), embedding=embedding)
+    kept = FaissVectorStore.open(tmp_path / "idx")
+    assert kept.correction is None and kept.correction_kind == "none" and kept.index_kind == "flat"
+    rebuild(tmp_path / "idx", settings_for(embedding, correction="center"), embedding=embedding)
+    changed = FaissVectorStore.open(tmp_path / "idx")
+    assert changed.correction is not None and changed.correction_kind == "center"
+
+
+def as_written_before_correction_kinds(index_dir) -> None:
+    """Drop the live manifest's ``correction_kind``, as a release before it wrote the manifest."""
+    from indexes import persist
+
+    manifest = FaissVectorStore.read_manifest(index_dir)
+    path = persist.version_dir(index_dir, manifest.version) / "manifest.json"
+    path.write_text(json.dumps(manifest.model_copy(update={"correction_kind": None}).sealed().to_dict()))
+    assert "correction_kind" not in json.loads(path.read_text())
+
+
 def test_an_index_without_correction_gets_one_from_rebuild_keep_vectors(tmp_path, embedding):
     settings = settings_for(embedding)
     ingest(write_docs(tmp_path / "src", MANY), tmp_path / "idx", settings_for(embedding, correction="none"),
            embedding=embedding)  # as indexes written before the correction existed
+    as_written_before_correction_kinds(tmp_path / "idx")  # which recorded no choice either
     old = open_index(tmp_path / "idx", settings, embedding=embedding)
     assert old.modes == ["dense", "sparse", "hybrid"] and old.store.correction is None
     assert old.search("the cat", 2, mode="hybrid")

@@ -374,6 +374,23 @@ def test_a_manifest_written_before_the_splitting_field_still_opens(tmp_path):
     assert FaissVectorStore.open(store.path).splitting == {"chunk_size": 48, "chunk_overlap": 0}
 
 
+def test_the_correction_kind_is_written_only_when_recorded_and_kept_across_versions(tmp_path):
+    """A null ``correction_kind`` is left out of manifest.json: the release before it counted
+    every key but the null splitting and encoder check into the checksum."""
+    store = new_store(tmp_path)
+    store.add(make_nodes(unit_rows(np.random.default_rng(0), 4, store.dim)))
+    version = store.persist()
+    assert "correction_kind" not in json.loads((persist_module.version_dir(store.path, version) / "manifest.json").read_text())
+    store.record_correction_kind("none")
+    store.persist()
+    reopened = FaissVectorStore.open(store.path)
+    reopened.add(make_nodes(unit_rows(np.random.default_rng(1), 2, store.dim), prefix="b"))
+    version = reopened.persist()
+    written = json.loads((persist_module.version_dir(store.path, version) / "manifest.json").read_text())
+    assert written["correction_kind"] == "none" and persist_module._sealed_as_written(written)
+    assert FaissVectorStore.open(store.path).correction_kind == "none"
+
+
 def test_a_manifest_from_a_newer_release_asks_for_an_upgrade_not_a_restore(tmp_path):
     """A field added by a later release made an intact manifest "corrupted", with advice to
     restore an older version, which would undo what the newer release wrote."""

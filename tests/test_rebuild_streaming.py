@@ -68,7 +68,7 @@ def test_a_first_ingest_fits_the_correction_then_streams(tmp_path, embedding, he
 def test_keep_vectors_fits_a_missing_correction_on_stored_vectors_spanning_many_batches(tmp_path, embedding):
     """The correction's sample holds several stored batches before any is written; each must
     still know its nodes (a 5k-document index once failed here with a KeyError)."""
-    settings = settings_for(embedding, nodes_per_batch=4)
+    settings = settings_for(embedding, nodes_per_batch=4, correction="center")  # the index chose "none"
     ingest(write_docs(tmp_path / "src", MANY), tmp_path / "idx", settings_for(embedding, nodes_per_batch=4,
            correction="none"), embedding=embedding)
     raw = snapshot(tmp_path / "idx")
