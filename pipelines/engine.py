@@ -744,17 +744,11 @@ class IndexSession:
         live = self.live_store
         if source is None:  # the stored nodes as they were split
             self._check_splitting(live.splitting, "a rebuild from the stored nodes")
-            stored_size, fits = (live.splitting or {}).get("chunk_size"), default_chunk_size(self.encoder)
-            if stored_size and stored_size > fits:
-                raise SplittingMismatchError(
-                    f"the index at {self.index_dir} holds nodes of up to {stored_size} tokens; encoder "
-                    f"{self.encoder.config.model} with method {self.encoder.config.method} holds {fits}, so "
-                    "their vectors would stand for their beginnings only. Run `htp-index rebuild --index "
-                    f"{self.index_dir} --source SOURCE` (re-splits every document to fit)")
             stored = stored_documents(live)
+            self._require_nodes_fit(stored)
             return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), SplitNodes(stored),
-                               live.doc_hashes(), splitting=live.splitting, indexed=frozenset(stored),
-                               base_version=live.version)
+                               live.doc_hashes(), splitting=self._splitting_to_fit(live.splitting),
+                               indexed=frozenset(stored), base_version=live.version)
         items = list(iter_source(source, max_bytes=int(self.settings.max_document_mb * 2**20),
                                  exclude=self.settings.exclude))
         readable = [item for item in items if isinstance(item, SourceDocument)]
@@ -801,6 +795,32 @@ class IndexSession:
                      "(keep them with --keep-missing), e.g. %s", len(deleted), deleted[0])
         return RebuildPlan(self._rebuild_kind(index_kind, live.index_kind), split, hashes, errors, self.splitting,
                            deleted=sorted(deleted), indexed=frozenset(indexed), base_version=live.version)
+
+    def _require_nodes_fit(self, stored: Mapping[str, Sequence[TextNode]]) -> None:
+        """Refuse a rebuild from the stored nodes if some would not fit the session's encoder
+        untruncated (its vector would stand for the node's beginning only). The nodes
+        themselves are counted, by this encoder's tokenizer: comparing the chunk size the index
+        recorded refused every ``--k`` or ``--method`` that took a few tokens of room, even for
+        nodes of 20 tokens (the default size is the whole window), and missed a new model whose
+        tokenizer makes more tokens of the same text. The rebuild embeds every node anyway."""
+        budget = self.encoder.text_budget
+        sizes = [self.encoder.count_tokens(embed_text(node)) for nodes in stored.values() for node in nodes]
+        over = [size for size in sizes if size > budget]
+        if over:
+            raise SplittingMismatchError(
+                f"{len(over)} of the {len(sizes)} nodes of the index at {self.index_dir} are longer than encoder "
+                f"{self.encoder.config.model} with method {self.encoder.config.method} holds untruncated ({budget} "
+                f"tokens of text; the longest has {max(over)}), so their vectors would stand for their beginnings "
+                f"only. Run `htp-index rebuild --index {self.index_dir} --source SOURCE` (re-splits every "
+                "document to fit)")
+
+    def _splitting_to_fit(self, recorded: dict[str, int] | None) -> dict[str, int] | None:
+        """The splitting a rebuild from the stored nodes records: the index's, its chunk size
+        capped at what the session's encoder holds, so later ingests split new documents to fit."""
+        fits = default_chunk_size(self.encoder)
+        if not recorded or recorded["chunk_size"] <= fits:
+            return recorded
+        return {"chunk_size": fits, "chunk_overlap": min(recorded.get("chunk_overlap", 0), fits // MAX_OVERLAP_SHARE)}
 
     def _rebuild_kind(self, asked: str | None, live_kind: str) -> str:
         """The kind a rebuild writes: the one asked for, else one the settings set explicitly

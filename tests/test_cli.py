@@ -480,13 +480,31 @@ def test_a_node_size_past_the_encoders_window_is_refused_or_refitted(env, monkey
     monkeypatch.setenv("HTP_INDEX_CHUNK_SIZE", "400")  # fits htp's window, not echo's
     run_json("ingest", "src", "--index", "idx")
     stored = runner.invoke(app, ["rebuild", "--index", "idx", "--method", "echo", "--json"])
-    assert stored.exit_code == 2 and "--source" in stored.output
+    assert stored.exit_code == 2 and "--source" in stored.output, stored.output
+    assert "the longest has" in " ".join(stored.output.split())  # counted, not the recorded size
     assert run_json("info", "--index", "idx")["encoder"]["method"] == "htp"  # nothing switched
     monkeypatch.delenv("HTP_INDEX_CHUNK_SIZE")
     resplit = runner.invoke(app, ["rebuild", "--index", "idx", "--method", "echo", "--source", "src"])
     assert resplit.exit_code == 0 and "splitting at" in " ".join(resplit.output.split())
     info = run_json("info", "--index", "idx")
     assert info["encoder"]["method"] == "echo" and info["splitting"]["chunk_size"] < 400
+
+
+def test_a_rebuild_to_another_k_counts_the_stored_nodes_not_the_recorded_chunk_size(env, monkeypatch):
+    """An index split at the default size (the whole window) refused `rebuild --k 3`, which
+    takes a few tokens of room, saying it "holds nodes of up to" that size: its nodes held 20.
+    The nodes are counted now; the recorded size is capped at what the new encoder holds."""
+    monkeypatch.delenv("HTP_INDEX_CHUNK_SIZE")  # the default: as large as the window
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    before = run_json("info", "--index", "idx")["splitting"]["chunk_size"]
+    rebuilt = runner.invoke(app, ["rebuild", "--index", "idx", "--k", "3", "--json"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    info = run_json("info", "--index", "idx")
+    assert info["encoder"]["k"] == "3" and info["count"] == 3
+    assert info["splitting"]["chunk_size"] < before  # later ingests split to fit the new window
+    (env / "src" / "new.txt").write_text("the dog ran in the park.")
+    assert run_json("ingest", "src", "--index", "idx")["added"] == 1
 
 
 def test_an_ingest_counts_the_nodes_it_had_to_cut_to_the_encoders_window(env, monkeypatch):
