@@ -197,10 +197,11 @@ def test_help_fills_an_80_column_terminal_without_breaking_sentences():
             short = [line for line in lines[:-1] if len(line) < 60]  # only a paragraph's last line ends early
             assert not short, (name, short)
     listing = runner.invoke(app, ["--help"], terminal_width=80, env={"COLUMNS": "80"}).output
+    listed = " ".join(listing.replace("│", " ").split())
     for name in group.commands:
         summary = group.commands[name].help.split("\n\n")[0]
         assert len(summary) < 140, (name, summary)  # at most two lines beside the name
-        assert "\n" not in summary
+        assert "\n" not in summary and " ".join(summary.split()) in listed, (name, summary)
 
 
 def test_verify_compact_and_migrate(env):
