@@ -74,7 +74,12 @@ class Settings(BaseSettings):
     chunk_overlap: int = Field(32, ge=0, description="tokens shared by consecutive nodes")
     delete_missing: bool = Field(True, description="remove documents that vanished from the source")
     lock_timeout: float = Field(600.0, ge=0, description="seconds to wait for another ingest to finish")
-    max_document_mb: float = Field(20.0, gt=0, description="larger files are reported and skipped")
+    # A finite bound: inf (or 1e13) passed "> 0" and then failed as an integer byte count
+    # mid-ingest (exit 1), where a setting out of range is bad usage (exit 2).
+    max_document_mb: float = Field(
+        20.0, gt=0, le=1_048_576,
+        description="larger files are reported and skipped (at most 1048576, i.e. 1 TiB)",
+    )
     exclude: list[str] = Field(
         default_factory=list,
         description="glob patterns of what a source folder's ingest leaves out without a report, as "

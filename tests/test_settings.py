@@ -98,3 +98,18 @@ def test_an_index_kind_the_index_was_not_built_as_is_refused_naming_rebuild(tmp_
     with pytest.raises(IndexKindMismatchError, match="rebuild --index .* --index-kind hnsw"):
         ingest(source, tmp_path / "idx", settings_for(embedding, index_kind="hnsw"), embedding=embedding)
     ingest(source, tmp_path / "idx", settings_for(embedding, index_kind="auto"), embedding=embedding)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e13", "0"])
+def test_max_document_mb_past_a_byte_count_is_a_setting_error(monkeypatch, tmp_path, value):
+    """inf and 1e13 passed "> 0" and failed mid-ingest as an integer byte count ("cannot
+    convert float infinity to integer", exit 1): the setting itself refuses them now."""
+    from pydantic import ValidationError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setenv("HTP_INDEX_MAX_DOCUMENT_MB", value)
+    with pytest.raises(ValidationError, match="max_document_mb"):
+        load_settings()
+    monkeypatch.setenv("HTP_INDEX_MAX_DOCUMENT_MB", "1048576")  # the bound itself: 1 TiB
+    assert int(load_settings().max_document_mb * 2**20) == 2**40
