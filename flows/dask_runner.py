@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,23 @@ def default_worker_count(cores: int | None = None, available_memory: int | None 
 
         available_memory = psutil.virtual_memory().available
     return max(1, min(cores, available_memory // WORKER_MEMORY_BYTES))
+
+
+def torch_threads(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The torch thread count ``HTP_TORCH_THREADS`` asks for (None: unset), at least 1.
+
+    Checked by the command line before a flow starts: a worker read it only at its first model
+    load, so ``four`` failed every embedding task, retried, as a bare ``int()`` error (exit 1)."""
+    from htp_embed.config import EncoderSettingError
+
+    value = environ.get(TORCH_THREADS_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise EncoderSettingError(f"{TORCH_THREADS_ENV}={value!r} is not a number of torch threads: set a "
+                                  "whole number such as 4, or unset it") from None
 
 
 def torch_threads_per_worker(n_workers: int, cores: int | None = None) -> int:

@@ -94,13 +94,13 @@ def apply_torch_threads() -> None:
     Set explicitly because ``OMP_NUM_THREADS`` only counts if it is there before torch starts
     its thread pool, which a worker that imported torch early may already have done.
     """
-    from flows.dask_runner import TORCH_THREADS_ENV
+    from flows.dask_runner import torch_threads
 
-    threads = os.environ.get(TORCH_THREADS_ENV)
-    if threads:
+    threads = torch_threads()
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(max(1, int(threads)))
+        torch.set_num_threads(threads)
 
 
 def process_report() -> dict[str, Any]:

@@ -181,6 +181,10 @@ def ingest(
     try:
         from pipelines.lock import check_writable
 
+        if task_runner:  # read by each embedding task: a bad value failed every one, retried
+            from flows.dask_runner import torch_threads
+
+            torch_threads()
         check_writable(Path(index))  # before the progress bar, not after it
         if task_runner:
             from flows.ingest import ingest_flow
@@ -239,6 +243,10 @@ def rebuild(
     try:
         from pipelines.lock import check_writable
 
+        if task_runner:  # read by each embedding task: a bad value failed every one, retried
+            from flows.dask_runner import torch_threads
+
+            torch_threads()
         check_writable(Path(index))  # before the progress bar, not after it
         if task_runner:
             from flows.rebuild import rebuild_flow
@@ -647,6 +655,9 @@ def schedule(
     from flows.schedule import serve_ingest_deployment
 
     try:
+        from flows.dask_runner import torch_threads
+
+        torch_threads()  # read by each scheduled run's embedding tasks: refused now, not at every run
         serve_ingest_deployment(source, index, settings, cron=cron, interval=interval, name=name)
     except Exception as exc:
         raise _fail(exc) from exc

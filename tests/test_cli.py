@@ -601,6 +601,26 @@ def test_a_misspelled_task_runner_is_a_usage_error_before_any_work(tmp_path, spe
     assert not (tmp_path / "idx").exists()
 
 
+def test_a_torch_thread_count_that_is_no_number_is_a_usage_error_before_the_flow(tmp_path, monkeypatch):
+    """HTP_TORCH_THREADS=four failed each embedding task as a bare int() error, retried twice
+    (46 s), exit 1; it is named now, before a flow starts (exit 2)."""
+    import flows.ingest
+    import flows.rebuild
+
+    def started(*args, **kwargs):
+        raise AssertionError("the flow started")
+
+    monkeypatch.setattr(flows.ingest, "ingest_flow", started)
+    monkeypatch.setattr(flows.rebuild, "rebuild_flow", started)
+    monkeypatch.setenv("HTP_TORCH_THREADS", "four")
+    src = write_docs(tmp_path / "src")
+    for command in (["ingest", str(src)], ["rebuild"]):
+        result = runner.invoke(app, [*command, "--index", str(tmp_path / "idx"), "--task-runner", "thread", "--json"])
+        failure = json.loads(result.stdout)
+        assert (result.exit_code, failure["exit_code"]) == (2, 2), result.output
+        assert "HTP_TORCH_THREADS='four' is not a number" in failure["error"]
+
+
 @pytest.mark.parametrize(("flag", "value"), [("--cron", "not a cron"), ("--cron", "61 * * * *"),
                                              ("--interval", "0"), ("--interval", "-5"), ("--interval", "nan"),
                                              ("--interval", "inf"), ("--interval", "0.001")])
