@@ -25,6 +25,11 @@ class SettingsFileError(OptionConflictError):
     """The settings file is not valid TOML (named, with the line and column TOML gives)."""
 
 
+class SettingsFileNotFoundError(SettingsFileError, FileNotFoundError):
+    """``--config`` or ``HTP_INDEX_CONFIG`` names no file: bad usage wherever settings are read
+    (``eval --pipeline`` reported it as a failed run, exit 1, where every other command said 2)."""
+
+
 class IndexKindMismatchError(OptionConflictError):
     """An option asks an existing index for a kind it was not built as (only rebuild changes it)."""
 

@@ -32,7 +32,7 @@ from pydantic_settings import (
 )
 
 from htp_embed import EncoderConfig, KPolicy
-from pipelines.errors import SettingsFileError
+from pipelines.errors import SettingsFileError, SettingsFileNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def config_file() -> Path | None:
     if named:
         path = Path(named).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"{CONFIG_ENV}={named} does not name a file")
+            raise SettingsFileNotFoundError(f"{CONFIG_ENV}={named} does not name a file")
         return path
     local = Path(DEFAULT_CONFIG_FILE)
     return local if local.is_file() else None
@@ -260,7 +260,7 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
     if config is None:
         return _read(config_file(), overrides)
     if not Path(config).expanduser().is_file():
-        raise FileNotFoundError(f"--config {config} does not name a file")
+        raise SettingsFileNotFoundError(f"--config {config} does not name a file")
     # Only for this call: one --config must not leak into later settings of the process.
     token = _CHOSEN_CONFIG.set(Path(config).expanduser())
     try:

@@ -324,6 +324,20 @@ def test_eval_pipeline_reports_the_model_that_built_the_index(env, tiny_model_di
     assert json.loads(sparse.stdout)["mode"] == "sparse" and json.loads(again.stdout)["mode"] == "hybrid"
 
 
+def test_eval_pipeline_given_a_settings_file_that_is_not_there_is_a_usage_error(tmp_path, monkeypatch):
+    """eval --pipeline exited 1 (a failed run) where every other command said 2."""
+    from pipelines.beir import Document, write_beir
+
+    monkeypatch.chdir(tmp_path)
+    data = write_beir(tmp_path / "beir", {"d1": Document("t", "the cat sat .")}, {"q1": "cat"}, {"q1": {"d1": 1}},
+                      split="train")
+    for extra, env, said in [(["--config", "nonexist.toml"], {}, "--config nonexist.toml does not name a file"),
+                             ([], {"HTP_INDEX_CONFIG": "nonexist"}, "HTP_INDEX_CONFIG=nonexist does not name a file")]:
+        result = runner.invoke(app, ["eval", str(data), "--pipeline", *extra, "--json"], env=env)
+        failure = json.loads(result.stdout)
+        assert (result.exit_code, failure["exit_code"]) == (2, 2) and said in failure["error"], result.output
+
+
 def test_an_empty_source_does_not_delete_the_whole_index(env):
     """A scheduled ingest of a folder that is suddenly empty (an unmounted share) would delete
     every document and exit 0; it is refused and the index is left as it was."""
