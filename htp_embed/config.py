@@ -166,6 +166,9 @@ class EncoderConfig(BaseModel):
         # for the same folder read as another encoder.
         from htp_embed.packaged_models import PACKAGED_MODELS
 
+        if not value.strip():  # Path("") is the working folder: the error named the cwd as the model
+            raise ValueError(f"the model is empty: name a packaged model ({', '.join(PACKAGED_MODELS)}), "
+                             "a local Hugging Face model folder or a .gguf file")
         if value in PACKAGED_MODELS or not Path(value).expanduser().exists():
             return value
         return os.path.abspath(Path(value).expanduser())

@@ -94,3 +94,13 @@ def test_a_model_that_cannot_be_loaded_is_bad_usage(work):
         failure = run_json("ingest", "src", "--index", "idx", "--model", model, code=2)
         assert failure["ok"] is False and model in failure["error"]
     assert "no index at idx" in run_json("query", "cat", "--index", "idx", code=2)["error"]
+
+
+def test_an_empty_model_name_is_refused_as_empty_not_as_the_working_folder(work, monkeypatch):
+    """Path("") is the working folder: an empty model was reported as "model '<cwd>' is neither
+    a packaged model ...", naming a folder the user never gave."""
+    failure = run_json("ingest", "src", "--index", "idx", "--model", "", code=2)
+    assert "the model is empty" in failure["error"] and str(work) not in failure["error"]
+    monkeypatch.setenv("HTP_INDEX_ENCODER__MODEL", "")
+    failure = run_json("ingest", "src", "--index", "idx", code=2)
+    assert "encoder.model: the model is empty" in failure["error"] and str(work) not in failure["error"]
