@@ -244,6 +244,12 @@ def resolve_encoder(
     return EncoderConfig(**{**base.model_dump(), **given}) if given else base
 
 
+def _where_set(name: str, option: str | None) -> str:
+    """Where a splitting setting may have been given: the asking command's option, if it has one,
+    the environment, or the settings file."""
+    return (f"{option}, " if option else "") + f"HTP_INDEX_{name.upper()} or {name} in the settings file"
+
+
 class IndexSession:
     """One writer on one index: the writer lock, the settings with the index's encoder filled
     in, the encoder (loaded on first use) and the store (opened once, on first use).
@@ -346,7 +352,7 @@ class IndexSession:
                 f"{settings.metric!r}, run `htp-index rebuild --index {self.index_dir} --keep-vectors` "
                 f"with metric = {settings.metric!r} (no re-embedding), or drop the setting"
             )
-        self._check_splitting(store.splitting, "this ingest")
+        self._check_splitting(store.splitting, "this ingest", options={"chunk_size": "--chunk-size"})
         self._check_correction(store)
         return store
 
@@ -404,9 +410,12 @@ class IndexSession:
         # A default overlap is capped as the splitter caps it, so the index records what is used.
         return {"chunk_size": int(size), "chunk_overlap": min(int(overlap), most)}
 
-    def _check_splitting(self, recorded: dict[str, int] | None, asked_by: str) -> None:
+    def _check_splitting(self, recorded: dict[str, int] | None, asked_by: str,
+                         options: Mapping[str, str] | None = None) -> None:
         """Refuse a splitting set explicitly that differs from the one the index's nodes have:
-        applied to new documents only, it would leave one index with two node sizes."""
+        applied to new documents only, it would leave one index with two node sizes.
+        ``options``: the command-line option of each setting that the asking command has (rebuild
+        has none: its refusal told the user to drop a --chunk-size it never took)."""
         if not recorded:
             return
         explicit = self.settings.model_fields_set
@@ -420,8 +429,7 @@ class IndexSession:
                 f"the index at {self.index_dir} was split with {now}; {asked_by} asks for {wanted}, "
                 "which would give it nodes of two sizes. To split every document anew, run "
                 f"`htp-index rebuild --index {self.index_dir} --source SOURCE` with that setting, or drop "
-                "the setting (" + ", ".join(f"--{name.replace('_', '-')}, HTP_INDEX_{name.upper()} or {name} in "
-                                             "htp-index.toml" for name in differing) + ")"
+                "the setting (" + "; ".join(_where_set(name, (options or {}).get(name)) for name in differing) + ")"
             )
 
     def _expected_encoder(self, recorded: dict[str, Any]) -> dict[str, Any]:

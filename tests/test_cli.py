@@ -432,6 +432,21 @@ def test_correction_none_chosen_at_creation_survives_a_run_without_the_setting(e
     assert run_json("ingest", "src", "--index", "idx")["added"] == 1
 
 
+def test_a_refused_node_size_names_only_the_options_the_command_has(env, monkeypatch):
+    """rebuild's refusal said "drop the setting (--chunk-size, ...)", an option rebuild does not
+    have; and no command has --chunk-overlap."""
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    monkeypatch.setenv("HTP_INDEX_CHUNK_SIZE", "400")
+    monkeypatch.setenv("HTP_INDEX_CHUNK_OVERLAP", "4")
+    for args in (["rebuild"], ["rebuild", "--keep-vectors"]):
+        said = run_json(*args, "--index", "idx", code=2)["error"]
+        assert "HTP_INDEX_CHUNK_SIZE or chunk_size in the settings file" in said and "--chunk-" not in said, said
+    said = run_json("ingest", "src", "--index", "idx", code=2)["error"]
+    assert "drop the setting (--chunk-size, HTP_INDEX_CHUNK_SIZE or chunk_size in the settings file; " \
+           "HTP_INDEX_CHUNK_OVERLAP or chunk_overlap in the settings file)" in said, said
+
+
 def test_an_index_from_before_node_sizes_were_recorded_records_one_at_its_next_write(env):
     """Such an index took any --chunk-size, forever, and mixed node sizes without a word."""
     from indexes import persist
