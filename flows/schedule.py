@@ -14,10 +14,25 @@ from typing import Any
 
 from prefect.settings import PREFECT_API_URL
 
-from flows.ingest import ingest_flow_body
+from pipelines.errors import OptionConflictError
 from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class NoPrefectServerError(OptionConflictError):
+    """A schedule asked for without a Prefect server to hold it: bad usage, which fails again
+    unchanged until ``PREFECT_API_URL`` names one (it was a failed run's exit 1)."""
+
+
+def require_prefect_server() -> None:
+    """Refuse to schedule without ``PREFECT_API_URL``, before the flows and the model are loaded
+    (the refusal came ~13 s in, after them)."""
+    if not PREFECT_API_URL.value():
+        raise NoPrefectServerError(
+            "schedules need a Prefect server: run `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
 
 
 def deployment_name(index_dir: str | Path) -> str:
@@ -58,11 +73,10 @@ def serve_ingest_deployment(
     interval: float | None = None, name: str | None = None,
 ) -> None:
     """Register the deployment and run its scheduled flow runs until interrupted."""
-    if not PREFECT_API_URL.value():
-        raise RuntimeError(
-            "schedules need a Prefect server: run `prefect server start` and set "
-            "PREFECT_API_URL=http://127.0.0.1:4200/api"
-        )
+    require_prefect_server()
+    # imported here: the flows, Prefect's engine and torch take seconds, which the check above need not wait for
+    from flows.ingest import ingest_flow_body
+
     if not Path(source).exists():  # allowed (a share mounted later), but not without a word
         log.warning("the source %s does not exist now: each scheduled run fails until it does", source)
     kwargs = ingest_deployment_kwargs(source, index_dir, settings, cron=cron, interval=interval, name=name)

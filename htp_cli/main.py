@@ -651,13 +651,16 @@ def schedule(
     if (cron is None) == (interval is None):
         raise typer.BadParameter("give exactly one of --cron or --interval")
     _check_cadence(cron, interval)
-    settings = _settings(config, encoder_show_progress=False)
-    from flows.schedule import serve_ingest_deployment
+    from flows.dask_runner import torch_threads
+    from flows.schedule import require_prefect_server, serve_ingest_deployment
 
     try:
-        from flows.dask_runner import torch_threads
-
+        require_prefect_server()  # before the settings, the flows and the model are loaded
         torch_threads()  # read by each scheduled run's embedding tasks: refused now, not at every run
+    except Exception as exc:
+        raise _fail(exc) from exc
+    settings = _settings(config, encoder_show_progress=False)
+    try:
         serve_ingest_deployment(source, index, settings, cron=cron, interval=interval, name=name)
     except Exception as exc:
         raise _fail(exc) from exc

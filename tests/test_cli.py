@@ -658,6 +658,22 @@ def test_a_cadence_prefect_would_refuse_or_run_every_millisecond_is_a_usage_erro
     assert result.exit_code == 2 and flag in result.output
 
 
+def test_a_schedule_without_a_prefect_server_is_a_usage_error_before_the_settings_are_read(tmp_path, monkeypatch):
+    """It exited 1 ~13 s in, after the flows and the settings were loaded, though it fails
+    again unchanged until PREFECT_API_URL is set."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import htp_cli.main
+
+    def read(*args, **kwargs):
+        raise AssertionError("the settings were read")
+
+    monkeypatch.setattr(htp_cli.main, "_settings", read)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = runner.invoke(app, ["schedule", str(tmp_path), "--index", str(tmp_path / "idx"), "--interval", "20"])
+    assert result.exit_code == 2 and "schedules need a Prefect server" in result.output, result.output
+
+
 def test_usage_errors_found_late_exit_2_and_a_mistyped_index_leaves_no_folder(env):
     """An exit layer past the model's depth, an index kind FAISS cannot parse, an overlap over
     a quarter of the node, a device torch does not know and rewire bounds the wrong way round
