@@ -48,9 +48,15 @@ def is_usage_error(exc: BaseException) -> bool:
 
 def describe(exc: BaseException) -> str:
     """``exc`` as one readable message: a pydantic error as ``field: problem`` pairs, without
-    the echoed input and the documentation link it prints by default."""
+    the echoed input and the documentation link it prints by default; a folder without an index
+    with the command that creates one."""
     from pydantic import ValidationError
 
+    from indexes.errors import IndexNotFoundError
+
+    if isinstance(exc, IndexNotFoundError) and exc.nothing_there:
+        # the Python API's wording named FaissVectorStore.create(...) first; query said this
+        return f"no index at {exc.path}; create one with: htp-index ingest SOURCE --index {exc.path}"
     if isinstance(exc, ValidationError):
         problems = [f"{'.'.join(str(part) for part in error['loc']) or exc.title}: "
                     f"{error['msg'].removeprefix('Value error, ')}{_misplaced(error, exc.title)}"

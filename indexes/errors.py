@@ -27,6 +27,10 @@ class HtpIndexError(Exception):
 class IndexNotFoundError(HtpIndexError, FileNotFoundError):
     """No index (no ``CURRENT`` pointer) exists at the given directory."""
 
+    #: Made by :meth:`at`: nothing at ``path`` is an index, so a caller may say how it creates one
+    #: (the command line says ``htp-index ingest``, not the Python API this message names first).
+    nothing_there: bool = False
+
     def __init__(self, message: str, *, path: str | Path | None = None) -> None:
         super().__init__(message)
         self.path = Path(path) if path is not None else None
@@ -34,11 +38,13 @@ class IndexNotFoundError(HtpIndexError, FileNotFoundError):
     @classmethod
     def at(cls, path: str | Path) -> IndexNotFoundError:
         """The standard error for a directory without an index."""
-        return cls(
+        error = cls(
             f"no index at {path} (no CURRENT file); create one with "
             f"FaissVectorStore.create(...) or `htp-index ingest SOURCE --index {path}`",
             path=path,
         )
+        error.nothing_there = True
+        return error
 
 
 class IndexExistsError(HtpIndexError, FileExistsError):

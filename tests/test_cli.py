@@ -729,6 +729,18 @@ def test_serve_refuses_a_port_or_interval_out_of_range_before_loading_anything(e
     assert result.exit_code == 2, result.output
 
 
+def test_every_command_points_at_a_missing_index_with_the_command_that_creates_one(env):
+    """info, compact, migrate (and restore, verify) said "create one with FaissVectorStore.create(...)
+    or ...", a Python API, where query gave the command; Python callers keep that wording."""
+    from indexes.errors import IndexNotFoundError
+
+    hint = "no index at nosuch; create one with: htp-index ingest SOURCE --index nosuch"
+    for args in (["info"], ["compact"], ["migrate"], ["verify"], ["restore", "--version", "1"], ["query", "cat"]):
+        failure = run_json(*args, "-i", "nosuch", code=2)
+        assert failure["error"] == hint, (args, failure)
+    assert "FaissVectorStore.create" in str(IndexNotFoundError.at("nosuch"))
+
+
 def test_a_failed_command_with_json_says_so_on_stdout(env):
     """A script that reads --json from stdout got nothing to parse when a command failed."""
     result = runner.invoke(app, ["query", "x", "--index", "nowhere", "--json"])
