@@ -96,7 +96,7 @@ def eval_command(
     config: Annotated[Path | None, typer.Option(
         "--config", help="with --pipeline: TOML settings file (default: ./htp-index.toml)")] = None,
     json_output: Annotated[bool, typer.Option(
-        "--json", help="print one JSON object with the metrics on stdout, nothing else (with "
+        "--json", help="print one JSON object with the metrics (and \"ok\": true) on stdout, nothing else (with "
         "--pipeline also what made them: alpha, fusion, rerank, index kind, correction, splitting; and "
         "the dataset's notes: judgements or records dropped)")] = False,
     cache_dir: Annotated[Path | None, typer.Option(
@@ -157,7 +157,7 @@ def eval_command(
     except Exception as exc:
         raise fail(exc, as_json=json_output) from exc
     if json_output:
-        typer.echo(json.dumps({**{key: result[key] for key in JSON_KEYS}, "sample": result["sample"]}))
+        typer.echo(json.dumps({"ok": True, **{key: result[key] for key in JSON_KEYS}, "sample": result["sample"]}))
         return
     _print_table(result)
 
@@ -185,7 +185,7 @@ def _run_pipeline(
         # what made the figure, so that rows of several runs can be told apart
         made_by = {key: result["pipeline"][key] for key in
                    ("alpha", "fusion", "rerank", "index_kind", "correction", "splitting")}
-        typer.echo(json.dumps({**{key: result[key] for key in JSON_KEYS}, "mode": mode, **made_by,
+        typer.echo(json.dumps({"ok": True, **{key: result[key] for key in JSON_KEYS}, "mode": mode, **made_by,
                                "sample": result["sample"]}))
         return
     _print_table(result)

@@ -120,7 +120,10 @@ def _progress() -> Progress:
 def _print_stats(stats: dict[str, Any], as_json: bool, title: str) -> None:
     keys = ("added", "updated", "deleted", "unchanged", "failed", "nodes_embedded", "seconds")
     if as_json:  # every figure the run produced, the version it made live included
-        out.print_json(json.dumps(stats))
+        # "ok" as every command's object says it: true for exit 0; a partial run (exit 3) says
+        # false with its exit code, as a failure does, beside its figures and errors
+        partial = {"ok": False, "exit_code": EXIT_PARTIAL} if stats["failed"] else {"ok": True}
+        out.print_json(json.dumps({**partial, **stats}))
         return
     table = Table(title=escape(title), show_header=False)
     table.add_column("stat", style="bold")
@@ -367,7 +370,7 @@ def query(
         raise _fail(exc, as_json=as_json) from exc
     warnings = opened.query_warnings(text, mode.value if mode else None, rerank)
     if as_json:  # the service's answer's fields
-        out.print_json(json.dumps({"results": results, "warnings": warnings}))
+        out.print_json(json.dumps({"ok": True, "results": results, "warnings": warnings}))
         return
     for warning in warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
@@ -447,7 +450,7 @@ def info(
     if store is not None:
         summary["correction_drift"] = store.correction_drift()
     if as_json:
-        out.print_json(json.dumps(summary))
+        out.print_json(json.dumps({"ok": True, **summary}))
         return
     table = Table(title=escape(str(index)), show_header=False)
     for key, value in summary.items():
@@ -579,7 +582,7 @@ def compact(
     except Exception as exc:
         raise _fail(exc, as_json=as_json) from exc
     if as_json:
-        out.print_json(json.dumps(stats.__dict__))
+        out.print_json(json.dumps({"ok": True, **stats.__dict__}))
     else:
         out.print(
             f"{stats.merges} merge(s): {stats.segments_before} -> {stats.segments_after} segments, "
@@ -608,7 +611,7 @@ def restore(
     except Exception as exc:
         raise _fail(exc, as_json=as_json) from exc
     if as_json:
-        out.print_json(json.dumps({"restored": version, "version": live}))
+        out.print_json(json.dumps({"ok": True, "restored": version, "version": live}))
     elif live == version:
         out.print(f"version {version} is already live: nothing changed")
     else:
@@ -629,7 +632,7 @@ def migrate(index: IndexOpt, as_json: JsonOpt = False, config: ConfigOpt = None,
     except Exception as exc:
         raise _fail(exc, as_json=as_json) from exc
     if as_json:
-        out.print_json(json.dumps({"migrated": version is not None, "version": version}))
+        out.print_json(json.dumps({"ok": True, "migrated": version is not None, "version": version}))
     else:
         out.print("already in the segment layout" if version is None else f"migrated: version {version} is live")
 

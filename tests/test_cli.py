@@ -48,6 +48,21 @@ def test_ingest_query_info_with_json(env):
     assert info["encoder_check"] == {"documents": 2, "queries": 2}
 
 
+def test_every_json_answer_says_ok_as_its_exit_code_does(env):
+    """verify alone said "ok": true; a script checking .ok read a successful ingest, query,
+    info ... as a failure, since only failures carried the key."""
+    write_docs(env / "src")
+    answers = [run_json("ingest", "src", "--index", "idx"), run_json("rebuild", "--index", "idx"),
+               run_json("query", "the cat", "--index", "idx"), run_json("info", "--index", "idx"),
+               run_json("verify", "--index", "idx"), run_json("compact", "--index", "idx"),
+               run_json("migrate", "--index", "idx"), run_json("restore", "--index", "idx", "--version", "1")]
+    assert [answer["ok"] for answer in answers] == [True] * len(answers)
+    assert "added" in answers[0] and "results" in answers[2] and "count" in answers[3]  # nothing else changed
+    (env / "src" / "empty.md").write_text("")
+    partial = run_json("ingest", "src", "--index", "idx", code=3)  # some documents failed: not ok
+    assert (partial["ok"], partial["exit_code"], partial["failed"]) == (False, 3, 1)
+
+
 def test_partial_failure_exits_3_and_lists_errors(env):
     write_docs(env / "src")
     (env / "src" / "bad.txt").write_bytes(b"\xff\xfe\x00garbage\xff")
@@ -230,10 +245,10 @@ def test_verify_compact_and_migrate(env):
     # Roll back to the version before the compaction: its segments were never touched.
     live = compacted["version"]
     restored = run_json("restore", "--index", "idx", "--version", str(live - 1))
-    assert restored == {"restored": live - 1, "version": live + 1}
+    assert restored == {"ok": True, "restored": live - 1, "version": live + 1}
     # the live version again: nothing to do, and no kept version is pushed out for a copy of it
     versions = sorted(p.name for p in (env / "idx" / "versions").iterdir())
-    assert run_json("restore", "--index", "idx", "--version", str(live + 1)) == {"restored": live + 1, "version": live + 1}
+    assert run_json("restore", "--index", "idx", "--version", str(live + 1)) == {"ok": True, "restored": live + 1, "version": live + 1}
     assert sorted(p.name for p in (env / "idx" / "versions").iterdir()) == versions
     assert run_json("verify", "--index", "idx")["ok"]
     assert run_json("query", "the bird", "--index", "idx", "-k", "1")["results"][0]["doc_id"] == "more.txt"
@@ -322,6 +337,7 @@ def test_eval_pipeline_reports_the_model_that_built_the_index(env, tiny_model_di
     sparse = runner.invoke(app, ["eval", str(data), "--pipeline", "--index-dir", "idx", "--json"])
     assert sparse.exit_code == 0, sparse.output
     assert json.loads(sparse.stdout)["mode"] == "sparse" and json.loads(again.stdout)["mode"] == "hybrid"
+    assert json.loads(sparse.stdout)["ok"] is True
 
 
 def test_eval_pipeline_given_a_settings_file_that_is_not_there_is_a_usage_error(tmp_path, monkeypatch):
@@ -717,7 +733,7 @@ def test_info_reads_the_index_whatever_this_folders_settings_say(env, monkeypatc
 def test_verify_and_migrate_answer_json_on_stdout(env):
     write_docs(env / "src")
     run_json("ingest", "src", "--index", "idx")
-    assert run_json("migrate", "--index", "idx") == {"migrated": False, "version": None}
+    assert run_json("migrate", "--index", "idx") == {"ok": True, "migrated": False, "version": None}
     assert run_json("verify", "--index", "idx")["ok"] is True
     failed = run_json("verify", "--index", "idx", "--version", "99", code=2)
     assert failed["ok"] is False and "does not keep version 99" in failed["error"]

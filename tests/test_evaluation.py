@@ -204,7 +204,8 @@ def test_eval_command_json_prints_exactly_the_metrics(mini_beir, tmp_path):
     )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert list(payload) == [*JSON_KEYS, "sample"]  # the metrics, and what the dataset dropped
+    assert list(payload) == ["ok", *JSON_KEYS, "sample"]  # the metrics, and what the dataset dropped
+    assert payload["ok"] is True  # as every command's --json answer says it (only failures did)
     assert payload["queries"] == 5 and isinstance(payload["docs"], int)
     assert isinstance(payload["ndcg@10"], float)
     help_text = CliRunner().invoke(app, ["--help"]).output
