@@ -11,9 +11,16 @@ import operator
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 Method = Literal["htp", "vanilla", "last", "echo", "tp", "prompteol"]
 METHODS: tuple[str, ...] = ("htp", "vanilla", "last", "echo", "tp", "prompteol")
@@ -39,6 +46,10 @@ class KPolicy(BaseModel):
     number of blocks M (and of ``<B-PST>`` slots at the front) never exceeds ``max_blocks``.
     The paper finds K = 1 best on short texts and K of 8-12 on long ones, and that too many
     ``<B-PST>`` hurt; bounding M is the simplest rule that does both.
+
+    A ``k`` without a ``kind`` means ``fixed`` (``[encoder.k] k = 3`` was built as adaptive:8,
+    the ``k`` dropped without a word); a part the kind does not use (``k`` with adaptive,
+    ``max_blocks`` with fixed) is refused, and a dump holds only the parts its kind uses.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -46,6 +57,34 @@ class KPolicy(BaseModel):
     kind: Literal["fixed", "adaptive"] = "adaptive"
     k: int = Field(1, ge=1, description="sentences per block when kind='fixed'")
     max_blocks: int = Field(8, ge=1, description="upper bound on blocks when kind='adaptive'")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_from_parts(cls, data: object) -> object:
+        if isinstance(data, dict) and "kind" not in data and "k" in data:
+            if "max_blocks" in data:
+                raise ValueError("K takes either k (fixed: k = 3) or max_blocks (adaptive: k = \"adaptive:8\"), "
+                                 "not both")
+            return {**data, "kind": "fixed"}
+        return data
+
+    @model_validator(mode="after")
+    def _parts_of_kind(self) -> KPolicy:
+        unused = "k" if self.kind == "adaptive" else "max_blocks"
+        if unused in self.model_fields_set:
+            raise ValueError(
+                f"K's {unused} does not apply to kind {self.kind!r}: write K as k = 3 "
+                "(HTP_INDEX_ENCODER__K=3) for 3 sentences a block, or k = \"adaptive:12\" "
+                "(HTP_INDEX_ENCODER__K=adaptive:12) for at most 12 blocks")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _applicable_parts(self, handler: Any) -> Any:
+        # only the parts the kind uses, so that a dump validates again (k with adaptive is refused)
+        data = handler(self)
+        if isinstance(data, dict):
+            data.pop("k" if self.kind == "adaptive" else "max_blocks", None)
+        return data
 
     @classmethod
     def parse(cls, value: int | str | dict | KPolicy) -> KPolicy:

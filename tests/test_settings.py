@@ -84,6 +84,23 @@ def test_k_is_written_in_the_environment_as_in_the_file_and_its_parts_are_settin
         "(did you mean HTP_INDEX_ENCODER__METHOD?)"]
 
 
+def test_a_lone_k_part_means_fixed_and_a_part_its_kind_does_not_use_is_refused(tmp_path, monkeypatch):
+    """HTP_INDEX_ENCODER__K__K=3 (or [encoder.k] k = 3) was accepted and K built as adaptive:8,
+    the k dropped without a word: only the kind decided."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HTP_INDEX_ENCODER__K__K", "3")
+    assert str(load_settings().encoder.k) == "3"
+    monkeypatch.delenv("HTP_INDEX_ENCODER__K__K")
+    (tmp_path / "htp-index.toml").write_text("[encoder.k]\nk = 3\n")
+    settings = load_settings()
+    assert str(settings.encoder.k) == "3"
+    assert str(Settings.from_data(settings.to_transport()).encoder.k) == "3"  # a flow run reads it back
+    for parts in ('kind = "adaptive"\nk = 3', 'kind = "fixed"\nk = 3\nmax_blocks = 4', "k = 3\nmax_blocks = 4"):
+        (tmp_path / "htp-index.toml").write_text(f"[encoder.k]\n{parts}\n")
+        with pytest.raises(ValueError, match="k = 3"):
+            load_settings()
+
+
 @pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False), ("auto", "auto")])
 def test_use_gpu_is_a_boolean_or_auto(monkeypatch, value, expected):
     monkeypatch.setenv("HTP_INDEX_USE_GPU", value)
