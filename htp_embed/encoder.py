@@ -169,6 +169,7 @@ class HTPEncoder:
                 preload_segmenter(config.segmenter)  # overlaps spaCy's load with the model's
             model, tokenizer = _load_shared(config, self.dtype, self.device)
         model = model.to(device=self.device, dtype=self.dtype).eval()
+        _check_max_length(config, model)
         self.model = model
         self.tokenizer = tokenizer
         #: Whether the decoder's Linear weights run packed (None: a caller's decoder, or not a CPU).
@@ -617,6 +618,17 @@ class HTPEncoder:
                 return output.last_hidden_state
             except EarlyExit as stop:
                 return stop.hidden
+
+
+def _check_max_length(config: EncoderConfig, model: torch.nn.Module) -> None:
+    """Refuse a ``max_length`` past the positions the model was trained on (its config's
+    ``max_position_embeddings``, where it gives one): max_length 100000 on smollm2-135m (8192)
+    split nodes of ~100k tokens and embedded them without a word, far outside what it learned."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and config.max_length > positions:
+        raise EncoderSettingError(
+            f"max_length={config.max_length} is more than {config.model} holds "
+            f"(max_position_embeddings {positions}): use max_length <= {positions}")
 
 
 # --------------------------------------------------------------------- helpers

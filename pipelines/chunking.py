@@ -26,10 +26,14 @@ from pipelines.sources import SourceDocument
 TEMPLATE_MARGIN = 7
 
 
+# The smallest node (Settings.chunk_size's floor): a window that holds less text is refused.
+MIN_CHUNK_SIZE = 32
+
+
 def default_chunk_size(encoder: HTPEncoder) -> int:
     """Tokens per node that fit the encoder's window with its method's placeholders and
     template budgeted (the encoder knows them: :attr:`HTPEncoder.text_budget`)."""
-    return max(32, encoder.text_budget - TEMPLATE_MARGIN)
+    return max(MIN_CHUNK_SIZE, encoder.text_budget - TEMPLATE_MARGIN)
 
 
 def node_id_for(index: int, document: BaseNode) -> str:

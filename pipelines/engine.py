@@ -44,7 +44,14 @@ from indexes import (
 )
 from indexes.spec import Manifest
 from pipelines.adapter import MIN_PAIRS
-from pipelines.chunking import default_chunk_size, embed_text, make_splitter, split_documents
+from pipelines.chunking import (
+    MIN_CHUNK_SIZE,
+    TEMPLATE_MARGIN,
+    default_chunk_size,
+    embed_text,
+    make_splitter,
+    split_documents,
+)
 from pipelines.correction import MIN_DOCUMENTS, fit_correction
 from pipelines.encoder_check import record_check, require_same_vectors
 from pipelines.errors import (
@@ -390,6 +397,13 @@ class IndexSession:
         settings, explicit = self.settings, self.settings.model_fields_set
         recorded = (self.manifest.splitting if self.manifest is not None else None) or {}
         fits = default_chunk_size(self.encoder)
+        room = self.encoder.text_budget - TEMPLATE_MARGIN
+        if room < MIN_CHUNK_SIZE:  # was held at the floor, and nearly every node cut to fit
+            config = self.encoder.config
+            raise OptionConflictError(
+                f"max_length {config.max_length} leaves {max(room, 0)} tokens of text a node with method "
+                f"{config.method}, less than the smallest node ({MIN_CHUNK_SIZE} tokens): raise max_length "
+                f"by at least {MIN_CHUNK_SIZE - room}{' (echo: twice that)' if config.method == 'echo' else ''}")
         size = ((settings.chunk_size if "chunk_size" in explicit else None) or recorded.get("chunk_size")
                 or settings.chunk_size or fits)
         if size > fits:  # each node's vector would stand for its beginning only

@@ -553,6 +553,20 @@ def test_a_rebuild_to_another_k_counts_the_stored_nodes_not_the_recorded_chunk_s
     assert run_json("ingest", "src", "--index", "idx")["added"] == 1
 
 
+@pytest.mark.parametrize(("max_length", "said"), [("1000", "max_position_embeddings 512"),
+                                                   ("16", "less than the smallest node")])
+def test_a_max_length_the_model_or_the_smallest_node_cannot_take_is_refused(env, monkeypatch, max_length, said):
+    """max_length 100000 on smollm2-135m (8192 positions) recorded chunk_size 99976 and embedded
+    a 9,751-token node without a word; max_length 16 held nodes at the 32-token floor, which
+    that window cannot hold (20 of 21 nodes cut)."""
+    write_docs(env / "src")
+    monkeypatch.delenv("HTP_INDEX_CHUNK_SIZE")
+    monkeypatch.setenv("HTP_INDEX_ENCODER__MAX_LENGTH", max_length)
+    refused = runner.invoke(app, ["ingest", "src", "--index", "idx", "--json"])
+    output = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "max_length" in output and said in output, output
+
+
 def test_an_ingest_counts_the_nodes_it_had_to_cut_to_the_encoders_window(env, monkeypatch):
     """Fixed K = 1 makes a block of every sentence; a node of many short sentences needs more
     placeholders than the window budgets, and its tail was cut with one log line, nothing in

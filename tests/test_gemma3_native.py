@@ -244,7 +244,8 @@ def test_the_encoder_gives_the_same_vectors_through_either_implementation(saved)
     path, _ = saved
     tokenizer = build_tokenizer(padding_side="left", bos=True)
     settings = {"model": "tiny-gemma3", "segmenter": "sentencizer", "show_progress": False,
-                "rewire_start": 1, "rewire_stop": 3, "exit_layer": 3, "query_instruction": "the cat sat on : "}
+                "rewire_start": 1, "rewire_stop": 3, "exit_layer": 3, "query_instruction": "the cat sat on : ",
+                "max_length": 128}  # the positions tiny_config gives
     native = HTPEncoder(decoder=load_native(path, torch.float32), tokenizer=tokenizer, **settings)
     hooked = HTPEncoder(decoder=Gemma3TextModel.from_pretrained(path).eval(), tokenizer=tokenizer, **settings)
     assert native.native and not hooked.native
