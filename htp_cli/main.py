@@ -57,7 +57,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JS
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="'gemma3-270m', 'smollm2-135m', a local HF model directory or a .gguf file")]
 MethodOpt = Annotated[str | None, typer.Option("--method", help="htp, vanilla, last, echo, tp or prompteol")]
-KOpt = Annotated[str | None, typer.Option("--k", help="HTP sentences per block: an integer or 'adaptive[:MAX_BLOCKS]'")]
+KOpt = Annotated[str | None, typer.Option("--k", help="HTP sentences per block: an integer or 'adaptive[:MAX_BLOCKS]' (method htp only: refused with another)")]
 KindOpt = Annotated[str | None, typer.Option("--index-kind", help="flat, hnsw, ivf_flat, ivf_pq or a FAISS factory string")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto (cuda if a GPU is visible, else cpu), cpu, cuda, cuda:N, mps, xpu or xpu:N; one this PyTorch cannot run on is refused (exit 2)")]
 
@@ -182,12 +182,14 @@ def ingest(
         delete_missing=False if keep_missing else None, exclude=exclude or None,
     )
     try:
+        from pipelines.engine import refuse_options_the_method_ignores
         from pipelines.lock import check_writable
 
         if task_runner:  # read by each embedding task: a bad value failed every one, retried
             from flows.dask_runner import torch_threads
 
             torch_threads()
+        refuse_options_the_method_ignores(index, settings, {"--k": k})
         check_writable(Path(index))  # before the progress bar, not after it
         if task_runner:
             from flows.ingest import ingest_flow
@@ -214,8 +216,8 @@ def rebuild(
     model: ModelOpt = None,
     method: MethodOpt = None,
     k: KOpt = None,
-    rewire_start: Annotated[int | None, typer.Option(help="first HTP-rewired layer (0-based)")] = None,
-    rewire_stop: Annotated[int | None, typer.Option(help="rewiring stops before this layer")] = None,
+    rewire_start: Annotated[int | None, typer.Option(help="first HTP-rewired layer (0-based; methods htp and tp only)")] = None,
+    rewire_stop: Annotated[int | None, typer.Option(help="rewiring stops before this layer (methods htp and tp only)")] = None,
     exit_layer: Annotated[int | None, typer.Option(help="layer to pool (1-based; negative counts from the end)")] = None,
     device: DeviceOpt = None,
     index_kind: KindOpt = None,
@@ -244,12 +246,15 @@ def rebuild(
     if keep_vectors and task_runner:
         raise typer.BadParameter("--keep-vectors embeds nothing, so it takes no --task-runner")
     try:
+        from pipelines.engine import refuse_options_the_method_ignores
         from pipelines.lock import check_writable
 
         if task_runner:  # read by each embedding task: a bad value failed every one, retried
             from flows.dask_runner import torch_threads
 
             torch_threads()
+        refuse_options_the_method_ignores(
+            index, settings, {"--k": k, "--rewire-start": rewire_start, "--rewire-stop": rewire_stop}, overrides)
         check_writable(Path(index))  # before the progress bar, not after it
         if task_runner:
             from flows.rebuild import rebuild_flow

@@ -257,6 +257,39 @@ def _where_set(name: str, option: str | None) -> str:
     return (f"{option}, " if option else "") + f"HTP_INDEX_{name.upper()} or {name} in the settings file"
 
 
+# Options of some methods only, by the identity field of the methods they concern
+# (EncodingMethod.identity_fields): K is HTP's, rewiring HTP's and TP's.
+_METHOD_ONLY_OPTIONS = {"--k": "k", "--rewire-start": "rewire", "--rewire-stop": "rewire"}
+
+
+def refuse_options_the_method_ignores(
+    index_dir: str | Path, settings: Settings, asked: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> None:
+    """Refuse encoder options ``asked`` on the command line (``{"--k": "4"}``, None: not given)
+    that the method of the run ignores: ``ingest --method vanilla --k 4`` indexed without a word
+    of K, which only HTP uses. The method is the one the session would use (``overrides``,
+    then the settings, then the index's own)."""
+    from htp_embed.methods import method_for
+
+    given = [flag for flag, value in asked.items() if value is not None]
+    if not given:
+        return
+    path = Path(index_dir)
+    manifest = FaissVectorStore.read_manifest(path) if FaissVectorStore.exists(path) else None
+    method = {key: value for key, value in (overrides or {}).items() if value is not None}.get("method") or (
+        settings.encoder.method if manifest is None or "method" in settings.encoder.model_fields_set
+        else str(manifest.encoder.get("method", settings.encoder.method)))
+    uses = method_for(method).identity_fields
+    ignored = [flag for flag in given if _METHOD_ONLY_OPTIONS[flag] not in uses]
+    if ignored:
+        users = [name for name in ("htp", "tp")
+                 if all(_METHOD_ONLY_OPTIONS[flag] in method_for(name).identity_fields for flag in ignored)]
+        raise OptionConflictError(
+            f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to method {method} "
+            f"(only to {' and '.join(users)}): drop {'it' if len(ignored) == 1 else 'them'}, or choose --method "
+            f"{users[0]}")
+
+
 class IndexSession:
     """One writer on one index: the writer lock, the settings with the index's encoder filled
     in, the encoder (loaded on first use) and the store (opened once, on first use).

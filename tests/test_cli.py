@@ -567,6 +567,20 @@ def test_a_max_length_the_model_or_the_smallest_node_cannot_take_is_refused(env,
     assert refused.exit_code == 2 and "max_length" in output and said in output, output
 
 
+def test_htp_only_options_with_another_method_are_refused(env):
+    """ingest --method vanilla --k 4 indexed without a word of K, which only HTP uses (as did
+    --k on an index built with vanilla, and rebuild's --rewire-start, HTP's and TP's only)."""
+    write_docs(env / "src")
+    asked = runner.invoke(app, ["ingest", "src", "--index", "idx", "--method", "vanilla", "--k", "4", "--json"])
+    assert asked.exit_code == 2 and "--k does not apply to method vanilla" in asked.output, asked.output
+    assert not (env / "idx" / "CURRENT").exists()
+    run_json("ingest", "src", "--index", "idx", "--method", "vanilla")
+    recorded = runner.invoke(app, ["ingest", "src", "--index", "idx", "--k", "4"])
+    assert recorded.exit_code == 2 and "--k does not apply to method vanilla" in recorded.output
+    rewired = runner.invoke(app, ["rebuild", "--index", "idx", "--method", "last", "--rewire-start", "1"])
+    assert rewired.exit_code == 2 and "--rewire-start does not apply to method last" in " ".join(rewired.output.split())
+
+
 def test_an_ingest_counts_the_nodes_it_had_to_cut_to_the_encoders_window(env, monkeypatch):
     """Fixed K = 1 makes a block of every sentence; a node of many short sentences needs more
     placeholders than the window budgets, and its tail was cut with one log line, nothing in
