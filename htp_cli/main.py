@@ -151,10 +151,22 @@ def _run_with_progress(run, description: str, show: bool):
         )
 
 
-EXCLUDE_HELP = ("a glob pattern of files or folders of a source folder to leave out without a report, as .gitignore "
+EXCLUDE_HELP = ("a glob pattern of files or folders of a source folder (refused with a one-file source) to leave out without a report, as .gitignore "
                 "writes it ('*.png', 'drafts/', 'notes/*.md'); repeat for more (default: the settings' exclude). An "
                 "indexed document under one is treated as a missing one: deleted, or kept with --keep-missing")
 ExcludeOpt = Annotated[list[str] | None, typer.Option("--exclude", help=EXCLUDE_HELP)]
+
+
+def _exclude_needs_a_folder(exclude: list[str] | None, source: str | None) -> None:
+    """Refuse --exclude with a source that is one file: ``ingest recs.jsonl --exclude '*.jsonl'``
+    indexed the file anyway, the patterns ignored without a word (they apply to a folder's files)."""
+    if not exclude or not source:
+        return
+    from pipelines.sources import source_kind
+
+    if source_kind(source) in ("file", "jsonl"):
+        raise typer.BadParameter(f"--exclude applies to a source folder's files; {source} is one file: "
+                                 "drop --exclude, or name the folder")
 
 
 @app.command()
@@ -176,6 +188,7 @@ def ingest(
 ) -> None:
     """Add new, update changed and remove deleted documents; unchanged ones cost nothing."""
     _setup(verbose, quiet=as_json)
+    _exclude_needs_a_folder(exclude, source)
     settings = _settings(
         config, as_json=as_json, encoder_model=model, encoder_method=method, encoder_k=k, encoder_device=device,
         encoder_show_progress=False, index_kind=index_kind, chunk_size=chunk_size,
@@ -237,6 +250,7 @@ def rebuild(
         raise typer.BadParameter("--keep-missing goes with --source (a rebuild from the stored nodes keeps every one)")
     if exclude and not source:
         raise typer.BadParameter("--exclude goes with --source (a rebuild from the stored nodes reads no folder)")
+    _exclude_needs_a_folder(exclude, source)
     settings = _settings(config, as_json=as_json, encoder_device=device, encoder_show_progress=False,
                          delete_missing=False if keep_missing else None, exclude=exclude or None)
     overrides = {

@@ -146,6 +146,19 @@ def test_rebuild_from_source_leaves_out_what_exclude_names_as_ingest_does(env):
     alone = runner.invoke(app, ["rebuild", "--index", "idx", "--exclude", "night.txt"])
     assert alone.exit_code == 2 and "--exclude goes with --source" in " ".join(alone.output.split())
 
+
+def test_exclude_with_a_one_file_source_is_refused_not_ignored(env):
+    """ingest recs.jsonl --exclude '*.jsonl' indexed the file, and ingest src/a.md --exclude a.md
+    added it: the patterns (a folder's) were passed over without a word."""
+    src = write_docs(env / "src")
+    (env / "recs.jsonl").write_text('{"_id": "1", "text": "the cat sat ."}\n')
+    for source, pattern in (("recs.jsonl", "*.jsonl"), ("src/night.txt", "night.txt")):
+        refused = run_json("ingest", source, "--index", "idx", "--exclude", pattern, code=2)
+        assert "--exclude applies to a source folder" in refused["error"] and not (env / "idx").exists()
+    run_json("ingest", "src", "--index", "idx")
+    rebuilt = runner.invoke(app, ["rebuild", "--index", "idx", "--source", str(src / "night.txt"), "--exclude", "x"])
+    assert rebuilt.exit_code == 2 and "applies to a source folder" in " ".join(rebuilt.output.split())
+
 def test_a_lost_current_file_with_kept_versions_is_mended_by_restore_not_a_fresh_ingest(env):
     """With CURRENT gone, every command said "no index ... create one with ingest", which would
     have started over the kept versions; ingest did start a new index over them."""
