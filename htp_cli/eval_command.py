@@ -70,8 +70,10 @@ def eval_command(
         min=0, help="subsample: every judged document of the evaluated queries plus N others (fixed seed)")] = None,
     max_queries: Annotated[int | None, typer.Option(
         min=1, help="subsample: score N judged queries chosen with a fixed seed")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the subsample")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="texts per forward pass")] = 8,
+    seed: Annotated[int, typer.Option(help="seed of the subsample (with --max-docs or --max-queries)")] = 0,
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="texts per forward pass of the HTP encoder (not with bm25, minilm or --pipeline, whose "
+        "encoder takes the settings' batch_size)")] = 8,
     max_length: Annotated[int, typer.Option(min=8, help="tokens per text, placeholders included")] = 512,
     fuse_bm25: Annotated[bool, typer.Option(
         "--fuse-bm25", help="score the reciprocal-rank fusion (k=60) of BM25 and this method")] = False,
@@ -100,7 +102,8 @@ def eval_command(
         "--pipeline also what made them: alpha, fusion, rerank, index kind, correction, splitting; and "
         "the dataset's notes: judgements or records dropped)")] = False,
     cache_dir: Annotated[Path | None, typer.Option(
-        help="embedding cache (default: $HTP_INDEX_CACHE/eval or the user cache dir)")] = None,
+        help="embedding cache (default: $HTP_INDEX_CACHE/eval or the user cache dir; not with bm25, "
+        "which embeds nothing, or --pipeline)")] = None,
     keep_identical_ids: Annotated[bool, typer.Option(
         "--keep-identical-ids", help="score a query's hit on the document of its own id (BEIR leaves it out, "
         "as here by default: ArguAna and Quora hold each query in the corpus)")] = False,
@@ -116,7 +119,10 @@ def eval_command(
     # rather than dropped without a word.
     encoder_options = {"--model": model != DEFAULT_MODEL, "--k": k != "adaptive",
                        "--rewire-start": rewire_start is not None, "--rewire-stop": rewire_stop is not None,
-                       "--exit-layer": exit_layer != "default", "--max-length": max_length != 512}
+                       "--exit-layer": exit_layer != "default", "--max-length": max_length != 512,
+                       "--batch-size": batch_size != 8}
+    if seed != 0 and max_docs is None and max_queries is None:
+        raise typer.BadParameter("--seed chooses a subsample: it goes with --max-docs or --max-queries")
     if pipeline:
         not_here = {"--fuse-bm25": fuse_bm25, "--cache-dir": cache_dir is not None, "--method": method != "htp",
                     **encoder_options}
@@ -124,7 +130,7 @@ def eval_command(
     elif method in REFERENCE_METHODS:
         not_here = {"--mode": mode is not None, "--alpha": alpha is not None, "--rerank/--no-rerank": rerank is not None,
                     "--index-dir": index_dir is not None, "--config": config is not None,
-                    "--fuse-bm25": fuse_bm25 and method == "bm25",
+                    "--fuse-bm25": fuse_bm25 and method == "bm25", "--cache-dir": cache_dir is not None and method == "bm25",
                     **encoder_options}
         where = f"to --method {method} (a reference retriever, not the HTP encoder)"
     else:

@@ -417,10 +417,13 @@ def evaluate(
         **means,
         "queries": len(dataset.queries), "docs": len(dataset.corpus),
         "identity": identity,
-        "describe": encoder.describe() if not is_bm25 and hasattr(encoder, "describe") else method,
+        # the fusion in the title too: a table of rrf(bm25,htp) read as one of htp alone
+        "describe": (f"rrf(bm25, {encoder.describe()})" if fuse_bm25 else encoder.describe())
+                    if not is_bm25 and hasattr(encoder, "describe") else method,
         "sample": sample,
         "rrf_k": rrf_k if fuse_bm25 else None,
-        "cache": {"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root)},
+        # BM25 embeds nothing: no cache to report (its folder is never created)
+        "cache": None if is_bm25 else {"hits": cache.hits, "misses": cache.misses, "dir": str(cache.root)},
         "seconds": round(time.perf_counter() - start, 2),
     }
     if per_query:

@@ -200,7 +200,7 @@ def test_eval_command_json_prints_exactly_the_metrics(mini_beir, tmp_path):
     app = typer.Typer()
     app.command()(eval_command)
     result = CliRunner().invoke(
-        app, [str(mini_beir), "--method", "bm25", "--json", "--cache-dir", str(tmp_path)],
+        app, [str(mini_beir), "--method", "bm25", "--json"],
     )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
@@ -213,6 +213,34 @@ def test_eval_command_json_prints_exactly_the_metrics(mini_beir, tmp_path):
                    "--exit-layer", "--max-docs", "--max-queries", "--batch-size",
                    "--max-length", "--json", "--cache-dir"):
         assert option in help_text
+
+
+@pytest.mark.parametrize("options", [
+    ["--pipeline", "--mode", "sparse", "--batch-size", "3"], ["--method", "bm25", "--batch-size", "3"],
+    ["--method", "minilm", "--batch-size", "3"], ["--method", "bm25", "--seed", "99"],
+    ["--method", "bm25", "--cache-dir", "evcache"]])
+def test_eval_options_that_would_change_nothing_are_refused(mini_beir, tmp_path, monkeypatch, options):
+    """Each was accepted and silently unused: --batch-size by --pipeline (the settings' encoder)
+    and the reference methods, --seed without a subsample, --cache-dir by BM25 (its cache
+    statistics printed, the folder never created)."""
+    monkeypatch.chdir(tmp_path)
+    app = typer.Typer()
+    app.command()(eval_command)
+    result = CliRunner().invoke(app, [str(mini_beir), *options])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and options[-2] in said, said
+    assert not (tmp_path / "evcache").exists()
+    sampled = CliRunner().invoke(app, [str(mini_beir), "--method", "bm25", "--seed", "99", "--max-queries", "2"])
+    assert sampled.exit_code == 0, sampled.output
+
+
+def test_a_fused_run_is_titled_as_the_fusion(mini_beir, tmp_path):
+    """eval --fuse-bm25 printed its table under the plain method's title; only --json said rrf."""
+    encoder = tiny_encoder(method="vanilla")
+    plain = evaluate(mini_beir, "train", encoder, cache_dir=tmp_path / "cache")
+    fused = evaluate(mini_beir, "train", encoder, cache_dir=tmp_path / "cache", fuse_bm25=True)
+    assert fused["describe"] == f"rrf(bm25, {plain['describe']})"
+    assert evaluate(mini_beir, "train", "bm25")["cache"] is None  # BM25 embeds nothing
 
 
 # --------------------------------------------------------------------------- real data
