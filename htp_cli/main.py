@@ -58,7 +58,7 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging
 ModelOpt = Annotated[str | None, typer.Option("--model", help="'gemma3-270m', 'smollm2-135m', a local HF model directory or a .gguf file")]
 MethodOpt = Annotated[str | None, typer.Option("--method", help="htp, vanilla, last, echo, tp or prompteol")]
 KOpt = Annotated[str | None, typer.Option("--k", help="HTP sentences per block: an integer or 'adaptive[:MAX_BLOCKS]' (method htp only: refused with another)")]
-KindOpt = Annotated[str | None, typer.Option("--index-kind", help="flat, hnsw, ivf_flat, ivf_pq or a FAISS factory string")]
+KindOpt = Annotated[str | None, typer.Option("--index-kind", help="auto (exact segments, IVF with a calibrated nprobe once a segment is large), flat, hnsw, ivf_flat, ivf_pq or a FAISS factory string (default: the settings' index_kind where set, else the index's own kind, else auto)")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto (cuda if a GPU is visible, else cpu), cpu, cuda, cuda:N, mps, xpu or xpu:N; one this PyTorch cannot run on is refused (exit 2)")]
 
 
@@ -179,7 +179,7 @@ def ingest(
     k: KOpt = None,
     device: DeviceOpt = None,
     index_kind: KindOpt = None,
-    chunk_size: Annotated[int | None, typer.Option(help="tokens per node (default: what the index recorded, else fill the encoder window; another size than the index's needs rebuild --source)")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="tokens per node, at least 32 and at most what the encoder window holds (default: what the index recorded, else fill the encoder window; another size than the index's needs rebuild --source)")] = None,
     keep_missing: Annotated[bool, typer.Option("--keep-missing", help="append-only: keep documents that vanished from the source")] = False,
     exclude: ExcludeOpt = None,
     task_runner: TaskRunnerOpt = None,
@@ -660,8 +660,8 @@ def migrate(index: IndexOpt, as_json: JsonOpt = False, config: ConfigOpt = None,
 def schedule(
     source: Annotated[str, typer.Argument(help="folder or .jsonl file to ingest on each run")],
     index: IndexOpt,
-    cron: Annotated[str | None, typer.Option(help="cron schedule, e.g. '0 3 * * *'")] = None,
-    interval: Annotated[float | None, typer.Option(help="seconds between runs (instead of --cron)")] = None,
+    cron: Annotated[str | None, typer.Option(help="cron schedule in UTC, e.g. '0 3 * * *' (03:00 UTC); give exactly one of --cron and --interval")] = None,
+    interval: Annotated[float | None, typer.Option(help="seconds between runs, at least 1 (instead of --cron: exactly one of them)")] = None,
     name: Annotated[str | None, typer.Option(help="deployment name (default: derived from the index path)")] = None,
     config: ConfigOpt = None,
     verbose: VerboseOpt = False,
@@ -710,7 +710,7 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="where the demo index is written")] = Path(".htp-demo"),
     question: Annotated[str, typer.Option(help="the sample query")] = "How do summary tokens let early words see later sentences?",
 ) -> None:
-    """Ingest the bundled sample corpus with the default model into a local index and query it."""
+    """Ingest the bundled sample corpus with the default model, or the one htp-index.toml names, into a local index and query it."""
     import time
 
     began = time.perf_counter()
