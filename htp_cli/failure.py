@@ -3,7 +3,8 @@
 Exit 2 is bad usage: what was asked cannot be done as asked (an option, a setting, a filter,
 a path with no index or an index folder a writer cannot write, options that conflict with the
 index, a malformed evaluation dataset, a model that is neither packaged nor a readable model
-folder, a moved model folder not named again, or a model cache folder this user cannot write),
+folder, a moved model folder not named again, a model cache folder this user cannot write,
+keyword search of an index without a keyword table, or reranking with a model that cannot),
 so running it again unchanged fails again. Exit 1 is a run that failed (a damaged file, a busy
 index, a crash of a library): the index is unchanged and a retry may succeed.
 """
@@ -11,6 +12,7 @@ index, a crash of a library): the index is unchanged and a retry may succeed.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import typer
@@ -34,6 +36,7 @@ def is_usage_error(exc: BaseException) -> bool:
         EncoderMismatchError,
         IndexNotFoundError,
         IndexPathTooLongError,
+        SparseIndexMissingError,
         UnsupportedFilterError,
         UnsupportedIndexKindError,
     )
@@ -43,7 +46,15 @@ def is_usage_error(exc: BaseException) -> bool:
     return isinstance(exc, OptionConflictError | InvalidQueryError | IndexNotFoundError | IndexPathTooLongError
                       | EncoderMismatchError
                       | UnsupportedFilterError | UnsupportedIndexKindError | EncoderSettingError
-                      | ValidationError | DatasetError | ModelNotAvailableError | IndexNotWritableError)
+                      | ValidationError | DatasetError | ModelNotAvailableError | IndexNotWritableError
+                      | SparseIndexMissingError) or _cannot_rerank(exc)
+
+
+def _cannot_rerank(exc: BaseException) -> bool:
+    """A model that cannot rerank (asking again fails again). Looked up where it was raised:
+    importing the reranker imports torch, seconds on a keyword query's failure path."""
+    rerank = sys.modules.get("htp_embed.rerank")
+    return rerank is not None and isinstance(exc, rerank.RerankUnavailableError)
 
 
 def describe(exc: BaseException) -> str:

@@ -307,3 +307,12 @@ def test_a_service_that_reranks_every_query_refuses_a_model_that_cannot(tmp_path
     create_app(tmp_path / "idx", settings, reload_interval=0, warm_up=False)  # not reranking: serves
     with pytest.raises(RerankUnavailableError, match="tied embeddings"):
         create_app(tmp_path / "idx", settings.with_overrides(rerank=True), reload_interval=0, warm_up=False)
+    # asked of the command line, it fails again unchanged: bad usage (exit 2), not a failed run's 1
+    import json
+
+    from typer.testing import CliRunner
+
+    from htp_cli.main import app
+
+    asked = CliRunner().invoke(app, ["query", "cat", "--index", str(tmp_path / "idx"), "--rerank", "--json"])
+    assert asked.exit_code == 2 and "tied embeddings" in json.loads(asked.stdout)["error"], asked.output
