@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 QUERY = "How do summary tokens let early words see later sentences?"
@@ -33,13 +35,6 @@ QUERY = "How do summary tokens let early words see later sentences?"
 # llama_index is a namespace package: its cost is in llama_index.core
 WATCHED = ("torch", "transformers", "spacy", "llama_index.core", "faiss", "prefect", "dask", "fastapi")
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def cold_query(tree: Path, index: Path, importtime: bool = False, mode: str | None = None) -> dict:

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from machine import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -51,13 +53,6 @@ print(json.dumps({"megabytes": megabytes, "nodes": nodes, "error": error, "split
                   "split_peak_mib": round((after - before) / 1024)}))
 """
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def split_once(tree: Path, megabytes: float, model: str) -> dict:
