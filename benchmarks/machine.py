@@ -23,3 +23,10 @@ def resident_mib() -> float:
     import os
 
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def checkouts(this: Path, compare: Path | None) -> dict[str, Path]:
+    """The source trees a before/after benchmark runs, by name: ``compare`` (another checkout,
+    e.g. the commit before a change exported with `git archive`) first, then this one."""
+    trees = {"this checkout": this}
+    return {"before (--compare)": compare.resolve(), **trees} if compare else trees

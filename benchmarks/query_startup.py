@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_model
+from machine import checkouts, cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -74,9 +74,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("dense", "sparse", "hybrid"), help="query mode (default: the settings')")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    trees = {"this checkout": ROOT}
-    if args.compare:
-        trees = {"before (--compare)": args.compare.resolve(), **trees}
+    trees = checkouts(ROOT, args.compare)
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     for _ in range(args.runs):

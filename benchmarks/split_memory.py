@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from machine import cpu_model
+from machine import checkouts, cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -70,9 +70,7 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, help="another checkout to run beside this one (the 'before')")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    trees = {"this checkout": ROOT}
-    if args.compare:
-        trees = {"before (--compare)": args.compare.resolve(), **trees}
+    trees = checkouts(ROOT, args.compare)
     load_before = os.getloadavg()
     rows = []
     for megabytes in args.sizes:
