@@ -130,11 +130,6 @@ class OpenIndex:
         return self._encoder
 
     @property
-    def encoder_loaded(self) -> bool:
-        """Whether :attr:`encoder` has been loaded (a keyword-only caller never loads it)."""
-        return self._encoder is not None
-
-    @property
     def version(self) -> int | None:
         return self.store.version
 
