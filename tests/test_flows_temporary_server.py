@@ -88,8 +88,9 @@ def test_a_killed_or_interrupted_ad_hoc_run_takes_its_temporary_server_with_it(t
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=os.pathsep.join(sys.path))
     for stop in (signal.SIGKILL, signal.SIGINT):
         # its own process group, as a command in a terminal has: Ctrl-C goes to the whole group
+        said = tmp_path / f"run-{stop.name}.log"  # what the run logged, for the message of a failure
         run = subprocess.Popen([sys.executable, "-c", FLOW_THEN_WAIT], env=env, cwd=tmp_path, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                               stdout=subprocess.PIPE, stderr=said.open("w"), text=True)
         try:
             line = run.stdout.readline().split()
             assert line and line[0] == "ParentBoundServer", f"the flow did not start: {line}"
@@ -101,7 +102,11 @@ def test_a_killed_or_interrupted_ad_hoc_run_takes_its_temporary_server_with_it(t
             os.killpg(run.pid, stop)
             # ~1 s when quiet; a busy 2-core CI once took over 30 s to report the crash and
             # drain Prefect's events. The bug this guards against took ~140 s.
-            run.wait(timeout=75)
+            try:
+                run.wait(timeout=75)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the run stopped with {stop.name} did not exit in 75 s; it logged:\n"
+                            + "\n".join(said.read_text(errors="replace").splitlines()[-40:]))
             deadline = time.monotonic() + 30
             while _alive(server_pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
