@@ -89,8 +89,12 @@ def test_a_killed_or_interrupted_ad_hoc_run_takes_its_temporary_server_with_it(t
     for stop in (signal.SIGKILL, signal.SIGINT):
         # its own process group, as a command in a terminal has: Ctrl-C goes to the whole group
         said = tmp_path / f"run-{stop.name}.log"  # what the run logged, for the message of a failure
+        # Ctrl-C as a terminal delivers it: SIGINT at its default. A test run started in the
+        # background of a non-interactive shell (`make test &`) hands its children SIGINT
+        # ignored, and the run then never saw the signal.
         run = subprocess.Popen([sys.executable, "-c", FLOW_THEN_WAIT], env=env, cwd=tmp_path, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=said.open("w"), text=True)
+                               stdout=subprocess.PIPE, stderr=said.open("w"), text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             line = run.stdout.readline().split()
             assert line and line[0] == "ParentBoundServer", f"the flow did not start: {line}"
