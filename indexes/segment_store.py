@@ -88,7 +88,7 @@ NODES_DELETED_HASH = "nodes-deleted"
 OPEN_ATTEMPTS = 3
 
 
-def _is_count(value: Any, least: int) -> bool:
+def is_count(value: Any, least: int) -> bool:
     """Whether ``value`` is a whole number (a numpy one too, never a bool) of at least ``least``."""
     return not isinstance(value, bool) and isinstance(value, int | np.integer) and value >= least
 
@@ -930,10 +930,10 @@ class SegmentStore:
         """
         if mode not in SEARCH_MODES:
             raise ValueError(f"unknown search mode {mode!r}; use one of {', '.join(SEARCH_MODES)}")
-        if not _is_count(k, 0):
+        if not is_count(k, 0):
             # hybrid slices its fused list with k: a negative k returned all but the last hits
             raise ValueError(f"k must be a whole number >= 0, not {k!r}")
-        if sparse_k is not None and not _is_count(sparse_k, 1):
+        if sparse_k is not None and not is_count(sparse_k, 1):
             # a negative one searched no keywords (hybrid was dense alone), 0 meant the default
             raise ValueError(f"sparse_k must be a whole number >= 1 (or None: the default), not {sparse_k!r}")
         unknown = set(knobs) - set(_SEARCH_KNOBS)

@@ -24,12 +24,11 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-
 from indexes import EncoderMismatchError, IndexNotFoundError, SegmentStore, sparse
 from indexes.docstore import NodeRow
 from indexes.fusion import Fusion
 from indexes.keywords import analyse_query
+from indexes.segment_store import is_count
 from indexes.text import drop_controls, has_visible_text, lone_surrogate_problem
 from pipelines.errors import DocumentRejected
 from pipelines.settings import Settings, load_settings
@@ -270,7 +269,7 @@ class OpenIndex:
         cannot be answered as asked: a query that is not text, or an ``alpha`` (the dense side's
         weight in hybrid fusion) for a query that fuses nothing, which would be ignored."""
         check_query_text(request.query)
-        if isinstance(request.top_k, bool) or not isinstance(request.top_k, int | np.integer) or request.top_k < 0:
+        if not is_count(request.top_k, 0):
             # the store refuses it, but a reranked request retrieves max(top_k, rerank_depth):
             # top_k -1 returned rerank_depth - 1 hits
             raise InvalidQueryError(f"top_k must be a whole number >= 0, not {request.top_k!r}")
