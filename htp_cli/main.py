@@ -231,7 +231,7 @@ def rebuild(
     k: KOpt = None,
     rewire_start: Annotated[int | None, typer.Option(help="first HTP-rewired layer (0-based; methods htp and tp only)")] = None,
     rewire_stop: Annotated[int | None, typer.Option(help="rewiring stops before this layer (methods htp and tp only)")] = None,
-    exit_layer: Annotated[int | None, typer.Option(help="layer to pool (1-based; negative counts from the end)")] = None,
+    exit_layer: Annotated[str | None, typer.Option(help="layer to pool: 1-based, negative counts from the end, 'full' = every layer and the final norm, 'default' = the model's")] = None,
     device: DeviceOpt = None,
     index_kind: KindOpt = None,
     source: Annotated[str | None, typer.Option(help="re-read and re-split this source instead of re-embedding the stored nodes")] = None,

@@ -148,7 +148,9 @@ class EncoderConfig(BaseModel):
     rewire_start: int | None = Field(None, ge=0, description="first rewired layer (None: per-model default)")
     rewire_stop: int | None = Field(None, ge=0, description="rewiring stops before this layer (None: per-model default)")
     exit_layer: int | None | Literal["default"] = Field(
-        "default", description="hidden state to pool; 'default' = per-model default, None = full depth"
+        "default",
+        description="hidden state to pool; 'default' = per-model default, 'full' (or None) = every "
+        "layer and the final norm",
     )
     attention_sink: Literal["auto", "off"] = Field(
         "auto",
@@ -211,6 +213,13 @@ class EncoderConfig(BaseModel):
         if value in PACKAGED_MODELS or not Path(value).expanduser().exists():
             return value
         return os.path.abspath(Path(value).expanduser())
+
+    @field_validator("exit_layer", mode="before")
+    @classmethod
+    def _full_depth(cls, value: object) -> object:
+        # TOML, environment variables and command options have no null: "full" is how they say
+        # "run the whole model"; it is stored as None, so identities stay what they were
+        return None if isinstance(value, str) and value.strip().lower() == "full" else value
 
     @field_validator("k", mode="before")
     @classmethod

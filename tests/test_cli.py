@@ -104,6 +104,22 @@ def test_rebuild_switches_method_and_index_kind(env):
     assert run_json("ingest", "src", "--index", "idx")["nodes_embedded"] == 0
 
 
+def test_full_depth_is_written_full_where_there_is_no_null(env):
+    """exit_layer None (every layer and the final norm) could be set from Python only: TOML,
+    environment variables and --exit-layer have no null. They say "full"."""
+    write_docs(env / "src")
+    (env / "htp-index.toml").write_text('[encoder]\nexit_layer = "full"\n')
+    run_json("ingest", "src", "--index", "idx")
+    assert run_json("info", "--index", "idx")["encoder"]["exit_layer"] is None
+    (env / "htp-index.toml").unlink()
+    run_json("rebuild", "--index", "idx", "--exit-layer", "2")
+    assert run_json("info", "--index", "idx")["encoder"]["exit_layer"] == 2
+    run_json("rebuild", "--index", "idx", "--exit-layer", "full")
+    assert run_json("info", "--index", "idx")["encoder"]["exit_layer"] is None
+    refused = run_json("rebuild", "--index", "idx", "--exit-layer", "deep", code=2)
+    assert "exit_layer" in refused["error"] and "input_value" not in refused["error"]
+
+
 def test_missing_index_is_a_clear_error(env):
     result = runner.invoke(app, ["query", "x", "--index", "nowhere"])
     assert result.exit_code == 2 and "no index at nowhere" in result.output  # a wrong path: bad usage
