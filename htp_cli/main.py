@@ -472,6 +472,8 @@ def info(
         out.print_json(json.dumps({"ok": True, **summary}))
         return
     table = Table(title=escape(str(index)), show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a fingerprint or path longer than the terminal: folded, never cut
     for key, value in summary.items():
         table.add_row(key, escape(json.dumps(value) if isinstance(value, dict | list) else str(value)))
     out.print(table)

@@ -787,6 +787,17 @@ def test_info_reads_the_index_whatever_this_folders_settings_say(env, monkeypatc
     assert "no vector correction yet" in shown.output and "--keep-vectors" not in shown.output  # 3 < 8 nodes
 
 
+def test_info_folds_a_value_longer_than_the_terminal_instead_of_cutting_it(env, monkeypatch):
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    fingerprint = run_json("info", "--index", "idx")["encoder"]["model_fingerprint"]
+    monkeypatch.setenv("COLUMNS", "60")
+    shown = runner.invoke(app, ["info", "--index", "idx"]).output
+    assert "…" not in shown
+    cells = "".join(line.split("│")[2].strip() for line in shown.splitlines() if line.count("│") == 3)
+    assert fingerprint in cells
+
+
 def test_verify_and_migrate_answer_json_on_stdout(env):
     write_docs(env / "src")
     run_json("ingest", "src", "--index", "idx")
