@@ -60,6 +60,7 @@ MethodOpt = Annotated[str | None, typer.Option("--method", help="htp, vanilla, l
 KOpt = Annotated[str | None, typer.Option("--k", help="HTP sentences per block: an integer or 'adaptive[:MAX_BLOCKS]' (method htp only: refused with another)")]
 KindOpt = Annotated[str | None, typer.Option("--index-kind", help="auto (exact segments, IVF with a calibrated nprobe once a segment is large), flat, hnsw, ivf_flat, ivf_pq or a FAISS factory string (default: the settings' index_kind where set, else the index's own kind, else auto)")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto (cuda if a GPU is visible, else cpu), cpu, cuda, cuda:N, mps, xpu or xpu:N; one this PyTorch cannot run on is refused (exit 2)")]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="the encoder's precision: auto (bfloat16 on cuda; on a CPU whichever a short probe measured faster, see `htp-index info`), float32 (the exact reference), bfloat16 or float16; never changes which index the encoder may serve")]
 
 
 def _task_runner(value: str | None) -> str | None:
@@ -178,6 +179,7 @@ def ingest(
     method: MethodOpt = None,
     k: KOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     index_kind: KindOpt = None,
     chunk_size: Annotated[int | None, typer.Option(help="tokens per node, at least 32 and at most what the encoder window holds (default: what the index recorded, else fill the encoder window; another size than the index's needs rebuild --source)")] = None,
     keep_missing: Annotated[bool, typer.Option("--keep-missing", help="append-only: keep documents that vanished from the source")] = False,
@@ -191,7 +193,7 @@ def ingest(
     _exclude_needs_a_folder(exclude, source)
     settings = _settings(
         config, as_json=as_json, encoder_model=model, encoder_method=method, encoder_k=k, encoder_device=device,
-        encoder_show_progress=False, index_kind=index_kind, chunk_size=chunk_size,
+        encoder_dtype=dtype, encoder_show_progress=False, index_kind=index_kind, chunk_size=chunk_size,
         delete_missing=False if keep_missing else None, exclude=exclude or None,
     )
     try:
@@ -233,6 +235,7 @@ def rebuild(
     rewire_stop: Annotated[int | None, typer.Option(help="rewiring stops before this layer (methods htp and tp only)")] = None,
     exit_layer: Annotated[str | None, typer.Option(help="layer to pool: 1-based, negative counts from the end, 'full' = every layer and the final norm, 'default' = the model's")] = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     index_kind: KindOpt = None,
     source: Annotated[str | None, typer.Option(help="re-read and re-split this source instead of re-embedding the stored nodes")] = None,
     keep_vectors: Annotated[bool, typer.Option("--keep-vectors", help="re-use the stored vectors instead of re-embedding: adds the keyword index (and a vector correction) to an index written by an older htp-index, or changes --index-kind; cannot change the encoder")] = False,
@@ -251,7 +254,7 @@ def rebuild(
     if exclude and not source:
         raise typer.BadParameter("--exclude goes with --source (a rebuild from the stored nodes reads no folder)")
     _exclude_needs_a_folder(exclude, source)
-    settings = _settings(config, as_json=as_json, encoder_device=device, encoder_show_progress=False,
+    settings = _settings(config, as_json=as_json, encoder_device=device, encoder_dtype=dtype, encoder_show_progress=False,
                          delete_missing=False if keep_missing else None, exclude=exclude or None)
     overrides = {
         "model": model, "method": method, "k": k, "rewire_start": rewire_start,
@@ -362,12 +365,13 @@ def query(
         "2-core CPU (default: settings' rerank, off)")] = None,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Search an index and print ranked results with scores."""
     _setup(verbose, quiet=True)
-    settings = _settings(config, as_json=as_json, encoder_device=device, encoder_show_progress=False)
+    settings = _settings(config, as_json=as_json, encoder_device=device, encoder_dtype=dtype, encoder_show_progress=False)
     filters = _parse_filters(filter_ or [])
     if (mode.value if mode else settings.query_mode) != "sparse":
         from htp_embed.text_ahead import prepare_query
@@ -414,6 +418,7 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="most concurrent queries embedded in one encoder pass (1: one at a time)")] = 32,
     config: ConfigOpt = None,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve POST /query and GET /health over HTTP (OpenAPI docs at /docs).
@@ -421,7 +426,7 @@ def serve(
     Set HTP_INDEX_API_TOKEN to require a bearer token. On a CPU it first embeds a made-up
     query at each short query width (~0.5 s), so that its first queries are as fast as the rest."""
     _setup(verbose)
-    settings = _settings(config, encoder_device=device, encoder_show_progress=False)
+    settings = _settings(config, encoder_device=device, encoder_dtype=dtype, encoder_show_progress=False)
     from pipelines.service import serve as run_service
 
     try:

@@ -120,6 +120,29 @@ def test_full_depth_is_written_full_where_there_is_no_null(env):
     assert "exit_layer" in refused["error"] and "input_value" not in refused["error"]
 
 
+def test_dtype_option_sets_the_encoders_precision_on_every_command_that_embeds(env, monkeypatch):
+    """Issue 21 asks for --dtype float32|bfloat16 to override auto's measured choice; only the
+    settings file and HTP_INDEX_ENCODER__DTYPE could."""
+    from htp_embed.encoder import HTPEncoder
+
+    seen: list[str] = []
+    load = HTPEncoder.__init__
+
+    def spy(self, config=None, **kwargs):
+        load(self, config, **kwargs)
+        seen.append(self.config.dtype)
+
+    monkeypatch.setattr(HTPEncoder, "__init__", spy)
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx", "--dtype", "bfloat16")
+    run_json("query", "cat", "--index", "idx", "--mode", "dense", "--dtype", "float32")
+    run_json("rebuild", "--index", "idx", "--dtype", "bfloat16")
+    assert seen == ["bfloat16", "float32", "bfloat16"]
+    refused = run_json("query", "cat", "--index", "idx", "--dtype", "double", code=2)
+    assert "dtype" in refused["error"] and "'float32'" in refused["error"]
+    assert "--dtype" in runner.invoke(app, ["serve", "--help"]).output
+
+
 def test_missing_index_is_a_clear_error(env):
     result = runner.invoke(app, ["query", "x", "--index", "nowhere"])
     assert result.exit_code == 2 and "no index at nowhere" in result.output  # a wrong path: bad usage
