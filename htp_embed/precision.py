@@ -335,7 +335,7 @@ def cpu_dtype_decision(shape: tuple[int, int] | None = None, cache_dir: Path | N
     # agree.
     with _guard, file_lock(decisions_path(cache).with_suffix(".lock")):
         stored = read_decisions(cache).get(key)
-        if _valid(stored):
+        if _well_formed(key, stored):
             dtype, reason = _decided(stored)
             decision = DtypeDecision(
                 dtype=dtype, reason=reason, speedups=stored.get("speedups"),
@@ -438,24 +438,29 @@ def cached_decisions_here(hidden_size: int | None = None, cache_dir: Path | None
     cpu = cpu_model()
     found = []
     for key, record in read_decisions(Path(cache_dir) if cache_dir else default_cache_dir()).items():
-        if not (_valid(record) and record.get("cpu") == cpu):
-            continue
+        # Chosen by the key, as the encoder chooses (its record's own fields only inform)
+        fields = [part.strip() for part in key.split("|")]
         # the distribution's version lacks torch's local tag ("2.13.0" for "2.13.0+cpu")
-        if str(record.get("torch", "")).split("+")[0] != torch_version.split("+")[0]:
+        if not (_well_formed(key, record) and len(fields) > 1 and fields[0] == cpu
+                and fields[1].removeprefix("torch ").split("+")[0] == torch_version.split("+")[0]):
             continue
-        shape = record.get("shape") or [None]
-        if hidden_size is None or shape[0] == hidden_size:
+        if hidden_size is None or record["shape"][0] == hidden_size:
             dtype, reason = _decided(record)
             found.append({"key": key, "dtype": dtype, "reason": reason})
     return found
 
 
-def _valid(stored: object) -> bool:
-    return (
-        isinstance(stored, dict)
-        and stored.get("dtype") in ("float32", "bfloat16")
-        and isinstance(stored.get("reason"), str)
-    )
+def _well_formed(key: str, stored: object) -> bool:
+    """Whether ``stored`` is a decision record the encoder may use under ``key``: a hand-edited
+    or damaged one is measured again by the encoder and left out by `htp-index info` alike (as a
+    corrupt file is), never a traceback, never a decision one of them uses and the other hides."""
+    if not (isinstance(stored, dict) and stored.get("dtype") in ("float32", "bfloat16")
+            and isinstance(stored.get("reason"), str)):
+        return False
+    shape = stored.get("shape")
+    return (isinstance(shape, list) and len(shape) == 2
+            and all(type(size) is int and size > 0 for size in shape)
+            and f"layers {shape[0]}x{shape[1]}" in (part.strip() for part in key.split("|")))
 
 
 def cached_packing_here(cache_dir: Path | None = None) -> list[dict]:

@@ -111,6 +111,24 @@ def test_a_corrupt_decision_file_is_measured_again(cache, monkeypatch):
     assert resolve_dtype("auto", CPU, model="gemma3-270m") == torch.float32 and len(calls) == 1
 
 
+@pytest.mark.parametrize("shape", [576, {"a": 1}, None, [640], [576, 1536], ["640", "2048"]])
+def test_a_record_not_well_formed_is_skipped_by_info_and_measured_again(cache, monkeypatch, shape):
+    # a hand-edited shape crashed `htp-index info` (576: 'int' object is not subscriptable), or
+    # (null) hid from info a record every run used
+    calls = measured(monkeypatch, {"24": 2.0, "256": 2.0})
+    resolve_dtype_decision("auto", CPU, model="gemma3-270m")
+    path = cache / precision.DECISIONS_FILE
+    stored = json.loads(path.read_text())
+    (record,) = stored.values()
+    record["shape"] = shape
+    path.write_text(json.dumps(stored))
+    assert precision.cached_decisions_here(640) == precision.cached_decisions_here() == []
+    again = resolve_dtype_decision("auto", CPU, model="gemma3-270m")
+    assert len(calls) == 2 and again.source == "measured"  # the encoder skips it too
+    (shown,) = precision.cached_decisions_here(640)  # and the new measurement replaced it
+    assert shown["dtype"] == "bfloat16"
+
+
 def test_the_decision_is_logged_once_per_process(cache, monkeypatch, caplog):
     measured(monkeypatch, {"24": 2.0, "256": 2.0})
     with caplog.at_level("INFO", logger="htp_embed.precision"):
