@@ -37,6 +37,7 @@ from htp_embed.precision import (
     log_once,
     machine_key,
     measured_once,
+    shown_against,
     speedup_per_length,
 )
 
@@ -149,7 +150,8 @@ def probe_matmul_speedup(
 
 def decide(speedups: dict[str, float]) -> tuple[AttentionKernel, str]:
     """The matrix products when every probed length gains at least ``MATMUL_MIN_SPEEDUP``."""
-    shown = ", ".join(f"{speedup:.2f}x at {length} tokens" for length, speedup in speedups.items())
+    shown = ", ".join(f"{shown_against(speedup, MATMUL_MIN_SPEEDUP)}x at {length} tokens"
+                      for length, speedup in speedups.items())
     if min(speedups.values()) >= MATMUL_MIN_SPEEDUP:
         return "matmul", f"matrix-product attention measured {shown} the fused kernel's speed"
     return "fused", (f"matrix-product attention measured only {shown} the fused kernel's speed "

@@ -60,6 +60,7 @@ from htp_embed.precision import (
     decisions_path,
     log_once,
     measured_once,
+    shown_against,
     speedup_per_length,
 )
 
@@ -348,8 +349,11 @@ def probe_packed_speedup(
 def decide(speedups: dict[str, float]) -> tuple[bool, str]:
     """Pack when the shortest (query-like) length gains at least ``PACKED_MIN_SPEEDUP`` and no
     length is slower (``PACKED_MIN_OTHER``)."""
-    shown = ", ".join(f"{speedup:.2f}x at {length} tokens" for length, speedup in speedups.items())
-    shortest = speedups[min(speedups, key=int)]
+    query = min(speedups, key=int)
+    shown = ", ".join(
+        f"{shown_against(speedup, PACKED_MIN_SPEEDUP if length == query else PACKED_MIN_OTHER)}x at {length} tokens"
+        for length, speedup in speedups.items())
+    shortest = speedups[query]
     if shortest >= PACKED_MIN_SPEEDUP and min(speedups.values()) >= PACKED_MIN_OTHER:
         return True, f"packed projections measured {shown} the plain ones' speed"
     return False, (f"packed projections measured only {shown} the plain ones' speed (needs "

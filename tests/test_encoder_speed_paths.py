@@ -69,6 +69,16 @@ def test_auto_takes_bfloat16_where_queries_are_even_and_documents_clearly_faster
     assert ">= 1.15x on documents, >= 0.90x on queries" in decision.reason
 
 
+def test_the_reason_never_rounds_a_speedup_onto_the_other_side_of_its_bar():
+    # 0.8961 was printed "bfloat16 measured only 0.90x at 24 tokens ... (>= 0.90x on queries)"
+    dtype, reason = precision.decide({"24": 0.8961, "256": 2.0})
+    assert dtype == "float32" and "0.896x at 24 tokens" in reason and "2.00x at 256 tokens" in reason
+    dtype, reason = precision.decide({"24": 0.95, "256": 1.1496})
+    assert dtype == "float32" and "1.1496x at 256 tokens" in reason
+    assert precision.shown_against(0.9, 0.9) == "0.90"  # on the bar passes, and says so
+    assert precision.shown_against(0.8999999999999999, 0.9) == "0.8999999999999999"
+
+
 def test_auto_keeps_float32_where_queries_are_clearly_slower(cache, monkeypatch):
     measured(monkeypatch, {"24": precision.BF16_MIN_QUERY_SPEEDUP - 0.05, "256": 2.19})
     assert resolve_dtype("auto", CPU, model="gemma3-270m") == torch.float32
