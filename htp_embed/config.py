@@ -214,6 +214,12 @@ class EncoderConfig(BaseModel):
             return value
         return os.path.abspath(Path(value).expanduser())
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _absolute_cache_dir(cls, value: Path | None) -> Path | None:
+        # As HTP_INDEX_CACHE: "~/c" was a folder named "~" under whichever directory a run began in
+        return None if value is None else Path(os.path.abspath(value.expanduser()))
+
     @field_validator("exit_layer", mode="before")
     @classmethod
     def _full_depth(cls, value: object) -> object:

@@ -72,8 +72,10 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 
 
 def default_cache_dir() -> Path:
-    """Where converted weights live: ``$HTP_INDEX_CACHE`` or the user cache directory."""
-    return Path(os.environ.get("HTP_INDEX_CACHE") or user_cache_dir("htp-index"))
+    """Where converted weights live: ``$HTP_INDEX_CACHE`` or the user cache directory, as an
+    absolute path (``~`` expanded: "~/x" made a folder named "~" in each working directory, so a
+    service converted its models and measured its CPU again per directory)."""
+    return Path(os.path.abspath(Path(os.environ.get("HTP_INDEX_CACHE") or user_cache_dir("htp-index")).expanduser()))
 
 
 def converted_copy(name: str, dtype_name: str, cache_dir: Path | None = None) -> Path:

@@ -43,6 +43,20 @@ def test_a_local_folder_is_configured_as_its_absolute_path(work):
     assert EncoderConfig(model="gemma3-270m").model == "gemma3-270m"
 
 
+def test_the_cache_folder_is_expanded_and_absolute(work, monkeypatch):
+    # "~/x" was a literal folder "~" under the working directory: models converted per directory
+    from htp_embed.packaged_models import default_cache_dir
+
+    monkeypatch.setenv("HOME", str(work / "home"))
+    monkeypatch.setenv("HTP_INDEX_CACHE", "~/x")
+    assert default_cache_dir() == work / "home" / "x"
+    monkeypatch.setenv("HTP_INDEX_CACHE", "cache")
+    assert default_cache_dir() == work / "cache"
+    assert EncoderConfig(cache_dir="~/c").cache_dir == work / "home" / "c"
+    assert EncoderConfig(cache_dir="c/../d").cache_dir == work / "d"
+    assert EncoderConfig().cache_dir is None
+
+
 def test_the_same_weights_at_another_path_are_accepted_and_other_weights_are_not():
     recorded = {"model": "./mymodel", "model_fingerprint": WEIGHTS, "method": "htp", "dim": 64}
     assert accepts(recorded, {**recorded, "model": "/elsewhere/mymodel"})
