@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from htp_embed.gguf_header import gguf_layer_shape
 from htp_embed.packaged_models import (
     PACKAGED_MODELS,
     ModelCacheNotWritableError,
@@ -196,11 +197,14 @@ def _transformers_reason(model: str, device: torch.device, implementation: str) 
 
 def model_shape(name: str | None) -> tuple[int, int] | None:
     """``(hidden_size, intermediate_size)`` of a model without loading it, for the dtype probe:
-    known for packaged models, read from ``config.json`` for a local directory, else None."""
+    known for packaged models, read from a ``.gguf`` file's header or a local directory's
+    ``config.json``, else None."""
     if name is None:
         return None
     if name in PACKAGED_MODELS:
         return PACKAGED_MODELS[name].shape
+    if Path(name).suffix == ".gguf":
+        return gguf_layer_shape(Path(name).expanduser())
     config = Path(name).expanduser() / "config.json"
     try:
         data = json.loads(config.read_text())

@@ -167,6 +167,45 @@ def test_a_model_too_small_for_bfloat16_to_pay_stays_float32_unmeasured(cache, m
     assert decision.dtype == "float32" and decision.source == "not measured" and not calls
 
 
+def write_gguf_header(path, feed_forward: int | list[int] = 1536) -> str:
+    """A GGUF file's header as SmolLM2-135M's reads (576-d, 1536-wide MLP), behind what a real
+    one holds too: a tokenizer's arrays and a long chat template."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_chat_template("{{ messages }}" * 5000)
+    writer.add_token_list([f"token{i}" for i in range(1000)])
+    writer.add_token_scores([0.0] * 1000)
+    writer.add_embedding_length(576)
+    if isinstance(feed_forward, int):
+        writer.add_feed_forward_length(feed_forward)
+    else:
+        writer.add_array("llama.feed_forward_length", feed_forward)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_a_gguf_model_is_probed_at_its_own_layer_shape(cache, monkeypatch, tmp_path):
+    # Gemma's 640x2048 was probed for every .gguf file, and `htp-index info` then said
+    # "not measured yet" for its 576-d index
+    calls = measured(monkeypatch, {"24": 2.0, "256": 2.0})
+    model = write_gguf_header(tmp_path / "smol.gguf")
+    assert models.model_shape(model) == (576, 1536)
+    resolve_dtype_decision("auto", CPU, model=model)
+    assert calls == [(576, 1536)]
+    (shown,) = precision.cached_decisions_here(576)  # what info shows for its index
+    assert shown["dtype"] == "bfloat16"
+
+
+def test_a_gguf_header_without_one_layer_shape_gives_none(tmp_path):
+    assert models.model_shape(write_gguf_header(tmp_path / "per-layer.gguf", [1536, 2048])) is None
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 30)
+    assert models.model_shape(str(tmp_path / "broken.gguf")) is None
+    assert models.model_shape(str(tmp_path / "missing.gguf")) is None
+
+
 def test_the_real_probe_is_short_and_reports_every_length():
     began = time.perf_counter()
     speedups = precision.probe_bf16_speedup((256, 512), lengths=(8, 64), repeats=3)
