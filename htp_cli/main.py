@@ -503,7 +503,11 @@ def info(
 def _dtype_auto(dim: int) -> dict[str, Any]:
     """What dtype 'auto' runs queries in on this CPU, and whether the Linear weights are packed,
     and why: the decisions measured and cached at the encoder's first load here (read from the
-    cache only; nothing is measured)."""
+    cache folder this folder's settings name; nothing is measured), and the dtype those settings
+    run ("runs": a dtype setting overrides the decisions)."""
+    from htp_cli.failure import describe
+    from htp_embed.config import EncoderSettingError
+    from htp_embed.models import dtype_plan
     from htp_embed.precision import (
         ATTENTION_FILE,
         cached_decisions_here,
@@ -511,15 +515,28 @@ def _dtype_auto(dim: int) -> dict[str, Any]:
         cached_records_here,
         cpu_model,
     )
+    from pipelines.settings import load_settings
 
-    found = cached_decisions_here(dim)
-    packing = [d for d in cached_packing_here() if f"layers {dim}x" in d["key"]]
+    runtime: dict[str, Any] | None = None
+    try:  # the cache folder and dtype of this folder's settings, as its queries run them
+        runtime = load_settings().runtime_encoder_settings()
+    except Exception as exc:
+        runs = f"unknown: this folder's settings are invalid ({describe(exc)})"
+    cache = runtime["cache_dir"] if runtime else None
+    found = cached_decisions_here(dim, cache)
+    packing = [d for d in cached_packing_here(cache) if f"layers {dim}x" in d["key"]]
     # The attention kernel is keyed by the head layout, not the width: all the layouts measured here.
-    attention = cached_records_here(ATTENTION_FILE, "kernel")
+    attention = cached_records_here(ATTENTION_FILE, "kernel", cache)
+    if runtime:
+        try:
+            runs = dtype_plan(runtime["dtype"], runtime["device"], dim, found)
+        except EncoderSettingError as exc:  # a device this PyTorch cannot run on: info still reads the index
+            runs = f"none: {describe(exc)}"
     if not found:
-        return {"cpu": cpu_model(), "decision": "not measured yet on this CPU: the first query or "
-                "ingest measures it (well under a second) and caches it"}
-    return {"cpu": cpu_model(), "decisions": found, "linear_packing": packing, "attention_kernel": attention}
+        return {"cpu": cpu_model(), "runs": runs, "decision": "not measured yet on this CPU: the first "
+                "query or ingest measures it (well under a second) and caches it"}
+    return {"cpu": cpu_model(), "runs": runs, "decisions": found, "linear_packing": packing,
+            "attention_kernel": attention}
 
 
 def _forward_pass(recorded: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ from htp_embed.packaged_models import (
     default_cache_dir,
     tokenizer_dir,
 )
-from htp_embed.precision import DtypeDecision, cpu_dtype_decision
+from htp_embed.precision import MIN_PROBED_HIDDEN, DtypeDecision, cpu_dtype_decision
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,30 @@ def forward_pass_plan(model: str, device: str = "auto", implementation: str = "a
         return f"transformers' model class ({reason})"
     return ("htp-index's own Gemma 3 forward pass (htp_embed/gemma3_native.py; "
             "implementation='transformers' in the encoder settings switches to transformers' class)")
+
+
+def dtype_plan(dtype: str, device: str, hidden_size: int, decisions: list[dict]) -> str:
+    """Which dtype an encoder of these settings runs in, and why, without loading or measuring
+    anything (``htp-index info``): the ``dtype`` setting, which overrides auto's decisions, or
+    auto's rule; on a CPU the one of ``decisions`` (:func:`htp_embed.precision.cached_decisions_here`'s
+    for the model's width) probed on this process's thread count, as the encoder keys it."""
+    if dtype != "auto":
+        return f"{dtype}: set by the encoder setting dtype, which overrides auto's decisions"
+    resolved = resolve_device(device)
+    if resolved.type != "cpu":  # decided without a probe
+        decision = resolve_dtype_decision("auto", resolved)
+        return f"{decision.dtype}: {decision.reason}"
+    if hidden_size < MIN_PROBED_HIDDEN:  # never probed (cpu_dtype_decision)
+        return f"float32: hidden size {hidden_size} < {MIN_PROBED_HIDDEN}: too small for bfloat16 to pay"
+    threads = f"{torch.get_num_threads()} threads"
+    chosen = {found["dtype"] for found in decisions
+              if threads in (part.strip() for part in str(found["key"]).split("|"))}
+    if not chosen:
+        return (f"auto: not measured yet on this CPU at {threads}: the first query or ingest measures "
+                "it (well under a second) and caches it")
+    if len(chosen) > 1:
+        return "auto: float32 or bfloat16 by the attention kernel probed with it (see decisions)"
+    return f"{chosen.pop()}: auto's decision measured on this CPU at {threads} (see decisions)"
 
 
 def runs_own_forward_pass(model: str, device: torch.device, implementation: str) -> bool:

@@ -284,6 +284,40 @@ def test_info_reads_the_cached_decision_without_torch_or_measuring(cache, monkey
     assert precision.cached_decisions_here(576) == []  # another model width: not measured yet
 
 
+@pytest.fixture
+def settings_here(tmp_path, monkeypatch):
+    """A working folder without a settings file, the encoder on the CPU."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HTP_INDEX_ENCODER__DEVICE", "cpu")
+
+
+def test_info_reads_the_decisions_from_the_cache_folder_the_settings_name(cache, settings_here, monkeypatch, tmp_path):
+    # info read HTP_INDEX_CACHE's folder while the encoder probed into [encoder] cache_dir
+    from htp_cli.main import _dtype_auto
+
+    measured(monkeypatch, {"24": 2.0, "256": 2.0})
+    monkeypatch.setenv("HTP_INDEX_ENCODER__CACHE_DIR", str(tmp_path / "settings-cache"))
+    resolve_dtype_decision("auto", CPU, model="gemma3-270m", cache_dir=tmp_path / "settings-cache")
+    shown = _dtype_auto(640)
+    assert shown["decisions"][0]["dtype"] == "bfloat16"
+    assert shown["runs"].startswith("bfloat16: auto's decision measured on this CPU")
+    monkeypatch.delenv("HTP_INDEX_ENCODER__CACHE_DIR")
+    assert "decisions" not in _dtype_auto(640)  # HTP_INDEX_CACHE's folder holds none
+
+
+def test_info_says_a_dtype_setting_overrides_auto(cache, settings_here, monkeypatch):
+    from htp_cli.main import _dtype_auto
+
+    measured(monkeypatch, {"24": 2.0, "256": 2.0})
+    resolve_dtype_decision("auto", CPU, model="gemma3-270m")
+    monkeypatch.setenv("HTP_INDEX_ENCODER__DTYPE", "float32")
+    shown = _dtype_auto(640)
+    assert shown["decisions"][0]["dtype"] == "bfloat16"  # auto's, still shown
+    assert shown["runs"] == "float32: set by the encoder setting dtype, which overrides auto's decisions"
+    monkeypatch.setenv("HTP_INDEX_ENCODER__DTYPE", "auto")
+    assert _dtype_auto(64)["runs"].startswith("float32: hidden size 64 < 256")  # never probed
+
+
 def test_short_texts_are_batched_by_tokens_and_keep_their_vectors():
     encoder = tiny_encoder(batch_size=2)
     texts = [f"the cat sat on the mat number w{i} . the dog ran" for i in range(8)]
