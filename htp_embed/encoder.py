@@ -303,7 +303,7 @@ class HTPEncoder:
         }
         return EncoderIdentity(
             model=config.model,
-            model_fingerprint=_model_fingerprint(self.model),
+            model_fingerprint=_model_fingerprint(self.model, config.cache_dir),
             method=config.method,
             dim=self.dim,
             exit_layer=self.exit_depth,
@@ -749,10 +749,11 @@ def special_token_template(tokenizer: Any) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def _model_fingerprint(model: torch.nn.Module) -> str:
+def _model_fingerprint(model: torch.nn.Module, cache_dir: Path | None) -> str:
     """The model's architecture *and* weights, independent of device and dtype, so an index
     built on a GPU in bf16 accepts queries embedded on a CPU in float32 by the same weights,
-    and refuses those of other weights saved under the same name (see htp_embed.fingerprint)."""
+    and refuses those of other weights saved under the same name (see htp_embed.fingerprint).
+    Its cache lives in the encoder's ``cache_dir``, beside the other measurements."""
     from htp_embed.fingerprint import model_fingerprint
 
-    return model_fingerprint(model)
+    return model_fingerprint(model, cache_dir)

@@ -82,6 +82,18 @@ def test_the_digest_is_cached_per_checkpoint_and_invalidated_by_a_new_save(model
     assert len(hashed) == 3
 
 
+def test_the_digest_cache_lives_in_the_encoders_cache_dir(model_dir, tmp_path):
+    """With ``cache_dir`` set, the dtype and packing measurements went there but the weights
+    digest still went to $HTP_INDEX_CACHE."""
+    from htp_embed import HTPEncoder
+
+    chosen = tmp_path / "chosen"
+    encoder = HTPEncoder(model=str(model_dir), segmenter="sentencizer", show_progress=False, cache_dir=chosen)
+    encoder.identity()
+    assert (chosen / fp.CACHE_FILE).is_file()
+    assert not (tmp_path / "cache" / fp.CACHE_FILE).exists()
+
+
 def test_an_index_refuses_queries_and_ingests_from_other_weights_in_the_same_directory(model_dir, tmp_path):
     settings = settings_for(model_dir)
     ingest(write_docs(tmp_path / "src"), tmp_path / "idx", settings)
@@ -104,7 +116,7 @@ def test_an_index_refuses_queries_and_ingests_from_other_weights_in_the_same_dir
 
 
 def test_an_index_with_an_architecture_only_fingerprint_keeps_opening(model_dir, tmp_path, monkeypatch, caplog):
-    def architecture_only(model: torch.nn.Module) -> str:  # what htp-index wrote before
+    def architecture_only(model: torch.nn.Module, cache_dir: Path | None = None) -> str:  # what htp-index wrote before
         return fp.architecture_fingerprint(model.config)
 
     settings = settings_for(model_dir)
