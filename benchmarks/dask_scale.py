@@ -54,9 +54,9 @@ def warm_model(settings: dict) -> None:
 def run_one(config: str, source: str, work: Path) -> dict:
     """One timed ingest for ``config`` (thread or dask:N), its workers sharing the flow's
     temporary Prefect server exactly as under ``--task-runner dask=N``."""
-    from flows.dask_runner import prefect_api_for_local_workers
+    from flows.temporary_server import temporary_prefect_api
 
-    with prefect_api_for_local_workers("dask" if config.startswith("dask") else "thread"):
+    with temporary_prefect_api("dask" if config.startswith("dask") else "thread"):
         return timed_ingest(config, source, work)
 
 
@@ -187,10 +187,10 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=90)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--docs", type=int, default=90, help="documents of the ingest benchmark's corpus to ingest")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of every configuration (order reversed each repeat)")
     parser.add_argument("--workers", type=int, default=2, help="workers of the multi-worker configuration")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     parser.add_argument("--run", help=argparse.SUPPRESS)  # internal: one configuration, JSON on stdout
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -201,6 +201,7 @@ def main() -> None:
         return
     if args.render:
         report = table(json.loads(args.render.read_text()))
+        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "dask_scale.md").write_text(report)
         print(report)
         return
