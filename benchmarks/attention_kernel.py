@@ -114,7 +114,9 @@ def main() -> None:
         "", "Decided at load on this machine: "
         + "; ".join(f"{dtype}: {d['kernel']} ({d['reason']})" if d else f"{dtype}: none" for dtype, d in decided.items()),
     ]
-    (args.out / "attention_kernel.md").write_text("\n".join(lines) + "\n")
+    from results_file import write_markdown
+
+    write_markdown(args.out / "attention_kernel.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

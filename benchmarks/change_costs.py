@@ -184,6 +184,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1000, help="deletions timed together")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)  # before the run: a bad --out fails now, not after it
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "index"
         build(path, args.rows, args.rows // args.segments)
@@ -195,7 +196,6 @@ def main() -> None:
         filters += measure_keywords_over_tombstones(deleted_store, [pool[(37 * i) % len(pool)] for i in range(60)])
     result = {"cpu": cpu_model(), "rows": args.rows, "segments": args.segments, "dim": DIM,
               "structures": structures, "filters": filters, "deletes": deletes}
-    args.out.mkdir(exist_ok=True)
     (args.out / "change_costs.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Costs that follow the change ({result['cpu']})", "",
              f"{args.rows:,} nodes in {args.segments} segments ({', '.join(structures)}), {DIM}-d; the two "
@@ -217,7 +217,9 @@ def main() -> None:
     totals = {v: sum(r["ms_per_delete"] * args.chunk for r in deletes if r["variant"] == v) / 1000
               for v in ("this code", "before")}
     lines += ["", f"All deletions: this code {totals['this code']:.1f} s, before {totals['before']:.1f} s."]
-    (args.out / "change_costs.md").write_text("\n".join(lines) + "\n")
+    from results_file import write_markdown
+
+    write_markdown(args.out / "change_costs.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -102,7 +102,9 @@ def write_results(out: Path, jobs: list[dict], seconds: float) -> None:
              "mkdtemp, faiss.write_index, fsync, rename, replace, rmtree), plus random-time kills spread over\n"
              "the job's duration. Tiny random decoder, 24 -> 35 documents (ingest: 12 new, 5 changed,\n"
              "1 deleted) and a rebuild htp/flat -> vanilla/hnsw.\n\n" + header + "\n".join(lines) + "\n")
-    (out / "crash_campaign.md").write_text(table)
+    from results_file import write_markdown
+
+    write_markdown(out / "crash_campaign.md", table)
     print(table)
 
 

@@ -202,7 +202,9 @@ def main() -> None:
     if args.render:
         report = table(json.loads(args.render.read_text()))
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "dask_scale.md").write_text(report)
+        from results_file import write_markdown
+
+        write_markdown(args.out / "dask_scale.md", report)
         print(report)
         return
 
@@ -256,7 +258,9 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "dask_scale.json").write_text(json.dumps(result, indent=2) + "\n")
         report = table(result)
-        (args.out / "dask_scale.md").write_text(report)
+        from results_file import write_markdown
+
+        write_markdown(args.out / "dask_scale.md", report)
         print(report)
     finally:
         shutil.rmtree(work, ignore_errors=True)

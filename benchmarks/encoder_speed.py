@@ -517,7 +517,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "" if base.device.type == "cpu" else "_gpu"
     (args.out / f"encoder_speed{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"encoder_speed{tag}.md").write_text(markdown(result, args))
+    from results_file import write_markdown
+
+    write_markdown(args.out / f"encoder_speed{tag}.md", markdown(result, args))
     print(markdown(result, args))
 
 

@@ -359,7 +359,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         *notes(report),
         "",
     ]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    from results_file import write_markdown as write_keeping_notes
+
+    write_keeping_notes(path, "\n".join(lines))
 
 
 def notes(report: dict[str, Any]) -> list[str]:

@@ -29,6 +29,7 @@ import numpy as np
 from llama_index.core.schema import TextNode
 from llama_index.core.vector_stores.types import FilterOperator, MetadataFilter, MetadataFilters
 from machine import cpu_model
+from results_file import write_markdown
 from store_scale import clustered
 
 from indexes import FaissVectorStore, kinds, vectors
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000, help="rows of the index")
     parser.add_argument("--segments", type=int, default=4, help="segments they are written as")
     parser.add_argument("--queries", type=int, default=200, help="queries per setting")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
     centres = np.random.default_rng(0).standard_normal((CLUSTERS, DIM)).astype(np.float32)
     x, queries = (clustered(np.random.default_rng(seed), n, centres, spread=0.5) for seed, n in ((1, args.rows), (2, args.queries)))
@@ -90,8 +92,8 @@ def main() -> None:
                     rows.append(row)
                     print(row, flush=True)
     result = {"cpu": cpu_model(), "rows": args.rows, "segments": args.segments, "structures": structures, "results": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "filtered_search.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "filtered_search.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Filtered dense search ({result['cpu']})", "",
              f"{args.rows:,} clustered 64-d rows in {args.segments} segments ({', '.join(structures)}); a tenant "
              f"is 1/4 of the rows, a shard 1/10; {args.queries} queries, the variants alternating query by query.", "",
@@ -102,7 +104,7 @@ def main() -> None:
             cells = [next(f"{r['p50_ms']:.2f} ms | {r['recall']:.3f}" for r in rows
                           if (r["search"], r["k"], r["variant"]) == (label, k, name)) for name in VARIANTS]
             lines.append(f"| {label} | {k} | " + " | ".join(cells) + " |")
-    (RESULTS / "filtered_search.md").write_text("\n".join(lines) + "\n")
+    write_markdown(args.out / "filtered_search.md", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -11,7 +11,8 @@ as a RAG app sends them:
 * store only: :meth:`FaissVectorStore.query` with the query vector already computed.
 
 Reports median and p90 milliseconds and the hybrid/dense ratio of medians, plus the size of
-the keyword table in ``docstore.sqlite``. Writes ``benchmarks/results/hybrid_latency.{json,md}``.
+the keyword table in ``docstore.sqlite``. Writes ``benchmarks/results/hybrid_latency.{json,md}``
+(``--out``: another folder), keeping the file's ``## Notes``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def summarise(samples: list[float]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("index_dir", type=Path)
-    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--queries", type=int, default=200, help="SciFact train queries to time")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
 
     from llama_index.core.vector_stores.types import VectorStoreQuery, VectorStoreQueryMode
@@ -99,8 +101,8 @@ def main() -> None:
         "dtype": str(index.encoder.dtype), "machine": f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, no GPU", **keyword_table_bytes(args.index_dir), **rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "hybrid_latency.json").write_text(json.dumps(result, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "hybrid_latency.json").write_text(json.dumps(result, indent=1))
     lines = [
         "# Query latency by mode (one query at a time)", "",
         f"{result['count']} vectors ({result['index_kind']}), {len(texts)} SciFact train queries, "
@@ -112,7 +114,9 @@ def main() -> None:
         lines.append(f"| {name.replace('_', ' ')} | {' | '.join(cells)} | {part['hybrid_over_dense']} |")
     lines += ["", f"segments: {result['segments_bytes'] / 2**20:.1f} MiB, of which keyword postings "
               f"{result['keyword_postings_bytes'] / 2**20:.1f} MiB."]
-    (RESULTS / "hybrid_latency.md").write_text("\n".join(lines) + "\n")
+    from results_file import write_markdown
+
+    write_markdown(args.out / "hybrid_latency.md", "\n".join(lines))
     print("\n".join(lines))
 
 

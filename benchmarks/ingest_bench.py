@@ -111,7 +111,9 @@ def main() -> None:
             f"| ingest overhead vs bare encoder | {100 * result['ingest_overhead_vs_bare_encoder']:+.1f}% | <= 5% |\n"
             f"| ingest throughput | {result['ingest_tokens_per_s']:.0f} text tokens/s | |\n"
         )
-        (args.out / "ingest_bench.md").write_text(table)
+        from results_file import write_markdown
+
+        write_markdown(args.out / "ingest_bench.md", table)
         print(table)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -126,7 +126,9 @@ def main() -> None:
         lines.append(f"| {capacity} | {s['doc_seconds']:.1f} | {s['doc_seconds'] / base['doc_seconds']:.2f} | "
                      f"{s['doc_rss_growth_mib']:.0f} MiB | {s['query_p50_ms']:.1f} / {s['query_p95_ms']:.1f} | "
                      f"{s['query_rss_growth_mib']:.0f} MiB | {s['total_rss_growth_mib']:.0f} MiB |")
-    (args.out / "kernel_cache.md").write_text("\n".join(lines) + "\n")
+    from results_file import write_markdown
+
+    write_markdown(args.out / "kernel_cache.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

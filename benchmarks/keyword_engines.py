@@ -362,7 +362,9 @@ def main() -> None:
         results["sizes"].append(bench_size(n, queries, args.segments, args.fts_queries))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(results))
+        from results_file import write_markdown
+
+        write_markdown(args.out.with_suffix(".md"), markdown(results))
     print(markdown(results))
 
 

@@ -161,7 +161,9 @@ def main() -> None:
         lines += ["", "Dense NDCG@10 on the SciFact train subsample ("
                   f"{quality[baseline]['queries']} queries, {quality[baseline]['docs']} documents): {baseline} "
                   f"{100 * quality[baseline]['ndcg@10']:.2f}, {contender} {100 * quality[contender]['ndcg@10']:.2f}."]
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    from results_file import write_markdown
+
+    write_markdown(args.out / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

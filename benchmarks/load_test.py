@@ -188,7 +188,9 @@ def main() -> None:
         f"Throughput, max batch {runs[0]['max_batch']} vs {base['max_batch']}: "
         f"{result['throughput_ratio_first_vs_last']:.2f}x.\n"
     )
-    (args.out / "load_test.md").write_text(table)
+    from results_file import write_markdown
+
+    write_markdown(args.out / "load_test.md", table)
     print(table)
 
 

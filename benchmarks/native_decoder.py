@@ -101,7 +101,9 @@ def main() -> None:
         f"{result['doc_speedup']:.2f}x; least cosine between their vectors {result['min_cosine_queries']:.6f} "
         f"(queries), {result['min_cosine_docs']:.6f} (documents).",
     ]
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    from results_file import write_markdown
+
+    write_markdown(args.out / f"{stem}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -152,7 +152,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "openmp_waiting.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (args.out / "openmp_waiting.md").write_text(text)
+    from results_file import write_markdown
+
+    write_markdown(args.out / "openmp_waiting.md", text)
     print(text)
 
 

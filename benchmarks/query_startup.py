@@ -96,7 +96,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"query_startup_{args.mode}" if args.mode else "query_startup"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
+    from results_file import write_markdown
+
+    write_markdown(args.out / f"{stem}.md", markdown(result))
     print(markdown(result))
 
 

@@ -174,7 +174,9 @@ def main() -> None:
               f"exact p50 {steady_summary['exact_p50_ms']:.2f} ms, padded {steady_summary['padded_p50_ms']:.2f} ms, "
               f"median per-claim ratio padded/exact {steady_summary['ratio_median']:.3f}; least cosine between "
               f"the two vectors {steady_summary['cosine_min']:.6f}."]
-    (args.out / "query_widths.md").write_text("\n".join(lines) + "\n")
+    from results_file import write_markdown
+
+    write_markdown(args.out / "query_widths.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -184,7 +184,9 @@ def main() -> None:
         lines.append(f"dtype auto on this machine: {json.dumps(result['dtype_decision'])}")
     if result["peak_gpu_memory_mib"] is not None:
         lines.append(f"Peak GPU memory: {result['peak_gpu_memory_mib']:.0f} MiB.")
-    (args.out / f"random_weights_speed_{args.device}.md").write_text("\n".join(lines) + "\n")
+    from results_file import write_markdown
+
+    write_markdown(args.out / f"random_weights_speed_{args.device}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from machine import cpu_model
+from results_file import write_markdown
 from store_scale import _batches, build, clustered, queries
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -226,6 +227,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300, help="SciFact queries per index (the first 20 warm up)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "htp-index-benchmarks",
                         help="where indexes are built, and found again by the next run")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
     old_rule = {"auto_ivf_segment_rows": IndexParams().auto_ivf_rows}
     rows = []
@@ -247,10 +249,10 @@ def main() -> None:
                 print(f"{size:,}/{batch:,} {build_name} ({row['segments']} segments, {row['flat_rows']:,} flat rows) "
                       f"{name}: hybrid p50 {v['hybrid_p50_ms']:.2f} ms, keyword {v['keyword_p50_ms']:.2f}, "
                       f"dense {v['dense_p50_ms']:.2f}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "segment_search.json").write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "segment_search.json").write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=2))
     text = markdown(rows, rows[0]["queries"] if rows else 0)
-    (RESULTS / "segment_search.md").write_text(text)
+    write_markdown(args.out / "segment_search.md", text)
     print(text)
 
 

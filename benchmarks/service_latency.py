@@ -257,7 +257,9 @@ def main() -> None:
         for p in parsers:
             lines.append(f"| {p['index']} | {p['mode']} | {p['h11']['p50']:.2f} / {p['h11']['p95']:.2f} ms | "
                          f"{p['httptools']['p50']:.2f} / {p['httptools']['p95']:.2f} ms | {p['ratio']:.3f} |")
-    (args.out / "service_latency.md").write_text("\n".join(lines) + "\n")
+    from results_file import write_markdown
+
+    write_markdown(args.out / "service_latency.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -81,7 +81,9 @@ def main() -> None:
               "load_average_before": load_before, "load_average_after": os.getloadavg(), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "split_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "split_memory.md").write_text(markdown(result))
+    from results_file import write_markdown
+
+    write_markdown(args.out / "split_memory.md", markdown(result))
     print(markdown(result))
 
 

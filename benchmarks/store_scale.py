@@ -358,7 +358,9 @@ def main() -> None:
     md = (f"# Store costs against index size\n\n{meta['cpu']}, {meta['cores']} cores; {DIM}-d "
           f"clustered vectors, real texts, built {args.batch:,} nodes per persist; measured in a "
           f"fresh process (`python benchmarks/store_scale.py --sizes ...`).\n\n" + table(rows))
-    (out / "store_scale.md").write_text(md)
+    from results_file import write_markdown
+
+    write_markdown(out / "store_scale.md", md)
     print(md)
 
 

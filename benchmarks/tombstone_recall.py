@@ -18,7 +18,8 @@ in one process (queries rotating between them), at several deleted shares and at
 Recall is against exact search over the live rows.
 
 The segment is one ``auto`` IVF segment of clustered unit vectors (128 clusters, 64-d); rows
-are deleted at random. Results: benchmarks/results/tombstone_recall.{json,md}.
+are deleted at random. Results: benchmarks/results/tombstone_recall.{json,md} (``--out``: another
+folder); the file's ``## Notes`` are kept.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from llama_index.core.schema import TextNode
 from machine import cpu_model
+from results_file import write_markdown
 from store_scale import clustered
 
 from indexes import FaissVectorStore, MergePolicy, kinds
@@ -48,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=40_000, help="rows of the segment")
     parser.add_argument("--queries", type=int, default=200, help="queries per setting")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
     centres = np.random.default_rng(0).standard_normal((CLUSTERS, DIM)).astype(np.float32)
     x, queries = (clustered(np.random.default_rng(seed), n, centres, spread=0.5) for seed, n in ((1, args.rows), (2, args.queries)))
@@ -99,8 +102,8 @@ def main() -> None:
                     rows.append(row)
                     print(row, flush=True)
     result = {"cpu": cpu_model(), "rows": args.rows, "queries": args.queries, "structure": structure, "results": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tombstone_recall.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tombstone_recall.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Dense recall on an IVF segment with tombstones ({result['cpu']})", "",
              f"One {structure} segment of {args.rows:,} clustered 64-d rows, rows deleted at random and not "
              f"compacted; {args.queries} queries, the variants rotating query by query; recall "
@@ -114,7 +117,7 @@ def main() -> None:
                 r = next(r for r in rows if (r["deleted"], r["k"], r["rule"]) == (deleted, k, rule))
                 cells.append(f"{r['recall_mean']:.3f} / {r['recall_min']:.2f} | {r['p50_ms']:.2f} ms")
             lines.append(f"| {deleted:.0%} | {k} | " + " | ".join(cells) + " |")
-    (RESULTS / "tombstone_recall.md").write_text("\n".join(lines) + "\n")
+    write_markdown(args.out / "tombstone_recall.md", "\n".join(lines))
     print("\n".join(lines))
 
 

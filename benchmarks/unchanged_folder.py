@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="plans per way (alternating)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)  # before the run: a bad --out fails now, not after it
     with tempfile.TemporaryDirectory() as tmp:
         root, index = Path(tmp) / "src", Path(tmp) / "index"
         root.mkdir()
@@ -101,7 +102,6 @@ def main() -> None:
     rows = {way: round(statistics.median(t), 3) for way, t in times.items()}
     result = {"cpu": cpu_model(), "files": files, "docs": args.docs, "pdfs": min(args.pdfs, args.docs),
               "rounds": args.rounds, "plan_seconds_median": rows}
-    args.out.mkdir(exist_ok=True)
     (args.out / "unchanged_folder.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Planning an unchanged folder ({result['cpu']})", "",
              f"{files:,} files ({args.docs:,} .txt, {args.docs:,} .html, {result['pdfs']:,} one-page .pdf), all "
@@ -110,7 +110,9 @@ def main() -> None:
     for way, seconds in rows.items():
         lines.append(f"| {way} | {seconds:.2f} s | {1e6 * seconds / files:.0f} us |")
     lines += ["", f"Ratio: {rows['read every file'] / rows['stats trusted']:.1f}x."]
-    (args.out / "unchanged_folder.md").write_text("\n".join(lines) + "\n")
+    from results_file import write_markdown
+
+    write_markdown(args.out / "unchanged_folder.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

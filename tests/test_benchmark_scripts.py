@@ -41,3 +41,35 @@ def test_recall_at_k_scores_a_small_truth_on_what_it_holds():
     import store_scale
 
     assert store_scale.recall_at_k([["a", "b"]], [["a", "b"]], 10) == 1.0
+
+
+def test_rewriting_a_results_file_keeps_its_hand_written_notes(tmp_path):
+    from results_file import write_markdown
+
+    path = tmp_path / "x.md"
+    path.write_text("# Old table\n\n| a |\n\n## Notes (a run)\n\n- kept\n\n## Notes (another)\n\n- kept too\n")
+    write_markdown(path, "# New table\n\n| b |\n")
+    assert path.read_text() == "# New table\n\n| b |\n\n## Notes (a run)\n\n- kept\n\n## Notes (another)\n\n- kept too\n"
+    write_markdown(tmp_path / "new" / "y.md", "# Fresh\n")
+    assert (tmp_path / "new" / "y.md").read_text() == "# Fresh\n"
+
+
+@pytest.fixture(scope="module")
+def tombstone_run(tmp_path_factory):
+    """tombstone_recall.py on 1,000 rows into a folder whose results file has notes."""
+    import json
+    import subprocess
+
+    out = tmp_path_factory.mktemp("tombstone") / "nested" / "out"
+    out.mkdir(parents=True)
+    (out / "tombstone_recall.md").write_text("# old\n\n## Notes (by hand)\n\n- keep me\n")
+    subprocess.run([sys.executable, str(BENCHMARKS / "tombstone_recall.py"), "--rows", "1000", "--queries", "3",
+                    "--out", str(out)], check=True, capture_output=True)
+    return out, json.loads((out / "tombstone_recall.json").read_text())
+
+
+def test_tombstone_recall_writes_to_out_and_keeps_notes(tombstone_run):
+    out, result = tombstone_run
+    text = (out / "tombstone_recall.md").read_text()
+    assert text.startswith("# Dense recall on an IVF segment with tombstones")
+    assert text.endswith("## Notes (by hand)\n\n- keep me\n")
