@@ -38,7 +38,7 @@ import numpy as np
 from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
 from llama_index.core.vector_stores.types import FilterOperator, MetadataFilter, MetadataFilters
 from machine import cpu_model
-from store_scale import DIM, build, sentences
+from store_scale import DIM, SCIFACT_HELP, build, sentences, texts_used
 
 from indexes import FaissVectorStore, segments
 from indexes.live import LiveSegment
@@ -176,7 +176,7 @@ def measure_filters(path: Path, rounds: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=SCIFACT_HELP)
     parser.add_argument("--rows", type=int, default=200_000, help="nodes of the index")
     parser.add_argument("--segments", type=int, default=8, help="segments they are written as")
     parser.add_argument("--rounds", type=int, default=12, help="writes, each followed by the filtered queries")
@@ -194,11 +194,11 @@ def main() -> None:
         deletes, deleted_store = measure_deletes(path, args.delete_share, args.chunk)
         pool = sentences()
         filters += measure_keywords_over_tombstones(deleted_store, [pool[(37 * i) % len(pool)] for i in range(60)])
-    result = {"cpu": cpu_model(), "rows": args.rows, "segments": args.segments, "dim": DIM,
+    result = {"cpu": cpu_model(), "rows": args.rows, "segments": args.segments, "dim": DIM, "texts": texts_used(),
               "structures": structures, "filters": filters, "deletes": deletes}
     (args.out / "change_costs.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Costs that follow the change ({result['cpu']})", "",
-             f"{args.rows:,} nodes in {args.segments} segments ({', '.join(structures)}), {DIM}-d; the two "
+             f"{args.rows:,} nodes in {args.segments} segments ({', '.join(structures)}), {DIM}-d, {result['texts']}; the two "
              "variants alternating in one process.", "",
              f"Queries ({args.rounds} writes of one node, each followed by the filtered ones; 60 keyword "
              "queries over the index after the deletions below):", "",

@@ -58,11 +58,16 @@ def summarise(samples: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog=f"Queries are BEIR SciFact's train queries, read from {SCIFACT} "
+                                     "(the checkout's ../shared/data/scifact).")
     parser.add_argument("index_dir", type=Path)
     parser.add_argument("--queries", type=int, default=200, help="SciFact train queries to time")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
+    if not (SCIFACT / "queries.jsonl").is_file():
+        parser.error(f"SciFact not found: no {SCIFACT / 'queries.jsonl'} (BEIR SciFact expected in "
+                     "../shared/data/scifact beside the checkout)")
 
     from llama_index.core.vector_stores.types import VectorStoreQuery, VectorStoreQueryMode
 

@@ -339,7 +339,11 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     """Run the sizes and write JSON + Markdown results."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=f"Reads BEIR SciFact (corpus.jsonl, queries.jsonl, qrels/train.tsv) at {SCIFACT}, the "
+        "checkout's ../shared/data/scifact.",
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--segments", type=int, default=10)
@@ -347,6 +351,10 @@ def main() -> None:
     parser.add_argument("--no-quality", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "keyword_engines")
     args = parser.parse_args()
+    missing = [name for name in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv") if not (SCIFACT / name).is_file()]
+    if missing:  # its documents, queries and quality check are all SciFact's: no stand-in
+        parser.error(f"SciFact not found: {SCIFACT} lacks {', '.join(missing)} (BEIR SciFact expected "
+                     "in ../shared/data/scifact beside the checkout)")
     queries = list(load_queries().values())[: args.queries]
     results: dict = {
         "cpu": cpu_model(),

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from machine import cpu_model
 from results_file import write_markdown
-from store_scale import _batches, build, clustered, queries
+from store_scale import SCIFACT_HELP, _batches, build, clustered, queries, texts_used
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
@@ -177,7 +177,7 @@ def markdown(rows: list[dict], n_queries: int) -> str:
         f"# Per-segment query costs: how segments are written and searched ({cpu_model()})",
         "",
         f"Store work of one query through `retrieve` (top 5; keyword also top 100, the hybrid's "
-        f"candidate depth), {n_queries} SciFact queries, search variants interleaved query by query in "
+        f"candidate depth), {n_queries} queries ({texts_used()}), search variants interleaved query by query in "
         "one process; p50 / p95 in ms. Indexes built as `store_scale.py` builds them, with nodes per "
         "commit as given; `old IVF rule`: built with `auto_ivf_segment_rows = auto_ivf_rows` (segments "
         "below 16,384 rows stay flat in any index).",
@@ -221,7 +221,7 @@ def markdown(rows: list[dict], n_queries: int) -> str:
 def main() -> None:
     from indexes import IndexParams
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=SCIFACT_HELP)
     parser.add_argument("--indexes", nargs="+", default=["100000:20000", "135000:1500"],
                         help="indexes to build and measure, as NODES:NODES_PER_COMMIT")
     parser.add_argument("--queries", type=int, default=300, help="SciFact queries per index (the first 20 warm up)")

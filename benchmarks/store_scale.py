@@ -3,8 +3,8 @@
 For each N (default 10k and 100k; ``--sizes 10000 100000 1000000``) an index of N nodes is
 built through the public store API, as ingest builds one: batches of ``--batch`` nodes, one
 persist each (so the merge policy runs as it does in production), 640-d clustered float32
-vectors and real texts (sentences of SciFact abstracts when ../shared/data is there, else
-synthetic words). Then, in a fresh process (nothing cached), it measures:
+vectors and real texts (sentences of SciFact abstracts when ../shared/data/scifact is there,
+else synthetic words, and the results say which). Then, in a fresh process (nothing cached), it measures:
 
 * open time; resident memory after open and peak;
 * adding 10 nodes and persisting (a commit of ten nodes);
@@ -39,6 +39,8 @@ from machine import cpu_model
 ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 RESULTS = ROOT / "benchmarks" / "results"
+SCIFACT_HELP = (f"Texts and queries come from BEIR SciFact (corpus.jsonl, queries.jsonl) at {SCIFACT}, the "
+                "checkout's ../shared/data/scifact; without it, synthetic words (the results say which).")
 DIM = 640
 ENCODER = {"model": "synthetic", "dim": DIM}
 
@@ -52,9 +54,19 @@ def sentences() -> list[str]:
             text = json.loads(line)["text"]
             out.extend(s.strip() for s in text.split(". ") if len(s.split()) > 4)
         return out
+    # Drawn as one array (rng.choice on a Python list converts it at every call: minutes).
     rng = np.random.default_rng(0)
-    words = [f"term{i}" for i in range(20_000)]
-    return [" ".join(rng.choice(words, size=int(rng.integers(8, 30)))) for _ in range(50_000)]
+    lengths = rng.integers(8, 30, size=50_000)
+    words = np.char.add("term", rng.integers(0, 20_000, size=int(lengths.sum())).astype(str)).tolist()
+    ends = np.cumsum(lengths).tolist()
+    return [" ".join(words[end - n : end]) for n, end in zip(lengths.tolist(), ends, strict=True)]
+
+
+def texts_used() -> str:
+    """Which texts ``sentences`` and ``queries`` give, for the results to say."""
+    if (SCIFACT / "corpus.jsonl").is_file():
+        return "SciFact texts"
+    return f"synthetic words (no SciFact at {SCIFACT})"
 
 
 def queries(n: int) -> list[str]:
@@ -308,10 +320,11 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=SCIFACT_HELP)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000],
+                        help="index sizes (nodes) to build and measure, one after the other")
     parser.add_argument("--batch", type=int, default=20_000, help="nodes per persist while building")
-    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--queries", type=int, default=200, help="queries of each mode timed per index")
     parser.add_argument("--workdir", type=Path, default=None, help="where indexes are built (temporary)")
     parser.add_argument("--keep-other-sizes", action="store_true",
                         help="keep rows of sizes not run this time from the existing results file")
@@ -353,10 +366,10 @@ def main() -> None:
         kept = [r for r in json.loads(previous.read_text())["results"] if r["size"] not in ran]
         rows += kept
         rows.sort(key=lambda r: r["count"])
-    meta = {"cpu": cpu_model(), "cores": os.cpu_count(), "dim": DIM, "batch": args.batch}
+    meta = {"cpu": cpu_model(), "cores": os.cpu_count(), "dim": DIM, "batch": args.batch, "texts": texts_used()}
     (out / "store_scale.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2))
     md = (f"# Store costs against index size\n\n{meta['cpu']}, {meta['cores']} cores; {DIM}-d "
-          f"clustered vectors, real texts, built {args.batch:,} nodes per persist; measured in a "
+          f"clustered vectors, {meta['texts']}, built {args.batch:,} nodes per persist; measured in a "
           f"fresh process (`python benchmarks/store_scale.py --sizes ...`).\n\n" + table(rows))
     from results_file import write_markdown
 

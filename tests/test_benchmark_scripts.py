@@ -73,3 +73,13 @@ def test_tombstone_recall_writes_to_out_and_keeps_notes(tombstone_run):
     text = (out / "tombstone_recall.md").read_text()
     assert text.startswith("# Dense recall on an IVF segment with tombstones")
     assert text.endswith("## Notes (by hand)\n\n- keep me\n")
+
+
+@pytest.mark.timeout(60)  # the fallback took minutes when it drew from a Python list
+def test_store_scale_without_scifact_falls_back_quickly_and_says_so(tmp_path, monkeypatch):
+    import store_scale
+
+    monkeypatch.setattr(store_scale, "SCIFACT", tmp_path / "absent")
+    pool = store_scale.sentences()
+    assert len(pool) == 50_000 and all(8 <= len(s.split()) < 30 for s in pool[:100])
+    assert store_scale.texts_used().startswith("synthetic words")
