@@ -84,7 +84,7 @@ def main() -> None:
                         began = time.perf_counter()
                         hits = store.search(query[None, :], k, filters=filters)[0]
                         found[name][0].append(time.perf_counter() - began)
-                        found[name][1].append(len({int(h[0][1:]) for h in hits} & exact) / k)
+                        found[name][1].append(len({int(h[0][1:]) for h in hits} & exact) / len(exact))
                 _use("this code")
                 for name, (times, recalls) in found.items():
                     row = {"search": label, "k": k, "variant": name, "p50_ms": round(1000 * statistics.median(times), 2),

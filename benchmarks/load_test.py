@@ -165,8 +165,9 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = runs[-1]
-    result = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "runs": runs,
-              "throughput_ratio_first_vs_last": runs[0]["throughput_rps"] / base["throughput_rps"]}
+    result = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "runs": runs}
+    if len(runs) > 1:  # one --max-batch has nothing to compare with
+        result["throughput_ratio_first_vs_last"] = runs[0]["throughput_rps"] / base["throughput_rps"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load_test.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = []
@@ -184,10 +185,11 @@ def main() -> None:
         "(model load included) adds a document and switches the index to a new version. One run per "
         "`--max-batch`, back to back.\n\n"
         "| max batch | requests | errors | errors during the ingest | throughput | p50 | p90 | p99 | max | versions that answered |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-        f"Throughput, max batch {runs[0]['max_batch']} vs {base['max_batch']}: "
-        f"{result['throughput_ratio_first_vs_last']:.2f}x.\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
+    if len(runs) > 1:
+        table += (f"\nThroughput, max batch {runs[0]['max_batch']} vs {base['max_batch']}: "
+                  f"{result['throughput_ratio_first_vs_last']:.2f}x.\n")
     from results_file import write_markdown
 
     write_markdown(args.out / "load_test.md", table)

@@ -15,7 +15,7 @@ in one process (queries rotating between them), at several deleted shares and at
 * ``calibrated probe``: the stored probe alone, selector kept;
 * ``code before``: the stored probe alone, selector built at every search.
 
-Recall is against exact search over the live rows.
+Recall is against exact search over the live rows (their top min(k, live rows)).
 
 The segment is one ``auto`` IVF segment of clustered unit vectors (128 clusters, 64-d); rows
 are deleted at random. Results: benchmarks/results/tombstone_recall.{json,md} (``--out``: another
@@ -93,7 +93,7 @@ def main() -> None:
                         began = time.perf_counter()
                         hits = store.search(query[None, :], k)[0]
                         found[rule][0].append(time.perf_counter() - began)
-                        found[rule][1].append(len({int(h[0][1:]) for h in hits} & exact) / k)
+                        found[rule][1].append(len({int(h[0][1:]) for h in hits} & exact) / len(exact))
                 kinds.probes_for, VectorIndex._live_selector = variants["this code"]
                 for rule, (times, recalls) in found.items():
                     row = {"deleted": deleted, "k": k, "rule": rule, "recall_mean": round(float(np.mean(recalls)), 3),

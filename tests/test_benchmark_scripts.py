@@ -83,3 +83,18 @@ def test_store_scale_without_scifact_falls_back_quickly_and_says_so(tmp_path, mo
     pool = store_scale.sentences()
     assert len(pool) == 50_000 and all(8 <= len(s.split()) < 30 for s in pool[:100])
     assert store_scale.texts_used().startswith("synthetic words")
+
+
+def test_tombstone_recall_scores_against_the_live_rows_when_fewer_than_k(tombstone_run):
+    _, result = tombstone_run
+    # 2% of 1,000 rows left at 98% deleted: 20 live rows, all found by the exact flat segment
+    row = next(r for r in result["results"] if (r["deleted"], r["k"], r["rule"]) == (0.98, 100, "this code"))
+    assert row["recall_mean"] == 1.0
+
+
+def test_change_costs_totals_each_deletion_chunk_by_its_own_size():
+    from change_costs import deletion_seconds
+
+    deletes = [{"variant": v, "deleted_docs": done, "chunk_docs": size, "ms_per_delete": ms}
+               for v, ms in (("this code", 2.0), ("before", 10.0)) for done, size in ((1000, 1000), (1500, 500))]
+    assert deletion_seconds(deletes) == {"this code": 3.0, "before": 15.0}
