@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from common import load_base, load_sample
 from multi_exit import check_against_encoder
 
@@ -19,4 +17,8 @@ def main(model: str = "gemma3-270m") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default="gemma3-270m", help="model to check (default: %(default)s)")
+    main(parser.parse_args().model)

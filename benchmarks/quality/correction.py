@@ -128,9 +128,9 @@ def write_markdown(result: dict, path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--max-docs", type=int, default=None)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-docs", type=int, default=None, help="use at most this many documents (a quick run)")
+    parser.add_argument("--dtype", default="bfloat16", help="encoder precision (default: %(default)s)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the JSON")
     args = parser.parse_args()
     suffix = "" if args.max_docs is None else f"_maxdocs{args.max_docs}"

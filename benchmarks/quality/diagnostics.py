@@ -14,7 +14,6 @@ Writes ``benchmarks/results/quality/diagnostics_<model>_exit<N>.json``.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import numpy as np
@@ -106,4 +105,10 @@ def main(model: str = "gemma3-270m", exit_layer: int = 17) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "gemma3-270m", int(sys.argv[2]) if len(sys.argv) > 2 else 17)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default="gemma3-270m", help="model whose cached vectors are read (default: %(default)s)")
+    parser.add_argument("exit_layer", nargs="?", type=int, default=17, help="exit layer compared (default: %(default)s)")
+    args = parser.parse_args()
+    main(args.model, args.exit_layer)

@@ -16,7 +16,6 @@ which would otherwise confound the comparison. Results are also broken down by l
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -129,4 +128,12 @@ def main(names: list[str], model: str = "gemma3-270m") -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", nargs="*", metavar="VARIANT",
+                        help=f"settings to run (default: all of {', '.join(VARIANTS)})")
+    chosen = parser.parse_args().variants
+    if unknown := [name for name in chosen if name not in VARIANTS]:  # (choices= refuses an empty list)
+        parser.error(f"unknown VARIANT {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    main(chosen)

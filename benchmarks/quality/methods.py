@@ -9,8 +9,6 @@ Rows go to ``benchmarks/results/quality/methods.json`` as they are measured.
 
 from __future__ import annotations
 
-import sys
-
 from common import cache, load_base, load_sample, score
 from multi_exit import CachedVariant, prime_cache
 
@@ -79,4 +77,10 @@ def main(args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("targets", nargs="*", metavar="TARGET",
+                        help="'refs' (BM25 and MiniLM references) or MODEL[:METHOD,...] (every method by "
+                        "default); default: refs gemma3-270m")
+    main(parser.parse_args().targets)

@@ -40,9 +40,9 @@ ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="where the two indexes are kept")
-    parser.add_argument("--max-docs", type=int, default=None)
+    parser.add_argument("--max-docs", type=int, default=None, help="use at most this many documents (a quick run)")
     args = parser.parse_args()
     began = time.perf_counter()
     dataset = prepare_dataset(SCIFACT, SPLIT, max_docs=args.max_docs)

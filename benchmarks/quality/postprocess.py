@@ -18,7 +18,6 @@ Rows go to ``benchmarks/results/quality/postprocess.json``.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -110,4 +109,11 @@ def main(model: str = "gemma3-270m", sample: str = "first") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default="gemma3-270m", help="model whose vectors are post-processed (default: %(default)s)")
+    parser.add_argument("sample", nargs="?", default="first", choices=["first", "replicate"],
+                        help="the first sample (common.SAMPLE) or replicate.py's disjoint one (default: %(default)s)")
+    args = parser.parse_args()
+    main(args.model, args.sample)

@@ -11,8 +11,6 @@ abstracts, and scores vanilla and the chosen HTP settings at every exit layer. R
 
 from __future__ import annotations
 
-import sys
-
 from common import SAMPLE, SCIFACT, SPLIT, load_base, load_sample
 from sweep import run_vanilla, run_variant, variants_of
 
@@ -44,4 +42,11 @@ def main(args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default="gemma3-270m", help="model to compare (default: %(default)s)")
+    parser.add_argument("variants", nargs="*", metavar="VARIANT",
+                        help="sweep.py variants to replicate (default: k1-r1-7 k1-r1-3)")
+    args = parser.parse_args()
+    main([args.model, *args.variants])

@@ -60,6 +60,10 @@ def build(dataset, tokenizer: str) -> tuple[NodeStore, float, int]:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args()  # no options: --help describes the run
     dataset = prepare_dataset(SCIFACT, SPLIT)
     doc_ids = dataset.doc_ids()
     rows = []

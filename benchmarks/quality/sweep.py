@@ -10,7 +10,6 @@ Rows go to ``benchmarks/results/quality/sweep.json`` as they are measured.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from common import cache, load_base, load_sample, score
@@ -107,4 +106,11 @@ def main(args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default="gemma3-270m", help="model to sweep (default: %(default)s)")
+    parser.add_argument("variants", nargs="*", metavar="VARIANT",
+                        help="variants of VARIANTS (or VARIANTS_SMOLLM for smollm2) to run (default: all)")
+    args = parser.parse_args()
+    main([args.model, *args.variants])
