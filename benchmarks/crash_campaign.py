@@ -1,7 +1,7 @@
-"""Crash campaign: kill -9 ingest and rebuild at every commit step and at many random times.
+"""Crash campaign: kill -9 ingest, rebuild and compact at every commit step and at random times.
 
-For each job (an ingest that adds, changes and deletes documents; a rebuild to another method
-and index kind) the uninterrupted run is recorded first. Then, per kill point, a copy of the
+For each of three jobs (an ingest that adds, changes and deletes documents; a rebuild to another
+method and index kind; a compaction of an index with deleted rows in several segments) the uninterrupted run is recorded first. Then, per kill point, a copy of the
 starting index is given to the job, the job is SIGKILLed, and we check that the index opens
 (checksums verified) at the old or the new version, and that a re-run converges to the
 uninterrupted result (same node ids, same vectors within 1e-5, same count). See
@@ -34,8 +34,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--time-points", type=int, default=15, help="random-time kills per job")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random kill times")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
 
     from crash_harness import Scenario, site_points, time_points
@@ -77,6 +77,8 @@ def main() -> None:
 
 
 def write_results(out: Path, jobs: list[dict], seconds: float) -> None:
+    from machine import cpu_model
+
     rows = []
     for job in jobs:
         trials = job["trials"]
@@ -90,7 +92,7 @@ def write_results(out: Path, jobs: list[dict], seconds: float) -> None:
             "converged": sum(bool(t.get("converged")) for t in trials),
         })
     total = {key: sum(r[key] for r in rows) for key in rows[0] if key != "job"}
-    result = {"machine": f"{os.cpu_count()}-core CPU", "seconds": seconds, "summary": rows, "total": total, "jobs": jobs}
+    result = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "seconds": seconds, "summary": rows, "total": total, "jobs": jobs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "crash_campaign.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     header = ("| job | kill points | killed mid-run | opened at old version | opened at new version | "
@@ -101,7 +103,7 @@ def write_results(out: Path, jobs: list[dict], seconds: float) -> None:
              "Every commit step of each job is a kill point (just before and just after each call to\n"
              "mkdtemp, faiss.write_index, fsync, rename, replace, rmtree), plus random-time kills spread over\n"
              "the job's duration. Tiny random decoder, 24 -> 35 documents (ingest: 12 new, 5 changed,\n"
-             "1 deleted) and a rebuild htp/flat -> vanilla/hnsw.\n\n" + header + "\n".join(lines) + "\n")
+             "1 deleted), a rebuild htp/flat -> vanilla/hnsw and a compaction.\n\n" + header + "\n".join(lines) + "\n")
     from results_file import write_markdown
 
     write_markdown(out / "crash_campaign.md", table)

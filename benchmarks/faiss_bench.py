@@ -417,11 +417,11 @@ def main() -> None:
     parser.add_argument("--vectors", help="embeddings of the SciFact corpus (.npy, rows = docs)")
     parser.add_argument("--random", action="store_true", help="skip MiniLM; use random vectors")
     parser.add_argument("--scale-n", type=int, default=100_000, help="rows of the scale set")
-    parser.add_argument("--scale-dim", type=int, default=640)
-    parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--single-queries", type=int, default=200)
-    parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--scale-dim", type=int, default=640, help="width of the scale set's vectors")
+    parser.add_argument("--queries", type=int, default=1000, help="queries of the scale set (and of random data)")
+    parser.add_argument("--single-queries", type=int, default=200, help="queries timed one at a time through store.query")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated index kinds (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite the markdown from the JSON"
     )

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -61,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog=f"Queries are BEIR SciFact's train queries, read from {SCIFACT} "
                                      "(the checkout's ../shared/data/scifact).")
-    parser.add_argument("index_dir", type=Path)
+    parser.add_argument("index_dir", type=Path, help="the index to query (a real one: see above)")
     parser.add_argument("--queries", type=int, default=200, help="SciFact train queries to time")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
@@ -70,6 +69,7 @@ def main() -> None:
                      "../shared/data/scifact beside the checkout)")
 
     from llama_index.core.vector_stores.types import VectorStoreQuery, VectorStoreQueryMode
+    from machine import cpu_model
 
     from pipelines.beir import load_beir
     from pipelines.query import open_index
@@ -103,8 +103,7 @@ def main() -> None:
     result = {
         "index": str(args.index_dir), "count": index.store.count, "index_kind": index.store.index_kind,
         "queries": len(texts), "encoder": index.embedding.model_name,
-        "dtype": str(index.encoder.dtype), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, no GPU", **keyword_table_bytes(args.index_dir), **rows,
+        "dtype": str(index.encoder.dtype), "machine": f"{cpu_model()}, {os.cpu_count()} cores, no GPU", **keyword_table_bytes(args.index_dir), **rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "hybrid_latency.json").write_text(json.dumps(result, indent=1))

@@ -45,10 +45,12 @@ def make_corpus(folder: Path, n_docs: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=120)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--docs", type=int, default=120, help="SciFact abstracts ingested (the sample corpus without SciFact)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
+
+    from machine import cpu_model
 
     from htp_embed.llama_index import HTPEmbedding
     from indexes import FaissVectorStore
@@ -90,7 +92,7 @@ def main() -> None:
         result = {
             "corpus": label, "documents": args.docs if "SciFact" in label else None,
             "model": embedding.model_name, "device": str(embedding.encoder.device),
-            "machine": f"{os.cpu_count()}-core CPU", "repeats": rows, "best": best,
+            "machine": f"{cpu_model()}, {os.cpu_count()} cores", "repeats": rows, "best": best,
             "first_vs_reingest_ratio": best["first_ingest_s"] / best["re_ingest_s"],
             "ingest_overhead_vs_bare_encoder": best["first_ingest_s"] / best["bare_encoder_s"] - 1,
             "ingest_tokens_per_s": rows[0]["tokens"] / best["first_ingest_s"],

@@ -344,12 +344,14 @@ def main() -> None:
         epilog=f"Reads BEIR SciFact (corpus.jsonl, queries.jsonl, qrels/train.tsv) at {SCIFACT}, the "
         "checkout's ../shared/data/scifact.",
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
-    parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--segments", type=int, default=10)
-    parser.add_argument("--fts-queries", type=int, default=200, help="FTS5 is slow at 1M")
-    parser.add_argument("--no-quality", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS / "keyword_engines")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 300_000, 1_000_000],
+                        help="corpus sizes (documents) to build and query")
+    parser.add_argument("--queries", type=int, default=200, help="SciFact claims timed per engine")
+    parser.add_argument("--segments", type=int, default=10, help="segments of our engine's N-segment index")
+    parser.add_argument("--fts-queries", type=int, default=200, help="of those, timed on FTS5 (slow at 1M)")
+    parser.add_argument("--no-quality", action="store_true", help="skip the NDCG/recall check on SciFact")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder keyword_engines.{json,md} are written to")
     args = parser.parse_args()
     missing = [name for name in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv") if not (SCIFACT / name).is_file()]
     if missing:  # its documents, queries and quality check are all SciFact's: no stand-in
@@ -368,11 +370,11 @@ def main() -> None:
         results["quality"] = quality()
     for n in args.sizes:
         results["sizes"].append(bench_size(n, queries, args.segments, args.fts_queries))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "keyword_engines.json").write_text(json.dumps(results, indent=2) + "\n")
         from results_file import write_markdown
 
-        write_markdown(args.out.with_suffix(".md"), markdown(results))
+        write_markdown(args.out / "keyword_engines.md", markdown(results))
     print(markdown(results))
 
 

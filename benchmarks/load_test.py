@@ -151,11 +151,11 @@ def measure(work: Path, max_batch: int, clients: int, seconds: float, env: dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--clients", type=int, default=20, help="concurrent clients")
+    parser.add_argument("--seconds", type=float, default=30, help="least duration of each run")
     parser.add_argument("--max-batch", type=int, nargs="+", default=[32, 1],
                         help="service settings to compare, one run each (32: batched, 1: one query per pass)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="htp-load-"))

@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds over every setting and machine state")
     parser.add_argument("--queries", type=int, default=40, help="single queries per process")
     parser.add_argument("--docs", type=int, default=16, help="abstracts embedded as documents per process")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--float32", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -69,10 +69,10 @@ def biggest_imports(stderr: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--index", type=Path, required=True, help="a small index (htp-index demo makes one)")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="cold starts per checkout")
     parser.add_argument("--compare", type=Path, help="another checkout to alternate with (the 'before')")
     parser.add_argument("--mode", choices=("dense", "sparse", "hybrid"), help="query mode (default: the settings')")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
     trees = checkouts(ROOT, args.compare)
     load_before = os.getloadavg()

@@ -224,7 +224,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=SCIFACT_HELP)
     parser.add_argument("--indexes", nargs="+", default=["100000:20000", "135000:1500"],
                         help="indexes to build and measure, as NODES:NODES_PER_COMMIT")
-    parser.add_argument("--queries", type=int, default=300, help="SciFact queries per index (the first 20 warm up)")
+    parser.add_argument("--queries", type=int, default=300, help="SciFact queries per index (the first min(20, N/5) warm up)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "htp-index-benchmarks",
                         help="where indexes are built, and found again by the next run")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")

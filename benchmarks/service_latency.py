@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--against", type=Path, metavar="CHECKOUT",
                         help="also serve each index with another checkout of htp-index (its root folder, e.g. a "
                         "git worktree of an earlier commit) beside this one, hybrid queries alternating between them")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
 
     from htp_embed import HTPEncoder

@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1.0, 2.0, 8.0], help="document sizes in MB")
     parser.add_argument("--model", default="smollm2-135m", help="whose tokenizer counts tokens")
     parser.add_argument("--compare", type=Path, help="another checkout to run beside this one (the 'before')")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder the results files are written to")
     args = parser.parse_args()
     trees = checkouts(ROOT, args.compare)
     load_before = os.getloadavg()
