@@ -229,6 +229,10 @@ class InProcess:
 
 
 # --------------------------------------------------------------------------- the session
+# Nodes laid out at once when a rebuild checks that the stored ones fit (bounds the memory).
+_LAYOUT_BATCH = 1024
+
+
 def resolve_encoder(
     manifest: Manifest | None, settings: Settings, overrides: Mapping[str, Any] | None = None
 ) -> EncoderConfig:
@@ -853,21 +857,30 @@ class IndexSession:
 
     def _require_nodes_fit(self, stored: Mapping[str, Sequence[TextNode]]) -> None:
         """Refuse a rebuild from the stored nodes if some would not fit the session's encoder
-        untruncated (its vector would stand for the node's beginning only). The nodes
-        themselves are counted, by this encoder's tokenizer: comparing the chunk size the index
-        recorded refused every ``--k`` or ``--method`` that took a few tokens of room, even for
-        nodes of 20 tokens (the default size is the whole window), and missed a new model whose
-        tokenizer makes more tokens of the same text. The rebuild embeds every node anyway."""
-        budget = self.encoder.text_budget
-        sizes = [self.encoder.count_tokens(embed_text(node)) for nodes in stored.values() for node in nodes]
-        over = [size for size in sizes if size > budget]
+        untruncated (its vector would stand for the node's beginning only). Each node is laid
+        out as the encoder will run it: comparing the chunk size the index recorded refused
+        every ``--k`` or ``--method`` that took a few tokens of room, even for nodes of 20
+        tokens, and comparing token counts with :attr:`HTPEncoder.text_budget` missed a fixed
+        K's placeholders, two a block, so a node's length depends on its sentences
+        (``--k 1`` cut 6 of 7 nodes of short sentences, exit 0). The rebuild embeds every node
+        anyway; the layout is the tokenising half of that work."""
+        texts = [embed_text(node) for nodes in stored.values() for node in nodes]
+        over: list[int] = []
+        for start in range(0, len(texts), _LAYOUT_BATCH):
+            batch = texts[start:start + _LAYOUT_BATCH]
+            over += [self.encoder.count_tokens(text)
+                     for text, layout in zip(batch, self.encoder.layouts(batch), strict=True) if layout.truncated]
         if over:
+            config = self.encoder.config
+            fixed_k = config.method == "htp" and config.k.kind == "fixed"
             raise SplittingMismatchError(
-                f"{len(over)} of the {len(sizes)} nodes of the index at {self.index_dir} are longer than encoder "
-                f"{self.encoder.config.model} with method {self.encoder.config.method} holds untruncated ({budget} "
-                f"tokens of text; the longest has {max(over)}), so their vectors would stand for their beginnings "
-                f"only. Run `htp-index rebuild --index {self.index_dir} --source SOURCE` (re-splits every "
-                "document to fit)")
+                f"{len(over)} of the {len(texts)} nodes of the index at {self.index_dir} are longer than encoder "
+                f"{config.model} with method {config.method}{f' k={config.k}' if fixed_k else ''} holds "
+                f"untruncated at max_length {config.max_length} (the longest has {max(over)} tokens of text), so "
+                "their vectors would stand for their beginnings only. Run "
+                f"`htp-index rebuild --index {self.index_dir} --source SOURCE` (re-splits every document to fit)"
+                + ("; a fixed K adds two placeholders every K sentences, so many short sentences outgrow the "
+                   "window: a larger --k or adaptive holds more" if fixed_k else ""))
 
     def _splitting_to_fit(self, recorded: dict[str, int] | None) -> dict[str, int] | None:
         """The splitting a rebuild from the stored nodes records: the index's, its chunk size

@@ -605,6 +605,19 @@ def test_a_rebuild_to_another_k_counts_the_stored_nodes_not_the_recorded_chunk_s
     assert run_json("ingest", "src", "--index", "idx")["added"] == 1
 
 
+def test_a_rebuild_to_a_small_fixed_k_lays_the_stored_nodes_out_as_the_encoder_runs_them(env, monkeypatch):
+    """`rebuild --k 1` over nodes of many short sentences was taken (exit 0) and cut 6 of 7
+    nodes: their text tokens were compared with the text budget, which leaves out the two
+    placeholders a fixed K adds per block. Each node is laid out now, and the rebuild refused."""
+    monkeypatch.delenv("HTP_INDEX_CHUNK_SIZE")  # the default: as large as the window
+    write_docs(env / "src", {"short.txt": " ".join(f"cat {i % 9} ran ." for i in range(400))})
+    run_json("ingest", "src", "--index", "idx")
+    refused = runner.invoke(app, ["rebuild", "--index", "idx", "--k", "1", "--json"])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "holds untruncated" in said and "a larger --k" in said, said
+    assert run_json("info", "--index", "idx")["encoder"]["k"] != "1"  # nothing switched
+
+
 @pytest.mark.parametrize(("max_length", "said"), [("1000", "max_position_embeddings 512"),
                                                    ("16", "less than the smallest node")])
 def test_a_max_length_the_model_or_the_smallest_node_cannot_take_is_refused(env, monkeypatch, max_length, said):
