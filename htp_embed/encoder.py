@@ -139,10 +139,14 @@ class HTPEncoder:
         *,
         decoder: torch.nn.Module | None = None,
         tokenizer: Any | None = None,
+        past_positions_ok: bool = False,
         **overrides: Any,
     ):
         """Load ``config.model`` (or use an already loaded ``decoder`` and ``tokenizer``);
-        keyword ``overrides`` update single settings, e.g. ``HTPEncoder(method="vanilla")``."""
+        keyword ``overrides`` update single settings, e.g. ``HTPEncoder(method="vanilla")``.
+        ``past_positions_ok``: a ``max_length`` past the model's positions loads with a warning
+        instead of being refused (an index's recorded encoder, to embed its queries, which never
+        come near the window: an older htp-index took such a max_length)."""
         config = config or EncoderConfig()
         if overrides:
             config = EncoderConfig(**{**config.model_dump(), **overrides})
@@ -169,7 +173,7 @@ class HTPEncoder:
                 preload_segmenter(config.segmenter)  # overlaps spaCy's load with the model's
             model, tokenizer = _load_shared(config, self.dtype, self.device)
         model = model.to(device=self.device, dtype=self.dtype).eval()
-        _check_max_length(config, model)
+        _check_max_length(config, model, refuse=not past_positions_ok)
         self.model = model
         self.tokenizer = tokenizer
         #: Whether the decoder's Linear weights run packed (None: a caller's decoder, or not a CPU).
@@ -620,15 +624,28 @@ class HTPEncoder:
                 return stop.hidden
 
 
-def _check_max_length(config: EncoderConfig, model: torch.nn.Module) -> None:
+class MaxLengthPastPositionsError(EncoderSettingError):
+    """``max_length`` is more than the model's ``positions`` (its max_position_embeddings)."""
+
+    def __init__(self, message: str, positions: int):
+        super().__init__(message)
+        self.positions = positions
+
+
+def _check_max_length(config: EncoderConfig, model: torch.nn.Module, *, refuse: bool = True) -> None:
     """Refuse a ``max_length`` past the positions the model was trained on (its config's
     ``max_position_embeddings``, where it gives one): max_length 100000 on smollm2-135m (8192)
-    split nodes of ~100k tokens and embedded them without a word, far outside what it learned."""
+    split nodes of ~100k tokens and embedded them without a word, far outside what it learned.
+    ``refuse=False`` logs it instead (see ``past_positions_ok``)."""
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(positions, int) and config.max_length > positions:
-        raise EncoderSettingError(
+        if not refuse:
+            log.warning("max_length=%d is more than %s holds (max_position_embeddings %d): loaded to embed "
+                        "queries, which never come near that many tokens", config.max_length, config.model, positions)
+            return
+        raise MaxLengthPastPositionsError(
             f"max_length={config.max_length} is more than {config.model} holds "
-            f"(max_position_embeddings {positions}): use max_length <= {positions}")
+            f"(max_position_embeddings {positions}): use max_length <= {positions}", positions)
 
 
 # --------------------------------------------------------------------- helpers

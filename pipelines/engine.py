@@ -33,6 +33,7 @@ from llama_index.core.schema import TextNode
 from llama_index.core.vector_stores.types import VectorStoreQuery
 
 from htp_embed import EncoderConfig, HTPEncoder, config_from_identity
+from htp_embed.encoder import MaxLengthPastPositionsError
 from htp_embed.fingerprint import accepts
 from indexes import (
     EncoderMismatchError,
@@ -358,8 +359,25 @@ class IndexSession:
     def encoder(self) -> HTPEncoder:
         """The session's encoder, loaded on first use (a worker-side step never needs it here)."""
         if self._encoder is None:
-            self._encoder = self._load_encoder(self.settings.encoder)
+            self._encoder = self._load(self.settings.encoder)
         return self._encoder
+
+    def _load(self, config: EncoderConfig) -> HTPEncoder:
+        """``load_encoder(config)``, a ``max_length`` the index recorded past the model's
+        positions (an older htp-index took one) refused with the rebuild that mends it: its
+        advice, "use max_length <= N", was refused again as another encoder than the index's."""
+        try:
+            return self._load_encoder(config)
+        except MaxLengthPastPositionsError as exc:
+            recorded = (self.manifest.encoder if self.manifest is not None else {}).get("max_length")
+            if recorded != config.max_length:
+                raise
+            raise MaxLengthPastPositionsError(
+                f"the index at {self.index_dir} was built with max_length={recorded}, more than {config.model} "
+                f"holds (max_position_embeddings {exc.positions}), which an earlier htp-index took: queries "
+                "still run, but nothing more is embedded into it until "
+                f"`HTP_INDEX_ENCODER__MAX_LENGTH={exc.positions} htp-index rebuild --index {self.index_dir}` "
+                "(with --source SOURCE if its nodes are longer than that)", exc.positions) from None
 
     @property
     def store(self) -> FaissVectorStore:
@@ -965,8 +983,7 @@ class IndexSession:
         ):
             # The pseudo-queries must come from the encoder that made the stored vectors: reuse
             # a given encoder only if it is that one, else load exactly that one (once).
-            self._encoder = self._load_encoder(
-                    config_from_identity(old.encoder, **self.settings.runtime_encoder_settings()))
+            self._encoder = self._load(config_from_identity(old.encoder, **self.settings.runtime_encoder_settings()))
         if not corrected and kind != "none" and old.count:
             # ... and it must still embed as that one did, or the fitted correction would be off
             require_same_vectors(self.encoder, old.encoder_check, str(self.index_dir))

@@ -464,7 +464,10 @@ def _encoder_for(path: Path, recorded: dict[str, Any], settings: Settings, encod
     if encoder is None or not index_accepts(path, recorded, encoder.identity()):
         # Loaded from the record, the encoder can still differ: other weights saved under the
         # model's name (a fine-tune in the same directory) have another fingerprint.
-        encoder = HTPEncoder(config_from_identity(recorded, **settings.runtime_encoder_settings(), **folder))
+        # A max_length past the model's positions (an older htp-index recorded one) is no bar to
+        # a query, which never comes near it: refused, the index could not be searched at all.
+        encoder = HTPEncoder(config_from_identity(recorded, **settings.runtime_encoder_settings(), **folder),
+                             past_positions_ok=True)
         if not index_accepts(path, recorded, encoder.identity()):
             raise EncoderMismatchError.between(path, recorded, encoder.identity())
     return encoder

@@ -618,6 +618,29 @@ def test_a_rebuild_to_a_small_fixed_k_lays_the_stored_nodes_out_as_the_encoder_r
     assert run_json("info", "--index", "idx")["encoder"]["k"] != "1"  # nothing switched
 
 
+def test_an_index_recorded_with_a_max_length_past_the_models_positions_answers_and_names_its_rebuild(env, monkeypatch):
+    """An older htp-index took max_length 9000 on smollm2-135m (8192 positions); once that was
+    refused, such an index answered no dense or hybrid query, and ingest's advice ("use
+    max_length <= 8192") was refused again as another encoder than the index's."""
+    from indexes.spec import Manifest
+
+    write_docs(env / "src")
+    run_json("ingest", "src", "--index", "idx")
+    manifest = next((env / "idx" / "versions").glob("*/manifest.json"))
+    record = json.loads(manifest.read_text())
+    record["encoder"]["max_length"] = 600  # the tiny model has 512 positions
+    manifest.write_text(json.dumps({**record, "checksum": Manifest.model_validate(record).body_checksum(record)}))
+    assert run_json("query", "the cat", "--index", "idx", "--mode", "dense")["results"]
+    (env / "src" / "new.txt").write_text("the dog ran in the park.")
+    refused = runner.invoke(app, ["ingest", "src", "--index", "idx", "--json"])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "`HTP_INDEX_ENCODER__MAX_LENGTH=512 htp-index rebuild --index idx`" in said, said
+    monkeypatch.setenv("HTP_INDEX_ENCODER__MAX_LENGTH", "512")
+    run_json("rebuild", "--index", "idx")
+    monkeypatch.delenv("HTP_INDEX_ENCODER__MAX_LENGTH")
+    assert run_json("ingest", "src", "--index", "idx")["added"] == 1
+
+
 @pytest.mark.parametrize(("max_length", "said"), [("1000", "max_position_embeddings 512"),
                                                    ("16", "less than the smallest node")])
 def test_a_max_length_the_model_or_the_smallest_node_cannot_take_is_refused(env, monkeypatch, max_length, said):
