@@ -806,6 +806,22 @@ def test_a_schedule_without_a_prefect_server_is_a_usage_error_before_the_setting
     assert result.exit_code == 2 and "schedules need a Prefect server" in result.output, result.output
 
 
+def test_a_schedule_with_no_prefect_server_answering_its_url_is_a_usage_error_at_once(tmp_path):
+    """PREFECT_API_URL naming a port where nothing listens logged "serving deployment" and failed
+    ~20 s in with "All connection attempts failed", exit 1."""
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with socket.socket() as free:  # bound, not listening: a connection is refused
+        free.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{free.getsockname()[1]}/api"
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            result = runner.invoke(app, ["schedule", str(tmp_path), "--index", str(tmp_path / "idx"), "--interval", "20"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"none answers at PREFECT_API_URL={url}" in said, result.output
+
+
 def test_usage_errors_found_late_exit_2_and_a_mistyped_index_leaves_no_folder(env):
     """An exit layer past the model's depth, an index kind FAISS cannot parse, an overlap over
     a quarter of the node, a device torch does not know and rewire bounds the wrong way round
