@@ -279,6 +279,16 @@ class HTPEncoder:
         window = self.config.max_length - len(builder.prefix) - len(builder.suffix) - instruction
         return max(self.method.text_room(window, builder, self.config), 0)
 
+    def max_length_for(self, text_tokens: int) -> int:
+        """The smallest ``max_length`` whose window holds ``text_tokens`` tokens of document
+        text with this method's placeholders and template (:attr:`text_budget` is clamped at
+        0, so a shortfall taken from it was short by the room the window lacks below that)."""
+        builder = self._builder
+        window = text_tokens  # no method holds more text than its window
+        while self.method.text_room(window, builder, self.config) < text_tokens:
+            window += 1
+        return window + len(builder.prefix) + len(builder.suffix)
+
     def may_truncate_query(self, text: str) -> bool:
         """False when ``text`` is surely not cut as a query, from its length alone (no work for
         the usual query): a token covers at least one UTF-8 byte (a tokenizer's dummy prefix

@@ -455,10 +455,11 @@ class IndexSession:
         room = self.encoder.text_budget - TEMPLATE_MARGIN
         if room < MIN_CHUNK_SIZE:  # was held at the floor, and nearly every node cut to fit
             config = self.encoder.config
+            needed = self.encoder.max_length_for(MIN_CHUNK_SIZE + TEMPLATE_MARGIN)
             raise OptionConflictError(
                 f"max_length {config.max_length} leaves {max(room, 0)} tokens of text a node with method "
                 f"{config.method}, less than the smallest node ({MIN_CHUNK_SIZE} tokens): raise max_length "
-                f"by at least {MIN_CHUNK_SIZE - room}{' (echo: twice that)' if config.method == 'echo' else ''}")
+                f"by at least {needed - config.max_length} (to {needed})")
         size = ((settings.chunk_size if "chunk_size" in explicit else None) or recorded.get("chunk_size")
                 or settings.chunk_size or fits)
         if size > fits:  # each node's vector would stand for its beginning only

@@ -605,6 +605,24 @@ def test_a_rebuild_to_another_k_counts_the_stored_nodes_not_the_recorded_chunk_s
     assert run_json("ingest", "src", "--index", "idx")["added"] == 1
 
 
+@pytest.mark.parametrize("method", ["htp", "echo"])
+def test_a_max_length_too_small_for_the_smallest_node_names_the_first_one_that_fits(env, monkeypatch, method):
+    """max_length 16 on smollm2-135m said "raise max_length by at least 39", but 55 was refused
+    too: the shortfall came from a text budget clamped at 0."""
+    import re
+
+    write_docs(env / "src")
+    monkeypatch.delenv("HTP_INDEX_CHUNK_SIZE")
+    monkeypatch.setenv("HTP_INDEX_ENCODER__METHOD", method)
+    monkeypatch.setenv("HTP_INDEX_ENCODER__MAX_LENGTH", "16")
+    said = " ".join(run_json("ingest", "src", "--index", "idx", code=2)["error"].split())
+    needed = 16 + int(re.search(r"raise max_length by at least (\d+)", said).group(1))
+    monkeypatch.setenv("HTP_INDEX_ENCODER__MAX_LENGTH", str(needed - 1))
+    run_json("ingest", "src", "--index", "idx", code=2)
+    monkeypatch.setenv("HTP_INDEX_ENCODER__MAX_LENGTH", str(needed))
+    run_json("ingest", "src", "--index", "idx")
+
+
 def test_a_rebuild_to_a_small_fixed_k_lays_the_stored_nodes_out_as_the_encoder_runs_them(env, monkeypatch):
     """`rebuild --k 1` over nodes of many short sentences was taken (exit 0) and cut 6 of 7
     nodes: their text tokens were compared with the text budget, which leaves out the two
