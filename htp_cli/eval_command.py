@@ -140,6 +140,13 @@ def eval_command(
     ignored = [name for name, given in not_here.items() if given]
     if ignored:
         raise typer.BadParameter(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply {where}")
+    if not pipeline and method in METHODS:  # --k with vanilla was scored as plain vanilla, exit 0
+        from pipelines.engine import options_the_method_ignores
+
+        refusal = options_the_method_ignores(method, [flag for flag in ("--k", "--rewire-start", "--rewire-stop")
+                                                      if encoder_options[flag]])
+        if refusal:
+            raise typer.BadParameter(refusal)
     if pipeline:
         try:
             _run_pipeline(dataset_dir, split, mode, alpha, rerank, index_dir, config, max_docs, max_queries, seed,

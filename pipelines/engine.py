@@ -274,8 +274,6 @@ def refuse_options_the_method_ignores(
     that the method of the run ignores: ``ingest --method vanilla --k 4`` indexed without a word
     of K, which only HTP uses. The method is the one the session would use (``overrides``,
     then the settings, then the index's own)."""
-    from htp_embed.methods import method_for
-
     given = [flag for flag, value in asked.items() if value is not None]
     if not given:
         return
@@ -284,13 +282,24 @@ def refuse_options_the_method_ignores(
     method = {key: value for key, value in (overrides or {}).items() if value is not None}.get("method") or (
         settings.encoder.method if manifest is None or "method" in settings.encoder.model_fields_set
         else str(manifest.encoder.get("method", settings.encoder.method)))
+    refusal = options_the_method_ignores(method, given)
+    if refusal:
+        raise OptionConflictError(refusal)
+
+
+def options_the_method_ignores(method: str, given: Sequence[str]) -> str | None:
+    """Why ``given`` (options of :data:`_METHOD_ONLY_OPTIONS`, e.g. ``["--k"]``) do not apply
+    to ``method``, or None when they all do: the one rule of which method uses which option,
+    for ingest and rebuild as for eval (whose ``--method vanilla --k 3`` scored vanilla)."""
+    from htp_embed.methods import method_for
+
     uses = method_for(method).identity_fields
     ignored = [flag for flag in given if _METHOD_ONLY_OPTIONS[flag] not in uses]
-    if ignored:
-        users = [name for name in ("htp", "tp")
-                 if all(_METHOD_ONLY_OPTIONS[flag] in method_for(name).identity_fields for flag in ignored)]
-        raise OptionConflictError(
-            f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to method {method} "
+    if not ignored:
+        return None
+    users = [name for name in ("htp", "tp")
+             if all(_METHOD_ONLY_OPTIONS[flag] in method_for(name).identity_fields for flag in ignored)]
+    return (f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to method {method} "
             f"(only to {' and '.join(users)}): drop {'it' if len(ignored) == 1 else 'them'}, or choose --method "
             f"{users[0]}")
 

@@ -249,6 +249,21 @@ def test_options_a_bm25_evaluation_cannot_use_are_refused(tmp_path, options):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(("options", "said"), [(["--method", "vanilla", "--k", "3"], "--k does not apply to method vanilla"),
+                                             (["--method", "last", "--rewire-start", "2"],
+                                              "--rewire-start does not apply to method last")])
+def test_options_the_encoders_method_ignores_are_refused_as_ingest_refuses_them(tmp_path, options, said):
+    """`eval --method vanilla --k 3` scored plain vanilla (the same NDCG as without --k), exit 0,
+    while ingest and rebuild refused the same options: one rule now answers for both."""
+    from typer.testing import CliRunner
+
+    from htp_cli.main import app
+
+    data = write_beir(tmp_path / "beir", {"d1": Document("", "a cat")}, {"q1": "cat"}, {"q1": {"d1": 1}}, split="test")
+    result = CliRunner().invoke(app, ["eval", str(data), "--split", "test", *options])
+    assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
+
+
 def test_a_fractional_relevance_grade_is_refused_not_truncated(tmp_path):
     from pipelines.beir import read_qrels
 
