@@ -65,7 +65,7 @@ from pipelines.errors import (
     SplittingMismatchError,
 )
 from pipelines.file_stats import FileStatsCache
-from pipelines.identity_check import expected_identity, index_accepts
+from pipelines.identity_check import expected_identity, index_accepts, require_encoder_record
 from pipelines.lock import index_lock
 from pipelines.runs import IngestPlan, RebuildPlan, RunStats, SplitNodes, plan_ingest
 from pipelines.settings import Settings, load_settings
@@ -345,6 +345,8 @@ class IndexSession:
         path = Path(index_dir)
         with index_lock(path, settings.lock_timeout, create=True):  # an ingest may start the index
             manifest = FaissVectorStore.read_manifest(path) if FaissVectorStore.exists(path) else None
+            if manifest is not None:
+                require_encoder_record(path, manifest.encoder)
             config = resolve_encoder(manifest, settings, encoder_overrides)
             session = cls(path, settings.model_copy(update={"encoder": config}), manifest, encoder, load_encoder)
             try:

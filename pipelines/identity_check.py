@@ -15,11 +15,36 @@ from typing import Any
 
 from htp_embed.fingerprint import FINGERPRINT_KEY, accepts, relocated, upgradable
 from htp_embed.identity import config_from_identity
+from indexes.errors import EncoderMismatchError
 from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _ANNOUNCED: set[tuple[str, str]] = set()
+
+
+# What every encoder record htp-index writes holds (EncoderIdentity's fields that say which
+# weights made the vectors and how), and a record of the store API's own may lack.
+_ENCODER_KEYS = (FINGERPRINT_KEY, "method")
+
+
+class NotAnEncoderRecordError(EncoderMismatchError):
+    """An index whose vectors no htp-index encoder wrote: no encoder can embed for it."""
+
+
+def require_encoder_record(index_dir: str | Path, recorded: dict[str, Any]) -> None:
+    """Refuse to embed for an index whose encoder record htp-index did not write (the store API
+    takes any dict, as ``{"model": "synthetic", "dim": 640}``): ingest failed on "invalid
+    EncoderIdentity setting: model_fingerprint: Field required; ...", and a dense query asked
+    for the folder of model 'synthetic'."""
+    missing = [key for key in _ENCODER_KEYS if key not in recorded]
+    if missing:
+        raise NotAnEncoderRecordError(
+            f"the index at {index_dir} records an encoder with no {' or '.join(missing)} "
+            f"({', '.join(f'{key}={value!r}' for key, value in recorded.items())}): its vectors were not written "
+            "by an htp-index encoder (the store API takes any record), so htp-index cannot embed documents into "
+            "it or queries for it. Keyword queries (--mode sparse) and the store API still work; to embed, "
+            "ingest its sources into a new index", path=index_dir, stored=recorded)
 
 
 def index_accepts(index_dir: str | Path, recorded: dict[str, Any], current: dict[str, Any]) -> bool:

@@ -455,8 +455,13 @@ def _encoder_for(path: Path, recorded: dict[str, Any], settings: Settings, encod
     """The encoder recorded for the index at ``path``: ``encoder`` when it is that one, else
     loaded from the record with the settings' runtime options (device, batch size)."""
     from htp_embed import HTPEncoder, config_from_identity
-    from pipelines.identity_check import index_accepts, warn_ignored_encoder_settings
+    from pipelines.identity_check import (
+        index_accepts,
+        require_encoder_record,
+        warn_ignored_encoder_settings,
+    )
 
+    require_encoder_record(path, recorded)
     folder = _moved_model_folder(path, recorded, settings) if encoder is None else {}
     if not folder:
         warn_ignored_encoder_settings(path, recorded, settings, "queries are embedded with it",

@@ -623,6 +623,26 @@ def test_a_max_length_too_small_for_the_smallest_node_names_the_first_one_that_f
     run_json("ingest", "src", "--index", "idx")
 
 
+def test_an_index_the_store_api_built_with_its_own_encoder_record_says_htp_index_cannot_embed_for_it(env):
+    """A store created with {"model": "synthetic", "dim": 8} (as benchmarks/store_scale.py does):
+    ingest said "invalid EncoderIdentity setting: model_fingerprint: Field required; ...", and a
+    dense query asked for "the folder holding the same weights (None)"."""
+    import numpy as np
+    from llama_index.core.schema import TextNode
+
+    from indexes import FaissVectorStore
+
+    store = FaissVectorStore.create(env / "idx", dim=8, encoder={"model": "synthetic", "dim": 8}, use_gpu=False)
+    store.add([TextNode(id_="n0", text="the cat sat", metadata={"doc_id": "d0"})],
+              embeddings=np.ones((1, 8), dtype=np.float32))
+    store.persist()
+    write_docs(env / "src")
+    for command in (["ingest", "src", "--keep-missing"], ["query", "the cat", "--mode", "dense"]):
+        said = " ".join(run_json(*command, "--index", "idx", code=2)["error"].split())
+        assert "its vectors were not written by an htp-index encoder" in said and "--mode sparse" in said, said
+    assert run_json("query", "cat", "--index", "idx", "--mode", "sparse")["results"]
+
+
 def test_a_rebuild_to_a_small_fixed_k_lays_the_stored_nodes_out_as_the_encoder_runs_them(env, monkeypatch):
     """`rebuild --k 1` over nodes of many short sentences was taken (exit 0) and cut 6 of 7
     nodes: their text tokens were compared with the text budget, which leaves out the two
