@@ -667,9 +667,11 @@ def serve(index_dir: str | Path, settings: Settings | None = None, *, host: str 
     sock = listening_socket(host, port)
     try:
         bound_host, bound_port = sock.getsockname()[:2]
-        log.info("listening on http://%s:%d (answers once %s and its encoder are loaded)",
-                 f"[{bound_host}]" if ":" in bound_host else bound_host, bound_port, index_dir)
+        url = f"http://{f'[{bound_host}]' if ':' in bound_host else bound_host}:{bound_port}"
+        # "listening on" came first, ~17 s before a connection was answered: it is said once loaded.
+        log.info("loading %s and its encoder, then serving on %s", index_dir, url)
         app = create_app(index_dir, settings, reload_interval=reload_interval, max_batch=max_batch)
+        log.info("listening on %s", url)
         uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
     finally:
         sock.close()

@@ -432,3 +432,27 @@ def test_serving_beyond_this_machine_without_a_token_is_warned_about(monkeypatch
     with caplog.at_level("WARNING", logger="pipelines.service"):
         service.serve("some-index", host=host)
     assert ("without HTP_INDEX_API_TOKEN" in caplog.text) is warned
+
+
+def test_serve_says_it_listens_only_once_the_index_and_encoder_are_loaded(monkeypatch, caplog):
+    """"listening on http://127.0.0.1:PORT" was logged ~17 s before a connection was answered
+    (the encoder loads first): it is said now after the app is made, a loading line before."""
+    import socket
+
+    import uvicorn
+
+    import pipelines.service as service
+
+    said_when_loading: list[str] = []
+
+    def create_app(*args, **kwargs):
+        said_when_loading.append(caplog.text)
+        return object()
+
+    monkeypatch.setattr(service, "create_app", create_app)
+    monkeypatch.setattr(service, "listening_socket", lambda host, port: socket.socket())  # binds nothing
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)
+    with caplog.at_level("INFO", logger="pipelines.service"):
+        service.serve("some-index")
+    assert "loading some-index and its encoder, then serving on http://" in said_when_loading[0]
+    assert "listening on" not in said_when_loading[0] and "listening on http://" in caplog.text
