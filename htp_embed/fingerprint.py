@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from htp_embed.packaged_models import umask_modes
+
 log = logging.getLogger(__name__)
 
 # The config fields the first fingerprint hashed; kept verbatim, so that an architecture-only
@@ -265,6 +267,8 @@ def _write_cache_entry(path: Path, key: str, entry: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {**_read_cache(path), key: entry}
         handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        # mkstemp's 0600 made other users of a shared cache hash the weights (and warn) at every load
+        os.fchmod(handle, umask_modes()[0])
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             json.dump(data, out, indent=1, sort_keys=True)
         os.replace(tmp, path)

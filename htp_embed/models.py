@@ -25,10 +25,12 @@ import torch
 from htp_embed.gguf_header import gguf_layer_shape
 from htp_embed.packaged_models import (
     PACKAGED_MODELS,
+    ModelCacheNotReadableError,
     ModelCacheNotWritableError,
     ModelNotAvailableError,
     converted_copy,
     default_cache_dir,
+    share_as_umask_allows,
     tokenizer_dir,
 )
 from htp_embed.precision import MIN_PROBED_HIDDEN, DtypeDecision, cpu_dtype_decision
@@ -355,6 +357,8 @@ def _load_packaged_copy(path: Path, dtype: torch.dtype, native: bool, tokenizer_
     """A packaged model's converted copy: as htp-index's own decoder when asked and supported,
     else through transformers; its tokenizer from ``tokenizer_path`` (the float32 copy, see
     :func:`htp_embed.packaged_models.tokenizer_dir`)."""
+    for folder in dict.fromkeys((tokenizer_path, path)):
+        _require_readable(folder)
     tokenizer = _load_packaged_tokenizer(tokenizer_path)
     if native:
         from htp_embed import gemma3_native
@@ -363,6 +367,26 @@ def _load_packaged_copy(path: Path, dtype: torch.dtype, native: bool, tokenizer_
         if gemma3_native.supports(config):
             return gemma3_native.load_native(path, dtype, config), tokenizer
     return _load_hf_dir(path, dtype, tokenizer)
+
+
+def _require_readable(folder: Path) -> None:
+    """Refuse a converted copy this user cannot read, naming it. Copies used to be written
+    owner-only (``mkdtemp``'s 0700, safetensors' 0600): another user's load then said the
+    weights were "not a readable checkpoint ...: No such file or directory" and advised to
+    save the model again, or failed on a bare "[Errno 13] Permission denied" (exit 1)."""
+    entries = [folder, *(folder.iterdir() if os.access(folder, os.R_OK | os.X_OK) else ())]
+    for entry in entries:
+        if not os.access(entry, os.R_OK | (os.X_OK if entry.is_dir() else 0)):
+            raise _cache_not_readable(folder, PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(entry)))
+
+
+def _cache_not_readable(folder: Path, error: OSError) -> ModelCacheNotReadableError:
+    where = f" ({error.filename})" if error.filename and str(error.filename) != str(folder) else ""
+    return ModelCacheNotReadableError(
+        f"the model cache folder {folder} is not readable by this user: {error.strerror or error}{where}; "
+        f"its owner can share it (chmod -R a+rX {folder}), or set HTP_INDEX_CACHE to a folder "
+        "this user can write (HTP_INDEX_CACHE=/writable/folder)"
+    )
 
 
 def _load_gguf(path: Path):
@@ -380,7 +404,7 @@ def _copy_lock(target: Path) -> Iterator[bool]:
     under a lock beside it: two processes' first runs converted at once, and the second to
     finish deleted the first one's copy while that one was writing into it or loading it
     (an ingest failed with 'Directory not empty'). A complete copy is read without locking."""
-    if (target / "config.json").exists():
+    if _copy_written(target):
         yield False
         return
     from filelock import FileLock
@@ -396,9 +420,17 @@ def _copy_lock(target: Path) -> Iterator[bool]:
             raise
         raise _cache_not_writable(target.parent, error) from error
     try:
-        yield not (target / "config.json").exists()  # another process may have written it meanwhile
+        yield not _copy_written(target)  # another process may have written it meanwhile
     finally:
         lock.release()
+
+
+def _copy_written(target: Path) -> bool:
+    """Whether the copy ``target`` is complete (its config.json is renamed in last)."""
+    try:
+        return (target / "config.json").exists()
+    except PermissionError as error:  # another user's owner-only copy: "[Errno 13]", exit 1
+        raise _cache_not_readable(target, error) from error
 
 
 #: What mkdir or creating a lock file raise in a folder this user cannot write: permission, a
@@ -429,6 +461,9 @@ def _save_copy(model, tokenizer, target: Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # mkdtemp's folder is 0700 and safetensors writes 0600: other users of a cache warmed
+        # once (as README advises) could not read it
+        share_as_umask_allows(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -481,7 +516,10 @@ def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, 
                 # every load on a CPU that chose bfloat16: the float32 copy has the same weights.
                 log.warning("%s; meanwhile casting the float32 copy %s to %s in memory at each load "
                             "(a few seconds more)", error, converted, _dtype_name(dtype))
-        model, tokenizer = _load_packaged_copy(source, dtype, native, tokenizer_dir(name, cache))
+        try:
+            model, tokenizer = _load_packaged_copy(source, dtype, native, tokenizer_dir(name, cache))
+        except PermissionError as error:
+            raise _cache_not_readable(source, error) from error
         _attach_mean_input_embedding(model, mean_file)
     else:
         path = Path(name).expanduser()

