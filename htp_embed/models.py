@@ -25,6 +25,7 @@ import torch
 from htp_embed.gguf_header import gguf_layer_shape
 from htp_embed.packaged_models import (
     PACKAGED_MODELS,
+    DamagedCopyError,
     ModelCacheNotReadableError,
     ModelCacheNotWritableError,
     ModelNotAvailableError,
@@ -359,14 +360,48 @@ def _load_packaged_copy(path: Path, dtype: torch.dtype, native: bool, tokenizer_
     :func:`htp_embed.packaged_models.tokenizer_dir`)."""
     for folder in dict.fromkeys((tokenizer_path, path)):
         _require_readable(folder)
-    tokenizer = _load_packaged_tokenizer(tokenizer_path)
-    if native:
-        from htp_embed import gemma3_native
+    try:
+        tokenizer = _load_packaged_tokenizer(tokenizer_path)
+        if not (tokenizer_path / "tokenizer.json").is_file():  # read later, at the first text
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(tokenizer_path / "tokenizer.json"))
+    except PermissionError:
+        raise
+    except (OSError, ValueError) as error:
+        raise DamagedCopyError(tokenizer_path, error) from error
+    try:
+        if native:
+            from htp_embed import gemma3_native
 
-        config = gemma3_native.NativeConfig.from_dir(path)
-        if gemma3_native.supports(config):
-            return gemma3_native.load_native(path, dtype, config), tokenizer
-    return _load_hf_dir(path, dtype, tokenizer)
+            config = gemma3_native.NativeConfig.from_dir(path)
+            if gemma3_native.supports(config):
+                return gemma3_native.load_native(path, dtype, config), tokenizer
+        return _load_hf_dir(path, dtype, tokenizer)
+    except (PermissionError, ModelCacheNotReadableError):
+        raise
+    except (ModelNotAvailableError, OSError, ValueError, KeyError, RuntimeError) as error:
+        # a truncated or missing file of a copy htp-index wrote: "save the model again
+        # (model.save_pretrained(DIR))", said of a user's folder, was no advice here
+        raise DamagedCopyError(path, error.__cause__ or error) from error
+
+
+def _discard_damaged(damaged: DamagedCopyError) -> bool:
+    """Move a damaged copy aside and delete it, under its copy lock, so that the next load
+    converts it again; False where the cache cannot be written. A copy written anew since it
+    was found damaged (by another process) is kept."""
+    from filelock import FileLock
+
+    folder = damaged.folder
+    try:
+        with FileLock(str(folder) + ".lock"):
+            if damaged.seen is not None and DamagedCopyError(folder, "").seen != damaged.seen:
+                return True
+            aside = folder.with_name(f"{folder.name}.{os.getpid()}.damaged")
+            os.replace(folder, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+    except OSError as error:
+        log.debug("cannot remove the damaged copy %s: %s", folder, error)
+        return False
+    return True
 
 
 def _require_readable(folder: Path) -> None:
@@ -435,7 +470,7 @@ def _copy_written(target: Path) -> bool:
 
 #: What mkdir or creating a lock file raise in a folder this user cannot write: permission, a
 #: read-only file system, a file where a folder of the path should be.
-_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST)
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
 
 
 def _cache_not_writable(folder: Path, error: OSError) -> ModelCacheNotWritableError:
@@ -464,8 +499,10 @@ def _save_copy(model, tokenizer, target: Path) -> None:
         # mkdtemp's folder is 0700 and safetensors writes 0600: other users of a cache warmed
         # once (as README advises) could not read it
         share_as_umask_allows(tmp)
-        if target.exists():
+        if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():  # a file where the copy goes: rmtree said "Not a directory"
+            target.unlink()
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -482,45 +519,14 @@ def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, 
     """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if name in PACKAGED_MODELS:
-        converted = converted_copy(name, "float32", cache)
-        with _copy_lock(converted) as missing:
-            if missing:
-                packaged = PACKAGED_MODELS[name]
-                log.info("first use of %s: converting its GGUF weights to %s", name, converted)
-                with tempfile.TemporaryDirectory(dir=_ensure(cache)) as work:
-                    try:
-                        gguf = packaged.gguf(Path(work))
-                    except ImportError as exc:
-                        raise ModelNotAvailableError(
-                            f"model {name!r} needs the package {packaged.package}: {exc}"
-                        ) from exc
-                    model, tokenizer = _load_gguf(gguf)
-                    _save_copy(model, tokenizer, converted)
-        source, mean_file = converted, converted / MEAN_EMBEDDING_FILE
-        if dtype != torch.float32:
-            # Casting a float32 copy reads all 1 GB and converts every tensor on each load
-            # (about 4 s); a copy in the target dtype is memory-mapped as it is.
-            typed = converted_copy(name, _dtype_name(dtype), cache)
-            # The mean embedding of the typed weights, as a typed copy would store it (the
-            # float32 copy's, cast, differs in its last bits)
-            mean_file = typed / MEAN_EMBEDDING_FILE
-            try:
-                with _copy_lock(typed) as missing:
-                    if missing:
-                        log.info("first use of %s in %s: writing %s", name, _dtype_name(dtype), typed)
-                        model, tokenizer = _load_hf_dir(converted, dtype)
-                        _save_copy(model, tokenizer, typed)
-                source = typed
-            except ModelCacheNotWritableError as error:
-                # A cache pre-warmed with the float32 copy alone, then made read-only, failed
-                # every load on a CPU that chose bfloat16: the float32 copy has the same weights.
-                log.warning("%s; meanwhile casting the float32 copy %s to %s in memory at each load "
-                            "(a few seconds more)", error, converted, _dtype_name(dtype))
         try:
-            model, tokenizer = _load_packaged_copy(source, dtype, native, tokenizer_dir(name, cache))
-        except PermissionError as error:
-            raise _cache_not_readable(source, error) from error
-        _attach_mean_input_embedding(model, mean_file)
+            model, tokenizer = _load_packaged(name, dtype, cache, native)
+        except DamagedCopyError as damaged:
+            # htp-index wrote the copy (a crash, a full disk, a hand edit damaged it): write it again
+            if not _discard_damaged(damaged):
+                raise
+            log.warning("the converted copy %s was damaged (%s): converting it again", damaged.folder, damaged.reason)
+            model, tokenizer = _load_packaged(name, dtype, cache, native)
     else:
         path = Path(name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
@@ -535,6 +541,53 @@ def load_model(name: str, *, dtype: torch.dtype, cache_dir: Path | None = None, 
                 "Hugging Face model directory with a config.json; no model hub is contacted"
             )
     model.eval()
+    return model, tokenizer
+
+
+def _load_packaged(name: str, dtype: torch.dtype, cache: Path, native: bool):
+    """A packaged model from its converted copies in ``cache``, written first where missing."""
+    converted = converted_copy(name, "float32", cache)
+    with _copy_lock(converted) as missing:
+        if missing:
+            packaged = PACKAGED_MODELS[name]
+            log.info("first use of %s: converting its GGUF weights to %s", name, converted)
+            with tempfile.TemporaryDirectory(dir=_ensure(cache)) as work:
+                try:
+                    gguf = packaged.gguf(Path(work))
+                except ImportError as exc:
+                    raise ModelNotAvailableError(
+                        f"model {name!r} needs the package {packaged.package}: {exc}"
+                    ) from exc
+                model, tokenizer = _load_gguf(gguf)
+                _save_copy(model, tokenizer, converted)
+    source, mean_file = converted, converted / MEAN_EMBEDDING_FILE
+    if dtype != torch.float32:
+        # Casting a float32 copy reads all 1 GB and converts every tensor on each load
+        # (about 4 s); a copy in the target dtype is memory-mapped as it is.
+        typed = converted_copy(name, _dtype_name(dtype), cache)
+        # The mean embedding of the typed weights, as a typed copy would store it (the
+        # float32 copy's, cast, differs in its last bits)
+        mean_file = typed / MEAN_EMBEDDING_FILE
+        try:
+            with _copy_lock(typed) as missing:
+                if missing:
+                    log.info("first use of %s in %s: writing %s", name, _dtype_name(dtype), typed)
+                    try:
+                        model, tokenizer = _load_hf_dir(converted, dtype)
+                    except ModelNotAvailableError as error:
+                        raise DamagedCopyError(converted, error.__cause__ or error) from error
+                    _save_copy(model, tokenizer, typed)
+            source = typed
+        except ModelCacheNotWritableError as error:
+            # A cache pre-warmed with the float32 copy alone, then made read-only, failed
+            # every load on a CPU that chose bfloat16: the float32 copy has the same weights.
+            log.warning("%s; meanwhile casting the float32 copy %s to %s in memory at each load "
+                        "(a few seconds more)", error, converted, _dtype_name(dtype))
+    try:
+        model, tokenizer = _load_packaged_copy(source, dtype, native, tokenizer_dir(name, cache))
+    except PermissionError as error:
+        raise _cache_not_readable(source, error) from error
+    _attach_mean_input_embedding(model, mean_file)
     return model, tokenizer
 
 

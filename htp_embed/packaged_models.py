@@ -32,6 +32,29 @@ class ModelCacheNotReadableError(ModelNotAvailableError):
     owner-only): bad usage (exit 2), mended by the cache's owner or another cache folder."""
 
 
+class DamagedCopyError(ModelNotAvailableError):
+    """A converted copy that htp-index wrote into the cache does not load (a file missing or
+    truncated): the user has nothing to save again; the copy is converted again."""
+
+    def __init__(self, folder: Path, reason: object) -> None:
+        self.folder = folder
+        self.reason = reason
+        self.seen = _identity(folder)
+        super().__init__(
+            f"the packaged model's converted copy {folder} is damaged ({reason}): delete that folder "
+            f"(rm -r {folder}); the next run converts it again"
+        )
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """Which write of a copy ``folder`` is (its config.json is renamed in with each)."""
+    try:
+        found = (folder / "config.json").stat()
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns
+
+
 def umask_modes() -> tuple[int, int]:
     """``(file mode, folder mode)`` that this process's umask gives newly created files and
     folders (0o644 and 0o755 under umask 022). ``tempfile.mkstemp``/``mkdtemp`` create

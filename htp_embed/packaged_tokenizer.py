@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from tokenizers import Tokenizer
 
 from htp_embed import text_ahead
+from htp_embed.packaged_models import DamagedCopyError
 
 if TYPE_CHECKING:
     from htp_embed.text_ahead import PendingTokens, TokenCall
@@ -79,7 +80,10 @@ class PackagedTokenizer:
         if backend is None:
             with self._load_lock:
                 if self._loaded is None:
-                    loaded = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+                    try:
+                        loaded = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+                    except Exception as error:  # the Rust reader's errors name no file
+                        raise DamagedCopyError(self.path, f"tokenizer.json: {error}") from error
                     loaded.no_truncation()  # transformers turns both off unless a call asks for them
                     loaded.no_padding()
                     self._loaded = loaded

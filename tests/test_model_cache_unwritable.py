@@ -27,6 +27,7 @@ from htp_cli.main import app
 from htp_embed import models
 from htp_embed.packaged_models import (
     PACKAGED_MODELS,
+    DamagedCopyError,
     ModelCacheNotReadableError,
     ModelCacheNotWritableError,
     PackagedModel,
@@ -158,4 +159,64 @@ def test_permission_denied_reading_a_copy_names_the_folder(packaged_tiny, monkey
     monkeypatch.setattr(models, "_load_packaged_copy", denied)
     with pytest.raises(ModelCacheNotReadableError, match="tiny-packaged-float32 is not readable by this user") as caught:
         models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=packaged_tiny)
+    assert is_usage_error(caught.value)
+
+
+def _weights(model):
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+def test_a_truncated_packaged_copy_is_converted_again(convertible_tiny, caplog):
+    # it said "save the model again (model.save_pretrained(DIR))": not the user's folder to save
+    first, _ = models.load_model("tiny-packaged", dtype=torch.bfloat16, cache_dir=convertible_tiny)
+    expected = _weights(first)  # copied: truncating the memory-mapped file under it is a SIGBUS
+    del first
+    weights = convertible_tiny / "models" / "tiny-packaged-bfloat16" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger="htp_embed.models"):
+        again, _ = models.load_model("tiny-packaged", dtype=torch.bfloat16, cache_dir=convertible_tiny)
+    assert any("tiny-packaged-bfloat16 was damaged" in r.getMessage() for r in caplog.records)
+    assert all(torch.equal(a, b) for a, b in zip(expected.values(), _weights(again).values(), strict=True))
+    assert not list((convertible_tiny / "models").glob("*.damaged"))
+
+
+def test_a_copy_missing_its_tokenizer_is_converted_again(convertible_tiny):
+    models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=convertible_tiny)
+    (convertible_tiny / "models" / "tiny-packaged-float32" / "tokenizer.json").unlink()
+    _, tokenizer = models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=convertible_tiny)
+    assert tokenizer("hello world")["input_ids"]
+
+
+def test_a_damaged_copy_in_a_read_only_cache_is_named_with_the_fix(packaged_tiny, monkeypatch):
+    (packaged_tiny / "models" / "tiny-packaged-float32" / "model.safetensors").write_bytes(b"\0" * 100)
+    monkeypatch.setattr(filelock.FileLock, "acquire",
+                        lambda self, *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
+    with pytest.raises(DamagedCopyError) as caught:
+        models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=packaged_tiny)
+    message = str(caught.value)
+    assert f"{packaged_tiny / 'models' / 'tiny-packaged-float32'} is damaged" in message
+    assert "delete that folder" in message and "save_pretrained" not in message
+    assert is_usage_error(caught.value)
+
+
+def test_a_truncated_tokenizer_file_names_the_copy(packaged_tiny):
+    from htp_embed.packaged_tokenizer import PackagedTokenizer
+
+    folder = packaged_tiny / "models" / "tiny-packaged-float32"
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "truncat')
+    with pytest.raises(DamagedCopyError, match="tiny-packaged-float32 is damaged .*tokenizer.json"):
+        PackagedTokenizer.from_dir(folder)._backend()
+
+
+def test_a_file_where_the_copy_goes_is_replaced_by_the_copy(convertible_tiny):
+    (convertible_tiny / "models").mkdir(parents=True)
+    (convertible_tiny / "models" / "tiny-packaged-float32").write_text("not a folder")
+    models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=convertible_tiny)
+    assert (convertible_tiny / "models" / "tiny-packaged-float32" / "config.json").is_file()
+
+
+def test_a_folder_where_the_lock_goes_is_bad_usage_naming_it(convertible_tiny):
+    (convertible_tiny / "models" / "tiny-packaged-float32.lock").mkdir(parents=True)
+    with pytest.raises(ModelCacheNotWritableError, match="tiny-packaged-float32.lock") as caught:
+        models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=convertible_tiny)
     assert is_usage_error(caught.value)
