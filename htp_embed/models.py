@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -455,9 +456,31 @@ def _copy_lock(target: Path) -> Iterator[bool]:
             raise
         raise _cache_not_writable(target.parent, error) from error
     try:
-        yield not _copy_written(target)  # another process may have written it meanwhile
+        missing = not _copy_written(target)  # another process may have written it meanwhile
+        if missing:
+            _remove_leftovers(target)
+        yield missing
     finally:
         lock.release()
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Delete what runs killed while writing ``target`` left beside it: the folders named
+    ``<target>.*`` (the copy being written, the GGUF file assembled for it, a damaged copy moved
+    aside). Only a holder of ``target``'s copy lock makes them, so one found by the next holder
+    is abandoned (a killed first run left 1 GB folders and 242 MB GGUF files that no later run
+    removed)."""
+    for leftover in target.parent.glob(glob_escape(target.name) + ".*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            size = sum(f.stat().st_size for f in leftover.rglob("*") if f.is_file() and not f.is_symlink())
+            log.info("removing %s (%.0f MB), left by an htp-index run killed while writing %s",
+                     leftover, size / 1e6, target.name)
+            shutil.rmtree(leftover, ignore_errors=True)
+    # older versions assembled the GGUF file in tmp* folders of the cache root, which another
+    # model's conversion may be using: named for the user to delete, not deleted
+    for gguf in target.parent.parent.glob("tmp*/*.gguf"):
+        log.warning("%s (%.0f MB) may be left by an htp-index run killed while converting a model: "
+                    "delete it when no htp-index runs", gguf.parent, gguf.stat().st_size / 1e6)
 
 
 def _copy_written(target: Path) -> bool:
@@ -551,7 +574,8 @@ def _load_packaged(name: str, dtype: torch.dtype, cache: Path, native: bool):
         if missing:
             packaged = PACKAGED_MODELS[name]
             log.info("first use of %s: converting its GGUF weights to %s", name, converted)
-            with tempfile.TemporaryDirectory(dir=_ensure(cache)) as work:
+            # beside the copy, named after it: a killed run's GGUF is removed by the next one
+            with tempfile.TemporaryDirectory(prefix=converted.name + ".gguf-", dir=_ensure(converted.parent)) as work:
                 try:
                     gguf = packaged.gguf(Path(work))
                 except ImportError as exc:

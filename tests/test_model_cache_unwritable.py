@@ -220,3 +220,26 @@ def test_a_folder_where_the_lock_goes_is_bad_usage_naming_it(convertible_tiny):
     with pytest.raises(ModelCacheNotWritableError, match="tiny-packaged-float32.lock") as caught:
         models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=convertible_tiny)
     assert is_usage_error(caught.value)
+
+
+def test_the_next_conversion_removes_what_a_killed_one_left(convertible_tiny, caplog):
+    # kill -9 during a first run left models/<name>-float32.XXXX/ (1 GB) and the assembled GGUF
+    # (242 MB) behind, and no later run removed them
+    folder = convertible_tiny / "models"
+    leftovers = [folder / "tiny-packaged-float32.12345.abcd", folder / "tiny-packaged-float32.gguf-x1y2"]
+    for leftover in leftovers:
+        leftover.mkdir(parents=True)
+        (leftover / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+    other = folder / "tiny-packaged-bfloat16.777.xyz"  # another copy's: its own lock's holder removes it
+    other.mkdir()
+    (convertible_tiny / "tmpold").mkdir()
+    (convertible_tiny / "tmpold" / "x.gguf").write_bytes(b"\0" * 10)
+    with caplog.at_level(logging.INFO, logger="htp_embed.models"):
+        models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=convertible_tiny)
+    assert not any(leftover.exists() for leftover in leftovers)
+    assert other.exists() and (folder / "tiny-packaged-float32.lock").is_file()
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("tiny-packaged-float32")) == [
+        "tiny-packaged-float32", "tiny-packaged-float32.lock"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("tiny-packaged-float32.12345.abcd (2 MB)" in m for m in messages)
+    assert any("tmpold" in m and "delete it" in m for m in messages)
