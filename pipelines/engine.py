@@ -73,6 +73,7 @@ from pipelines.sources import (
     SUPPORTED_SUFFIXES,
     SourceDocument,
     SourceError,
+    errors_by_id,
     iter_source,
     single_document,
     source_kind,
@@ -687,7 +688,7 @@ class IndexSession:
             # small for it that a setting asks another of (`_check_correction` refuses the rest)
             store.record_correction_kind(self._correction_kind())
         stats = RunStats()
-        stats.fail_all({error.doc_id: error.error for error in plan.errors})
+        stats.fail_all(errors_by_id(plan.errors))
         stats.fail_all(split.errors)
         for doc_id in plan.deleted:  # first: a correction fitted by this run must not count them
             store.delete(doc_id)
@@ -855,7 +856,7 @@ class IndexSession:
             raise self._empty_source(source, len(indexed), failed)
         split = self.split(readable)
         hashes = {doc.doc_id: doc.content_hash for doc in readable if doc.doc_id not in split.errors}
-        errors = {item.doc_id: item.error for item in failed}
+        errors = errors_by_id(failed)
         # As in ingest, an indexed document that fails keeps its indexed version: its stored
         # nodes go into the new version (re-embedded). So does one missing from the source where
         # ingest would keep it: under an error's ``covers`` prefix (a folder that could not be

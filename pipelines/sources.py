@@ -487,7 +487,13 @@ def iter_jsonl(path: Path, *, id_prefix: str = "", max_bytes: int = DEFAULT_MAX_
 
 
 def _jsonl_records(path: Path, id_prefix: str, max_bytes: int, file: tuple[str, FileStat] | None) -> Iterator[SourceItem]:
-    seen: set[str] = set()
+    # The first valid record of an _id is its document, as eval's corpus reader takes it; a
+    # record refused for its content does not claim the _id (the valid one after it was
+    # dropped as its "duplicate", and the error named the refused one "kept"), while a line
+    # not read whole (over the limit, not parsed) does: what it holds cannot be judged.
+    seen: set[str] = set()  # ids claimed: by a document, or by a line not read whole
+    claimed_at: dict[str, str] = {}  # id -> where the line that claimed it is
+    kept: set[str] = set()  # ids given as a document
     lines = 0
     with path.open("rb") as handle:
         if handle.read(2) in (b"\xff\xfe", b"\xfe\xff"):  # read by lines of bytes, UTF-16 is cut apart
@@ -510,6 +516,7 @@ def _jsonl_records(path: Path, id_prefix: str, max_bytes: int, file: tuple[str, 
                                       "it is shortened", covers=id_prefix)
                 else:
                     seen.add(id_prefix + doc_id)
+                    claimed_at[id_prefix + doc_id] = where
                     yield SourceError(id_prefix + doc_id, f"{limit}; its indexed version is kept")
                 continue
             try:
@@ -523,6 +530,7 @@ def _jsonl_records(path: Path, id_prefix: str, max_bytes: int, file: tuple[str, 
                 recovered = record_id_in_prefix(raw)
                 if recovered is not None and id_prefix + recovered not in seen:
                     seen.add(id_prefix + recovered)
+                    claimed_at[id_prefix + recovered] = where
                     yield SourceError(id_prefix + recovered, f"malformed record at {where}: {exc}; its indexed "
                                       f"version is kept, and no record of {path.name} is deleted until this "
                                       "line is fixed", covers=id_prefix)
@@ -539,11 +547,14 @@ def _jsonl_records(path: Path, id_prefix: str, max_bytes: int, file: tuple[str, 
                 continue
             full_id = id_prefix + doc_id
             if full_id in seen:
-                yield SourceError(full_id, f"duplicate _id (again at {where}); the first one is kept")
+                first = claimed_at[full_id]
+                kept_one = (f"the record at {first} is kept" if full_id in kept else
+                            f"the line at {first} was refused, so its indexed version is kept")
+                yield SourceError(full_id, f"duplicate _id (again at {where}); {kept_one}")
                 continue
-            seen.add(full_id)
             # From here on a failure is the record's, under its own id: the plan then keeps
-            # the version indexed before instead of deleting it as gone from the source.
+            # the version indexed before instead of deleting it as gone from the source (unless
+            # a valid record of that _id follows).
             try:
                 title, body = _record_field(record, "title"), _record_field(record, "text")
                 text = require_text(f"{title}\n\n{body}" if title and body else title or body)
@@ -551,6 +562,9 @@ def _jsonl_records(path: Path, id_prefix: str, max_bytes: int, file: tuple[str, 
             except DocumentRejected as exc:
                 yield SourceError(full_id, f"malformed record at {where}: {exc}")
                 continue
+            seen.add(full_id)
+            claimed_at[full_id] = where
+            kept.add(full_id)
             yield SourceDocument(full_id, text, metadata, file=file)
     if not lines and id_prefix:
         # An emptied file in a folder (truncated before a rewrite) gave no item at all, and
@@ -558,6 +572,15 @@ def _jsonl_records(path: Path, id_prefix: str, max_bytes: int, file: tuple[str, 
         # reported and kept. (An emptied .jsonl source of its own is refused as empty.)
         yield SourceError(id_prefix.removesuffix("#"), "empty JSONL file (no record in it): its indexed "
                           "records are kept until it holds records again or is removed", covers=id_prefix)
+
+
+def errors_by_id(errors: Iterable[SourceError]) -> dict[str, str]:
+    """The errors' messages by document id, those of one id joined: a dict built over them kept
+    the last only (two refused records of one _id showed one error)."""
+    joined: dict[str, str] = {}
+    for error in errors:
+        joined[error.doc_id] = f"{joined[error.doc_id]} | {error.error}" if error.doc_id in joined else error.error
+    return joined
 
 
 def _record_id(record: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ from pipelines.sources import (
     SourceDocument,
     SourceError,
     decode_text,
+    errors_by_id,
     html_to_text,
     iter_folder,
     iter_jsonl,
@@ -343,3 +344,27 @@ def test_html_blocks_beyond_paragraphs_keep_their_words_apart():
                            "<select><option>Red</option><option>Blue</option></select></body></html>")
     assert text.split("\n") == ["Shipping question", "Free shipping", "Returns", "Thirty days", "Main Street",
                                 "Welcome", "Login", "Username", "Red", "Blue"]
+
+
+def test_the_first_valid_record_of_an_id_is_kept_and_a_refused_one_keeps_its_error(tmp_path):
+    """An empty record before a valid one of the same _id took the _id: the valid one was
+    dropped as its duplicate, under an error saying "the first one is kept", and the run's
+    errors (one per id) showed only that one."""
+    path = tmp_path / "x.jsonl"
+    rows = [{"_id": "q", "text": ""}, {"_id": "q", "text": "Second q is valid."},
+            {"_id": "q", "text": "Third q repeats it."}, {"_id": "z", "text": ""}, {"_id": "z", "title": 5}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    items = list(iter_jsonl(path))
+    assert [(d.doc_id, d.text) for d in items if isinstance(d, SourceDocument)] == [("q", "Second q is valid.")]
+    errors = errors_by_id(i for i in items if isinstance(i, SourceError))
+    assert "x.jsonl:1: empty document" in errors["q"]
+    assert "duplicate _id (again at x.jsonl:3); the record at x.jsonl:2 is kept" in errors["q"]
+    assert "x.jsonl:4: empty document" in errors["z"] and '"title" is a JSON number' in errors["z"]
+
+
+def test_a_duplicate_of_a_line_not_read_whole_says_the_indexed_version_is_kept(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"_id": "q", "text": "cut\n' + json.dumps({"_id": "q", "text": "Later q."}) + "\n",
+                    encoding="utf-8")
+    errors = [i.error for i in iter_jsonl(path) if isinstance(i, SourceError)]
+    assert "duplicate _id (again at x.jsonl:2); the line at x.jsonl:1 was refused, so its indexed version is kept" in errors
