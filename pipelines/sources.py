@@ -193,8 +193,9 @@ def _pre_lines(text: str) -> list[str]:
 #: Bump when a reader gives other text for the same bytes: unchanged files are otherwise taken
 #: from the last run's record without being read (`pipelines.file_stats`), and kept the old
 #: reader's text (2: soft hyphens dropped, PDF ligatures spelled out, <pre> kept; 3: separator
-#: controls read as line breaks, <details>/<summary>/<option> and other HTML blocks as blocks).
-READERS_REVISION = 3
+#: controls read as line breaks, <details>/<summary>/<option> and other HTML blocks as blocks;
+#: 4: a linked file read by its link's suffix and named by it in file_name and file_type).
+READERS_REVISION = 4
 
 # Typeset PDFs (LaTeX above all) draw "fi", "ffi", "st" as one ligature glyph, which pypdf
 # extracts as U+FB00-FB06: the model and the reader see "ﬁnancial", not "financial".
@@ -271,8 +272,12 @@ def require_regular_file(found: os.stat_result) -> None:
     raise DocumentRejected(f"{kind}, not a regular file: not read")
 
 
-def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, dict[str, Any]]:
-    """Text and metadata of one file, by its suffix."""
+def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES, *, name: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Text and metadata of one file, by its suffix. ``name``: the name the document is known
+    by where ``path`` is what it resolves to (a link's own name): its suffix picks the reader
+    and it gives ``file_name`` and ``file_type``, as the link's path gives the id and the
+    support check (a link ``note.txt`` to ``real.html`` was parsed as HTML and stored as
+    ``real.html``, type ``html``)."""
     found = path.stat()
     require_regular_file(found)
     size = found.st_size
@@ -281,8 +286,9 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, dict
             f"file is {size:,} bytes, over the {max_bytes / 2**20:.3g} MiB limit ({max_bytes:,} bytes; "
             "raise max_document_mb to index it)"
         )
-    suffix = path.suffix.lower()
-    metadata: dict[str, Any] = {"file_name": path.name, "file_type": suffix.lstrip(".")}
+    named = Path(name) if name is not None else path
+    suffix = named.suffix.lower()
+    metadata: dict[str, Any] = {"file_name": named.name, "file_type": suffix.lstrip(".")}
     if suffix in PDF_SUFFIXES:
         return require_text(pdf_to_text(path)), metadata
     text = decode_text(path.read_bytes())
@@ -408,7 +414,7 @@ def _walk_items(root: Path, max_bytes: int, known: KnownFiles | None,
                 if suffix == ".jsonl":  # a collection: its records are the documents
                     yield from iter_jsonl(resolved, id_prefix=doc_id + "#", max_bytes=max_bytes, file=(doc_id, stat))
                     continue
-                text, metadata = read_file(resolved, max_bytes)
+                text, metadata = read_file(resolved, max_bytes, name=name)
             except (DocumentRejected, OSError) as exc:
                 yield SourceError(doc_id, str(exc), covers=doc_id + "#" if suffix == ".jsonl" else None)
                 continue

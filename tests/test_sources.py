@@ -82,6 +82,23 @@ def test_symlink_loops_and_links_outside_the_root_are_safe(tmp_path):
     assert isinstance(items["loop"], SourceError) and "a link to a folder" in items["loop"].error
 
 
+def test_a_linked_file_is_read_and_named_by_its_link(tmp_path):
+    """A link's document took its target's file_name and file_type (while its id and
+    source_path are the link's), and a link note.txt to a page was parsed as HTML."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "real.html").write_text("<html><head><title>Kiwi</title></head><body><p>Fuzzy.</p></body></html>",
+                                    encoding="utf-8")
+    (root / "second.txt").write_text("Second text.", encoding="utf-8")
+    os.symlink("real.html", root / "note.txt")
+    os.symlink("second.txt", root / "link.md")
+    items = by_id(iter_folder(root))
+    assert items["note.txt"].metadata == {"file_name": "note.txt", "file_type": "txt", "source_path": "note.txt"}
+    assert items["note.txt"].text.startswith("<html>")  # read as the text file it is named
+    assert items["link.md"].metadata == {"file_name": "link.md", "file_type": "md", "source_path": "link.md"}
+    assert items["real.html"].metadata["file_name"] == "real.html" and items["real.html"].text == "Kiwi\n\nFuzzy."
+
+
 def test_only_a_real_index_inside_the_source_is_left_out(tmp_path):
     # A file named CURRENT beside a versions/ folder (an API's docs) made the folder "an index":
     # skipped without a word, so its indexed documents were deleted as gone
