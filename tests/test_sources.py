@@ -385,3 +385,12 @@ def test_a_duplicate_of_a_line_not_read_whole_says_the_indexed_version_is_kept(t
                     encoding="utf-8")
     errors = [i.error for i in iter_jsonl(path) if isinstance(i, SourceError)]
     assert "duplicate _id (again at x.jsonl:2); the line at x.jsonl:1 was refused, so its indexed version is kept" in errors
+
+
+def test_spaces_around_an_id_are_dropped_and_make_one_document(tmp_path):
+    """README says so: a hit's doc_id is the trimmed _id, and "w " repeats "w"."""
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"_id": " w ", "text": "Spaced."}\n{"_id": "w", "text": "Plain."}\n', encoding="utf-8")
+    items = list(iter_jsonl(path))
+    assert [(i.doc_id, i.text) for i in items if isinstance(i, SourceDocument)] == [("w", "Spaced.")]
+    assert [i.doc_id for i in items if isinstance(i, SourceError)] == ["w"]
