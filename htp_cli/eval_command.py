@@ -36,13 +36,13 @@ def _parse_exit(value: str | None) -> int | None | str:
 
 
 def _settings(
-    method: str, model: str, k: str, rewire_start: int | None, rewire_stop: int | None,
+    method: str, model: str, k: str | None, rewire_start: int | None, rewire_stop: int | None,
     exit_layer: str | None, batch_size: int, max_length: int,
 ) -> dict[str, Any] | str:
     if method in REFERENCE_METHODS:
         return method
     return {
-        "model": model, "method": method, "k": k, "rewire_start": rewire_start,
+        "model": model, "method": method, "k": k or "adaptive", "rewire_start": rewire_start,
         "rewire_stop": rewire_stop, "exit_layer": _parse_exit(exit_layer),
         "batch_size": batch_size, "max_length": max_length,
     }
@@ -57,8 +57,8 @@ def eval_command(
         help=f"retriever: {', '.join(ALL_METHODS)} (bm25 and minilm are references)")] = "htp",
     model: Annotated[str, typer.Option(
         help="decoder: 'gemma3-270m', 'smollm2-135m', a local HF directory or a .gguf file")] = DEFAULT_MODEL,
-    k: Annotated[str, typer.Option(
-        help="HTP sentences per block: an integer, 'adaptive' or 'adaptive:MAX_BLOCKS'")] = "adaptive",
+    k: Annotated[str | None, typer.Option(
+        help="HTP sentences per block: an integer, 'adaptive' or 'adaptive:MAX_BLOCKS' (default: adaptive)")] = None,
     rewire_start: Annotated[int | None, typer.Option(
         help="first rewired decoder layer, 0-based (default: per-model)")] = None,
     rewire_stop: Annotated[int | None, typer.Option(
@@ -117,7 +117,7 @@ def eval_command(
 
     # Options of the other path, or of an encoder a reference method does not use, are refused
     # rather than dropped without a word.
-    encoder_options = {"--model": model != DEFAULT_MODEL, "--k": k != "adaptive",
+    encoder_options = {"--model": model != DEFAULT_MODEL, "--k": k is not None,
                        "--rewire-start": rewire_start is not None, "--rewire-stop": rewire_stop is not None,
                        "--exit-layer": exit_layer != "default", "--max-length": max_length != 512,
                        "--batch-size": batch_size != 8}

@@ -250,6 +250,8 @@ def test_options_a_bm25_evaluation_cannot_use_are_refused(tmp_path, options):
 
 
 @pytest.mark.parametrize(("options", "said"), [(["--method", "vanilla", "--k", "3"], "--k does not apply to method vanilla"),
+                                             (["--method", "vanilla", "--k", "adaptive"],  # the default, given
+                                              "--k does not apply to method vanilla"),
                                              (["--method", "last", "--rewire-start", "2"],
                                               "--rewire-start does not apply to method last")])
 def test_options_the_encoders_method_ignores_are_refused_as_ingest_refuses_them(tmp_path, options, said):
