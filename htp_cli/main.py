@@ -272,6 +272,10 @@ def rebuild(
             torch_threads()
         refuse_options_the_method_ignores(
             index, settings, {"--k": k, "--rewire-start": rewire_start, "--rewire-stop": rewire_stop}, overrides)
+        if exit_layer is not None:  # a word that is no layer: refused before the progress bar, not after it
+            from htp_embed.config import EncoderConfig
+
+            EncoderConfig(exit_layer=exit_layer)
         check_writable(Path(index))  # before the progress bar, not after it
         if task_runner:
             from flows.rebuild import rebuild_flow

@@ -116,6 +116,9 @@ class KPolicy(BaseModel):
         return f"adaptive:{self.max_blocks}" if self.kind == "adaptive" else str(self.k)
 
 
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 class EncoderConfig(BaseModel):
     """Settings of an :class:`~htp_embed.encoder.HTPEncoder`.
 
@@ -199,6 +202,14 @@ class EncoderConfig(BaseModel):
             raise ValueError(f"device {value!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or 'xpu[:N]'")
         return value
 
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _check_dtype(cls, value: object) -> object:
+        # pydantic's Literal message names "encoder.dtype" and echoes the input; say the choices
+        if isinstance(value, str) and value not in _DTYPES:
+            raise ValueError(f"dtype {value!r} is not one of {', '.join(_DTYPES)}")
+        return value
+
     @field_validator("model")
     @classmethod
     def _absolute_model_path(cls, value: str) -> str:
@@ -225,7 +236,16 @@ class EncoderConfig(BaseModel):
     def _full_depth(cls, value: object) -> object:
         # TOML, environment variables and command options have no null: "full" is how they say
         # "run the whole model"; it is stored as None, so identities stay what they were
-        return None if isinstance(value, str) and value.strip().lower() == "full" else value
+        if not isinstance(value, str):
+            return value
+        word = value.strip().lower()
+        if word in ("full", "default"):
+            return None if word == "full" else word
+        try:
+            return int(word)
+        except ValueError:  # pydantic's own message listed 'default' and an int parse, not 'full'
+            raise ValueError(f"exit_layer {value!r} is not a layer number (1-based, negative counts from the "
+                             "end), 'full' or 'default'") from None
 
     @field_validator("k", mode="before")
     @classmethod
