@@ -30,6 +30,7 @@ from htp_embed.packaged_models import (
     ModelCacheNotReadableError,
     ModelCacheNotWritableError,
     ModelNotAvailableError,
+    _identity,
     converted_copy,
     default_cache_dir,
     share_as_umask_allows,
@@ -360,7 +361,11 @@ def _load_packaged_copy(path: Path, dtype: torch.dtype, native: bool, tokenizer_
     else through transformers; its tokenizer from ``tokenizer_path`` (the float32 copy, see
     :func:`htp_embed.packaged_models.tokenizer_dir`)."""
     for folder in dict.fromkeys((tokenizer_path, path)):
+        if not os.path.lexists(folder):  # moved aside by a run that found it damaged: convert again
+            raise DamagedCopyError(folder, FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(folder)), None)
         _require_readable(folder)
+    # which writes of the copies this load reads: only those may be discarded as damaged
+    seen = {folder: _identity(folder) for folder in (tokenizer_path, path)}
     try:
         tokenizer = _load_packaged_tokenizer(tokenizer_path)
         if not (tokenizer_path / "tokenizer.json").is_file():  # read later, at the first text
@@ -368,7 +373,7 @@ def _load_packaged_copy(path: Path, dtype: torch.dtype, native: bool, tokenizer_
     except PermissionError:
         raise
     except (OSError, ValueError) as error:
-        raise DamagedCopyError(tokenizer_path, error) from error
+        raise DamagedCopyError(tokenizer_path, error, seen[tokenizer_path]) from error
     try:
         if native:
             from htp_embed import gemma3_native
@@ -382,19 +387,23 @@ def _load_packaged_copy(path: Path, dtype: torch.dtype, native: bool, tokenizer_
     except (ModelNotAvailableError, OSError, ValueError, KeyError, RuntimeError) as error:
         # a truncated or missing file of a copy htp-index wrote: "save the model again
         # (model.save_pretrained(DIR))", said of a user's folder, was no advice here
-        raise DamagedCopyError(path, error.__cause__ or error) from error
+        raise DamagedCopyError(path, error.__cause__ or error, seen[path]) from error
 
 
 def _discard_damaged(damaged: DamagedCopyError) -> bool:
     """Move a damaged copy aside and delete it, under its copy lock, so that the next load
-    converts it again; False where the cache cannot be written. A copy written anew since it
-    was found damaged (by another process) is kept."""
+    converts it again; False where the cache cannot be written. Only the write of the copy
+    that this run found damaged is discarded: two runs that found it damaged at once each
+    discarded it, the second one the copy the first had just converted again and was loading
+    (that run then failed, exit 2, asking to delete a good folder). A copy written anew since
+    (another run's, the next load reads it) or already gone (the next load converts it) is
+    left alone."""
     from filelock import FileLock
 
     folder = damaged.folder
     try:
         with FileLock(str(folder) + ".lock"):
-            if damaged.seen is not None and DamagedCopyError(folder, "").seen != damaged.seen:
+            if _identity(folder) != damaged.seen or not os.path.lexists(folder):
                 return True
             aside = folder.with_name(f"{folder.name}.{os.getpid()}.damaged")
             os.replace(folder, aside)
@@ -596,10 +605,11 @@ def _load_packaged(name: str, dtype: torch.dtype, cache: Path, native: bool):
             with _copy_lock(typed) as missing:
                 if missing:
                     log.info("first use of %s in %s: writing %s", name, _dtype_name(dtype), typed)
+                    seen = _identity(converted)
                     try:
                         model, tokenizer = _load_hf_dir(converted, dtype)
                     except ModelNotAvailableError as error:
-                        raise DamagedCopyError(converted, error.__cause__ or error) from error
+                        raise DamagedCopyError(converted, error.__cause__ or error, seen) from error
                     _save_copy(model, tokenizer, typed)
             source = typed
         except ModelCacheNotWritableError as error:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import EllipsisType
 
 from platformdirs import user_cache_dir
 
@@ -36,10 +37,12 @@ class DamagedCopyError(ModelNotAvailableError):
     """A converted copy that htp-index wrote into the cache does not load (a file missing or
     truncated): the user has nothing to save again; the copy is converted again."""
 
-    def __init__(self, folder: Path, reason: object) -> None:
+    def __init__(self, folder: Path, reason: object, seen: tuple[int, int] | None | EllipsisType = ...) -> None:
         self.folder = folder
         self.reason = reason
-        self.seen = _identity(folder)
+        # which write of the copy failed to load: taken before loading where the loader knows
+        # it, since another run may replace the copy while this one reads it
+        self.seen = _identity(folder) if seen is ... else seen
         super().__init__(
             f"the packaged model's converted copy {folder} is damaged ({reason}): delete that folder "
             f"(rm -r {folder}); the next run converts it again"

@@ -243,3 +243,42 @@ def test_the_next_conversion_removes_what_a_killed_one_left(convertible_tiny, ca
     messages = [r.getMessage() for r in caplog.records]
     assert any("tiny-packaged-float32.12345.abcd (2 MB)" in m for m in messages)
     assert any("tmpold" in m and "delete it" in m for m in messages)
+
+
+def test_two_runs_finding_one_damaged_copy_keep_the_copy_converted_again(convertible_tiny, monkeypatch, caplog):
+    # Two queries hit one truncated copy at once: the first moved it aside and converted it
+    # again; the second, whose read failed as the copy went, then deleted that fresh copy
+    # while the first was loading it, and the first failed (exit 2, "delete that folder").
+    models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=convertible_tiny)
+    folder = convertible_tiny / "models" / "tiny-packaged-float32"
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    real_tokenizer = models._load_packaged_tokenizer
+    first_run = {}
+
+    def second_run_reads_while_the_first_runs(path):
+        if not first_run:  # the second run has started reading the damaged copy: the first runs now
+            first_run["loaded"] = None
+            first_run["loaded"] = models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=convertible_tiny)
+            first_run["written"] = (folder / "config.json").stat().st_ino
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path / "tokenizer.json"))
+        return real_tokenizer(path)
+
+    monkeypatch.setattr(models, "_load_packaged_tokenizer", second_run_reads_while_the_first_runs)
+    with caplog.at_level(logging.WARNING, logger="htp_embed.models"):
+        models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=convertible_tiny)
+    _, first_tokenizer = first_run["loaded"]
+    assert first_tokenizer("hello world")["input_ids"]  # its copy is still there to read
+    assert (folder / "config.json").stat().st_ino == first_run["written"]  # the first run's, not deleted
+
+
+def test_a_copy_moved_aside_before_its_load_is_converted_again(convertible_tiny):
+    models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=convertible_tiny)
+    folder = convertible_tiny / "models" / "tiny-packaged-float32"
+    shutil.rmtree(folder)  # another run found it damaged and moved it aside
+    damaged = DamagedCopyError(folder, "No such file or directory")
+    assert models._discard_damaged(damaged)  # nothing to discard: the next load converts it
+    models.load_model("tiny-packaged", dtype=torch.float32, cache_dir=convertible_tiny)  # that other run's
+    fresh = (folder / "config.json").stat().st_ino
+    assert models._discard_damaged(damaged)  # not the copy this run saw: kept, and loaded
+    assert (folder / "config.json").stat().st_ino == fresh
