@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
 
 from pipelines.errors import OptionConflictError
 from pipelines.settings import Settings
@@ -33,8 +33,11 @@ SERVER_CHECK_TIMEOUT_S = 2.0
 def require_prefect_server() -> None:
     """Refuse to schedule without a Prefect server that answers at ``PREFECT_API_URL``, before
     the flows and the model are loaded (the refusal came ~13 s in, after them; a URL where no
-    server answered failed with "All connection attempts failed", exit 1, ~20 s in). Any HTTP
-    answer counts (a cloud workspace may answer 401 or 404 to a bare health request)."""
+    server answered failed with "All connection attempts failed", exit 1, ~20 s in). Healthy is
+    Prefect's own rule (``PrefectClient.api_healthcheck``): ``/health`` answers with a success
+    status, asked with ``PREFECT_API_KEY`` as Prefect's client sends it (a Cloud workspace).
+    Any answer used to count, so a URL without ``/api`` (404) or another web server (501)
+    logged "serving deployment" and failed seconds later with a client error, exit 1."""
     import httpx
 
     url = PREFECT_API_URL.value()
@@ -43,13 +46,23 @@ def require_prefect_server() -> None:
             "schedules need a Prefect server: run `prefect server start` and set "
             "PREFECT_API_URL=http://127.0.0.1:4200/api"
         )
+    key = PREFECT_API_KEY.value()
     try:
-        httpx.get(f"{str(url).rstrip('/')}/health", timeout=SERVER_CHECK_TIMEOUT_S)
+        answer = httpx.get(f"{str(url).rstrip('/')}/health", timeout=SERVER_CHECK_TIMEOUT_S,
+                           headers={"Authorization": f"Bearer {key}"} if key else None)
     except httpx.TransportError as exc:  # nothing answered: refused, unreachable, timed out
         raise NoPrefectServerError(
             f"schedules need a Prefect server, and none answers at PREFECT_API_URL={url} ({exc or type(exc).__name__}): "
             "run `prefect server start` there, or set PREFECT_API_URL to the one that runs"
         ) from None
+    if not answer.is_success:
+        hint = (f"; a Prefect server's API is under /api: PREFECT_API_URL={str(url).rstrip('/')}/api"
+                if not str(url).rstrip("/").endswith("/api") else
+                "; set PREFECT_API_URL to a running Prefect server's API (and PREFECT_API_KEY for Prefect Cloud)")
+        raise NoPrefectServerError(
+            f"PREFECT_API_URL={url} is not a Prefect server's API: its health check answered "
+            f"{answer.status_code} {answer.reason_phrase}{hint}"
+        )
 
 
 def deployment_name(index_dir: str | Path) -> str:

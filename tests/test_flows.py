@@ -229,3 +229,52 @@ def test_a_flow_run_with_failed_documents_ends_partial_and_still_returns_its_sta
     assert stats["failed"] == 1 and stats["added"] == 3
     again = ingest_flow(str(source), str(tmp_path / "idx"), settings.to_transport())
     assert again["failed"] == 1 and again["unchanged"] == 3  # the plain call still gets the stats
+
+
+@pytest.fixture()
+def answering_server():
+    """A local web server answering every GET with the status and body it is given."""
+    import http.server
+    import threading
+
+    servers = []
+
+    def start(status: int, body: bytes) -> str:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_schedule_url_that_is_no_prefect_api_is_refused_naming_the_fix(answering_server):
+    # PREFECT_API_URL without /api (a server's 404) or another web server (501) logged "serving
+    # deployment" and failed ~6 s later with "Client error '404 Not Found'", exit 1
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.schedule import NoPrefectServerError, require_prefect_server
+    from htp_cli.failure import is_usage_error
+
+    url = answering_server(404, b'{"detail":"Not Found"}')
+    with temporary_settings(updates={PREFECT_API_URL: url}), pytest.raises(NoPrefectServerError) as caught:
+        require_prefect_server()
+    message = str(caught.value)
+    assert f"PREFECT_API_URL={url} is not a Prefect server's API" in message and "404" in message
+    assert f"PREFECT_API_URL={url}/api" in message and is_usage_error(caught.value)
+    healthy = answering_server(200, b"true") + "/api"
+    with temporary_settings(updates={PREFECT_API_URL: healthy}):
+        require_prefect_server()
