@@ -14,18 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from htp_embed.fingerprint import FINGERPRINT_KEY, accepts, relocated, upgradable
-from htp_embed.identity import config_from_identity
+from htp_embed.identity import EncoderIdentity, config_from_identity
 from indexes.errors import EncoderMismatchError
 from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _ANNOUNCED: set[tuple[str, str]] = set()
-
-
-# What every encoder record htp-index writes holds (EncoderIdentity's fields that say which
-# weights made the vectors and how), and a record of the store API's own may lack.
-_ENCODER_KEYS = (FINGERPRINT_KEY, "method")
 
 
 class NotAnEncoderRecordError(EncoderMismatchError):
@@ -36,15 +31,26 @@ def require_encoder_record(index_dir: str | Path, recorded: dict[str, Any]) -> N
     """Refuse to embed for an index whose encoder record htp-index did not write (the store API
     takes any dict, as ``{"model": "synthetic", "dim": 640}``): ingest failed on "invalid
     EncoderIdentity setting: model_fingerprint: Field required; ...", and a dense query asked
-    for the folder of model 'synthetic'."""
-    missing = [key for key in _ENCODER_KEYS if key not in recorded]
-    if missing:
+    for the folder of model 'synthetic'. The record is read as an :class:`EncoderIdentity`
+    (every version htp-index wrote reads), so one holding a fingerprint and a method but no
+    exit layer is refused here too, not with that pydantic dump."""
+    from pydantic import ValidationError
+
+    try:
+        EncoderIdentity.from_record(recorded)
+    except ValidationError as error:
+        problems = error.errors()
+        missing = [".".join(map(str, p["loc"])) for p in problems if p["type"] == "missing"]
+        invalid = [".".join(map(str, p["loc"])) for p in problems if p["type"] != "missing"]
+        lacks = " and ".join(part for part in (
+            f"no {' or '.join(missing)}" if missing else "",
+            f"an invalid {' or '.join(invalid)}" if invalid else "") if part)
         raise NotAnEncoderRecordError(
-            f"the index at {index_dir} records an encoder with no {' or '.join(missing)} "
+            f"the index at {index_dir} records an encoder with {lacks} "
             f"({', '.join(f'{key}={value!r}' for key, value in recorded.items())}): its vectors were not written "
             "by an htp-index encoder (the store API takes any record), so htp-index cannot embed documents into "
             "it or queries for it. Keyword queries (--mode sparse) and the store API still work; to embed, "
-            "ingest its sources into a new index", path=index_dir, stored=recorded)
+            "ingest its sources into a new index", path=index_dir, stored=recorded) from None
 
 
 def index_accepts(index_dir: str | Path, recorded: dict[str, Any], current: dict[str, Any]) -> bool:

@@ -127,3 +127,18 @@ def test_an_encoder_onto_another_model_or_method_takes_their_defaults_not_the_re
     # the same model and method: the record as it is (an old index without a sink reopens so)
     same = _resolved(OLD_HTP_RECORD, {"model": "gemma3-270m"})
     assert (same.attention_sink, same.rewire_start, same.rewire_stop, same.exit_layer) == ("off", 1, 7, 13)
+
+
+def test_a_record_with_a_fingerprint_and_a_method_but_no_exit_layer_is_no_htp_index_encoder(tmp_path):
+    # it passed the check (only model_fingerprint and method were looked for) and ingest then
+    # failed on "invalid EncoderIdentity setting: exit_layer: Field required; ..."
+    from pipelines.identity_check import NotAnEncoderRecordError, require_encoder_record
+
+    made_up = {"model": "synthetic", "dim": 8, "method": "htp", "model_fingerprint": "made-up"}
+    with pytest.raises(NotAnEncoderRecordError) as caught:
+        require_encoder_record(tmp_path, made_up)
+    message = str(caught.value)
+    assert "records an encoder with no exit_layer" in message and "not written by an htp-index encoder" in message
+    assert "Field required" not in message
+    require_encoder_record(tmp_path, OLD_HTP_RECORD)  # every record htp-index wrote still reads
+    require_encoder_record(tmp_path, tiny_encoder().identity())
