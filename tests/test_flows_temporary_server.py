@@ -85,7 +85,10 @@ def test_a_killed_or_interrupted_ad_hoc_run_takes_its_temporary_server_with_it(t
     import httpx
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=os.pathsep.join(sys.path))
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=os.pathsep.join(sys.path),
+               # Prefect waits 20 s for its temporary server by default: on a loaded 2-core CI
+               # machine the run once gave up first ("Timed out while attempting to connect")
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
     for stop in (signal.SIGKILL, signal.SIGINT):
         # its own process group, as a command in a terminal has: Ctrl-C goes to the whole group
         said = tmp_path / f"run-{stop.name}.log"  # what the run logged, for the message of a failure
