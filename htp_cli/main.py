@@ -461,7 +461,6 @@ def info(
         correction = _manifest_correction(index, manifest)
     except Exception as exc:
         raise _fail(exc, as_json=as_json) from exc
-    runtime = _runtime_encoder_settings()  # read once: the dtype and forward-pass rows both need it
     summary: dict[str, Any] = {
         "count": manifest.count, "dim": manifest.dim, "version": manifest.version,
         "index_kind": manifest.index_kind, "metric": manifest.metric, "encoder": manifest.encoder,
@@ -473,8 +472,8 @@ def info(
         "splitting": manifest.splitting,
         "encoder_check": None if manifest.encoder_check is None else {
             "documents": len(manifest.encoder_check["documents"]), "queries": len(manifest.encoder_check["queries"])},
-        "dtype_auto": _dtype_auto(manifest.dim, runtime),
-        "forward_pass": _forward_pass(manifest.encoder, runtime),
+        "dtype_auto": _dtype_auto(manifest.dim),
+        "forward_pass": _forward_pass(manifest.encoder),
     }
     if store is not None:
         summary["correction_drift"] = store.correction_drift()
@@ -505,19 +504,7 @@ def info(
             out.print(f"[yellow]no vector correction[/yellow]: fit one with `htp-index rebuild --index {escape(str(index))} --keep-vectors`")
 
 
-def _runtime_encoder_settings() -> dict[str, Any] | str:
-    """This folder's runtime encoder settings (./htp-index.toml, HTP_INDEX_*), or why they
-    cannot be read: info reads the index whatever they say."""
-    from htp_cli.failure import describe
-    from pipelines.settings import load_settings
-
-    try:
-        return load_settings().runtime_encoder_settings()
-    except Exception as exc:
-        return f"unknown: this folder's settings are invalid ({describe(exc)})"
-
-
-def _dtype_auto(dim: int, runtime: dict[str, Any] | str | None = None) -> dict[str, Any]:
+def _dtype_auto(dim: int) -> dict[str, Any]:
     """What dtype 'auto' runs queries in on this CPU, and whether the Linear weights are packed,
     and why: the decisions measured and cached at the encoder's first load here (read from the
     cache folder this folder's settings name; nothing is measured), and the dtype those settings
@@ -532,17 +519,19 @@ def _dtype_auto(dim: int, runtime: dict[str, Any] | str | None = None) -> dict[s
         cached_records_here,
         cpu_model,
     )
+    from pipelines.settings import load_settings
 
-    if runtime is None:
-        runtime = _runtime_encoder_settings()
-    # the cache folder and dtype of this folder's settings, as its queries run them
-    cache = runtime["cache_dir"] if isinstance(runtime, dict) else None
+    runtime: dict[str, Any] | None = None
+    try:  # the cache folder and dtype of this folder's settings, as its queries run them
+        runtime = load_settings().runtime_encoder_settings()
+    except Exception as exc:
+        runs = f"unknown: this folder's settings are invalid ({describe(exc)})"
+    cache = runtime["cache_dir"] if runtime else None
     found = cached_decisions_here(dim, cache)
     packing = [d for d in cached_packing_here(cache) if f"layers {dim}x" in d["key"]]
     # The attention kernel is keyed by the head layout, not the width: all the layouts measured here.
     attention = cached_records_here(ATTENTION_FILE, "kernel", cache)
-    runs = runtime
-    if isinstance(runtime, dict):
+    if runtime:
         try:
             runs = dtype_plan(runtime["dtype"], runtime["device"], dim, found)
         except EncoderSettingError as exc:  # a device this PyTorch cannot run on: info still reads the index
@@ -554,14 +543,17 @@ def _dtype_auto(dim: int, runtime: dict[str, Any] | str | None = None) -> dict[s
             "attention_kernel": attention}
 
 
-def _forward_pass(recorded: dict[str, Any], runtime: dict[str, Any] | str) -> str:
+def _forward_pass(recorded: dict[str, Any]) -> str:
     """Which code would run this index's decoder here, under this machine's settings."""
     from htp_cli.failure import describe
     from htp_embed.config import EncoderSettingError
     from htp_embed.models import forward_pass_plan
+    from pipelines.settings import load_settings
 
-    if isinstance(runtime, str):  # why the settings cannot be read
-        return runtime
+    try:  # ./htp-index.toml and HTP_INDEX_*: info reads the index whatever they say
+        runtime = load_settings().runtime_encoder_settings()
+    except Exception as exc:
+        return f"unknown: this folder's settings are invalid ({describe(exc)})"
     try:
         return forward_pass_plan(str(recorded.get("model", "")), runtime["device"], runtime["implementation"])
     except EncoderSettingError as exc:  # a device this PyTorch cannot run on: info still reads the index
